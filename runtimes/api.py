@@ -1,0 +1,120 @@
+"""The seam between the front door and the sandboxes.
+
+Ownership: a `Runtime` owns every process/Store it creates and is itself owned by the daemon, which opens it with
+its `open_*` async context manager (closing it stops and reaps everything). `FunctionVersion.bundle_dir` belongs
+to the DeploymentStore; runtimes only read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+from runtimes.limits import Limits
+
+Headers = list[tuple[bytes, bytes]]
+"""Header pairs as raw bytes. Request names are lower-case; order and repeats are kept."""
+
+BodyStream = AsyncIterator[bytes]
+"""A body as chunks. Consumed once; an empty body yields nothing."""
+
+
+async def empty_body() -> AsyncIterator[bytes]:
+    """A body with no chunks."""
+    return
+    yield b""  # pragma: no cover - makes this an async generator
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionVersion:
+    """One immutable deployed version, as a runtime needs it."""
+
+    slug: str
+    version: int
+    runtime: Literal["deno", "wasm"]
+    bundle_dir: Path
+    """Unpacked bundle (read-only, owned by the DeploymentStore)."""
+    entrypoint: str
+    """Path of the entry module relative to `bundle_dir` (index.ts, fn.wasm, ...)."""
+    import_map: str | None = None
+    """Path of deno.json / import_map.json relative to `bundle_dir`, if any."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    """The complete environment the function sees (platform variables + its own secrets). Nothing else."""
+    limits: Limits = field(default_factory=Limits)
+    scratch_dir: Path | None = None
+    """Writable temp dir for this function (its /tmp); None means the runtime makes one."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.slug}@{self.version}"
+
+
+@dataclass(slots=True)
+class Invocation:
+    """One request as the function sees it."""
+
+    method: str
+    target: str
+    """Path and query as the function sees them: `/<slug>/<rest>?<query>`."""
+    headers: Headers
+    body: BodyStream
+    request_id: str
+    url: str = ""
+    """The full URL the client used (for `Request.url` in Deno and `X_FULL_URL` in WAGI)."""
+
+
+@dataclass(slots=True)
+class InvocationResult:
+    """A response head and its streamed body. Valid only inside the `invoke` context."""
+
+    status: int
+    headers: Headers
+    body: BodyStream
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeStatistics:
+    """A snapshot for metrics and /ready."""
+
+    versions: int
+    """Function versions with at least one live instance."""
+    processes: int
+    """Live processes (Deno) or in-flight Stores (Wasm)."""
+    busy: int
+    """Instances serving at least one request right now."""
+    in_flight: int
+    """Requests being served."""
+    cold_starts: int
+    """Instances booted since start."""
+    boot_failures: int
+    """Boots that failed since start."""
+    limit_kills: Mapping[str, int] = field(default_factory=dict)
+    """Kills by kind: cpu, memory, wall_clock, fuel, idle."""
+
+
+class Runtime(Protocol):
+    """A sandbox family (Deno subprocesses, Wasmtime Stores)."""
+
+    name: str
+
+    async def warm(self, fn: FunctionVersion) -> None:
+        """Boot one instance of `fn` so that it is ready to serve. Raises `BootError` with the function's output."""
+        ...
+
+    def invoke(self, fn: FunctionVersion, invocation: Invocation) -> AbstractAsyncContextManager[InvocationResult]:
+        """Run one request. Entering yields the response head; the body streams while the context is open.
+
+        Raises a `FunctionRuntimeError` subclass on enter (boot, limit, idle timeout, crash before the head). A
+        failure while the body streams ends the body iterator with the same errors. Leaving the context early
+        cancels the request inside the sandbox.
+        """
+        ...
+
+    async def retire(self, fn: FunctionVersion) -> None:
+        """Stop taking new requests for `fn`; in-flight ones finish, then its instances stop."""
+        ...
+
+    def statistics(self) -> RuntimeStatistics: ...

@@ -1,0 +1,33 @@
+"""Shared fixtures: free ports, temp data dirs, and binaries that must exist under CI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+
+import pytest
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def require_binary(name: str, path: str | None = None) -> str:
+    """The path of binary `name`. Missing: a failure under CI=true (a skip there would hide it), else a skip."""
+    found = path if path and os.path.exists(path) else shutil.which(name)
+    if found:
+        return found
+    if IN_CI:
+        pytest.fail(f"{name} is required in CI but was not found on PATH")
+    pytest.skip(f"{name} not installed")
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()

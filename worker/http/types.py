@@ -1,0 +1,89 @@
+"""The seam between the HTTP server and the application.
+
+The server parses requests (httptools) and calls `HttpApp.handle_http(request, responder)` once per request.
+A request that asks to upgrade to WebSocket, and for which `HttpApp.websocket_handler(request)` returns a
+handler, is handed over whole: the handler gets the raw stream plus every byte already read from it (the
+request head and anything after it) and owns the stream from then on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class RequestBody(Protocol):
+    """A request body read in chunks. Reading past `limit` raises `BodyTooLarge` (the app answers 413)."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def read_all(self, limit: int) -> bytes:
+        """Read the whole body; raises `BodyTooLarge` past `limit` bytes."""
+        ...
+
+
+class BodyTooLarge(Exception):
+    """The request body is larger than the limit the app set."""
+
+
+@dataclass(slots=True)
+class HttpRequest:
+    method: str
+    target: str
+    """The raw request target, e.g. `/functions/v1/hello/x?a=1` (not percent-decoded)."""
+    path: str
+    """`target` up to `?` (not percent-decoded)."""
+    query: str
+    """`target` after `?`, or ''."""
+    headers: Headers
+    """Lower-case names, raw values, order and repeats kept."""
+    body: RequestBody
+    client: tuple[str, int] | None = None
+    http_version: str = "1.1"
+    scheme: str = "http"
+    extensions: dict[str, object] = field(default_factory=dict)
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header `name` (lower-case), or None."""
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    @property
+    def host(self) -> str:
+        h = self.header(b"host")
+        return h.decode("latin-1") if h else "localhost"
+
+
+class Responder(Protocol):
+    """Writes one response. Either `send` once, or `start`, any number of `write`, then `end`.
+
+    After `start` the status is on the wire: a later failure can only abort the connection.
+    """
+
+    @property
+    def started(self) -> bool: ...
+
+    async def send(self, status: int, headers: Headers, body: bytes = b"") -> None: ...
+
+    async def start(self, status: int, headers: Headers) -> None: ...
+
+    async def write(self, chunk: bytes) -> None: ...
+
+    async def end(self) -> None: ...
+
+
+WebSocketHandler = Callable[[trio.abc.Stream, bytes, HttpRequest], Awaitable[None]]
+"""(stream, bytes already read including the request head, parsed request). Owns and closes the stream."""
+
+
+class HttpApp(Protocol):
+    async def handle_http(self, request: HttpRequest, responder: Responder) -> None: ...
+
+    def websocket_handler(self, request: HttpRequest) -> WebSocketHandler | None: ...
