@@ -1,0 +1,70 @@
+"""Deployments: from a function folder on a developer's disk to an immutable unpacked version on the worker.
+
+- `manifest`: function.toml / config.toml / env-file settings and the `mbworker.json` bundle manifest (pure).
+- `gather`: CLI side: discover functions, gather one function's files, `deno bundle` npm graphs, pack.
+- `archive`: the tar.gz format: reproducible packing and the defensive unpacker (server side).
+- `store`: `DeploymentStore` protocol and `LocalDeploymentStore` (versions, activate, rollback, watch).
+"""
+
+from worker.deployments.archive import BundleRejected, BundleTooLarge, PackedBundle, unpack_bundle
+from worker.deployments.gather import (
+    BundleSpec,
+    DiscoveredFunction,
+    GatherError,
+    discover_functions,
+    gather_function,
+    gather_tree,
+    pack_bundle,
+)
+from worker.deployments.manifest import (
+    CacheSettings,
+    FunctionToml,
+    Manifest,
+    ManifestError,
+    parse_env_file,
+    parse_env_text,
+)
+from worker.deployments.store import (
+    Deployment,
+    DeploymentNotFound,
+    DeploymentStatus,
+    DeploymentStore,
+    LocalDeploymentStore,
+    StoreChange,
+    StoreError,
+    StoreStatistics,
+    UnpackLimits,
+    VersionConflict,
+    function_version,
+)
+
+__all__ = [
+    "BundleRejected",
+    "BundleSpec",
+    "BundleTooLarge",
+    "CacheSettings",
+    "Deployment",
+    "DeploymentNotFound",
+    "DeploymentStatus",
+    "DeploymentStore",
+    "DiscoveredFunction",
+    "FunctionToml",
+    "GatherError",
+    "LocalDeploymentStore",
+    "Manifest",
+    "ManifestError",
+    "PackedBundle",
+    "StoreChange",
+    "StoreError",
+    "StoreStatistics",
+    "UnpackLimits",
+    "VersionConflict",
+    "discover_functions",
+    "function_version",
+    "gather_function",
+    "gather_tree",
+    "pack_bundle",
+    "parse_env_file",
+    "parse_env_text",
+    "unpack_bundle",
+]

@@ -1,0 +1,737 @@
+"""Deployment store: immutable unpacked versions per function, one live pointer per function, change events.
+
+`DeploymentStore` is the seam; `LocalDeploymentStore` (a directory, the embedded default) implements it. A Redis
+store for clusters would keep metadata and archives in Redis and still unpack into a local store on each node.
+
+Layout under `root` (everything below a slug is owned by this store; runtimes only read `bundle/`):
+
+    <slug>/.lock            flock: metadata changes from several processes take turns
+    <slug>/active.json      {"version": N | null, "history": [...]}: replaced atomically (write temp, rename)
+    <slug>/v<N>/            created with mkdir, which is what reserves number N (atomic across processes)
+    <slug>/v<N>/meta.json   the version's metadata (status as stored; ACTIVE is derived from active.json)
+    <slug>/v<N>/bundle/     the unpacked files (read-only)
+    <slug>/v<N>/bundle.tar.gz  the archive as uploaded (for replication to other nodes)
+
+The highest `v<N>` folder is never removed (pruning and delete keep it), so numbers never go backwards.
+All filesystem work runs in worker threads; the trio lock only keeps this process's own updates in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import trio
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from runtimes.api import FunctionVersion
+from runtimes.limits import Limits
+from worker.deployments.archive import (
+    DEFAULT_MAX_ARCHIVE_BYTES,
+    DEFAULT_MAX_FILES,
+    DEFAULT_MAX_RATIO,
+    DEFAULT_MAX_UNPACKED_BYTES,
+    BundleRejected,
+    BundleTooLarge,
+    sha256_hex,
+    unpack_bundle,
+)
+from worker.deployments.manifest import MANIFEST_NAME, SLUG_RE, CacheSettings, Manifest, Runtime, default_limits
+
+_VERSION_DIR_RE = re.compile(r"^v([1-9][0-9]*)$")
+_HISTORY_MAX = 100
+_LOCK_TIMEOUT_S = 10.0
+_ORPHAN_AGE_S = 3600.0
+"""A version folder without meta.json older than this is a crashed put and may be pruned."""
+
+
+class DeploymentStatus(enum.StrEnum):
+    ACTIVE = "ACTIVE"
+    """Served now."""
+    STAGED = "STAGED"
+    """Stored, never activated."""
+    INACTIVE = "INACTIVE"
+    """Was active, superseded (a rollback target)."""
+    REMOVED = "REMOVED"
+    """Deleted: not served, files gone."""
+    FAILED = "FAILED"
+    """Failed to boot (see `boot_error`); never activated by rollback."""
+
+
+class Deployment(BaseModel):
+    """One version's metadata. Secrets are not here: only their names (`env_names`); see `secrets()`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    slug: str
+    version: int
+    status: DeploymentStatus
+    sha256: str
+    size_bytes: int
+    runtime: Runtime
+    entrypoint: str
+    import_map: str | None = None
+    verify_jwt: bool = True
+    static_patterns: list[str] = Field(default_factory=list)
+    limits: Limits = Field(default_factory=default_limits)
+    env_names: list[str] = Field(default_factory=list)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    source_entrypoint: str | None = None
+    created_at: int
+    """Epoch milliseconds."""
+    updated_at: int
+    activated_at: int | None = None
+    boot_error: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.slug}@{self.version}"
+
+
+DeploymentList = list[Deployment]
+"""(An alias: inside the store classes `list` is a method name.)"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreChange:
+    """One change. `kind == "resync"` means this watcher fell behind and must reload everything."""
+
+    kind: Literal["put", "activate", "rollback", "delete", "failed", "resync"]
+    slug: str | None
+    version: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class UnpackLimits:
+    """What the store accepts from an upload."""
+
+    max_archive_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES
+    """Compressed size (413 above)."""
+    max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES
+    """Decompressed bytes, tar headers included."""
+    max_files: int = DEFAULT_MAX_FILES
+    max_member_bytes: int | None = None
+    """One file's size; None means `max_unpacked_bytes`."""
+    max_ratio: float = DEFAULT_MAX_RATIO
+    """Decompressed/compressed past 1 MiB."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatistics:
+    """A snapshot for metrics."""
+
+    puts: int
+    """Versions stored by this instance since start."""
+    rejected: int
+    """Uploads refused (BundleRejected) since start."""
+    watchers: int
+    """Open `watch()` subscriptions."""
+
+
+class StoreError(Exception):
+    """A store operation can't be done. `status` is the admin API's answer."""
+
+    status: int = 400
+
+
+class DeploymentNotFound(StoreError):
+    status = 404
+
+
+class VersionConflict(StoreError):
+    """The version exists but can't be used that way (removed, failed, files pruned)."""
+
+    status = 409
+
+
+class DeploymentStore(Protocol):
+    """Immutable function versions and the pointer to the live one. Implementations own their files."""
+
+    async def put(self, slug: str, archive: bytes, sha256: str | None = None) -> Deployment:
+        """Verify, unpack and store `archive` as a new STAGED version (the next number for `slug`).
+
+        Raises `BundleRejected` (400/413) for a bad archive, a manifest for another slug, or a sha256 mismatch.
+        The active version does not change until `activate`.
+        """
+        ...
+
+    async def activate(self, slug: str, version: int) -> Deployment:
+        """Make `version` the live one (atomic switch). `DeploymentNotFound` / `VersionConflict`."""
+        ...
+
+    async def rollback(self, slug: str, to: int | None = None) -> Deployment:
+        """Re-activate the previously active version (walking back on repeated calls), or version `to`."""
+        ...
+
+    async def delete(self, slug: str) -> DeploymentList:
+        """Stop serving `slug`: every version becomes REMOVED and its files go. Returns the removed versions."""
+        ...
+
+    async def mark_failed(self, slug: str, version: int, error: str) -> Deployment:
+        """Record that `version` failed to boot (status FAILED, `boot_error`)."""
+        ...
+
+    async def get(self, slug: str, version: int) -> Deployment | None: ...
+
+    async def get_active(self, slug: str) -> Deployment | None:
+        """The live version of `slug`, or None (never deployed, nothing activated, or deleted)."""
+        ...
+
+    async def list(self, *, include_removed: bool = False) -> DeploymentList:
+        """One entry per function, sorted by slug: its active version, else its newest."""
+        ...
+
+    async def versions(self, slug: str) -> DeploymentList:
+        """Every stored version of `slug`, oldest first (pruned ones are gone)."""
+        ...
+
+    async def secrets(self, slug: str, version: int) -> dict[str, str]:
+        """The function's own secrets (from its manifest). Never put these in listings or logs."""
+        ...
+
+    async def archive(self, slug: str, version: int) -> bytes:
+        """The archive as uploaded (to copy a version to another node)."""
+        ...
+
+    def bundle_dir(self, slug: str, version: int) -> Path:
+        """Where `version`'s files are unpacked (read-only for everybody else)."""
+        ...
+
+    def watch(self) -> AbstractAsyncContextManager[AsyncIterator[StoreChange]]:
+        """Subscribe to changes: `async with store.watch() as changes: async for change in changes: ...`.
+
+        Subscribed on enter, so nothing made after enter is missed; bounded, a slow reader gets `resync`.
+        """
+        ...
+
+    def statistics(self) -> StoreStatistics: ...
+
+
+def function_version(dep: Deployment, bundle_dir: Path, env: Mapping[str, str]) -> FunctionVersion:
+    """What a runtime needs to run `dep`; `env` is the complete environment (platform variables + secrets)."""
+    return FunctionVersion(
+        slug=dep.slug,
+        version=dep.version,
+        runtime=dep.runtime,
+        bundle_dir=bundle_dir,
+        entrypoint=dep.entrypoint,
+        import_map=dep.import_map,
+        env=dict(env),
+        limits=dep.limits,
+    )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _check_slug(slug: str) -> str:
+    if not isinstance(slug, str) or not SLUG_RE.match(slug):
+        raise StoreError(f"invalid function name {slug!r}")
+    return slug
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, timeout_s: float = _LOCK_TIMEOUT_S) -> Iterator[None]:
+    """An exclusive flock on `path` (created if missing). Blocking: call from a worker thread."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreError(f"timed out waiting for the lock {path}") from None
+                time.sleep(0.005)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _Watcher:
+    send: trio.MemorySendChannel[StoreChange]
+    lagged: bool = False
+
+
+class _Changes:
+    """The reader side of one `watch()` subscription."""
+
+    def __init__(self, watcher: _Watcher, recv: trio.MemoryReceiveChannel[StoreChange]) -> None:
+        self._watcher = watcher
+        self._recv = recv
+
+    def __aiter__(self) -> _Changes:
+        return self
+
+    async def __anext__(self) -> StoreChange:
+        try:
+            change = await self._recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+        if not self._watcher.lagged:
+            return change
+        self._watcher.lagged = False
+        while True:  # drop what is queued: the reader reloads everything anyway
+            try:
+                self._recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        return StoreChange("resync", None, None)
+
+
+@dataclass
+class _Pointer:
+    version: int | None = None
+    history: list[int] = field(default_factory=list)
+
+
+class LocalDeploymentStore:
+    """`DeploymentStore` in a local directory. Several processes may share `root` (numbers stay distinct).
+
+    Changes made by other processes are not reported by `watch()` (this instance only sees its own).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        keep_versions: int = 10,
+        limits: UnpackLimits | None = None,
+        watch_buffer: int = 64,
+    ) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.keep_versions = keep_versions
+        self.limits = limits or UnpackLimits()
+        self._watch_buffer = watch_buffer
+        self._lock = trio.Lock()
+        self._watchers: list[_Watcher] = []
+        self._puts = 0
+        self._rejected = 0
+
+    # ------------------------------------------------------------------------------------------- paths
+
+    def _slug_dir(self, slug: str) -> Path:
+        return self.root / _check_slug(slug)
+
+    def _version_dir(self, slug: str, version: int) -> Path:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise StoreError(f"invalid version {version!r}")
+        return self._slug_dir(slug) / f"v{version}"
+
+    def bundle_dir(self, slug: str, version: int) -> Path:
+        return self._version_dir(slug, version) / "bundle"
+
+    # ------------------------------------------------------------------------------------------- writes
+
+    async def put(self, slug: str, archive: bytes, sha256: str | None = None) -> Deployment:
+        _check_slug(slug)
+        if len(archive) > self.limits.max_archive_bytes:
+            self._rejected += 1
+            raise BundleTooLarge(
+                f"bundle is {len(archive)} bytes, at most {self.limits.max_archive_bytes} bytes are accepted"
+            )
+        try:
+            dep = await trio.to_thread.run_sync(self._put_sync, slug, archive, sha256)
+        except BundleRejected:
+            self._rejected += 1
+            raise
+        self._puts += 1
+        self._notify(StoreChange("put", slug, dep.version))
+        async with self._lock:
+            await trio.to_thread.run_sync(self._prune_sync, slug)
+        return dep
+
+    def _put_sync(self, slug: str, archive: bytes, sha256: str | None) -> Deployment:
+        digest = sha256_hex(archive)
+        if sha256 is not None and digest != sha256.strip().lower():
+            raise BundleRejected("sha256 mismatch: the archive is not the one that was announced (corrupt upload?)")
+        slug_dir = self._slug_dir(slug)
+        slug_dir.mkdir(parents=True, exist_ok=True)
+        vdir, version = self._reserve(slug_dir)
+        try:
+            lim = self.limits
+            manifest = unpack_bundle(
+                archive,
+                vdir / "bundle",
+                max_bytes=lim.max_unpacked_bytes,
+                max_files=lim.max_files,
+                max_ratio=lim.max_ratio,
+                max_member_bytes=lim.max_member_bytes,
+            )
+            if manifest.slug != slug:
+                raise BundleRejected(f"bundle is for {manifest.slug!r}, not {slug!r}")
+            _write_atomic(vdir / "bundle.tar.gz", archive)
+            now = _now_ms()
+            dep = Deployment(
+                slug=slug,
+                version=version,
+                status=DeploymentStatus.STAGED,
+                sha256=digest,
+                size_bytes=len(archive),
+                runtime=manifest.runtime,
+                entrypoint=manifest.entrypoint,
+                import_map=manifest.import_map,
+                verify_jwt=manifest.verify_jwt,
+                static_patterns=manifest.static_patterns,
+                limits=manifest.limits,
+                env_names=sorted(manifest.env),
+                cache=manifest.cache,
+                source_entrypoint=manifest.source_entrypoint,
+                created_at=now,
+                updated_at=now,
+            )
+            _write_atomic(vdir / "meta.json", dep.model_dump_json(indent=2).encode())
+            return dep
+        except BaseException:
+            _rmtree(vdir)
+            raise
+
+    @staticmethod
+    def _reserve(slug_dir: Path) -> tuple[Path, int]:
+        """mkdir the next `v<N>`: mkdir either creates or fails, so two processes never get the same N."""
+        n = max(_version_numbers(slug_dir), default=0) + 1
+        for _ in range(100_000):
+            vdir = slug_dir / f"v{n}"
+            try:
+                vdir.mkdir()
+                return vdir, n
+            except FileExistsError:
+                n += 1
+        raise StoreError(f"can't reserve a version number in {slug_dir}")  # pragma: no cover
+
+    async def activate(self, slug: str, version: int) -> Deployment:
+        self._version_dir(slug, version)
+        async with self._lock:
+            dep = await trio.to_thread.run_sync(self._activate_sync, slug, version, True)
+        self._notify(StoreChange("activate", slug, version))
+        return dep
+
+    def _activate_sync(self, slug: str, version: int, push: bool) -> Deployment:
+        with self._locked(slug):
+            return self._activate_locked(slug, version, push)
+
+    def _activate_locked(self, slug: str, version: int, push: bool) -> Deployment:
+        slug_dir = self._slug_dir(slug)
+        dep = self._read_meta(slug, version)
+        if dep is None:
+            raise DeploymentNotFound(f"{slug} has no version {version}")
+        self._check_usable(dep)
+        ptr = self._read_pointer(slug_dir)
+        now = _now_ms()
+        if ptr.version is not None and ptr.version != version:
+            old = self._read_meta(slug, ptr.version)
+            if old is not None and old.status not in (DeploymentStatus.FAILED, DeploymentStatus.REMOVED):
+                self._write_meta(old.model_copy(update={"status": DeploymentStatus.INACTIVE, "updated_at": now}))
+            if push:
+                ptr.history = [*ptr.history, ptr.version][-_HISTORY_MAX:]
+        dep = dep.model_copy(update={"status": DeploymentStatus.INACTIVE, "updated_at": now, "activated_at": now})
+        self._write_meta(dep)
+        self._write_pointer(slug_dir, _Pointer(version, [v for v in ptr.history if v != version]))
+        return dep.model_copy(update={"status": DeploymentStatus.ACTIVE})
+
+    def _check_usable(self, dep: Deployment) -> None:
+        if dep.status is DeploymentStatus.REMOVED:
+            raise VersionConflict(f"{dep.key} was removed")
+        if dep.status is DeploymentStatus.FAILED:
+            raise VersionConflict(f"{dep.key} failed to boot: {dep.boot_error}")
+        if not (self.bundle_dir(dep.slug, dep.version) / MANIFEST_NAME).is_file():
+            raise VersionConflict(f"{dep.key} has no files any more")
+
+    async def rollback(self, slug: str, to: int | None = None) -> Deployment:
+        if to is not None:
+            self._version_dir(slug, to)
+        async with self._lock:
+            dep = await trio.to_thread.run_sync(self._rollback_sync, slug, to)
+        self._notify(StoreChange("rollback", slug, dep.version))
+        return dep
+
+    def _rollback_sync(self, slug: str, to: int | None) -> Deployment:
+        if to is not None:
+            return self._activate_sync(slug, to, True)
+        slug_dir = self._slug_dir(slug)
+        with self._locked(slug):
+            ptr = self._read_pointer(slug_dir)
+            while ptr.history:
+                candidate = ptr.history.pop()
+                dep = self._read_meta(slug, candidate)
+                if dep is None or candidate == ptr.version:
+                    continue
+                try:
+                    self._check_usable(dep)
+                except VersionConflict:
+                    continue
+                # Save the shortened history first: this activation must not push the current version back.
+                self._write_pointer(slug_dir, ptr)
+                return self._activate_locked(slug, candidate, False)
+            raise VersionConflict(f"{slug} has no previous version to roll back to")
+
+    async def delete(self, slug: str) -> DeploymentList:
+        _check_slug(slug)
+        async with self._lock:
+            removed = await trio.to_thread.run_sync(self._delete_sync, slug)
+        if not removed:
+            raise DeploymentNotFound(f"no function {slug!r}")
+        self._notify(StoreChange("delete", slug, None))
+        return removed
+
+    def _delete_sync(self, slug: str) -> DeploymentList:
+        slug_dir = self._slug_dir(slug)
+        if not slug_dir.is_dir():
+            return []
+        with self._locked(slug):
+            # Unpoint first: from here on nothing is served, whatever happens to the files.
+            self._write_pointer(slug_dir, _Pointer())
+            now = _now_ms()
+            removed: DeploymentList = []
+            for n in sorted(_version_numbers(slug_dir)):
+                dep = self._read_meta(slug, n)
+                if dep is None:
+                    continue
+                if dep.status is not DeploymentStatus.REMOVED:
+                    dep = dep.model_copy(update={"status": DeploymentStatus.REMOVED, "updated_at": now})
+                    self._write_meta(dep)
+                    removed.append(dep)
+                _rmtree(self.bundle_dir(slug, n))
+                (slug_dir / f"v{n}" / "bundle.tar.gz").unlink(missing_ok=True)
+            return removed
+
+    async def mark_failed(self, slug: str, version: int, error: str) -> Deployment:
+        self._version_dir(slug, version)
+        async with self._lock:
+            dep = await trio.to_thread.run_sync(self._mark_failed_sync, slug, version, error)
+        self._notify(StoreChange("failed", slug, version))
+        return dep
+
+    def _mark_failed_sync(self, slug: str, version: int, error: str) -> Deployment:
+        with self._locked(slug):
+            dep = self._read_meta(slug, version)
+            if dep is None:
+                raise DeploymentNotFound(f"{slug} has no version {version}")
+            dep = dep.model_copy(
+                update={"status": DeploymentStatus.FAILED, "boot_error": error[:10_000], "updated_at": _now_ms()}
+            )
+            self._write_meta(dep)
+            return dep
+
+    def _prune_sync(self, slug: str) -> None:
+        """Keep the newest `keep_versions` versions besides the active one; never the highest folder."""
+        slug_dir = self._slug_dir(slug)
+        with self._locked(slug):
+            numbers = sorted(_version_numbers(slug_dir), reverse=True)
+            if not numbers:
+                return
+            active = self._read_pointer(slug_dir).version
+            kept = 0
+            for n in numbers[1:]:
+                if n == active:
+                    continue
+                vdir = slug_dir / f"v{n}"
+                if not (vdir / "meta.json").exists():
+                    # A put in progress elsewhere, or one that crashed: only reap it when clearly stale.
+                    with contextlib.suppress(OSError):
+                        if time.time() - vdir.stat().st_mtime > _ORPHAN_AGE_S:
+                            _rmtree(vdir)
+                    continue
+                kept += 1
+                if kept > self.keep_versions:
+                    _rmtree(vdir)
+
+    # -------------------------------------------------------------------------------------------- reads
+
+    async def get(self, slug: str, version: int) -> Deployment | None:
+        self._version_dir(slug, version)
+        return await trio.to_thread.run_sync(self._get_sync, slug, version)
+
+    def _get_sync(self, slug: str, version: int) -> Deployment | None:
+        dep = self._read_meta(slug, version)
+        if dep is None:
+            return None
+        return self._derive(dep, self._read_pointer(self._slug_dir(slug)).version)
+
+    async def get_active(self, slug: str) -> Deployment | None:
+        _check_slug(slug)
+        return await trio.to_thread.run_sync(self._get_active_sync, slug)
+
+    def _get_active_sync(self, slug: str) -> Deployment | None:
+        version = self._read_pointer(self._slug_dir(slug)).version
+        if version is None:
+            return None
+        dep = self._read_meta(slug, version)
+        return None if dep is None else self._derive(dep, version)
+
+    async def list(self, *, include_removed: bool = False) -> DeploymentList:
+        return await trio.to_thread.run_sync(self._list_sync, include_removed)
+
+    def _list_sync(self, include_removed: bool) -> DeploymentList:
+        out: DeploymentList = []
+        for slug_dir in sorted(self.root.iterdir()):
+            if not slug_dir.is_dir() or not SLUG_RE.match(slug_dir.name):
+                continue
+            active = self._get_active_sync(slug_dir.name)
+            if active is not None:
+                out.append(active)
+                continue
+            versions = self._versions_sync(slug_dir.name)
+            if not versions:
+                continue
+            latest = versions[-1]
+            if include_removed or latest.status is not DeploymentStatus.REMOVED:
+                out.append(latest)
+        return out
+
+    async def versions(self, slug: str) -> DeploymentList:
+        _check_slug(slug)
+        return await trio.to_thread.run_sync(self._versions_sync, slug)
+
+    def _versions_sync(self, slug: str) -> DeploymentList:
+        slug_dir = self._slug_dir(slug)
+        if not slug_dir.is_dir():
+            return []
+        active = self._read_pointer(slug_dir).version
+        out: DeploymentList = []
+        for n in sorted(_version_numbers(slug_dir)):
+            dep = self._read_meta(slug, n)
+            if dep is not None:
+                out.append(self._derive(dep, active))
+        return out
+
+    async def secrets(self, slug: str, version: int) -> dict[str, str]:
+        path = self.bundle_dir(slug, version) / MANIFEST_NAME
+        return await trio.to_thread.run_sync(self._secrets_sync, path)
+
+    @staticmethod
+    def _secrets_sync(path: Path) -> dict[str, str]:
+        try:
+            return dict(Manifest.model_validate_json(path.read_bytes()).env)
+        except FileNotFoundError:
+            raise DeploymentNotFound(f"no files at {path.parent}") from None
+
+    async def archive(self, slug: str, version: int) -> bytes:
+        path = self._version_dir(slug, version) / "bundle.tar.gz"
+        try:
+            return await trio.to_thread.run_sync(path.read_bytes)
+        except FileNotFoundError:
+            raise DeploymentNotFound(f"{slug} has no archive for version {version}") from None
+
+    # ------------------------------------------------------------------------------------------ watching
+
+    @asynccontextmanager
+    async def _watch(self) -> AsyncIterator[AsyncIterator[StoreChange]]:
+        send, recv = trio.open_memory_channel[StoreChange](self._watch_buffer)
+        watcher = _Watcher(send)
+        self._watchers.append(watcher)
+        try:
+            with send, recv:
+                yield _Changes(watcher, recv)
+        finally:
+            self._watchers.remove(watcher)
+
+    def watch(self) -> AbstractAsyncContextManager[AsyncIterator[StoreChange]]:
+        return self._watch()
+
+    def _notify(self, change: StoreChange) -> None:
+        for watcher in self._watchers:
+            try:
+                watcher.send.send_nowait(change)
+            except trio.WouldBlock:
+                watcher.lagged = True
+            except trio.ClosedResourceError:
+                pass
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(puts=self._puts, rejected=self._rejected, watchers=len(self._watchers))
+
+    # ---------------------------------------------------------------------------------------- internals
+
+    def _locked(self, slug: str) -> contextlib.AbstractContextManager[None]:
+        return _file_lock(self._slug_dir(slug) / ".lock")
+
+    def _read_meta(self, slug: str, version: int) -> Deployment | None:
+        path = self._version_dir(slug, version) / "meta.json"
+        try:
+            return Deployment.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValidationError as exc:
+            raise StoreError(f"corrupt metadata {path}: {exc}") from exc
+
+    def _write_meta(self, dep: Deployment) -> None:
+        stored = dep.status if dep.status is not DeploymentStatus.ACTIVE else DeploymentStatus.INACTIVE
+        data = dep.model_copy(update={"status": stored}).model_dump_json(indent=2).encode()
+        _write_atomic(self._version_dir(dep.slug, dep.version) / "meta.json", data)
+
+    @staticmethod
+    def _read_pointer(slug_dir: Path) -> _Pointer:
+        try:
+            raw = json.loads((slug_dir / "active.json").read_bytes())
+        except FileNotFoundError:
+            return _Pointer()
+        except ValueError as exc:
+            raise StoreError(f"corrupt {slug_dir / 'active.json'}: {exc}") from exc
+        version = raw.get("version")
+        history = raw.get("history", [])
+        return _Pointer(version if isinstance(version, int) else None, [v for v in history if isinstance(v, int)])
+
+    @staticmethod
+    def _write_pointer(slug_dir: Path, ptr: _Pointer) -> None:
+        _write_atomic(slug_dir / "active.json", json.dumps({"version": ptr.version, "history": ptr.history}).encode())
+
+    @staticmethod
+    def _derive(dep: Deployment, active: int | None) -> Deployment:
+        if dep.version == active and dep.status is not DeploymentStatus.FAILED:
+            return dep.model_copy(update={"status": DeploymentStatus.ACTIVE})
+        return dep
+
+
+def _version_numbers(slug_dir: Path) -> list[int]:
+    try:
+        names = os.listdir(slug_dir)
+    except FileNotFoundError:
+        return []
+    return [int(m.group(1)) for name in names if (m := _VERSION_DIR_RE.match(name))]
+
+
+def _rmtree(path: Path) -> None:
+    """Remove a folder whose files are read-only (0444): their folders are writable, so unlink works."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+if TYPE_CHECKING:  # mypy proves that the local store implements the protocol
+    _conforms: DeploymentStore = LocalDeploymentStore(Path())
