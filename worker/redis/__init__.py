@@ -1,0 +1,61 @@
+"""A trio-native Redis client: pooled, auto-pipelined, pub/sub with resubscribe, Sentinel, Lua scripts.
+
+RESP is parsed by `hiredis.Reader` and encoded by `hiredis.pack_command`. Start with `open_redis(url)` for
+commands and `open_pubsub(url)` (or `serve_pubsub`) for subscriptions; URL forms are in `config`.
+"""
+
+from ._queue import EventQueue
+from .api import Redis
+from .client import RedisClient, RedisState, RedisStatistics, open_redis, serve_redis
+from .config import RedisSettings, RedisUrlError, parse_redis_url
+from .errors import (
+    RedisAuthError,
+    RedisConnectionError,
+    RedisError,
+    RedisProtocolError,
+    RedisResponseError,
+    RedisTimeout,
+)
+from .pipeline import Pipeline
+from .pubsub import (
+    PubSub,
+    PubSubDisconnected,
+    PubSubEvent,
+    PubSubMessage,
+    PubSubResubscribed,
+    PubSubState,
+    PubSubStatistics,
+    open_pubsub,
+    serve_pubsub,
+)
+from .scripts import Script
+
+__all__ = [
+    "EventQueue",
+    "Pipeline",
+    "PubSub",
+    "PubSubDisconnected",
+    "PubSubEvent",
+    "PubSubMessage",
+    "PubSubResubscribed",
+    "PubSubState",
+    "PubSubStatistics",
+    "Redis",
+    "RedisAuthError",
+    "RedisClient",
+    "RedisConnectionError",
+    "RedisError",
+    "RedisProtocolError",
+    "RedisResponseError",
+    "RedisSettings",
+    "RedisState",
+    "RedisStatistics",
+    "RedisTimeout",
+    "RedisUrlError",
+    "Script",
+    "open_pubsub",
+    "open_redis",
+    "parse_redis_url",
+    "serve_pubsub",
+    "serve_redis",
+]
