@@ -31,6 +31,23 @@ class BodyTooLarge(Exception):
     """The request body is larger than the limit the app set."""
 
 
+class BadRequestBody(Exception):
+    """The request body could not be read: malformed chunked framing, or the client stopped sending it.
+
+    Raised by `RequestBody` reads. An app that lets it propagate gets a 400 (if nothing was sent yet) and the
+    connection is closed.
+    """
+
+
+class ClientDisconnected(Exception):
+    """The client went away. Raised by `Responder.send/start/write/end` when the socket is broken, and by
+    `RequestBody` reads when the connection ends before the body does. The app should stop upstream work.
+
+    A client that stalls (does not take writes or send body bytes within the server's timeouts) is not reported
+    this way: the server cancels the request's task, so the app sees `trio.Cancelled`.
+    """
+
+
 @dataclass(slots=True)
 class HttpRequest:
     method: str
