@@ -1,0 +1,1 @@
+"""Tests of the L1 result cache (worker/cache/)."""
