@@ -1,0 +1,202 @@
+"""cloud-init user-data per pillar, rendered from the templates in provision/templates/.
+
+Placeholders are `{{ name }}`; a multi-line value is indented to the placeholder's column, so blocks (a systemd
+unit, an nftables file) drop into YAML literal blocks unchanged. A missing or unknown placeholder is an error, not
+an empty string. Values come from the spec (validated), from secrets (hex) and from facts (IP addresses), so no
+value can break out of its YAML scalar.
+
+`NodeContext` is what the executor knows when it creates a server: the IPs of workers and nodes that exist.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+from . import desired as d
+from .secrets import ClusterSecrets
+from .spec import ClusterSpec
+
+_PLACEHOLDER = re.compile(r"\{\{ *([a-z_]+) *\}\}")
+#: Cloud-init user data is limited to 32 KiB by the API.
+USER_DATA_LIMIT = 32 * 1024
+VICTORIA_METRICS_VERSION = "v1.110.0"
+PG_BIN_DIR = "/usr/lib/postgresql/16/bin"  # Ubuntu 24.04's PostgreSQL
+
+#: Ports open to the private network on private-only nodes (host firewall; reference §3.3). 22 is for a bastion.
+WORKER_PORTS = (22, 9100)
+STATE_PORTS = (22, 2379, 2380, 5000, 5001, 5432, 6379, 6432, 7000, 8008, 9100, 26379, d.REDIS_FRONT_PORT)
+
+
+class RenderError(ValueError):
+    """A template references a value that was not given (or a value was given that no template uses)."""
+
+
+def template(name: str) -> str:
+    return resources.files("provision.templates").joinpath(name).read_text()
+
+
+def render_text(text: str, values: dict[str, str]) -> str:
+    used: set[str] = set()
+    out: list[str] = []
+    for line in text.splitlines(keepends=True):
+        indent = " " * (len(line) - len(line.lstrip(" ")))
+
+        def sub(m: re.Match[str], indent: str = indent) -> str:
+            key = m.group(1)
+            if key not in values:
+                raise RenderError(f"template needs {{{{ {key} }}}}, which was not given")
+            used.add(key)
+            return values[key].rstrip("\n").replace("\n", "\n" + indent)
+
+        out.append(_PLACEHOLDER.sub(sub, line))
+    unused = set(values) - used
+    if unused:
+        raise RenderError(f"values given but never used: {', '.join(sorted(unused))}")
+    return "".join(out)
+
+
+def render(name: str, values: dict[str, str]) -> str:
+    return render_text(template(name), values)
+
+
+@dataclass(frozen=True)
+class NodeAddr:
+    name: str
+    role: str
+    private_ip: str
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    """What exists when a server is created: used for worker lists and scrape targets."""
+
+    workers: tuple[NodeAddr, ...] = ()
+    nodes: tuple[NodeAddr, ...] = ()
+
+
+def worker_lines(spec: ClusterSpec, workers: tuple[NodeAddr, ...]) -> str:
+    """The gateway's worker list, one `name ip:port` per line (what mbgateway-render reads)."""
+    return "\n".join(f"{w.name} {w.private_ip}:{spec.daemon.port}" for w in sorted(workers, key=lambda w: w.name))
+
+
+def scrape_targets(spec: ClusterSpec, nodes: tuple[NodeAddr, ...]) -> str:
+    """file_sd JSON: node-exporter on every node, plus mbworker's metrics on workers' admin port."""
+    groups = [
+        {"targets": [f"{n.private_ip}:9100"], "labels": {"node": n.name, "role": n.role, "job": "node"}}
+        for n in sorted(nodes, key=lambda n: n.name)
+    ]
+    groups += [
+        {"targets": [f"{n.private_ip}:{spec.daemon.admin_port}"], "labels": {"node": n.name, "job": "mbworker"}}
+        for n in sorted(nodes, key=lambda n: n.name)
+        if n.role == "worker"
+    ]
+    return json.dumps(groups, indent=2)
+
+
+def _common(spec: ClusterSpec, hostname: str) -> dict[str, str]:
+    return {"hostname": hostname, "rsyslog": render("rsyslog-loki.tmpl", {"system_ip": d.system_ip(spec)})}
+
+
+def _private(spec: ClusterSpec, ports: tuple[int, ...]) -> dict[str, str]:
+    return {
+        "private_bootcmd": render(
+            "private-bootcmd.yaml", {"gateway": d.network_gateway(spec), "dns": " ".join(d.HETZNER_DNS)}
+        ),
+        "nftables": render(
+            "nftables-private.tmpl",
+            {"network": str(spec.network), "tcp_ports": ", ".join(str(p) for p in sorted(set(ports)))},
+        ),
+    }
+
+
+def user_data(
+    spec: ClusterSpec, server: d.DesiredServer, secrets: ClusterSecrets, ctx: NodeContext | None = None
+) -> str:
+    """The cloud-init document for one server. Contains secrets: never print it."""
+    ctx = ctx or NodeContext()
+    values = _common(spec, server.name)
+    if server.role == "worker":
+        ports = (*WORKER_PORTS, spec.daemon.port, spec.daemon.admin_port)
+        values |= _private(spec, ports)
+        values |= {
+            "redis_url": d.redis_url(spec, secrets.redis_password.get_secret_value()),
+            "jwt_secret": secrets.jwt_secret.get_secret_value(),
+            "admin_token": secrets.admin_token.get_secret_value(),
+            "unit": render(
+                "mbworker.service", {"port": str(spec.daemon.port), "admin_port": str(spec.daemon.admin_port)}
+            ),
+            "package": spec.daemon.package,
+        }
+        return render("worker.yaml", values)
+    if server.role == "state":
+        values |= _private(spec, STATE_PORTS)
+        values |= _state_values(spec, server, secrets)
+        return render("state.yaml", values)
+    if server.role == "proxy":
+        values["workers"] = worker_lines(spec, ctx.workers) or "# no workers yet"
+        return render("proxy.yaml", values)
+    if server.role == "system":
+        values |= {
+            "system_ip": d.system_ip(spec),
+            "targets": scrape_targets(spec, ctx.nodes),
+            "vm_version": VICTORIA_METRICS_VERSION,
+            "grafana_password": secrets.grafana_password.get_secret_value(),
+        }
+        return render("system.yaml", values)
+    if server.role == "nat":
+        return render("nat.yaml", {"hostname": server.name, "nat_ip": d.nat_ip(spec), "network": str(spec.network)})
+    raise RenderError(f"no template for role {server.role!r}")
+
+
+def _state_values(spec: ClusterSpec, server: d.DesiredServer, secrets: ClusterSecrets) -> dict[str, str]:
+    ips = d.state_ips(spec)
+    names = [d.server_name(spec.name, "state", i) for i in range(1, len(ips) + 1)]
+    ip = d.state_ip(spec, server.index)
+    redis_pw = secrets.redis_password.get_secret_value()
+    count = spec.state.count
+    if count >= 3:
+        quorum = count // 2 + 1
+        sentinel = "\n".join(
+            [
+                "port 26379",
+                f"bind {ip} 127.0.0.1",
+                f"sentinel announce-ip {ip}",
+                f"sentinel monitor mbredis {ips[0]} 6379 {quorum}",
+                f"sentinel auth-pass mbredis {redis_pw}",
+                "sentinel down-after-milliseconds mbredis 5000",
+                "sentinel failover-timeout mbredis 60000",
+                "sentinel parallel-syncs mbredis 1",
+            ]
+        )
+        sentinel_start = (
+            "install -o redis -g redis -m 0640 /etc/redis/mbsentinel.conf /etc/redis/sentinel.conf"
+            " && systemctl enable --now redis-sentinel.service && systemctl restart redis-sentinel.service"
+        )
+        mode = f"master + replicas with Sentinel, quorum {quorum}"
+    else:
+        sentinel = "# one state node: plain Redis, no Sentinel"
+        sentinel_start = "systemctl disable --now redis-sentinel.service || true"
+        mode = "a single plain instance"
+    return {
+        "index": str(server.index),
+        "count": str(count),
+        "cluster": spec.name,
+        "ip": ip,
+        "network": str(spec.network),
+        "etcd_initial_cluster": ",".join(f"{n}=http://{i}:2380" for n, i in zip(names, ips, strict=True)),
+        "etcd_hosts": ",".join(f"{i}:2379" for i in ips),
+        "pg_bin_dir": PG_BIN_DIR,
+        "postgres_password": secrets.postgres_password.get_secret_value(),
+        "replication_password": secrets.replication_password.get_secret_value(),
+        "redis_password": redis_pw,
+        "redis_front_port": str(d.REDIS_FRONT_PORT),
+        "redis_mode": mode,
+        "pg_servers": "\n".join(f"    server {n} {i}:6432 check port 8008" for n, i in zip(names, ips, strict=True)),
+        "redis_servers": "\n".join(f"    server {n} {i}:6379 check" for n, i in zip(names, ips, strict=True)),
+        "redis_replicaof": "# first node starts as master" if server.index == 1 else f"replicaof {ips[0]} 6379",
+        "sentinel_conf": sentinel,
+        "sentinel_start": sentinel_start,
+    }

@@ -1,0 +1,1 @@
+"""cloud-init templates per pillar (package data; rendered by provision/render.py)."""

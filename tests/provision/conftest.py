@@ -1,0 +1,112 @@
+"""Fixtures for the provisioner tests: a spec file, the fake Hetzner API, providers wired to it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from provision.errors import DrainError
+from provision.hetzner import HetznerProvider
+from provision.nodeops import NodeRef, RefreshKind
+from provision.secrets import ClusterSecrets, load_or_create_secrets
+from provision.spec import ClusterSpec, parse_spec
+
+from .fake_hcloud import FakeHcloud
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBxvC6p1l0+0vH8Zq3G2pZt6Y3hGkq3Jp7aE9mX0pQ2a ops@example"
+
+SPEC_TOML = f"""
+name = "demo"
+location = "fsn1"
+network = "10.0.0.0/16"
+image = "ubuntu-24.04"
+ssh_keys = ["{KEY}"]
+ssh_allow = ["203.0.113.0/24"]
+
+[system]
+type = "cpx32"
+
+[proxy]
+type = "cx23"
+count = 2
+
+[worker]
+type = "cx33"
+count = 3
+
+[state]
+type = "ccx13"
+count = 3
+"""
+
+
+def spec_dict(**changes: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "name": "demo",
+        "location": "fsn1",
+        "network": "10.0.0.0/16",
+        "ssh_keys": [KEY],
+        "ssh_allow": ["203.0.113.0/24"],
+        "system": {"type": "cpx32"},
+        "proxy": {"type": "cx23", "count": 2},
+        "worker": {"type": "cx33", "count": 3},
+        "state": {"type": "ccx13", "count": 3},
+    }
+    base.update(changes)
+    return base
+
+
+def make_spec(**changes: object) -> ClusterSpec:
+    return parse_spec(spec_dict(**changes))
+
+
+class FakeNodeOps:
+    """Records drains and refreshes instead of reaching nodes (their addresses are not ours to reach)."""
+
+    def __init__(self, undrainable: tuple[str, ...] = ()) -> None:
+        self.undrainable = set(undrainable)
+        self.drained: list[NodeRef] = []
+        self.refreshed: list[tuple[str, RefreshKind, str]] = []
+
+    def drain(self, node: NodeRef, *, timeout: float) -> None:
+        if node.name in self.undrainable:
+            raise DrainError(f"{node.name} still has work after {timeout:.0f}s")
+        self.drained.append(node)
+
+    def refresh(self, node: NodeRef, kind: RefreshKind, content: str) -> None:
+        self.refreshed.append((node.name, kind, content))
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeHcloud]:
+    with FakeHcloud() as f:
+        yield f
+
+
+@pytest.fixture
+def secrets(tmp_path: Path) -> ClusterSecrets:
+    return load_or_create_secrets(tmp_path / "state")
+
+
+@pytest.fixture
+def node_ops() -> FakeNodeOps:
+    return FakeNodeOps()
+
+
+MakeProvider = Callable[..., HetznerProvider]
+
+
+@pytest.fixture
+def make_provider(fake: FakeHcloud, secrets: ClusterSecrets, node_ops: FakeNodeOps) -> MakeProvider:
+    def make(spec: ClusterSpec | None = None, ops: FakeNodeOps | None = None) -> HetznerProvider:
+        p = HetznerProvider(
+            spec or make_spec(), secrets, token="test-token", endpoint=fake.endpoint, poll_interval=0,
+            node_ops=ops or node_ops,
+        )  # fmt: skip
+        # the client sleeps 1 s or more before retrying conflicts and rate limits; not in tests
+        p.client._client._retry_interval_func = lambda retries: 0
+        return p
+
+    return make

@@ -1,0 +1,304 @@
+"""HetznerProvider with the real hcloud client against the stateful fake API."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from provision import desired as d
+from provision.errors import SpecError, StepFailed
+from provision.hetzner import HetznerProvider
+from provision.provider import ApplyOptions, ApplyReport
+from provision.spec import ClusterSpec
+
+from .conftest import FakeNodeOps, MakeProvider, make_spec
+from .fake_hcloud import FakeHcloud, match_selector
+
+
+def converge(p: HetznerProvider, **options: object) -> ApplyReport:
+    return p.apply(p.plan(drain=not options.pop("no_drain", False)), ApplyOptions(**options))  # type: ignore[arg-type]
+
+
+def names(fake: FakeHcloud, role: str) -> list[str]:
+    return sorted(s["name"] for s in fake.servers() if s["labels"].get("role") == role)
+
+
+FULL = make_spec(nat={"type": "cx23"}, load_balancer={"type": "lb11"}, floating_ip=True)
+
+
+def test_apply_builds_everything_then_reapply_sends_nothing_mutating(
+    fake: FakeHcloud, make_provider: MakeProvider
+) -> None:
+    p = make_provider(FULL)
+    report = converge(p)
+    assert report.complete
+    assert names(fake, "worker") == ["demo-worker-001", "demo-worker-002", "demo-worker-003"]
+    assert names(fake, "state") == ["demo-state-001", "demo-state-002", "demo-state-003"]
+    assert names(fake, "proxy") == ["demo-proxy-001", "demo-proxy-002"]
+    assert names(fake, "system") == ["demo-system"]
+    assert names(fake, "nat") == ["demo-nat"]
+    for s in fake.servers():
+        assert s["labels"]["cluster"] == "demo"
+        assert s["labels"]["managed-by"] == "mbworker"
+    net = next(iter(fake.resources["networks"].values()))
+    assert net["routes"] == [{"destination": "0.0.0.0/0", "gateway": "10.0.1.2"}]
+    assert fake.server_by_name("demo-nat")["private_net"][0]["ip"] == "10.0.1.2"
+    assert fake.server_by_name("demo-system")["private_net"][0]["ip"] == "10.0.1.3"
+    assert [s["private_net"][0]["alias_ips"] for s in sorted(fake.servers(), key=lambda s: s["name"])
+            if s["labels"]["role"] == "state"] == [["10.0.1.11"], ["10.0.1.12"], ["10.0.1.13"]]  # fmt: skip
+    pg = next(iter(fake.resources["placement_groups"].values()))
+    assert sorted(pg["servers"]) == sorted(s["id"] for s in fake.servers() if s["labels"]["role"] == "state")
+    lb = next(iter(fake.resources["load_balancers"].values()))
+    assert lb["targets"][0]["label_selector"]["selector"] == "cluster=demo,role=proxy"
+    assert lb["targets"][0]["use_private_ip"] is True
+    assert {(s["listen_port"], s["destination_port"]) for s in lb["services"]} == {(80, 80), (443, 443)}
+    fip = next(iter(fake.resources["floating_ips"].values()))
+    assert fip["server"] == fake.server_by_name("demo-proxy-001")["id"]
+
+    # every action the provider started was polled to completion, next_actions included
+    polled = {int(r.path.split("/")[-1]) for r in fake.requests if r.path.startswith("/actions/")}
+    assert set(fake.actions) <= polled
+    assert all(a["status"] == "success" for a in fake.actions.values())
+
+    fake.clear_log()
+    again = make_provider(FULL)
+    assert again.plan().empty
+    assert again.apply(again.plan(), ApplyOptions()).done == []
+    assert fake.mutations() == []
+
+
+def test_private_nodes_never_get_a_public_ip(fake: FakeHcloud, make_provider: MakeProvider) -> None:
+    converge(make_provider(FULL))
+    creates = [r.body for r in fake.mutations() if r.path == "/servers"]
+    for body in creates:
+        role = body["labels"]["role"]
+        if role in ("worker", "state"):
+            assert body["public_net"] == {"enable_ipv4": False, "enable_ipv6": False}
+            assert body["networks"], "a private-only server needs its network at create"
+        else:
+            assert "public_net" not in body
+    for s in fake.servers():
+        if s["labels"]["role"] in ("worker", "state"):
+            assert s["public_net"]["ipv4"] is None
+            assert s["public_net"]["ipv6"] is None
+            assert ipaddress.ip_address(s["private_net"][0]["ip"]).is_private
+        else:
+            assert s["public_net"]["ipv4"] is not None
+
+
+def test_firewall_rules_and_selectors_match_the_right_servers(fake: FakeHcloud, make_provider: MakeProvider) -> None:
+    converge(make_provider(FULL))
+    fws = {f["name"]: f for f in fake.resources["firewalls"].values()}
+    public = fws["demo-public"]
+    rules = {(r["protocol"], r["port"]): sorted(r["source_ips"]) for r in public["rules"]}
+    assert rules == {
+        ("tcp", "443"): ["0.0.0.0/0", "::/0"],
+        ("tcp", "80"): ["0.0.0.0/0", "::/0"],
+        ("tcp", "22"): ["203.0.113.0/24"],
+        ("icmp", None): ["0.0.0.0/0", "::/0"],
+    }
+    by_id = {s["id"]: s["name"] for s in fake.servers()}
+    applied = sorted(by_id[r["server"]["id"]] for r in public["applied_to"][0]["applied_to_resources"])
+    assert applied == ["demo-proxy-001", "demo-proxy-002", "demo-system"]
+    nat_applied = [by_id[r["server"]["id"]] for r in fws["demo-nat"]["applied_to"][0]["applied_to_resources"]]
+    assert nat_applied == ["demo-nat"]
+    assert {(r["protocol"], r["port"]) for r in fws["demo-nat"]["rules"]} == {("tcp", "22"), ("icmp", None)}
+    # nothing public reaches private nodes: no Cloud Firewall could, so none is attached to them
+    for s in fake.servers():
+        if s["labels"]["role"] in ("worker", "state"):
+            assert s["public_net"]["firewalls"] == []
+
+
+def test_selector_semantics() -> None:
+    labels = {"cluster": "demo", "role": "proxy"}
+    assert match_selector("cluster=demo,role in (proxy,system)", labels)
+    assert not match_selector("cluster=demo,role notin (proxy,system)", labels)
+    assert match_selector("cluster==demo,!gone,role!=worker", labels)
+    assert not match_selector("cluster=demo,role=worker", labels)
+
+
+def test_failure_half_way_then_resume_converges(fake: FakeHcloud, make_provider: MakeProvider) -> None:
+    p = make_provider(FULL)
+    fake.fail_on_mutation(9)  # somewhere among the servers
+    with pytest.raises(StepFailed) as info:
+        converge(p)
+    assert "injected failure" in str(info.value)
+    partial = len(fake.servers())
+    assert 0 < partial < 10
+    resumed = make_provider(FULL)
+    plan = resumed.plan()
+    assert not any(s.action == "delete" for s in plan.steps)
+    assert ("create", "ssh_key", "demo-key-1") not in plan.summaries()  # done before the failure
+    resumed.apply(plan, ApplyOptions())
+    assert len(fake.servers()) == 10
+    fake.clear_log()
+    assert make_provider(FULL).plan().empty
+
+
+@pytest.mark.parametrize("n", [3, 12, 17, 23])
+def test_failure_at_any_point_resumes(fake: FakeHcloud, make_provider: MakeProvider, n: int) -> None:
+    fake.fail_on_mutation(n)
+    with pytest.raises(StepFailed):
+        converge(make_provider(FULL))
+    converge(make_provider(FULL))
+    assert make_provider(FULL).plan().empty
+    assert len(fake.servers()) == 10
+
+
+def test_retried_conflict_does_not_fail_the_apply(fake: FakeHcloud, make_provider: MakeProvider) -> None:
+    fake.fail_on_mutation(2, code="conflict", status=409)  # the client retries conflicts (sleep patched)
+    converge(make_provider())
+    assert make_provider().plan().empty
+
+
+def scale(make_provider: MakeProvider, ops: FakeNodeOps, count: int, **options: object) -> ApplyReport:
+    return converge(make_provider(make_spec(worker={"type": "cx33", "count": count}), ops), **options)
+
+
+def test_scale_out_and_in_with_drain(fake: FakeHcloud, make_provider: MakeProvider) -> None:
+    ops = FakeNodeOps()
+    scale(make_provider, ops, 1)
+    assert names(fake, "worker") == ["demo-worker-001"]
+    scale(make_provider, ops, 5)
+    assert names(fake, "worker") == [f"demo-worker-00{i}" for i in range(1, 6)]
+    proxies_after_out = [(n, c) for n, k, c in ops.refreshed if k == "workers"]
+    assert {n for n, _ in proxies_after_out} == {"demo-proxy-001", "demo-proxy-002"}
+    assert all(c.count("\n") == 5 for _, c in proxies_after_out)
+
+    ops.refreshed.clear()
+    fake.clear_log()
+    scale(make_provider, ops, 2)
+    assert names(fake, "worker") == ["demo-worker-001", "demo-worker-002"]
+    assert [n.name for n in ops.drained] == ["demo-worker-005", "demo-worker-004", "demo-worker-003"]
+    assert all(ipaddress.ip_address(n.private_ip or "").is_private for n in ops.drained)
+    # proxies got the shorter list before the servers went away
+    lists = [c for n, k, c in ops.refreshed if k == "workers"]
+    assert lists
+    assert all(
+        sorted(line.split()[0] for line in c.splitlines()) == ["demo-worker-001", "demo-worker-002"] for c in lists
+    )
+    first_delete = next(i for i, r in enumerate(fake.requests) if r.method == "DELETE")
+    label_updates = [i for i, r in enumerate(fake.requests) if r.method == "PUT" and r.path.startswith("/servers/")]
+    assert label_updates
+    assert max(label_updates) < first_delete
+    assert make_provider(make_spec(worker={"type": "cx33", "count": 2})).plan().empty
+
+
+def test_no_drain_skips_the_drain(fake: FakeHcloud, make_provider: MakeProvider) -> None:
+    ops = FakeNodeOps()
+    scale(make_provider, ops, 3)
+    scale(make_provider, ops, 1, no_drain=True)
+    assert ops.drained == []
+    assert names(fake, "worker") == ["demo-worker-001"]
+
+
+def test_undrainable_node_is_left_in_place_unless_forced(fake: FakeHcloud, make_provider: MakeProvider) -> None:
+    ops = FakeNodeOps(undrainable=("demo-worker-003",))
+    scale(make_provider, ops, 3)
+    report = scale(make_provider, ops, 1)
+    assert [n for n, _ in report.left_in_place] == ["demo-worker-003"]
+    assert "still has work" in report.left_in_place[0][1]
+    assert names(fake, "worker") == ["demo-worker-001", "demo-worker-003"]
+    # the kept node stays in the proxies' list
+    last = [c for n, k, c in ops.refreshed if k == "workers"][-1]
+    assert "demo-worker-003" in last
+    assert "demo-worker-002" not in last
+
+    report = scale(make_provider, ops, 1, force=True)
+    assert [n for n, _ in report.forced] == ["demo-worker-003"]
+    assert names(fake, "worker") == ["demo-worker-001"]
+
+
+def test_system_type_change_is_shutdown_change_poweron(fake: FakeHcloud, make_provider: MakeProvider) -> None:
+    converge(make_provider())
+    fake.clear_log()
+    converge(make_provider(make_spec(system={"type": "cpx42"})))
+    sid = fake.server_by_name("demo-system")["id"]
+    calls = [(r.method, r.path.removeprefix(f"/servers/{sid}/actions/")) for r in fake.mutations()]
+    assert calls == [("POST", "shutdown"), ("POST", "change_type"), ("POST", "poweron")]
+    change = next(r for r in fake.mutations() if r.path.endswith("change_type"))
+    assert change.body == {"server_type": "cpx42", "upgrade_disk": False}
+    s = fake.server_by_name("demo-system")
+    assert s["server_type"]["name"] == "cpx42"
+    assert s["status"] == "running"
+    assert make_provider(make_spec(system={"type": "cpx42"})).plan().empty
+
+
+def test_destroy_removes_everything_labelled(fake: FakeHcloud, make_provider: MakeProvider) -> None:
+    other = make_provider(make_spec(name="other", network="10.1.0.0/16", ssh_keys=[]))
+    converge(other)
+    converge(make_provider(FULL))
+    p = make_provider(FULL)
+    p.apply(p.destroy_plan(), ApplyOptions())
+    left = {k: [o["name"] for o in v.values()] for k, v in fake.resources.items()}
+    assert all(n.startswith("other") for kind in left.values() for n in kind if n), left
+    assert left["servers"]
+    assert left["networks"] == ["other-net"]
+    assert make_provider(FULL).destroy_plan().empty
+
+
+def test_unlabelled_name_clash_is_a_clear_error(fake: FakeHcloud, make_provider: MakeProvider) -> None:
+    p = make_provider()
+    p.client.networks.create(name="demo-net", ip_range="10.0.0.0/16")  # someone else's, no labels
+    with pytest.raises(StepFailed) as info:
+        converge(p)
+    assert "uniqueness_error" in str(info.value)
+    assert "create network demo-net" in str(info.value)
+
+
+def test_types_the_api_does_not_offer_are_rejected(
+    fake: FakeHcloud, make_provider: MakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from . import fake_hcloud
+
+    monkeypatch.setattr(fake_hcloud, "SERVER_TYPES", [t for t in fake_hcloud.SERVER_TYPES if t != "ccx13"])
+    monkeypatch.setattr(fake_hcloud, "DEPRECATED_TYPES", {"cpx32"})
+    with pytest.raises(SpecError) as info:
+        make_provider().plan()
+    assert "state.type: the API does not offer server type 'ccx13'" in str(info.value)
+    assert "system.type: server type 'cpx32' is deprecated in fsn1" in str(info.value)
+    assert fake.mutations() == []
+
+
+def test_user_data_per_pillar(fake: FakeHcloud, make_provider: MakeProvider, secrets: object) -> None:
+    converge(make_provider(FULL))
+    worker = fake.user_data("demo-worker-001") or ""
+    assert "mbworker.service" in worker
+    assert f"MBWORKER_REDIS_URL=redis://:{secrets.redis_password.get_secret_value()}@10.0.1.11:6380/0" in worker  # type: ignore[attr-defined]
+    assert "ip route replace default via 10.0.0.1" in worker
+    proxy = fake.user_data("demo-proxy-002") or ""
+    workers = {s["name"]: s["private_net"][0]["ip"] for s in fake.servers() if s["labels"]["role"] == "worker"}
+    for name, ip in workers.items():
+        assert f"{name} {ip}:8080" in proxy
+    system = fake.user_data("demo-system") or ""
+    for ip in workers.values():
+        assert f'"{ip}:9100"' in system
+    assert "redis_master" in (fake.user_data("demo-state-002") or "")
+    assert "MASQUERADE" in (fake.user_data("demo-nat") or "").upper()
+
+
+def _spec_with(spec: ClusterSpec, **kw: object) -> ClusterSpec:
+    return make_spec(**kw)
+
+
+def test_lb_and_floating_ip_can_be_removed(fake: FakeHcloud, make_provider: MakeProvider) -> None:
+    converge(make_provider(FULL))
+    converge(make_provider(make_spec(nat={"type": "cx23"})))
+    assert fake.resources["load_balancers"] == {}
+    assert fake.resources["floating_ips"] == {}
+    assert make_provider(make_spec(nat={"type": "cx23"})).plan().empty
+
+
+def test_names_are_stable(fake: FakeHcloud) -> None:
+    spec = make_spec()
+    assert d.server_name(spec.name, "worker", 7) == "demo-worker-007"
+
+
+def test_pagination_sees_every_server(fake: FakeHcloud, make_provider: MakeProvider) -> None:
+    spec = make_spec(worker={"type": "cx33", "count": 52})  # 58 servers: two pages of 50
+    converge(make_provider(spec))
+    fake.clear_log()
+    assert make_provider(spec).plan().empty
+    pages = [r.query.get("page") for r in fake.requests if r.path == "/servers"]
+    assert pages == [["1"], ["2"]]

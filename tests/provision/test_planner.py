@@ -1,0 +1,176 @@
+"""The planner is pure: given facts and a spec, the expected plan. Cases are data."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from provision import desired as d
+from provision.errors import SpecError
+from provision.facts import (
+    Facts,
+    FirewallFact,
+    NetworkFact,
+    PlacementGroupFact,
+    ServerFact,
+    SshKeyFact,
+    ssh_fingerprint,
+)
+from provision.plan import Plan
+from provision.planner import plan_cluster, plan_destroy
+from provision.spec import ClusterSpec
+
+from .conftest import KEY, make_spec
+
+
+def converged(spec: ClusterSpec) -> Facts:
+    """The facts of a cluster that matches `spec` exactly."""
+    servers = []
+    workers = [s.name for s in d.desired_servers(spec) if s.role == "worker"]
+    names = [s.name for s in d.desired_servers(spec)]
+    for i, s in enumerate(d.desired_servers(spec)):
+        extra = {"proxy": {"workers-rev": d.workers_revision(spec, workers)},
+                 "system": {"targets-rev": d.targets_revision(names)}}.get(s.role, {})  # fmt: skip
+        servers.append(
+            ServerFact(
+                id=1000 + i, name=s.name, server_type=s.server_type, labels=s.labels(spec.name, extra),
+                ipv4="198.51.100.1" if s.public else None, private_ip=f"10.0.1.{100 + i}",
+                alias_ips=(s.fixed_ip,) if s.role == "state" and s.fixed_ip else (),
+            )
+        )  # fmt: skip
+        if s.fixed_ip and s.role != "state":
+            servers[-1] = dataclasses.replace(servers[-1], private_ip=s.fixed_ip)
+    firewalls = [
+        FirewallFact(1, d.public_firewall_name(spec), d.public_firewall_rules(spec), (d.public_selector(spec),))
+    ]
+    if spec.nat:
+        firewalls.append(
+            FirewallFact(2, d.nat_firewall_name(spec), d.nat_firewall_rules(spec), (d.nat_selector(spec),))
+        )
+    routes = (("0.0.0.0/0", d.nat_ip(spec)),) if spec.nat else ()
+    return Facts(
+        network=NetworkFact(1, d.network_name(spec), str(spec.network), (str(spec.subnet_cidr),), routes),
+        servers=tuple(servers),
+        firewalls=tuple(firewalls),
+        ssh_keys=(SshKeyFact(5, "someone-elses-name", ssh_fingerprint(KEY)),),
+        placement_groups=(PlacementGroupFact(3, d.placement_group_name(spec), {"state-count": str(spec.state.count)}),),
+    )
+
+
+SMALL = make_spec(proxy={"type": "cx23", "count": 1}, worker={"type": "cx33", "count": 1},
+                  state={"type": "ccx13", "count": 1})  # fmt: skip
+
+CASES = [
+    pytest.param(
+        SMALL, Facts(),
+        [("create", "ssh_key", "demo-key-1"), ("create", "network", "demo-net"), ("create", "firewall", "demo-public"),
+         ("create", "placement_group", "demo-state"), ("create", "server", "demo-state-001"),
+         ("create", "private_ip", "demo-state-001"), ("create", "server", "demo-worker-001"),
+         ("create", "server", "demo-proxy-001"), ("create", "server", "demo-system"),
+         ("create", "private_ip", "demo-system")],
+        id="empty-project",
+    ),
+    pytest.param(make_spec(), converged(make_spec()), [], id="converged-nothing-to-do"),
+    pytest.param(
+        make_spec(nat={"type": "cx23"}), converged(make_spec()),
+        [("create", "firewall", "demo-nat"), ("create", "server", "demo-nat"), ("create", "private_ip", "demo-nat"),
+         ("create", "route", "demo-net"), ("change", "server", "demo-system")],
+        id="add-nat-gateway",
+    ),
+    pytest.param(
+        make_spec(), converged(make_spec(nat={"type": "cx23"})),
+        [("delete", "route", "demo-net"), ("change", "server", "demo-system"), ("delete", "server", "demo-nat"),
+         ("delete", "firewall", "demo-nat")],
+        id="remove-nat-gateway",
+    ),
+    pytest.param(
+        make_spec(worker={"type": "cx33", "count": 2}), converged(make_spec(worker={"type": "cx33", "count": 5})),
+        [("drain", "server", "demo-worker-005"), ("drain", "server", "demo-worker-004"),
+         ("drain", "server", "demo-worker-003"), ("change", "server", "demo-proxy-001"),
+         ("change", "server", "demo-proxy-002"), ("change", "server", "demo-system"),
+         ("delete", "server", "demo-worker-005"), ("delete", "server", "demo-worker-004"),
+         ("delete", "server", "demo-worker-003")],
+        id="scale-in-drains-highest-first",
+    ),
+    pytest.param(
+        make_spec(worker={"type": "cx33", "count": 4}), converged(make_spec()),
+        [("create", "server", "demo-worker-004"), ("change", "server", "demo-proxy-001"),
+         ("change", "server", "demo-proxy-002"), ("change", "server", "demo-system")],
+        id="scale-out-adds-next-number",
+    ),
+    pytest.param(
+        make_spec(system={"type": "cpx42"}), converged(make_spec()),
+        [("change", "server", "demo-system")],
+        id="vertical-scale-system",
+    ),
+    pytest.param(
+        make_spec(ssh_allow=["198.51.100.0/24"]), converged(make_spec()),
+        [("change", "firewall", "demo-public")],
+        id="ssh-safe-list-changed",
+    ),
+    pytest.param(
+        make_spec(load_balancer={"type": "lb11"}, floating_ip=True), converged(make_spec()),
+        [("create", "load_balancer", "demo-lb"), ("create", "floating_ip", "demo-ip")],
+        id="lb-and-floating-ip",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("spec", "facts", "expected"), CASES)
+def test_plan_cases(spec: ClusterSpec, facts: Facts, expected: list[tuple[str, str, str]]) -> None:
+    assert plan_cluster(spec, facts).summaries() == expected
+
+
+def test_no_drain_plans_deletes_only() -> None:
+    plan = plan_cluster(make_spec(worker={"type": "cx33", "count": 1}), converged(make_spec()), drain=False)
+    assert [s for s in plan.summaries() if s[0] in ("drain", "delete")] == [
+        ("delete", "server", "demo-worker-003"),
+        ("delete", "server", "demo-worker-002"),
+    ]
+
+
+def test_existing_key_under_another_name_is_reused() -> None:
+    plan = plan_cluster(make_spec(), converged(make_spec()))
+    assert ("noop", "ssh_key", "someone-elses-name") in plan.summaries(include_noop=True)
+
+
+def test_interrupted_type_change_is_finished() -> None:
+    facts = converged(make_spec())
+    servers = tuple(dataclasses.replace(s, status="off") if s.role == "system" else s for s in facts.servers)
+    plan = plan_cluster(make_spec(), dataclasses.replace(facts, servers=servers))
+    assert [(s.summary(), s.detail) for s in plan.changes] == [(("change", "server", "demo-system"), "power on")]
+
+
+def test_changed_network_range_is_refused() -> None:
+    facts = converged(make_spec())
+    net = dataclasses.replace(facts.network, ip_range="10.9.0.0/16")  # type: ignore[type-var]
+    with pytest.raises(SpecError, match="changing it in place is not supported"):
+        plan_cluster(make_spec(), dataclasses.replace(facts, network=net))
+
+
+def test_destroy_deletes_servers_before_what_they_use() -> None:
+    plan = plan_destroy(make_spec(), converged(make_spec(nat={"type": "cx23"})))
+    kinds = [kind for _, kind, _ in plan.summaries()]
+    assert kinds.index("network") > max(i for i, k in enumerate(kinds) if k == "server")
+    assert "ssh_key" not in kinds  # the key is not labelled for this cluster: it is not ours to delete
+
+
+def test_render_is_readable() -> None:
+    text = plan_cluster(SMALL, Facts()).render()
+    assert "+ create    server          demo-worker-001  (worker, cx33, private only)" in text
+    assert text.splitlines()[-1] == "Summary: 10 to create, 0 to change, 0 to drain, 0 to delete, 0 unchanged"
+    assert "nothing to do" in Plan("demo", "hetzner", ()).render()
+
+
+def test_planning_a_large_cluster_is_fast_enough_to_be_pure() -> None:
+    spec = make_spec(proxy={"type": "cx23", "count": 20}, worker={"type": "cx33", "count": 50},
+                     state={"type": "ccx13", "count": 5})  # fmt: skip
+    plan = plan_cluster(spec, converged(spec))
+    assert plan.empty
+    assert len(plan.steps) == 1 + 1 + 1 + 1 + 1 + 20 + 50 + 5
+
+
+def test_resizing_the_state_pillar_in_place_is_refused() -> None:
+    with pytest.raises(SpecError, match="state pillar was built for 3 node"):
+        plan_cluster(make_spec(state={"type": "ccx13", "count": 5}), converged(make_spec()))
