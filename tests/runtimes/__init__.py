@@ -1,0 +1,1 @@
+"""Tests for runtimes/ (Deno subprocesses, Wasm sandboxes)."""
