@@ -73,6 +73,9 @@ class InvocationResult:
     status: int
     headers: Headers
     body: BodyStream
+    complete_body: bytes | None = None
+    """The whole body when the runtime already holds it (then `body` yields exactly this). Lets the front door
+    answer with Content-Length instead of chunked encoding."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,6 +69,9 @@ def _labelled(headers: Headers, label: bytes) -> Headers:
 
 async def _stream(responder: Responder, invoke: Invoke, label: bytes) -> None:
     async with invoke() as result:
+        if result.complete_body is not None:  # the runtime holds it all: one write, with Content-Length
+            await responder.send(result.status, _labelled(result.headers, label), result.complete_body)
+            return
         await responder.start(result.status, _labelled(result.headers, label))
         async for chunk in result.body:
             await responder.write(chunk)

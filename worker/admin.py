@@ -1,0 +1,214 @@
+"""The admin API on its own listener (`/admin/v1/...`): deploy, list, rollback, delete, health, drain.
+
+Never unauthenticated: every call needs `Authorization: Bearer <admin token>`, compared in constant time.
+Request bodies are bounded (the bundle cap for uploads, 64 KiB for everything else).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from worker.deployer import Deployer, DeployFailed
+from worker.deployments.archive import BundleRejected
+from worker.deployments.store import Deployment, StoreError
+from worker.function_logs import FunctionLogs, serve_logs
+from worker.http.types import BodyTooLarge, HttpRequest, Responder, WebSocketHandler
+from worker.metrics import Metrics, serve_metrics
+from worker.responses import send_error, send_json
+
+log = logging.getLogger("mbworker.admin")
+
+SLUG = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+SMALL_BODY = 64 * 1024
+
+Route = Callable[[HttpRequest, Responder, list[str]], Awaitable[None]]
+
+
+def deployment_json(dep: Deployment) -> dict[str, Any]:
+    """Metadata only: secrets never leave the store (the model carries their names, not their values)."""
+    return dep.model_dump(mode="json")
+
+
+class AdminApp:
+    """HttpApp for the admin listener. Owns nothing: the deployer and hooks belong to the daemon."""
+
+    def __init__(
+        self,
+        deployer: Deployer,
+        token: str,
+        *,
+        max_bundle_bytes: int,
+        health: Callable[[], dict[str, Any]],
+        drain: Callable[[], Awaitable[None]] | None = None,
+        purge_cache: Callable[[str | None], int] | None = None,
+        public_url: str = "",
+        metrics: Metrics | None = None,
+        function_logs: FunctionLogs | None = None,
+        draining: trio.Event | None = None,
+    ) -> None:
+        self.public_url = public_url
+        self.metrics = metrics
+        self.function_logs = function_logs
+        self.draining = draining
+        self.deployer = deployer
+        self._token = token.encode()
+        self.max_bundle_bytes = max_bundle_bytes
+        self.health = health
+        self.drain = drain
+        self.purge_cache = purge_cache
+        self._routes: list[tuple[str, re.Pattern[str], Route]] = [
+            ("GET", re.compile(r"^/admin/v1/health$"), self._health),
+            ("GET", re.compile(r"^/metrics$"), self._metrics),
+            ("GET", re.compile(r"^/admin/v1/functions/([^/]+)/logs$"), self._logs),
+            ("GET", re.compile(r"^/admin/v1/functions$"), self._list),
+            ("GET", re.compile(r"^/admin/v1/functions/([^/]+)$"), self._versions),
+            ("POST", re.compile(r"^/admin/v1/functions/([^/]+)/deploy$"), self._deploy),
+            ("PUT", re.compile(r"^/admin/v1/functions/([^/]+)$"), self._deploy),
+            ("POST", re.compile(r"^/admin/v1/functions/([^/]+)/rollback$"), self._rollback),
+            ("DELETE", re.compile(r"^/admin/v1/functions/([^/]+)$"), self._delete),
+            ("POST", re.compile(r"^/admin/v1/drain$"), self._drain),
+            ("POST", re.compile(r"^/admin/v1/cache/purge$"), self._purge),
+        ]
+
+    def websocket_handler(self, request: HttpRequest) -> WebSocketHandler | None:
+        return None
+
+    def _authorized(self, request: HttpRequest) -> bool:
+        header = request.header(b"authorization") or b""
+        scheme, _, token = header.partition(b" ")
+        # compare_digest on equal-length inputs only leaks the length of the expected token, which is fixed.
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token, self._token)
+
+    async def handle_http(self, request: HttpRequest, responder: Responder) -> None:
+        if not self._authorized(request):
+            await send_error(responder, 401, "UNAUTHORIZED", "Missing or invalid admin token")
+            return
+        matched_path = False
+        for method, pattern, route in self._routes:
+            m = pattern.match(request.path)
+            if m is None:
+                continue
+            matched_path = True
+            if method == request.method:
+                try:
+                    await route(request, responder, list(m.groups()))
+                except BodyTooLarge as exc:
+                    await send_error(responder, 413, "PAYLOAD_TOO_LARGE", str(exc) or "Request body too large")
+                except StoreError as exc:
+                    code = "NOT_FOUND" if exc.status == 404 else "CONFLICT" if exc.status == 409 else "BAD_REQUEST"
+                    await send_error(responder, exc.status, code, str(exc))
+                return
+        if matched_path:
+            await send_error(responder, 405, "METHOD_NOT_ALLOWED", f"{request.method} not allowed here")
+        else:
+            await send_error(responder, 404, "NOT_FOUND", f"No admin route {request.path}")
+
+    async def _json_body(self, request: HttpRequest) -> dict[str, Any]:
+        raw = await request.body.read_all(SMALL_BODY)
+        if not raw.strip():
+            return {}
+        value = json.loads(raw)
+        if not isinstance(value, dict):
+            raise ValueError("expected a JSON object")
+        return value
+
+    async def _health(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
+        await send_json(responder, 200, self.health())
+
+    async def _metrics(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
+        if self.metrics is None:
+            await send_error(responder, 404, "NOT_FOUND", "Metrics are not enabled")
+            return
+        await serve_metrics(request, responder, self.metrics)
+
+    async def _logs(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
+        if self.function_logs is None:
+            await send_error(responder, 404, "NOT_FOUND", "Function logs are not enabled")
+            return
+        await serve_logs(
+            request,
+            responder,
+            args[0],
+            self.function_logs,
+            exists=lambda slug: self.deployer.table.get(slug) is not None,
+            until=self.draining,
+        )
+
+    async def _list(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
+        deps = await self.deployer.store.list()
+        await send_json(responder, 200, [deployment_json(d) for d in deps])
+
+    async def _versions(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
+        deps = await self.deployer.store.versions(args[0])
+        if not deps:
+            await send_error(responder, 404, "NOT_FOUND", f"No function {args[0]!r}")
+            return
+        await send_json(responder, 200, [deployment_json(d) for d in deps])
+
+    async def _deploy(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
+        slug = args[0]
+        if not SLUG.match(slug):
+            await send_error(responder, 400, "INVALID_SLUG", f"Slug {slug!r} must match {SLUG.pattern}")
+            return
+        sha = (request.header(b"x-mbworker-sha256") or b"").decode("ascii", "replace") or None
+        archive = await request.body.read_all(self.max_bundle_bytes)
+        try:
+            dep = await self.deployer.deploy(slug, archive, sha)
+        except BundleRejected as exc:
+            await send_error(responder, exc.status, "BUNDLE_REJECTED", exc.reason)
+            return
+        except DeployFailed as exc:
+            await send_error(
+                responder,
+                exc.error.status,
+                exc.error.code,
+                exc.error.message,
+                output=exc.error.output[-8000:],
+                version=exc.deployment.version,
+            )
+            return
+        log.info("deployed %s v%d", dep.slug, dep.version)
+        await send_json(responder, 201, {**deployment_json(dep), "url": f"{self.public_url}/functions/v1/{dep.slug}"})
+
+    async def _rollback(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
+        try:
+            body = await self._json_body(request)
+        except ValueError as exc:
+            await send_error(responder, 400, "BAD_REQUEST", f"Invalid JSON body: {exc}")
+            return
+        to = body.get("version")
+        if to is not None and not isinstance(to, int):
+            await send_error(responder, 400, "BAD_REQUEST", "version must be an integer")
+            return
+        dep = await self.deployer.rollback(args[0], to)
+        await send_json(responder, 200, deployment_json(dep))
+
+    async def _delete(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
+        removed = await self.deployer.delete(args[0])
+        await send_json(responder, 200, {"slug": args[0], "removed": [d.version for d in removed]})
+
+    async def _drain(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
+        if self.drain is None:
+            await send_error(responder, 501, "NOT_IMPLEMENTED", "Drain is not available")
+            return
+        await send_json(responder, 202, {"draining": True})
+        await self.drain()
+
+    async def _purge(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
+        if self.purge_cache is None:
+            await send_json(responder, 200, {"purged": 0})
+            return
+        try:
+            body = await self._json_body(request)
+        except ValueError as exc:
+            await send_error(responder, 400, "BAD_REQUEST", f"Invalid JSON body: {exc}")
+            return
+        slug = body.get("slug")
+        await send_json(responder, 200, {"purged": self.purge_cache(slug if isinstance(slug, str) else None)})

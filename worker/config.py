@@ -1,0 +1,87 @@
+"""Settings of one worker node: a pydantic model read from flags, then `MBWORKER_*` env, then `--config` TOML.
+
+Every field has a default that works on one machine; `load_settings` is the only constructor the daemon uses.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from runtimes.limits import Limits
+from worker.errors import ConfigError
+
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("mbworker_config_file", default=None)
+
+
+class WorkerSettings(BaseSettings):
+    """Everything an operator can set. Env names are `MBWORKER_<FIELD>`; nested ones `MBWORKER_LIMITS__MEMORY_MB`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MBWORKER_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    host: str = Field("127.0.0.1", description="Public listener address (functions, realtime, health)")
+    port: int = Field(8000, ge=0, le=65535, description="Public listener port (0: any free port)")
+    admin_host: str = Field("127.0.0.1", description="Admin listener address: loopback or a private interface")
+    admin_port: int = Field(8001, ge=0, le=65535, description="Admin listener port (0: any free port)")
+    data_dir: Path = Field(Path(".mbworker"), description="Deployments, secrets, caches of this node")
+    jwt_secret: SecretStr | None = Field(None, description="HS256 secret of the project; generated if unset")
+    admin_token: SecretStr | None = Field(None, description="Bearer token of the admin API; generated if unset")
+    redis_url: str | None = Field(None, description="Redis of the state pillar; unset means single node")
+    public_url: str | None = Field(None, description="SUPABASE_URL given to functions; default the public listener")
+    node_id: str | None = Field(None, description="Name of this node in a cluster; default hostname-port")
+    deno: Path | None = Field(None, description="Deno binary; default the one the `deno` package ships")
+    cache_mb: int = Field(64, ge=0, description="L1 result cache capacity in MiB (0 disables it)")
+    max_bundle_mb: int = Field(20, ge=1, description="Largest accepted function bundle (compressed)")
+    drain_grace_s: float = Field(30, gt=0, description="How long in-flight work may finish on drain/SIGTERM")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    limits: Limits = Field(default_factory=Limits, description="Default limits of every function")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_file.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @property
+    def public_base_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> WorkerSettings:
+    """Settings from flags (`overrides`, None values ignored) > environment > `config_file` > defaults."""
+    if config_file is None and os.environ.get("MBWORKER_CONFIG"):
+        config_file = Path(os.environ["MBWORKER_CONFIG"])
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"config file {config_file} does not exist")
+    token = _config_file.set(config_file)
+    try:
+        return WorkerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("invalid settings:\n" + "\n".join(lines)) from exc
+    finally:
+        _config_file.reset(token)

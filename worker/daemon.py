@@ -1,0 +1,194 @@
+"""`serve_worker`: the start order of one worker node, top to bottom.
+
+secrets → deployment store → runtimes → realtime → live table → admin listener → public listener → examples
+→ ready. Drain (SIGTERM, or POST /admin/v1/drain) stops accepting, closes WebSockets with 1012, lets in-flight
+requests finish within the grace period, then closes everything in reverse order; every child is reaped by the
+runtime that owns it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from runtimes import Runtime
+from runtimes.deno import DenoSettings, open_deno_runtime
+from runtimes.wasm import WasmSettings, open_wasm_runtime
+from worker.admin import AdminApp
+from worker.cache import CacheSettings, ResultCache
+from worker.config import WorkerSettings
+from worker.deploy_local import deploy_path
+from worker.deployer import Deployer, PlatformEnv
+from worker.deployments.store import LocalDeploymentStore
+from worker.function_logs import FunctionLogs
+from worker.functions import FunctionsFrontDoor, FunctionTable
+from worker.http.server import HttpServer, serve_http
+from worker.jwt_gate import JwtGate
+from worker.keys import ProjectKeys, load_project_keys
+from worker.metrics import CACHE_STATS, HTTP_STATS, RUNTIME_STATS, Metrics
+from worker.public_app import PublicApp
+
+log = logging.getLogger("mbworker.daemon")
+
+
+@dataclass
+class WorkerHandle:
+    """What `serve_worker` hands to `task_status.started`: addresses, keys, and the drain trigger."""
+
+    settings: WorkerSettings
+    keys: ProjectKeys
+    public: HttpServer
+    admin: HttpServer
+    deployer: Deployer
+    draining: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def public_url(self) -> str:
+        return f"http://{_display_host(self.settings.host)}:{self.public.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{_display_host(self.settings.admin_host)}:{self.admin.port}"
+
+    def drain(self) -> None:
+        self.draining.set()
+
+
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+async def serve_worker(
+    settings: WorkerSettings,
+    deploy_paths: Sequence[Path] = (),
+    *,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[WorkerHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one worker node until drained. `started(handle)` once both listeners accept and examples are live."""
+    data_dir = settings.data_dir.resolve()
+    await trio.to_thread.run_sync(lambda: data_dir.mkdir(parents=True, exist_ok=True))
+    keys = await trio.to_thread.run_sync(load_project_keys, settings)
+    node_id = default_node_id(settings)
+    store = LocalDeploymentStore(data_dir / "deployments")
+    table = FunctionTable()
+    draining = trio.Event()
+    metrics = Metrics(node_id=node_id)
+    function_logs = FunctionLogs()
+    cache = ResultCache(CacheSettings(capacity_bytes=settings.cache_mb * 1024 * 1024)) if settings.cache_mb else None
+
+    async with AsyncExitStack() as stack:
+        deno_settings = DenoSettings(scratch_dir=data_dir / "scratch" / "deno")
+        if settings.deno is not None:
+            deno_settings = deno_settings.model_copy(update={"deno_bin": str(settings.deno)})
+        deno = await stack.enter_async_context(open_deno_runtime(deno_settings, on_log=function_logs.on_log))
+        wasm = await stack.enter_async_context(
+            open_wasm_runtime(WasmSettings(cache_dir=data_dir / "cache" / "wasm"), on_log=function_logs.on_log)
+        )
+        runtimes: dict[str, Runtime] = {"deno": deno, "wasm": wasm}
+        metrics.add_statistics(RUNTIME_STATS, deno.statistics, runtime="deno")
+        metrics.add_statistics(RUNTIME_STATS, wasm.statistics, runtime="wasm")
+        if cache is not None:
+            metrics.add_statistics(CACHE_STATS, cache.statistics)
+
+        async def on_change(slug: str) -> None:
+            """A slug's live version changed: drop its cached results and follow it in metrics."""
+            if cache is not None:
+                cache.purge(slug)
+            active = table.get(slug)
+            if active is None:
+                metrics.forget_function(slug)
+                function_logs.forget(slug)
+            else:
+                metrics.set_function_version(slug, active.fn.version)
+
+        deployer = Deployer(
+            store,
+            runtimes,
+            table,
+            PlatformEnv(settings.public_base_url, keys.anon_key, keys.service_role_key),
+            scratch_root=data_dir / "scratch" / "functions",
+            on_change=on_change,
+        )
+        restored = await deployer.restore()
+        for slug in table.slugs():
+            await on_change(slug)
+        functions = FunctionsFrontDoor(table, runtimes, JwtGate(keys.jwt_secret), cache=cache, metrics=metrics)
+
+        async def ready() -> tuple[bool, dict[str, Any]]:
+            return (not draining.is_set(), {"functions": len(table), "draining": draining.is_set()})
+
+        def health() -> dict[str, Any]:
+            return {
+                "status": "draining" if draining.is_set() else "ok",
+                "node": node_id,
+                "functions": table.slugs(),
+                "runtimes": {name: _stats(rt) for name, rt in runtimes.items()},
+            }
+
+        async def drain() -> None:
+            draining.set()
+
+        public_app = PublicApp(functions, None, ready)
+        admin_app = AdminApp(
+            deployer,
+            keys.admin_token,
+            max_bundle_bytes=settings.max_bundle_mb * 1024 * 1024,
+            health=health,
+            drain=drain,
+            purge_cache=cache.purge if cache is not None else None,
+            public_url=settings.public_base_url,
+            metrics=metrics,
+            function_logs=function_logs,
+            draining=draining,
+        )
+        async with trio.open_nursery() as nursery:
+            admin: HttpServer = await nursery.start(serve_http, admin_app, settings.admin_host, settings.admin_port)
+            public: HttpServer = await nursery.start(serve_http, public_app, settings.host, settings.port)
+            metrics.add_statistics(HTTP_STATS, public.statistics, listener="public")
+            metrics.add_statistics(HTTP_STATS, admin.statistics, listener="admin")
+            for path in deploy_paths:
+                await deploy_path(deployer, path)
+            handle = WorkerHandle(settings, keys, public, admin, deployer, draining)
+            if handle_signals:
+                nursery.start_soon(_serve_signals, draining, nursery.cancel_scope)
+            log.info("ready: %s (admin %s), %d functions restored", handle.public_url, handle.admin_url, restored)
+            task_status.started(handle)
+            await draining.wait()
+            metrics.set_draining(True)
+            log.info("draining: grace %.0fs", settings.drain_grace_s)
+            with trio.move_on_after(settings.drain_grace_s + 5):
+                async with trio.open_nursery() as drains:
+                    drains.start_soon(public.drain, settings.drain_grace_s)
+                    drains.start_soon(admin.drain, settings.drain_grace_s)
+            nursery.cancel_scope.cancel()
+    log.info("worker stopped")
+
+
+def _stats(runtime: Runtime) -> dict[str, Any]:
+    s = runtime.statistics()
+    return {"processes": s.processes, "busy": s.busy, "in_flight": s.in_flight, "versions": s.versions}
+
+
+async def _serve_signals(draining: trio.Event, scope: trio.CancelScope) -> None:
+    """First SIGTERM/SIGINT drains; a second one ends at once (children are still reaped by their owners)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            if draining.is_set():
+                log.warning("second signal: stopping now")
+                scope.cancel()
+                return
+            draining.set()
+
+
+def default_node_id(settings: WorkerSettings) -> str:
+    return settings.node_id or f"{socket.gethostname()}-{settings.port}-{os.getpid()}"

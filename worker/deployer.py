@@ -1,0 +1,149 @@
+"""Deploy, roll back and delete functions: the store, the runtimes and the live table, kept in step.
+
+Owner: the daemon creates one `Deployer`; the admin API and `serve --deploy` call it. A new version is stored,
+booted, and only then switched live; a version that fails to boot is marked failed and the previous one keeps
+serving. Old versions are retired (in-flight requests finish) after the switch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from runtimes import BootError, FunctionVersion, Runtime
+from worker.cache import FunctionCacheConfig
+from worker.deployments.store import Deployment, DeploymentStore, function_version
+from worker.functions import ActiveFunction, FunctionTable
+
+log = logging.getLogger("mbworker.deployer")
+
+ChangeHook = Callable[[str], Awaitable[None]]
+"""Called with a slug after its live version changed (activate, rollback, delete): e.g. a cache purge."""
+
+
+@dataclass(frozen=True)
+class PlatformEnv:
+    """Variables every function sees besides its own secrets."""
+
+    supabase_url: str
+    anon_key: str
+    service_role_key: str
+    region: str = "local"
+
+    def for_version(self, slug: str, version: int) -> dict[str, str]:
+        return {
+            "SUPABASE_URL": self.supabase_url,
+            "SUPABASE_ANON_KEY": self.anon_key,
+            "SUPABASE_SERVICE_ROLE_KEY": self.service_role_key,
+            "SB_REGION": self.region,
+            "DENO_DEPLOYMENT_ID": f"mbworker_{slug}_{version}",
+        }
+
+
+class DeployFailed(Exception):
+    """A deploy was stored but its version could not boot; the previous version stays live."""
+
+    def __init__(self, deployment: Deployment, error: BootError) -> None:
+        self.deployment = deployment
+        self.error = error
+        super().__init__(f"{deployment.slug} v{deployment.version} failed to boot: {error.message}")
+
+
+class Deployer:
+    def __init__(
+        self,
+        store: DeploymentStore,
+        runtimes: Mapping[str, Runtime],
+        table: FunctionTable,
+        platform_env: PlatformEnv,
+        scratch_root: Path,
+        on_change: ChangeHook | None = None,
+    ) -> None:
+        self.store = store
+        self.runtimes = runtimes
+        self.table = table
+        self.platform_env = platform_env
+        self.scratch_root = scratch_root
+        self._on_change = on_change
+        self._slug_locks: dict[str, trio.Lock] = {}
+
+    def _lock(self, slug: str) -> trio.Lock:
+        return self._slug_locks.setdefault(slug, trio.Lock())
+
+    async def function_version(self, dep: Deployment) -> FunctionVersion:
+        secrets = await self.store.secrets(dep.slug, dep.version)
+        env = {**secrets, **self.platform_env.for_version(dep.slug, dep.version)}
+        fn = function_version(dep, self.store.bundle_dir(dep.slug, dep.version), env)
+        return dataclasses.replace(fn, scratch_dir=self.scratch_root / dep.slug)
+
+    async def _active(self, dep: Deployment) -> ActiveFunction:
+        fn = await self.function_version(dep)
+        cache = FunctionCacheConfig.model_validate(dep.cache.model_dump())
+        return ActiveFunction(fn=fn, verify_jwt=dep.verify_jwt, cache=cache)
+
+    async def restore(self) -> int:
+        """Put every stored active version live again (booted lazily, on first request). Returns the count."""
+        count = 0
+        for dep in await self.store.list():
+            if dep.status == "ACTIVE":
+                self.table.set(await self._active(dep))
+                count += 1
+        return count
+
+    async def deploy(self, slug: str, archive: bytes, sha256: str | None = None) -> Deployment:
+        """Store, boot, then switch. Raises `BundleRejected` (4xx) or `DeployFailed` (503 BOOT_ERROR)."""
+        dep = await self.store.put(slug, archive, sha256)
+        fn = await self.function_version(dep)
+        runtime = self.runtimes[fn.runtime]
+        try:
+            await runtime.warm(fn)
+        except BootError as exc:
+            await self.store.mark_failed(slug, dep.version, exc.message + ("\n" + exc.output if exc.output else ""))
+            await runtime.retire(fn)
+            raise DeployFailed(dep, exc) from exc
+        async with self._lock(slug):
+            current = self.table.get(slug)
+            if current is not None and current.fn.version > dep.version:
+                # A later deploy finished first: it stays live; this one is kept as history.
+                log.info("%s v%d superseded by v%d", slug, dep.version, current.fn.version)
+                await runtime.retire(fn)
+                return dep
+            dep = await self.store.activate(slug, dep.version)
+            await self._switch(await self._active(dep))
+        return dep
+
+    async def rollback(self, slug: str, to: int | None = None) -> Deployment:
+        async with self._lock(slug):
+            dep = await self.store.rollback(slug, to)
+            await self._switch(await self._active(dep))
+        return dep
+
+    async def delete(self, slug: str) -> list[Deployment]:
+        """Stop serving `slug` (in-flight requests finish), then remove its versions."""
+        async with self._lock(slug):
+            previous = self.table.remove(slug)
+            if previous is not None:
+                await self._retire(previous.fn)
+            removed = await self.store.delete(slug)
+        await self._changed(slug)
+        return removed
+
+    async def _switch(self, active: ActiveFunction) -> None:
+        previous = self.table.set(active)
+        if previous is not None and previous.fn.key != active.fn.key:
+            await self._retire(previous.fn)
+        await self._changed(active.fn.slug)
+
+    async def _retire(self, fn: FunctionVersion) -> None:
+        runtime = self.runtimes.get(fn.runtime)
+        if runtime is not None:
+            await runtime.retire(fn)
+
+    async def _changed(self, slug: str) -> None:
+        if self._on_change is not None:
+            await self._on_change(slug)

@@ -1,0 +1,248 @@
+"""`/functions/v1/{slug}[/{rest}]`: routing, the JWT gate, and the error contract around a `Runtime`.
+
+The front door never sees a subprocess or a Store: it builds an `Invocation`, enters `Runtime.invoke`, and streams
+what comes back. Every failure becomes Supabase's JSON error with its status and `sb-error-code`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+
+from runtimes import FunctionRuntimeError, FunctionVersion, Invocation, InvocationResult, Runtime, WorkerError
+from worker.cache import (
+    DEFAULT_FUNCTION_CACHE,
+    FlightFailed,
+    FlightTimeout,
+    FunctionCacheConfig,
+    ResultCache,
+    respond_through_cache,
+)
+from worker.http.types import BodyTooLarge, Headers, HttpRequest, RequestBody, Responder
+from worker.jwt_gate import JwtGate, JwtRejected
+from worker.metrics import UNMATCHED, Metrics
+from worker.responses import send_error
+
+log = logging.getLogger("mbworker.functions")
+
+PREFIX = "/functions/v1/"
+ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"})
+CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
+# Hop-by-hop headers are the connection's business, not the function's (RFC 9110 §7.6.1).
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"te", b"trailer", b"proxy-connection"}
+)
+RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"date", b"server"}
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveFunction:
+    """The version of a slug that serves traffic now, with what the gate and the cache need."""
+
+    fn: FunctionVersion
+    verify_jwt: bool = True
+    cache: FunctionCacheConfig = DEFAULT_FUNCTION_CACHE
+
+    @property
+    def version_header(self) -> tuple[bytes, bytes]:
+        return (b"x-mbworker-version", str(self.fn.version).encode())
+
+
+class FunctionTable:
+    """slug → the active version. Owned by the daemon; admin operations and the store's watch update it."""
+
+    def __init__(self) -> None:
+        self._active: dict[str, ActiveFunction] = {}
+
+    def get(self, slug: str) -> ActiveFunction | None:
+        return self._active.get(slug)
+
+    def set(self, active: ActiveFunction) -> ActiveFunction | None:
+        """Switch `active.fn.slug` to `active`; returns the version it replaced."""
+        previous = self._active.get(active.fn.slug)
+        self._active[active.fn.slug] = active
+        return previous
+
+    def remove(self, slug: str) -> ActiveFunction | None:
+        return self._active.pop(slug, None)
+
+    def __len__(self) -> int:
+        return len(self._active)
+
+    def slugs(self) -> list[str]:
+        return sorted(self._active)
+
+
+def split_route(path: str) -> tuple[str, str] | None:
+    """`/functions/v1/hello/a/b` → ("hello", "/a/b"); None when not a functions path."""
+    if not path.startswith(PREFIX):
+        return None
+    rest = path[len(PREFIX) :]
+    slug, sep, tail = rest.partition("/")
+    if not slug:
+        return None
+    return slug, (sep + tail)
+
+
+class FunctionsFrontDoor:
+    """Serves `/functions/v1/*`. Owns nothing long-lived: table, runtimes, gate and cache belong to the daemon."""
+
+    def __init__(
+        self,
+        table: FunctionTable,
+        runtimes: Mapping[str, Runtime],
+        gate: JwtGate,
+        cache: ResultCache | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.table = table
+        self.runtimes = runtimes
+        self.gate = gate
+        self.cache = cache
+        self.metrics = metrics
+
+    async def handle(self, request: HttpRequest, responder: Responder) -> None:
+        route = split_route(request.path)
+        if route is None:
+            await send_error(responder, 404, "NOT_FOUND", "Requested function was not found")
+            return
+        slug, rest = route
+        if request.method not in ALLOWED_METHODS:
+            await send_error(responder, 405, "METHOD_NOT_ALLOWED", f"Method {request.method} is not allowed")
+            return
+        active = self.table.get(slug)
+        if self.metrics is None:
+            await self._handle(active, request, responder, slug, rest)
+            return
+        # Label by deployed slug only: an unknown slug from the path would make label sets unbounded.
+        with self.metrics.observe_request(slug if active else UNMATCHED, responder) as observed:
+            await self._handle(active, request, observed, slug, rest)
+
+    async def _handle(
+        self, active: ActiveFunction | None, request: HttpRequest, responder: Responder, slug: str, rest: str
+    ) -> None:
+        if active is None:
+            await send_error(responder, 404, "NOT_FOUND", "Requested function was not found")
+            return
+        if active.verify_jwt and request.method != "OPTIONS":
+            try:
+                self.gate.check(request.header(b"authorization"))
+            except JwtRejected as exc:
+                await send_error(responder, 401, exc.code, exc.message)
+                return
+        await self.invoke(active, request, responder, slug, rest)
+
+    async def invoke(
+        self, active: ActiveFunction, request: HttpRequest, responder: Responder, slug: str, rest: str
+    ) -> None:
+        fn = active.fn
+        limit = fn.limits.max_request_bytes
+        declared = request.header(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await send_error(responder, 413, "PAYLOAD_TOO_LARGE", f"Request body is larger than {limit} bytes")
+            return
+        runtime = self.runtimes.get(fn.runtime)
+        if runtime is None:
+            await send_error(responder, 503, "BOOT_ERROR", f"No runtime {fn.runtime!r} on this worker")
+            return
+        target = f"/{slug}{rest}" + (f"?{request.query}" if request.query else "")
+        invocation = Invocation(
+            method=request.method,
+            target=target,
+            headers=forwarded_headers(request),
+            body=_limited(request.body, limit),
+            request_id=(request.header(b"x-request-id") or b"").decode("latin-1") or uuid.uuid4().hex,
+            url=f"{request.scheme}://{request.host}{target}",
+        )
+
+        def run() -> AbstractAsyncContextManager[InvocationResult]:
+            return _shaped(runtime.invoke(fn, invocation), active)
+
+        try:
+            if self.cache is not None and request.method in CACHEABLE_METHODS and active.cache.enabled:
+                await respond_through_cache(
+                    self.cache,
+                    request,
+                    responder,
+                    run,
+                    slug=slug,
+                    version=fn.version,
+                    config=active.cache,
+                    timeout=fn.limits.request_idle_timeout_s,
+                )
+            else:
+                await _respond(responder, run)
+        except BodyTooLarge:
+            await send_error(responder, 413, "PAYLOAD_TOO_LARGE", f"Request body is larger than {limit} bytes")
+        except FlightTimeout:
+            await send_error(responder, 504, "IDLE_TIMEOUT", "Timed out waiting for the same request in flight")
+        except FlightFailed as exc:
+            if not isinstance(exc.cause, FunctionRuntimeError):
+                raise
+            await send_error(responder, exc.cause.status, exc.cause.code, exc.cause.message)
+        except FunctionRuntimeError as exc:
+            log.info("%s %s → %d %s: %s", fn.key, invocation.request_id, exc.status, exc.code, exc.message)
+            await send_error(responder, exc.status, exc.code, exc.message)
+
+
+async def _respond(responder: Responder, run: Callable[[], AbstractAsyncContextManager[InvocationResult]]) -> None:
+    """Stream one invocation to the client; a body the runtime already holds goes out with Content-Length."""
+    async with run() as result:
+        if result.complete_body is not None:
+            await responder.send(result.status, result.headers, result.complete_body)
+            return
+        await responder.start(result.status, result.headers)
+        async for chunk in result.body:
+            await responder.write(chunk)
+    await responder.end()
+
+
+@asynccontextmanager
+async def _shaped(
+    invocation: AbstractAsyncContextManager[InvocationResult], active: ActiveFunction
+) -> AsyncIterator[InvocationResult]:
+    """The runtime's result as the client gets it: framing headers dropped (the server frames the body), the
+    version header added, and the body capped at the function's response limit."""
+    async with invocation as result:
+        headers = [(k, v) for k, v in result.headers if k.lower() not in RESPONSE_DROP]
+        headers.append(active.version_header)
+        cap = active.fn.limits.max_response_bytes
+        if result.complete_body is not None and len(result.complete_body) > cap:
+            raise WorkerError(f"Function response is larger than {cap} bytes")
+        yield InvocationResult(result.status, headers, _capped(result.body, cap), result.complete_body)
+
+
+async def _capped(body: AsyncIterator[bytes], cap: int) -> AsyncIterator[bytes]:
+    sent = 0
+    async for chunk in body:
+        sent += len(chunk)
+        if sent > cap:
+            # The head is already out: all that is left is to cut the connection (the server aborts it).
+            raise ConnectionAbortedError(f"function response is larger than {cap} bytes")
+        yield chunk
+
+
+def forwarded_headers(request: HttpRequest) -> Headers:
+    """The request headers a function sees: hop-by-hop removed, x-forwarded-* added when a proxy didn't."""
+    headers = [(k, v) for k, v in request.headers if k not in HOP_BY_HOP]
+    names = {k for k, _ in headers}
+    if b"x-forwarded-for" not in names and request.client:
+        headers.append((b"x-forwarded-for", request.client[0].encode()))
+    if b"x-forwarded-proto" not in names:
+        headers.append((b"x-forwarded-proto", request.scheme.encode()))
+    if b"x-forwarded-host" not in names:
+        headers.append((b"x-forwarded-host", request.host.encode("latin-1")))
+    return headers
+
+
+async def _limited(body: RequestBody, limit: int) -> AsyncIterator[bytes]:
+    """Pass the body through, raising `BodyTooLarge` once it exceeds `limit` (chunked bodies have no length)."""
+    seen = 0
+    async for chunk in body:
+        seen += len(chunk)
+        if seen > limit:
+            raise BodyTooLarge(f"request body is larger than {limit} bytes")
+        yield chunk

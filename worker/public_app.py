@@ -1,0 +1,51 @@
+"""The public listener's router: functions, realtime (WebSocket + REST), health and readiness."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from worker.functions import PREFIX, FunctionsFrontDoor
+from worker.http.types import HttpRequest, Responder, WebSocketHandler
+from worker.responses import send_error, send_json
+
+
+class RealtimeEndpoint(Protocol):
+    """What the router needs of the realtime service."""
+
+    def websocket_handler(self, request: HttpRequest) -> WebSocketHandler | None: ...
+
+    async def handle_http(self, request: HttpRequest, responder: Responder) -> bool: ...
+
+
+class PublicApp:
+    """HttpApp for the public port. `ready()` says whether this node takes new work (listeners up, not draining)."""
+
+    def __init__(
+        self,
+        functions: FunctionsFrontDoor,
+        realtime: RealtimeEndpoint | None,
+        ready: Callable[[], Awaitable[tuple[bool, dict[str, object]]]],
+    ) -> None:
+        self.functions = functions
+        self.realtime = realtime
+        self.ready = ready
+
+    def websocket_handler(self, request: HttpRequest) -> WebSocketHandler | None:
+        if self.realtime is None:
+            return None
+        return self.realtime.websocket_handler(request)
+
+    async def handle_http(self, request: HttpRequest, responder: Responder) -> None:
+        path = request.path
+        if path.startswith(PREFIX):
+            await self.functions.handle(request, responder)
+        elif path == "/health":
+            await send_json(responder, 200, {"status": "ok"})
+        elif path == "/ready":
+            ok, detail = await self.ready()
+            await send_json(responder, 200 if ok else 503, {"ready": ok, **detail})
+        elif self.realtime is not None and await self.realtime.handle_http(request, responder):
+            return
+        else:
+            await send_error(responder, 404, "NOT_FOUND", f"No route for {path}")
