@@ -30,6 +30,21 @@ class RunningWorker:
     anon_key: str
     service_role_key: str
     output: list[str]
+    waiters: list[tuple[str, trio.Event]]
+
+    async def wait_for_output(self, text: str, timeout: float = 20) -> str:
+        """Wait until a line of the worker's output contains `text`; returns that line."""
+        with trio.fail_after(timeout):
+            while True:
+                for line in self.output:
+                    if text in line:
+                        return line
+                event = trio.Event()
+                self.waiters.append((text, event))
+                try:
+                    await event.wait()
+                finally:
+                    self.waiters.remove((text, event))
 
     def cli_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -44,9 +59,8 @@ class RunningWorker:
                 [*MBWORKER, *args], env=self.cli_env(), capture_stdout=True, capture_stderr=True, check=False, cwd=REPO
             )
         if check and result.returncode != 0:
-            raise AssertionError(
-                f"mbworker {' '.join(args)} exited {result.returncode}:\n{result.stdout.decode()}\n{result.stderr.decode()}"
-            )
+            out, err = result.stdout.decode(), result.stderr.decode()
+            raise AssertionError(f"mbworker {' '.join(args)} exited {result.returncode}:\n{out}\n{err}")
         return result
 
     async def deploy(self, path: Path, *extra: str) -> subprocess.CompletedProcess[bytes]:
@@ -82,6 +96,7 @@ async def run_worker(
         cwd=REPO,
     )
     output: list[str] = []
+    waiters: list[tuple[str, trio.Event]] = []
     assert process.stdout is not None
     stdout = process.stdout
     ready = trio.Event()
@@ -94,6 +109,9 @@ async def run_worker(
             for line in lines:
                 text = line.decode(errors="replace")
                 output.append(text)
+                for wanted, event in waiters:
+                    if wanted in text:
+                        event.set()
                 if text.startswith("mbworker is serving"):
                     ready.set()
         ready.set()  # exited: let the waiter see it
@@ -119,6 +137,7 @@ async def run_worker(
                 anon_key=keys["ANON_KEY"],
                 service_role_key=keys["SERVICE_ROLE_KEY"],
                 output=output,
+                waiters=waiters,
             )
             yield worker
             await stop_worker(process)

@@ -9,10 +9,12 @@ import pytest
 from tests.conftest import require_binary
 from tests.worker_process import RunningWorker, run_worker
 
+BUNDLED_DENO = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "deno")
+
 
 @pytest.fixture
 async def worker(tmp_path: Path) -> AsyncIterator[RunningWorker]:
-    require_binary("deno", str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "deno"))
+    require_binary("deno", BUNDLED_DENO)
     async with run_worker(tmp_path / "data") as w:
         yield w
 

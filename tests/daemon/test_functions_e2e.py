@@ -300,13 +300,6 @@ async def test_supabase_tree_deploy(worker: RunningWorker, http: httpx.AsyncClie
     assert r.status_code == 404
 
 
-async def wait_for_output(worker: RunningWorker, text: str, timeout: float = 20) -> None:
-    """Wait until the worker's output (read by its pump task) holds `text`."""
-    with trio.fail_after(timeout):
-        while not any(text in line for line in worker.output):
-            await trio.sleep(0.02)
-
-
 def _deno_children() -> set[int]:
     """PIDs of live deno processes started by this test session (by their bootstrap on the command line)."""
     pids = set()
@@ -346,7 +339,7 @@ async def test_sigterm_finishes_in_flight_and_leaves_no_deno(tmp_path: Path, htt
             nursery.start_soon(request)
             await started.wait()
             # Wait until the function really holds the request (it logs on entry), then ask the worker to stop.
-            await wait_for_output(worker, "slowpoke started")
+            await worker.wait_for_output("slowpoke started")
             code = await stop_worker(worker.process)
         assert code == 0
         assert [r.status_code for r in results] == [200]
@@ -361,8 +354,7 @@ async def test_json_logs_carry_function_labels(worker: RunningWorker, http: http
     await worker.deploy(fn)
     r = await http.get(f"{worker.public_url}/functions/v1/chatty", headers=worker.auth())
     assert r.status_code == 200
-    await wait_for_output(worker, "hello from chatty")
-    line = next(line for line in worker.output if "hello from chatty" in line)
+    line = await worker.wait_for_output("hello from chatty")
     entry = json.loads(line)
     assert entry["function"] == "chatty"
     assert entry["version"] == 1
