@@ -1,0 +1,810 @@
+"""`RedisDeploymentStore`: the cluster's `DeploymentStore`. A deploy to any node is served by every node.
+
+Owner: `open_redis_deployment_store(client, local_root)` (an async context manager) owns the store, its pub/sub
+connection and its tasks; the caller owns `client` (a `RedisClient`). On enter it subscribes to changes and
+syncs (see below) before yielding, so the daemon can restore its functions right after.
+
+What lives where:
+
+    Redis (the state pillar; shared)                         this node (`local_root`; its own)
+    <p>dep:slugs            set of every slug ever deployed   <slug>/v<N>/bundle/   unpacked files (read-only)
+    <p>dep:<slug>:seq       version counter (INCR)            <slug>/v<N>/sha256    digest of their archive
+    <p>dep:<slug>:meta      hash: N -> Deployment JSON        <slug>/.incoming-*    unpacks in progress
+    <p>dep:<slug>:ptr       {"version", "history"} JSON
+    <p>dep:<slug>:archive:N the archive as uploaded
+    <p>dep:epoch            change counter (one per announcement)
+    <p>dep:changes          pub/sub: msgpack {k, s, v, o, e} (kind, slug, version, origin node, change number)
+
+- Version numbers come from `INCR <slug>:seq`, taken under the distributed lock `deploy:<slug>` that every
+  metadata change (put, activate, rollback, delete, mark_failed, prune) holds, so read-modify-write of the
+  pointer and statuses never interleaves between nodes. Multi-key writes go in one MULTI/EXEC.
+- Redis must persist (AOF) on the state pillar: it is the source of truth for deployments. If it ever loses
+  its data, numbering restarts; each local copy carries the sha256 of its archive and is re-fetched when Redis
+  says a version has another digest, so a stale copy is never served under a reused number.
+- Local copies: `put` unpacks on the deploying node first (validation + limits, nothing is stored on reject).
+  Other nodes fetch (GET archive, verify sha256, unpack) lazily via `ensure_local` (called by `secrets()`, which
+  the deployer calls before `bundle_dir()`), and eagerly: on start for every active version (`sync`), and when
+  a watcher receives `activate`/`rollback` (before the change is handed over). Copies of deleted or pruned
+  versions are removed after `local_grace_s` (in-flight requests finish first).
+- Changes: this node's own changes reach its watchers directly (in order, like the local store); other nodes
+  get them over pub/sub. After a pub/sub gap (Redis restart, network), or when change numbers show a missed
+  announcement (next message, or the periodic check of `<p>dep:epoch`), every watcher gets `resync`.
+- Secrets travel inside the bundle (the manifest's `env`), so they are stored in Redis like the rest. Redis
+  sits in the private zone (state pillar, reached over the private network via HAProxy, password/ACL auth);
+  treat its data and backups as secret. Not encrypted at rest here.
+- Redis unreachable: reads and writes raise `ClusterStoreUnavailable` (503), except that `secrets()` and
+  `ensure_local` fall back to an existing local copy, so a node keeps serving and can restart its functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import msgpack  # type: ignore[import-untyped]
+import trio
+from pydantic import ValidationError
+
+from worker.cluster._nursery import open_owned_nursery
+from worker.cluster.errors import ClusterStoreUnavailable, LockError
+from worker.cluster.local_copies import LocalCopies, check_slug, check_version, rmtree
+from worker.cluster.lock import Locks, RedisLocks
+from worker.deployments.archive import BundleRejected, BundleTooLarge
+from worker.deployments.manifest import MANIFEST_NAME, SLUG_RE, Manifest
+from worker.deployments.store import (
+    Deployment,
+    DeploymentList,
+    DeploymentNotFound,
+    DeploymentStatus,
+    DeploymentStore,
+    StoreChange,
+    StoreError,
+    StoreStatistics,
+    UnpackLimits,
+    VersionConflict,
+)
+from worker.redis import (
+    PubSub,
+    PubSubDisconnected,
+    PubSubMessage,
+    PubSubResubscribed,
+    RedisClient,
+    RedisError,
+)
+
+log = logging.getLogger("mbworker.cluster.deployments")
+
+_HISTORY_MAX = 100
+_KINDS = frozenset({"put", "activate", "rollback", "delete", "failed"})
+"""Change kinds nodes announce to each other (`resync` is local: each node detects its own gaps)."""
+_PREFETCH_TIMEOUT_S = 60.0
+"""Bound on the eager fetch a watcher does before handing over an activate/rollback change."""
+
+
+@dataclass(frozen=True)
+class RedisStoreStatistics:
+    """Cluster-side counters (besides the Protocol's `StoreStatistics`)."""
+
+    fetches: int
+    """Versions fetched from Redis and unpacked locally."""
+    fetch_failures: int
+    remote_changes: int
+    """Changes received from other nodes."""
+    resyncs: int
+    """Pub/sub gaps (each sent `resync` to every watcher)."""
+    publish_failures: int
+    """Changes this node could not announce (other nodes learn them at their next resync)."""
+    local_removals: int
+    """Local version copies removed (deleted/pruned versions)."""
+
+
+@dataclass
+class _Pointer:
+    version: int | None = None
+    history: list[int] = field(default_factory=list)
+
+    def dump(self) -> bytes:
+        return json.dumps({"version": self.version, "history": self.history}).encode()
+
+    @classmethod
+    def load(cls, raw: bytes | None) -> _Pointer:
+        if raw is None:
+            return cls()
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise StoreError(f"corrupt deployment pointer in Redis: {exc}") from exc
+        version = data.get("version")
+        history = data.get("history", [])
+        return cls(version if isinstance(version, int) else None, [v for v in history if isinstance(v, int)])
+
+
+@dataclass
+class _Watcher:
+    send: trio.MemorySendChannel[StoreChange]
+    lagged: bool = False
+
+
+class _Changes:
+    """The reader side of one `watch()`: fetches activated versions before handing the change over."""
+
+    def __init__(
+        self, store: RedisDeploymentStore, watcher: _Watcher, recv: trio.MemoryReceiveChannel[StoreChange]
+    ) -> None:
+        self._store = store
+        self._watcher = watcher
+        self._recv = recv
+
+    def __aiter__(self) -> _Changes:
+        return self
+
+    async def __anext__(self) -> StoreChange:
+        try:
+            change = await self._recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+        if self._watcher.lagged:
+            self._watcher.lagged = False
+            while True:  # drop what is queued: the reader reloads everything anyway
+                try:
+                    self._recv.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            return StoreChange("resync", None, None)
+        if change.kind in ("activate", "rollback") and change.slug is not None and change.version is not None:
+            await self._store.prefetch(change.slug, change.version)
+        return change
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _stored(dep: Deployment) -> bytes:
+    """Metadata as stored: ACTIVE is derived from the pointer, never stored."""
+    status = dep.status if dep.status is not DeploymentStatus.ACTIVE else DeploymentStatus.INACTIVE
+    return dep.model_copy(update={"status": status}).model_dump_json().encode()
+
+
+def _derive(dep: Deployment, active: int | None) -> Deployment:
+    if dep.version == active and dep.status is not DeploymentStatus.FAILED:
+        return dep.model_copy(update={"status": DeploymentStatus.ACTIVE})
+    return dep
+
+
+def _load_meta(raw: bytes) -> Deployment:
+    try:
+        return Deployment.model_validate_json(raw)
+    except ValidationError as exc:
+        raise StoreError(f"corrupt deployment metadata in Redis: {exc}") from exc
+
+
+class RedisDeploymentStore:
+    """`DeploymentStore` shared through Redis; get one from `open_redis_deployment_store`.
+
+    `local_root` belongs to this store alone (one node, one process): don't share it with another store.
+    """
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        local_root: Path,
+        nursery: trio.Nursery,
+        *,
+        locks: Locks | None = None,
+        prefix: str = "mbw:",
+        node_id: str | None = None,
+        keep_versions: int = 10,
+        limits: UnpackLimits | None = None,
+        watch_buffer: int = 64,
+        lock_ttl_s: float = 30.0,
+        lock_timeout_s: float = 30.0,
+        local_grace_s: float = 60.0,
+    ) -> None:
+        self._redis = redis
+        self.local_root = Path(local_root)
+        self._nursery = nursery
+        self._locks = locks if locks is not None else RedisLocks(redis, prefix=prefix)
+        self._p = f"{prefix}dep:"
+        self.channel = f"{prefix}dep:changes"
+        self.node_id = node_id or secrets.token_hex(8)
+        self.keep_versions = keep_versions
+        self.limits = limits or UnpackLimits()
+        self._copies = LocalCopies(self.local_root, self.limits)
+        self._watch_buffer = watch_buffer
+        self._lock_ttl_s = lock_ttl_s
+        self._lock_timeout_s = lock_timeout_s
+        self.local_grace_s = local_grace_s
+        self._watchers: list[_Watcher] = []
+        self._fetch_locks: dict[tuple[str, int], trio.Lock] = {}
+        self._slug_locks: dict[str, trio.Lock] = {}
+        self._local_prunes: set[str] = set()
+        self._puts = 0
+        self._rejected = 0
+        self._fetches = 0
+        self._fetch_failures = 0
+        self._remote_changes = 0
+        self._resyncs = 0
+        self._publish_failures = 0
+        self._epoch_key = f"{prefix}dep:epoch"
+        self._epoch: int | None = None
+        """The highest change number seen (None until the first one)."""
+
+    # ------------------------------------------------------------------------------------------- keys
+
+    def _key(self, slug: str, part: str) -> str:
+        return f"{self._p}{slug}:{part}"
+
+    def _archive_key(self, slug: str, version: int) -> str:
+        return f"{self._p}{slug}:archive:{version}"
+
+    def bundle_dir(self, slug: str, version: int) -> Path:
+        return self._copies.bundle_dir(slug, version)
+
+    # ------------------------------------------------------------------------------------- plumbing
+
+    @contextmanager
+    def _redis_errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except RedisError as exc:
+            raise ClusterStoreUnavailable(f"{what}: Redis unreachable ({exc})") from exc
+        except LockError as exc:
+            raise ClusterStoreUnavailable(f"{what}: {exc}") from exc
+
+    @asynccontextmanager
+    async def _mutating(self, slug: str, what: str) -> AsyncIterator[None]:
+        """Hold the slug's cluster lock; Redis and lock failures become `ClusterStoreUnavailable`. This node's
+        own tasks queue on a trio lock first, so only one of them at a time polls the cluster lock."""
+        local = self._slug_locks.setdefault(slug, trio.Lock())
+        try:
+            async with local:
+                with self._redis_errors(what):
+                    lock = self._locks.lock(f"deploy:{slug}", ttl=self._lock_ttl_s, timeout=self._lock_timeout_s)
+                    async with lock:
+                        yield
+        finally:
+            if not local.locked() and not local.statistics().tasks_waiting:
+                self._slug_locks.pop(slug, None)
+
+    async def _read_slug(self, slug: str) -> tuple[dict[int, Deployment], _Pointer]:
+        metas_raw, ptr_raw = await self._redis.execute_many(
+            [("HGETALL", self._key(slug, "meta")), ("GET", self._key(slug, "ptr"))]
+        )
+        it = iter(metas_raw)
+        metas = {int(n): _load_meta(raw) for n, raw in zip(it, it, strict=True)}
+        return metas, _Pointer.load(ptr_raw)
+
+    async def _write(
+        self, slug: str, deps: list[Deployment], ptr: _Pointer | None = None, extra: Sequence[tuple[Any, ...]] = ()
+    ) -> None:
+        """Metadata (and pointer, and `extra` commands) in one MULTI/EXEC: all or nothing."""
+        commands: list[tuple[Any, ...]] = [("MULTI",)]
+        if deps:
+            fields: list[Any] = []
+            for dep in deps:
+                fields += [dep.version, _stored(dep)]
+            commands.append(("HSET", self._key(slug, "meta"), *fields))
+        if ptr is not None:
+            commands.append(("SET", self._key(slug, "ptr"), ptr.dump()))
+        commands += extra
+        commands.append(("EXEC",))
+        await self._redis.execute_many(commands)
+
+    async def _announce(self, kind: str, slug: str, version: int | None) -> None:
+        """Tell this node's watchers now, then the other nodes. Each announcement takes the next number of the
+        cluster's change counter (`<p>dep:epoch`), so a node that misses one (a failed publish here) notices a
+        gap at the next message or at its periodic check and resyncs. A failed publish is logged, not raised:
+        the change itself is stored."""
+        self._notify(StoreChange(kind, slug, version))  # type: ignore[arg-type]
+        try:
+            epoch = await self._redis.incr(self._epoch_key)
+            self._seen_epoch(epoch, own=True)
+            message = msgpack.packb({"k": kind, "s": slug, "v": version, "o": self.node_id, "e": epoch})
+            await self._redis.publish(self.channel, message)
+        except RedisError as exc:
+            self._publish_failures += 1
+            log.warning("could not announce %s of %s v%s to other nodes: %s", kind, slug, version, exc)
+
+    # ------------------------------------------------------------------------------------------- writes
+
+    async def put(self, slug: str, archive: bytes, sha256: str | None = None) -> Deployment:
+        check_slug(slug)
+        if len(archive) > self.limits.max_archive_bytes:
+            self._rejected += 1
+            raise BundleTooLarge(
+                f"bundle is {len(archive)} bytes, at most {self.limits.max_archive_bytes} bytes are accepted"
+            )
+        try:
+            incoming, manifest, digest = await trio.to_thread.run_sync(
+                self._copies.unpack_incoming, slug, archive, sha256
+            )
+        except BundleRejected:
+            self._rejected += 1
+            raise
+        try:
+            async with self._mutating(slug, f"put {slug}"):
+                version = await self._redis.incr(self._key(slug, "seq"))
+                now = _now_ms()
+                dep = Deployment(
+                    slug=slug,
+                    version=version,
+                    status=DeploymentStatus.STAGED,
+                    sha256=digest,
+                    size_bytes=len(archive),
+                    runtime=manifest.runtime,
+                    entrypoint=manifest.entrypoint,
+                    import_map=manifest.import_map,
+                    verify_jwt=manifest.verify_jwt,
+                    static_patterns=manifest.static_patterns,
+                    limits=manifest.limits,
+                    env_names=sorted(manifest.env),
+                    cache=manifest.cache,
+                    source_entrypoint=manifest.source_entrypoint,
+                    created_at=now,
+                    updated_at=now,
+                )
+                extra = [("SET", self._archive_key(slug, version), archive), ("SADD", f"{self._p}slugs", slug)]
+                await self._write(slug, [dep], extra=extra)
+                try:
+                    pruned = await self._prune_locked(slug)
+                except RedisError as exc:  # the version is stored: pruning can wait for the next put
+                    log.warning("could not prune old versions of %s: %s", slug, exc)
+                    pruned = []
+            await trio.to_thread.run_sync(self._copies.install, slug, version, incoming, digest)
+        finally:
+            await trio.to_thread.run_sync(rmtree, incoming)
+        self._puts += 1
+        if pruned:
+            self._schedule_local_prune(slug)
+        await self._announce("put", slug, version)
+        return dep
+
+    async def activate(self, slug: str, version: int) -> Deployment:
+        check_slug(slug)
+        check_version(version)
+        async with self._mutating(slug, f"activate {slug} v{version}"):
+            dep = await self._activate_locked(slug, version, push=True)
+        await self._announce("activate", slug, version)
+        return dep
+
+    async def _activate_locked(
+        self,
+        slug: str,
+        version: int,
+        *,
+        push: bool,
+        read: tuple[dict[int, Deployment], _Pointer] | None = None,
+    ) -> Deployment:
+        metas, ptr = read if read is not None else await self._read_slug(slug)
+        dep = metas.get(version)
+        if dep is None:
+            raise DeploymentNotFound(f"{slug} has no version {version}")
+        await self._check_usable(dep)
+        now = _now_ms()
+        changed: list[Deployment] = []
+        if ptr.version is not None and ptr.version != version:
+            old = metas.get(ptr.version)
+            if old is not None and old.status not in (DeploymentStatus.FAILED, DeploymentStatus.REMOVED):
+                changed.append(old.model_copy(update={"status": DeploymentStatus.INACTIVE, "updated_at": now}))
+            if push:
+                ptr.history = [*ptr.history, ptr.version][-_HISTORY_MAX:]
+        dep = dep.model_copy(update={"status": DeploymentStatus.INACTIVE, "updated_at": now, "activated_at": now})
+        changed.append(dep)
+        await self._write(slug, changed, _Pointer(version, [v for v in ptr.history if v != version]))
+        return dep.model_copy(update={"status": DeploymentStatus.ACTIVE})
+
+    async def _check_usable(self, dep: Deployment) -> None:
+        if dep.status is DeploymentStatus.REMOVED:
+            raise VersionConflict(f"{dep.key} was removed")
+        if dep.status is DeploymentStatus.FAILED:
+            raise VersionConflict(f"{dep.key} failed to boot: {dep.boot_error}")
+        if not await self._redis.execute("EXISTS", self._archive_key(dep.slug, dep.version)):
+            raise VersionConflict(f"{dep.key} has no files any more")
+
+    async def rollback(self, slug: str, to: int | None = None) -> Deployment:
+        check_slug(slug)
+        if to is not None:
+            check_version(to)
+        async with self._mutating(slug, f"roll back {slug}"):
+            if to is not None:
+                dep = await self._activate_locked(slug, to, push=True)
+            else:
+                dep = await self._rollback_locked(slug)
+        await self._announce("rollback", slug, dep.version)
+        return dep
+
+    async def _rollback_locked(self, slug: str) -> Deployment:
+        metas, ptr = await self._read_slug(slug)
+        while ptr.history:
+            candidate = ptr.history.pop()
+            dep = metas.get(candidate)
+            if dep is None or candidate == ptr.version:
+                continue
+            try:
+                await self._check_usable(dep)
+            except VersionConflict:
+                continue
+            # The shortened history goes in with the switch: this activation must not push the current one back.
+            return await self._activate_locked(slug, candidate, push=False, read=(metas, ptr))
+        raise VersionConflict(f"{slug} has no previous version to roll back to")
+
+    async def delete(self, slug: str) -> DeploymentList:
+        check_slug(slug)
+        async with self._mutating(slug, f"delete {slug}"):
+            metas, _ = await self._read_slug(slug)
+            now = _now_ms()
+            removed = [
+                dep.model_copy(update={"status": DeploymentStatus.REMOVED, "updated_at": now})
+                for _, dep in sorted(metas.items())
+                if dep.status is not DeploymentStatus.REMOVED
+            ]
+            if metas:
+                archives = tuple(self._archive_key(slug, n) for n in metas)
+                await self._write(slug, removed, _Pointer(), extra=[("DEL", *archives)])
+        if not removed:
+            raise DeploymentNotFound(f"no function {slug!r}")
+        # This node's deployer retired the function before calling delete: its copies can go now.
+        await trio.to_thread.run_sync(self._copies.remove, slug, set())
+        await self._announce("delete", slug, None)
+        return removed
+
+    async def mark_failed(self, slug: str, version: int, error: str) -> Deployment:
+        check_slug(slug)
+        check_version(version)
+        async with self._mutating(slug, f"mark {slug} v{version} failed"):
+            raw = await self._redis.hget(self._key(slug, "meta"), str(version))
+            if raw is None:
+                raise DeploymentNotFound(f"{slug} has no version {version}")
+            dep = _load_meta(raw).model_copy(
+                update={"status": DeploymentStatus.FAILED, "boot_error": error[:10_000], "updated_at": _now_ms()}
+            )
+            await self._write(slug, [dep])
+        await self._announce("failed", slug, version)
+        return dep
+
+    async def _prune_locked(self, slug: str) -> list[int]:
+        """Keep the newest `keep_versions` versions besides the active one and the highest. Returns the pruned."""
+        metas, ptr = await self._read_slug(slug)
+        numbers = sorted(metas, reverse=True)
+        pruned: list[int] = []
+        kept = 0
+        for n in numbers[1:]:
+            if n == ptr.version:
+                continue
+            kept += 1
+            if kept > self.keep_versions:
+                pruned.append(n)
+        if pruned:
+            await self._redis.execute_many(
+                [
+                    ("MULTI",),
+                    ("HDEL", self._key(slug, "meta"), *pruned),
+                    ("DEL", *(self._archive_key(slug, n) for n in pruned)),
+                    ("EXEC",),
+                ]
+            )
+        return pruned
+
+    # -------------------------------------------------------------------------------------------- reads
+
+    async def get(self, slug: str, version: int) -> Deployment | None:
+        check_slug(slug)
+        check_version(version)
+        with self._redis_errors(f"read {slug} v{version}"):
+            raw, ptr_raw = await self._redis.execute_many(
+                [("HGET", self._key(slug, "meta"), version), ("GET", self._key(slug, "ptr"))]
+            )
+        if raw is None:
+            return None
+        return _derive(_load_meta(raw), _Pointer.load(ptr_raw).version)
+
+    async def get_active(self, slug: str) -> Deployment | None:
+        check_slug(slug)
+        with self._redis_errors(f"read {slug}"):
+            version = _Pointer.load(await self._redis.get(self._key(slug, "ptr"))).version
+            if version is None:
+                return None
+            raw = await self._redis.hget(self._key(slug, "meta"), str(version))
+        return None if raw is None else _derive(_load_meta(raw), version)
+
+    async def list(self, *, include_removed: bool = False) -> DeploymentList:
+        with self._redis_errors("list functions"):
+            slugs = sorted(s.decode() for s in await self._redis.execute("SMEMBERS", f"{self._p}slugs"))
+            commands: list[tuple[Any, ...]] = []
+            for slug in slugs:
+                commands += [("HGETALL", self._key(slug, "meta")), ("GET", self._key(slug, "ptr"))]
+            replies = await self._redis.execute_many(commands) if commands else []
+        out: DeploymentList = []
+        for i, slug in enumerate(slugs):
+            if not SLUG_RE.match(slug):
+                continue
+            it = iter(replies[2 * i])
+            metas = {int(n): _load_meta(raw) for n, raw in zip(it, it, strict=True)}
+            active = _Pointer.load(replies[2 * i + 1]).version
+            if active is not None and active in metas:
+                out.append(_derive(metas[active], active))
+                continue
+            if not metas:
+                continue
+            latest = metas[max(metas)]
+            if include_removed or latest.status is not DeploymentStatus.REMOVED:
+                out.append(latest)
+        return out
+
+    async def versions(self, slug: str) -> DeploymentList:
+        check_slug(slug)
+        with self._redis_errors(f"list versions of {slug}"):
+            metas, ptr = await self._read_slug(slug)
+        return [_derive(metas[n], ptr.version) for n in sorted(metas)]
+
+    async def secrets(self, slug: str, version: int) -> dict[str, str]:
+        path = await self.ensure_local(slug, version) / MANIFEST_NAME
+        return await trio.to_thread.run_sync(self._secrets_sync, path)
+
+    @staticmethod
+    def _secrets_sync(path: Path) -> dict[str, str]:
+        try:
+            return dict(Manifest.model_validate_json(path.read_bytes()).env)
+        except FileNotFoundError:
+            raise DeploymentNotFound(f"no files at {path.parent}") from None
+
+    async def archive(self, slug: str, version: int) -> bytes:
+        check_slug(slug)
+        check_version(version)
+        with self._redis_errors(f"read the archive of {slug} v{version}"):
+            data = await self._redis.get(self._archive_key(slug, version))
+        if data is None:
+            raise DeploymentNotFound(f"{slug} has no archive for version {version}")
+        return data
+
+    # ------------------------------------------------------------------------------------- local copies
+
+    async def ensure_local(self, slug: str, version: int) -> Path:
+        """Make sure `bundle_dir(slug, version)` holds this version's files (fetch + verify + unpack if not);
+        returns it. With Redis unreachable, an existing local copy is trusted; else `ClusterStoreUnavailable`.
+        `DeploymentNotFound` for an unknown version, `VersionConflict` when its archive is gone (removed)."""
+        bundle = self._copies.bundle_dir(slug, version)
+        key = (slug, version)
+        lock = self._fetch_locks.setdefault(key, trio.Lock())
+        try:
+            async with lock:
+                local_sha = await trio.to_thread.run_sync(self._copies.sha256_of, slug, version)
+                try:
+                    raw = await self._redis.hget(self._key(slug, "meta"), str(version))
+                except RedisError as exc:
+                    if local_sha is not None:
+                        return bundle
+                    raise ClusterStoreUnavailable(f"fetch {slug} v{version}: Redis unreachable ({exc})") from exc
+                if raw is None:
+                    raise DeploymentNotFound(f"{slug} has no version {version}")
+                dep = _load_meta(raw)
+                if local_sha == dep.sha256:
+                    return bundle
+                await self._fetch(dep)
+                return bundle
+        finally:
+            if not lock.statistics().tasks_waiting and not lock.locked():
+                self._fetch_locks.pop(key, None)
+
+    async def _fetch(self, dep: Deployment) -> None:
+        try:
+            with self._redis_errors(f"fetch {dep.key}"):
+                data = await self._redis.get(self._archive_key(dep.slug, dep.version))
+            if data is None:
+                raise VersionConflict(f"{dep.key} has no files any more")
+            await trio.to_thread.run_sync(self._copies.install_archive, dep.slug, dep.version, data, dep.sha256)
+        except BaseException:
+            self._fetch_failures += 1
+            raise
+        self._fetches += 1
+
+    async def prefetch(self, slug: str, version: int) -> bool:
+        """`ensure_local`, bounded in time and never raising (logged): True if the files are there."""
+        with trio.move_on_after(_PREFETCH_TIMEOUT_S):
+            try:
+                await self.ensure_local(slug, version)
+                return True
+            except StoreError as exc:
+                log.warning("could not fetch %s v%d: %s", slug, version, exc)
+            except BundleRejected as exc:
+                log.error("stored archive of %s v%d is unusable: %s", slug, version, exc)
+            except OSError as exc:
+                log.error("could not unpack %s v%d locally: %s", slug, version, exc)
+        return False
+
+    async def sync(self) -> int:
+        """On start: fetch every active version (eager: the node can serve at once and survives a later Redis
+        outage), and drop local copies Redis no longer has. Other versions are fetched lazily. Returns the
+        number of active versions available locally."""
+        deps = await self.list(include_removed=True)
+        ready = 0
+        for dep in deps:
+            with self._redis_errors(f"sync {dep.slug}"):
+                metas, _ = await self._read_slug(dep.slug)
+            keep = {n for n, m in metas.items() if m.status is not DeploymentStatus.REMOVED}
+            await trio.to_thread.run_sync(partial(self._copies.remove, dep.slug, keep, leftovers=True))
+            if dep.status is DeploymentStatus.ACTIVE and await self.prefetch(dep.slug, dep.version):
+                ready += 1
+        known = {d.slug for d in deps}
+        await trio.to_thread.run_sync(self._copies.remove_other_slugs, known)
+        return ready
+
+    def _schedule_local_prune(self, slug: str) -> None:
+        """After `local_grace_s`, remove local copies of `slug`'s versions that Redis no longer keeps."""
+        if slug in self._local_prunes:
+            return
+        self._local_prunes.add(slug)
+        self._nursery.start_soon(self._local_prune_later, slug)
+
+    async def _local_prune_later(self, slug: str) -> None:
+        try:
+            await trio.sleep(self.local_grace_s)
+            try:
+                await self.prune_local(slug)
+            except StoreError as exc:
+                log.info("local prune of %s skipped: %s", slug, exc)
+        finally:
+            self._local_prunes.discard(slug)
+
+    async def prune_local(self, slug: str) -> int:
+        """Remove this node's copies of `slug`'s versions that Redis no longer keeps (deleted or pruned) now.
+        Runs by itself `local_grace_s` after such changes; returns how many copies were removed."""
+        check_slug(slug)
+        with self._redis_errors(f"prune local copies of {slug}"):
+            metas, _ = await self._read_slug(slug)
+        keep = {n for n, m in metas.items() if m.status is not DeploymentStatus.REMOVED}
+        return await trio.to_thread.run_sync(self._copies.remove, slug, keep)
+
+    # ------------------------------------------------------------------------------------------ watching
+
+    @asynccontextmanager
+    async def _watch(self) -> AsyncIterator[AsyncIterator[StoreChange]]:
+        send, recv = trio.open_memory_channel[StoreChange](self._watch_buffer)
+        watcher = _Watcher(send)
+        self._watchers.append(watcher)
+        try:
+            with send, recv:
+                yield _Changes(self, watcher, recv)
+        finally:
+            self._watchers.remove(watcher)
+
+    def watch(self) -> AbstractAsyncContextManager[AsyncIterator[StoreChange]]:
+        return self._watch()
+
+    def _notify(self, change: StoreChange) -> None:
+        for watcher in self._watchers:
+            try:
+                watcher.send.send_nowait(change)
+            except trio.WouldBlock:
+                watcher.lagged = True
+            except trio.ClosedResourceError:
+                pass
+
+    def _seen_epoch(self, epoch: int, *, own: bool = False) -> bool:
+        """Record a change number; True if numbers were skipped (changes this node never heard of)."""
+        last, self._epoch = self._epoch, max(self._epoch or 0, epoch)
+        # Announcements from two nodes can arrive out of order: a false gap only costs one extra resync.
+        return not own and last is not None and epoch > last + 1
+
+    def _resync(self, why: str) -> None:
+        self._resyncs += 1
+        log.info("deployment watchers resync: %s", why)
+        self._notify(StoreChange("resync", None, None))
+
+    async def serve_reconcile(self, interval_s: float) -> None:
+        """Every `interval_s`, compare the cluster's change counter with the last one seen: catches an
+        announcement that was never published (its node lost Redis between the write and the publish)."""
+        while True:
+            await trio.sleep(interval_s)
+            try:
+                current = int(await self._redis.get(self._epoch_key) or 0)
+            except RedisError:
+                continue  # the pub/sub side reports the outage and resyncs after it
+            except ValueError:
+                log.warning("%s is not a number: the missed-change check is off", self._epoch_key)
+                return
+            if self._epoch is not None and current > self._epoch:
+                self._epoch = current
+                self._resync(f"change counter at {current}: announcements were missed")
+            elif self._epoch is None:
+                self._epoch = current
+
+    async def serve_changes(self, pubsub: PubSub) -> None:
+        """Hand other nodes' changes to this node's watchers (subscribed by `open_redis_deployment_store`)."""
+        async for event in pubsub.messages:
+            if isinstance(event, PubSubMessage):
+                decoded = self._decode(event.data)
+                if decoded is None:
+                    continue
+                change, epoch = decoded
+                if epoch is not None and self._seen_epoch(epoch):
+                    self._resync(f"change {epoch} arrived after {epoch - 1} was missed")
+                if change is None:
+                    continue
+                self._remote_changes += 1
+                if change.kind in ("put", "delete") and change.slug is not None:
+                    self._schedule_local_prune(change.slug)
+                self._notify(change)
+            elif isinstance(event, PubSubResubscribed):
+                self._resync("the change feed was resubscribed after a gap")
+            elif isinstance(event, PubSubDisconnected):
+                log.warning("deployment change feed lost (%s); resync follows the reconnect", event.reason)
+
+    def _decode(self, data: bytes) -> tuple[StoreChange | None, int | None] | None:
+        """(the change, or None when it is ours or unusable; its change number), or None if unreadable."""
+        try:
+            message = msgpack.unpackb(data)
+            kind, slug, version, origin = message["k"], message["s"], message["v"], message["o"]
+            epoch = message.get("e")
+        except Exception as exc:  # a foreign or corrupt message must not stop the feed
+            log.warning("ignoring an unreadable deployment change: %s", exc)
+            return None
+        epoch = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+        if origin == self.node_id or kind not in _KINDS:
+            return None, epoch  # our own changes were delivered directly
+        if not (isinstance(slug, str) and SLUG_RE.match(slug)) or not (version is None or isinstance(version, int)):
+            return None, epoch
+        return StoreChange(cast(Any, kind), slug, version), epoch
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(puts=self._puts, rejected=self._rejected, watchers=len(self._watchers))
+
+    def cluster_statistics(self) -> RedisStoreStatistics:
+        return RedisStoreStatistics(
+            fetches=self._fetches,
+            fetch_failures=self._fetch_failures,
+            remote_changes=self._remote_changes,
+            resyncs=self._resyncs,
+            publish_failures=self._publish_failures,
+            local_removals=self._copies.removals,
+        )
+
+
+@asynccontextmanager
+async def open_redis_deployment_store(
+    client: RedisClient,
+    local_root: Path,
+    *,
+    sync: bool = True,
+    reconcile_interval_s: float = 30.0,
+    **options: Any,
+) -> AsyncIterator[RedisDeploymentStore]:
+    """The cluster deployment store, owned by the block (its pub/sub connection and tasks end with it).
+
+    Subscribes to changes first, then (with `sync`) fetches every active version, then yields: a new node is
+    ready to serve what the cluster serves. Every `reconcile_interval_s` it checks for missed announcements.
+    `options` go to `RedisDeploymentStore` (`prefix`, `node_id`, `keep_versions`, `limits`, `locks`,
+    `watch_buffer`, `lock_ttl_s`, `lock_timeout_s`, `local_grace_s`).
+    Raises `ClusterStoreUnavailable` if Redis can't be reached."""
+    local_root = Path(local_root)
+    await trio.to_thread.run_sync(lambda: local_root.mkdir(parents=True, exist_ok=True))
+    async with AsyncExitStack() as stack:
+        try:
+            pubsub = await stack.enter_async_context(client.pubsub(buffer=1024))
+        except RedisError as exc:
+            raise ClusterStoreUnavailable(f"deployment change feed: Redis unreachable ({exc})") from exc
+        nursery = await stack.enter_async_context(open_owned_nursery())
+        stack.callback(nursery.cancel_scope.cancel)
+        store = RedisDeploymentStore(client, local_root, nursery, **options)
+        with store._redis_errors("subscribe to deployment changes"):
+            await pubsub.subscribe(store.channel)
+        nursery.start_soon(store.serve_changes, pubsub)
+        with store._redis_errors("read the deployment change counter"):
+            store._epoch = int(await client.get(store._epoch_key) or 0)
+        nursery.start_soon(store.serve_reconcile, reconcile_interval_s)
+        if sync:
+            await store.sync()
+        yield store
+
+
+if TYPE_CHECKING:
+    _conforms: DeploymentStore = RedisDeploymentStore(...)  # type: ignore[arg-type, call-arg]
