@@ -133,7 +133,8 @@ async def run_worker(
                 public_url=f"http://127.0.0.1:{port}",
                 admin_url=f"http://127.0.0.1:{admin_port}",
                 data_dir=data_dir,
-                admin_token=(data_dir / "secrets" / "admin_token").read_text().strip(),
+                admin_token=child_env.get("MBWORKER_ADMIN_TOKEN")
+                or (data_dir / "secrets" / "admin_token").read_text().strip(),
                 anon_key=keys["ANON_KEY"],
                 service_role_key=keys["SERVICE_ROLE_KEY"],
                 output=output,

@@ -25,17 +25,19 @@ from runtimes.deno import DenoSettings, open_deno_runtime
 from runtimes.wasm import WasmSettings, open_wasm_runtime
 from worker.admin import AdminApp
 from worker.cache import CacheSettings, ResultCache
+from worker.cluster import RedisLocks, open_redis_deployment_store
 from worker.config import WorkerSettings
 from worker.deploy_local import deploy_path
 from worker.deployer import Deployer, PlatformEnv
-from worker.deployments.store import LocalDeploymentStore
+from worker.deployments.store import DeploymentStore, LocalDeploymentStore
 from worker.function_logs import FunctionLogs
 from worker.functions import FunctionsFrontDoor, FunctionTable
 from worker.http.server import HttpServer, serve_http
 from worker.jwt_gate import JwtGate
 from worker.keys import ProjectKeys, load_project_keys
-from worker.metrics import CACHE_STATS, HTTP_STATS, RUNTIME_STATS, Metrics
+from worker.metrics import CACHE_STATS, HTTP_STATS, REDIS_STATS, RUNTIME_STATS, Metrics
 from worker.public_app import PublicApp
+from worker.redis import open_redis
 
 log = logging.getLogger("mbworker.daemon")
 
@@ -79,7 +81,6 @@ async def serve_worker(
     await trio.to_thread.run_sync(lambda: data_dir.mkdir(parents=True, exist_ok=True))
     keys = await trio.to_thread.run_sync(load_project_keys, settings)
     node_id = default_node_id(settings)
-    store = LocalDeploymentStore(data_dir / "deployments")
     table = FunctionTable()
     draining = trio.Event()
     metrics = Metrics(node_id=node_id)
@@ -87,6 +88,16 @@ async def serve_worker(
     cache = ResultCache(CacheSettings(capacity_bytes=settings.cache_mb * 1024 * 1024)) if settings.cache_mb else None
 
     async with AsyncExitStack() as stack:
+        store: DeploymentStore
+        if settings.redis_url:
+            # Cluster mode: deployments (and later realtime) are shared through the state pillar's Redis.
+            redis = await stack.enter_async_context(open_redis(settings.redis_url))
+            metrics.add_statistics(REDIS_STATS, redis.statistics)
+            store = await stack.enter_async_context(
+                open_redis_deployment_store(redis, data_dir / "deployments", node_id=node_id, locks=RedisLocks(redis))
+            )
+        else:
+            store = LocalDeploymentStore(data_dir / "deployments")
         deno_settings = DenoSettings(scratch_dir=data_dir / "scratch" / "deno")
         if settings.deno is not None:
             deno_settings = deno_settings.model_copy(update={"deno_bin": str(settings.deno)})
@@ -152,6 +163,7 @@ async def serve_worker(
             draining=draining,
         )
         async with trio.open_nursery() as nursery:
+            await nursery.start(deployer.serve_store_changes)
             admin: HttpServer = await nursery.start(serve_http, admin_app, settings.admin_host, settings.admin_port)
             public: HttpServer = await nursery.start(serve_http, public_app, settings.host, settings.port)
             metrics.add_statistics(HTTP_STATS, public.statistics, listener="public")

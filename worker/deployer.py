@@ -133,6 +133,40 @@ class Deployer:
         await self._changed(slug)
         return removed
 
+    async def serve_store_changes(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Follow the store's change feed, so versions activated elsewhere (another node, in a cluster) go live here.
+
+        Changes this node made arrive too; under the slug lock they find the table already switched and do nothing.
+        """
+        async with self.store.watch() as changes:
+            task_status.started()
+            async for change in changes:
+                if change.kind == "resync" or change.slug is None:
+                    await self.reconcile()
+                elif change.kind in ("activate", "rollback", "delete"):
+                    await self.reconcile_slug(change.slug)
+
+    async def reconcile(self) -> None:
+        """Bring every slug's live version in line with the store."""
+        slugs = {d.slug for d in await self.store.list()} | set(self.table.slugs())
+        for slug in sorted(slugs):
+            await self.reconcile_slug(slug)
+
+    async def reconcile_slug(self, slug: str) -> None:
+        async with self._lock(slug):
+            dep = await self.store.get_active(slug)
+            current = self.table.get(slug)
+            if dep is None:
+                if current is not None:
+                    log.info("%s: removed (changed elsewhere)", slug)
+                    self.table.remove(slug)
+                    await self._retire(current.fn)
+                    await self._changed(slug)
+                return
+            if current is None or current.fn.version != dep.version:
+                log.info("%s: v%d is live (changed elsewhere)", slug, dep.version)
+                await self._switch(await self._active(dep))
+
     async def _switch(self, active: ActiveFunction) -> None:
         previous = self.table.set(active)
         if previous is not None and previous.fn.key != active.fn.key:

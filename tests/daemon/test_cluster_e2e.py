@@ -1,0 +1,49 @@
+"""Two `mbworker serve` processes sharing one real redis-server behave as one: a deploy to either is served by both."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from tests.daemon.fixtures import write_function
+from tests.redis_server import redis_server_running
+from tests.worker_process import run_worker
+
+SECRET_ENV = {"MBWORKER_JWT_SECRET": "cluster-test-secret-0123456789abcdef", "MBWORKER_ADMIN_TOKEN": "cluster-admin"}
+
+
+async def test_deploy_on_one_node_is_served_by_every_node(tmp_path: Path, http: httpx.AsyncClient) -> None:
+    async with redis_server_running(tmp_path) as redis:
+        env = {**SECRET_ENV, "MBWORKER_REDIS_URL": redis.url}
+        async with run_worker(tmp_path / "a", env=env) as a, run_worker(tmp_path / "b", env=env) as b:
+            assert a.admin_token == b.admin_token == "cluster-admin"
+            fn = write_function(tmp_path / "src", "shared", "Deno.serve(() => new Response('from the cluster v1'))")
+            out = await a.deploy(fn)
+            assert b"shared v1" in out.stdout
+
+            r = await http.get(f"{b.public_url}/functions/v1/shared", headers=b.auth())
+            assert r.status_code == 200, r.text
+            assert r.text == "from the cluster v1"
+
+            # A redeploy through node B goes live on node A; versions come from one cluster-wide counter.
+            (fn / "index.ts").write_text("Deno.serve(() => new Response('from the cluster v2'))")
+            out = await b.deploy(fn)
+            assert b"shared v2" in out.stdout
+            await a.wait_for_output("shared: v2 is live")
+            r = await http.get(f"{a.public_url}/functions/v1/shared", headers=a.auth())
+            assert (r.text, r.headers["x-mbworker-version"]) == ("from the cluster v2", "2")
+
+            await a.cli("functions", "delete", "shared", check=True)
+            await b.wait_for_output("shared: removed")
+            for node in (a, b):
+                r = await http.get(f"{node.public_url}/functions/v1/shared", headers=node.auth())
+                assert r.status_code == 404
+
+        # A third node started later syncs what the cluster serves.
+        fn2 = write_function(tmp_path / "src2", "late", "Deno.serve(() => new Response('late joiner'))")
+        async with run_worker(tmp_path / "c", env=env) as c:
+            await c.deploy(fn2)
+        async with run_worker(tmp_path / "d", env=env) as d:
+            r = await http.get(f"{d.public_url}/functions/v1/late", headers=d.auth())
+            assert r.text == "late joiner"
