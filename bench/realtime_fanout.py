@@ -1,0 +1,169 @@
+"""Broadcast fan-out: mbworker realtime (real front door + RealtimeService) vs a Node `ws` relay server.
+
+One run, loopback only, bounded: each server runs in its own process; the same Node load generator
+(bench/node/fanout-client.mjs) opens N subscribers + 1 publisher, then publishes M messages of ~100-byte
+payload; every subscriber receives every message. Measured per server: deliveries/s, server CPU µs per
+delivery (from /proc/<pid>/stat), and idle RSS per connection (RSS after N joined minus RSS before, / N).
+
+    .venv/bin/python bench/realtime_fanout.py [--subscribers 1000] [--messages 200] [--payload 100]
+
+Needs node and `npm ci` in bench/node (done automatically when node_modules is missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE_DIR = ROOT / "bench" / "node"
+SECRET = "bench-secret-bench-secret-bench-secret"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_mbworker(port: int) -> None:
+    """Child mode: the real HTTP front door with realtime as its app (limits opened up for the bench)."""
+    import trio
+
+    sys.path.insert(0, str(ROOT))
+    from realtime import RealtimeSettings, open_realtime
+    from worker.http.server import serve_http
+    from worker.http.settings import HttpSettings
+
+    class App:
+        def __init__(self, service):  # type: ignore[no-untyped-def]
+            self.service = service
+
+        def websocket_handler(self, request):  # type: ignore[no-untyped-def]
+            return self.service.websocket_handler(request)
+
+        async def handle_http(self, request, responder):  # type: ignore[no-untyped-def]
+            if not await self.service.handle_http(request, responder):
+                await responder.send(404, [])
+
+    async def main() -> None:
+        settings = RealtimeSettings(max_events_per_second=1_000_000)
+        async with open_realtime(settings, jwt_secret=SECRET, node_id="bench") as service:  # noqa: SIM117
+            async with trio.open_nursery() as nursery:
+                http = HttpSettings(max_connections=20_000)
+                await nursery.start(partial(serve_http, App(service), "127.0.0.1", port, settings=http))
+                print("LISTENING", flush=True)
+
+    trio.run(main)
+
+
+def anon_key() -> str:
+    import jwt
+
+    return jwt.encode({"role": "anon", "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
+
+
+def run_one(name: str, server_cmd: list[str], url: str, mode: str, args: argparse.Namespace) -> dict[str, float]:
+    server = subprocess.Popen(server_cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    client = None
+    try:
+        assert server.stdout is not None
+        if server.stdout.readline().strip() != "LISTENING":
+            raise RuntimeError(f"{name} server did not start")
+        rss0 = rss_bytes(server.pid)
+        client = subprocess.Popen(
+            ["node", str(NODE_DIR / "fanout-client.mjs"), url, mode, str(args.subscribers), str(args.messages),
+             str(args.payload)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=NODE_DIR,
+        )  # fmt: skip
+        assert client.stdout is not None
+        assert client.stdin is not None
+        if client.stdout.readline().strip() != "READY":
+            raise RuntimeError(f"{name}: load generator failed")
+        time.sleep(0.5)  # let the server settle before sampling idle memory
+        rss1 = rss_bytes(server.pid)
+        cpu0 = cpu_seconds(server.pid)
+        client.stdin.write("GO\n")
+        client.stdin.flush()
+        line = client.stdout.readline()
+        cpu1 = cpu_seconds(server.pid)
+        client.wait(timeout=30)
+        result = json.loads(line)
+    finally:
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.wait()
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    deliveries = result["deliveries"]
+    return {
+        "deliveries_per_s": deliveries / result["seconds"],
+        "cpu_us_per_delivery": (cpu1 - cpu0) / deliveries * 1e6,
+        "idle_kb_per_conn": (rss1 - rss0) / (args.subscribers + 1) / 1024,
+        "frame_bytes": result["frame_bytes"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subscribers", type=int, default=1000)
+    parser.add_argument("--messages", type=int, default=200)
+    parser.add_argument("--payload", type=int, default=100)
+    parser.add_argument("--serve-mbworker", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_mbworker:
+        serve_mbworker(args.serve_mbworker)
+        return
+    if not (NODE_DIR / "node_modules" / "ws").exists():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300)
+    p1, p2 = free_port(), free_port()
+    key = anon_key()
+    mb = run_one(
+        "mbworker",
+        [sys.executable, __file__, "--serve-mbworker", str(p1)],
+        f"ws://127.0.0.1:{p1}/realtime/v1/websocket?apikey={key}&vsn=2.0.0",
+        "phoenix",
+        args,
+    )
+    ref = run_one("node ws", ["node", str(NODE_DIR / "ws-fanout-server.mjs"), str(p2)], f"ws://127.0.0.1:{p2}/",
+                  "raw", args)  # fmt: skip
+    print(f"fan-out: {args.subscribers} subscribers x {args.messages} messages, {args.payload}-byte payload "
+          f"(frame {mb['frame_bytes']:.0f} B), loopback, one run")  # fmt: skip
+    print(f"{'metric':<28}{'mbworker':>12}{'node ws':>12}{'ratio':>10}")
+    rows = [
+        ("deliveries/s", "deliveries_per_s", "{:,.0f}"),
+        ("server CPU us/delivery", "cpu_us_per_delivery", "{:.2f}"),
+        ("idle RSS KB/connection", "idle_kb_per_conn", "{:.1f}"),
+    ]
+    for label, k, fmt in rows:
+        ratio = mb[k] / ref[k] if ref[k] else float("nan")
+        print(f"{label:<28}{fmt.format(mb[k]):>12}{fmt.format(ref[k]):>12}{ratio:>9.2f}x")
+
+
+if __name__ == "__main__":
+    main()

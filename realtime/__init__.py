@@ -1,0 +1,17 @@
+"""Realtime: Phoenix / Supabase Realtime channels (broadcast, presence) for unmodified realtime-js clients.
+
+Entry point: `open_realtime(settings, jwt_secret=..., node_id=...)` → `RealtimeService`.
+"""
+
+from realtime.errors import RealtimeError
+from realtime.service import RealtimeService, RealtimeStatistics, open_realtime
+from realtime.settings import PrivateChannelRule, RealtimeSettings
+
+__all__ = [
+    "PrivateChannelRule",
+    "RealtimeError",
+    "RealtimeService",
+    "RealtimeSettings",
+    "RealtimeStatistics",
+    "open_realtime",
+]

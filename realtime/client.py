@@ -1,0 +1,346 @@
+"""Client: one WebSocket connection's channel state and the handling of its messages.
+
+The connection's task (service.py) feeds every received frame to `Client.handle_frame`, in order, and calls
+`Client.teardown` exactly once when the socket ends. Outgoing frames go through `Client.transport`.
+Semantics follow /work/shared/reference/realtime-protocol.md §3–§7.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from realtime.auth import Authenticator
+from realtime.broker import Broker, Envelope, broker_key
+from realtime.errors import AuthError
+from realtime.hub import Hub
+from realtime.limits import RateLimit, WindowLimit
+from realtime.presence import Presence, state_payload
+from realtime.protocol import BroadcastPayload, Message, ProtocolError, Vsn, decode_binary, decode_text, encode
+from realtime.settings import RealtimeSettings
+from realtime.transport import OutFrame, Transport
+
+__all__ = ["Channel", "Client", "NodeContext"]
+
+log = logging.getLogger("realtime")
+
+TOPIC_PREFIX = "realtime:"
+
+
+@dataclass(slots=True)
+class NodeContext:
+    """What a client needs from its node. The node (service.py) owns all of it."""
+
+    node_id: str
+    settings: RealtimeSettings
+    auth: Authenticator
+    hub: Hub
+    broker: Broker
+    presence: Presence
+
+
+def _flag(value: Any, default: bool = False) -> bool:
+    """Supabase's "flexible booleans": true/"true" are true."""
+    if value is None:
+        return default
+    if isinstance(value, str):
+        return value.strip().lower() == "true"
+    return bool(value)
+
+
+@dataclass(slots=True, eq=False)
+class Channel:
+    """One joined channel instance (one per topic per socket; a rejoin makes a new one)."""
+
+    client: Client
+    topic: str
+    name: str
+    private: bool
+    join_ref: str | None
+    self_broadcast: bool
+    ack: bool
+    presence_enabled: bool
+    presence_key: str
+    claims: dict[str, Any]
+    token: str | None
+    expires_at: float | None
+    """trio clock time when the channel's token expires (None: never)."""
+    presence_calls: WindowLimit
+    tracked: bool = False
+    member_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def key(self) -> str:
+        return broker_key(self.topic, self.private)
+
+
+class Client:
+    def __init__(
+        self, ctx: NodeContext, transport: Transport, vsn: Vsn, apikey: str, apikey_claims: dict[str, Any]
+    ) -> None:
+        self.id = uuid.uuid4().hex
+        self.ctx = ctx
+        self.transport = transport
+        self.vsn = vsn
+        self.apikey = apikey
+        self.apikey_claims = apikey_claims
+        self.channels: dict[str, Channel] = {}
+        self._events = RateLimit(ctx.settings.max_events_per_second)
+        self.messages_in = 0
+
+    # output ----------------------------------------------------------------------------------------
+
+    def push(self, join_ref: str | None, ref: str | None, topic: str, event: str, payload: Any) -> None:
+        self.transport.send(OutFrame(encode(Message(join_ref, ref, topic, event, payload), self.vsn)))
+
+    def reply(self, msg: Message, status: str = "ok", response: Any = None, *, join_ref: Any = ...) -> None:
+        jr = msg.join_ref if join_ref is ... else join_ref
+        body = {"status": status, "response": {} if response is None else response}
+        self.push(jr, msg.ref, msg.topic, "phx_reply", body)
+
+    # input -----------------------------------------------------------------------------------------
+
+    async def handle_frame(self, data: str | bytes) -> None:
+        """Handle one frame. Raises `ProtocolError` when the socket must be closed."""
+        msg = decode_text(data, self.vsn) if isinstance(data, str) else decode_binary(data, self.vsn)
+        self.messages_in += 1
+        if msg.topic == "phoenix":
+            if msg.event == "heartbeat":
+                self.reply(msg, join_ref=None)
+            elif msg.ref is not None:
+                self.reply(msg, "error", {"reason": "unknown phoenix event"})
+            return
+        now = trio.current_time()
+        if not self._events.allow(now):
+            channel = self.channels.get(msg.topic)
+            if msg.event == "phx_join":
+                self.reply(msg, "error", {"reason": "Too many messages per second"})
+            elif channel is not None:
+                await self.end_channel(channel, "Too many messages per second")
+            return
+        if msg.event == "phx_join":
+            await self.join(msg)
+            return
+        channel = self.channels.get(msg.topic)
+        if channel is None:
+            self.reply(msg, "error", {"reason": "unmatched topic"}, join_ref=None)
+            return
+        if msg.join_ref is not None and msg.join_ref != channel.join_ref:
+            return  # stale: from before a rejoin
+        try:
+            await self._dispatch(channel, msg)
+        except ProtocolError:
+            raise
+        except Exception:
+            log.exception("channel %s crashed", msg.topic)
+            await self._drop_channel(channel)
+            self.push(channel.join_ref, channel.join_ref, channel.topic, "phx_error", {"reason": "channel_crash"})
+
+    async def _dispatch(self, channel: Channel, msg: Message) -> None:
+        if msg.event == "phx_leave":
+            await self._drop_channel(channel)
+            self.reply(msg)
+            self.push(channel.join_ref, channel.join_ref, channel.topic, "phx_close", {})
+        elif msg.event == "broadcast":
+            await self.broadcast(channel, msg)
+        elif msg.event == "presence":
+            await self.presence(channel, msg)
+        elif msg.event == "access_token":
+            await self.refresh_token(channel, msg)
+        elif msg.ref is not None:
+            self.reply(msg, "error", {"reason": f"unknown event {msg.event!r}"})
+
+    # join / leave ----------------------------------------------------------------------------------
+
+    async def join(self, msg: Message) -> None:
+        ctx = self.ctx
+        payload = msg.payload if isinstance(msg.payload, dict) else {}
+        config = payload.get("config")
+        if not isinstance(config, dict):
+            config = {}
+        name = msg.topic[len(TOPIC_PREFIX) :] if msg.topic.startswith(TOPIC_PREFIX) else msg.topic
+        if not name:
+            self.reply(msg, "error", {"reason": "You must provide a topic name"})
+            return
+        pg = config.get("postgres_changes")
+        if isinstance(pg, list) and pg:
+            self.reply(msg, "error", {"reason": "postgres_changes is not supported by this server"})
+            return
+        broadcast: dict[str, Any] = config["broadcast"] if isinstance(config.get("broadcast"), dict) else {}
+        presence: dict[str, Any] = config["presence"] if isinstance(config.get("presence"), dict) else {}
+        private = _flag(config.get("private"))
+        token = payload.get("access_token")
+        claims = self.apikey_claims
+        if isinstance(token, str) and token and not token.startswith("sb_") and token != self.apikey:
+            try:
+                claims = ctx.auth.verify_access_token(token)
+            except AuthError as exc:
+                self.reply(msg, "error", {"reason": exc.reason})
+                return
+        else:
+            token = None
+        if not ctx.auth.may_access(name, private, claims):
+            reason = f"You do not have permissions to read from this Channel topic: {msg.topic}"
+            self.reply(msg, "error", {"reason": reason})
+            return
+        old = self.channels.get(msg.topic)
+        if old is not None:  # duplicate join: close the old instance first (Phoenix)
+            await self._drop_channel(old)
+            self.push(old.join_ref, old.join_ref, old.topic, "phx_close", {})
+        if len(self.channels) >= ctx.settings.max_channels_per_socket:
+            self.reply(msg, "error", {"reason": "ChannelRateLimitReached: Too many channels"})
+            return
+        key = presence.get("key")
+        exp = claims.get("exp")
+        expires_at = None
+        if isinstance(exp, (int, float)) and not isinstance(exp, bool):
+            expires_at = trio.current_time() + (exp - _unix_now())
+        channel = Channel(
+            client=self,
+            topic=msg.topic,
+            name=name,
+            private=private,
+            join_ref=msg.join_ref if msg.join_ref is not None else msg.ref,
+            self_broadcast=_flag(broadcast.get("self")),
+            ack=_flag(broadcast.get("ack")),
+            presence_enabled=_flag(presence.get("enabled")) or bool(key),
+            presence_key=str(key) if key else str(uuid.uuid4()),
+            claims=claims,
+            token=token,
+            expires_at=expires_at,
+            presence_calls=WindowLimit(ctx.settings.presence_max_calls, ctx.settings.presence_window),
+        )
+        self.channels[msg.topic] = channel
+        await ctx.hub.add_channel(channel)
+        self.reply(msg, "ok", {"postgres_changes": []}, join_ref=channel.join_ref)
+        if channel.presence_enabled:
+            await self._push_presence_state(channel)
+
+    async def _push_presence_state(self, channel: Channel) -> None:
+        state = await self.ctx.presence.list(channel.key)
+        self.push(channel.join_ref, None, channel.topic, "presence_state", state_payload(state))
+
+    async def _drop_channel(self, channel: Channel) -> None:
+        """Forget `channel`: untrack its presence (others get the leave diff) and leave the hub index."""
+        if self.channels.get(channel.topic) is channel:
+            del self.channels[channel.topic]
+        if channel.tracked:
+            channel.tracked = False
+            await self.ctx.presence.untrack(channel.key, channel.member_id)
+        await self.ctx.hub.remove_channel(channel)
+
+    async def end_channel(self, channel: Channel, message: str) -> None:
+        """Server-initiated end: `system` error, then `phx_close` (the client does not rejoin)."""
+        await self._drop_channel(channel)
+        body = {"extension": "system", "status": "error", "message": message, "channel": channel.name}
+        self.push(channel.join_ref, None, channel.topic, "system", body)
+        self.push(channel.join_ref, channel.join_ref, channel.topic, "phx_close", {})
+
+    async def teardown(self) -> None:
+        for channel in list(self.channels.values()):
+            await self._drop_channel(channel)
+
+    # tokens ----------------------------------------------------------------------------------------
+
+    def next_expiry(self) -> float:
+        times = [c.expires_at for c in self.channels.values() if c.expires_at is not None]
+        return min(times) if times else float("inf")
+
+    async def expire_tokens(self) -> None:
+        now = trio.current_time()
+        for channel in list(self.channels.values()):
+            if channel.expires_at is not None and channel.expires_at <= now:
+                await self.end_channel(channel, "Token has expired")
+
+    async def refresh_token(self, channel: Channel, msg: Message) -> None:
+        payload = msg.payload if isinstance(msg.payload, dict) else {}
+        token = payload.get("access_token")
+        if not isinstance(token, str) or not token or token.startswith("sb_") or token == channel.token:
+            return
+        try:
+            claims = self.ctx.auth.verify_access_token(token)
+        except AuthError as exc:
+            await self.end_channel(channel, exc.reason)
+            return
+        if not self.ctx.auth.may_access(channel.name, channel.private, claims):
+            reason = f"You no longer have permission to read from this Channel topic: {channel.topic}"
+            await self.end_channel(channel, reason)
+            return
+        channel.token = token
+        channel.claims = claims
+        channel.expires_at = trio.current_time() + (float(claims["exp"]) - _unix_now())
+
+    # broadcast -------------------------------------------------------------------------------------
+
+    async def broadcast(self, channel: Channel, msg: Message) -> None:
+        payload = msg.payload
+        binary = isinstance(payload, BroadcastPayload)
+        if isinstance(payload, BroadcastPayload):
+            bp = payload
+        elif isinstance(payload, dict) and isinstance(payload.get("event"), str):
+            data = json.dumps(payload.get("payload", {}), separators=(",", ":"), ensure_ascii=False)
+            bp = BroadcastPayload(payload["event"], data.encode(), True, None)
+        else:
+            if msg.ref is not None:
+                self.reply(msg, "error", {"reason": "broadcast payload must be {type, event, payload}"})
+            return
+        if len(bp.data) > self.ctx.settings.max_payload_bytes:
+            if msg.ref is not None:
+                self.reply(msg, "error", "payload_size_exceeded")
+            return
+        env = Envelope(
+            topic=channel.topic,
+            private=channel.private,
+            event=bp.event,
+            data=bp.data,
+            is_json=bp.is_json,
+            binary=binary,
+            origin_node=self.ctx.node_id,
+            sender=self.id,
+            meta=bp.meta,
+        )
+        await self.ctx.broker.publish(channel.key, env)
+        if channel.ack and msg.ref is not None:
+            self.reply(msg)
+
+    # presence --------------------------------------------------------------------------------------
+
+    async def presence(self, channel: Channel, msg: Message) -> None:
+        payload = msg.payload if isinstance(msg.payload, dict) else {}
+        event = payload.get("event")
+        if not channel.presence_calls.allow(trio.current_time()):
+            await self.end_channel(channel, "Client presence rate limit exceeded")
+            return
+        if event == "track":
+            meta = payload.get("payload")
+            if not isinstance(meta, dict):
+                self.reply(msg, "error", {"reason": "Presence track payload must be a map"})
+                return
+            size = len(json.dumps(meta, separators=(",", ":")))
+            if size > self.ctx.settings.max_payload_bytes:
+                await self.end_channel(channel, "Track message size exceeded")
+                return
+            if not channel.presence_enabled:
+                channel.presence_enabled = True
+                await self._push_presence_state(channel)
+            # Reply before the diff goes out, as Phoenix does (its diff travels through pubsub).
+            self.reply(msg)
+            channel.tracked = True
+            await self.ctx.presence.track(channel.key, channel.member_id, channel.presence_key, meta)
+        elif event == "untrack":
+            self.reply(msg)
+            if channel.tracked:
+                channel.tracked = False
+                await self.ctx.presence.untrack(channel.key, channel.member_id)
+        else:
+            self.reply(msg, "error", {"reason": f"unknown presence event {event!r}"})
+
+
+def _unix_now() -> float:
+    return time.time()

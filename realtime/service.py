@@ -1,0 +1,389 @@
+"""RealtimeService: the node. Owns the hub, broker, presence (unless passed in) and the auth policy.
+
+`open_realtime(...)` yields a `RealtimeService` whose `websocket_handler` / `handle_http` plug into the HTTP
+front door (worker/http/types.py). Each WebSocket connection runs in the front door's task for it; the
+service's own nursery runs only the presence refresher. Leaving the context closes every connection (1001).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+import trio
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.trio.server import ServerConnection
+
+from realtime.auth import Authenticator
+from realtime.broker import Broker, Envelope, broker_key
+from realtime.broker_memory import MemoryBroker
+from realtime.client import TOPIC_PREFIX, Client, NodeContext
+from realtime.errors import AuthError
+from realtime.hub import Hub
+from realtime.presence import Presence
+from realtime.presence_memory import MemoryPresence
+from realtime.protocol import ProtocolError, Vsn, parse_vsn
+from realtime.settings import RealtimeSettings
+from realtime.transport import Transport, accept_stream, json_response
+from worker.http.types import BodyTooLarge, HttpRequest, Responder, WebSocketHandler
+
+__all__ = ["RealtimeService", "RealtimeStatistics", "open_realtime"]
+
+log = logging.getLogger("realtime")
+
+_CORS = [
+    (b"access-control-allow-origin", b"*"),
+    (b"access-control-allow-headers", b"apikey, authorization, content-type, x-client-info"),
+    (b"access-control-allow-methods", b"POST, OPTIONS"),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeStatistics:
+    connections: int
+    """Open WebSocket connections on this node."""
+    channels: int
+    """Joined channel instances on this node."""
+    topics: int
+    """Topics with at least one local channel (each is subscribed on the broker)."""
+    messages_in: int
+    """Client frames handled since start (closed connections included)."""
+    publications: int
+    """Broadcasts received from the broker."""
+    deliveries: int
+    """Broadcast frames handed to local connections."""
+    slow_consumer_disconnects: int
+    """Connections closed because their outbound queue overflowed."""
+    rejected_handshakes: int
+    """WebSocket upgrades refused (bad path, vsn or apikey)."""
+
+
+class _Conn:
+    """A live connection as the service tracks it (for drain)."""
+
+    def __init__(self, client: Client, scope: trio.CancelScope) -> None:
+        self.client = client
+        self.scope = scope
+        self.close_code = 1000
+        self.close_reason = ""
+
+
+class RealtimeService:
+    def __init__(self, settings: RealtimeSettings, *, jwt_secret: str, node_id: str, broker: Broker,
+                 presence: Presence) -> None:  # fmt: skip
+        self.settings = settings
+        self.node_id = node_id
+        self._auth = Authenticator(
+            jwt_secret, settings.private_channel_rules, service_role_bypass=settings.service_role_bypass
+        )
+        self._broker = broker
+        self._presence = presence
+        self._hub = Hub(node_id, broker, presence)
+        broker.bind(self._hub)
+        presence.bind(self._hub)
+        self._ctx = NodeContext(node_id, settings, self._auth, self._hub, broker, presence)
+        self._conns: dict[str, _Conn] = {}
+        self._all_closed = trio.Event()
+        self._all_closed.set()
+        self._messages_in_closed = 0
+        self._slow = 0
+        self._rejected = 0
+        self._closing = False
+
+    # statistics ------------------------------------------------------------------------------------
+
+    def statistics(self) -> RealtimeStatistics:
+        conns = list(self._conns.values())
+        return RealtimeStatistics(
+            connections=len(conns),
+            channels=sum(len(c.client.channels) for c in conns),
+            topics=self._hub.topic_count,
+            messages_in=self._messages_in_closed + sum(c.client.messages_in for c in conns),
+            publications=self._hub.publications,
+            deliveries=self._hub.deliveries,
+            slow_consumer_disconnects=self._slow,
+            rejected_handshakes=self._rejected,
+        )
+
+    # WebSocket -------------------------------------------------------------------------------------
+
+    def websocket_handler(self, request: HttpRequest) -> WebSocketHandler | None:
+        """A handler for `…/websocket` upgrades (any prefix, `//` collapsed), else None."""
+        if not request.path.endswith("/websocket"):
+            return None
+        return self._serve_websocket
+
+    async def _serve_websocket(self, stream: trio.abc.Stream, buffered: bytes, request: HttpRequest) -> None:
+        params = {k: v[-1] for k, v in parse_qs(request.query, keep_blank_values=True).items()}
+        verdict: dict[str, Any] = {}
+
+        def check(conn: ServerConnection, _req: Request) -> Response | None:
+            if self._closing:
+                return json_response(conn, 503, b'{"error":"realtime is shutting down"}')
+            try:
+                verdict["vsn"] = parse_vsn(params.get("vsn"))
+            except ProtocolError as exc:
+                self._rejected += 1
+                return json_response(conn, 400, json.dumps({"error": str(exc)}).encode())
+            key = params.get("apikey") or (request.header(b"x-api-key") or b"").decode("latin-1")
+            try:
+                verdict["claims"] = self._auth.verify_apikey(key)
+            except AuthError as exc:
+                self._rejected += 1
+                return json_response(conn, 401, json.dumps({"error": exc.reason}).encode())
+            verdict["apikey"] = key
+            return None
+
+        settings = self.settings
+        async with trio.open_nursery() as ws_nursery:
+            ws = await accept_stream(
+                ws_nursery,
+                stream,
+                buffered,
+                check,
+                max_size=settings.max_frame_bytes,
+                handshake_timeout=settings.handshake_timeout,
+            )
+            if ws is None:
+                return
+            vsn, apikey, claims = verdict["vsn"], verdict["apikey"], verdict["claims"]
+            try:
+                await self._run_connection(ws_nursery, ws, vsn, apikey, claims)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(stream)
+
+    async def _run_connection(
+        self, nursery: trio.Nursery, ws: ServerConnection, vsn: Vsn, apikey: str, claims: dict[str, Any]
+    ) -> None:
+        scope = trio.CancelScope()
+        conn: _Conn | None = None
+
+        def on_overflow() -> None:
+            # Called from inside a fan-out loop: only mark and cancel; teardown runs in this connection's task.
+            assert conn is not None
+            self._slow += 1
+            conn.close_code, conn.close_reason = 1008, "slow consumer"
+            scope.cancel()
+
+        transport = Transport(
+            ws, self.settings.max_queued_bytes, on_overflow, nursery, write_timeout=self.settings.write_timeout
+        )
+        client = Client(self._ctx, transport, vsn, apikey, claims)
+        conn = _Conn(client, scope)
+        self._conns[client.id] = conn
+        self._all_closed = trio.Event()
+        self._hub.add_client(client)
+        try:
+            with conn.scope:
+                await self._read_loop(conn, ws)
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(5):
+                    await client.teardown()
+                self._hub.remove_client(client)
+                self._messages_in_closed += client.messages_in
+                del self._conns[client.id]
+                if not self._conns:
+                    self._all_closed.set()
+                # A close already under way, or a slow consumer (its socket won't take a close frame): skip the
+                # closing handshake; _serve_websocket closes the stream right after this.
+                if ws.protocol.state is State.OPEN and not transport.overflowed:
+                    with trio.move_on_after(1):
+                        await ws.aclose(conn.close_code, conn.close_reason)
+
+    async def _read_loop(self, conn: _Conn, ws: ServerConnection) -> None:
+        client = conn.client
+        idle = self.settings.idle_timeout
+        last_rx = trio.current_time()
+        while True:
+            deadline = min(last_rx + idle, client.next_expiry())
+            data: str | bytes | None = None
+            with trio.move_on_at(deadline):
+                try:
+                    data = await ws.recv()
+                except ConnectionClosed:
+                    return
+            if data is not None:
+                last_rx = trio.current_time()
+                try:
+                    await client.handle_frame(data)
+                except ProtocolError as exc:
+                    conn.close_code, conn.close_reason = exc.close_code, str(exc)[:120]
+                    return
+                continue
+            if trio.current_time() >= last_rx + idle:
+                conn.close_code, conn.close_reason = 1000, "idle timeout"
+                return
+            await client.expire_tokens()
+
+    async def close_all(self, code: int = 1012, *, timeout: float = 10.0) -> None:
+        """Close every connection with `code` (1012 = drain) and wait (bounded) until they are gone."""
+        for conn in list(self._conns.values()):
+            conn.close_code, conn.close_reason = code, "server restart" if code == 1012 else "going away"
+            conn.scope.cancel()
+        with trio.move_on_after(timeout):
+            await self._all_closed.wait()
+
+    # REST ------------------------------------------------------------------------------------------
+
+    def _rest_route(self, path: str) -> tuple[str, str] | tuple[None, None] | None:
+        """(sub_topic, event) for the single form, (None, None) for batch, None if not ours."""
+        path = "/" + "/".join(p for p in path.split("/") if p)
+        prefix = "/" + "/".join(p for p in self.settings.path_prefix.split("/") if p)
+        for base in (prefix + "/api/broadcast", "/api/broadcast"):
+            if path == base:
+                return None, None
+            if path.startswith(base + "/"):
+                parts = path[len(base) + 1 :].split("/")
+                if len(parts) == 3 and parts[1] == "events":
+                    return unquote(parts[0]), unquote(parts[2])
+                return None
+        return None
+
+    async def handle_http(self, request: HttpRequest, responder: Responder) -> bool:
+        """Serve REST broadcast; returns False (nothing sent) when the path is not realtime's."""
+        route = self._rest_route(request.path)
+        if route is None:
+            return False
+        if request.method == "OPTIONS":
+            await responder.send(204, _CORS)
+            return True
+        if request.method != "POST":
+            await _json(responder, 405, {"error": "method not allowed"})
+            return True
+        params = {k: v[-1] for k, v in parse_qs(request.query, keep_blank_values=True).items()}
+        key = (request.header(b"apikey") or b"").decode("latin-1") or params.get("apikey", "")
+        try:
+            claims = self._auth.verify_apikey(key)
+            bearer = (request.header(b"authorization") or b"").decode("latin-1")
+            if bearer.lower().startswith("bearer "):
+                token = bearer[7:].strip()
+                if token and token != key and not token.startswith("sb_"):
+                    claims = self._auth.verify_access_token(token)
+        except AuthError as exc:
+            await _json(responder, 401, {"error": exc.reason})
+            return True
+        try:
+            body = await request.body.read_all(self.settings.max_rest_body_bytes)
+        except BodyTooLarge:
+            await _json(responder, 413, {"error": "payload_size_exceeded"})
+            return True
+        ctype = (request.header(b"content-type") or b"").decode("latin-1").lower()
+        envelopes: list[tuple[str, Envelope]] = []
+        sub_topic, event = route
+        try:
+            if sub_topic is not None and event is not None:
+                private = params.get("private", "").lower() == "true"
+                if not self._auth.may_access(sub_topic, private, claims):
+                    await _json(responder, 403, {"error": "not allowed to broadcast to this channel"})
+                    return True
+                is_json = not ctype.startswith("application/octet-stream")
+                if is_json:
+                    json.loads(body)
+                envelopes.append(self._rest_envelope(sub_topic, event, body, is_json, private))
+            else:
+                doc = json.loads(body)
+                messages = doc.get("messages") if isinstance(doc, dict) else None
+                if not isinstance(messages, list):
+                    raise ValueError('expected {"messages": [...]}')
+                for m in messages:
+                    if not isinstance(m, dict) or not isinstance(m.get("topic"), str):
+                        raise ValueError("each message needs a topic")
+                    if not isinstance(m.get("event"), str):
+                        raise ValueError("each message needs an event")
+                    private = m.get("private") in (True, "true")
+                    name = m["topic"].removeprefix(TOPIC_PREFIX)
+                    if not self._auth.may_access(name, private, claims):
+                        continue  # Supabase drops unauthorized batch items and still answers 202
+                    data = json.dumps(m.get("payload", {}), separators=(",", ":"), ensure_ascii=False)
+                    item = self._rest_envelope(name, m["event"], data.encode(), True, private)
+                    if m.get("id") is not None:
+                        item[1].meta = {"id": str(m["id"])}
+                    envelopes.append(item)
+        except ValueError as exc:
+            await _json(responder, 400, {"error": f"bad request: {exc}"})
+            return True
+        for _, env in envelopes:
+            if len(env.data) > self.settings.max_payload_bytes:
+                await _json(responder, 413, {"error": "payload_size_exceeded"})
+                return True
+        for bkey, env in envelopes:
+            await self._broker.publish(bkey, env)
+        await responder.send(202, [(b"content-length", b"0"), *_CORS])
+        return True
+
+    def _rest_envelope(self, name: str, event: str, data: bytes, is_json: bool, private: bool
+                       ) -> tuple[str, Envelope]:  # fmt: skip
+        topic = TOPIC_PREFIX + name
+        env = Envelope(
+            topic=topic,
+            private=private,
+            event=event,
+            data=data,
+            is_json=is_json,
+            binary=not is_json,
+            origin_node=self.node_id,
+            sender=None,
+            meta={"id": str(uuid.uuid4())},
+        )
+        return broker_key(topic, private), env
+
+    # presence upkeep -------------------------------------------------------------------------------
+
+    async def _serve_presence_upkeep(self) -> None:
+        while True:
+            await trio.sleep(self.settings.presence_refresh_interval)
+            tracked: dict[str, list[str]] = {}
+            for conn in list(self._conns.values()):
+                for ch in conn.client.channels.values():
+                    if ch.tracked:
+                        tracked.setdefault(ch.key, []).append(ch.member_id)
+            try:
+                for key, members in tracked.items():
+                    await self._presence.refresh(key, members)
+                await self._presence.sweep()
+            except Exception:
+                log.exception("presence upkeep failed; retrying next period")
+
+
+async def _json(responder: Responder, status: int, doc: Any) -> None:
+    body = json.dumps(doc).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *_CORS]
+    await responder.send(status, headers, body)
+
+
+@asynccontextmanager
+async def open_realtime(
+    settings: RealtimeSettings,
+    *,
+    jwt_secret: str,
+    node_id: str,
+    broker: Broker | None = None,
+    presence: Presence | None = None,
+) -> AsyncIterator[RealtimeService]:
+    """Run realtime for this node. Passed-in broker/presence stay owned by the caller; defaults are memory."""
+    service = RealtimeService(
+        settings,
+        jwt_secret=jwt_secret,
+        node_id=node_id,
+        broker=broker if broker is not None else MemoryBroker(),
+        presence=presence if presence is not None else MemoryPresence(ttl=settings.presence_ttl),
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(service._serve_presence_upkeep)
+        try:
+            yield service
+        finally:
+            service._closing = True  # refuse new upgrades: the front door may outlive this context
+            with trio.CancelScope(shield=True):
+                await service.close_all(1001, timeout=5)
+            nursery.cancel_scope.cancel()
