@@ -18,6 +18,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from realtime.settings import RealtimeSettings
 from runtimes.limits import Limits
 from worker.errors import ConfigError
 
@@ -45,8 +46,9 @@ class WorkerSettings(BaseSettings):
     cache_mb: int = Field(64, ge=0, description="L1 result cache capacity in MiB (0 disables it)")
     max_bundle_mb: int = Field(20, ge=1, description="Largest accepted function bundle (compressed)")
     drain_grace_s: float = Field(30, gt=0, description="How long in-flight work may finish on drain/SIGTERM")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged")
     limits: Limits = Field(default_factory=Limits, description="Default limits of every function")
+    realtime: RealtimeSettings = Field(default_factory=RealtimeSettings, description="Realtime channels and limits")
 
     @classmethod
     def settings_customise_sources(

@@ -15,11 +15,13 @@ import socket
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from realtime import open_realtime
 from runtimes import Runtime
 from runtimes.deno import DenoSettings, open_deno_runtime
 from runtimes.wasm import WasmSettings, open_wasm_runtime
@@ -35,7 +37,7 @@ from worker.functions import FunctionsFrontDoor, FunctionTable
 from worker.http.server import HttpServer, serve_http
 from worker.jwt_gate import JwtGate
 from worker.keys import ProjectKeys, load_project_keys
-from worker.metrics import CACHE_STATS, HTTP_STATS, REDIS_STATS, RUNTIME_STATS, Metrics
+from worker.metrics import CACHE_STATS, HTTP_STATS, REALTIME_STATS, REDIS_STATS, RUNTIME_STATS, Metrics
 from worker.public_app import PublicApp
 from worker.redis import open_redis
 
@@ -133,6 +135,10 @@ async def serve_worker(
         restored = await deployer.restore()
         for slug in table.slugs():
             await on_change(slug)
+        realtime = await stack.enter_async_context(
+            open_realtime(settings.realtime, jwt_secret=keys.jwt_secret, node_id=node_id)
+        )
+        metrics.add_statistics(REALTIME_STATS, realtime.statistics)
         functions = FunctionsFrontDoor(table, runtimes, JwtGate(keys.jwt_secret), cache=cache, metrics=metrics)
 
         async def ready() -> tuple[bool, dict[str, Any]]:
@@ -149,7 +155,7 @@ async def serve_worker(
         async def drain() -> None:
             draining.set()
 
-        public_app = PublicApp(functions, None, ready)
+        public_app = PublicApp(functions, realtime, ready)
         admin_app = AdminApp(
             deployer,
             keys.admin_token,
@@ -180,6 +186,8 @@ async def serve_worker(
             log.info("draining: grace %.0fs", settings.drain_grace_s)
             with trio.move_on_after(settings.drain_grace_s + 5):
                 async with trio.open_nursery() as drains:
+                    # 1012 "service restart": realtime-js reconnects, through the proxy, to another worker.
+                    drains.start_soon(partial(realtime.close_all, 1012, timeout=settings.drain_grace_s))
                     drains.start_soon(public.drain, settings.drain_grace_s)
                     drains.start_soon(admin.drain, settings.drain_grace_s)
             nursery.cancel_scope.cancel()

@@ -32,8 +32,8 @@ class PublicApp:
         self.ready = ready
 
     def websocket_handler(self, request: HttpRequest) -> WebSocketHandler | None:
-        if self.realtime is None:
-            return None
+        if self.realtime is None or request.path.startswith(PREFIX):
+            return None  # functions do not take WebSocket upgrades (yet): they answer as plain HTTP
         return self.realtime.websocket_handler(request)
 
     async def handle_http(self, request: HttpRequest, responder: Responder) -> None:
