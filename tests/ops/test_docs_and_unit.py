@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from runtimes.limits import Limits
 from worker import docs_gen
@@ -20,8 +21,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_config_reference_lists_every_field() -> None:
     text = docs_gen.config_reference()
-    for name in WorkerSettings.model_fields:
-        if name == "limits":
+    for name, field in WorkerSettings.model_fields.items():
+        nested = field.annotation
+        if isinstance(nested, type) and issubclass(nested, BaseModel):
+            for sub in nested.model_fields:
+                assert f"| `{name}.{sub}` | `MBWORKER_{name.upper()}__{sub.upper()}` |" in text
             continue
         assert f"| `{name}` | `MBWORKER_{name.upper()}` |" in text
     for name, info in Limits.model_fields.items():
