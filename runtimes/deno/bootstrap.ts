@@ -1,0 +1,437 @@
+// mbworker Deno bootstrap: runs ONE user function inside a supervised `deno run` process and answers framed
+// requests from the Python daemon on stdin/stdout. The wire format is documented in runtimes/deno/protocol.py
+// (keep both in step): each frame is [u32 json_len][u32 body_len][json][body], big-endian.
+//
+// Order matters: the shims below (Deno.serve, EdgeRuntime, console, Deno.stdout) are installed BEFORE the user's
+// module is imported, so user code only ever sees the shimmed versions.
+//
+// argv: Deno.args = [entry file URL, node socket path, comma-separated env names to hide from the function]
+
+type Handler = (req: Request, info: unknown) => Response | Promise<Response>;
+type ErrorHandler = (err: unknown) => Response | Promise<Response>;
+
+const [ENTRY_URL, NODE_SOCKET, HIDE_ENV] = Deno.args;
+const WINDOW = 16; // response chunks in flight per request before waiting for an ack (see protocol.py)
+const COALESCE_MAX = 64 * 1024; // body bytes that may ride in the head frame
+const NOT_YET = Symbol("not yet");
+// Resolves after two microtask turns: a read of an already-filled stream settles within one (checked on 2.9).
+const soon = async () => {
+  await null;
+  await null;
+  return NOT_YET;
+};
+
+function concat(parts: Uint8Array[], len: number): Uint8Array | undefined {
+  if (!parts.length) return undefined;
+  const out = new Uint8Array(len);
+  let off = 0;
+  for (const p of parts) {
+    out.set(p, off);
+    off += p.byteLength;
+  }
+  return out;
+}
+
+// fd 1 carries frames. Keep a private writer for it, then make every other path to fd 1 (Deno.stdout, and the
+// same object that node:process's process.stdout writes through) land on stderr instead.
+const realStdout = Deno.stdout;
+const stdoutProto = Object.getPrototypeOf(realStdout);
+const origWrite: (p: Uint8Array) => Promise<number> = stdoutProto.write;
+const writeFrames = (p: Uint8Array) => origWrite.call(realStdout, p);
+{
+  const origWriteSync: (p: Uint8Array) => number = stdoutProto.writeSync;
+  const origWritable = Object.getOwnPropertyDescriptor(stdoutProto, "writable")?.get;
+  const err = Deno.stderr;
+  stdoutProto.write = function (p: Uint8Array) {
+    return this === realStdout ? err.write(p) : origWrite.call(this, p);
+  };
+  stdoutProto.writeSync = function (p: Uint8Array) {
+    return this === realStdout ? err.writeSync(p) : origWriteSync.call(this, p);
+  };
+  if (origWritable) {
+    Object.defineProperty(stdoutProto, "writable", {
+      get() {
+        return this === realStdout ? err.writable : origWritable.call(this);
+      },
+      configurable: true,
+    });
+  }
+}
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+// ---------------------------------------------------------------------------------------------- output frames
+let outQueue: Uint8Array[] = [];
+let flushing = false;
+
+function frame(head: Record<string, unknown>, body?: Uint8Array): void {
+  const json = encoder.encode(JSON.stringify(head));
+  const blen = body ? body.byteLength : 0;
+  const jl = json.byteLength;
+  const hdr = new Uint8Array([jl >>> 24, (jl >>> 16) & 255, (jl >>> 8) & 255, jl & 255,
+    blen >>> 24, (blen >>> 16) & 255, (blen >>> 8) & 255, blen & 255]);
+  outQueue.push(hdr, json);
+  if (blen) outQueue.push(body!);
+  if (!flushing) {
+    flushing = true;
+    queueMicrotask(flush);
+  }
+}
+
+async function flush(): Promise<void> {
+  try {
+    while (outQueue.length) {
+      const parts = outQueue;
+      outQueue = [];
+      let total = 0;
+      for (const p of parts) total += p.byteLength;
+      const buf = new Uint8Array(total);
+      let off = 0;
+      for (const p of parts) {
+        buf.set(p, off);
+        off += p.byteLength;
+      }
+      off = 0;
+      while (off < buf.byteLength) off += await writeFrames(buf.subarray(off));
+    }
+  } catch {
+    // The daemon is gone (stdout closed): nothing left to serve.
+    Deno.exit(1);
+  } finally {
+    flushing = false;
+  }
+}
+
+// ---------------------------------------------------------------------------------------- console + stdout
+// console.log & co. would write to fd 1 and corrupt frames: send them as log frames instead. warn/error/trace
+// already go to stderr. Deno.stdout is swapped for Deno.stderr (above, its methods are redirected too); a user
+// who still reaches fd 1 corrupts the stream and the daemon kills the process (docs/deno-runtime.md).
+function formatArgs(args: unknown[]): string {
+  return args.map((a) => (typeof a === "string" ? a : Deno.inspect(a, { colors: false }))).join(" ");
+}
+const logToFrame = (...args: unknown[]) => frame({ t: "l" }, encoder.encode(formatArgs(args)));
+for (const name of ["log", "info", "debug", "dir", "dirxml"] as const) {
+  // deno-lint-ignore no-explicit-any
+  (console as any)[name] = logToFrame;
+}
+Object.defineProperty(Deno, "stdout", { value: Deno.stderr, configurable: true, writable: true });
+
+for (const name of (HIDE_ENV ?? "").split(",")) if (name) Deno.env.delete(name);
+
+// ------------------------------------------------------------------------------------------ the user's server
+let handler: Handler | null = null;
+let onError: ErrorHandler | null = null;
+let moduleLoaded = false;
+let readySent = false;
+let finishedResolve: () => void = () => {};
+const finished = new Promise<void>((r) => (finishedResolve = r));
+
+function register(h: Handler, err?: ErrorHandler): void {
+  if (handler) return; // one function, one handler: later calls are ignored like extra listeners
+  handler = h;
+  onError = err ?? null;
+  maybeReady();
+}
+
+function maybeReady(): void {
+  if (handler && moduleLoaded && !readySent) {
+    readySent = true;
+    frame({ t: "r" });
+  }
+}
+
+const fakeAddr = { transport: "tcp", hostname: "0.0.0.0", port: 8000 };
+
+// Deno.serve(handler) | Deno.serve(opts, handler) | Deno.serve({handler, ...}): ports and hosts are ignored.
+// deno-lint-ignore no-explicit-any
+(Deno as any).serve = function serve(a: any, b?: any) {
+  let opts: any = {};
+  let h: Handler | undefined;
+  if (typeof a === "function") h = a;
+  else {
+    opts = a ?? {};
+    h = typeof b === "function" ? b : opts.handler;
+  }
+  if (typeof h !== "function") throw new TypeError("Deno.serve: a handler function is required");
+  register(h, opts.onError);
+  try {
+    opts.onListen?.(fakeAddr);
+  } catch (e) {
+    console.error(e);
+  }
+  return {
+    finished,
+    addr: fakeAddr,
+    shutdown: () => Promise.resolve(),
+    ref() {},
+    unref() {},
+    [Symbol.asyncDispose]: () => Promise.resolve(),
+  };
+};
+
+// EdgeRuntime.waitUntil keeps the process alive until the promise settles (the daemon waits for these on a
+// planned shutdown, within its grace period).
+const pending = new Set<Promise<unknown>>();
+// deno-lint-ignore no-explicit-any
+(globalThis as any).EdgeRuntime = {
+  waitUntil(p: Promise<unknown>) {
+    const q = Promise.resolve(p).catch((e) => console.error("waitUntil promise rejected:", e));
+    pending.add(q);
+    q.finally(() => pending.delete(q));
+    return p;
+  },
+};
+
+// ------------------------------------------------------------------------------------------ requests
+type Req = {
+  ctrl: ReadableStreamDefaultController<Uint8Array> | null;
+  abort: AbortController;
+  credit: number;
+  wake: (() => void) | null;
+  done: boolean;
+};
+const reqs = new Map<number, Req>();
+
+function errorText(e: unknown): string {
+  if (e instanceof Error) return e.stack ?? `${e.name}: ${e.message}`;
+  return String(e);
+}
+
+async function serveRequest(id: number, head: any): Promise<void> {
+  const abort = new AbortController();
+  const state: Req = { ctrl: null, abort, credit: WINDOW, wake: null, done: false };
+  reqs.set(id, state);
+  const hasBody = !head.e && head.m !== "GET" && head.m !== "HEAD";
+  let body: ReadableStream<Uint8Array> | null = null;
+  if (hasBody) {
+    body = new ReadableStream<Uint8Array>({ start: (c) => void (state.ctrl = c) });
+  }
+  let done: () => void = () => {};
+  const completed = new Promise<void>((r) => (done = r));
+  try {
+    const request = new Request(head.u, {
+      method: head.m,
+      headers: head.h,
+      body,
+      signal: abort.signal,
+      // deno-lint-ignore no-explicit-any
+      ...({ duplex: "half" } as any),
+    });
+    let res: Response;
+    try {
+      res = await handler!(request, { remoteAddr: fakeAddr, completed });
+    } catch (e) {
+      if (!onError) throw e;
+      console.error(e);
+      res = await onError(e);
+    }
+    if (!(res instanceof Response)) {
+      frame({ t: "f", i: id, k: "invalid", m: "handler did not return a Response" });
+      return;
+    }
+    if (res.status !== 101 && (res.status < 200 || res.status > 599)) {
+      frame({ t: "f", i: id, k: "invalid", m: `invalid response status ${res.status}` });
+      return;
+    }
+    const headers: [string, string][] = [];
+    for (const kv of res.headers) headers.push(kv);
+    // Coalesce: whatever body is already available (a static body, a stream whose chunks are queued) goes in the
+    // head frame, with e=1 if that was all of it. A stream that is not ready yet (SSE) gets its head at once.
+    const reader = res.body?.getReader();
+    let next = reader?.read();
+    const first: Uint8Array[] = [];
+    let firstLen = 0;
+    let ended = !reader;
+    while (next && firstLen < COALESCE_MAX) {
+      const r = await Promise.race([next, soon()]);
+      if (r === NOT_YET) break;
+      const { value, done: end } = r as ReadableStreamReadResult<Uint8Array>;
+      if (end) {
+        ended = true;
+        next = undefined;
+        break;
+      }
+      if (value && value.byteLength) {
+        first.push(value);
+        firstLen += value.byteLength;
+      }
+      next = reader!.read();
+    }
+    const out: Record<string, unknown> = { t: "h", i: id, s: res.status, h: headers };
+    if (ended) out.e = 1;
+    frame(out, first.length === 1 ? first[0] : concat(first, firstLen));
+    if (reader && !ended) {
+      abort.signal.addEventListener("abort", () => reader.cancel().catch(() => {}));
+      while (true) {
+        const { value, done: end } = await (next ?? reader.read());
+        next = undefined;
+        if (end || state.done) break;
+        if (!value || value.byteLength === 0) continue;
+        while (state.credit <= 0 && !state.done) await new Promise<void>((r) => (state.wake = r));
+        if (state.done) break;
+        state.credit--;
+        frame({ t: "b", i: id }, value);
+      }
+      if (!state.done) frame({ t: "e", i: id });
+    }
+  } catch (e) {
+    if (state.done) return; // cancelled by the daemon: nobody is listening
+    console.error(e);
+    frame({ t: "f", i: id, k: "error", m: errorText(e) });
+  } finally {
+    reqs.delete(id);
+    done();
+  }
+}
+
+function onFrame(head: any, body: Uint8Array): void {
+  switch (head.t) {
+    case "q":
+      if (!handler) {
+        frame({ t: "f", i: head.i, k: "error", m: "no handler registered" });
+        return;
+      }
+      void serveRequest(head.i, head);
+      return;
+    case "b": {
+      const r = reqs.get(head.i);
+      // copy: `body` is a view into the read buffer, which is reused
+      if (r?.ctrl) r.ctrl.enqueue(body.slice());
+      return;
+    }
+    case "e": {
+      const r = reqs.get(head.i);
+      if (r?.ctrl) {
+        try {
+          r.ctrl.close();
+        } catch {
+          /* already closed or errored */
+        }
+      }
+      return;
+    }
+    case "a": {
+      const r = reqs.get(head.i);
+      if (r) {
+        r.credit += head.n;
+        const w = r.wake;
+        r.wake = null;
+        w?.();
+      }
+      return;
+    }
+    case "c": {
+      const r = reqs.get(head.i);
+      if (r) {
+        r.done = true;
+        reqs.delete(head.i); // nobody waits for it any more, not even a planned shutdown
+        try {
+          r.ctrl?.error(new DOMException("request cancelled", "AbortError"));
+        } catch {
+          /* closed */
+        }
+        r.abort.abort();
+        const w = r.wake;
+        r.wake = null;
+        w?.();
+      }
+      return;
+    }
+    case "s":
+      void shutdown(head.r ?? "shutdown");
+      return;
+  }
+}
+
+let shuttingDown = false;
+async function shutdown(reason: string): Promise<void> {
+  if (shuttingDown) return;
+  shuttingDown = true;
+  try {
+    globalThis.dispatchEvent(new CustomEvent("beforeunload", { detail: { reason } }));
+  } catch (e) {
+    console.error(e);
+  }
+  // In-flight requests and waitUntil promises finish (the daemon kills us after its grace period).
+  while (reqs.size || pending.size) {
+    await Promise.race([Promise.allSettled([...pending]), new Promise((r) => setTimeout(r, 20))]);
+  }
+  finishedResolve();
+  await flushAndExit(0);
+}
+
+async function flushAndExit(code: number): Promise<never> {
+  while (flushing || outQueue.length) await new Promise((r) => setTimeout(r, 1));
+  Deno.exit(code);
+}
+
+async function readLoop(): Promise<void> {
+  const chunk = new Uint8Array(256 * 1024);
+  let rest: Uint8Array | null = null; // an incomplete frame left from the previous read (copied)
+  while (true) {
+    const n = await Deno.stdin.read(chunk);
+    if (n === null) break; // daemon closed stdin: we are done
+    let buf: Uint8Array;
+    if (rest) {
+      buf = new Uint8Array(rest.byteLength + n);
+      buf.set(rest, 0);
+      buf.set(chunk.subarray(0, n), rest.byteLength);
+    } else {
+      buf = chunk.subarray(0, n); // parsed in place: onFrame copies what it keeps
+    }
+    const dv = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+    let start = 0;
+    while (buf.byteLength - start >= 8) {
+      const jlen = dv.getUint32(start);
+      const blen = dv.getUint32(start + 4);
+      const end = start + 8 + jlen + blen;
+      if (end > buf.byteLength) break;
+      const head = JSON.parse(decoder.decode(buf.subarray(start + 8, start + 8 + jlen)));
+      onFrame(head, buf.subarray(start + 8 + jlen, end));
+      start = end;
+    }
+    rest = start < buf.byteLength ? buf.slice(start) : null;
+  }
+  await shutdown("stdin closed");
+}
+
+// ------------------------------------------------------------------------------------------ boot
+// Let node:http / Express `listen()` work: the daemon sets DENO_SERVE_ADDRESS=unix:<NODE_SOCKET>, which Deno's
+// node:http honours; if the module started no Deno.serve and exported no fetch, wait for that socket and proxy.
+async function nodeServerFallback(): Promise<void> {
+  for (let i = 0; !handler; i++) {
+    try {
+      const st = await Deno.stat(NODE_SOCKET);
+      if (st.isSocket) break;
+    } catch {
+      /* not yet */
+    }
+    await new Promise((r) => setTimeout(r, Math.min(50, 2 + i)));
+  }
+  if (handler) return;
+  // deno-lint-ignore no-explicit-any
+  const client = (Deno as any).createHttpClient({ proxy: { transport: "unix", path: NODE_SOCKET } });
+  register((req: Request) => {
+    const u = new URL(req.url);
+    // deno-lint-ignore no-explicit-any
+    return fetch(new Request(`http://localhost${u.pathname}${u.search}`, req), { client } as any);
+  });
+}
+
+readLoop().catch((e) => {
+  console.error("mbworker bootstrap: frame reader failed:", e);
+  Deno.exit(70);
+});
+
+try {
+  const mod = await import(ENTRY_URL);
+  moduleLoaded = true;
+  const def = mod?.default;
+  if (!handler && def && typeof def.fetch === "function") register((req, info) => def.fetch(req, info));
+  maybeReady();
+  if (!handler) void nodeServerFallback();
+} catch (e) {
+  frame({ t: "x", m: errorText(e) });
+  console.error(errorText(e));
+  await flushAndExit(1);
+}

@@ -1,0 +1,104 @@
+"""The daemon ↔ Deno wire format: pure encoding and decoding, no I/O (bootstrap.ts is the other end).
+
+Frames travel on the child's stdin (daemon → Deno) and stdout (Deno → daemon)::
+
+    [u32 json_len][u32 body_len][json_len bytes of UTF-8 JSON][body_len raw bytes]      (big-endian)
+
+The JSON object's ``t`` names the frame; ``i`` is the request id (an int, unique per process) that multiplexes
+concurrent requests on one process. Bodies travel raw, never base64: a body chunk is a frame with a tiny JSON
+head. Header names/values are ByteStrings, carried as latin-1 decoded JSON strings.
+
+daemon → Deno
+    ``q``  request head ``{t,i,m: method,u: url,h: [[name,value],...],e?: 1 if no body follows}``
+    ``b``  request body chunk (raw)          ``e``  request body end
+    ``c``  cancel (client left; aborts Request.signal, cancels the response stream)
+    ``a``  ack ``{n}``: the daemon consumed n response chunks (flow control, below)
+    ``s``  planned shutdown ``{r: reason}``: dispatch ``beforeunload``, finish in-flight and ``waitUntil``, exit 0
+
+Deno → daemon
+    ``r``  ready: the module was imported and a handler registered
+    ``x``  boot error ``{m}`` (top-level throw, failed import); the process exits 1
+    ``h``  response head ``{i,s: status,h,e?: 1}``, its raw part = the body available at once (a static body,
+           queued chunks; up to 64 KiB); ``e: 1`` means that was all of it (one frame per small response)
+    ``b``  response body chunk (raw)     ``e``  response end
+    ``f``  request failed ``{i,k: "error"|"invalid",m}`` (uncaught handler throw, bad status, not a Response)
+    ``l``  a console.log/info/debug line from the function (raw UTF-8), stream "stdout"
+
+Flow control: Deno may have at most ``WINDOW`` response chunks of one request unacknowledged; the daemon acks
+as its consumer reads, so a slow client never stalls other requests on the same pipe. Request bodies are not
+windowed: Deno queues them in the Request's stream (the front door caps their size).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+WINDOW = 16
+"""Response chunks per request in flight before Deno waits for an ack (bootstrap.ts has the same constant)."""
+ACK_EVERY = WINDOW // 2
+"""The daemon acks after its consumer has read this many chunks."""
+MAX_JSON = 1 << 20
+"""A frame head larger than this is garbage (e.g. user code wrote to fd 1): the stream is corrupt."""
+
+_PREFIX = struct.Struct(">II")
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+_loads = json.JSONDecoder().decode
+
+
+class ProtocolError(Exception):
+    """The child's output is not a valid frame stream."""
+
+
+def encode(head: dict[str, Any], body: bytes = b"") -> bytes:
+    """One frame as bytes."""
+    j = _dumps(head).encode()
+    return _PREFIX.pack(len(j), len(body)) + j + body
+
+
+def encode_request_head(rid: int, method: str, url: str, headers: list[tuple[bytes, bytes]], *, no_body: bool) -> bytes:
+    head: dict[str, Any] = {
+        "t": "q",
+        "i": rid,
+        "m": method,
+        "u": url,
+        "h": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers],
+    }
+    if no_body:
+        head["e"] = 1
+    return encode(head)
+
+
+class FrameDecoder:
+    """Feed bytes in, get ``(head, body)`` frames out. Keeps partial frames between feeds."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[dict[str, Any], bytes]]:
+        buf = self._buf
+        buf += data
+        out: list[tuple[dict[str, Any], bytes]] = []
+        pos = 0
+        n = len(buf)
+        while n - pos >= 8:
+            jlen, blen = _PREFIX.unpack_from(buf, pos)
+            if jlen > MAX_JSON or jlen == 0:
+                raise ProtocolError(f"bad frame prefix (json_len={jlen}): stdout corrupted?")
+            end = pos + 8 + jlen + blen
+            if end > n:
+                break
+            try:
+                head = _loads(buf[pos + 8 : pos + 8 + jlen].decode())
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise ProtocolError("frame head is not JSON: stdout corrupted?") from exc
+            if not isinstance(head, dict):
+                raise ProtocolError("frame head is not an object")
+            out.append((head, bytes(buf[pos + 8 + jlen : end])))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return out

@@ -1,0 +1,188 @@
+"""`DenoRuntime`: Supabase-style functions in supervised Deno subprocesses, behind `runtimes.api.Runtime`.
+
+Ownership: `open_deno_runtime()` owns a nursery in which every Deno process is supervised, the spawner thread,
+and one `VersionPool` per live (slug, version). Leaving the context stops every process (planned shutdown with
+`beforeunload`, then kill after `close_grace_s`) and reaps them all; nothing outlives it, not even when the
+daemon is SIGKILLed (see spawn.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+
+import trio
+from pydantic import BaseModel, ConfigDict, Field
+
+from runtimes.api import FunctionVersion, Invocation, InvocationResult, RuntimeStatistics
+from runtimes.deno.pool import Counters, Shared, VersionPool
+from runtimes.deno.process import OnLog
+from runtimes.deno.spawn import Spawner
+from runtimes.errors import FunctionRuntimeError
+from runtimes.limits import Limits
+
+log = logging.getLogger("runtimes.deno")
+fn_log = logging.getLogger("runtimes.deno.function")
+
+
+def _default_deno_bin() -> str:
+    env = os.environ.get("MBWORKER_DENO")
+    if env:
+        return env
+    try:
+        import deno
+
+        return str(deno.find_deno_bin())
+    except (ImportError, FileNotFoundError, RuntimeError):
+        return "deno"
+
+
+class DenoSettings(BaseModel):
+    """How the Deno runtime runs. Function-specific limits come with each FunctionVersion."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    deno_bin: str = Field(
+        default_factory=_default_deno_bin,
+        description="The deno executable: env MBWORKER_DENO, else the `deno` PyPI package's binary",
+    )
+    scratch_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("TMPDIR", "/tmp")) / "mbworker-deno",
+        description="Base for per-version dirs (DENO_DIR, import map, the function's temp dir)",
+    )
+    limits: Limits = Field(
+        default_factory=lambda: Limits.model_validate({}), description="Defaults for callers building FunctionVersions"
+    )
+    stop_grace_s: float = Field(15, gt=0, description="Planned stop (retire, idle, wall clock): drain before kill")
+    close_grace_s: float = Field(5, gt=0, description="Runtime shutdown: drain before kill")
+
+
+def _default_on_log(fn: FunctionVersion, execution_id: str, stream: str, line: str) -> None:
+    fn_log.info(
+        "%s", line, extra={"slug": fn.slug, "version": fn.version, "execution_id": execution_id, "stream": stream}
+    )
+
+
+class DenoRuntime:
+    """Implements `runtimes.api.Runtime`. Create with `open_deno_runtime`."""
+
+    name = "deno"
+
+    def __init__(self, shared: Shared) -> None:
+        self._shared = shared
+        self._pools: dict[str, VersionPool] = {}
+        self._retired: set[VersionPool] = set()
+        self._closing = False
+
+    def _pool(self, fn: FunctionVersion) -> VersionPool:
+        if self._closing:
+            raise FunctionRuntimeError("the runtime is shutting down")
+        pool = self._pools.get(fn.key)
+        if pool is None:
+            pool = self._pools[fn.key] = VersionPool(fn, self._shared)
+        return pool
+
+    async def warm(self, fn: FunctionVersion) -> None:
+        await self._pool(fn).warm()
+
+    @asynccontextmanager
+    async def invoke(self, fn: FunctionVersion, invocation: Invocation) -> AsyncIterator[InvocationResult]:
+        pool = self._pool(fn)
+        proc = await pool.acquire()
+        ok = False
+        try:
+            async with proc.request(invocation) as result:
+                yield result
+            ok = True
+        finally:
+            pool.release(proc, ok=ok)
+
+    async def retire(self, fn: FunctionVersion) -> None:
+        """Returns at once; in-flight requests finish, then the processes stop (in the runtime's nursery)."""
+        pool = self._pools.pop(fn.key, None)
+        if pool is None:
+            return
+        pool.retire()
+        self._retired.add(pool)
+        self._shared.nursery.start_soon(self._cleanup_when_empty, pool)
+
+    async def wait_stopped(self, fn: FunctionVersion) -> None:
+        """Wait until no process of `fn` runs (after `retire`, idle shutdown or wall-clock retirement).
+
+        Bound it with a timeout: a version that keeps getting requests never stops.
+        """
+        for pool in [p for p in (self._pools.get(fn.key), *self._retired) if p is not None and p.fn.key == fn.key]:
+            await pool.wait_empty()
+
+    async def _cleanup_when_empty(self, pool: VersionPool) -> None:
+        await pool.wait_empty()
+        self._retired.discard(pool)
+        await pool.cleanup()
+
+    def statistics(self) -> RuntimeStatistics:
+        pools = [*self._pools.values(), *self._retired]
+        procs = [p for pool in pools for p in pool.processes if not p.dead.is_set()]
+        c = self._shared.counters
+        return RuntimeStatistics(
+            versions=sum(1 for pool in pools if pool.processes),
+            processes=len(procs),
+            busy=sum(1 for p in procs if p.load > 0),
+            in_flight=sum(p.load for p in procs),
+            cold_starts=c.cold_starts,
+            boot_failures=c.boot_failures,
+            limit_kills=dict(c.limit_kills),
+        )
+
+    async def _aclose(self, grace: float) -> None:
+        self._closing = True
+        pools = [*self._pools.values(), *self._retired]
+        async with trio.open_nursery() as n:
+            for pool in pools:
+                pool.retire()
+                for p in list(pool.processes):
+                    n.start_soon(p.stop, "shutdown", grace)
+        for pool in pools:
+            await pool.cleanup()
+
+
+@asynccontextmanager
+async def open_deno_runtime(
+    settings: DenoSettings | None = None, *, on_log: OnLog | None = None
+) -> AsyncIterator[DenoRuntime]:
+    """Open the Deno runtime. `on_log(fn, execution_id, stream, line)` receives every line of function output
+    (default: the `runtimes.deno.function` logger with slug/version/execution_id/stream as `extra`)."""
+    settings = settings or DenoSettings.model_validate({})
+    bootstrap = Path(str(resources.files("runtimes.deno").joinpath("bootstrap.ts")))
+    await trio.to_thread.run_sync(lambda: settings.scratch_dir.mkdir(parents=True, exist_ok=True))
+    socket_dir = Path(await trio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="mbwd-", dir="/tmp")))
+    spawner = Spawner()
+    try:
+        async with trio.open_nursery() as nursery:
+            shared = Shared(
+                nursery=nursery,
+                spawner=spawner,
+                deno_bin=settings.deno_bin,
+                bootstrap=bootstrap,
+                scratch_dir=settings.scratch_dir.resolve(),
+                socket_dir=socket_dir,
+                stop_grace_s=settings.stop_grace_s,
+                on_log=on_log or _default_on_log,
+                counters=Counters(),
+            )
+            runtime = DenoRuntime(shared)
+            try:
+                yield runtime
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(settings.close_grace_s + 10):
+                    await runtime._aclose(settings.close_grace_s)
+                nursery.cancel_scope.cancel()
+    finally:
+        spawner.shutdown()
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(lambda: shutil.rmtree(socket_dir, ignore_errors=True))

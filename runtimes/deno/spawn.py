@@ -1,0 +1,199 @@
+"""Starting one Deno child so that it can never outlive the daemon, and the exact command line it runs with.
+
+Who owns what: `Spawner` owns one thread that lives as long as the runtime; every child is forked from that
+thread. Why a dedicated thread: PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, and
+trio's worker threads come and go (an idle one exits after a few seconds, which would kill healthy children).
+A `ChildProcess` owns its pipe ends and its pidfd; `DenoProcess` (process.py) owns the `ChildProcess`.
+
+No orphans: each child gets its own process group (so a group kill reaches anything it might start) and a
+parent-death signal (SIGKILL) set in `preexec_fn`, so a SIGKILLed daemon takes its children with it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from runtimes.api import FunctionVersion
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_prctl = _libc.prctl  # resolved here: the preexec_fn runs after fork and should do as little as possible
+
+
+def _make_preexec(parent_pid: int) -> Callable[[], None]:
+    def preexec() -> None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the daemon died between fork and prctl
+            os._exit(1)
+
+    return preexec
+
+
+@dataclass(slots=True)
+class ChildProcess:
+    """A started child: its pipes as trio streams and a pidfd to wait on and signal without pid-reuse races."""
+
+    popen: subprocess.Popen[bytes]
+    stdin: trio.lowlevel.FdStream
+    stdout: trio.lowlevel.FdStream
+    stderr: trio.lowlevel.FdStream
+    pidfd: int
+    returncode: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    async def wait(self) -> int:
+        """Wait for the child to exit and reap it."""
+        if self.returncode is None:
+            await trio.lowlevel.wait_readable(self.pidfd)
+            # the pidfd is readable: the child has exited, so this wait does not block
+            self.returncode = self.popen.wait()
+        return self.returncode
+
+    def signal(self, sig: int) -> None:
+        """Signal the child and its process group; a no-op once it has been reaped."""
+        if self.returncode is not None:
+            return
+        try:
+            signal.pidfd_send_signal(self.pidfd, sig)
+        except ProcessLookupError:
+            return
+        try:
+            os.killpg(self.popen.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def aclose_streams(self) -> None:
+        for s in (self.stdin, self.stdout, self.stderr):
+            await s.aclose()
+
+    def close_pidfd(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+class Spawner:
+    """Forks children from one long-lived thread (see module docstring). Close it with `shutdown()`."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mbworker-deno-spawn")
+
+    async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path | None = None) -> ChildProcess:
+        fds: list[int] = []
+        try:
+            in_r, in_w = os.pipe2(os.O_CLOEXEC)
+            fds += [in_r, in_w]
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            fds += [out_r, out_w]
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            fds += [err_r, err_w]
+            popen_fn = lambda: subprocess.Popen(  # noqa: E731
+                list(argv),
+                stdin=in_r,
+                stdout=out_w,
+                stderr=err_w,
+                env=dict(env),
+                cwd=cwd,
+                close_fds=True,
+                process_group=0,
+                preexec_fn=_make_preexec(os.getpid()),
+            )
+            fut = self._pool.submit(popen_fn)
+            popen = await trio.to_thread.run_sync(fut.result)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        for fd in (in_r, out_w, err_w):
+            os.close(fd)
+        try:
+            pidfd = os.pidfd_open(popen.pid)
+        except OSError:
+            popen.kill()
+            popen.wait()
+            for fd in (in_w, out_r, err_r):
+                os.close(fd)
+            raise
+        return ChildProcess(
+            popen,
+            trio.lowlevel.FdStream(in_w),
+            trio.lowlevel.FdStream(out_r),
+            trio.lowlevel.FdStream(err_r),
+            pidfd,
+        )
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+DENO_ENV = ("DENO_DIR", "NO_COLOR", "DENO_NO_UPDATE_CHECK", "DENO_NO_PROMPT", "PATH", "DENO_NODE_SHIM_ACTIVE")
+"""Variables set for (or by) Deno itself; the bootstrap deletes them unless the function's env has them.
+(Deno adds PATH and DENO_NODE_SHIM_ACTIVE to its own environment at startup.)"""
+
+
+@dataclass(frozen=True, slots=True)
+class VersionPaths:
+    """Per-version scratch layout (created by the pool, removed when the version's pool goes away)."""
+
+    base: Path
+    deno_dir: Path
+    """DENO_DIR shared by this version's processes: starts empty, holds only transpiled code of the bundle."""
+    tmp: Path
+    """The function's writable temp dir (TMPDIR); FunctionVersion.scratch_dir if given."""
+    import_map: Path
+
+
+def build_argv(deno_bin: str, bootstrap: Path, fn: FunctionVersion, paths: VersionPaths, node_socket: str) -> list[str]:
+    bundle = fn.bundle_dir.resolve()
+    entry = (bundle / fn.entrypoint).resolve()
+    hide = [n for n in DENO_ENV if n not in fn.env]
+    if "DENO_SERVE_ADDRESS" not in fn.env and not node_socket:
+        hide.append("DENO_SERVE_ADDRESS")
+    return [
+        deno_bin,
+        "run",
+        "--no-remote",
+        "--cached-only",
+        "--no-prompt",
+        "--no-config",
+        "--no-lock",
+        f"--import-map={paths.import_map}",
+        f"--v8-flags=--max-old-space-size={fn.limits.memory_mb}",
+        "--allow-net",
+        "--allow-env",
+        f"--allow-read={bundle},{paths.tmp}" + (f",{node_socket}" if node_socket else ""),
+        f"--allow-write={paths.tmp}" + (f",{node_socket}" if node_socket else ""),
+        str(bootstrap),
+        entry.as_uri(),
+        node_socket,
+        ",".join(hide),
+    ]
+
+
+def build_env(fn: FunctionVersion, paths: VersionPaths, execution_id: str, node_socket: str) -> dict[str, str]:
+    """Exactly the function's env, plus SB_EXECUTION_ID, TMPDIR and what Deno itself needs (hidden later)."""
+    env = dict(fn.env)
+    env["SB_EXECUTION_ID"] = execution_id
+    env.setdefault("TMPDIR", str(paths.tmp))
+    env["DENO_DIR"] = str(paths.deno_dir)
+    env["NO_COLOR"] = "1"
+    env["DENO_NO_UPDATE_CHECK"] = "1"
+    env["DENO_NO_PROMPT"] = "1"
+    if node_socket:
+        # Deno's node:http (and so Express) listens here instead of the port the code asks for
+        env["DENO_SERVE_ADDRESS"] = f"unix:{node_socket}"
+    return env

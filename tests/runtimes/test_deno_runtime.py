@@ -1,0 +1,371 @@
+"""The Deno runtime with real deno subprocesses: handler forms, streaming both ways, env, logs, examples."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from runtimes.deno import DenoSettings
+from runtimes.errors import BootError, WorkerError
+from tests.conftest import IN_CI
+from tests.runtimes.test_deno_support import (
+    EXAMPLES,
+    LogSink,
+    call,
+    call_json,
+    deno_bin,
+    deno_runtime,
+    inv,
+    version,
+    write_fn,
+)
+
+ECHO = "(req: Request) => new Response(`${req.method} ${req.url}`)"
+
+FORMS = {
+    "serve_handler": f"Deno.serve({ECHO});",
+    "serve_opts_handler": f"Deno.serve({{ port: 1234, hostname: '0.0.0.0' }}, {ECHO});",
+    "serve_handler_in_opts": f"const s = Deno.serve({{ port: 1, handler: {ECHO} }}); s.finished.then(() => {{}});",
+    "export_default_fetch": f"export default {{ fetch: {ECHO} }};",
+    "node_http_listen": """
+        import http from "node:http";
+        http.createServer((req, res) => {
+          res.setHeader("content-type", "text/plain");
+          res.end(`${req.method} http://localhost${req.url}`);
+        }).listen(3000);
+    """,
+}
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+async def test_handler_forms(tmp_path: Path, form: str) -> None:
+    fn = version(write_fn(tmp_path, FORMS[form]))
+    async with deno_runtime(tmp_path) as rt:
+        status, _, body = await call(rt, fn, "GET", "/fn/a/b?x=1&y=2")
+        assert status == 200
+        assert body == b"GET http://localhost/fn/a/b?x=1&y=2"
+        status, _, body = await call(rt, fn, "POST", "/fn/p", b"data")
+        assert (status, body) == (200, b"POST http://localhost/fn/p")
+
+
+async def test_request_url_falls_back_to_target(tmp_path: Path) -> None:
+    fn = version(
+        write_fn(tmp_path, "Deno.serve((req) => new Response(new URL(req.url).pathname + new URL(req.url).search));")
+    )
+    async with deno_runtime(tmp_path) as rt:
+        i = inv("GET", "/fn/z?q=1")
+        i.url = ""
+        async with rt.invoke(fn, i) as res:
+            assert b"".join([c async for c in res.body]) == b"/fn/z?q=1"
+
+
+async def test_hello_example_query_and_json_body(tmp_path: Path) -> None:
+    fn = version(EXAMPLES / "hello", slug="hello")
+    async with deno_runtime(tmp_path) as rt:
+        assert await call_json(rt, fn, "GET", "/hello?name=Ada") == {"message": "Hello Ada!"}
+        assert await call_json(rt, fn, "POST", "/hello", b'{"name": "Grace"}') == {"message": "Hello Grace!"}
+        status, headers, _ = await call(rt, fn, "POST", "/hello", b"not json")
+        assert status == 400
+        assert headers[b"content-type"] == b"application/json"
+
+
+async def test_headers_round_trip_with_repeats(tmp_path: Path) -> None:
+    src = """
+        Deno.serve((req) => {
+          const h = new Headers({ "x-got": req.headers.get("x-in") ?? "" });
+          h.append("set-cookie", "a=1");
+          h.append("set-cookie", "b=2");
+          return new Response(null, { status: 204, headers: h });
+        });
+    """
+    fn = version(write_fn(tmp_path, src))
+    async with deno_runtime(tmp_path) as rt, rt.invoke(fn, inv("GET", "/fn", headers=[(b"x-in", b"v\xe9")])) as res:
+        assert res.status == 204
+        assert (b"x-got", b"v\xe9") in res.headers
+        assert [v for k, v in res.headers if k == b"set-cookie"] == [b"a=1", b"b=2"]
+
+
+async def test_bodies_stream_both_ways(tmp_path: Path) -> None:
+    # The function echoes each request chunk as soon as it arrives: we only send chunk n+1 after reading echo n,
+    # so this passes only if neither direction is buffered.
+    src = """
+        Deno.serve((req) => {
+          const reader = req.body!.getReader();
+          const body = new ReadableStream({
+            async pull(c) {
+              const { value, done } = await reader.read();
+              if (done) { c.enqueue(new TextEncoder().encode("[end]")); c.close(); }
+              else c.enqueue(new TextEncoder().encode(`<${new TextDecoder().decode(value)}>`));
+            },
+          });
+          return new Response(body);
+        });
+    """
+    fn = version(write_fn(tmp_path, src))
+    send, recv = trio.open_memory_channel[bytes](0)
+
+    async def request_body() -> AsyncIterator[bytes]:
+        async with recv:
+            async for c in recv:
+                yield c
+
+    async with deno_runtime(tmp_path) as rt, rt.invoke(fn, inv("POST", "/fn", request_body())) as res:
+        it = aiter(res.body)
+        for n in range(5):
+            await send.send(f"chunk{n}".encode())
+            with trio.fail_after(10):
+                assert await anext(it) == f"<chunk{n}>".encode()
+        await send.aclose()
+        assert b"".join([c async for c in it]) == b"[end]"
+
+
+async def test_large_response_flows_through_the_window(tmp_path: Path) -> None:
+    src = """
+        Deno.serve(() => {
+          let n = 0;
+          return new Response(new ReadableStream({
+            pull(c) { if (n++ < 200) c.enqueue(new Uint8Array(8192).fill(n % 256)); else c.close(); },
+          }));
+        });
+    """
+    fn = version(write_fn(tmp_path, src))
+    async with deno_runtime(tmp_path) as rt:
+        status, _, body = await call(rt, fn, "GET", "/fn")
+        assert status == 200
+        assert len(body) == 200 * 8192
+
+
+async def test_sse_event_arrives_before_the_response_ends(tmp_path: Path) -> None:
+    # The stream sends one event, then waits until a second request releases it: reading the first event
+    # while the function is still waiting proves it was not buffered until the end.
+    src = """
+        let release: () => void = () => {};
+        const released = new Promise<void>((r) => (release = r));
+        Deno.serve((req) => {
+          if (new URL(req.url).pathname.endsWith("/release")) { release(); return new Response("ok"); }
+          const enc = new TextEncoder();
+          return new Response(new ReadableStream({
+            async start(c) {
+              c.enqueue(enc.encode("data: first\\n\\n"));
+              await released;
+              c.enqueue(enc.encode("data: second\\n\\n"));
+              c.close();
+            },
+          }), { headers: { "content-type": "text/event-stream" } });
+        });
+    """
+    fn = version(write_fn(tmp_path, src), max_processes=1)
+    async with deno_runtime(tmp_path) as rt, rt.invoke(fn, inv("GET", "/fn/events")) as res:
+        assert dict(res.headers)[b"content-type"] == b"text/event-stream"
+        it = aiter(res.body)
+        with trio.fail_after(10):
+            assert await anext(it) == b"data: first\n\n"
+        assert await call(rt, fn, "GET", "/fn/release") == (200, {b"content-type": b"text/plain;charset=UTF-8"}, b"ok")
+        assert b"".join([c async for c in it]) == b"data: second\n\n"
+
+
+async def test_sse_example_streams_events(tmp_path: Path) -> None:
+    fn = version(EXAMPLES / "sse", slug="sse")
+    async with deno_runtime(tmp_path) as rt:
+        status, headers, body = await call(rt, fn, "GET", "/sse?count=3&interval_ms=10")
+        assert status == 200
+        assert headers[b"content-type"] == b"text/event-stream"
+        events = [e for e in body.decode().split("\n\n") if e]
+        assert [json.loads(e.split("data: ")[1])["n"] for e in events] == [1, 2, 3]
+
+
+async def test_env_is_exactly_the_functions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MBWORKER_SECRET", "host-only")
+    src = "Deno.serve(() => Response.json(Deno.env.toObject()));"
+    fn = version(write_fn(tmp_path, src), env={"SUPABASE_URL": "http://kong:8000", "MY_SECRET": "s3"})
+    async with deno_runtime(tmp_path) as rt:
+        env = await call_json(rt, fn, "GET", "/fn")
+    assert env["SUPABASE_URL"] == "http://kong:8000"
+    assert env["MY_SECRET"] == "s3"
+    uuid.UUID(env.pop("SB_EXECUTION_ID"))
+    for name in ("HOME", "PATH", "MBWORKER_SECRET", "DENO_DIR", "NO_COLOR", "USER", "PWD"):
+        assert name not in env
+    # what remains beyond the function's own env is deliberate and documented
+    assert set(env) - {"SUPABASE_URL", "MY_SECRET"} <= {"TMPDIR", "DENO_SERVE_ADDRESS"}
+
+
+async def test_logs_are_captured_per_stream_with_execution_id(tmp_path: Path) -> None:
+    src = """
+        console.log("booting", { a: 1 });
+        Deno.serve(() => {
+          console.log("hello from log");
+          console.error("oops on stderr");
+          console.info("x".repeat(12000));
+          return new Response(Deno.env.get("SB_EXECUTION_ID"));
+        });
+    """
+    logs = LogSink()
+    fn = version(write_fn(tmp_path, src))
+    async with deno_runtime(tmp_path, logs) as rt:
+        _, _, body = await call(rt, fn, "GET", "/fn")
+    exec_id = body.decode()
+    assert ("fn", exec_id, "stdout", "booting { a: 1 }") in logs.lines
+    assert ("fn", exec_id, "stdout", "hello from log") in logs.lines
+    assert ("fn", exec_id, "stderr", "oops on stderr") in logs.lines
+    long = [line for *_, line in logs.lines if line.startswith("xxx")]
+    assert len(long) == 1
+    assert len(long[0]) < 10_100
+
+
+async def test_writing_to_stdout_does_not_corrupt_frames(tmp_path: Path) -> None:
+    src = """
+        import process from "node:process";
+        Deno.serve(async () => {
+          await Deno.stdout.write(new TextEncoder().encode("raw bytes\\n"));
+          Deno.stdout.writeSync(new TextEncoder().encode("sync bytes\\n"));
+          process.stdout.write("node stdout\\n");
+          return new Response("still fine");
+        });
+    """
+    logs = LogSink()
+    fn = version(write_fn(tmp_path, src))
+    async with deno_runtime(tmp_path, logs) as rt:
+        assert (await call(rt, fn, "GET", "/fn"))[2] == b"still fine"
+        assert (await call(rt, fn, "GET", "/fn"))[2] == b"still fine"
+        assert rt.statistics().cold_starts == 1
+    stderr = [line for _, _, stream, line in logs.lines if stream == "stderr"]
+    for text in ("raw bytes", "sync bytes", "node stdout"):
+        assert stderr.count(text) == 2
+
+
+async def test_type_only_jsr_import_and_function_import_map(tmp_path: Path) -> None:
+    src = """
+        import "jsr:@supabase/functions-js/edge-runtime.d.ts";
+        import { greet } from "shared/greet.ts";
+        Deno.serve(() => new Response(greet("map")));
+    """
+    files = {
+        "deno.json": '{\n  // JSONC is fine\n  "imports": { "shared/": "./lib/" },\n}\n',
+        "lib/greet.ts": "export const greet = (s: string) => `hi ${s}`;\n",
+    }
+    fn = version(write_fn(tmp_path, src, files=files), import_map="deno.json")
+    async with deno_runtime(tmp_path) as rt:
+        assert (await call(rt, fn, "GET", "/fn"))[2] == b"hi map"
+
+
+async def test_node_builtin_example(tmp_path: Path) -> None:
+    fn = version(EXAMPLES / "node-builtin", slug="node-builtin")
+    async with deno_runtime(tmp_path) as rt:
+        got = await call_json(rt, fn, "POST", "/node-builtin", b"abc")
+    assert got["sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert got["base64"] == "YWJj"
+    uuid.UUID(got["request_id"])
+
+
+async def bundle(entry: Path, out: Path) -> None:
+    """`deno bundle` as the deploy CLI runs it on the deployer's machine (fetches npm packages; skip offline)."""
+    cache = Path.home() / ".cache" / "mbworker-test-deno"
+    try:
+        await trio.run_process(
+            [deno_bin(), "bundle", "--quiet", str(entry), "-o", str(out)],
+            env={**os.environ, "DENO_DIR": str(cache), "NO_COLOR": "1"},  # the host's proxy/CA settings too
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+    except subprocess.CalledProcessError as exc:
+        if IN_CI:
+            raise
+        pytest.skip(f"deno bundle needs the npm registry: {exc.stderr.decode()[-300:]}")
+
+
+async def test_npm_example_runs_bundled_without_network(tmp_path: Path) -> None:
+    out = tmp_path / "bundle" / "index.js"
+    await bundle(EXAMPLES / "npm-dep" / "index.ts", out)
+    fn = version(out.parent, slug="npm-dep", entry="index.js")
+    async with deno_runtime(tmp_path) as rt:
+        assert await call_json(rt, fn, "GET", "/npm-dep?d=2%20days") == {"ms": 172800000, "pretty": "2d"}
+        # the unbundled source needs npm: at boot, which the worker cannot fetch
+        with pytest.raises(BootError) as info:
+            await rt.warm(version(EXAMPLES / "npm-dep", slug="npm-src"))
+        assert "deno bundle" in info.value.message
+
+
+async def test_express_app_listen_bundled(tmp_path: Path) -> None:
+    src = write_fn(
+        tmp_path,
+        """
+        import express from "npm:express@4.21.2";
+        const app = express();
+        app.use(express.json());
+        app.get("/ex/hi", (req, res) => res.json({ hi: req.query.name }));
+        app.post("/ex/echo", (req, res) => res.status(201).json(req.body));
+        app.listen(3000, () => console.log("express listening"));
+        """,
+        name="ex-src",
+    )
+    out = tmp_path / "ex" / "index.js"
+    await bundle(src / "index.ts", out)
+    fn = version(out.parent, slug="ex", entry="index.js")
+    async with deno_runtime(tmp_path) as rt:
+        assert await call_json(rt, fn, "GET", "/ex/hi?name=bob") == {"hi": "bob"}
+        status, _, body = await call(
+            rt, fn, "POST", "/ex/echo", b'{"a": [1, 2]}', headers=[(b"content-type", b"application/json")]
+        )
+        assert (status, json.loads(body)) == (201, {"a": [1, 2]})
+
+
+async def test_wait_until_and_beforeunload_on_retire(tmp_path: Path) -> None:
+    src = """
+        addEventListener("beforeunload", (ev) => {
+          Deno.writeTextFileSync(`${Deno.env.get("TMPDIR")}/unload.txt`, (ev as CustomEvent).detail.reason);
+        });
+        Deno.serve(() => {
+          EdgeRuntime.waitUntil(new Promise((r) => setTimeout(r, 200)).then(() =>
+            Deno.writeTextFile(`${Deno.env.get("TMPDIR")}/background.txt`, "done")));
+          return new Response("accepted", { status: 202 });
+        });
+    """
+    scratch = tmp_path / "fn-tmp"
+    fn = version(write_fn(tmp_path, src), scratch=scratch)
+    async with deno_runtime(tmp_path) as rt:
+        assert (await call(rt, fn, "GET", "/fn"))[0] == 202
+        await rt.retire(fn)
+        with trio.fail_after(10):
+            await rt.wait_stopped(fn)
+    assert (scratch / "background.txt").read_text() == "done"
+    assert (scratch / "unload.txt").read_text() == "retired"
+
+
+def test_settings_deno_bin_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MBWORKER_DENO", "/opt/deno")
+    assert DenoSettings().deno_bin == "/opt/deno"
+
+
+async def test_leaving_early_cancels_the_request_in_the_function(tmp_path: Path) -> None:
+    src = """
+        let aborted = 0;
+        Deno.serve((req) => {
+          if (new URL(req.url).pathname === "/fn/count") return new Response(String(aborted));
+          req.signal.addEventListener("abort", () => aborted++);
+          return new Response(new ReadableStream({ pull(c) { c.enqueue(new Uint8Array(1024)); } }));
+        });
+    """
+    fn = version(write_fn(tmp_path, src), max_processes=1)
+    async with deno_runtime(tmp_path) as rt:
+        async with rt.invoke(fn, inv("GET", "/fn/endless")) as res:
+            async for _ in res.body:
+                break  # the client goes away after one chunk
+        with trio.fail_after(10):
+            while (await call(rt, fn, "GET", "/fn/count"))[2] != b"1":  # noqa: ASYNC110 - asks the function
+                await trio.sleep(0.01)
+
+
+async def test_response_over_the_cap_is_a_worker_error(tmp_path: Path) -> None:
+    src = "Deno.serve(() => new Response(new Uint8Array(300_000)));"
+    fn = version(write_fn(tmp_path, src), max_response_bytes=100_000)
+    async with deno_runtime(tmp_path) as rt:
+        with pytest.raises(WorkerError, match="exceeded"):
+            await call(rt, fn, "GET", "/fn")
+        assert rt.statistics().processes == 1
