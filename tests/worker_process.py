@@ -32,13 +32,13 @@ class RunningWorker:
     output: list[str]
     waiters: list[tuple[str, trio.Event]]
 
-    async def wait_for_output(self, text: str, timeout: float = 20) -> str:
-        """Wait until a line of the worker's output contains `text`; returns that line."""
+    async def wait_for_output(self, text: str, timeout: float = 20, *, count: int = 1) -> str:
+        """Wait until `count` lines of the worker's output contain `text`; returns the last of them."""
         with trio.fail_after(timeout):
             while True:
-                for line in self.output:
-                    if text in line:
-                        return line
+                matching = [line for line in self.output if text in line]
+                if len(matching) >= count:
+                    return matching[-1]
                 event = trio.Event()
                 self.waiters.append((text, event))
                 try:

@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from functools import partial
+
     import trio
 
     from worker.daemon import WorkerHandle, serve_worker
@@ -114,7 +116,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            handle: WorkerHandle = await nursery.start(serve_worker, settings, args.deploy)
+            handle: WorkerHandle = await nursery.start(
+                partial(serve_worker, settings, args.deploy, reload_settings=lambda: _settings_from(args))
+            )
             _print_banner(handle)
 
     trio.run(run)

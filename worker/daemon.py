@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,11 +32,13 @@ from worker.config import WorkerSettings
 from worker.deploy_local import deploy_path
 from worker.deployer import Deployer, PlatformEnv
 from worker.deployments.store import DeploymentStore, LocalDeploymentStore
+from worker.errors import ConfigError
 from worker.function_logs import FunctionLogs
 from worker.functions import FunctionsFrontDoor, FunctionTable
 from worker.http.server import HttpServer, serve_http
 from worker.jwt_gate import JwtGate
 from worker.keys import ProjectKeys, load_project_keys
+from worker.logs import configure_logging
 from worker.metrics import CACHE_STATS, HTTP_STATS, REALTIME_STATS, REDIS_STATS, RUNTIME_STATS, Metrics
 from worker.public_app import PublicApp
 from worker.redis import open_redis
@@ -76,6 +78,7 @@ async def serve_worker(
     deploy_paths: Sequence[Path] = (),
     *,
     handle_signals: bool = True,
+    reload_settings: Callable[[], WorkerSettings] | None = None,
     task_status: trio.TaskStatus[WorkerHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run one worker node until drained. `started(handle)` once both listeners accept and examples are live."""
@@ -87,7 +90,6 @@ async def serve_worker(
     draining = trio.Event()
     metrics = Metrics(node_id=node_id)
     function_logs = FunctionLogs()
-    cache = ResultCache(CacheSettings(capacity_bytes=settings.cache_mb * 1024 * 1024)) if settings.cache_mb else None
 
     async with AsyncExitStack() as stack:
         store: DeploymentStore
@@ -110,13 +112,17 @@ async def serve_worker(
         runtimes: dict[str, Runtime] = {"deno": deno, "wasm": wasm}
         metrics.add_statistics(RUNTIME_STATS, deno.statistics, runtime="deno")
         metrics.add_statistics(RUNTIME_STATS, wasm.statistics, runtime="wasm")
-        if cache is not None:
-            metrics.add_statistics(CACHE_STATS, cache.statistics)
+        functions = FunctionsFrontDoor(
+            table, runtimes, JwtGate(keys.jwt_secret), cache=_make_cache(settings), metrics=metrics
+        )
+        metrics.add_statistics(CACHE_STATS, lambda: functions.cache.statistics() if functions.cache else None)
+
+        def purge_cache(slug: str | None) -> int:
+            return functions.cache.purge(slug) if functions.cache is not None else 0
 
         async def on_change(slug: str) -> None:
             """A slug's live version changed: drop its cached results and follow it in metrics."""
-            if cache is not None:
-                cache.purge(slug)
+            purge_cache(slug)
             active = table.get(slug)
             if active is None:
                 metrics.forget_function(slug)
@@ -131,6 +137,7 @@ async def serve_worker(
             PlatformEnv(settings.public_base_url, keys.anon_key, keys.service_role_key),
             scratch_root=data_dir / "scratch" / "functions",
             on_change=on_change,
+            default_limits=settings.limits,
         )
         restored = await deployer.restore()
         for slug in table.slugs():
@@ -139,7 +146,6 @@ async def serve_worker(
             open_realtime(settings.realtime, jwt_secret=keys.jwt_secret, node_id=node_id)
         )
         metrics.add_statistics(REALTIME_STATS, realtime.statistics)
-        functions = FunctionsFrontDoor(table, runtimes, JwtGate(keys.jwt_secret), cache=cache, metrics=metrics)
 
         async def ready() -> tuple[bool, dict[str, Any]]:
             return (not draining.is_set(), {"functions": len(table), "draining": draining.is_set()})
@@ -162,7 +168,7 @@ async def serve_worker(
             max_bundle_bytes=settings.max_bundle_mb * 1024 * 1024,
             health=health,
             drain=drain,
-            purge_cache=cache.purge if cache is not None else None,
+            purge_cache=purge_cache,
             public_url=settings.public_base_url,
             metrics=metrics,
             function_logs=function_logs,
@@ -179,6 +185,17 @@ async def serve_worker(
             handle = WorkerHandle(settings, keys, public, admin, deployer, draining)
             if handle_signals:
                 nursery.start_soon(_serve_signals, draining, nursery.cancel_scope)
+                if reload_settings is not None:
+
+                    async def apply(new: WorkerSettings) -> None:
+                        nonlocal settings
+                        configure_logging(new.log_level)
+                        await deployer.set_default_limits(new.limits)
+                        if new.cache_mb != settings.cache_mb:
+                            functions.cache = _make_cache(new)  # a new size starts an empty cache
+                        settings = new
+
+                    nursery.start_soon(_serve_reload, reload_settings, apply)
             log.info("ready: %s (admin %s), %d functions restored", handle.public_url, handle.admin_url, restored)
             task_status.started(handle)
             await draining.wait()
@@ -192,6 +209,26 @@ async def serve_worker(
                     drains.start_soon(admin.drain, settings.drain_grace_s)
             nursery.cancel_scope.cancel()
     log.info("worker stopped")
+
+
+def _make_cache(settings: WorkerSettings) -> ResultCache | None:
+    return ResultCache(CacheSettings(capacity_bytes=settings.cache_mb * 1024 * 1024)) if settings.cache_mb else None
+
+
+async def _serve_reload(load: Callable[[], WorkerSettings], apply: Callable[[WorkerSettings], Awaitable[None]]) -> None:
+    """SIGHUP: read the config again and apply what can change live (limits, log level, cache size).
+
+    Listeners, data dir, secrets and Redis need a restart; a bad file is logged and the running config kept.
+    """
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            try:
+                new = await trio.to_thread.run_sync(load)
+            except ConfigError as exc:
+                log.error("reload refused, keeping the running config: %s", exc)
+                continue
+            await apply(new)
+            log.info("reloaded configuration")
 
 
 def _stats(runtime: Runtime) -> dict[str, Any]:

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import trio
 
-from runtimes import BootError, FunctionVersion, Runtime
+from runtimes import BootError, FunctionVersion, Limits, Runtime
 from worker.cache import FunctionCacheConfig
 from worker.deployments.store import Deployment, DeploymentStore, function_version
 from worker.functions import ActiveFunction, FunctionTable
 
 log = logging.getLogger("mbworker.deployer")
+
+_BUILTIN_LIMITS = Limits.model_validate({})
 
 ChangeHook = Callable[[str], Awaitable[None]]
 """Called with a slug after its live version changed (activate, rollback, delete): e.g. a cache purge."""
@@ -63,7 +65,9 @@ class Deployer:
         platform_env: PlatformEnv,
         scratch_root: Path,
         on_change: ChangeHook | None = None,
+        default_limits: Limits | None = None,
     ) -> None:
+        self.default_limits = default_limits or Limits.model_validate({})
         self.store = store
         self.runtimes = runtimes
         self.table = table
@@ -79,7 +83,26 @@ class Deployer:
         secrets = await self.store.secrets(dep.slug, dep.version)
         env = {**secrets, **self.platform_env.for_version(dep.slug, dep.version)}
         fn = function_version(dep, self.store.bundle_dir(dep.slug, dep.version), env)
-        return dataclasses.replace(fn, scratch_dir=self.scratch_root / dep.slug)
+        return dataclasses.replace(fn, scratch_dir=self.scratch_root / dep.slug, limits=self.limits_for(dep))
+
+    def limits_for(self, dep: Deployment) -> Limits:
+        """The operator's default limits, overridden by what the function's own function.toml changed.
+
+        A function field equal to the built-in default counts as unset: the manifest keeps no other trace of it.
+        """
+        builtin = _BUILTIN_LIMITS.model_dump()
+        changed = {k: v for k, v in dep.limits.model_dump().items() if v != builtin[k]}
+        return self.default_limits.model_copy(update=changed)
+
+    async def set_default_limits(self, limits: Limits) -> None:
+        """New operator defaults (SIGHUP): live versions pick them up; the front door's limits apply at once, a
+        sandbox's own (memory, CPU) with its next process."""
+        self.default_limits = limits
+        for slug in self.table.slugs():
+            async with self._lock(slug):
+                dep = await self.store.get_active(slug)
+                if dep is not None:
+                    self.table.set(await self._active(dep))
 
     async def _active(self, dep: Deployment) -> ActiveFunction:
         fn = await self.function_version(dep)

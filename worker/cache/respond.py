@@ -84,6 +84,14 @@ async def _lead(responder: Responder, invoke: Invoke, flight: CacheFlight) -> by
     async with invoke() as result:
         recorder = flight.record(result.status, result.headers)
         label = recorder.label
+        whole = result.complete_body
+        if whole is not None:  # the runtime holds it all: record it, answer in one write with Content-Length
+            if whole:
+                recorder.write(whole)
+            recorder.finish()
+            framed = [(k, v) for k, v in result.headers if k.lower() not in _FRAMING]  # send() frames the body
+            await responder.send(result.status, [*framed, (CACHE_HEADER, label)], whole)
+            return label
         pending: list[bytes] | None = [] if recorder.buffered else None
         if pending is None:
             await responder.start(result.status, _labelled(result.headers, label))
