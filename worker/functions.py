@@ -30,7 +30,6 @@ log = logging.getLogger("mbworker.functions")
 
 PREFIX = "/functions/v1/"
 ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"})
-CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 # Hop-by-hop headers are the connection's business, not the function's (RFC 9110 §7.6.1).
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"te", b"trailer", b"proxy-connection"}
@@ -162,7 +161,7 @@ class FunctionsFrontDoor:
             return _shaped(runtime.invoke(fn, invocation), active)
 
         try:
-            if self.cache is not None and request.method in CACHEABLE_METHODS and active.cache.enabled:
+            if self.cache is not None and active.cache.enabled:  # other methods pass through as BYPASS
                 await respond_through_cache(
                     self.cache,
                     request,
