@@ -26,6 +26,7 @@ from runtimes.errors import (
 )
 from runtimes.limits import Limits
 from runtimes.wasm import cgi
+from runtimes.wasm.errors import ModuleRejected
 from runtimes.wasm.sandbox import CallControl, CallLimits, CallOutcome, PreparedModule, Sandbox
 from runtimes.wasm.settings import WasmSettings
 from runtimes.wasm.threads import CallThreads, open_call_threads
@@ -121,6 +122,13 @@ async def _single(data: bytes) -> AsyncIterator[bytes]:
         yield data
 
 
+def _copy_boot_error(error: BootError) -> BootError:
+    """The remembered boot failure, raised anew for this caller with its own class, status and code."""
+    if isinstance(error, ModuleRejected):
+        return ModuleRejected(error.reason)
+    return BootError(error.message, output=error.output)
+
+
 class WasmRuntime:
     """The Wasm `Runtime`. Create it with `open_wasm_runtime`; methods are called from trio tasks."""
 
@@ -200,7 +208,13 @@ class WasmRuntime:
         except IdleTimeout:
             self._limit_kills["idle"] = self._limit_kills.get("idle", 0) + 1
             raise
-        yield InvocationResult(status=response.status, headers=response.headers, body=_single(response.body))
+        # Fully buffered: hand the front door the whole body too, so it answers with Content-Length in one write.
+        yield InvocationResult(
+            status=response.status,
+            headers=response.headers,
+            body=_single(response.body),
+            complete_body=response.body,
+        )
 
     async def retire(self, fn: FunctionVersion) -> None:
         """Forget `fn`; its compiled module is closed once in-flight calls finish. The disk cache stays."""
@@ -252,8 +266,9 @@ class WasmRuntime:
                         else:
                             version.prepared = prepared
         if version.error is not None:
-            # A fresh exception per caller: re-raising one object would chain tracebacks across requests.
-            raise BootError(version.error.message, output=version.error.output)
+            # A fresh exception per caller (re-raising one object would chain tracebacks across requests), of
+            # the same class: 422 for a rejected module, else 503.
+            raise _copy_boot_error(version.error)
         if version.retired:  # retired meanwhile: a later request for it boots it again, like this one
             return await self._ready(fn)
         return version

@@ -349,11 +349,9 @@ class Sandbox:
         return self.cache_dir / f"{sha}-{self._fingerprint}.cwasm"
 
     def prepare(self, source: bytes, *, is_wat: bool) -> PreparedModule:
-        """Compile (or load from the disk cache) and link `source`. Raises BootError."""
-        try:
-            wasm = wat_or_wasm(source, is_wat=is_wat)
-        except ModuleRejected as exc:
-            raise BootError(str(exc)) from exc
+        """Compile (or load from the disk cache) and link `source`. Raises BootError; `ModuleRejected` (a
+        BootError answered 422) when the module itself is invalid: the deployer's fault."""
+        wasm = wat_or_wasm(source, is_wat=is_wat)
         sha = hashlib.sha256(wasm).hexdigest()
         path = self._cache_path(sha)
         module: wasmtime.Module | None = None
@@ -368,14 +366,11 @@ class Sandbox:
             try:
                 module = wasmtime.Module(self.engine, wasm)
             except wasmtime.WasmtimeError as exc:
-                raise BootError(f"invalid Wasm module: {_first_line(exc)}") from exc
+                raise ModuleRejected(f"invalid Wasm module: {_first_line(exc)}") from exc
             if path is not None:
                 self._store_cache(path, module)
         try:
-            try:
-                _check_entry(module)
-            except ModuleRejected as exc:
-                raise BootError(exc.reason) from exc
+            _check_entry(module)  # ModuleRejected: the module is no WASI command
             try:
                 pre = self.linker.instantiate_pre(module)
             except wasmtime.WasmtimeError as exc:
