@@ -3,6 +3,7 @@ VENV    ?= .venv
 PYTHON  ?= python3
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
+DEMO_BUNDLE := examples/functions/realtime-demo/page/realtime-js.js
 # Root in CI and on fresh machines; sudo elsewhere when it exists.
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null 2>&1 && [ "$$(id -u)" != 0 ] && echo sudo)
 
@@ -17,8 +18,13 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 ## Start one worker on the embedded default (single node, no Redis) with the examples deployed.
-run: setup
+run: setup $(DEMO_BUNDLE)
 	$(BIN)/mbworker serve --deploy examples/functions
+
+## The realtime demo's browser bundle of realtime-js (from npm, built here: workers fetch nothing). Not fatal:
+## without it the other examples still run and the demo page says what is missing.
+$(DEMO_BUNDLE): examples/functions/realtime-demo/client.ts examples/functions/realtime-demo/build.sh | $(STAMP)
+	DENO=$(BIN)/deno sh examples/functions/realtime-demo/build.sh || echo "warning: realtime-demo bundle not built"
 
 ## System packages the tests talk to for real: redis-server, chromium, node + npm.
 system-deps:
@@ -51,4 +57,4 @@ bench: setup
 	@for b in bench/*.py; do case $$b in */_*) continue;; esac; echo "== $$b"; $(BIN)/python $$b; done
 
 clean:
-	rm -rf $(VENV) .mbworker .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .mbworker .pytest_cache .mypy_cache .ruff_cache $(DEMO_BUNDLE)
