@@ -81,6 +81,10 @@ class Channel:
 
 
 class Client:
+    """One connection's channels and counters. Owned by the connection's task (service.py)."""
+
+    __slots__ = ("_events", "apikey", "apikey_claims", "channels", "ctx", "id", "messages_in", "transport", "vsn")
+
     def __init__(
         self, ctx: NodeContext, transport: Transport, vsn: Vsn, apikey: str, apikey_claims: dict[str, Any]
     ) -> None:

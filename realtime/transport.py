@@ -1,23 +1,32 @@
-"""Transport: one WebSocket connection's writes, over the `websockets` library's trio implementation.
+"""Transport: one WebSocket connection's I/O, a thin trio loop over websockets' Sans-I/O `ServerProtocol`.
 
-`accept_stream` turns a stream handed over by the HTTP front door (plus the bytes it already read) into a
-`websockets.trio.server.ServerConnection` — no WebSocket framing is written here. `Transport` owns the
-outbound side: frames are encoded ONCE per broadcast (`OutFrame.wire` caches the WebSocket frame bytes) and
-written straight to the socket when nothing is queued for it; otherwise they wait in a bounded per-connection
-queue drained by a writer task that exists only while something is queued (idle connections carry no task
-for it). Overflow calls `on_overflow` once (the owner disconnects that client).
+`accept_stream` runs the opening handshake on a stream handed over by the HTTP front door (plus the bytes it
+already read) and returns a `Transport`. websockets does all the WebSocket work — request parsing, the 101 or
+refusal, frame parsing and limits, ping → pong, the closing handshake — through its public Sans-I/O API
+(`receive_data` / `events_received` / `data_to_send`); no framing is written here. We only move bytes, join
+the fragments of a message, and decode text.
 
-Reaching into websockets: we write pre-built frames ourselves, serialized with the connection's `send_lock`
-(the lock websockets holds around every `send_all`) and only while `protocol.state is OPEN` and no extension
-is negotiated (we offer none). `tests/realtime/test_transport.py::test_websockets_internals` pins what we
-rely on; websockets is pinned to >=16,<18.
+Why not `websockets.trio.ServerConnection`: it costs a reader task, a nursery, a lock, a memory channel and an
+assembler per connection (~10 KB each idle connection). Here a connection is this object plus its
+`ServerProtocol`, read by its owner's one task (`receive`), with no timer or task of its own.
+
+Writes: frames are encoded ONCE per broadcast (`OutFrame.wire` caches the WebSocket frame bytes) and written
+straight to the socket (`os.write`, non-blocking) when nothing is queued for it; otherwise they wait in a
+bounded queue drained by a writer task that exists only while something is queued (spawned in the node's
+nursery, ended by the socket closing or by the write timeout). Overflow or a stalled write calls `on_overflow`
+once (the owner disconnects that client). The protocol's own output (pong, close) goes the same way, so the
+byte order on the wire is always the order of the calls.
+
+Reaching into websockets: writing pre-built data frames beside the protocol is sound only while its state is
+OPEN, no extension is negotiated (we offer none) and we never fragment. `tests/realtime/test_units.py::
+test_websockets_internals` pins what we rely on; websockets is pinned to >=16,<18.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Final, cast
 
 import trio
 from websockets.datastructures import Headers as WsHeaders
@@ -25,9 +34,18 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
-from websockets.trio.server import Server, ServerConnection
 
-__all__ = ["OutFrame", "Transport", "accept_stream"]
+from realtime.errors import RealtimeError
+
+__all__ = ["OutFrame", "Transport", "TransportClosed", "accept_stream", "json_response"]
+
+_READ_SIZE: Final = 65536
+_OPEN: Final = State.OPEN
+_TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
+
+
+class TransportClosed(RealtimeError):
+    """The WebSocket connection ended (closing handshake, EOF, protocol error or a broken socket)."""
 
 
 class OutFrame:
@@ -50,63 +68,11 @@ class OutFrame:
         return self._wire
 
 
-class _NoServer:
-    """ServerConnection wants its Server only to ask whether it is closing; the front door owns that."""
-
-    closing = False
+RequestCheck = Callable[[Request], Response | None]
+"""Decides a handshake: None accepts, a `Response` (see `json_response`) refuses."""
 
 
-_HANDSHAKE_DONE = Request("/", WsHeaders())
-"""Shared stand-in for a finished handshake's request (see `accept_stream`)."""
-
-RequestCheck = Callable[[ServerConnection, Request], Response | None]
-
-
-async def accept_stream(
-    nursery: trio.Nursery,
-    stream: trio.abc.Stream,
-    buffered: bytes,
-    check: RequestCheck,
-    *,
-    max_size: int,
-    handshake_timeout: float,
-    close_timeout: float = 2.0,
-) -> ServerConnection | None:
-    """Run the opening handshake on `stream`; None when `check` rejected it or the handshake failed.
-
-    `nursery` runs websockets' reader task and must outlive the connection (the caller owns it). No
-    subprotocol is selected, no extension is negotiated, websockets' own keepalive is off (the Phoenix
-    heartbeat and our idle timeout replace it).
-    """
-    protocol = ServerProtocol(max_size=max_size)
-    conn = ServerConnection(
-        nursery,
-        stream,
-        protocol,
-        cast(Server, _NoServer()),
-        ping_interval=None,
-        ping_timeout=None,
-        close_timeout=close_timeout,
-        max_queue=16,
-    )
-    if buffered:
-        # The reader task has not run yet, so the request head is parsed before anything read later.
-        protocol.receive_data(buffered)
-        for event in protocol.events_received():
-            conn.process_event(event)
-    with trio.move_on_after(handshake_timeout):
-        await conn.handshake(check, None, None)
-        if conn.protocol.state is State.OPEN:
-            # The handshake request/response are never read again; dropping their headers saves ~2 KB per
-            # idle connection. `request` must stay non-None (websockets uses it to tell handshake from frames).
-            conn.request = _HANDSHAKE_DONE
-            conn.response = None
-            return conn
-    await trio.aclose_forcefully(stream)
-    return None
-
-
-def json_response(conn: ServerConnection, status: int, body: bytes) -> Response:
+def json_response(status: int, body: bytes) -> Response:
     """An HTTP error response for a refused handshake, with a JSON body (`{"error": ...}`)."""
     headers = WsHeaders()
     headers["Content-Type"] = "application/json"
@@ -118,90 +84,275 @@ def json_response(conn: ServerConnection, status: int, body: bytes) -> Response:
     return Response(status, reason, headers, body)
 
 
+async def accept_stream(
+    stream: trio.abc.Stream,
+    buffered: bytes,
+    check: RequestCheck,
+    *,
+    nursery: trio.Nursery,
+    max_size: int,
+    max_queued_bytes: int,
+    handshake_timeout: float,
+    write_timeout: float = 30.0,
+) -> Transport | None:
+    """Run the opening handshake on `stream`; None when `check` refused it or the handshake failed (the
+    stream is then closed). On success the caller owns the returned `Transport` and must `aclose` it.
+
+    `nursery` (the node's; it must outlive the connection) runs the transport's writer task while frames are
+    queued. No subprotocol is selected and no extension is negotiated; there is no WebSocket-level keepalive
+    (the Phoenix heartbeat and the owner's idle timeout replace it).
+    """
+    protocol = ServerProtocol(max_size=max_size)
+    if buffered:
+        protocol.receive_data(buffered)
+    early: list[Frame] = []
+    with trio.move_on_after(handshake_timeout):
+        try:
+            request: Request | None = None
+            while True:
+                events = protocol.events_received()
+                if events:
+                    first = events[0]
+                    assert isinstance(first, Request)
+                    request = first
+                    early = [e for e in events[1:] if isinstance(e, Frame)]
+                    break
+                if protocol.handshake_exc is not None:  # malformed request: websockets wrote a 400
+                    await _send_protocol_data(stream, protocol)
+                    break
+                data = await stream.receive_some(_READ_SIZE)
+                if not data:
+                    break
+                protocol.receive_data(data)
+            if request is not None:
+                response = check(request)
+                if response is None:
+                    response = protocol.accept(request)  # 101, or websockets' own 4xx for a bad upgrade
+                protocol.send_response(response)
+                # websockets' parser generator keeps the request referenced for the connection's life but
+                # never reads it again: its headers (~1 KB) need not live that long.
+                request.headers.clear()
+                del request, response
+                await _send_protocol_data(stream, protocol)
+                if protocol.state is _OPEN:
+                    return Transport(stream, protocol, nursery, max_queued_bytes, write_timeout, early)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    await trio.aclose_forcefully(stream)
+    return None
+
+
+async def _send_protocol_data(stream: trio.abc.Stream, protocol: ServerProtocol) -> None:
+    for data in protocol.data_to_send():
+        if data:
+            await stream.send_all(data)
+
+
+def _nothing() -> None:
+    pass
+
+
 class Transport:
-    """Owns writes of one connection. `send` never blocks; a writer task exists only while frames are queued."""
+    """Owns one open WebSocket connection: reads by its owner's task (`receive`), writes from any code
+    (`send` never blocks), and the close (`aclose`, exactly once, by the owner)."""
+
+    __slots__ = (
+        "_early",
+        "_ended",
+        "_fd",
+        "_fragments",
+        "_max",
+        "_nursery",
+        "_queue",
+        "_queued",
+        "_sock",
+        "_stream",
+        "_write_timeout",
+        "_writing",
+        "frames_sent",
+        "on_overflow",
+        "overflowed",
+        "protocol",
+    )
 
     def __init__(
         self,
-        ws: ServerConnection,
-        max_queued_bytes: int,
-        on_overflow: Callable[[], None],
+        stream: trio.abc.Stream,
+        protocol: ServerProtocol,
         nursery: trio.Nursery,
-        write_timeout: float = 30.0,
+        max_queued_bytes: int,
+        write_timeout: float,
+        early: list[Frame] | None = None,
     ) -> None:
-        self._ws = ws
-        self._max = max_queued_bytes
-        self._queue: list[bytes] = []  # a list, not a deque: an empty deque costs ~600 B per connection
-        self._queued = 0
+        self._stream = stream
+        self.protocol = protocol
+        """websockets' Sans-I/O state machine for this connection (read-only outside this module)."""
         self._nursery = nursery
-        self._writing = False
-        self._on_overflow = on_overflow
+        self._max = max_queued_bytes
         self._write_timeout = write_timeout
+        self._queue: list[bytes] | None = None  # allocated when the socket first pushes back
+        self._queued = 0
+        self._writing = False
+        self._fragments: list[bytes] | None = None  # a fragmented message being received (rare)
+        self._early = early or None  # frames that arrived with the handshake request
+        self._ended = False
+        self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._fd: int | None = self._sock.fileno() if self._sock is not None else None
+        self.on_overflow: Callable[[], None] = _nothing
+        """Called once when the send queue overflows or a queued write stalls (set by the owner)."""
         self.overflowed = False
         """True once the queue overflowed; `on_overflow` was called (once) to disconnect this client."""
-        stream: Any = ws.stream
-        self._fd: int | None = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         self.frames_sent = 0
 
     @property
     def queued_bytes(self) -> int:
         return self._queued
 
+    # writing ---------------------------------------------------------------------------------------
+
     def send(self, frame: OutFrame) -> None:
-        """Write `frame` now if the socket takes it, else queue it (bounded)."""
-        if self.overflowed:
+        """Write `frame` now if the socket takes it, else queue it (bounded). Dropped unless the connection
+        is OPEN (a closing socket takes no more messages)."""
+        if self.overflowed or self._ended or self.protocol.state is not _OPEN:
             return
-        ws = self._ws
-        if ws.protocol.state is not State.OPEN:
-            return
-        wire = frame.wire
         self.frames_sent += 1
-        if not self._queue and not self._writing and self._fd is not None and not ws.send_lock.locked():
+        self._write(frame.wire)
+
+    def _write(self, data: bytes) -> None:
+        if not self._writing and self._fd is not None:  # nothing queued: straight to the socket
             try:
-                n = os.write(self._fd, wire)
+                n = os.write(self._fd, data)
             except BlockingIOError:
                 n = 0
             except OSError:
                 return  # the reader sees the broken socket and ends the connection
-            if n == len(wire):
+            if n == len(data):
                 return
-            wire = wire[n:]  # the rest of this frame must go before anything else
-        self._queue.append(wire)
-        self._queued += len(wire)
+            data = data[n:]  # the rest of this frame must go before anything else
+        if self._queue is None:
+            self._queue = []
+        self._queue.append(data)
+        self._queued += len(data)
         if self._queued > self._max:
             self._fail()
             return
         if not self._writing:
             try:
                 self._nursery.start_soon(self._drain)
-            except RuntimeError:  # the connection's nursery is closing: nothing will be written anyway
+            except RuntimeError:  # the node is shutting down: nothing will be written anyway
+                self._queue = None
+                self._queued = 0
                 return
             self._writing = True
 
+    def _flush_protocol(self) -> None:
+        """Write what websockets wants sent (pong, close frame); b"" means it wants the TCP connection closed."""
+        for data in self.protocol.data_to_send():
+            if data:
+                self._write(data)
+            else:
+                self._ended = True  # the owner closes the stream
+
     def _fail(self) -> None:
-        self._queue.clear()
+        self._queue = None
         self._queued = 0
         if not self.overflowed:
             self.overflowed = True
-            self._on_overflow()
+            self.on_overflow()
 
     async def _drain(self) -> None:
-        """Write queued frames under websockets' send lock until the queue is empty or the socket fails."""
-        ws = self._ws
+        """The writer task: send queued bytes until the queue is empty, the socket fails or a write stalls."""
         try:
             while self._queue:
-                async with ws.send_lock:
-                    if ws.protocol.state is not State.OPEN:
-                        return
-                    chunks, self._queue = self._queue, []
-                    self._queued = 0
-                    with trio.move_on_after(self._write_timeout) as stalled:
-                        await ws.stream.send_all(b"".join(chunks))
-                    if stalled.cancelled_caught:  # a client that stopped reading: same fate as overflow
-                        self._fail()
-                        return
+                chunks, self._queue = self._queue, None
+                self._queued = 0
+                with trio.move_on_after(self._write_timeout) as stalled:
+                    await self._stream.send_all(b"".join(chunks))
+                if stalled.cancelled_caught:  # a client that stopped reading: same fate as overflow
+                    self._fail()
+                    return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self._queue.clear()
+            self._queue = None
             self._queued = 0
         finally:
             self._writing = False
+
+    # reading ---------------------------------------------------------------------------------------
+
+    async def receive(self) -> list[str | bytes]:
+        """Wait for one read from the socket and return the complete messages it carried (often one, maybe
+        none). Only the owner's task calls this. Raises `TransportClosed` once the connection has ended."""
+        if self._ended:
+            raise TransportClosed("connection closed")
+        protocol = self.protocol
+        events = self._early
+        if events is not None:
+            self._early = None
+        else:
+            data: bytes | bytearray
+            try:
+                if self._sock is not None:
+                    # The trio socket, not SocketStream.receive_some: same syscall, but an idle connection's
+                    # stack then holds no error-translating context manager (~0.6 KB).
+                    data = await self._sock.recv(_READ_SIZE)
+                else:
+                    data = await self._stream.receive_some(_READ_SIZE)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if data:
+                protocol.receive_data(data)
+            else:
+                protocol.receive_eof()
+                self._ended = True
+            events = cast(list[Frame], protocol.events_received())  # frames only, once the handshake is done
+        messages: list[str | bytes] = []
+        for frame in events:
+            opcode = frame.opcode
+            if opcode is _TEXT or opcode is _BINARY:
+                if frame.fin:
+                    payload = bytes(frame.data)
+                else:
+                    self._fragments = [bytes([opcode is _TEXT]), bytes(frame.data)]
+                    continue
+            elif opcode is _CONT and self._fragments is not None:
+                self._fragments.append(bytes(frame.data))
+                if not frame.fin:
+                    continue
+                kind, *parts = self._fragments
+                self._fragments = None
+                payload = b"".join(parts)
+                opcode = _TEXT if kind == b"\x01" else _BINARY
+            else:
+                continue  # ping (websockets queued the pong), pong, close (handled by websockets)
+            if opcode is _TEXT:
+                try:
+                    messages.append(payload.decode())
+                except UnicodeDecodeError:
+                    protocol.fail(1007, "invalid UTF-8 in a text message")
+                    break
+            else:
+                messages.append(payload)
+        self._flush_protocol()
+        if protocol.state is not _OPEN:
+            self._ended = True
+        return messages
+
+    # closing ---------------------------------------------------------------------------------------
+
+    async def aclose(self, code: int = 1000, reason: str = "", *, timeout: float = 1.0) -> None:
+        """Closing handshake (send a close frame, wait up to `timeout` for the client's), then close the stream.
+        A slow consumer gets no handshake: its socket would not take the frame. Idempotent; owner only."""
+        protocol = self.protocol
+        try:
+            if protocol.state is _OPEN and not self.overflowed:
+                protocol.send_close(code, reason)
+                self._flush_protocol()
+                with trio.move_on_after(timeout):
+                    while not self._ended:
+                        await self.receive()
+        except TransportClosed:
+            pass
+        finally:
+            self._ended = True
+            self._fd = None  # the number may soon belong to another socket: never write to it again
+            await trio.aclose_forcefully(self._stream)
