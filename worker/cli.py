@@ -25,6 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="public listener port (env MBWORKER_PORT; default 8000)")
     serve.add_argument("--admin-host", help="admin listener address (env MBWORKER_ADMIN_HOST)")
     serve.add_argument("--admin-port", type=int, help="admin listener port (env MBWORKER_ADMIN_PORT; default 8001)")
+    serve.add_argument(
+        "--admin-public",
+        action="store_const",
+        const=True,
+        help="allow the admin listener on a public address (env MBWORKER_ADMIN_ALLOW_PUBLIC; default refuse)",
+    )
     serve.add_argument("--data-dir", type=Path, help="data dir (env MBWORKER_DATA_DIR; default ./.mbworker)")
     serve.add_argument("--config", type=Path, help="TOML config file (env MBWORKER_CONFIG)")
     serve.add_argument(
@@ -134,6 +140,7 @@ def _settings_from(args: argparse.Namespace) -> Any:
         port=args.port,
         admin_host=args.admin_host,
         admin_port=args.admin_port,
+        admin_allow_public=args.admin_public,
         data_dir=args.data_dir,
     )
 
@@ -158,6 +165,11 @@ def _print_banner(handle: Any) -> None:
         f"  service_role key: {keys.service_role_key}",
         f"  Admin token   : in {handle.settings.data_dir.resolve() / 'secrets' / 'admin_token'} (mode 0600)",
         f"  Deployed      : {', '.join(slugs) if slugs else '(none)'}",
+        *(
+            [f"  Realtime demo : {handle.public_url}/functions/v1/realtime-demo  (open it in two windows)"]
+            if "realtime-demo" in slugs
+            else []
+        ),
         "",
         f"  Try     : curl -H 'Authorization: Bearer {keys.anon_key[:16]}…' {handle.public_url}/functions/v1/hello",
         "  Deploy  : mbworker deploy path/to/function   (or a supabase/functions tree)",

@@ -6,11 +6,13 @@ Every field has a default that works on one machine; `load_settings` is the only
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import os
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,6 +21,7 @@ from pydantic_settings import (
 )
 
 from realtime.settings import RealtimeSettings
+from runtimes.deno.permissions import NetPolicy, NetPolicyError
 from runtimes.limits import Limits
 from worker.errors import ConfigError
 
@@ -49,6 +52,32 @@ class WorkerSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged")
     limits: Limits = Field(default_factory=Limits, description="Default limits of every function")
     realtime: RealtimeSettings = Field(default_factory=RealtimeSettings, description="Realtime channels and limits")
+    admin_allow_public: bool = Field(
+        False, description="Allow admin_host to be a public address (0.0.0.0 and :: count as public)"
+    )
+    net_deny: list[str] = Field(
+        default_factory=list,
+        description="Extra hosts/addresses functions may never reach (PostgreSQL, HAProxy, ...); the admin "
+        "listener, Redis and this node's own addresses are denied automatically",
+    )
+    net_allow_private: list[str] = Field(
+        default_factory=list,
+        description="Private IP addresses (optionally :port) functions may reach, e.g. 10.0.5.7:5432",
+    )
+
+    @model_validator(mode="after")
+    def _hardening(self) -> WorkerSettings:
+        if not self.admin_allow_public and not is_private_bind_address(self.admin_host):
+            raise ValueError(
+                f"admin_host {self.admin_host!r} is not a loopback or private address: the admin API must not be "
+                "reachable from the internet. Bind it to 127.0.0.1 or a private interface, or pass --admin-public "
+                "(MBWORKER_ADMIN_ALLOW_PUBLIC=true) if a firewall protects it"
+            )
+        try:
+            NetPolicy(deny=tuple(self.net_deny), allow_private=tuple(self.net_allow_private))
+        except (NetPolicyError, ValidationError) as exc:
+            raise ValueError(f"net_deny/net_allow_private: {exc}") from exc
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -71,6 +100,31 @@ class WorkerSettings(BaseSettings):
             return self.public_url.rstrip("/")
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         return f"http://{host}:{self.port}"
+
+
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+
+
+def is_private_bind_address(host: str) -> bool:
+    """True for loopback, private (RFC 1918, fc00::/7, 100.64/10) and link-local addresses, `localhost`, and names
+    that resolve only to such addresses. The wildcard addresses (0.0.0.0, ::, "") count as public: they include
+    every interface."""
+    host = host.strip().strip("[]")
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        addrs = [ipaddress.ip_address(host)]
+    except ValueError:
+        if not host:
+            return False
+        try:
+            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        except (OSError, UnicodeError):
+            return False
+        addrs = [ipaddress.ip_address(str(i[4][0]).split("%")[0]) for i in infos]
+    return bool(addrs) and all(
+        not a.is_unspecified and (a.is_loopback or a.is_private or a.is_link_local or a in _CGNAT) for a in addrs
+    )
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> WorkerSettings:

@@ -348,6 +348,7 @@ class RedisDeploymentStore:
                     limits=manifest.limits,
                     env_names=sorted(manifest.env),
                     cache=manifest.cache,
+                    net=manifest.net,
                     source_entrypoint=manifest.source_entrypoint,
                     created_at=now,
                     updated_at=now,

@@ -349,6 +349,7 @@ def gather_function(
             limits=local.limits,
             env=env,
             cache=local.cache,
+            net=local.net,
             source_entrypoint=source_entry,
         )
     except ValidationError as exc:

@@ -144,6 +144,32 @@ class CacheSettings(BaseModel):
         return out
 
 
+_NET_HOST_RE = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::(\d{1,5}))?$")
+
+
+class NetSettings(BaseModel):
+    """`[net]` in function.toml. `allow` None means the public internet; a list narrows it to those hosts
+    (`host` or `host:port`, IPv6 in brackets). Private and cluster addresses stay denied either way."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    allow: list[str] | None = None
+
+    @field_validator("allow")
+    @classmethod
+    def _allow(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        out: list[str] = []
+        for entry in v:
+            m = _NET_HOST_RE.match(entry.strip())
+            if not m or (m.group(1) is not None and not 0 < int(m.group(1)) < 65536):
+                raise ValueError(f"{entry!r} is not host or host:port (no scheme, path or wildcard)")
+            if entry.strip().lower() not in out:
+                out.append(entry.strip().lower())
+        return out
+
+
 class FunctionSettings(BaseModel):
     """The keys Supabase's `[functions.<slug>]` table and our function.toml share. None means "not set here"."""
 
@@ -170,6 +196,7 @@ class FunctionToml(FunctionSettings):
     limits: Limits = Field(default_factory=default_limits)
     env: dict[str, str] = Field(default_factory=dict)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    net: NetSettings = Field(default_factory=NetSettings)
 
     @field_validator("env")
     @classmethod
@@ -204,6 +231,7 @@ class Manifest(BaseModel):
     limits: Limits = Field(default_factory=default_limits)
     env: dict[str, str] = Field(default_factory=dict)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    net: NetSettings = Field(default_factory=NetSettings)
     source_entrypoint: str | None = None
     """The entry module the developer wrote when `entrypoint` is a `deno bundle` output, else None."""
 

@@ -48,7 +48,15 @@ from worker.deployments.archive import (
     sha256_hex,
     unpack_bundle,
 )
-from worker.deployments.manifest import MANIFEST_NAME, SLUG_RE, CacheSettings, Manifest, Runtime, default_limits
+from worker.deployments.manifest import (
+    MANIFEST_NAME,
+    SLUG_RE,
+    CacheSettings,
+    Manifest,
+    NetSettings,
+    Runtime,
+    default_limits,
+)
 
 _VERSION_DIR_RE = re.compile(r"^v([1-9][0-9]*)$")
 _HISTORY_MAX = 100
@@ -88,6 +96,7 @@ class Deployment(BaseModel):
     limits: Limits = Field(default_factory=default_limits)
     env_names: list[str] = Field(default_factory=list)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    net: NetSettings = Field(default_factory=NetSettings)
     source_entrypoint: str | None = None
     created_at: int
     """Epoch milliseconds."""
@@ -230,6 +239,7 @@ def function_version(dep: Deployment, bundle_dir: Path, env: Mapping[str, str]) 
         import_map=dep.import_map,
         env=dict(env),
         limits=dep.limits,
+        net_allow=None if dep.net.allow is None else tuple(dep.net.allow),
     )
 
 
@@ -413,6 +423,7 @@ class LocalDeploymentStore:
                 limits=manifest.limits,
                 env_names=sorted(manifest.env),
                 cache=manifest.cache,
+                net=manifest.net,
                 source_entrypoint=manifest.source_entrypoint,
                 created_at=now,
                 updated_at=now,
