@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = ["LoadResult", "cpu_seconds", "run_load"]
@@ -55,11 +56,13 @@ def run_load(
     connections: int = 16,
     path: str = "/",
     tool: str = "auto",
+    headers: Sequence[tuple[str, str]] = (),
 ) -> LoadResult:
-    """Drive GET `path` on host:port for `duration` seconds over `connections` keep-alive connections."""
+    """Drive GET `path` on host:port for `duration` seconds over `connections` keep-alive connections, sending
+    `headers` (e.g. an Authorization header) with every request."""
     if tool == "wrk" or (tool == "auto" and shutil.which("wrk")):
-        return _run_wrk(host, port, duration, connections, path)
-    return _run_python(host, port, duration, connections, path)
+        return _run_wrk(host, port, duration, connections, path, headers)
+    return _run_python(host, port, duration, connections, path, headers)
 
 
 _WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -70,9 +73,14 @@ def _wrk_ms(text: str, label: str) -> float:
     return float(m.group(1)) * _WRK_UNITS[m.group(2)] if m else float("nan")
 
 
-def _run_wrk(host: str, port: int, duration: float, connections: int, path: str) -> LoadResult:
+def _run_wrk(
+    host: str, port: int, duration: float, connections: int, path: str, headers: Sequence[tuple[str, str]] = ()
+) -> LoadResult:
     seconds = max(1, round(duration))
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", f"http://{host}:{port}{path}"]
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    for name, value in headers:
+        cmd += ["-H", f"{name}: {value}"]
+    cmd.append(f"http://{host}:{port}{path}")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
     m = re.search(r"(\d+) requests in ([\d.]+)(ms|s|m)", out)
     if not m:
@@ -87,9 +95,16 @@ def _run_wrk(host: str, port: int, duration: float, connections: int, path: str)
 
 
 def _client(
-    host: str, port: int, path: str, start_at: float, stop_at: float, out: multiprocessing.Queue[object]
+    host: str,
+    port: int,
+    path: str,
+    start_at: float,
+    stop_at: float,
+    out: multiprocessing.Queue[object],
+    headers: Sequence[tuple[str, str]] = (),
 ) -> None:
-    request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{extra}\r\n".encode()
     latencies: list[float] = []
     errors = 0
     sock = socket.create_connection((host, port))
@@ -125,12 +140,17 @@ def _client(
     out.put((latencies, errors))
 
 
-def _run_python(host: str, port: int, duration: float, connections: int, path: str) -> LoadResult:
+def _run_python(
+    host: str, port: int, duration: float, connections: int, path: str, headers: Sequence[tuple[str, str]] = ()
+) -> LoadResult:
     ctx = multiprocessing.get_context("spawn")
     out: multiprocessing.Queue[object] = ctx.Queue()
     start_at = time.time() + 1.0 + 0.1 * connections  # spawning a Python process takes a while
     stop_at = start_at + duration
-    procs = [ctx.Process(target=_client, args=(host, port, path, start_at, stop_at, out)) for _ in range(connections)]
+    procs = [
+        ctx.Process(target=_client, args=(host, port, path, start_at, stop_at, out, tuple(headers)))
+        for _ in range(connections)
+    ]
     for p in procs:
         p.start()
     latencies: list[float] = []

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from types import TracebackType
 
 from runtimes import FunctionRuntimeError, FunctionVersion, Invocation, InvocationResult, Runtime, WorkerError
 from worker.cache import (
@@ -147,18 +148,21 @@ class FunctionsFrontDoor:
         if runtime is None:
             await send_error(responder, 503, "BOOT_ERROR", f"No runtime {fn.runtime!r} on this worker")
             return
-        target = f"/{slug}{rest}" + (f"?{request.query}" if request.query else "")
-        invocation = Invocation(
-            method=request.method,
-            target=target,
-            headers=forwarded_headers(request),
-            body=_limited(request.body, limit),
-            request_id=(request.header(b"x-request-id") or b"").decode("latin-1") or uuid.uuid4().hex,
-            url=f"{request.scheme}://{request.host}{target}",
-        )
+        invocation: Invocation | None = None
 
         def run() -> AbstractAsyncContextManager[InvocationResult]:
-            return _shaped(runtime.invoke(fn, invocation), active)
+            # Built only when the function runs: a cache hit never pays for headers, ids and URLs.
+            nonlocal invocation
+            target = f"/{slug}{rest}" + (f"?{request.query}" if request.query else "")
+            invocation = Invocation(
+                method=request.method,
+                target=target,
+                headers=forwarded_headers(request),
+                body=_limited(request.body, limit),
+                request_id=(request.header(b"x-request-id") or b"").decode("latin-1") or uuid.uuid4().hex,
+                url=f"{request.scheme}://{request.host}{target}",
+            )
+            return _Shaped(runtime.invoke(fn, invocation), active)
 
         try:
             if self.cache is not None and active.cache.enabled:  # other methods pass through as BYPASS
@@ -183,7 +187,8 @@ class FunctionsFrontDoor:
                 raise
             await send_error(responder, exc.cause.status, exc.cause.code, exc.cause.message)
         except FunctionRuntimeError as exc:
-            log.info("%s %s → %d %s: %s", fn.key, invocation.request_id, exc.status, exc.code, exc.message)
+            request_id = invocation.request_id if invocation is not None else "-"
+            log.info("%s %s → %d %s: %s", fn.key, request_id, exc.status, exc.code, exc.message)
             await send_error(responder, exc.status, exc.code, exc.message)
 
 
@@ -199,19 +204,39 @@ async def _respond(responder: Responder, run: Callable[[], AbstractAsyncContextM
     await responder.end()
 
 
-@asynccontextmanager
-async def _shaped(
-    invocation: AbstractAsyncContextManager[InvocationResult], active: ActiveFunction
-) -> AsyncIterator[InvocationResult]:
+class _Shaped:
     """The runtime's result as the client gets it: framing headers dropped (the server frames the body), the
-    version header added, and the body capped at the function's response limit."""
-    async with invocation as result:
-        headers = [(k, v) for k, v in result.headers if k.lower() not in RESPONSE_DROP]
-        headers.append(active.version_header)
-        cap = active.fn.limits.max_response_bytes
-        if result.complete_body is not None and len(result.complete_body) > cap:
-            raise WorkerError(f"Function response is larger than {cap} bytes")
-        yield InvocationResult(result.status, headers, _capped(result.body, cap), result.complete_body)
+    version header added, and the body capped at the function's response limit.
+
+    A class, not an @asynccontextmanager: that costs an async generator per request (and trio's first-iteration
+    hook), on the hottest path of the daemon."""
+
+    __slots__ = ("_active", "_invocation")
+
+    def __init__(self, invocation: AbstractAsyncContextManager[InvocationResult], active: ActiveFunction) -> None:
+        self._invocation = invocation
+        self._active = active
+
+    async def __aenter__(self) -> InvocationResult:
+        result = await self._invocation.__aenter__()
+        try:
+            headers = [(k, v) for k, v in result.headers if k.lower() not in RESPONSE_DROP]
+            headers.append(self._active.version_header)
+            cap = self._active.fn.limits.max_response_bytes
+            whole = result.complete_body
+            if whole is None:
+                return InvocationResult(result.status, headers, _capped(result.body, cap))
+            if len(whole) > cap:
+                raise WorkerError(f"Function response is larger than {cap} bytes")
+            return InvocationResult(result.status, headers, result.body, whole)  # within the cap: nothing to cut
+        except BaseException as exc:
+            await self._invocation.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        return await self._invocation.__aexit__(exc_type, exc, tb)
 
 
 async def _capped(body: AsyncIterator[bytes], cap: int) -> AsyncIterator[bytes]:

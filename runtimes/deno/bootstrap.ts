@@ -413,8 +413,10 @@ async function nodeServerFallback(): Promise<void> {
   const client = (Deno as any).createHttpClient({ proxy: { transport: "unix", path: NODE_SOCKET } });
   register((req: Request) => {
     const u = new URL(req.url);
+    // The host is never resolved (the client goes to the unix socket), but Deno still checks net permission on
+    // it: `localhost` is denied to functions, this reserved name is allowed (runtimes/deno/permissions.py).
     // deno-lint-ignore no-explicit-any
-    return fetch(new Request(`http://localhost${u.pathname}${u.search}`, req), { client } as any);
+    return fetch(new Request(`http://mbworker-node.invalid${u.pathname}${u.search}`, req), { client } as any);
   });
 }
 

@@ -16,6 +16,7 @@ import trio
 
 from runtimes.api import FunctionVersion
 from runtimes.deno.importmap import write_import_map
+from runtimes.deno.permissions import NetPolicy
 from runtimes.deno.process import DenoProcess, OnLog
 from runtimes.deno.spawn import Spawner, VersionPaths
 from runtimes.errors import BootError, WorkerBusy
@@ -45,6 +46,8 @@ class Shared:
     on_log: OnLog
     counters: Counters
     process_seq: int = 0
+    net: NetPolicy | None = None
+    """The operator's network policy (None: private ranges denied, nothing else)."""
 
 
 class VersionPool:
@@ -151,6 +154,7 @@ class VersionPool:
                 on_log=self._shared.on_log,
                 on_exit=self._on_exit,
                 on_idle=self._on_idle,
+                net=self._shared.net,
             )
             try:
                 await self._shared.nursery.start(proc.serve)

@@ -30,6 +30,7 @@ import trio
 
 from runtimes.api import FunctionVersion, Headers, Invocation, InvocationResult
 from runtimes.deno import protocol
+from runtimes.deno.permissions import NetPolicy
 from runtimes.deno.spawn import ChildProcess, Spawner, VersionPaths, build_argv, build_env
 from runtimes.errors import (
     BootError,
@@ -110,6 +111,7 @@ class DenoProcess:
         on_log: OnLog,
         on_exit: Callable[[DenoProcess], None],
         on_idle: Callable[[DenoProcess], None],
+        net: NetPolicy | None = None,
     ) -> None:
         self.fn = fn
         self.limits = fn.limits
@@ -121,6 +123,7 @@ class DenoProcess:
         self._on_log = on_log
         self._on_exit = on_exit
         self._on_idle = on_idle
+        self._net = net
         node_socket = str(socket_dir / f"{seq}.sock")
         self._node_socket = node_socket if len(node_socket) < 100 else ""  # sun_path is 108 bytes
         self.child: ChildProcess | None = None
@@ -175,7 +178,7 @@ class DenoProcess:
 
         Raises BootError before `started()` if the function does not come up. Always reaps the child.
         """
-        argv = build_argv(self._deno_bin, self._bootstrap, self.fn, self._paths, self._node_socket)
+        argv = build_argv(self._deno_bin, self._bootstrap, self.fn, self._paths, self._node_socket, self._net)
         env = build_env(self.fn, self._paths, self.execution_id, self._node_socket)
         try:
             self.child = child = await self._spawner.spawn(argv, env, cwd=self._paths.tmp)
@@ -539,7 +542,7 @@ class DenoProcess:
                 raise r.error
             if not r.head_event.is_set():
                 raise IdleTimeout()
-            yield InvocationResult(r.status, r.headers, _Body(self, r))
+            yield InvocationResult(r.status, r.headers, _Body(self, r), _complete(r, self.limits.max_response_bytes))
         finally:
             if r.pump_scope is not None:
                 r.pump_scope.cancel()
@@ -569,6 +572,18 @@ class DenoProcess:
             except Exception as exc:  # the caller's body stream failed (client gone): fail this request only
                 log.debug("request body stream failed", exc_info=True)
                 r.fail(WorkerError(f"reading the request body failed: {exc!r}"))
+
+
+def _complete(r: _Request, cap: int) -> bytes | None:
+    """The whole body when it came with the head (one frame: head + body + end), else None.
+
+    Lets the front door answer with Content-Length in one write. `_Body` still yields the same chunk; a body over
+    the cap is left to `_Body`, which raises when it is read.
+    """
+    if not r.ended or r.error is not None or len(r.chunks) > 1:
+        return None
+    body = r.chunks[0] if r.chunks else b""
+    return body if len(body) <= cap else None
 
 
 class _Body:

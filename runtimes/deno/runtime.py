@@ -21,6 +21,7 @@ import trio
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtimes.api import FunctionVersion, Invocation, InvocationResult, RuntimeStatistics
+from runtimes.deno.permissions import NetPolicy
 from runtimes.deno.pool import Counters, Shared, VersionPool
 from runtimes.deno.process import OnLog
 from runtimes.deno.spawn import Spawner
@@ -61,6 +62,11 @@ class DenoSettings(BaseModel):
     )
     stop_grace_s: float = Field(15, gt=0, description="Planned stop (retire, idle, wall clock): drain before kill")
     close_grace_s: float = Field(5, gt=0, description="Runtime shutdown: drain before kill")
+    net: NetPolicy = Field(
+        default_factory=NetPolicy,
+        description="Operator network policy: private ranges are always denied; extra denies and deliberate "
+        "private openings (runtimes/deno/permissions.py)",
+    )
 
 
 def _default_on_log(fn: FunctionVersion, execution_id: str, stream: str, line: str) -> None:
@@ -174,6 +180,7 @@ async def open_deno_runtime(
                 stop_grace_s=settings.stop_grace_s,
                 on_log=on_log or _default_on_log,
                 counters=Counters(),
+                net=settings.net,
             )
             runtime = DenoRuntime(shared)
             try:

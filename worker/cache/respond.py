@@ -82,13 +82,10 @@ async def _lead(responder: Responder, invoke: Invoke, flight: CacheFlight) -> by
     """Run the function as the flight's leader: buffer a sized storable body (followers wait for it, not for
     this request's client), otherwise stream it to the client while the recorder tees it."""
     async with invoke() as result:
-        recorder = flight.record(result.status, result.headers)
-        label = recorder.label
         whole = result.complete_body
-        if whole is not None:  # the runtime holds it all: record it, answer in one write with Content-Length
-            if whole:
-                recorder.write(whole)
-            recorder.finish()
+        recorder = flight.record(result.status, result.headers, whole)  # a whole body is stored right here
+        label = recorder.label
+        if whole is not None:  # the runtime holds it all: answer in one write with Content-Length
             framed = [(k, v) for k, v in result.headers if k.lower() not in _FRAMING]  # send() frames the body
             await responder.send(result.status, [*framed, (CACHE_HEADER, label)], whole)
             return label

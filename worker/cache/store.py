@@ -73,6 +73,15 @@ HIT, MISS, BYPASS = b"HIT", b"MISS", b"BYPASS"
 _ENTRY_OVERHEAD = 256
 """Bytes charged per entry on top of body and headers: the key, the objects, moka's own node."""
 _HEADER_OVERHEAD = 16
+_SOLO_S = 10.0
+"""Hit-for-miss window: after a key's response could not be stored, its requests stop coalescing for this long."""
+_SOLO_MAX = 4096
+"""Keys remembered for hit-for-miss at most (the table is cleared when full: forgetting only costs coalescing)."""
+
+
+def _unlisted(flight: Flight[CachedResponse]) -> None:
+    """The `forget` of a flight that is in no table (a hit-for-miss leader's): nothing to remove."""
+
 
 Key = tuple[object, ...]
 
@@ -215,6 +224,9 @@ class ResultCache:
         self._cap = settings.entry_cap
         self._max_ttl = settings.max_ttl_s
         self._flights: SingleFlight[PrimaryKey, CachedResponse] = SingleFlight()
+        self._solo: dict[PrimaryKey, float] = {}
+        """Hit-for-miss: key → until when its requests run without a flight (its last response was not
+        storable, so followers would only wait for the leader's head and then run the function anyway)."""
         self._index: _Index = {}
         self._epoch = 0
         """Bumped by `purge()`; with `_slug_epochs` (bumped by purges of one slug) it tells a response that
@@ -278,6 +290,11 @@ class ResultCache:
     def open_flight(self, miss: Miss, *, timeout: float) -> CacheFlight:
         """Lead or follow the flight for `miss.key`. An async context manager; `timeout` bounds a follower's
         wait. Enter it right after `lookup`, with no `await` in between."""
+        until = self._solo.get(miss.key)
+        if until is not None:
+            if until > self._clock():  # a leader of its own, unlisted: nobody follows it (its response may be stored)
+                return CacheFlight(self, miss, Flight(miss.key, _unlisted), True, timeout)
+            del self._solo[miss.key]
         flight, leader = self._flights.join(miss.key)
         return CacheFlight(self, miss, flight, leader, timeout)
 
@@ -499,15 +516,27 @@ class CacheFlight:
         age = int(cache._clock() - entry.stored_at) + entry.initial_age
         return Hit(entry, max(age, 0), head=False)
 
-    def record(self, status: int, headers: Headers) -> Recorder:
+    def record(self, status: int, headers: Headers, body: bytes | None = None) -> Recorder:
         """Leader: the function answered this head. Returns the recorder to feed the body into; releases the
-        followers right away if they cannot share the response."""
+        followers right away if they cannot share the response.
+
+        `body`: the whole body when the runtime already holds it (`InvocationResult.complete_body`). Then it is
+        recorded and finished here: followers get the entry at once, even without a declared length."""
         if not self.leader:
             raise RuntimeError("only the leader records")
         cache = self._cache
         verdict = cache._classify(self._miss, status, headers)
+        if isinstance(verdict, Storable):
+            cache._solo.pop(self._miss.key, None)
+        else:
+            if len(cache._solo) >= _SOLO_MAX:
+                cache._solo.clear()
+            cache._solo[self._miss.key] = cache._clock() + _SOLO_S
         recorder = Recorder(cache, self._miss, self._flight, verdict, status, headers)
-        if not recorder.buffered:
+        if body is not None and recorder.storable:
+            recorder.write(body)
+            recorder.finish()  # publishes the entry (or None when it is not stored)
+        elif not recorder.buffered:
             self._flight.publish(None)  # nothing to share, or a body of unknown length: don't keep them
         self._recorder = recorder
         return recorder
