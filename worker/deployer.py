@@ -17,7 +17,7 @@ import trio
 
 from runtimes import BootError, FunctionVersion, Limits, Runtime
 from worker.cache import FunctionCacheConfig
-from worker.deployments.store import Deployment, DeploymentStore, function_version
+from worker.deployments.store import Deployment, DeploymentStore, StoreError, function_version
 from worker.functions import ActiveFunction, FunctionTable
 
 log = logging.getLogger("mbworker.deployer")
@@ -130,15 +130,17 @@ class Deployer:
             await runtime.retire(fn)
             raise DeployFailed(dep, exc) from exc
         async with self._lock(slug):
-            current = self.table.get(slug)
-            if current is not None and current.fn.version > dep.version:
-                # A later deploy finished first: it stays live; this one is kept as history.
-                log.info("%s v%d superseded by v%d", slug, dep.version, current.fn.version)
+            # The store decides, under its own (cluster-wide) lock: a later version live anywhere stays live.
+            live = await self.store.activate(slug, dep.version, only_if_newer=True)
+            if live.version != dep.version:
+                log.info("%s v%d superseded by v%d", slug, dep.version, live.version)
                 await runtime.retire(fn)
+                current = self.table.get(slug)
+                if current is None or current.fn.version != live.version:
+                    await self._switch(await self._active(live))
                 return dep
-            dep = await self.store.activate(slug, dep.version)
-            await self._switch(await self._active(dep))
-        return dep
+            await self._switch(await self._active(live))
+        return live
 
     async def rollback(self, slug: str, to: int | None = None) -> Deployment:
         async with self._lock(slug):
@@ -164,10 +166,22 @@ class Deployer:
         async with self.store.watch() as changes:
             task_status.started()
             async for change in changes:
-                if change.kind == "resync" or change.slug is None:
-                    await self.reconcile()
-                elif change.kind in ("activate", "rollback", "delete"):
-                    await self.reconcile_slug(change.slug)
+                delay = 0.1
+                while True:
+                    try:
+                        if change.kind == "resync" or change.slug is None:
+                            await self.reconcile()
+                        elif change.kind in ("activate", "rollback", "delete"):
+                            await self.reconcile_slug(change.slug)
+                        break
+                    except StoreError as exc:
+                        if exc.status != 503:
+                            raise
+                        # The store is unreachable for now (e.g. the feed reconnected before the command
+                        # connections did): retry; an outage must not take the daemon down.
+                        log.warning("store change (%s) not applied, retry in %.1fs: %s", change.kind, delay, exc)
+                        await trio.sleep(delay)
+                        delay = min(delay * 2, 5.0)
 
     async def reconcile(self) -> None:
         """Bring every slug's live version in line with the store."""

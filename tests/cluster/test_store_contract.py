@@ -274,3 +274,18 @@ async def test_a_slow_watcher_gets_resync(make_store: MakeStore) -> None:
         with trio.fail_after(5):
             first = await changes.__anext__()
     assert first == StoreChange("resync", None, None)
+
+
+async def test_activate_only_if_newer_never_moves_the_live_version_back(make_store: MakeStore) -> None:
+    store = await make_store()
+    v1 = (await store.put("race", bundle(body="1"))).version
+    v2 = (await store.put("race", bundle(body="2"))).version
+    assert (await store.activate("race", v2, only_if_newer=True)).version == v2
+    # v1 finished booting later: it must not take the live pointer back from v2.
+    live = await store.activate("race", v1, only_if_newer=True)
+    assert live.version == v2
+    active = await store.get_active("race")
+    assert active is not None
+    assert active.version == v2
+    # Without the flag (a rollback, an operator's choice) older versions can still be activated.
+    assert (await store.activate("race", v1)).version == v1

@@ -369,12 +369,13 @@ class RedisDeploymentStore:
         await self._announce("put", slug, version)
         return dep
 
-    async def activate(self, slug: str, version: int) -> Deployment:
+    async def activate(self, slug: str, version: int, *, only_if_newer: bool = False) -> Deployment:
         check_slug(slug)
         check_version(version)
         async with self._mutating(slug, f"activate {slug} v{version}"):
-            dep = await self._activate_locked(slug, version, push=True)
-        await self._announce("activate", slug, version)
+            dep = await self._activate_locked(slug, version, push=True, only_if_newer=only_if_newer)
+        if dep.version == version:
+            await self._announce("activate", slug, version)
         return dep
 
     async def _activate_locked(
@@ -384,12 +385,16 @@ class RedisDeploymentStore:
         *,
         push: bool,
         read: tuple[dict[int, Deployment], _Pointer] | None = None,
+        only_if_newer: bool = False,
     ) -> Deployment:
         metas, ptr = read if read is not None else await self._read_slug(slug)
         dep = metas.get(version)
         if dep is None:
             raise DeploymentNotFound(f"{slug} has no version {version}")
         await self._check_usable(dep)
+        if only_if_newer and ptr.version is not None and ptr.version > version and ptr.version in metas:
+            # A later deploy (perhaps on another node) is live already: it stays.
+            return metas[ptr.version].model_copy(update={"status": DeploymentStatus.ACTIVE})
         now = _now_ms()
         changed: list[Deployment] = []
         if ptr.version is not None and ptr.version != version:

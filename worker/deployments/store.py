@@ -176,8 +176,12 @@ class DeploymentStore(Protocol):
         """
         ...
 
-    async def activate(self, slug: str, version: int) -> Deployment:
-        """Make `version` the live one (atomic switch). `DeploymentNotFound` / `VersionConflict`."""
+    async def activate(self, slug: str, version: int, *, only_if_newer: bool = False) -> Deployment:
+        """Make `version` the live one (atomic switch). `DeploymentNotFound` / `VersionConflict`.
+
+        With `only_if_newer`, a live version newer than `version` stays live and is what is returned: a deploy
+        that finished booting after a later one was activated (on any node) must not take it back.
+        """
         ...
 
     async def rollback(self, slug: str, to: int | None = None) -> Deployment:
@@ -447,24 +451,29 @@ class LocalDeploymentStore:
                 n += 1
         raise StoreError(f"can't reserve a version number in {slug_dir}")  # pragma: no cover
 
-    async def activate(self, slug: str, version: int) -> Deployment:
+    async def activate(self, slug: str, version: int, *, only_if_newer: bool = False) -> Deployment:
         self._version_dir(slug, version)
         async with self._lock:
-            dep = await trio.to_thread.run_sync(self._activate_sync, slug, version, True)
-        self._notify(StoreChange("activate", slug, version))
+            dep = await trio.to_thread.run_sync(self._activate_sync, slug, version, True, only_if_newer)
+        if dep.version == version:
+            self._notify(StoreChange("activate", slug, version))
         return dep
 
-    def _activate_sync(self, slug: str, version: int, push: bool) -> Deployment:
+    def _activate_sync(self, slug: str, version: int, push: bool, only_if_newer: bool = False) -> Deployment:
         with self._locked(slug):
-            return self._activate_locked(slug, version, push)
+            return self._activate_locked(slug, version, push, only_if_newer)
 
-    def _activate_locked(self, slug: str, version: int, push: bool) -> Deployment:
+    def _activate_locked(self, slug: str, version: int, push: bool, only_if_newer: bool = False) -> Deployment:
         slug_dir = self._slug_dir(slug)
         dep = self._read_meta(slug, version)
         if dep is None:
             raise DeploymentNotFound(f"{slug} has no version {version}")
         self._check_usable(dep)
         ptr = self._read_pointer(slug_dir)
+        if only_if_newer and ptr.version is not None and ptr.version > version:
+            live = self._read_meta(slug, ptr.version)
+            if live is not None:
+                return live.model_copy(update={"status": DeploymentStatus.ACTIVE})
         now = _now_ms()
         if ptr.version is not None and ptr.version != version:
             old = self._read_meta(slug, ptr.version)
