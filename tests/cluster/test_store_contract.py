@@ -278,14 +278,14 @@ async def test_a_slow_watcher_gets_resync(make_store: MakeStore) -> None:
 
 async def test_activate_only_if_newer_never_moves_the_live_version_back(make_store: MakeStore) -> None:
     store = await make_store()
-    v1 = (await store.put("race", bundle(body="1"))).version
-    v2 = (await store.put("race", bundle(body="2"))).version
-    assert (await store.activate("race", v2, only_if_newer=True)).version == v2
+    v1 = (await store.put("hello", bundle(body="1"))).version
+    v2 = (await store.put("hello", bundle(body="2"))).version
+    assert (await store.activate("hello", v2, only_if_newer=True)).version == v2
     # v1 finished booting later: it must not take the live pointer back from v2.
-    live = await store.activate("race", v1, only_if_newer=True)
+    live = await store.activate("hello", v1, only_if_newer=True)
     assert live.version == v2
-    active = await store.get_active("race")
+    active = await store.get_active("hello")
     assert active is not None
     assert active.version == v2
     # Without the flag (a rollback, an operator's choice) older versions can still be activated.
-    assert (await store.activate("race", v1)).version == v1
+    assert (await store.activate("hello", v1)).version == v1
