@@ -18,12 +18,18 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 
 from realtime import open_realtime
+from realtime.broker import Broker
+from realtime.broker_redis import open_redis_broker
+from realtime.presence import Presence
+from realtime.presence_redis import open_redis_presence
 from runtimes import Runtime
 from runtimes.deno import DenoSettings, open_deno_runtime
+from runtimes.deno.permissions import NetPolicy, node_addresses, resolve_hosts
 from runtimes.wasm import WasmSettings, open_wasm_runtime
 from worker.admin import AdminApp
 from worker.cache import CacheSettings, ResultCache
@@ -93,6 +99,8 @@ async def serve_worker(
 
     async with AsyncExitStack() as stack:
         store: DeploymentStore
+        broker: Broker | None = None
+        presence: Presence | None = None
         if settings.redis_url:
             # Cluster mode: deployments (and later realtime) are shared through the state pillar's Redis.
             redis = await stack.enter_async_context(open_redis(settings.redis_url))
@@ -100,9 +108,15 @@ async def serve_worker(
             store = await stack.enter_async_context(
                 open_redis_deployment_store(redis, data_dir / "deployments", node_id=node_id, locks=RedisLocks(redis))
             )
+            # Entered before realtime, so they close after it: clients' last untracks still reach Redis.
+            broker = await stack.enter_async_context(open_redis_broker(redis, redis.settings, node_id=node_id))
+            presence = await stack.enter_async_context(
+                open_redis_presence(redis, redis.settings, node_id=node_id, ttl=settings.realtime.presence_ttl)
+            )
         else:
             store = LocalDeploymentStore(data_dir / "deployments")
-        deno_settings = DenoSettings(scratch_dir=data_dir / "scratch" / "deno")
+        net_policy = await trio.to_thread.run_sync(function_net_policy, settings)
+        deno_settings = DenoSettings(scratch_dir=data_dir / "scratch" / "deno", net=net_policy)
         if settings.deno is not None:
             deno_settings = deno_settings.model_copy(update={"deno_bin": str(settings.deno)})
         deno = await stack.enter_async_context(open_deno_runtime(deno_settings, on_log=function_logs.on_log))
@@ -143,7 +157,9 @@ async def serve_worker(
         for slug in table.slugs():
             await on_change(slug)
         realtime = await stack.enter_async_context(
-            open_realtime(settings.realtime, jwt_secret=keys.jwt_secret, node_id=node_id)
+            open_realtime(
+                settings.realtime, jwt_secret=keys.jwt_secret, node_id=node_id, broker=broker, presence=presence
+            )
         )
         metrics.add_statistics(REALTIME_STATS, realtime.statistics)
 
@@ -245,6 +261,21 @@ async def _serve_signals(draining: trio.Event, scope: trio.CancelScope) -> None:
                 scope.cancel()
                 return
             draining.set()
+
+
+def function_net_policy(settings: WorkerSettings) -> NetPolicy:
+    """What functions may not reach besides the private ranges: the admin listener's and Redis's hosts (names
+    resolved to their addresses), this node's own addresses, and the operator's `net_deny`. Blocking (DNS, /proc):
+    run it in a thread."""
+    services = [settings.admin_host, *settings.net_deny]
+    if settings.redis_url:
+        parsed = urlsplit(settings.redis_url)
+        if parsed.hostname:
+            services.append(f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname)
+    services = [h for h in services if h.strip("[]") not in ("", "0.0.0.0", "::")]
+    return NetPolicy(
+        deny=(*resolve_hosts(services), *node_addresses()), allow_private=tuple(settings.net_allow_private)
+    )
 
 
 def default_node_id(settings: WorkerSettings) -> str:
