@@ -31,6 +31,11 @@ class Limits(BaseModel):
     idle_shutdown_s: float = Field(default=300, gt=0, description="Stop a process with no request for this long")
     max_request_bytes: int = Field(default=20 * 1024 * 1024, ge=0, description="Request body cap (413)")
     max_response_bytes: int = Field(default=64 * 1024 * 1024, ge=0, description="Response body cap (500 on overflow)")
+    requests_per_second: int | None = Field(
+        default=None,
+        ge=1,
+        description="Front door: requests per second to this function (across the cluster with Redis); over it 429",
+    )
     fuel: int | None = Field(
         default=None, ge=1, description="Wasm only: instructions budget per request (546 when spent)"
     )

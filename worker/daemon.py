@@ -33,7 +33,13 @@ from runtimes.deno.permissions import NetPolicy, node_addresses, resolve_hosts
 from runtimes.wasm import WasmSettings, open_wasm_runtime
 from worker.admin import AdminApp
 from worker.cache import CacheSettings, ResultCache
-from worker.cluster import RedisLocks, open_redis_deployment_store
+from worker.cluster import (
+    MemoryRateLimiter,
+    RateLimiter,
+    RedisLocks,
+    RedisRateLimiter,
+    open_redis_deployment_store,
+)
 from worker.config import WorkerSettings
 from worker.deploy_local import deploy_path
 from worker.deployer import Deployer, PlatformEnv
@@ -101,13 +107,16 @@ async def serve_worker(
         store: DeploymentStore
         broker: Broker | None = None
         presence: Presence | None = None
+        limiter: RateLimiter = MemoryRateLimiter()
         if settings.redis_url:
-            # Cluster mode: deployments (and later realtime) are shared through the state pillar's Redis.
+            # Cluster mode: deployments, realtime and rate limits are shared through the state pillar's Redis.
             redis = await stack.enter_async_context(open_redis(settings.redis_url))
             metrics.add_statistics(REDIS_STATS, redis.statistics)
             store = await stack.enter_async_context(
                 open_redis_deployment_store(redis, data_dir / "deployments", node_id=node_id, locks=RedisLocks(redis))
             )
+            # Cluster-wide request rates; while Redis is away each node enforces them alone.
+            limiter = RedisRateLimiter(redis, fallback=MemoryRateLimiter())
             # Entered before realtime, so they close after it: clients' last untracks still reach Redis.
             broker = await stack.enter_async_context(open_redis_broker(redis, redis.settings, node_id=node_id))
             presence = await stack.enter_async_context(
@@ -127,7 +136,7 @@ async def serve_worker(
         metrics.add_statistics(RUNTIME_STATS, deno.statistics, runtime="deno")
         metrics.add_statistics(RUNTIME_STATS, wasm.statistics, runtime="wasm")
         functions = FunctionsFrontDoor(
-            table, runtimes, JwtGate(keys.jwt_secret), cache=_make_cache(settings), metrics=metrics
+            table, runtimes, JwtGate(keys.jwt_secret), cache=_make_cache(settings), metrics=metrics, limiter=limiter
         )
         metrics.add_statistics(CACHE_STATS, lambda: functions.cache.statistics() if functions.cache else None)
 

@@ -7,6 +7,7 @@ what comes back. Every failure becomes Supabase's JSON error with its status and
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -22,6 +23,7 @@ from worker.cache import (
     ResultCache,
     respond_through_cache,
 )
+from worker.cluster.ratelimit import Rate, RateLimiter
 from worker.http.types import BodyTooLarge, Headers, HttpRequest, RequestBody, Responder
 from worker.jwt_gate import JwtGate, JwtRejected
 from worker.metrics import UNMATCHED, Metrics
@@ -97,7 +99,9 @@ class FunctionsFrontDoor:
         gate: JwtGate,
         cache: ResultCache | None = None,
         metrics: Metrics | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
+        self.limiter = limiter
         self.table = table
         self.runtimes = runtimes
         self.gate = gate
@@ -132,6 +136,21 @@ class FunctionsFrontDoor:
                 self.gate.check(request.header(b"authorization"))
             except JwtRejected as exc:
                 await send_error(responder, 401, exc.code, exc.message)
+                return
+        rps = active.fn.limits.requests_per_second
+        if rps is not None and self.limiter is not None:
+            decision = await self.limiter.hit(f"fn:{slug}", Rate(rps))
+            if not decision.allowed:
+                if self.metrics is not None:
+                    self.metrics.rate_limited("function")
+                retry = str(max(1, math.ceil(decision.retry_after_s))).encode()
+                await send_error(
+                    responder,
+                    429,
+                    "RATE_LIMIT_EXCEEDED",
+                    f"More than {rps} requests per second to this function",
+                    headers=[(b"retry-after", retry)],
+                )
                 return
         await self.invoke(active, request, responder, slug, rest)
 

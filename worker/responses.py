@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from worker.http.types import Headers, Responder
 
@@ -13,12 +14,21 @@ def error_body(code: str, message: str, **extra: object) -> bytes:
     return json.dumps({"code": code, "message": message, **extra}).encode()
 
 
-async def send_error(responder: Responder, status: int, code: str, message: str, **extra: object) -> None:
+async def send_error(
+    responder: Responder,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    **extra: object,
+) -> None:
     """Answer with an error unless the response has started (then the connection is the only signal left)."""
     if responder.started:
         raise ConnectionAbortedError(f"{code} after the response started: {message}")
-    headers = [*JSON_HEADERS, (b"sb-error-code", code.encode())]
-    await responder.send(status, headers, error_body(code, message, **extra))
+    await responder.send(
+        status, [*JSON_HEADERS, (b"sb-error-code", code.encode()), *headers], error_body(code, message, **extra)
+    )
 
 
 async def send_json(responder: Responder, status: int, value: object, headers: Headers | None = None) -> None:

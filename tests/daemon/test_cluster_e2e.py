@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import trio
 
 from tests.daemon.fixtures import write_function
 from tests.redis_server import redis_server_running
@@ -47,3 +48,32 @@ async def test_deploy_on_one_node_is_served_by_every_node(tmp_path: Path, http: 
         async with run_worker(tmp_path / "d", env=env) as d:
             r = await http.get(f"{d.public_url}/functions/v1/late", headers=d.auth())
             assert r.text == "late joiner"
+
+
+async def test_function_rate_limit_holds_across_the_cluster(tmp_path: Path, http: httpx.AsyncClient) -> None:
+    async with redis_server_running(tmp_path) as redis:
+        env = {**SECRET_ENV, "MBWORKER_REDIS_URL": redis.url}
+        async with run_worker(tmp_path / "a", env=env) as a, run_worker(tmp_path / "b", env=env) as b:
+            fn = write_function(
+                tmp_path / "src",
+                "limited",
+                "Deno.serve(() => new Response('ok'))",
+                toml="[limits]\nrequests_per_second = 1\n",
+            )
+            await a.deploy(fn)
+            await b.wait_for_output("limited: v1 is live")
+            statuses: dict[str, list[int]] = {"a": [], "b": []}
+            started = trio.current_time()
+            for _ in range(10):
+                for name, node in (("a", a), ("b", b)):
+                    r = await http.get(f"{node.public_url}/functions/v1/limited", headers=node.auth())
+                    statuses[name].append(r.status_code)
+                    if r.status_code == 429:
+                        assert r.json()["code"] == "RATE_LIMIT_EXCEEDED"
+                        assert int(r.headers["retry-after"]) >= 1
+            elapsed = trio.current_time() - started
+            admitted = sum(s == 200 for s in statuses["a"] + statuses["b"])
+            # One shared budget: 1 at once, then 1 more per second that passed — not 1 per node.
+            assert 1 <= admitted <= 2 + int(elapsed)
+            assert 429 in statuses["a"]
+            assert 429 in statuses["b"]
