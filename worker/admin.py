@@ -47,7 +47,7 @@ class AdminApp:
         max_bundle_bytes: int,
         health: Callable[[], dict[str, Any]],
         drain: Callable[[], Awaitable[None]] | None = None,
-        purge_cache: Callable[[str | None], int] | None = None,
+        purge_cache: Callable[[str | None], Awaitable[int]] | None = None,
         public_url: str = "",
         metrics: Metrics | None = None,
         function_logs: FunctionLogs | None = None,
@@ -211,4 +211,5 @@ class AdminApp:
             await send_error(responder, 400, "BAD_REQUEST", f"Invalid JSON body: {exc}")
             return
         slug = body.get("slug")
-        await send_json(responder, 200, {"purged": self.purge_cache(slug if isinstance(slug, str) else None)})
+        purged = await self.purge_cache(slug if isinstance(slug, str) else None)
+        await send_json(responder, 200, {"purged": purged})

@@ -34,8 +34,10 @@ from runtimes.wasm import WasmSettings, open_wasm_runtime
 from worker.admin import AdminApp
 from worker.cache import CacheSettings, ResultCache
 from worker.cluster import (
+    L2Cache,
     MemoryRateLimiter,
     RateLimiter,
+    RedisL2Cache,
     RedisLocks,
     RedisRateLimiter,
     open_redis_deployment_store,
@@ -108,6 +110,7 @@ async def serve_worker(
         broker: Broker | None = None
         presence: Presence | None = None
         limiter: RateLimiter = MemoryRateLimiter()
+        l2: L2Cache | None = None
         if settings.redis_url:
             # Cluster mode: deployments, realtime and rate limits are shared through the state pillar's Redis.
             redis = await stack.enter_async_context(open_redis(settings.redis_url))
@@ -117,6 +120,7 @@ async def serve_worker(
             )
             # Cluster-wide request rates; while Redis is away each node enforces them alone.
             limiter = RedisRateLimiter(redis, fallback=MemoryRateLimiter())
+            l2 = RedisL2Cache(redis)  # functions opt in with [cache] l2 = true
             # Entered before realtime, so they close after it: clients' last untracks still reach Redis.
             broker = await stack.enter_async_context(open_redis_broker(redis, redis.settings, node_id=node_id))
             presence = await stack.enter_async_context(
@@ -136,16 +140,26 @@ async def serve_worker(
         metrics.add_statistics(RUNTIME_STATS, deno.statistics, runtime="deno")
         metrics.add_statistics(RUNTIME_STATS, wasm.statistics, runtime="wasm")
         functions = FunctionsFrontDoor(
-            table, runtimes, JwtGate(keys.jwt_secret), cache=_make_cache(settings), metrics=metrics, limiter=limiter
+            table,
+            runtimes,
+            JwtGate(keys.jwt_secret),
+            cache=_make_cache(settings),
+            metrics=metrics,
+            limiter=limiter,
+            l2=l2,
         )
         metrics.add_statistics(CACHE_STATS, lambda: functions.cache.statistics() if functions.cache else None)
 
-        def purge_cache(slug: str | None) -> int:
+        async def purge_cache(slug: str | None) -> int:
+            """Drop cached results of `slug` (or all): this node's L1 and, in a cluster, the shared L2."""
+            if l2 is not None:
+                for each in [slug] if slug else table.slugs():
+                    await l2.purge_prefix(each)
             return functions.cache.purge(slug) if functions.cache is not None else 0
 
         async def on_change(slug: str) -> None:
             """A slug's live version changed: drop its cached results and follow it in metrics."""
-            purge_cache(slug)
+            await purge_cache(slug)
             active = table.get(slug)
             if active is None:
                 metrics.forget_function(slug)

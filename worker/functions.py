@@ -23,6 +23,7 @@ from worker.cache import (
     ResultCache,
     respond_through_cache,
 )
+from worker.cluster.l2cache import L2Cache
 from worker.cluster.ratelimit import Rate, RateLimiter
 from worker.http.types import BodyTooLarge, Headers, HttpRequest, RequestBody, Responder
 from worker.jwt_gate import JwtGate, JwtRejected
@@ -100,8 +101,10 @@ class FunctionsFrontDoor:
         cache: ResultCache | None = None,
         metrics: Metrics | None = None,
         limiter: RateLimiter | None = None,
+        l2: L2Cache | None = None,
     ) -> None:
         self.limiter = limiter
+        self.l2 = l2
         self.table = table
         self.runtimes = runtimes
         self.gate = gate
@@ -194,6 +197,7 @@ class FunctionsFrontDoor:
                     version=fn.version,
                     config=active.cache,
                     timeout=fn.limits.request_idle_timeout_s,
+                    l2=self.l2,
                 )
             else:
                 await _respond(responder, run)

@@ -77,3 +77,23 @@ async def test_function_rate_limit_holds_across_the_cluster(tmp_path: Path, http
             assert 1 <= admitted <= 2 + int(elapsed)
             assert 429 in statuses["a"]
             assert 429 in statuses["b"]
+
+
+async def test_l2_cache_shares_results_between_workers(tmp_path: Path, http: httpx.AsyncClient) -> None:
+    async with redis_server_running(tmp_path) as redis:
+        env = {**SECRET_ENV, "MBWORKER_REDIS_URL": redis.url}
+        async with run_worker(tmp_path / "a", env=env) as a, run_worker(tmp_path / "b", env=env) as b:
+            source = "let n = 0; Deno.serve(() => Response.json({ n: ++n, pid: Deno.pid }));"
+            toml = '[cache]\nttl = "60s"\nl2 = true\n'
+            await a.deploy(write_function(tmp_path / "src", "shared-cache", source, toml=toml))
+            await b.wait_for_output("shared-cache: v1 is live")
+            auth = a.auth()  # the same key on both nodes: Authorization is part of the cache key
+            first = await http.get(f"{a.public_url}/functions/v1/shared-cache", headers=auth)
+            assert first.headers["x-mbworker-cache"] == "MISS"
+            # Node B never ran the function: the result comes from the shared second level.
+            second = await http.get(f"{b.public_url}/functions/v1/shared-cache", headers=auth)
+            assert second.headers["x-mbworker-cache"] == "HIT"
+            assert second.json() == first.json()
+            assert "age" in second.headers
+            third = await http.get(f"{b.public_url}/functions/v1/shared-cache", headers=auth)
+            assert (third.headers["x-mbworker-cache"], third.json()) == ("HIT", first.json())

@@ -9,13 +9,27 @@ request's `timeout` passed while it waited (answer 504).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+import msgpack  # type: ignore[import-untyped]
 
 from runtimes.api import InvocationResult
 from worker.cache.policy import Headers
 from worker.cache.settings import DEFAULT_FUNCTION_CACHE, FunctionCacheConfig
-from worker.cache.store import BYPASS, CACHE_HEADER, HIT, Bypass, CacheFlight, Hit, RequestHead, ResultCache
+from worker.cache.store import (
+    BYPASS,
+    CACHE_HEADER,
+    HIT,
+    Bypass,
+    CachedResponse,
+    CacheFlight,
+    Hit,
+    RequestHead,
+    ResultCache,
+)
+from worker.cluster.l2cache import L2Cache, key_bytes
 from worker.http.types import Responder
 
 Invoke = Callable[[], AbstractAsyncContextManager[InvocationResult]]
@@ -35,11 +49,13 @@ async def respond_through_cache(
     version: int,
     config: FunctionCacheConfig = DEFAULT_FUNCTION_CACHE,
     timeout: float,
+    l2: L2Cache | None = None,
 ) -> bytes:
     """Answer `request` from the cache, from another request's invocation, or by running `invoke`.
 
-    `timeout` bounds only the wait for another request's invocation. Returns the x-mbworker-cache label
-    sent (HIT, MISS or BYPASS) for logs and metrics.
+    `timeout` bounds only the wait for another request's invocation. With `l2` and `config.l2`, a miss asks
+    the shared second level before running the function, and a stored result is shared there too. Returns the
+    x-mbworker-cache label sent (HIT, MISS or BYPASS) for logs and metrics.
     """
     decision = cache.lookup(request, slug=slug, version=version, config=config)
     if isinstance(decision, Hit):
@@ -50,7 +66,15 @@ async def respond_through_cache(
         return BYPASS
     async with cache.open_flight(decision, timeout=timeout) as flight:
         if flight.leader:
-            return await _lead(responder, invoke, flight)
+            if l2 is None or not config.l2 or decision.revalidate:
+                return await _lead(responder, invoke, flight)
+            key = key_bytes(decision.key)
+            entry = decode_l2_entry(await l2.get(slug, key))
+            if entry is not None:  # another node ran it: store it here too and answer as a hit
+                return await _lead(responder, lambda: _replay(entry), flight, label=HIT)
+            label = await _lead(responder, invoke, flight)
+            await _share(cache, request, l2, slug=slug, version=version, config=config, key=key)
+            return label
         shared = await flight.wait()
     if shared is not None:
         await _send_hit(responder, shared)
@@ -78,13 +102,14 @@ async def _stream(responder: Responder, invoke: Invoke, label: bytes) -> None:
     await responder.end()
 
 
-async def _lead(responder: Responder, invoke: Invoke, flight: CacheFlight) -> bytes:
+async def _lead(responder: Responder, invoke: Invoke, flight: CacheFlight, *, label: bytes | None = None) -> bytes:
     """Run the function as the flight's leader: buffer a sized storable body (followers wait for it, not for
-    this request's client), otherwise stream it to the client while the recorder tees it."""
+    this request's client), otherwise stream it to the client while the recorder tees it. `label` overrides
+    the x-mbworker-cache value (a result replayed from L2 is a HIT)."""
     async with invoke() as result:
         whole = result.complete_body
         recorder = flight.record(result.status, result.headers, whole)  # a whole body is stored right here
-        label = recorder.label
+        label = label or recorder.label
         if whole is not None:  # the runtime holds it all: answer in one write with Content-Length
             framed = [(k, v) for k, v in result.headers if k.lower() not in _FRAMING]  # send() frames the body
             await responder.send(result.status, [*framed, (CACHE_HEADER, label)], whole)
@@ -111,3 +136,63 @@ async def _lead(responder: Responder, invoke: Invoke, flight: CacheFlight) -> by
     else:
         await responder.end()
     return label
+
+
+# -- L2 -------------------------------------------------------------------------------------------------------
+
+
+def encode_l2_entry(entry: CachedResponse, now: float) -> tuple[bytes, float] | None:
+    """(value, ttl) for the second level, or None: responses that Vary on request headers stay local (the
+    L2 key holds only the function's configured vary values)."""
+    ttl = entry.expires_at - now
+    if entry.vary or ttl <= 0:
+        return None
+    age = entry.initial_age + int(now - entry.stored_at)
+    value = msgpack.packb(
+        {"s": entry.status, "h": [list(h) for h in entry.headers], "b": entry.body, "a": age, "w": time.time()},
+        use_bin_type=True,
+    )
+    return value, ttl
+
+
+def decode_l2_entry(value: bytes | None) -> InvocationResult | None:
+    """The stored response as an invocation result (Age advanced by the time it spent in L2), or None."""
+    if not value:
+        return None
+    try:
+        raw = msgpack.unpackb(value, raw=False)
+        age = int(raw["a"] + max(0.0, time.time() - raw["w"]))
+        headers = [(bytes(k), bytes(v)) for k, v in raw["h"] if bytes(k).lower() != b"age"]
+        body = bytes(raw["b"])
+        status = int(raw["s"])
+    except (ValueError, KeyError, TypeError, msgpack.UnpackException):
+        return None  # an entry of another format: a miss
+    return InvocationResult(status, [*headers, (b"age", str(age).encode())], _one(body), complete_body=body)
+
+
+async def _one(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+@asynccontextmanager
+async def _replay(result: InvocationResult) -> AsyncIterator[InvocationResult]:
+    yield result
+
+
+async def _share(
+    cache: ResultCache,
+    request: RequestHead,
+    l2: L2Cache,
+    *,
+    slug: str,
+    version: int,
+    config: FunctionCacheConfig,
+    key: bytes,
+) -> None:
+    """Put what the leader just stored in L1 into L2 too (best effort: L2 never raises)."""
+    entry = cache.peek(request, slug=slug, version=version, config=config)
+    if entry is None:
+        return
+    encoded = encode_l2_entry(entry, cache.now())
+    if encoded is not None:
+        await l2.set(slug, key, encoded[0], encoded[1])

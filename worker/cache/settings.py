@@ -76,6 +76,8 @@ class FunctionCacheConfig(BaseModel):
     """Request header names (any case) whose values are always part of the key."""
     include_authorization: bool = True
     """Key on the request's Authorization header. Turn off only for responses that are the same for everyone."""
+    l2: bool = False
+    """Share results through the cluster's Redis (second level) too. Needs MBWORKER_REDIS_URL."""
 
     @field_validator("ttl", mode="before")
     @classmethod

@@ -277,6 +277,31 @@ class ResultCache:
         self._n.misses += 1
         return Miss(key, config, request.headers, facts.revalidate, self._epoch_of(slug))
 
+    def peek(
+        self,
+        request: RequestHead,
+        *,
+        slug: str,
+        version: int,
+        config: FunctionCacheConfig = DEFAULT_FUNCTION_CACHE,
+    ) -> CachedResponse | None:
+        """The fresh entry `request` would hit, without counting a hit (to share it with the L2)."""
+        moka = self._moka
+        facts = classify_request("GET", request.headers, config) if moka is not None else "disabled"
+        if not isinstance(facts, RequestFacts) or moka is None:
+            return None
+        key = primary_key(slug, version, request.path, request.query, facts)
+        found = moka.get(key)
+        if type(found) is _VaryNode:
+            found = moka.get(variant_key(key, header_values(request.headers, found.names)))
+        if type(found) is CachedResponse and found.expires_at > self._clock():
+            return found
+        return None
+
+    def now(self) -> float:
+        """The cache's clock (entries' stored_at / expires_at are on it)."""
+        return self._clock()
+
     def _epoch_of(self, slug: str) -> tuple[int, int]:
         return self._epoch, self._slug_epochs.get(slug, 0)
 

@@ -122,6 +122,8 @@ class CacheSettings(BaseModel):
     """Request header names (lower-cased) that are part of the cache key."""
     include_authorization: bool = True
     """Key on the Authorization header too, so one user's response never reaches another."""
+    l2: bool = False
+    """Also share cached results through the cluster's Redis (the L2), in cluster mode."""
 
     @field_validator("ttl", mode="before")
     @classmethod
