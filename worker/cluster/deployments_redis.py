@@ -53,7 +53,6 @@ import msgpack  # type: ignore[import-untyped]
 import trio
 from pydantic import ValidationError
 
-from worker.cluster._nursery import open_owned_nursery
 from worker.cluster.errors import ClusterStoreUnavailable, LockError
 from worker.cluster.local_copies import LocalCopies, check_slug, check_version, rmtree
 from worker.cluster.lock import Locks, RedisLocks
@@ -70,6 +69,7 @@ from worker.deployments.store import (
     StoreStatistics,
     UnpackLimits,
     VersionConflict,
+    staged_deployment,
 )
 from worker.redis import (
     PubSub,
@@ -79,6 +79,7 @@ from worker.redis import (
     RedisClient,
     RedisError,
 )
+from worker.redis._nursery import open_owned_nursery
 
 log = logging.getLogger("mbworker.cluster.deployments")
 
@@ -333,26 +334,7 @@ class RedisDeploymentStore:
         try:
             async with self._mutating(slug, f"put {slug}"):
                 version = await self._redis.incr(self._key(slug, "seq"))
-                now = _now_ms()
-                dep = Deployment(
-                    slug=slug,
-                    version=version,
-                    status=DeploymentStatus.STAGED,
-                    sha256=digest,
-                    size_bytes=len(archive),
-                    runtime=manifest.runtime,
-                    entrypoint=manifest.entrypoint,
-                    import_map=manifest.import_map,
-                    verify_jwt=manifest.verify_jwt,
-                    static_patterns=manifest.static_patterns,
-                    limits=manifest.limits,
-                    env_names=sorted(manifest.env),
-                    cache=manifest.cache,
-                    net=manifest.net,
-                    source_entrypoint=manifest.source_entrypoint,
-                    created_at=now,
-                    updated_at=now,
-                )
+                dep = staged_deployment(slug, version, manifest, digest, len(archive))
                 extra = [("SET", self._archive_key(slug, version), archive), ("SADD", f"{self._p}slugs", slug)]
                 await self._write(slug, [dep], extra=extra)
                 try:

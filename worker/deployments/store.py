@@ -232,6 +232,30 @@ class DeploymentStore(Protocol):
     def statistics(self) -> StoreStatistics: ...
 
 
+def staged_deployment(slug: str, version: int, manifest: Manifest, sha256: str, size: int) -> Deployment:
+    """The metadata of a version just stored from a bundle with `manifest` (every store builds it this way)."""
+    now = _now_ms()
+    return Deployment(
+        slug=slug,
+        version=version,
+        status=DeploymentStatus.STAGED,
+        sha256=sha256,
+        size_bytes=size,
+        runtime=manifest.runtime,
+        entrypoint=manifest.entrypoint,
+        import_map=manifest.import_map,
+        verify_jwt=manifest.verify_jwt,
+        static_patterns=manifest.static_patterns,
+        limits=manifest.limits,
+        env_names=sorted(manifest.env),
+        cache=manifest.cache,
+        net=manifest.net,
+        source_entrypoint=manifest.source_entrypoint,
+        created_at=now,
+        updated_at=now,
+    )
+
+
 def function_version(dep: Deployment, bundle_dir: Path, env: Mapping[str, str]) -> FunctionVersion:
     """What a runtime needs to run `dep`; `env` is the complete environment (platform variables + secrets)."""
     return FunctionVersion(
@@ -412,26 +436,7 @@ class LocalDeploymentStore:
             if manifest.slug != slug:
                 raise BundleRejected(f"bundle is for {manifest.slug!r}, not {slug!r}")
             _write_atomic(vdir / "bundle.tar.gz", archive)
-            now = _now_ms()
-            dep = Deployment(
-                slug=slug,
-                version=version,
-                status=DeploymentStatus.STAGED,
-                sha256=digest,
-                size_bytes=len(archive),
-                runtime=manifest.runtime,
-                entrypoint=manifest.entrypoint,
-                import_map=manifest.import_map,
-                verify_jwt=manifest.verify_jwt,
-                static_patterns=manifest.static_patterns,
-                limits=manifest.limits,
-                env_names=sorted(manifest.env),
-                cache=manifest.cache,
-                net=manifest.net,
-                source_entrypoint=manifest.source_entrypoint,
-                created_at=now,
-                updated_at=now,
-            )
+            dep = staged_deployment(slug, version, manifest, digest, len(archive))
             _write_atomic(vdir / "meta.json", dep.model_dump_json(indent=2).encode())
             return dep
         except BaseException:
