@@ -7,19 +7,13 @@ prints what its clients see; the test reacts to those lines and to the workers' 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import trio
 
-from tests.conftest import require_binary
 from tests.daemon.fixtures import write_function
-from tests.e2e.harness import E2E_DIR, ensure_node_modules
+from tests.e2e.node_driver import run_node_driver
 from tests.realtime.helpers import ANON, SECRET
 from tests.redis_server import redis_server_running
 from tests.worker_process import RunningWorker, run_worker
@@ -30,44 +24,6 @@ OUTAGE = 4.0
 """Seconds Redis stays down. The issue says 10 s; nothing in the nodes depends on the outage's length (they
 notice the closed connections at once and retry with a backoff capped at 2 s, so a 10 s outage only adds
 reconnect attempts), and 4 s keeps the file fast."""
-
-
-class Events:
-    """JSON lines from the node driver, with waits for the first line (from an index on) matching a predicate."""
-
-    def __init__(self) -> None:
-        self.lines: list[dict[str, Any]] = []
-        self._changed = trio.Event()
-
-    def add(self, event: dict[str, Any]) -> None:
-        self.lines.append(event)
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait(self, predicate: Callable[[dict[str, Any]], bool], timeout: float, since: int = 0) -> None:
-        with trio.fail_after(timeout):
-            while not any(predicate(line) for line in self.lines[since:]):
-                await self._changed.wait()
-
-    async def wait_presence(self, names: list[str], expected: list[str], timeout: float, since: int) -> None:
-        """Until each of `names` was last told (after line `since`) that the room holds exactly `expected`."""
-
-        def last_presence(name: str) -> list[str] | None:
-            seen = [e["presence"] for e in self.lines[since:] if e.get("on") == name and "presence" in e]
-            return seen[-1] if seen else None
-
-        with trio.fail_after(timeout):
-            while any(last_presence(n) != expected for n in names):
-                await self._changed.wait()
-
-    def got(self, name: str, message_id: str) -> Callable[[dict[str, Any]], bool]:
-        return lambda e: e.get("on") == name and e.get("broadcast", {}).get("id") == message_id
-
-    def subscribed(self, name: str) -> Callable[[dict[str, Any]], bool]:
-        return lambda e: e.get("on") == name and e.get("subscribed") is True
-
-    def deliveries(self) -> Counter[tuple[str, str]]:
-        return Counter((e["on"], e["broadcast"]["id"]) for e in self.lines if "broadcast" in e)
 
 
 def _ws_url(worker: RunningWorker) -> str:
@@ -82,49 +38,27 @@ async def _healthy(http: httpx.AsyncClient, *workers: RunningWorker) -> None:
 
 
 async def test_redis_outage_keeps_local_delivery_and_recovers_the_cluster(tmp_path: Path) -> None:
-    node = require_binary("node")
-    ensure_node_modules(node)
     async with (
         redis_server_running(tmp_path) as redis,
         httpx.AsyncClient(timeout=10, trust_env=False) as http,
     ):
         env = {**ENV, "MBWORKER_REDIS_URL": redis.url}
         async with run_worker(tmp_path / "a", env=env) as a, run_worker(tmp_path / "b", env=env) as b:
-            driver = await trio.lowlevel.open_process(
-                [node, str(E2E_DIR / "cluster_faults.mjs")],
-                cwd=E2E_DIR,
-                env={**os.environ, "RT_URL_A": _ws_url(a), "RT_URL_B": _ws_url(b), "RT_APIKEY": ANON},
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-            )
-            events = Events()
+            env_driver = {"RT_URL_A": _ws_url(a), "RT_URL_B": _ws_url(b), "RT_APIKEY": ANON}
+            async with run_node_driver("cluster_faults.mjs", env_driver) as driver:
+                events = driver.events
 
-            async def pump() -> None:
-                assert driver.stdout is not None
-                buffer = b""
-                async for chunk in driver.stdout:
-                    buffer += chunk
-                    *lines, buffer = buffer.split(b"\n")
-                    for line in lines:
-                        events.add(json.loads(line))
+                async def send(message_id: str, sender: str, *receivers: str) -> None:
+                    """`sender` broadcasts; wait until every one of `receivers` got it."""
+                    since = len(events.lines)
+                    await driver.send(send=message_id, **{"from": sender})
+                    for name in receivers:
+                        await events.wait(events.got(name, message_id), 20, since)
 
-            async def command(**cmd: str) -> None:
-                assert driver.stdin is not None
-                await driver.stdin.send_all(json.dumps(cmd).encode() + b"\n")
-
-            async def send(message_id: str, sender: str, *receivers: str) -> None:
-                """`sender` broadcasts; wait until every one of `receivers` got it."""
-                since = len(events.lines)
-                await command(send=message_id, **{"from": sender})
-                for name in receivers:
-                    await events.wait(events.got(name, message_id), 20, since)
-
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(pump)
+                try:
                     # a1 and a2 on worker A, b1 on worker B, all in one room.
                     for name, on in (("a1", "A"), ("a2", "A"), ("b1", "B")):
-                        await command(join=name, node=on)
+                        await driver.send(join=name, node=on)
                         await events.wait(events.subscribed(name), 20)
                     everyone = ["a1", "a2", "b1"]
                     await events.wait_presence(everyone, everyone, 20, 0)
@@ -154,7 +88,7 @@ async def test_redis_outage_keeps_local_delivery_and_recovers_the_cluster(tmp_pa
                     await send("after-a1", "a1", "a2", "b1")
                     await send("after-b1", "b1", "a1", "a2")
                     # Presence is in Redis again: a newcomer on B sees A's clients, A's clients see the newcomer.
-                    await command(join="b2", node="B")
+                    await driver.send(join="b2", node="B")
                     everyone = ["a1", "a2", "b1", "b2"]
                     await events.wait_presence(everyone, everyone, 20, since)
                     await send("after-b2", "b2", "a1", "a2", "b1")
@@ -170,16 +104,11 @@ async def test_redis_outage_keeps_local_delivery_and_recovers_the_cluster(tmp_pa
                     # What A delivered locally during the outage did not come back once Redis was there again.
                     assert counts[("a2", "outage-a1")] == counts[("a1", "outage-a2")] == 1
                     await _healthy(http, a, b)
-                    nursery.cancel_scope.cancel()
-            except BaseException:
-                for w in (a, b):  # what the workers said, for the failure report
-                    print(f"--- {w.public_url}\n" + "\n".join(w.output[-60:]))
-                print("--- driver\n" + "\n".join(json.dumps(e) for e in events.lines[-60:]))
-                raise
-            finally:
-                driver.kill()
-                with trio.move_on_after(10):
-                    await driver.wait()
+                except BaseException:
+                    for w in (a, b):  # what the workers said, for the failure report
+                        print(f"--- {w.public_url}\n" + "\n".join(w.output[-60:]))
+                    print("--- driver\n" + "\n".join(json.dumps(e) for e in events.lines[-60:]))
+                    raise
 
 
 async def test_racing_deploys_get_distinct_versions_and_the_higher_wins_everywhere(tmp_path: Path) -> None:
