@@ -7,6 +7,7 @@ Semantics follow /work/shared/reference/realtime-protocol.md §3–§7.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ from realtime.auth import Authenticator
 from realtime.broker import Broker, Envelope, broker_key
 from realtime.errors import AuthError
 from realtime.hub import Hub
-from realtime.limits import RateLimit, WindowLimit
+from realtime.limits import RateLimit, SharedLimiter, WindowLimit
 from realtime.presence import Presence, state_payload
 from realtime.protocol import BroadcastPayload, Message, ProtocolError, Vsn, decode_binary, decode_text, encode
 from realtime.settings import RealtimeSettings
@@ -43,6 +44,7 @@ class NodeContext:
     hub: Hub
     broker: Broker
     presence: Presence
+    shared_limiter: SharedLimiter | None = None
 
 
 def _flag(value: Any, default: bool = False) -> bool:
@@ -83,7 +85,18 @@ class Channel:
 class Client:
     """One connection's channels and counters. Owned by the connection's task (service.py)."""
 
-    __slots__ = ("_events", "apikey", "apikey_claims", "channels", "ctx", "id", "messages_in", "transport", "vsn")
+    __slots__ = (
+        "_events",
+        "_key_limit",
+        "apikey",
+        "apikey_claims",
+        "channels",
+        "ctx",
+        "id",
+        "messages_in",
+        "transport",
+        "vsn",
+    )
 
     def __init__(
         self, ctx: NodeContext, transport: Transport, vsn: Vsn, apikey: str, apikey_claims: dict[str, Any]
@@ -96,6 +109,12 @@ class Client:
         self.apikey_claims = apikey_claims
         self.channels: dict[str, Channel] = {}
         self._events = RateLimit(ctx.settings.max_events_per_second)
+        per_key = ctx.settings.max_events_per_second_per_key
+        self._key_limit = (
+            ("rt:key:" + hashlib.blake2b(apikey.encode(), digest_size=12).hexdigest(), per_key)
+            if per_key is not None and ctx.shared_limiter is not None
+            else None
+        )
         self.messages_in = 0
 
     # output ----------------------------------------------------------------------------------------
@@ -121,7 +140,11 @@ class Client:
                 self.reply(msg, "error", {"reason": "unknown phoenix event"})
             return
         now = trio.current_time()
-        if not self._events.allow(now):
+        if not self._events.allow(now) or (
+            self._key_limit is not None
+            and self.ctx.shared_limiter is not None
+            and not await self.ctx.shared_limiter.allow(*self._key_limit)
+        ):
             channel = self.channels.get(msg.topic)
             if msg.event == "phx_join":
                 self.reply(msg, "error", {"reason": "Too many messages per second"})

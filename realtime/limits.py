@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 __all__ = ["RateLimit", "WindowLimit"]
+
+
+class SharedLimiter(Protocol):
+    """A rate limiter several nodes share (the daemon adapts its Redis GCRA limiter to this)."""
+
+    async def allow(self, key: str, per_second: int) -> bool:
+        """Count one event against `key`; False when over `per_second`. Never raises (degrades to local)."""
+        ...
 
 
 class RateLimit:

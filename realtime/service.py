@@ -28,6 +28,7 @@ from realtime.broker_memory import MemoryBroker
 from realtime.client import TOPIC_PREFIX, Client, NodeContext
 from realtime.errors import AuthError
 from realtime.hub import Hub
+from realtime.limits import SharedLimiter
 from realtime.presence import Presence
 from realtime.presence_memory import MemoryPresence
 from realtime.protocol import ProtocolError, Vsn, parse_vsn
@@ -94,7 +95,7 @@ class _Conn:
 
 class RealtimeService:
     def __init__(self, settings: RealtimeSettings, *, jwt_secret: str, node_id: str, broker: Broker,
-                 presence: Presence) -> None:  # fmt: skip
+                 presence: Presence, shared_limiter: SharedLimiter | None = None) -> None:  # fmt: skip
         self.settings = settings
         self.node_id = node_id
         self._auth = Authenticator(
@@ -105,7 +106,7 @@ class RealtimeService:
         self._hub = Hub(node_id, broker, presence)
         broker.bind(self._hub)
         presence.bind(self._hub)
-        self._ctx = NodeContext(node_id, settings, self._auth, self._hub, broker, presence)
+        self._ctx = NodeContext(node_id, settings, self._auth, self._hub, broker, presence, shared_limiter)
         self._conns: dict[str, _Conn] = {}
         self._all_closed = trio.Event()
         self._all_closed.set()
@@ -406,14 +407,17 @@ async def open_realtime(
     node_id: str,
     broker: Broker | None = None,
     presence: Presence | None = None,
+    shared_limiter: SharedLimiter | None = None,
 ) -> AsyncIterator[RealtimeService]:
-    """Run realtime for this node. Passed-in broker/presence stay owned by the caller; defaults are memory."""
+    """Run realtime for this node. Passed-in broker/presence/limiter stay owned by the caller; defaults are
+    memory (and no per-key limit shared between nodes)."""
     service = RealtimeService(
         settings,
         jwt_secret=jwt_secret,
         node_id=node_id,
         broker=broker if broker is not None else MemoryBroker(),
         presence=presence if presence is not None else MemoryPresence(ttl=settings.presence_ttl),
+        shared_limiter=shared_limiter,
     )
     async with trio.open_nursery() as nursery:
         service._nursery = nursery

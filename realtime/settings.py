@@ -33,6 +33,9 @@ class RealtimeSettings(BaseModel):
     max_channels_per_socket: int = 100
     max_events_per_second: int = 100
     """Client messages per second per socket (heartbeats excluded); excess: `system` error, channel closed."""
+    max_events_per_second_per_key: int | None = None
+    """Client messages per second from all sockets sharing one API key (a project's cap, like Supabase's tenant
+    limit), counted across the cluster when the node has a shared limiter (Redis). None: off."""
     presence_max_calls: int = 5
     presence_window: float = 30.0
     """At most `presence_max_calls` track/untrack per channel per `presence_window` seconds."""

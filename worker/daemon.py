@@ -36,6 +36,7 @@ from worker.cache import CacheSettings, ResultCache
 from worker.cluster import (
     L2Cache,
     MemoryRateLimiter,
+    Rate,
     RateLimiter,
     RedisL2Cache,
     RedisLocks,
@@ -181,7 +182,12 @@ async def serve_worker(
             await on_change(slug)
         realtime = await stack.enter_async_context(
             open_realtime(
-                settings.realtime, jwt_secret=keys.jwt_secret, node_id=node_id, broker=broker, presence=presence
+                settings.realtime,
+                jwt_secret=keys.jwt_secret,
+                node_id=node_id,
+                broker=broker,
+                presence=presence,
+                shared_limiter=_SharedRealtimeLimiter(limiter),
             )
         )
         metrics.add_statistics(REALTIME_STATS, realtime.statistics)
@@ -248,6 +254,16 @@ async def serve_worker(
                     drains.start_soon(admin.drain, settings.drain_grace_s)
             nursery.cancel_scope.cancel()
     log.info("worker stopped")
+
+
+class _SharedRealtimeLimiter:
+    """Realtime's `SharedLimiter` over the node's rate limiter (Redis GCRA in a cluster, memory alone)."""
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self._limiter = limiter
+
+    async def allow(self, key: str, per_second: int) -> bool:
+        return (await self._limiter.hit(key, Rate(per_second))).allowed
 
 
 def _make_cache(settings: WorkerSettings) -> ResultCache | None:
