@@ -288,7 +288,7 @@ class LocalProvider:
             "MBWORKER_REDIS_URL": self.redis_url(),
             "MBWORKER_JWT_SECRET": self._secrets.jwt_secret.get_secret_value(),
             "MBWORKER_ADMIN_TOKEN": self._secrets.admin_token.get_secret_value(),
-            "MBWORKER_NODE_NAME": f"{self.spec.name}-worker-{index:03d}",
+            "MBWORKER_NODE_ID": f"{self.spec.name}-worker-{index:03d}",
         }
         return argv, env
 

@@ -24,10 +24,10 @@ def main() -> None:
     parser.add_argument("--admin-port", type=int, required=True)
     parser.add_argument("--data-dir", type=Path, required=True)
     args = parser.parse_args()
-    keys = ("MBWORKER_REDIS_URL", "MBWORKER_JWT_SECRET", "MBWORKER_ADMIN_TOKEN", "MBWORKER_NODE_NAME")
+    keys = ("MBWORKER_REDIS_URL", "MBWORKER_JWT_SECRET", "MBWORKER_ADMIN_TOKEN", "MBWORKER_NODE_ID")
     (args.data_dir / "env.json").write_text(json.dumps({k: os.environ.get(k) for k in keys}))
     token = os.environ["MBWORKER_ADMIN_TOKEN"]
-    name = os.environ["MBWORKER_NODE_NAME"]
+    name = os.environ["MBWORKER_NODE_ID"]
 
     class Public(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"

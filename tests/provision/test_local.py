@@ -113,7 +113,7 @@ def test_up_runs_redis_workers_and_gateway(provider_for, secrets: ClusterSecrets
     assert env["MBWORKER_REDIS_URL"] == p.redis_url()
     assert env["MBWORKER_JWT_SECRET"] == secrets.jwt_secret.get_secret_value()
     assert env["MBWORKER_ADMIN_TOKEN"] == secrets.admin_token.get_secret_value()
-    assert env["MBWORKER_NODE_NAME"] == "loc-worker-001"
+    assert env["MBWORKER_NODE_ID"] == "loc-worker-001"
     # both workers share the one redis, which wants the password
     client = redis.Redis.from_url(env["MBWORKER_REDIS_URL"])
     try:
