@@ -46,7 +46,7 @@ class AdminApp:
         *,
         max_bundle_bytes: int,
         health: Callable[[], dict[str, Any]],
-        drain: Callable[[], Awaitable[None]] | None = None,
+        drain: Callable[[], bool] | None = None,
         purge_cache: Callable[[str | None], Awaitable[int]] | None = None,
         public_url: str = "",
         metrics: Metrics | None = None,
@@ -198,8 +198,9 @@ class AdminApp:
         if self.drain is None:
             await send_error(responder, 501, "NOT_IMPLEMENTED", "Drain is not available")
             return
-        await send_json(responder, 202, {"draining": True})
-        await self.drain()
+        drained = self.drain()
+        # Poll until "drained" is true (in-flight requests finished); then the node exits. 202 while it drains.
+        await send_json(responder, 200 if drained else 202, {"draining": True, "drained": drained})
 
     async def _purge(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
         if self.purge_cache is None:

@@ -60,6 +60,10 @@ from worker.redis import open_redis
 
 log = logging.getLogger("mbworker.daemon")
 
+DRAIN_REPORT_LINGER_S = 10.0
+"""After a drain asked for over the admin API, how long the admin listener waits for the caller to poll again
+and read `drained: true` before the process exits."""
+
 
 @dataclass
 class WorkerHandle:
@@ -203,8 +207,17 @@ async def serve_worker(
                 "runtimes": {name: _stats(rt) for name, rt in runtimes.items()},
             }
 
-        async def drain() -> None:
+        drained = trio.Event()  # public work finished (set during drain)
+        drain_requested = trio.Event()  # the drain came through the admin API
+        drain_reported = trio.Event()  # an admin caller has been told drained: true
+
+        def drain() -> bool:
+            """Start draining (idempotent); True once in-flight public work has finished."""
+            drain_requested.set()
             draining.set()
+            if drained.is_set():
+                drain_reported.set()
+            return drained.is_set()
 
         public_app = PublicApp(functions, realtime, ready)
         admin_app = AdminApp(
@@ -251,7 +264,14 @@ async def serve_worker(
                     # 1012 "service restart": realtime-js reconnects, through the proxy, to another worker.
                     drains.start_soon(partial(realtime.close_all, 1012, timeout=settings.drain_grace_s))
                     drains.start_soon(public.drain, settings.drain_grace_s)
-                    drains.start_soon(admin.drain, settings.drain_grace_s)
+            drained.set()
+            if drain_requested.is_set():
+                # Whoever asked over the admin API (the provisioner's scale-in) polls until it reads
+                # drained: true; stay reachable until it has (bounded), then close the admin listener.
+                with trio.move_on_after(DRAIN_REPORT_LINGER_S):
+                    await drain_reported.wait()
+            with trio.move_on_after(5):
+                await admin.drain(5)
             nursery.cancel_scope.cancel()
     log.info("worker stopped")
 

@@ -92,11 +92,18 @@ async def test_drain_under_load_loses_no_accepted_request(tmp_path: Path, http: 
             for _ in range(12):
                 nursery.start_soon(one)
             await worker.wait_for_output("busy request", count=12)  # every request is inside the function
-            r = await http.post(
-                f"{worker.admin_url}/admin/v1/drain", headers={"authorization": f"Bearer {worker.admin_token}"}
-            )
-            assert r.status_code == 202
+            admin = {"authorization": f"Bearer {worker.admin_token}"}
+            r = await http.post(f"{worker.admin_url}/admin/v1/drain", headers=admin)
+            assert (r.status_code, r.json()) == (202, {"draining": True, "drained": False})
         assert results == [200] * 12
+        # As the provisioner does on scale-in: ask again until the node says its work is done; then it exits.
+        answers = []
+        for _ in range(100):  # a poller's questions, 0.2 s apart (the provisioner's protocol), at most ~20 s
+            answers.append((await http.post(f"{worker.admin_url}/admin/v1/drain", headers=admin)).json())
+            if answers[-1]["drained"]:
+                break
+            await trio.sleep(0.2)
+        assert answers[-1] == {"draining": True, "drained": True}
         with trio.fail_after(40):
             assert await worker.process.wait() == 0
     assert not (_deno_children() - before)
