@@ -58,6 +58,7 @@ def test_worker_runs_mbworker_pointed_at_the_state_pillar() -> None:
     assert f"MBWORKER_REDIS_URL=redis://:{redis}@10.0.1.11:6380/0" in text
     assert f"MBWORKER_JWT_SECRET={SECRETS.jwt_secret.get_secret_value()}" in text
     assert f"MBWORKER_ADMIN_TOKEN={SECRETS.admin_token.get_secret_value()}" in text
+    assert "net.ipv6.conf.all.disable_ipv6 = 1" in text  # what Deno's --deny-net cannot cover (docs/security.md)
     assert (
         "ExecStart=/opt/mbworker/bin/mbworker serve --host 0.0.0.0 --port 8080 --admin-host 0.0.0.0 --admin-public"
         " --admin-port 8081" in text
