@@ -6,9 +6,10 @@ what comes back. Every failure becomes Supabase's JSON error with its status and
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-import uuid
+import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -39,6 +40,15 @@ HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"te", b"trailer", b"proxy-connection"}
 )
 RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"date", b"server"}
+
+_ID_PREFIX = os.urandom(10).hex()
+_id_seq = itertools.count(1)
+
+
+def _new_request_id() -> str:
+    """32 hex digits like `uuid4().hex`, unique per daemon run (a random prefix and a counter): uuid4 reads
+    os.urandom per request, a syscall on the hot path for an id that only labels log lines."""
+    return f"{_ID_PREFIX}{next(_id_seq):012x}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +191,7 @@ class FunctionsFrontDoor:
                 target=target,
                 headers=forwarded_headers(request),
                 body=_limited(request.body, limit),
-                request_id=(request.header(b"x-request-id") or b"").decode("latin-1") or uuid.uuid4().hex,
+                request_id=(request.header(b"x-request-id") or b"").decode("latin-1") or _new_request_id(),
                 url=f"{request.scheme}://{request.host}{target}",
             )
             return _Shaped(runtime.invoke(fn, invocation), active)

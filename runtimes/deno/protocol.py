@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import struct
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 WINDOW = 16
@@ -45,6 +46,7 @@ MAX_JSON = 1 << 20
 _PREFIX = struct.Struct(">II")
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 _loads = json.JSONDecoder().decode
+_quote = encode_basestring_ascii
 
 
 class ProtocolError(Exception):
@@ -58,16 +60,14 @@ def encode(head: dict[str, Any], body: bytes = b"") -> bytes:
 
 
 def encode_request_head(rid: int, method: str, url: str, headers: list[tuple[bytes, bytes]], *, no_body: bool) -> bytes:
-    head: dict[str, Any] = {
-        "t": "q",
-        "i": rid,
-        "m": method,
-        "u": url,
-        "h": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers],
-    }
-    if no_body:
-        head["e"] = 1
-    return encode(head)
+    """The ``q`` frame. Built as text with the C string quoter rather than a dict through the JSON encoder (the
+    same bytes: compact separators, ASCII-escaped; about half the cost, once per request)."""
+    h = ",".join(["[" + _quote(k.decode("latin-1")) + "," + _quote(v.decode("latin-1")) + "]" for k, v in headers])
+    tail = ',"e":1}' if no_body else "}"
+    j = (
+        '{"t":"q","i":' + str(rid) + ',"m":' + _quote(method) + ',"u":' + _quote(url) + ',"h":[' + h + "]" + tail
+    ).encode()
+    return _PREFIX.pack(len(j), 0) + j
 
 
 class FrameDecoder:

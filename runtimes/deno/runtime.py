@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
+from types import TracebackType
 
 import trio
 from pydantic import BaseModel, ConfigDict, Field
@@ -75,6 +76,38 @@ def _default_on_log(fn: FunctionVersion, execution_id: str, stream: str, line: s
     )
 
 
+class _Invoke:
+    """`DenoRuntime.invoke`'s context manager: a slot on a process of the version, the request on it, the slot
+    back. A class: an @asynccontextmanager costs an async generator per request on the daemon's hottest path."""
+
+    __slots__ = ("_fn", "_invocation", "_pool", "_proc", "_runtime", "_served")
+
+    def __init__(self, runtime: DenoRuntime, fn: FunctionVersion, invocation: Invocation) -> None:
+        self._runtime = runtime
+        self._fn = fn
+        self._invocation = invocation
+
+    async def __aenter__(self) -> InvocationResult:
+        self._pool = pool = self._runtime._pool(self._fn)
+        self._proc = proc = await pool.acquire()
+        self._served = served = proc.request(self._invocation)
+        try:
+            return await served.__aenter__()
+        except BaseException:
+            pool.release(proc, ok=False)
+            raise
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        ok = False
+        try:
+            await self._served.__aexit__(exc_type, exc, tb)
+            ok = exc_type is None
+        finally:
+            self._pool.release(self._proc, ok=ok)
+
+
 class DenoRuntime:
     """Implements `runtimes.api.Runtime`. Create with `open_deno_runtime`."""
 
@@ -97,17 +130,8 @@ class DenoRuntime:
     async def warm(self, fn: FunctionVersion) -> None:
         await self._pool(fn).warm()
 
-    @asynccontextmanager
-    async def invoke(self, fn: FunctionVersion, invocation: Invocation) -> AsyncIterator[InvocationResult]:
-        pool = self._pool(fn)
-        proc = await pool.acquire()
-        ok = False
-        try:
-            async with proc.request(invocation) as result:
-                yield result
-            ok = True
-        finally:
-            pool.release(proc, ok=ok)
+    def invoke(self, fn: FunctionVersion, invocation: Invocation) -> _Invoke:
+        return _Invoke(self, fn, invocation)
 
     async def retire(self, fn: FunctionVersion) -> None:
         """Returns at once; in-flight requests finish, then the processes stop (in the runtime's nursery)."""

@@ -45,3 +45,37 @@ def test_public_names() -> None:
     assert sorted(runtimes.deno.__all__) == ["DenoRuntime", "DenoSettings", "OnLog", "open_deno_runtime"]
     for name in runtimes.deno.__all__:
         assert getattr(runtimes.deno, name) is not None
+
+
+def test_request_head_is_exactly_what_the_json_encoder_would_write() -> None:
+    """The hand-built `q` frame must stay byte-for-byte the JSON the bootstrap parses (checked over odd inputs)."""
+    import json
+    import random
+    import struct
+
+    from runtimes.deno.protocol import encode_request_head
+
+    rng = random.Random(7)
+    alphabet = [chr(c) for c in range(0, 256)] + ['"', "\\", "\u2028", "é"]
+    for _ in range(300):
+        headers = [
+            (
+                "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12))).encode("latin-1", "replace"),
+                "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40))).encode("latin-1", "replace"),
+            )
+            for _ in range(rng.randrange(0, 6))
+        ]
+        url = "http://h/" + "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 30)))
+        no_body = rng.random() < 0.5
+        frame = encode_request_head(12, "GET", url, headers, no_body=no_body)
+        value: dict[str, object] = {
+            "t": "q",
+            "i": 12,
+            "m": "GET",
+            "u": url,
+            "h": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers],
+        }
+        if no_body:
+            value["e"] = 1
+        expected = json.dumps(value, separators=(",", ":")).encode()
+        assert frame == struct.pack(">II", len(expected), 0) + expected
