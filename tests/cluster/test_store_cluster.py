@@ -15,7 +15,8 @@ from tests.redis_server import RedisServer
 from worker.cluster.deployments_redis import RedisDeploymentStore, open_redis_deployment_store
 from worker.cluster.errors import ClusterStoreUnavailable
 from worker.deployer import Deployer, PlatformEnv
-from worker.deployments.store import DeploymentStatus, StoreChange
+from worker.deployments.changes import StoreChange
+from worker.deployments.store import DeploymentStatus
 from worker.functions import FunctionTable
 from worker.redis import RedisClient, open_redis
 

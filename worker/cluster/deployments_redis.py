@@ -57,6 +57,7 @@ from worker.cluster.errors import ClusterStoreUnavailable, LockError
 from worker.cluster.local_copies import LocalCopies, check_slug, check_version, rmtree
 from worker.cluster.lock import Locks, RedisLocks
 from worker.deployments.archive import BundleRejected, BundleTooLarge
+from worker.deployments.changes import ChangeFeed, ChangeReader, StoreChange
 from worker.deployments.manifest import MANIFEST_NAME, SLUG_RE, Manifest
 from worker.deployments.store import (
     Deployment,
@@ -64,7 +65,6 @@ from worker.deployments.store import (
     DeploymentNotFound,
     DeploymentStatus,
     DeploymentStore,
-    StoreChange,
     StoreError,
     StoreStatistics,
     UnpackLimits,
@@ -128,38 +128,18 @@ class _Pointer:
         return cls(version if isinstance(version, int) else None, [v for v in history if isinstance(v, int)])
 
 
-@dataclass
-class _Watcher:
-    send: trio.MemorySendChannel[StoreChange]
-    lagged: bool = False
-
-
 class _Changes:
     """The reader side of one `watch()`: fetches activated versions before handing the change over."""
 
-    def __init__(
-        self, store: RedisDeploymentStore, watcher: _Watcher, recv: trio.MemoryReceiveChannel[StoreChange]
-    ) -> None:
+    def __init__(self, store: RedisDeploymentStore, reader: ChangeReader) -> None:
         self._store = store
-        self._watcher = watcher
-        self._recv = recv
+        self._reader = reader
 
     def __aiter__(self) -> _Changes:
         return self
 
     async def __anext__(self) -> StoreChange:
-        try:
-            change = await self._recv.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise StopAsyncIteration from None
-        if self._watcher.lagged:
-            self._watcher.lagged = False
-            while True:  # drop what is queued: the reader reloads everything anyway
-                try:
-                    self._recv.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            return StoreChange("resync", None, None)
+        change = await self._reader.__anext__()
         if change.kind in ("activate", "rollback") and change.slug is not None and change.version is not None:
             await self._store.prefetch(change.slug, change.version)
         return change
@@ -220,11 +200,10 @@ class RedisDeploymentStore:
         self.keep_versions = keep_versions
         self.limits = limits or UnpackLimits()
         self._copies = LocalCopies(self.local_root, self.limits)
-        self._watch_buffer = watch_buffer
+        self._changes = ChangeFeed(watch_buffer)
         self._lock_ttl_s = lock_ttl_s
         self._lock_timeout_s = lock_timeout_s
         self.local_grace_s = local_grace_s
-        self._watchers: list[_Watcher] = []
         self._fetch_locks: dict[tuple[str, int], trio.Lock] = {}
         self._slug_locks: dict[str, trio.Lock] = {}
         self._local_prunes: set[str] = set()
@@ -656,26 +635,14 @@ class RedisDeploymentStore:
 
     @asynccontextmanager
     async def _watch(self) -> AsyncIterator[AsyncIterator[StoreChange]]:
-        send, recv = trio.open_memory_channel[StoreChange](self._watch_buffer)
-        watcher = _Watcher(send)
-        self._watchers.append(watcher)
-        try:
-            with send, recv:
-                yield _Changes(self, watcher, recv)
-        finally:
-            self._watchers.remove(watcher)
+        async with self._changes.watch() as reader:
+            yield _Changes(self, reader)
 
     def watch(self) -> AbstractAsyncContextManager[AsyncIterator[StoreChange]]:
         return self._watch()
 
     def _notify(self, change: StoreChange) -> None:
-        for watcher in self._watchers:
-            try:
-                watcher.send.send_nowait(change)
-            except trio.WouldBlock:
-                watcher.lagged = True
-            except trio.ClosedResourceError:
-                pass
+        self._changes.notify(change)
 
     def _seen_epoch(self, epoch: int, *, own: bool = False) -> bool:
         """Record a change number; True if numbers were skipped (changes this node never heard of)."""
@@ -744,7 +711,7 @@ class RedisDeploymentStore:
         return StoreChange(cast(Any, kind), slug, version), epoch
 
     def statistics(self) -> StoreStatistics:
-        return StoreStatistics(puts=self._puts, rejected=self._rejected, watchers=len(self._watchers))
+        return StoreStatistics(puts=self._puts, rejected=self._rejected, watchers=len(self._changes))
 
     def cluster_statistics(self) -> RedisStoreStatistics:
         return RedisStoreStatistics(

@@ -7,6 +7,7 @@
 """
 
 from worker.deployments.archive import BundleRejected, BundleTooLarge, PackedBundle, unpack_bundle
+from worker.deployments.changes import StoreChange
 from worker.deployments.gather import (
     BundleSpec,
     DiscoveredFunction,
@@ -30,7 +31,6 @@ from worker.deployments.store import (
     DeploymentStatus,
     DeploymentStore,
     LocalDeploymentStore,
-    StoreChange,
     StoreError,
     StoreStatistics,
     UnpackLimits,

@@ -28,10 +28,10 @@ import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -48,6 +48,7 @@ from worker.deployments.archive import (
     sha256_hex,
     unpack_bundle,
 )
+from worker.deployments.changes import ChangeFeed, StoreChange
 from worker.deployments.manifest import (
     MANIFEST_NAME,
     SLUG_RE,
@@ -111,15 +112,6 @@ class Deployment(BaseModel):
 
 DeploymentList = list[Deployment]
 """(An alias: inside the store classes `list` is a method name.)"""
-
-
-@dataclass(frozen=True, slots=True)
-class StoreChange:
-    """One change. `kind == "resync"` means this watcher fell behind and must reload everything."""
-
-    kind: Literal["put", "activate", "rollback", "delete", "failed", "resync"]
-    slug: str | None
-    version: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,38 +314,6 @@ def _file_lock(path: Path, timeout_s: float = _LOCK_TIMEOUT_S) -> Iterator[None]
 
 
 @dataclass
-class _Watcher:
-    send: trio.MemorySendChannel[StoreChange]
-    lagged: bool = False
-
-
-class _Changes:
-    """The reader side of one `watch()` subscription."""
-
-    def __init__(self, watcher: _Watcher, recv: trio.MemoryReceiveChannel[StoreChange]) -> None:
-        self._watcher = watcher
-        self._recv = recv
-
-    def __aiter__(self) -> _Changes:
-        return self
-
-    async def __anext__(self) -> StoreChange:
-        try:
-            change = await self._recv.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise StopAsyncIteration from None
-        if not self._watcher.lagged:
-            return change
-        self._watcher.lagged = False
-        while True:  # drop what is queued: the reader reloads everything anyway
-            try:
-                self._recv.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-        return StoreChange("resync", None, None)
-
-
-@dataclass
 class _Pointer:
     version: int | None = None
     history: list[int] = field(default_factory=list)
@@ -377,9 +337,8 @@ class LocalDeploymentStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.keep_versions = keep_versions
         self.limits = limits or UnpackLimits()
-        self._watch_buffer = watch_buffer
+        self._changes = ChangeFeed(watch_buffer)
         self._lock = trio.Lock()
-        self._watchers: list[_Watcher] = []
         self._puts = 0
         self._rejected = 0
 
@@ -677,31 +636,14 @@ class LocalDeploymentStore:
 
     # ------------------------------------------------------------------------------------------ watching
 
-    @asynccontextmanager
-    async def _watch(self) -> AsyncIterator[AsyncIterator[StoreChange]]:
-        send, recv = trio.open_memory_channel[StoreChange](self._watch_buffer)
-        watcher = _Watcher(send)
-        self._watchers.append(watcher)
-        try:
-            with send, recv:
-                yield _Changes(watcher, recv)
-        finally:
-            self._watchers.remove(watcher)
-
     def watch(self) -> AbstractAsyncContextManager[AsyncIterator[StoreChange]]:
-        return self._watch()
+        return self._changes.watch()
 
     def _notify(self, change: StoreChange) -> None:
-        for watcher in self._watchers:
-            try:
-                watcher.send.send_nowait(change)
-            except trio.WouldBlock:
-                watcher.lagged = True
-            except trio.ClosedResourceError:
-                pass
+        self._changes.notify(change)
 
     def statistics(self) -> StoreStatistics:
-        return StoreStatistics(puts=self._puts, rejected=self._rejected, watchers=len(self._watchers))
+        return StoreStatistics(puts=self._puts, rejected=self._rejected, watchers=len(self._changes))
 
     # ---------------------------------------------------------------------------------------- internals
 
