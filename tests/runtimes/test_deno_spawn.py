@@ -11,6 +11,7 @@ import trio
 
 from runtimes.deno import spawn
 from runtimes.deno.spawn import Spawner
+from tests.conftest import require_binary
 
 # PR_GET_PDEATHSIG (2): what the child was given, as the child sees it after exec.
 PRINT_PDEATHSIG = (
@@ -36,7 +37,7 @@ async def _child_pdeathsig(spawner: Spawner) -> int:
 async def test_children_get_sigkill_as_parent_death_signal(how: str) -> None:
     prefix = await trio.to_thread.run_sync(spawn._setpriv_prefix)
     if how == "setpriv" and not prefix:
-        pytest.skip("util-linux setpriv is not installed: the spawner uses its preexec_fn fallback")
+        require_binary("setpriv")  # util-linux: fails under CI when missing, skips elsewhere (preexec_fn fallback)
     spawner = Spawner()
     try:
         if how == "preexec_fn":  # what a machine without setpriv gets
