@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import secrets
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -91,8 +92,9 @@ class Locks(Protocol):
     def statistics(self) -> LockStatistics: ...
 
 
-class _LockBase:
-    """The acquire loop and the held-lock block, shared by both implementations."""
+class _LockBase(ABC):
+    """The acquire loop and the held-lock block, shared by both implementations (which supply the three
+    primitives below)."""
 
     def __init__(self) -> None:
         self._acquired = 0
@@ -102,14 +104,17 @@ class _LockBase:
         self._lost = 0
         self._held = 0
 
+    @abstractmethod
     async def try_acquire(self, name: str, ttl: float) -> str | None:
-        raise NotImplementedError
+        """See `Locks`."""
 
+    @abstractmethod
     async def extend(self, name: str, token: str, ttl: float) -> bool:
-        raise NotImplementedError
+        """See `Locks`."""
 
+    @abstractmethod
     async def release(self, name: str, token: str) -> bool:
-        raise NotImplementedError
+        """See `Locks`."""
 
     async def _wait_retry(self, name: str, delay: float, left: float) -> None:
         """Wait before the next attempt: `delay` (the backoff), never past `left` (the deadline)."""

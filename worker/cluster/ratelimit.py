@@ -19,6 +19,7 @@ timeouts on the hot path) and recovers by itself on the first successful call.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -108,7 +109,9 @@ def gcra_step(tat: float | None, now: float, rate: Rate, cost: int = 1) -> tuple
     return RateDecision(True, remaining, 0.0, new_tat - now), new_tat
 
 
-class _Counting:
+class _Counting(ABC):
+    """Counting and `require` for both limiters, which supply `hit`."""
+
     def __init__(self) -> None:
         self._allowed = 0
         self._rejected = 0
@@ -120,8 +123,9 @@ class _Counting:
             self._rejected += 1
         return decision
 
+    @abstractmethod
     async def hit(self, key: str, rate: Rate, cost: int = 1) -> RateDecision:
-        raise NotImplementedError
+        """See `RateLimiter`."""
 
     async def require(self, key: str, rate: Rate, cost: int = 1) -> RateDecision:
         decision = await self.hit(key, rate, cost)
