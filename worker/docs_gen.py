@@ -36,6 +36,7 @@ from worker.metrics import (
     REDIS_STATS,
     RUNTIME_STATS,
     Metrics,
+    RequestInstruments,
     StatsSpec,
 )
 
@@ -143,6 +144,9 @@ def config_reference() -> str:
 
 
 def _instrument_rows(metrics: Metrics) -> Iterator[tuple[str, str, str, str]]:
+    for family, family_kind, label_names, meaning in RequestInstruments.DOCS:
+        ending = "_total" if family_kind == "counter" else ""
+        yield (f"`{NAMESPACE}_{family}{ending}`", family_kind, ", ".join(label_names), meaning)
     for attr in vars(metrics).values():
         name = getattr(attr, "_name", None)
         kind = getattr(attr, "_type", None)

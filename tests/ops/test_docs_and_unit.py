@@ -14,7 +14,7 @@ from runtimes.limits import Limits
 from tests.conftest import require_binary
 from worker import docs_gen
 from worker.config import WorkerSettings
-from worker.metrics import Metrics
+from worker.metrics import Metrics, RequestInstruments
 from worker.systemd import UNIT_NAME, unit_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,7 +43,10 @@ def test_metrics_reference_lists_every_family() -> None:
             assert f"`mbworker_{stat.name}`" in text
     assert "`mbworker_invocations_total` | counter | function, status |" in text
     assert "`mbworker_request_duration_seconds` | histogram | function |" in text
-    assert len([x for x in vars(Metrics(process=False)).values() if hasattr(x, "_name")]) >= 8
+    instruments = [x for x in vars(Metrics(process=False)).values() if hasattr(x, "_name")]
+    assert len(instruments) + len(RequestInstruments.DOCS) >= 8
+    for x in instruments:
+        assert f"`{x._name}" in text
 
 
 def test_operations_doc_is_current() -> None:

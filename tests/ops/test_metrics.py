@@ -74,6 +74,19 @@ def test_invocations_and_latency_change_after_calls() -> None:
     assert "mbworker_invocations_created" not in after  # *_created series are switched off
 
 
+def test_latency_buckets_are_cumulative_and_inclusive() -> None:
+    m = Metrics(process=False)
+    for seconds in (0.005, 0.0051, 0.5, 1000.0):  # a value equal to a bound counts in that bucket (le)
+        m.observe_invocation("hello", 200, seconds)
+    s = scrape(m)
+    assert value(s, "mbworker_request_duration_seconds_bucket", function="hello", le="0.005") == 1
+    assert value(s, "mbworker_request_duration_seconds_bucket", function="hello", le="0.01") == 2
+    assert value(s, "mbworker_request_duration_seconds_bucket", function="hello", le="0.5") == 3
+    assert value(s, "mbworker_request_duration_seconds_bucket", function="hello", le="400.0") == 3
+    assert value(s, "mbworker_request_duration_seconds_bucket", function="hello", le="+Inf") == 4
+    assert value(s, "mbworker_request_duration_seconds_count", function="hello") == 4
+
+
 def test_other_instruments() -> None:
     m = Metrics(node_id="node-a", version="1.2.3", process=False)
     m.rate_limited("realtime")
