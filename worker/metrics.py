@@ -233,6 +233,12 @@ HTTP_STATS = StatsSpec(
             "http_bad_requests_total", "counter", "Connections closed on a parse error or oversize head", "bad_requests"
         ),
         Stat("http_timeouts_total", "counter", "Connections cancelled for a slow client", "timeouts"),
+        Stat(
+            "http_stalled_writes_total",
+            "counter",
+            "Responses the kernel did not take at once (a slow reader), finished by a server task",
+            "stalled_writes",
+        ),
         Stat("http_draining", "gauge", "1 once the listener stopped accepting", "draining", convert=float),
     ),
 )

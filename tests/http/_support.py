@@ -120,6 +120,15 @@ class RawClient:
                 parts.append(data)
         return b"".join(parts)
 
+    async def wait_until_closed(self, timeout: float = 10) -> None:
+        """Read and discard until the server closes the connection (EOF or reset)."""
+        with trio.fail_after(timeout):
+            try:
+                while await self.stream.receive_some(65536):
+                    pass
+            except trio.BrokenResourceError:
+                return
+
     async def wait_closed(self, timeout: float = 10) -> None:
         """Wait for the server to close (EOF or reset); unexpected data fails the test."""
         with trio.fail_after(timeout):

@@ -438,3 +438,72 @@ async def test_short_streamed_body_with_its_own_length_closes_the_connection() -
     assert b"content-length: 10\r\n" in raw
     assert b"transfer-encoding" not in raw
     assert raw.endswith(b"\r\n\r\n12345")
+
+
+def make_big_app() -> App:
+    app = make_app()
+
+    @app.route("/big")
+    async def big(request: HttpRequest, responder: Responder) -> None:
+        # ~60 KB, marked with the request's query: a complete response that still fits one coalesced write
+        await responder.send(200, TEXT, request.query.encode().ljust(60_000, b"."))
+
+    return app
+
+
+@pytest.mark.parametrize("coalesce", [True, False])
+async def test_pipelined_responses_past_the_socket_buffer_arrive_whole_and_in_order(coalesce: bool) -> None:
+    # 300 pipelined requests and nothing read until every task is blocked: ~18 MB of responses do not fit the
+    # kernel's buffers (loopback's autotune to several MB), so a write stops part-way, a server task finishes
+    # it, and the connection waits for that before it answers more (backpressure, not an unbounded queue).
+    requests = b"".join(b"GET /big?%d HTTP/1.1\r\nHost: t\r\n\r\n" % i for i in range(300))
+    async with running(make_big_app(), coalesce_writes=coalesce) as server, RawClient.connect(server.port) as c:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(c.send, requests)  # blocks too once the server stops reading
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            assert server.statistics().stalled_writes >= 1
+            assert len(server.app.seen) < 300  # type: ignore[attr-defined]
+            bodies = [(await c.response()).body for _ in range(300)]
+        assert [b.rstrip(b".") for b in bodies] == [b"%d" % i for i in range(300)]
+        assert {len(b) for b in bodies} == {60_000}
+        await c.send(b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert (await c.response()).body == b"hello"  # the connection is still good
+
+
+async def test_a_client_that_half_closes_still_gets_its_responses() -> None:
+    async with running(make_app()) as server, RawClient.connect(server.port) as c:
+        await c.send(b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\nGET /hello?2 HTTP/1.1\r\nHost: t\r\n\r\n")
+        await c.stream.send_eof()
+        raw = await c.read_raw()
+    assert raw.count(b"HTTP/1.1 200 OK") == 2
+    assert raw.endswith(b"hello")
+
+
+async def test_a_client_that_stops_reading_is_cut_off_after_the_write_timeout() -> None:
+    app = make_big_app()
+    cut_off = trio.Event()
+
+    @app.route("/watched")
+    async def watched(request: HttpRequest, responder: Responder) -> None:
+        try:
+            await responder.send(200, TEXT, b"w" * 60_000)
+        except trio.Cancelled:  # waiting behind the stalled write when the server gives up on the client
+            cut_off.set()
+            raise
+
+    requests = b"".join(b"GET /watched HTTP/1.1\r\nHost: t\r\n\r\n" for _ in range(300))
+    async with running(app, write_timeout_s=0.3) as server, RawClient.connect(server.port) as c:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_ignoring_reset, c, requests)
+            with trio.fail_after(10):
+                await cut_off.wait()
+        assert server.statistics().timeouts >= 1
+        assert server.statistics().stalled_writes >= 1
+        await c.wait_until_closed()
+
+
+async def send_ignoring_reset(c: RawClient, data: bytes) -> None:
+    try:
+        await c.send(data)
+    except trio.BrokenResourceError:
+        pass  # the server closed the connection while we were still sending: what the test is about

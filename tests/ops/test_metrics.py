@@ -151,13 +151,14 @@ def test_every_component_snapshot_maps() -> None:
     )  # fmt: skip
     http = HttpServerStatistics(
         connections_open=2, connections_total=9, requests_served=20, websocket_handoffs=1, bad_requests=0,
-        timeouts=0, draining=True,
+        timeouts=0, draining=True, stalled_writes=3,
     )  # fmt: skip
     m.add_statistics(CACHE_STATS, lambda: cache)
     m.add_statistics(REALTIME_STATS, lambda: realtime)
     m.add_statistics(REDIS_STATS, lambda: redis)
     m.add_statistics(HTTP_STATS, lambda: http, listener="public")
     s = scrape(m)
+    assert value(s, "mbworker_http_stalled_writes_total", listener="public") == 3
     assert value(s, "mbworker_cache_hits_total") == 5
     assert value(s, "mbworker_cache_bypasses_total", reason="method") == 1
     assert value(s, "mbworker_cache_not_stored_total", reason="too-large") == 1

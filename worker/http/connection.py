@@ -17,7 +17,7 @@ import logging
 import math
 import os
 from collections import deque
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 import trio
@@ -60,6 +60,8 @@ def _error_body(status: int) -> bytes:
 
 
 _JSON: Final[Headers] = [(b"content-type", b"application/json")]
+_LATER_MAX: Final = 128 * 1024
+"""Most response bytes one connection holds for the end-of-pass flush; past it they are written at once."""
 
 # Responder states and body framings.
 _FRESH, _STREAMING, _DONE = 0, 1, 2
@@ -91,9 +93,9 @@ class Body:
         "content_length",
         "continue_sent",
         "expect_continue",
+        "http_version",
         "is_head",
         "keep_alive",
-        "request",
         "upgrade",
         "websocket",
     )
@@ -111,7 +113,9 @@ class Body:
         """llhttp stopped after this request (Upgrade + Connection: upgrade): bytes after it are not HTTP."""
         self.websocket = False
         """The request has `Upgrade: websocket`."""
-        self.request: HttpRequest
+        self.http_version = "1.1"
+        # No reference back to the HttpRequest (which holds this body): a cycle per request would leave every
+        # request's objects to the cyclic GC, whose collections then cost more than the rest of the path.
 
     def __aiter__(self) -> Body:
         return self
@@ -204,14 +208,14 @@ class Responder:
                 raise ValueError(f"invalid content-length {app_length!r}") from None
             parts += (b"content-length: ", app_length, b"\r\n")
             lines += 1
-        elif body.request.http_version == "1.1":
+        elif body.http_version == "1.1":
             self._framing = _CHUNKED
             parts.append(rh.CHUNKED)
             lines += 1
         else:
             self._framing = _UNTIL_CLOSE
             keep = False
-        if body.request.http_version == "1.1":
+        if body.http_version == "1.1":
             if not keep:
                 parts.append(rh.CONNECTION_CLOSE)
                 lines += 1
@@ -240,13 +244,19 @@ class Responder:
             raise RuntimeError("the response has already started")
         head = self._head(status, headers, len(body))
         self._state = _DONE
+        conn = self._conn
         if self._framing == _NO_BODY or not body:
-            await self._conn.send(head)
+            data = head
         elif len(body) <= 65536:
-            await self._conn.send(head + body)
+            data = head + body
         else:
-            await self._conn.send(head)
-            await self._conn.send(body)
+            await conn.send(head)
+            await conn.send(body)
+            return
+        if self.keep_alive and conn.writing is None:
+            conn.send_later(data)  # the connection reads on after this: the write can wait for the pass's end
+        else:
+            await conn.send(data)  # behind a write the client is slow to take: wait (backpressure)
 
     async def start(self, status: int, headers: Headers) -> None:
         if self._state != _FRESH:
@@ -289,6 +299,45 @@ class Responder:
 class Connection:
     """The state of one connection and its httptools callbacks (see the module docstring)."""
 
+    # Slots: a connection outlives its HTTP use as a WebSocket, and past 30 attributes CPython would give each
+    # instance a dict of its own (~1.6 KB).
+    __slots__ = (
+        "__weakref__",
+        "_app",
+        "_client",
+        "_coalescer",
+        "_completed",
+        "_current",
+        "_failure",
+        "_fresh_feed",
+        "_head_chunks",
+        "_head_exact",
+        "_head_size",
+        "_headers",
+        "_in_head",
+        "_later",
+        "_max_drain",
+        "_max_head",
+        "_parser",
+        "_parsing",
+        "_read_size",
+        "_ready",
+        "_sock",
+        "_stream",
+        "_upgrade",
+        "_upgrade_buffer",
+        "_upgraded",
+        "_url",
+        "closing",
+        "dates",
+        "idle",
+        "read_deadline",
+        "scope",
+        "server",
+        "write_deadline",
+        "writing",
+    )
+
     def __init__(self, server: HttpServer, app: HttpApp, stream: trio.SocketStream) -> None:
         settings = server.settings
         self.server = server
@@ -307,8 +356,10 @@ class Connection:
         """True while waiting for the first byte of a request: a drain may close the connection now."""
         self.closing = False
         """Close after the current response (drain, or a framing problem)."""
-        self._ready: deque[Body] = deque()
+        self._ready: deque[HttpRequest] = deque()
+        """Parsed requests not answered yet (each one's `body` is its `Body`)."""
         self._current: Body | None = None
+        self._upgrade: HttpRequest | None = None
         self._failure: _ParseFailure | None = None
         # Parser state for the message being parsed.
         self._parsing: Body | None = None
@@ -323,6 +374,11 @@ class Connection:
         self._fresh_feed = False
         self._upgrade_buffer = b""
         self._upgraded = False
+        self._later = b""
+        """Response bytes waiting for the end of the scheduler pass (see `send_later`)."""
+        self._coalescer = server.coalescer
+        self.writing: trio.Event | None = None
+        """Set while a server task finishes a write the kernel did not take at once; every other write waits."""
         try:
             peer = stream.socket.getpeername()
             self._client: tuple[str, int] | None = (str(peer[0]), int(peer[1]))
@@ -377,10 +433,8 @@ class Connection:
         body.is_head = method == "HEAD"
         if not body.websocket:
             self._head_chunks = []  # only an upgrade needs the raw head; do not hold the read buffer
-        body.request = HttpRequest(
-            method, target, path, query, self._headers, body, self._client, parser.get_http_version()
-        )
-        self._ready.append(body)
+        version = body.http_version = parser.get_http_version()
+        self._ready.append(HttpRequest(method, target, path, query, self._headers, body, self._client, version))
 
     def on_body(self, data: bytes) -> None:
         body = self._parsing
@@ -432,16 +486,17 @@ class Connection:
         yield either way) without its wrapping: under keep-alive load the next request is usually there already,
         and the wrapper (an async context manager per call) was a tenth of the request loop's Python time."""
         sock = self._sock
-        try:
-            data = os.read(sock.fileno(), self._read_size)  # the fd is -1 once closed: EBADF, not another socket
-        except BlockingIOError:
-            pass
-        except OSError:
-            return b""
-        else:
-            # A read that did not wait still yields, so one busy client cannot hold the loop (as trio's does).
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
+        if not self._later:  # with a response still queued, the client has nothing to send yet: just wait
+            try:
+                data = os.read(sock.fileno(), self._read_size)  # the fd is -1 once closed: EBADF, not another socket
+            except BlockingIOError:
+                pass
+            except OSError:
+                return b""
+            else:
+                # A read that did not wait still yields, so one busy client cannot hold the loop (as trio's does).
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
         self.read_deadline = trio.current_time() + timeout
         try:
             while True:
@@ -498,9 +553,87 @@ class Connection:
 
     # -- writing --------------------------------------------------------------------------------------------------
 
+    def send_later(self, data: bytes) -> None:
+        """Queue a complete response for the server's end-of-pass flush (`WriteCoalescer`), or write it now.
+        Not while `writing` (that is `send`'s case: it waits, so a client that does not read stops being served).
+
+        Only for responses after which the connection goes back to reading: the bytes leave when trio has run
+        every ready task and is about to wait for I/O, together with the other connections' responses, instead
+        of one by one between them. On loopback a write also runs the reader's side of TCP and wakes the reader;
+        a client woken once per pass, not once per response, costs both processes less (docs/benchmarks.md).
+        """
+        if self.writing is not None:
+            raise RuntimeError("send_later() behind an unfinished write: use send(), which waits")
+        if self._later:
+            self._later += data  # pipelined: behind the response still waiting, and flushed with it
+            if len(self._later) > _LATER_MAX:
+                self.flush_later()
+            return
+        coalescer = self._coalescer
+        if coalescer is None or len(data) > _LATER_MAX:
+            self._write_now(data)
+            return
+        self._later = data
+        coalescer.add(self)
+
+    def flush_later(self) -> None:
+        """Write what `send_later` queued (the coalescer calls this; so does every other write, first). Never
+        raises: a broken connection shows up at its next read or write."""
+        if self._later and self.writing is None:
+            data, self._later = self._later, b""
+            self._write_now(data)
+
+    def _write_now(self, data: bytes) -> None:
+        """Write `data` without waiting; what the kernel does not take now is finished by a server task."""
+        try:
+            sent = os.write(self._sock.fileno(), data)  # the fd is -1 once closed: EBADF, not another socket
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.closing = True
+            return
+        if sent < len(data):
+            self.writing = trio.Event()  # set now, not when the task starts: no write may slip in before it
+            self.server.finish_write(self, memoryview(data)[sent:])
+
+    async def finish_write(self, rest: memoryview) -> None:
+        """Run by the server for bytes the kernel did not take at once (a client that reads slowly), then for
+        whatever was queued behind them, within the write timeout. The connection's own writes wait on
+        `writing`. If the client does not take them, the connection is cancelled (its response is lost)."""
+        done = self.writing
+        assert done is not None
+        try:
+            with trio.move_on_after(self.server.settings.write_timeout_s) as timer:
+                data: bytes | memoryview = rest
+                while data:
+                    await self._stream.send_all(data)
+                    data, self._later = self._later, b""
+            if timer.cancelled_caught:
+                self.server.timeouts += 1
+                self._abandon()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._abandon()
+        finally:
+            self.writing = None
+            done.set()
+
+    def _abandon(self) -> None:
+        self.closing = True
+        self._later = b""
+        self.scope.cancel()
+
+    async def _settle_writes(self) -> None:
+        """Put every earlier byte on the wire (or in the finishing task's hands, then wait for it): before a
+        write of another kind, a WebSocket hand-off or a close, so bytes keep their order."""
+        self.flush_later()
+        while self.writing is not None:
+            await self.writing.wait()
+
     async def send(self, data: bytes) -> None:
         """Write `data` whole. Hot path: when the kernel takes it all at once this does not yield (the request
         loop yields at every read), saving a trip through the scheduler per response."""
+        if self._later or self.writing is not None:
+            await self._settle_writes()
         try:
             sent = os.write(self._sock.fileno(), data)
         except BlockingIOError:
@@ -513,6 +646,8 @@ class Connection:
 
     async def send_all(self, data: bytes | memoryview) -> None:
         """Write `data` whole, waiting for the client as needed (bounded by the write timeout); yields."""
+        if self._later or self.writing is not None:
+            await self._settle_writes()
         self.write_deadline = trio.current_time() + self.server.settings.write_timeout_s
         try:
             await self._stream.send_all(data)
@@ -536,7 +671,13 @@ class Connection:
                     await self._hand_off(handler)
         finally:
             if handler is None:
-                await trio.aclose_forcefully(self._stream)
+                try:
+                    await self._settle_writes()  # e.g. a client that half-closed after its last request
+                finally:
+                    await trio.aclose_forcefully(self._stream)
+                    # The parser holds our bound callbacks: without this, each closed connection would be a
+                    # cycle for the GC to find.
+                    self._parser = None  # type: ignore[assignment]
 
     async def _serve_requests(self) -> WebSocketHandler | None:
         """The request loop. Returns the WebSocket handler to hand the stream to (the upgrade request is in
@@ -569,13 +710,14 @@ class Connection:
                 # not yield either: yield here so one pipelining client cannot hold the loop.
                 await trio.lowlevel.checkpoint()
             fresh = False
-            body = ready.popleft()
+            request = ready.popleft()
+            body = cast(Body, request.body)
             if body.upgrade and body.websocket and self._upgrade_ready(body):
-                handler = self._app.websocket_handler(body.request)
+                handler = self._app.websocket_handler(request)
                 if handler is not None:
-                    self._current = body  # the upgrade request, for `_take_upgrade`
+                    self._upgrade = request  # for `_take_upgrade`
                     return handler
-            if not await self._respond(body):
+            if not await self._respond(request, body):
                 if not body.complete:
                     await self._linger()
                 return None
@@ -602,10 +744,9 @@ class Connection:
         # The upgrade request must be the last parsed one: llhttp stopped at its end.
         return not self._ready and self._parsing is None and body.complete
 
-    async def _respond(self, body: Body) -> bool:
+    async def _respond(self, request: HttpRequest, body: Body) -> bool:
         """Call the app for one request; returns whether the connection stays open."""
         server = self.server
-        request = body.request
         responder = Responder(self, body)
         self._current = body
         try:
@@ -674,6 +815,7 @@ class Connection:
         timeout = self.server.settings.linger_timeout_s
         if timeout <= 0:
             return
+        await self._settle_writes()
         try:
             await self._stream.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -692,6 +834,7 @@ class Connection:
     async def _hand_off(self, handler: WebSocketHandler) -> None:
         """Give the stream and every byte read so far to a WebSocket handler, which owns the stream from now."""
         self.server.websocket_handoffs += 1
+        await self._settle_writes()  # responses to requests pipelined before the upgrade go first
         try:
             # No local holds the request or the bytes: the handler may drop them after its handshake.
             await handler(self._stream, *self._take_upgrade())
@@ -704,25 +847,23 @@ class Connection:
     def _take_upgrade(self) -> tuple[bytes, HttpRequest]:
         """The upgrade request and every byte read so far; releases the HTTP state this connection will not
         use again (parser, queues, head buffers: ~4 KB that would otherwise live as long as the WebSocket).
-        Adds no attribute: past 30 attributes CPython gives each instance a full dict of its own (~1.6 KB).
         `_url` stays: it is the upgrade request's target (for the log)."""
-        body = self._current
-        assert body is not None
-        buffered = self._raw_head(body) + self._upgrade_buffer
+        request = self._upgrade
+        assert request is not None
+        buffered = self._raw_head(request) + self._upgrade_buffer
         self._parser = None  # type: ignore[assignment]  # never fed again after a hand-off
         self._ready = None  # type: ignore[assignment]
         self._head_chunks = []
         self._headers = []
         self._upgrade_buffer = b""
-        self._parsing = self._completed = self._current = None
-        return buffered, body.request
+        self._parsing = self._completed = self._current = self._upgrade = None
+        return buffered, request
 
-    def _raw_head(self, body: Body) -> bytes:
+    def _raw_head(self, request: HttpRequest) -> bytes:
         """The upgrade request's head as received; re-serialised when it shared a read with an earlier request."""
         if self._head_exact:
             head = b"".join(self._head_chunks)
             return head[: len(head) - len(self._upgrade_buffer)]
-        request = body.request
         parts = [
             b"%s %s HTTP/%s\r\n"
             % (request.method.encode(), request.target.encode("latin-1"), request.http_version.encode())

@@ -44,6 +44,27 @@ class HttpServerStatistics:
     """Connections cancelled because the client was too slow (idle, head, body or write)."""
     draining: bool
     """`drain` was called: no new connections are accepted."""
+    stalled_writes: int
+    """Responses the kernel did not take at once (a client reading slowly), finished by a server task."""
+
+
+class WriteCoalescer(trio.abc.Instrument):
+    """Writes the responses connections queued with `send_later`, once per scheduler pass: trio calls
+    `before_io_wait` after running every ready task and before it polls. Owned by one `HttpServer`, which adds
+    it as a trio instrument while it serves (an instrument that defines only this hook costs one call a pass)."""
+
+    def __init__(self) -> None:
+        self._queued: list[Connection] = []
+
+    def add(self, conn: Connection) -> None:
+        self._queued.append(conn)
+
+    def before_io_wait(self, timeout: float) -> None:
+        queued = self._queued
+        if queued:
+            self._queued = []
+            for conn in queued:
+                conn.flush_later()
 
 
 class HttpServer:
@@ -64,12 +85,15 @@ class HttpServer:
         self.websocket_handoffs = 0
         self.bad_requests = 0
         self.timeouts = 0
+        self.stalled_writes = 0
         self._connections_total = 0
         self._connections: set[Connection] = set()
         self._slot_free = trio.Event()
         self._accept_scope = trio.CancelScope()
         self._connections_scope = trio.CancelScope()
         self._finished = trio.Event()
+        self.coalescer = WriteCoalescer() if settings.coalesce_writes else None
+        self._writers: trio.Nursery | None = None
 
     @property
     def port(self) -> int:
@@ -86,6 +110,7 @@ class HttpServer:
             bad_requests=self.bad_requests,
             timeouts=self.timeouts,
             draining=self.draining,
+            stalled_writes=self.stalled_writes,
         )
 
     async def drain(self, grace: float) -> None:
@@ -105,12 +130,29 @@ class HttpServer:
         with trio.move_on_after(max(5.0, grace)):
             await self._finished.wait()
 
+    def finish_write(self, conn: Connection, rest: memoryview) -> None:
+        """Start the task that finishes a write the kernel did not take at once (`Connection.finish_write`)."""
+        self.stalled_writes += 1
+        try:
+            if self._writers is None:
+                raise RuntimeError("the server has stopped")
+            self._writers.start_soon(conn.finish_write, rest)
+        except RuntimeError:  # no nursery to run it in: the server is going away, and so is the connection
+            writing, conn.writing = conn.writing, None
+            if writing is not None:
+                writing.set()
+            conn.closing = True
+            conn.scope.cancel()
+
     async def _serve(self, task_status: trio.TaskStatus[HttpServer]) -> None:
+        if self.coalescer is not None:
+            trio.lowlevel.add_instrument(self.coalescer)
         try:
             async with trio.open_nursery() as reaper_nursery:
                 reaper_nursery.start_soon(self._reap)
                 with self._connections_scope:
                     async with trio.open_nursery() as connections:
+                        self._writers = connections
                         with self._accept_scope:
                             async with trio.open_nursery() as acceptors:
                                 for listener in self._listeners:
@@ -121,6 +163,10 @@ class HttpServer:
                             await trio.aclose_forcefully(listener)
                 reaper_nursery.cancel_scope.cancel()
         finally:
+            self._writers = None
+            if self.coalescer is not None:
+                self.coalescer.before_io_wait(0)  # nothing queued is left behind
+                trio.lowlevel.remove_instrument(self.coalescer)
             for listener in self._listeners:
                 await trio.aclose_forcefully(listener)
             self._finished.set()

@@ -34,6 +34,10 @@ class HttpSettings(BaseModel):
         ge=0,
         description="After closing with unread input, read and discard this long so the client sees the response",
     )
+    coalesce_writes: bool = Field(
+        default=True,
+        description="Hold complete keep-alive responses until trio is about to wait for I/O, then write them all",
+    )
     read_size: int = Field(default=64 * 1024, ge=4096, description="Bytes asked of the socket per read")
     server_header: str = Field(default="mbworker", description="Value of the Server response header ('' omits it)")
     backlog: int | None = Field(default=None, ge=1, description="listen() backlog; None lets trio choose")
