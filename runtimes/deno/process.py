@@ -210,7 +210,11 @@ class DenoProcess:
 
         Raises BootError before `started()` if the function does not come up. Always reaps the child.
         """
-        argv = build_argv(self._deno_bin, self._bootstrap, self.fn, self._paths, self._node_socket, self._net)
+        try:
+            argv = build_argv(self._deno_bin, self._bootstrap, self.fn, self._paths, self._node_socket, self._net)
+        except BootError:
+            self.dead.set()
+            raise
         env = build_env(self.fn, self._paths, self.execution_id, self._node_socket)
         try:
             self.child = child = await self._spawner.spawn(argv, env, cwd=self._paths.tmp)
@@ -324,6 +328,11 @@ class DenoProcess:
         for r in list(self._reqs.values()):  # the reaper is gone too: nothing else would end their waits
             r.fail(self._death_error())
         child.close_pidfd()
+        # No write after this may use the fd number: once closed it can name another file (the pass flusher
+        # may still hold this process until the end of the pass).
+        self._wbroken = True
+        self._wbuf.clear()
+        self._stdin_fd = -1
         await child.aclose_streams()
 
     def _kill(self, cause: str) -> None:
@@ -516,14 +525,36 @@ class DenoProcess:
         return True
 
     def _send_batched(self, data: bytes) -> bool:
-        """Queue one frame for `_drain_stdin`, which writes everything queued in one `write` when it next runs:
-        the request heads of all tasks that run in one scheduler batch reach Deno in one syscall (and one read
-        on its side) instead of one each. Order is kept: `_send_nowait` appends while anything is queued."""
+        """Queue one frame for the end of this scheduler pass (`_PassFlusher`): the request heads of every task
+        that runs in one pass reach Deno in one `write` (and one read on its side) instead of one each. Order
+        is kept: `_send_nowait` appends while anything is queued."""
         if self._wbroken:
             return False
+        if not self._wbuf:
+            _pass_flusher().add(self)
         self._wbuf += data
-        self._wwake.set()
         return True
+
+    def flush_stdin(self) -> None:
+        """Write what is queued for stdin now, without waiting (the pass flusher calls this); what the pipe has
+        no room for is left to `_drain_stdin`. Never raises."""
+        if not self._wbuf or self._wbroken:
+            return
+        try:
+            n = os.write(self._stdin_fd, self._wbuf)
+        except BlockingIOError:
+            n = 0
+        except OSError:  # EPIPE: the child is gone (its reader reports why)
+            self._wbroken = True
+            self._wbuf.clear()
+            self._wwake.set()
+            return
+        del self._wbuf[:n]
+        if self._wbuf:
+            self._wwake.set()
+        else:
+            self._wdrained.set()
+            self._wdrained = trio.Event()
 
     async def _write(self, data: bytes) -> None:
         """Send one frame; waits only when a lot is queued (backpressure for request bodies)."""
@@ -704,3 +735,35 @@ class _Body:
                 raise StopAsyncIteration
             r.wake = trio.Event()
             await r.wake.wait()
+
+
+class _PassFlusher(trio.abc.Instrument):
+    """Writes the stdin bytes that processes queued during one scheduler pass, just before trio polls for I/O:
+    one syscall per process per pass, and no task switch to a writer task. One per trio run (`_pass_flusher`),
+    installed on first use; with nothing queued a pass costs it one method call."""
+
+    def __init__(self) -> None:
+        self._queued: list[DenoProcess] = []
+
+    def add(self, proc: DenoProcess) -> None:
+        self._queued.append(proc)
+
+    def before_io_wait(self, timeout: float) -> None:
+        queued = self._queued
+        if queued:
+            self._queued = []
+            for proc in queued:
+                proc.flush_stdin()
+
+
+_FLUSHER: trio.lowlevel.RunVar[_PassFlusher] = trio.lowlevel.RunVar("mbworker_deno_pass_flusher")
+
+
+def _pass_flusher() -> _PassFlusher:
+    try:
+        return _FLUSHER.get()
+    except LookupError:
+        flusher = _PassFlusher()
+        trio.lowlevel.add_instrument(flusher)
+        _FLUSHER.set(flusher)
+        return flusher
