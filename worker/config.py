@@ -73,6 +73,11 @@ class WorkerSettings(BaseSettings):
                 "reachable from the internet. Bind it to 127.0.0.1 or a private interface, or pass --admin-public "
                 "(MBWORKER_ADMIN_ALLOW_PUBLIC=true) if a firewall protects it"
             )
+        if "," in str(self.data_dir.resolve()):
+            raise ValueError(
+                f"data_dir {str(self.data_dir.resolve())!r} contains a comma: Deno's --allow-read/--allow-write "
+                "lists are comma-separated and cannot grant such a path to functions. Choose another directory"
+            )
         try:
             NetPolicy(deny=tuple(self.net_deny), allow_private=tuple(self.net_allow_private))
         except (NetPolicyError, ValidationError) as exc:

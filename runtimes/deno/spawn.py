@@ -29,6 +29,7 @@ import trio
 
 from runtimes.api import FunctionVersion
 from runtimes.deno.permissions import NetPolicy, net_flags
+from runtimes.errors import BootError
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -210,13 +211,23 @@ def build_argv(
         f"--v8-flags=--max-old-space-size={fn.limits.memory_mb}",
         *net_flags(fn.net_allow, net, node_socket),
         "--allow-env",
-        f"--allow-read={bundle},{paths.tmp}" + (f",{node_socket}" if node_socket else ""),
-        f"--allow-write={paths.tmp}" + (f",{node_socket}" if node_socket else ""),
+        "--allow-read=" + path_list(bundle, paths.tmp, node_socket),
+        "--allow-write=" + path_list(paths.tmp, node_socket),
         str(bootstrap),
         entry.as_uri(),
         node_socket,
         ",".join(hide),
     ]
+
+
+def path_list(*paths: Path | str) -> str:
+    """Paths for an `--allow-read`/`--allow-write` value. Deno splits it at commas, and its doubled-comma escape
+    fails for directories in 2.9 ("Empty path is not allowed"): a path with a comma is refused here (the
+    daemon's settings already refuse such a data dir) rather than granting its pieces."""
+    for p in paths:
+        if "," in str(p):
+            raise BootError(f"cannot grant {str(p)!r} to a function: Deno's permission lists cannot hold a comma")
+    return ",".join(str(p) for p in paths if p)
 
 
 def build_env(fn: FunctionVersion, paths: VersionPaths, execution_id: str, node_socket: str) -> dict[str, str]:

@@ -186,6 +186,13 @@ def test_invalid_net_settings_are_config_errors() -> None:
         load_settings(net_allow_private=["db.internal:5432"])
 
 
+def test_a_data_dir_with_a_comma_is_refused(tmp_path: Path) -> None:
+    # Deno's permission lists are comma-separated: functions could not be granted their own bundle
+    with pytest.raises(ConfigError, match="comma"):
+        load_settings(data_dir=tmp_path / "a,b")
+    assert load_settings(data_dir=tmp_path / "a-b").data_dir == tmp_path / "a-b"
+
+
 def test_daemon_denies_its_own_services_whatever_their_range() -> None:
     settings = WorkerSettings(
         admin_host="0.0.0.0",

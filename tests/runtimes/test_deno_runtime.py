@@ -55,6 +55,15 @@ async def test_handler_forms(tmp_path: Path, form: str) -> None:
         assert (status, body) == (200, b"POST http://localhost/fn/p")
 
 
+async def test_a_bundle_path_with_a_comma_is_a_clear_boot_error(tmp_path: Path) -> None:
+    # Deno splits --allow-read at commas (and its ",," escape fails for directories): refuse, do not half-grant
+    root = tmp_path / "data,dir"
+    fn = version(write_fn(root, "Deno.serve(() => new Response('x'));"))
+    async with deno_runtime(tmp_path) as rt:
+        with pytest.raises(BootError, match="comma"):
+            await call(rt, fn, "GET", "/fn")
+
+
 async def test_request_url_falls_back_to_target(tmp_path: Path) -> None:
     fn = version(
         write_fn(tmp_path, "Deno.serve((req) => new Response(new URL(req.url).pathname + new URL(req.url).search));")
