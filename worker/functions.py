@@ -18,9 +18,12 @@ from types import TracebackType
 from runtimes import FunctionRuntimeError, FunctionVersion, Invocation, InvocationResult, Runtime, WorkerError
 from worker.cache import (
     DEFAULT_FUNCTION_CACHE,
+    Bypass,
     FlightFailed,
     FlightTimeout,
     FunctionCacheConfig,
+    Hit,
+    Miss,
     ResultCache,
     respond_through_cache,
 )
@@ -180,6 +183,13 @@ class FunctionsFrontDoor:
         if runtime is None:
             await send_error(responder, 503, "BOOT_ERROR", f"No runtime {fn.runtime!r} on this worker")
             return
+        cache = self.cache
+        decision: Hit | Miss | Bypass | None = None
+        if cache is not None and active.cache.enabled:  # other methods pass through as BYPASS
+            decision = cache.lookup(request, slug=slug, version=fn.version, config=active.cache)
+            if type(decision) is Hit:  # the hot case, answered before anything else is built
+                await responder.send(decision.status, decision.headers(), decision.body)
+                return
         invocation: Invocation | None = None
 
         def run() -> AbstractAsyncContextManager[InvocationResult]:
@@ -197,9 +207,10 @@ class FunctionsFrontDoor:
             return _Shaped(runtime.invoke(fn, invocation), active)
 
         try:
-            if self.cache is not None and active.cache.enabled:  # other methods pass through as BYPASS
+            if decision is not None:
+                assert cache is not None
                 await respond_through_cache(
-                    self.cache,
+                    cache,
                     request,
                     responder,
                     run,
@@ -208,6 +219,7 @@ class FunctionsFrontDoor:
                     config=active.cache,
                     timeout=fn.limits.request_idle_timeout_s,
                     l2=self.l2,
+                    decision=decision,
                 )
             else:
                 await _respond(responder, run)

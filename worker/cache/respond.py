@@ -26,6 +26,7 @@ from worker.cache.store import (
     CachedResponse,
     CacheFlight,
     Hit,
+    Miss,
     RequestHead,
     ResultCache,
 )
@@ -50,14 +51,17 @@ async def respond_through_cache(
     config: FunctionCacheConfig = DEFAULT_FUNCTION_CACHE,
     timeout: float,
     l2: L2Cache | None = None,
+    decision: Hit | Miss | Bypass | None = None,
 ) -> bytes:
     """Answer `request` from the cache, from another request's invocation, or by running `invoke`.
 
     `timeout` bounds only the wait for another request's invocation. With `l2` and `config.l2`, a miss asks
     the shared second level before running the function, and a stored result is shared there too. Returns the
-    x-mbworker-cache label sent (HIT, MISS or BYPASS) for logs and metrics.
+    x-mbworker-cache label sent (HIT, MISS or BYPASS) for logs and metrics. `decision`: this request's
+    `cache.lookup` when the caller already made it (with no `await` since), else it is made here.
     """
-    decision = cache.lookup(request, slug=slug, version=version, config=config)
+    if decision is None:
+        decision = cache.lookup(request, slug=slug, version=version, config=config)
     if isinstance(decision, Hit):
         await _send_hit(responder, decision)
         return HIT

@@ -9,7 +9,7 @@ request head and anything after it) and owns the stream from then on.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
@@ -63,7 +63,6 @@ class HttpRequest:
     client: tuple[str, int] | None = None
     http_version: str = "1.1"
     scheme: str = "http"
-    extensions: dict[str, object] = field(default_factory=dict)
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header `name` (lower-case), or None."""
