@@ -8,7 +8,8 @@ What it does (loopback only, temp data dir, free ports; stops by itself, ~2 minu
    (`[cache] ttl = "60s"`) and `cold0..N` (never requested before the cold-start phase). Every function is
    limited to ONE Deno process (`[limits] max_processes = 1`), so "× Deno direct" compares one process to one.
 2. Starts the references: bench/floor_server.py (trio, canned response, no parsing) and the same handler under
-   `Deno.serve` in one `deno run` process.
+   `Deno.serve` in one `deno run` process. `mbworker /health` (the daemon answering a route of its own, no
+   function, no cache) shows what the daemon's HTTP layer costs by itself.
 3. Drives each with the same load (bench/_load.py: wrk if installed, else a Python keep-alive client), in
    alternating rounds so background load hits all alike, and reports per-target medians over the rounds.
    CPU/request: utime+stime of a process over the round ÷ 2xx responses. For mbworker: the daemon (Python,
@@ -327,6 +328,7 @@ def main() -> None:
                 Target("mbworker hello", daemon.port, "/functions/v1/hello", (), lambda: me, kids),
                 Target("mbworker hello + JWT", daemon.port, "/functions/v1/hellojwt", auth, lambda: me, kids),
                 Target("mbworker cache hit", daemon.port, "/functions/v1/cached", (), lambda: me, kids),
+                Target("mbworker /health", daemon.port, "/health", (), lambda: me, kids),
             ]  # fmt: skip
             for t in targets:  # warm-up: JIT, pools, caches
                 t.measure(args, duration=1.0, keep=False)
@@ -342,7 +344,7 @@ def main() -> None:
                 r.stop()
             daemon.stop()
 
-    floor_t, direct_t, hello_t, jwt_t, hit_t = targets
+    floor_t, direct_t, hello_t, jwt_t, hit_t, _health_t = targets
     tool = floor_t.rounds[0][0].tool
     print(
         f"function path through `mbworker serve` — {os.cpu_count()} CPUs, load: {tool}, {args.connections} keep-alive"
