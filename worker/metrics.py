@@ -60,7 +60,6 @@ __all__ = [
     "Stat",
     "StatisticsCollector",
     "StatsSpec",
-    "StatusRecorder",
     "serve_metrics",
 ]
 
@@ -558,36 +557,31 @@ class Metrics:
 
 
 class ObservedRequest:
-    """The context manager `Metrics.observe_request` returns (a class: a generator-based one costs 1.4 µs more)."""
+    """What `Metrics.observe_request` returns: a context manager that is also the Responder to answer through
+    (it passes everything on and remembers the status sent, 0 until then). One object per request, not a
+    context manager plus a wrapper, and a class rather than a generator-based manager (1.4 µs less)."""
 
-    __slots__ = ("_function", "_metrics", "_recorder", "_start")
+    __slots__ = ("_function", "_inner", "_metrics", "_start", "status")
 
     def __init__(self, metrics: Metrics, function: str, responder: Responder) -> None:
         self._metrics = metrics
         self._function = function
-        self._recorder = StatusRecorder(responder)
+        self._inner = responder
         self._start = 0.0
+        self.status = 0
 
-    def __enter__(self) -> StatusRecorder:
+    def __enter__(self) -> ObservedRequest:
         self._start = time.perf_counter()
-        return self._recorder
+        return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        status = self._recorder.status
+        status = self.status
         if not status:
             gone = kind is not None and issubclass(kind, (ClientDisconnected, trio.Cancelled))
             status = 499 if gone else 500
         self._metrics.observe_invocation(self._function, status, time.perf_counter() - self._start)
 
-
-class StatusRecorder:
-    """A Responder that passes everything through and remembers the status it sent (0 until then)."""
-
-    __slots__ = ("_inner", "status")
-
-    def __init__(self, inner: Responder) -> None:
-        self._inner = inner
-        self.status = 0
+    # -- Responder ------------------------------------------------------------------------------------------
 
     @property
     def started(self) -> bool:
