@@ -37,6 +37,7 @@ from worker.responses import send_error
 log = logging.getLogger("mbworker.functions")
 
 PREFIX = "/functions/v1/"
+_PREFIX_LEN = len(PREFIX)
 ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"})
 # Hop-by-hop headers are the connection's business, not the function's (RFC 9110 §7.6.1).
 HOP_BY_HOP = frozenset(
@@ -92,17 +93,6 @@ class FunctionTable:
         return sorted(self._active)
 
 
-def split_route(path: str) -> tuple[str, str] | None:
-    """`/functions/v1/hello/a/b` → ("hello", "/a/b"); None when not a functions path."""
-    if not path.startswith(PREFIX):
-        return None
-    rest = path[len(PREFIX) :]
-    slug, sep, tail = rest.partition("/")
-    if not slug:
-        return None
-    return slug, (sep + tail)
-
-
 class FunctionsFrontDoor:
     """Serves `/functions/v1/*`. Owns nothing long-lived: table, runtimes, gate and cache belong to the daemon."""
 
@@ -125,25 +115,28 @@ class FunctionsFrontDoor:
         self.metrics = metrics
 
     async def handle(self, request: HttpRequest, responder: Responder) -> None:
-        route = split_route(request.path)
-        if route is None:
+        path = request.path
+        slug, sep, tail = path[_PREFIX_LEN:].partition("/")
+        if not slug or not path.startswith(PREFIX):
             await send_error(responder, 404, "NOT_FOUND", "Requested function was not found")
             return
-        slug, rest = route
         if request.method not in ALLOWED_METHODS:
             await send_error(responder, 405, "METHOD_NOT_ALLOWED", f"Method {request.method} is not allowed")
             return
         active = self.table.get(slug)
-        if self.metrics is None:
-            await self._handle(active, request, responder, slug, rest)
+        metrics = self.metrics
+        if metrics is None:
+            await self.invoke(active, request, responder, slug, sep + tail)
             return
         # Label by deployed slug only: an unknown slug from the path would make label sets unbounded.
-        with self.metrics.observe_request(slug if active else UNMATCHED, responder) as observed:
-            await self._handle(active, request, observed, slug, rest)
+        with metrics.observe_request(slug if active else UNMATCHED, responder) as observed:
+            await self.invoke(active, request, observed, slug, sep + tail)
 
-    async def _handle(
+    async def invoke(
         self, active: ActiveFunction | None, request: HttpRequest, responder: Responder, slug: str, rest: str
     ) -> None:
+        """Gate, limit and run one request to `slug` (`rest`: the path after it). One method, not a chain of
+        them: each coroutine hop costs on the hottest path of the daemon."""
         if active is None:
             await send_error(responder, 404, "NOT_FOUND", "Requested function was not found")
             return
@@ -155,11 +148,11 @@ class FunctionsFrontDoor:
                 return
         rps = active.fn.limits.requests_per_second
         if rps is not None and self.limiter is not None:
-            decision = await self.limiter.hit(f"fn:{slug}", Rate(rps))
-            if not decision.allowed:
+            verdict = await self.limiter.hit(f"fn:{slug}", Rate(rps))
+            if not verdict.allowed:
                 if self.metrics is not None:
                     self.metrics.rate_limited("function")
-                retry = str(max(1, math.ceil(decision.retry_after_s))).encode()
+                retry = str(max(1, math.ceil(verdict.retry_after_s))).encode()
                 await send_error(
                     responder,
                     429,
@@ -168,11 +161,6 @@ class FunctionsFrontDoor:
                     headers=[(b"retry-after", retry)],
                 )
                 return
-        await self.invoke(active, request, responder, slug, rest)
-
-    async def invoke(
-        self, active: ActiveFunction, request: HttpRequest, responder: Responder, slug: str, rest: str
-    ) -> None:
         fn = active.fn
         limit = fn.limits.max_request_bytes
         declared = request.header(b"content-length")
