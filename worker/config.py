@@ -47,6 +47,13 @@ class WorkerSettings(BaseSettings):
     node_id: str | None = Field(None, description="Name of this node in a cluster; default hostname-port")
     deno: Path | None = Field(None, description="Deno binary; default the one the `deno` package ships")
     cache_mb: int = Field(64, ge=0, description="L1 result cache capacity in MiB (0 disables it)")
+    wasm_sync_wait_us: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description="Opt-in for nodes serving short Wasm calls: the event loop waits, blocked, up to this long for "
+        "each call (0: never). Cheaper per call, but nothing else runs meanwhile (docs/wasm.md)",
+    )
     max_bundle_mb: int = Field(20, ge=1, description="Largest accepted function bundle (compressed)")
     drain_grace_s: float = Field(30, gt=0, description="How long in-flight work may finish on drain/SIGTERM")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged")

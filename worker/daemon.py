@@ -139,7 +139,10 @@ async def serve_worker(
             deno_settings = deno_settings.model_copy(update={"deno_bin": str(settings.deno)})
         deno = await stack.enter_async_context(open_deno_runtime(deno_settings, on_log=function_logs.on_log))
         wasm = await stack.enter_async_context(
-            open_wasm_runtime(WasmSettings(cache_dir=data_dir / "cache" / "wasm"), on_log=function_logs.on_log)
+            open_wasm_runtime(
+                WasmSettings(cache_dir=data_dir / "cache" / "wasm", sync_wait_us=settings.wasm_sync_wait_us),
+                on_log=function_logs.on_log,
+            )
         )
         runtimes: dict[str, Runtime] = {"deno": deno, "wasm": wasm}
         metrics.add_statistics(RUNTIME_STATS, deno.statistics, runtime="deno")

@@ -97,7 +97,7 @@ def build_request(
     if not url:
         scheme = header_env.get("HTTP_X_FORWARDED_PROTO", "http").split(",")[0].strip() or "http"
         url = f"{scheme}://{host or name}{full_path}" + (f"?{query}" if query else "")
-    else:
+    elif "#" in url:
         # Keep X_FULL_URL consistent with what the guest parses even if `url` carries a fragment.
         url = urlsplit(url)._replace(fragment="").geturl()
 
@@ -127,7 +127,9 @@ def build_request(
             "X_FULL_URL": url,
         }
     )
-    argv = [full_path] + [f"{k}={v}" for k, v in parse_qsl(query, keep_blank_values=True)]
+    argv = [full_path]
+    if query:
+        argv += [f"{k}={v}" for k, v in parse_qsl(query, keep_blank_values=True)]
     return CgiRequest(env=list(env.items()), argv=argv)
 
 

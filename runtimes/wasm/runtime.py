@@ -37,6 +37,7 @@ LogHook = Callable[[FunctionVersion, str, str, str], None]
 MAX_LOG_LINE = 10_000
 HEAD_ALLOWANCE = 64 * 1024  # CGI header block on top of max_response_bytes
 OUTPUT_TAIL = 4096
+ASYNC_STREAK = 64  # after a call used over half the synchronous wait in CPU: its version's next calls skip the wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,11 @@ class _Version:
     error: BootError | None = None
     users: int = 0
     retired: bool = False
+    limits: tuple[Limits, CallLimits, bool] | None = None
+    """(the version's Limits, the CallLimits derived from them, whether the deadline is the CPU limit): the same
+    for every request of a version, so derived once."""
+    async_calls: int = 0
+    """Calls left to hand over without the synchronous wait: set when a call was too slow to wait for."""
 
 
 def _deadline_ms(limits: Limits) -> tuple[float, bool]:
@@ -154,7 +160,8 @@ class WasmRuntime:
         self._closing = False
         self._max_deadline_ms = 0.0
         self._active = 0  # calls and compiles in threads: the ticker runs only while this is > 0
-        self._activity = trio.Event()
+        self._activity: trio.Event | None = None  # set while the ticker waits for activity
+        self._sync_wait_s = settings.sync_wait_us / 1e6
 
     # -- Runtime --
 
@@ -185,15 +192,7 @@ class WasmRuntime:
                 server_name=self._settings.server_name,
                 server_port=self._settings.server_port,
             )
-            deadline_ms, cpu_deadline = _deadline_ms(limits)
-            self._max_deadline_ms = max(self._max_deadline_ms, deadline_ms)
-            call_limits = CallLimits(
-                memory_bytes=limits.memory_mb * 1024 * 1024,
-                deadline_ticks=self._sandbox.deadline_ticks(deadline_ms),
-                fuel=limits.fuel,
-                max_stdout_bytes=limits.max_response_bytes + HEAD_ALLOWANCE,
-                max_stderr_bytes=self._settings.max_stderr_bytes,
-            )
+            call_limits, cpu_deadline = self._call_limits(version, limits)
             handed_over = True
             outcome = await self._call(version, request, body, call_limits, queue_timeout_s=limits.queue_timeout_s)
         finally:
@@ -273,6 +272,22 @@ class WasmRuntime:
             return await self._ready(fn)
         return version
 
+    def _call_limits(self, version: _Version, limits: Limits) -> tuple[CallLimits, bool]:
+        cached = version.limits
+        if cached is not None and cached[0] is limits:
+            return cached[1], cached[2]
+        deadline_ms, cpu_deadline = _deadline_ms(limits)
+        self._max_deadline_ms = max(self._max_deadline_ms, deadline_ms)
+        call_limits = CallLimits(
+            memory_bytes=limits.memory_mb * 1024 * 1024,
+            deadline_ticks=self._sandbox.deadline_ticks(deadline_ms),
+            fuel=limits.fuel,
+            max_stdout_bytes=limits.max_response_bytes + HEAD_ALLOWANCE,
+            max_stderr_bytes=self._settings.max_stderr_bytes,
+        )
+        version.limits = (limits, call_limits, cpu_deadline)
+        return call_limits, cpu_deadline
+
     def _prepare_sync(self, fn: FunctionVersion) -> PreparedModule:
         if fn.limits.fuel is not None and not self._sandbox.fuel_metering:
             raise BootError("This function sets a fuel limit but the worker runs without fuel metering")
@@ -315,8 +330,11 @@ class WasmRuntime:
         try:
             holder = object()
             try:
-                with trio.fail_after(queue_timeout_s):
-                    await self._threads.acquire_on_behalf_of(holder)
+                try:
+                    self._threads.acquire_on_behalf_of_nowait(holder)  # the usual case: no timeout scope needed
+                except trio.WouldBlock:
+                    with trio.fail_after(queue_timeout_s):
+                        await self._threads.acquire_on_behalf_of(holder)
             except BaseException as exc:
                 self._release_version(version)
                 if isinstance(exc, trio.TooSlowError):
@@ -332,6 +350,10 @@ class WasmRuntime:
                 self._release_version(version)
 
             control = CallControl(limits.deadline_ticks)
+            sync_wait_s = self._sync_wait_s
+            if version.async_calls > 0:
+                version.async_calls -= 1
+                sync_wait_s = 0.0
             call = functools.partial(
                 self._sandbox.call,
                 prepared,
@@ -342,19 +364,24 @@ class WasmRuntime:
                 control=control,
             )
             # On cancel the thread stops at the next epoch tick; `done` then frees its token and the module.
-            return await self._call_threads.run(call, on_done=done, on_abandon=lambda: control.kill("cancelled"))
+            outcome = await self._call_threads.run(
+                call, on_done=done, on_abandon=lambda: control.kill("cancelled"), sync_wait_s=sync_wait_s
+            )
+            if outcome.cpu_s > self._sync_wait_s / 2:
+                # Too slow to wait for (its own CPU time, not a wait stretched by other load): the next calls of
+                # this version let the loop run meanwhile; then waiting is tried again.
+                version.async_calls = ASYNC_STREAK
+            return outcome
         finally:
             self._in_flight -= 1
 
     def _thread_started(self) -> None:
         self._active += 1
-        if self._active == 1:
+        if self._active == 1 and self._activity is not None:
             self._activity.set()
 
     def _thread_ended(self) -> None:
         self._active -= 1
-        if self._active == 0:
-            self._activity = trio.Event()
 
     def _release_version(self, version: _Version) -> None:
         version.users -= 1
@@ -378,7 +405,9 @@ class WasmRuntime:
         next_tick = trio.current_time()
         while True:
             if self._active == 0:
+                self._activity = trio.Event()
                 await self._activity.wait()
+                self._activity = None
                 next_tick = trio.current_time()
             self._sandbox.tick()
             # Absolute schedule: a late wake-up does not stretch every later deadline.
@@ -414,6 +443,9 @@ async def open_wasm_runtime(settings: WasmSettings, *, on_log: LogHook | None = 
         fuel_metering=settings.fuel_metering,
         epoch_tick_ms=settings.epoch_tick_ms,
         max_table_elements=settings.max_table_elements,
+        # Every live Store holds a slot. Calls and boot checks each hold one of `threads` tokens while they have
+        # one, so `threads` slots would do; the rest is margin.
+        pool_slots=2 * settings.threads + 8,
     )
     drained = False
     try:

@@ -17,22 +17,27 @@ import importlib.metadata
 import itertools
 import math
 import os
+import struct
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import wasmtime
-from wasmtime import _bindings, _ffi
-from wasmtime._extern import wrap_extern
 
 from runtimes.errors import BootError
+from runtimes.wasm import capi
 from runtimes.wasm.errors import ModuleRejected
 
 WASI_MODULE = "wasi_snapshot_preview1"
 ENTRY_EXPORT = "_start"
 WASM_PAGE = 65536
 WASI_ERRNO_NOSYS = 52
+_ENTRY_NAME = ENTRY_EXPORT.encode()
+MAX_TABLES = 8  # per Store (and per pool slot)
+POOL_KEEP_RESIDENT = 1 << 20  # per pooled memory: pages kept mapped and zeroed by memset on reuse
 
 try:
     WASMTIME_VERSION = importlib.metadata.version("wasmtime")
@@ -42,17 +47,21 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - vendored i
 
 # --- stdout/stderr capture -------------------------------------------------------------------------------------
 #
-# wasmtime-py's `WasiConfig.stdout_custom` registers a Python *finalizer* that wasmtime calls from a tokio thread
-# some time after the Store is dropped; at interpreter exit that thread calls into a finalizing interpreter and
-# Rust aborts with "panic in a function that cannot unwind" (seen here with plain WAT modules too, intermittently,
-# when the process exits right after a burst of calls). So we register our own write callback with a NULL
-# finalizer and free our side ourselves. The write callback itself runs on a wasmtime thread while the guest's
-# fd_write waits for it, i.e. only during a call.
+# The guest's `fd_write` is shadowed by our own host function (defined on the Linker next to WASI's): it copies
+# writes to fds 1 and 2 straight from guest memory into the calling thread's current sinks. Why not wasmtime's
+# custom output streams (`wasi_config_set_stdout_custom`): they hand every write to a tokio thread, which re-takes
+# the GIL to run a Python callback (~10 context switches and ~80 µs CPU per hello request, docs/benchmarks.md),
+# and wasmtime-py's version registers Python finalizers that a wasmtime thread could run in a finalizing
+# interpreter ("panic in a function that cannot unwind" at exit). A shadowed import has neither: it runs on the
+# thread that called into wasm, during the call, and holds no Python object beyond it.
 
-_WRITE_CB_TYPE = _bindings._wasi_config_set_stdout_custom.argtypes[1]
-_FINALIZER_TYPE = _bindings._wasi_config_set_stdout_custom.argtypes[3]
-_NO_FINALIZER = _FINALIZER_TYPE()  # a NULL function pointer
-_EFBIG = 27  # returned negated: the guest's write fails instead of silently losing bytes
+_WASI_EBADF = 8
+_WASI_EFAULT = 21
+_WASI_EFBIG = 22  # stdout over its cap: the guest's write fails instead of silently losing bytes
+_WASI_EINVAL = 28
+_WASI_EIO = 29
+_MAX_IOVECS = 1024  # like Linux's IOV_MAX; also bounds the host work of one write (it cannot be interrupted)
+_FD_WRITE_ARGS = struct.Struct("<I12xI12xI12xI12x")  # four wasmtime_val_raw_t (16 bytes each), i32 at offset 0
 
 
 class _Sink:
@@ -67,83 +76,81 @@ class _Sink:
         self.overflowed = False
         self.fail_on_overflow = fail_on_overflow
 
-    def write(self, data: bytes) -> int:
-        n = len(data)
+    def write(self, pieces: list[tuple[int, int]]) -> int:
+        """Copy (address, length) pieces of guest memory; a WASI errno (0 = all taken or, for stderr, dropped)."""
         room = self.limit - self.size
-        if n > room:
+        if sum(length for _, length in pieces) > room:
             self.overflowed = True
             if self.fail_on_overflow:
-                return -_EFBIG
-            data = data[: max(0, room)]
-        if data:
-            self.chunks.append(data)
-            self.size += len(data)
-        return n
+                return _WASI_EFBIG
+        for address, length in pieces:
+            take = min(length, room)
+            if take > 0:
+                self.chunks.append(ctypes.string_at(address, take))
+                self.size += take
+                room -= take
+        return 0
 
     def value(self) -> bytes:
         return b"".join(self.chunks)
 
 
-_SINKS: dict[int, _Sink] = {}
-_sink_ids = itertools.count(1)  # never 0: a NULL data pointer reads back as None
+class _Current(threading.local):
+    """The sinks of the call running on this thread (host functions run on the thread that called into wasm)."""
+
+    sinks: tuple[_Sink, _Sink] | None = None
 
 
-@_WRITE_CB_TYPE  # type: ignore[untyped-decorator]
-def _on_write(data: int | None, ptr: Any, size: int) -> int:
-    # Must never raise: an exception here cannot propagate into wasmtime.
-    try:
-        sink = _SINKS.get(data or 0)
-        if sink is None:
-            return -_EFBIG
-        return sink.write(ctypes.string_at(ptr, size))
-    except BaseException:  # pragma: no cover - defensive
-        return -_EFBIG
+_current = _Current()
 
 
-def _set_stdin_bytes(wasi: wasmtime.WasiConfig, data: bytes) -> None:
-    """stdin from bytes through the C API (the Python API takes only a path).
-
-    `wasm_byte_vec_new` copies `data` (read in place through a c_char_p, no Python-side copy) into a vector Rust
-    owns; `wasi_config_set_stdin_bytes` takes ownership of that vector, so we must neither free it nor touch it
-    afterwards. `data` itself stays ours.
-    """
-    vec = _ffi.wasm_byte_vec_t()
-    if data:
-        src = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(_ffi.wasm_byte_t))
-        _ffi.wasm_byte_vec_new(ctypes.byref(vec), len(data), src)
-    else:
-        _ffi.wasm_byte_vec_new_empty(ctypes.byref(vec))
-    _bindings.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))
+@capi.HOST_CALLBACK  # type: ignore[untyped-decorator]
+def _fd_write(_env: int | None, caller: int | None, args: int | None, _count: int) -> int:
+    """WASI `fd_write(fd, iovs, iovs_len, nwritten_ptr) -> errno` for fds 1 and 2; other fds are not open."""
+    assert args is not None
+    errno = _WASI_EIO
+    try:  # must never raise: an exception cannot propagate into wasmtime
+        fd, iovs, count, nwritten = _FD_WRITE_ARGS.unpack(ctypes.string_at(args, _FD_WRITE_ARGS.size))
+        errno = _write(caller or 0, fd, iovs, count, nwritten)
+    finally:
+        ctypes.c_int32.from_address(args).value = errno
+    return 0
 
 
-def _char_array(items: list[bytes]) -> Any:
-    # One C-level constructor call instead of wasmtime-py's per-item Python loop (~2 µs per variable).
-    return ctypes.cast((ctypes.c_char_p * len(items))(*items), ctypes.POINTER(ctypes.POINTER(ctypes.c_char)))
+def _write(caller: int, fd: int, iovs: int, count: int, nwritten: int) -> int:
+    if fd not in (1, 2):
+        return _WASI_EBADF
+    if count > _MAX_IOVECS:
+        return _WASI_EINVAL
+    memory = capi.Extern()
+    if (
+        not capi.caller_export_get(caller, b"memory", 6, ctypes.byref(memory))
+        or capi.extern_kind(memory) != capi.EXTERN_MEMORY
+    ):
+        return _WASI_EFAULT
+    base, size = capi.memory_of(capi.caller_context(caller), memory)
+    pieces = capi.read_iovecs(base, size, iovs, count)
+    if pieces is None or nwritten + 4 > size:
+        return _WASI_EFAULT
+    sinks = _current.sinks
+    if sinks is not None:  # None: a start section run by the boot check; its output goes nowhere
+        errno = sinks[fd - 1].write(pieces)
+        if errno:
+            return errno
+    ctypes.c_uint32.from_address(base + nwritten).value = sum(length for _, length in pieces)
+    return 0
 
 
-def _set_env_and_argv(wasi: wasmtime.WasiConfig, env: list[tuple[str, str]], argv: list[str]) -> None:
-    names = [name.encode() for name, _ in env]
-    values = [value.encode() for _, value in env]
-    args = [arg.encode() for arg in argv]
-    if not _bindings.wasi_config_set_env(wasi.ptr(), len(env), _char_array(names), _char_array(values)):
-        raise wasmtime.WasmtimeError("failed to configure the environment")
-    if not _bindings.wasi_config_set_argv(wasi.ptr(), len(args), _char_array(args)):
-        raise wasmtime.WasmtimeError("failed to configure argv")
-
-
-_ENTRY_NAME = ENTRY_EXPORT.encode()
-
-
-def _entry_function(instance: wasmtime.Instance, store: wasmtime.Store) -> wasmtime.Func:
-    # One export lookup by name, instead of `instance.exports(store)` wrapping every export of the module.
-    item = _ffi.wasmtime_extern_t()
-    found = _ffi.wasmtime_instance_export_get(
-        store._context(), ctypes.byref(instance._instance), _ENTRY_NAME, len(_ENTRY_NAME), ctypes.byref(item)
-    )
-    extern = wrap_extern(item) if found else None
-    if not isinstance(extern, wasmtime.Func):
-        raise wasmtime.WasmtimeError(f"no {ENTRY_EXPORT!r} function")
-    return extern
+def _env_and_argv(wasi: int, env: list[tuple[str, str]], argv: list[str]) -> str | None:
+    """Set the guest's environment and argv on a raw `wasi_config_t*`; an error message if the C API refuses."""
+    names = capi.StringArray([name for name, _ in env])
+    values = capi.StringArray([value for _, value in env])
+    args = capi.StringArray(argv)
+    if not capi.wasi_config_set_env(wasi, len(env), names.address, values.address):
+        return "failed to configure the environment"
+    if not capi.wasi_config_set_argv(wasi, len(argv), args.address):
+        return "failed to configure argv"
+    return None
 
 
 # --- the per-call kill switch ----------------------------------------------------------------------------------
@@ -153,9 +160,6 @@ def _entry_function(instance: wasmtime.Instance, store: wasmtime.Store) -> wasmt
 # the call with an error. Setting `CallControl.reason` from the trio thread therefore stops that one call within a
 # tick, which is how a cancelled request frees its thread promptly.
 
-_EPOCH_CB_TYPE = _bindings._wasmtime_store_epoch_deadline_callback.argtypes[1]
-_EPOCH_FINALIZER_TYPE = _bindings._wasmtime_store_epoch_deadline_callback.argtypes[3]
-_NO_EPOCH_FINALIZER = _EPOCH_FINALIZER_TYPE()
 _UPDATE_DEADLINE_CONTINUE = 0
 
 
@@ -177,7 +181,7 @@ _CONTROLS: dict[int, CallControl] = {}
 _control_ids = itertools.count(1)
 
 
-@_EPOCH_CB_TYPE  # type: ignore[untyped-decorator]
+@capi.EPOCH_CALLBACK  # type: ignore[untyped-decorator]
 def _on_epoch(_context: Any, data: int | None, delta: Any, kind: Any) -> int:
     # Must never raise. Returning a non-NULL wasmtime_error_t* ends the call; wasmtime takes ownership of it.
     try:
@@ -190,8 +194,7 @@ def _on_epoch(_context: Any, data: int | None, delta: Any, kind: Any) -> int:
                 return 0
             control.kill("deadline")
         reason = control.reason if control is not None else "unknown call"
-        error = _ffi.wasmtime_error_new(f"call stopped: {reason}".encode())
-        return int(ctypes.cast(error, ctypes.c_void_p).value or 0)
+        return int(capi.error_new(f"call stopped: {reason}".encode()) or 0)
     except BaseException:  # pragma: no cover - defensive: keep the guest stopped rather than unwinding into Rust
         delta[0] = 1
         kind[0] = _UPDATE_DEADLINE_CONTINUE
@@ -255,6 +258,37 @@ def compile_module(source: bytes, is_wat: bool) -> bytes:
     return wasm
 
 
+_START_SECTION = 8
+
+
+def _leb128(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def has_start_function(wasm: bytes) -> bool:
+    """Whether the module binary has a start section (guest code run by instantiation). True if unsure."""
+    if wasm[:4] != b"\0asm":
+        return True
+    pos = 8
+    try:
+        while pos < len(wasm):
+            section = wasm[pos]
+            size, pos = _leb128(wasm, pos + 1)
+            if section == _START_SECTION:
+                return True
+            pos += size
+    except IndexError:
+        return True
+    return pos != len(wasm)
+
+
 @dataclass(slots=True)
 class PreparedModule:
     """A compiled module linked against WASI. Owned by the runtime's version table; `close()` when unused."""
@@ -263,6 +297,13 @@ class PreparedModule:
     module: wasmtime.Module
     pre: wasmtime.InstancePre
     loaded_from_cache: bool
+    has_start: bool = True
+    """The module has a start function: instantiating it runs guest code (so it must release the GIL)."""
+    pre_address: int = 0
+    """`pre`'s `wasmtime_instance_pre_t*`, for the raw per-call path."""
+
+    def __post_init__(self) -> None:
+        self.pre_address = capi.address(self.pre.ptr())
 
     def close(self) -> None:
         self.pre.close()
@@ -292,6 +333,8 @@ class CallOutcome:
     """None | "exit" | "trap" | "interrupt" (deadline) | "cancelled" | "fuel" | "memory" | "instantiate" | "setup"
     (the host could not configure the Store, e.g. a variable the C API refuses)."""
     detail: str = ""
+    cpu_s: float = 0.0
+    """CPU time of the calling thread spent in the call (setup, wasm, teardown)."""
 
 
 class Sandbox:
@@ -304,10 +347,21 @@ class Sandbox:
         fuel_metering: bool,
         epoch_tick_ms: int,
         max_table_elements: int,
+        pool_slots: int = 0,
     ) -> None:
+        """`pool_slots` > 0: instances live in that many reused slots (the pooling allocator, see
+        `capi.use_pooling_allocator`); more concurrent Stores than that fail to instantiate."""
         config = wasmtime.Config()
         config.epoch_interruption = True
         config.consume_fuel = fuel_metering
+        if pool_slots:
+            capi.use_pooling_allocator(
+                config,
+                slots=pool_slots,
+                max_tables=MAX_TABLES,
+                table_elements=max_table_elements,
+                keep_resident=POOL_KEEP_RESIDENT,
+            )
         self.fuel_metering = fuel_metering
         self.epoch_tick_ms = epoch_tick_ms
         self.max_table_elements = max_table_elements
@@ -325,9 +379,24 @@ class Sandbox:
             wasmtime.FuncType([i32, i32, i32, i32], [i32]),
             lambda *_args: WASI_ERRNO_NOSYS,
         )
+        with wasmtime.FuncType([i32, i32, i32, i32], [i32]) as fd_write_type:
+            error = capi.linker_define_func_unchecked(
+                capi.address(self.linker.ptr()),
+                WASI_MODULE.encode(),
+                len(WASI_MODULE),
+                b"fd_write",
+                len(b"fd_write"),
+                capi.address(fd_write_type.ptr()),
+                _fd_write,
+                None,
+                capi.NO_FINALIZER,
+            )
+        if error:
+            raise capi.error_object(error)
         self.linker.allow_shadowing = False
+        self._engine_address = capi.address(self.engine.ptr())
         # Compiled code depends on the wasmtime version and on engine flags (fuel instrumentation).
-        self._fingerprint = f"{WASMTIME_VERSION}-fuel{int(fuel_metering)}-epoch1"
+        self._fingerprint = f"{WASMTIME_VERSION}-fuel{int(fuel_metering)}-epoch1-pool{int(pool_slots > 0)}"
 
     def close(self) -> None:
         self.linker.close()
@@ -380,7 +449,9 @@ class Sandbox:
         except BaseException:
             module.close()
             raise
-        return PreparedModule(sha256=sha, module=module, pre=pre, loaded_from_cache=loaded)
+        return PreparedModule(
+            sha256=sha, module=module, pre=pre, loaded_from_cache=loaded, has_start=has_start_function(wasm)
+        )
 
     def _store_cache(self, path: Path, module: wasmtime.Module) -> None:
         try:
@@ -406,7 +477,7 @@ class Sandbox:
                 memory_size=limits.memory_bytes,
                 table_elements=self.max_table_elements,
                 instances=1,
-                tables=8,
+                tables=MAX_TABLES,
                 memories=1,
             )
             store.set_epoch_deadline(limits.deadline_ticks)
@@ -440,61 +511,26 @@ class Sandbox:
     ) -> CallOutcome:
         """Run `_start` once in a fresh Store. Never raises for guest behaviour; see `CallOutcome.failure`.
 
-        `control` (made by the caller with `limits.deadline_ticks`) lets another thread stop the call.
+        `control` (made by the caller with `limits.deadline_ticks`) lets another thread stop the call. Straight on
+        the C API (runtimes/wasm/capi.py): this is the per-request hot path.
         """
+        started = time.thread_time()
         if control is None:
             control = CallControl(limits.deadline_ticks)
         out = _Sink(limits.max_stdout_bytes, fail_on_overflow=True)
         err = _Sink(limits.max_stderr_bytes, fail_on_overflow=False)
-        out_id, err_id = next(_sink_ids), next(_sink_ids)
-        _SINKS[out_id] = out
-        _SINKS[err_id] = err
         control_id = next(_control_ids)
         _CONTROLS[control_id] = control
-        failure: str | None = None
-        detail = ""
-        store: wasmtime.Store | None = None
+        _current.sinks = (out, err)
+        store = capi.store_new(self._engine_address, None, capi.NO_FINALIZER)
         try:
-            try:
-                store = self._new_store(limits)
-                store.set_epoch_deadline(1)
-                _bindings.wasmtime_store_epoch_deadline_callback(
-                    store.ptr(), _on_epoch, control_id, _NO_EPOCH_FINALIZER
-                )
-                wasi = wasmtime.WasiConfig()
-                try:
-                    _set_env_and_argv(wasi, env, argv)
-                    _set_stdin_bytes(wasi, stdin)
-                    _bindings.wasi_config_set_stdout_custom(wasi.ptr(), _on_write, out_id, _NO_FINALIZER)
-                    _bindings.wasi_config_set_stderr_custom(wasi.ptr(), _on_write, err_id, _NO_FINALIZER)
-                    store.set_wasi(wasi)  # moves the config into the store
-                finally:
-                    wasi.close()  # no-op once moved; frees it if a setter failed
-            except wasmtime.WasmtimeError as exc:
-                return CallOutcome(b"", b"", False, failure="setup", detail=_first_line(exc))
-            try:
-                instance = prepared.pre.instantiate(store)
-            except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
-                failure, detail = "instantiate", _first_line(exc)
-            else:
-                try:
-                    _entry_function(instance, store)(store)
-                except wasmtime.ExitTrap as exc:
-                    if exc.code != 0:
-                        failure, detail = "exit", f"exit status {exc.code}"
-                except wasmtime.Trap as exc:
-                    failure, detail = self._classify_trap(exc), _first_line(exc)
-                except wasmtime.WasmtimeError as exc:
-                    failure, detail = "trap", _first_line(exc)
-                if failure in ("trap", "exit") and self._memory_exhausted(instance, store, limits):
-                    failure = "memory"
+            context = capi.store_context(store)
+            failure, detail = self._run(prepared, store, context, env, argv, stdin, limits, control_id)
             if failure is not None and control.reason is not None:  # stopped by the kill switch
                 failure = "interrupt" if control.reason == "deadline" else "cancelled"
         finally:
-            if store is not None:
-                store.close()
-            _SINKS.pop(out_id, None)
-            _SINKS.pop(err_id, None)
+            capi.store_delete(store)
+            _current.sinks = None
             _CONTROLS.pop(control_id, None)
         return CallOutcome(
             stdout=out.value(),
@@ -502,7 +538,69 @@ class Sandbox:
             stdout_overflowed=out.overflowed,
             failure=failure,
             detail=detail,
+            cpu_s=time.thread_time() - started,
         )
+
+    def _run(
+        self,
+        prepared: PreparedModule,
+        store: int,
+        context: int,
+        env: list[tuple[str, str]],
+        argv: list[str],
+        stdin: bytes,
+        limits: CallLimits,
+        control_id: int,
+    ) -> tuple[str | None, str]:
+        """Configure the Store, instantiate, call `_start`: (failure, detail) as in `CallOutcome`."""
+        capi.store_limiter(store, limits.memory_bytes, self.max_table_elements, 1, MAX_TABLES, 1)
+        capi.context_set_epoch_deadline(context, 1)
+        capi.store_epoch_deadline_callback(store, _on_epoch, control_id, capi.NO_FINALIZER)
+        if self.fuel_metering:
+            error = capi.context_set_fuel(context, limits.fuel if limits.fuel is not None else 2**63 - 1)
+            if error:
+                return "setup", _first_line(capi.error_object(error))
+        wasi = capi.wasi_config_new()
+        problem = _env_and_argv(wasi, env, argv)
+        if problem is not None:
+            capi.wasi_config_delete(wasi)
+            return "setup", problem
+        # stdin from bytes: the vector (a copy of `stdin`) is owned by the config from here on.
+        capi.wasi_config_set_stdin_bytes(wasi, ctypes.byref(capi.byte_vec(stdin)))
+        error = capi.context_set_wasi(context, wasi)  # takes ownership of `wasi`, also on error
+        if error:
+            return "setup", _first_line(capi.error_object(error))
+
+        instance = capi.Instance()
+        trap = ctypes.c_void_p()
+        instantiate = capi.instance_pre_instantiate if prepared.has_start else capi.instance_pre_instantiate_holding_gil
+        error = instantiate(prepared.pre_address, context, ctypes.byref(instance), ctypes.byref(trap))
+        if error or trap.value:
+            problem_obj = capi.error_object(error) if error else capi.trap_object(trap.value or 0)
+            return "instantiate", _first_line(problem_obj)
+        entry = capi.Extern()
+        if (
+            not capi.instance_export_get(context, ctypes.byref(instance), _ENTRY_NAME, len(_ENTRY_NAME), entry)
+            or capi.extern_kind(entry) != capi.EXTERN_FUNC
+        ):
+            return "trap", f"no {ENTRY_EXPORT!r} function"
+        error = capi.func_call(context, ctypes.byref(entry.of.func), None, 0, None, 0, ctypes.byref(trap))
+        failure: str | None = None
+        detail = ""
+        if error:
+            status = capi.exit_status(error)
+            if status is None:
+                failure, detail = "trap", _first_line(capi.error_object(error))
+            else:
+                capi.error_delete(error)
+                if status != 0:
+                    failure, detail = "exit", f"exit status {status}"
+        elif trap.value:
+            trap_obj = capi.trap_object(trap.value)
+            failure, detail = self._classify_trap(trap_obj), _first_line(trap_obj)
+        if failure in ("trap", "exit") and self._memory_exhausted(context, instance, limits):
+            failure = "memory"
+        return failure, detail
 
     @staticmethod
     def _classify_trap(exc: wasmtime.Trap) -> str:
@@ -514,13 +612,13 @@ class Sandbox:
         return "trap"
 
     @staticmethod
-    def _memory_exhausted(instance: wasmtime.Instance, store: wasmtime.Store, limits: CallLimits) -> bool:
+    def _memory_exhausted(context: int, instance: Any, limits: CallLimits) -> bool:
         # The store limiter makes memory.grow return -1; guests usually trap or exit non-zero right after. A
         # failure with memory within one page of the cap is reported as the memory limit.
-        try:
-            memory = instance.exports(store).get("memory")
-            if isinstance(memory, wasmtime.Memory):
-                return bool(memory.data_len(store) + WASM_PAGE > limits.memory_bytes)
-        except (wasmtime.WasmtimeError, ValueError):
-            pass
-        return False
+        memory = capi.Extern()
+        if not capi.instance_export_get(context, ctypes.byref(instance), b"memory", 6, memory):
+            return False
+        if capi.extern_kind(memory) != capi.EXTERN_MEMORY:
+            return False
+        _, size = capi.memory_of(context, memory)
+        return size + WASM_PAGE > limits.memory_bytes

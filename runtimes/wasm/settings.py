@@ -25,6 +25,16 @@ class WasmSettings(BaseModel):
         description="Concurrent Wasm calls (threads). Default: the CPU count; more threads than cores measured no "
         "faster (docs/benchmarks.md, Wasm runtime)",
     )
+    sync_wait_us: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description="Opt-in: how long the trio thread may wait, BLOCKED, for a call to finish before it serves "
+        "other work meanwhile (0, the default: never; whole milliseconds, rounded up). Short calls then cost far "
+        "less CPU (no GIL hand-overs between a busy trio thread and the call thread), but every other connection "
+        "waits meanwhile and calls no longer overlap; a version whose call uses over half of it in CPU is handed "
+        "over without waiting for its next calls. docs/benchmarks.md, Wasm runtime",
+    )
     epoch_tick_ms: int = Field(10, ge=1, le=1000, description="Epoch ticker period: the CPU deadline resolution")
     fuel_metering: bool = Field(
         True,

@@ -361,7 +361,6 @@ async def test_calls_leave_no_python_finalizers(runtime: WasmRuntime, tmp_path: 
 
     await call(runtime, version(tmp_path, wm.DUMP))
     assert not CUSTOM_OUTPUTS.handles
-    assert not sandbox._SINKS
     assert not sandbox._CONTROLS
 
 
@@ -409,3 +408,32 @@ async def test_retire_waits_for_a_cancelled_call_still_in_its_thread(tmp_path: P
         assert (await call(rt, counter))[2] == b"1 1"  # the only thread is free again: the loop has ended
         with pytest.raises(ValueError, match="closed"):
             prepared.pre.ptr()
+
+
+async def test_slow_version_is_not_waited_for_synchronously(tmp_path: Path) -> None:
+    """With the opt-in synchronous wait: a call that uses more than half of it in CPU makes the next calls of
+    that version let the loop run meanwhile; a quick version keeps the synchronous wait."""
+    from runtimes.wasm.runtime import ASYNC_STREAK
+
+    busy = wm.module(
+        """(local $i i32)
+        (loop $l
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br_if $l (i32.lt_u (local.get $i) (i32.const 20000000))))
+        (drop (call $write (i32.const 1) (i32.const 512) (i32.const 26)))""",
+        data='  (data (i32.const 512) "Content-Type: text/plain\\n\\n")',
+    )
+    slow, quick = version(tmp_path, busy, slug="slow"), version(tmp_path, wm.printing(b"Content-Type: a/b\n\nok"))
+    async with open_wasm_runtime(WasmSettings(cache_dir=tmp_path / "cache", sync_wait_us=1000)) as runtime:
+        assert (await call(runtime, slow))[0] == 200
+        assert (await call(runtime, quick))[0] == 200
+        assert runtime._versions[slow.key].async_calls == ASYNC_STREAK
+        assert runtime._versions[quick.key].async_calls == 0
+
+
+async def test_calls_are_not_waited_for_synchronously_by_default(runtime: WasmRuntime, tmp_path: Path) -> None:
+    """The event loop never blocks on a call unless the operator opts in (WasmSettings.sync_wait_us)."""
+    assert WasmSettings().sync_wait_us == 0
+    quick = version(tmp_path, wm.printing(b"Content-Type: a/b\n\nok"))
+    assert (await call(runtime, quick))[0] == 200
+    assert runtime._sync_wait_s == 0
