@@ -103,11 +103,12 @@ def get(port: int, path: str, headers: Sequence[tuple[str, str]] = ()) -> bytes:
 class Daemon:
     """`mbworker serve` in a subprocess; its output goes to a file (read for the ready line)."""
 
-    def __init__(self, data_dir: Path, log_path: Path) -> None:
+    def __init__(self, data_dir: Path, log_path: Path, settings: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.admin_port = free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("MBWORKER_")}
+        self.env.update(settings or {})  # e.g. {"MBWORKER_WASM_SYNC_WAIT_US": "1000"}
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         start = self._log.tell()
         self.proc = subprocess.Popen(

@@ -1,14 +1,18 @@
-"""Wasm runtime: per-request cost through WasmRuntime.invoke vs a bare wasmtime-py loop, and the thread-pool size.
+"""Wasm runtime, in-process: per-request cost through WasmRuntime.invoke vs a bare wasmtime-py loop.
 
     .venv/bin/python bench/wasm.py [--requests 2000] [--clients 8] [--rounds 5]
+
+The end-to-end figure of issue 3 (through a real `mbworker serve`, HTTP and all) is bench/wasm_e2e.py; this one
+splits the cost of the runtime itself.
 
 Same WAGI module everywhere (a hello module: reads its environment size, writes a CGI response).
 
 - Reference, "bare loop": a plain Python loop on the trio-free main thread doing what any wasmtime-py host must do
   per request: a fresh Store, a WasiConfig (the same CGI env and argv, stdout captured with `stdout_custom`),
   instantiate through an InstancePre, call `_start`, close the Store. Same engine flags (epoch + fuel).
-- "Sandbox.call loop": our own per-call code (stdin from bytes, NULL-finalizer output capture, the epoch kill
-  switch, bounded buffers) in the same plain loop: the part of the difference that is not trio + threads.
+- "Sandbox.call loop": our own per-call code (straight on the C API, runtimes/wasm/capi.py: stdin from bytes, a
+  shadowed `fd_write` for output capture, the epoch kill switch, bounded buffers, the pooling allocator as the
+  runtime configures it) in the same plain loop: the part of the difference that is not trio + threads.
 - WasmRuntime.invoke with `threads` = 1, 2, 4: one client (sequential: the added per-call cost) and `--clients`
   concurrent clients (throughput; shows whether more threads help on this machine).
 - Also: compiling the module vs loading it from the serialized cache (what `warm` pays on a cold/warm disk).
@@ -59,17 +63,17 @@ HEADERS = [
 ]
 
 
-def bare_loop(n: int) -> tuple[float, float]:
-    """Wall and CPU seconds for `n` bare calls."""
+def bare_loop(n: int, wat: str = HELLO, headers: list[tuple[bytes, bytes]] = HEADERS) -> tuple[float, float]:
+    """Wall and CPU seconds for `n` bare calls of `wat` with the CGI env/argv of a GET /hello with `headers`."""
     config = wasmtime.Config()
     config.epoch_interruption = True
     config.consume_fuel = True
     engine = wasmtime.Engine(config)
     linker = wasmtime.Linker(engine)
     linker.define_wasi()
-    module = wasmtime.Module(engine, wasmtime.wat2wasm(HELLO))
+    module = wasmtime.Module(engine, wasmtime.wat2wasm(wat))
     pre = linker.instantiate_pre(module)
-    request = cgi.build_request(method="GET", target="/hello", headers=HEADERS, body_length=0, url="", function_env={})
+    request = cgi.build_request(method="GET", target="/hello", headers=headers, body_length=0, url="", function_env={})
     outputs: list[bytes] = []
     start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(n):
@@ -98,7 +102,7 @@ def bare_loop(n: int) -> tuple[float, float]:
 
 def sandbox_loop(bundle: Path, n: int) -> tuple[float, float]:
     """Our per-call code (runtimes.wasm.sandbox.Sandbox.call) in a plain loop: no trio, no thread hand-off."""
-    sandbox = Sandbox(cache_dir=None, fuel_metering=True, epoch_tick_ms=10, max_table_elements=200_000)
+    sandbox = Sandbox(cache_dir=None, fuel_metering=True, epoch_tick_ms=10, max_table_elements=200_000, pool_slots=8)
     prepared = sandbox.prepare((bundle / "hello.wat").read_bytes(), is_wat=True)
     request = cgi.build_request(method="GET", target="/hello", headers=HEADERS, body_length=0, url="", function_env={})
     limits = CallLimits(256 << 20, 202, None, 64 << 20, 64 << 10)
