@@ -579,7 +579,7 @@ class ObservedRequest:
         if not status:
             gone = kind is not None and issubclass(kind, (ClientDisconnected, trio.Cancelled))
             status = 499 if gone else 500
-        self._metrics.observe_invocation(self._function, status, time.perf_counter() - self._start)
+        self._metrics.requests.observe(self._function, status, time.perf_counter() - self._start)
 
     # -- Responder ------------------------------------------------------------------------------------------
 

@@ -322,3 +322,18 @@ def test_a_dropped_cache_is_freed() -> None:
     del cache
     gc.collect()
     assert ref() is None
+
+
+def test_lookup_keys_requests_exactly_as_primary_key_does() -> None:
+    # lookup() builds the key inline (hot path); it must stay the tuple policy.primary_key() makes
+    from worker.cache.policy import classify_request, primary_key
+
+    cache = make_cache()
+    config = FunctionCacheConfig()
+    for path, query in [("/functions/v1/hello", ""), ("/functions/v1/hello/%7ex", "b=1&a=%41"), ("/f/a", "x")]:
+        req = Req(path=path, query=query, headers=[(b"authorization", b"Bearer t")])
+        decision = cache.lookup(req, slug="hello", version=2, config=config)
+        assert isinstance(decision, Miss)
+        facts = classify_request("GET", req.headers, config)
+        assert not isinstance(facts, str)
+        assert decision.key == primary_key("hello", 2, path, query, facts)

@@ -235,6 +235,8 @@ _query_memo: dict[str, str] = {}
 
 
 def primary_key(slug: str, version: int, path: str, query: str, facts: RequestFacts) -> PrimaryKey:
+    """The key of a request's responses. `ResultCache.lookup` builds the same tuple inline (keep them equal:
+    tests/cache/test_policy.py checks it)."""
     return (slug, version, normalize_component(path), normalize_query(query), facts.vary_values, facts.auth)
 
 

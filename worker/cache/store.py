@@ -61,6 +61,8 @@ from worker.cache.policy import (
     classify_request,
     classify_response,
     header_values,
+    normalize_component,
+    normalize_query,
     primary_key,
     storable_headers,
     variant_key,
@@ -258,7 +260,16 @@ class ResultCache:
         facts = classify_request(request.method, request.headers, config) if moka is not None else "disabled"
         if not isinstance(facts, RequestFacts):
             return self._bypass(facts)
-        key = primary_key(slug, version, request.path, request.query, facts)
+        # primary_key(), inlined with its fast paths: this runs on every cache hit
+        path, query = request.path, request.query
+        key = (
+            slug,
+            version,
+            path if "%" not in path else normalize_component(path),
+            normalize_query(query) if query else "",
+            facts.vary_values,
+            facts.auth,
+        )
         if not facts.revalidate:
             assert moka is not None
             found = moka.get(key)

@@ -176,7 +176,7 @@ class Responder:
         """Build the head; `length` None means a streamed body. Decides framing and keep-alive."""
         conn = self._conn
         body = self._body
-        parts = [rh.status_line(status)]
+        parts = [rh.STATUS_LINES.get(status) or rh.status_line(status)]
         app_length, lines, flags = rh.encode_headers(headers, parts)
         lines += 2
         keep = (
@@ -235,7 +235,8 @@ class Responder:
                 lines += 1
         parts.append(b"\r\n")
         head = b"".join(parts)
-        rh.check_head(head, lines)
+        if head.count(b"\n") != lines or head.count(b"\r") != lines:
+            rh.check_head(head, lines)  # raises: a name or value smuggled CR or LF (response splitting)
         self.keep_alive = keep
         return head
 
@@ -574,7 +575,7 @@ class Connection:
             self._write_now(data)
             return
         self._later = data
-        coalescer.add(self)
+        coalescer.queued.append(self)
 
     def flush_later(self) -> None:
         """Write what `send_later` queued (the coalescer calls this; so does every other write, first). Never
@@ -769,10 +770,11 @@ class Connection:
             await self._answer_error(responder, 500)
         finally:
             self._current = None
-        if not responder.started:
+        state = responder._state  # not the properties: this runs once per request
+        if state == _FRESH:
             logger.error("HTTP handler returned without a response on %s %s", request.method, request.path)
             await self._answer_error(responder, 500)
-        elif not responder.ended:
+        elif state != _DONE:
             try:
                 await responder.end()
             except ClientDisconnected:

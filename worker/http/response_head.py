@@ -11,9 +11,10 @@ from email.utils import formatdate
 
 from worker.http.types import Headers
 
-_STATUS_LINES: dict[int, bytes] = {
+STATUS_LINES: dict[int, bytes] = {
     s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode("ascii")) for s in http.HTTPStatus
 }
+"""Status lines of the statuses Python's `http.HTTPStatus` knows (`status_line` makes the others)."""
 
 # Headers the server writes itself: the app's values for these are dropped (framing is ours).
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection", b"keep-alive"))
@@ -29,7 +30,7 @@ CHUNKED = b"transfer-encoding: chunked\r\n"
 
 
 def status_line(status: int) -> bytes:
-    line = _STATUS_LINES.get(status)
+    line = STATUS_LINES.get(status)
     if line is None:
         if not 100 <= status <= 999:
             raise ValueError(f"invalid HTTP status {status}")

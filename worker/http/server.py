@@ -54,15 +54,13 @@ class WriteCoalescer(trio.abc.Instrument):
     it as a trio instrument while it serves (an instrument that defines only this hook costs one call a pass)."""
 
     def __init__(self) -> None:
-        self._queued: list[Connection] = []
-
-    def add(self, conn: Connection) -> None:
-        self._queued.append(conn)
+        self.queued: list[Connection] = []
+        """Connections with bytes for this pass's flush; each appends itself (`Connection.send_later`)."""
 
     def before_io_wait(self, timeout: float) -> None:
-        queued = self._queued
+        queued = self.queued
         if queued:
-            self._queued = []
+            self.queued = []
             for conn in queued:
                 conn.flush_later()
 
