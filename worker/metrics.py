@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -587,19 +587,22 @@ class ObservedRequest:
     def started(self) -> bool:
         return self._inner.started
 
-    async def send(self, status: int, headers: Headers, body: bytes = b"") -> None:
+    # Plain methods handing back the wrapped responder's coroutine: `await observed.send(...)` then costs no
+    # coroutine of its own (a frame per call on the hottest path). Same behaviour for the caller.
+
+    def send(self, status: int, headers: Headers, body: bytes = b"") -> Coroutine[Any, Any, None]:
         self.status = status
-        await self._inner.send(status, headers, body)
+        return self._inner.send(status, headers, body)
 
-    async def start(self, status: int, headers: Headers) -> None:
+    def start(self, status: int, headers: Headers) -> Coroutine[Any, Any, None]:
         self.status = status
-        await self._inner.start(status, headers)
+        return self._inner.start(status, headers)
 
-    async def write(self, chunk: bytes) -> None:
-        await self._inner.write(chunk)
+    def write(self, chunk: bytes) -> Coroutine[Any, Any, None]:
+        return self._inner.write(chunk)
 
-    async def end(self) -> None:
-        await self._inner.end()
+    def end(self) -> Coroutine[Any, Any, None]:
+        return self._inner.end()
 
 
 class _ScrapeView(Collector):
