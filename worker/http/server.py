@@ -7,6 +7,7 @@ closes everything at once).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 from dataclasses import dataclass
@@ -164,7 +165,8 @@ class HttpServer:
             self._writers = None
             if self.coalescer is not None:
                 self.coalescer.before_io_wait(0)  # nothing queued is left behind
-                trio.lowlevel.remove_instrument(self.coalescer)
+                with contextlib.suppress(KeyError):  # trio drops an instrument that raised (and logs why)
+                    trio.lowlevel.remove_instrument(self.coalescer)
             for listener in self._listeners:
                 await trio.aclose_forcefully(listener)
             self._finished.set()
