@@ -7,6 +7,8 @@
 connection, each sending one request at a time on a kept-alive socket. Both send one request per write and
 wait for the whole response, so the floor server's "one read = one request" holds.
 
+`free_port()` gives a loopback port that was free a moment ago (every bench here starts its servers on one).
+
 `cpu_seconds(pid)` reads utime+stime from /proc/<pid>/stat: take it before and after a run and divide the
 delta by the requests served to get the server's CPU per request.
 """
@@ -24,6 +26,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = ["LoadResult", "cpu_seconds", "run_load"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ NODE_DIR = ROOT / "bench" / "node"
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
+import _load  # noqa: E402
 import redis_pubsub  # noqa: E402
 
 SECRET = "bench-secret-bench-secret-bench-secret"
@@ -68,7 +69,7 @@ def stop(proc: subprocess.Popen[Any], grace: float = 10) -> None:
 
 
 def start_worker(name: str, tmp: Path, redis_url: str) -> tuple[subprocess.Popen[bytes], int]:
-    port, admin = redis_pubsub.free_port(), redis_pubsub.free_port()
+    port, admin = _load.free_port(), _load.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MBWORKER_")}
     env.update(
         MBWORKER_REDIS_URL=redis_url,

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 import trio  # noqa: E402
-from _load import LoadResult, cpu_seconds, run_load  # noqa: E402
+from _load import LoadResult, cpu_seconds, free_port, run_load  # noqa: E402
 
 from runtimes.api import FunctionVersion, Invocation, empty_body  # noqa: E402
 from runtimes.deno import DenoSettings, open_deno_runtime  # noqa: E402
@@ -42,12 +42,6 @@ from runtimes.limits import Limits  # noqa: E402
 
 FUNCTION = 'Deno.serve(() => new Response("ok"));\n'
 DIRECT = 'Deno.serve({ hostname: "127.0.0.1", port: Number(Deno.args[0]), onListen() {} }, () => new Response("ok"));\n'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def deno_bin() -> str:

@@ -36,31 +36,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from _load import LoadResult, cpu_seconds, run_load  # noqa: E402
+from _load import LoadResult, cpu_seconds, free_port, run_load  # noqa: E402
+from deno_direct import first_response, spawn_direct  # noqa: E402
 
 HANDLER = '() => new Response("hello", { headers: { "content-type": "text/plain" } })'
 FUNCTION = f"Deno.serve({HANDLER});\n"
 DIRECT = f'Deno.serve({{ hostname: "127.0.0.1", port: Number(Deno.args[0]), onListen() {{}} }}, {HANDLER});\n'
 ONE_PROCESS = "[limits]\nmax_processes = 1\n"
 START_TIMEOUT = 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def deno_bin() -> str:
-    sys.path.insert(0, str(ROOT))
-    from runtimes.deno import DenoSettings
-
-    return DenoSettings.model_validate({}).deno_bin
 
 
 def children_of(pid: int) -> list[int]:
@@ -158,45 +147,27 @@ class Daemon:
 
 
 class Ready:
-    """A reference server subprocess that prints `READY <port>` (floor) or is polled until it answers (deno)."""
+    """A reference server subprocess on a known port: the floor (`announced`, it prints `READY <port>`) or the
+    direct Deno server (spawned by deno_direct.spawn_direct and polled until it answers)."""
 
-    def __init__(self, cmd: list[str], *, port: int | None = None, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
-        if port is None:
-            assert self.proc.stdout is not None
-            line = self.proc.stdout.readline()
-            if not line.startswith("READY "):
-                self.stop()
-                raise RuntimeError(f"{cmd[1]} did not start: {line!r}")
-            port = int(line.split()[1])
+    def __init__(self, proc: subprocess.Popen[Any], port: int) -> None:
+        self.proc = proc
         self.port = port
+
+    @classmethod
+    def announced(cls, cmd: list[str]) -> Ready:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("READY "):
+            cls(proc, 0).stop()
+            raise RuntimeError(f"{cmd[1]} did not start: {line!r}")
+        return cls(proc, int(line.split()[1]))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=10)
-
-
-def spawn_direct(work: Path, port: int, deno_dir: Path) -> subprocess.Popen[bytes]:
-    env = {"DENO_DIR": str(deno_dir), "NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1"}
-    return subprocess.Popen(
-        [deno_bin(), "run", "--no-remote", "--allow-net", str(work / "direct.ts"), str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
-
-
-def wait_first_response(port: int, deadline: float) -> None:
-    """Poll until a bare deno server answers one GET (nothing else to wait on but its socket)."""
-    while time.perf_counter() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                if s.recv(100).startswith(b"HTTP/1.1 200"):
-                    return
-        except OSError:
-            time.sleep(0.0005)
-    raise TimeoutError("direct deno server did not answer")
 
 
 # ------------------------------------------------------------------------------------------- measuring
@@ -272,7 +243,7 @@ def cold_starts(work: Path, daemon: Daemon, count: int) -> tuple[list[float], li
         t0 = time.perf_counter()
         proc = spawn_direct(work, port, work / f"deno-cold-{i}")
         try:
-            wait_first_response(port, t0 + 30)
+            first_response(port, t0 + 30)
             bare.append(time.perf_counter() - t0)
         finally:
             proc.kill()
@@ -310,16 +281,12 @@ def main() -> None:
             if b"x-mbworker-cache: MISS" not in get(daemon.port, "/functions/v1/cached"):
                 raise RuntimeError("the cached function did not answer MISS first")
 
-            floor = Ready([sys.executable, str(HERE / "floor_server.py"), "--port", "0"])
+            floor = Ready.announced([sys.executable, str(HERE / "floor_server.py"), "--port", "0"])
             refs.append(floor)
             direct_port = free_port()
-            direct = Ready(
-                [deno_bin(), "run", "--no-remote", "--allow-net", str(work / "direct.ts"), str(direct_port)],
-                port=direct_port,
-                env={"DENO_DIR": str(work / "deno-direct"), "NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1"},
-            )
+            direct = Ready(spawn_direct(work, direct_port, work / "deno-direct"), direct_port)
             refs.append(direct)
-            wait_first_response(direct_port, time.perf_counter() + 30)
+            first_response(direct_port, time.perf_counter() + 30)
 
             me, kids = [daemon.proc.pid], daemon.deno_pids
             auth = (("authorization", f"Bearer {daemon.anon_key}"),)

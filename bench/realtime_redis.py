@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+from _load import cpu_seconds, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -38,19 +39,6 @@ from worker.redis import open_redis  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 TIME_LIMIT = 60.0
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+from _load import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -60,12 +61,6 @@ class Rate:
     @property
     def cpu_us(self) -> float:
         return self.cpu / self.ops * 1e6 if self.ops else float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], int]:
