@@ -461,7 +461,8 @@ async def open_wasm_runtime(settings: WasmSettings, *, on_log: LogHook | None = 
                 if drained:
                     runtime._close_all()
     except BaseExceptionGroup as group:
-        # The body's own error (e.g. a BootError from invoke) reaches the caller as itself, not wrapped.
+        # The body's own error (e.g. a BootError from invoke) reaches the caller as itself, not wrapped. (What
+        # worker.nursery.open_owned_nursery does: runtimes does not import the worker package.)
         leaf: BaseException = group
         while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
             leaf = leaf.exceptions[0]

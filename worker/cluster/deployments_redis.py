@@ -71,6 +71,7 @@ from worker.deployments.store import (
     VersionConflict,
     staged_deployment,
 )
+from worker.nursery import open_owned_nursery
 from worker.redis import (
     PubSub,
     PubSubDisconnected,
@@ -79,7 +80,6 @@ from worker.redis import (
     RedisClient,
     RedisError,
 )
-from worker.redis._nursery import open_owned_nursery
 
 log = logging.getLogger("mbworker.cluster.deployments")
 

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from worker.cluster.errors import LockError, LockLost, LockTimeout, LockUnavailable
+from worker.nursery import open_owned_nursery
 from worker.redis import Redis, RedisError, Script
-from worker.redis._nursery import open_owned_nursery
 
 _RELEASE = Script.from_package("worker.cluster", "lock_release.lua")
 _EXTEND = Script.from_package("worker.cluster", "lock_extend.lua")

@@ -26,6 +26,7 @@ from websockets.trio.server import Server, ServerConnection
 from websockets.typing import Origin, Subprotocol
 
 from worker.http.types import HttpRequest
+from worker.nursery import open_owned_nursery
 
 __all__ = ["WebSocketHandshakeError", "WebSocketOptions", "accept_websocket", "open_websocket"]
 
@@ -136,20 +137,9 @@ async def open_websocket(
     not wrapped in an exception group (the nursery only runs websockets' reader and keepalive tasks, which
     handle their own errors).
     """
-    try:
-        async with trio.open_nursery() as nursery:
-            connection = await accept_websocket(
-                stream, buffered, request, nursery=nursery, options=options, process_request=process_request
-            )
-            async with connection:
-                yield connection
-    except BaseExceptionGroup as group:
-        raise _sole_exception(group) from None
-
-
-def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one exception inside nested single-member groups, or the group itself."""
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
+    async with open_owned_nursery() as nursery:
+        connection = await accept_websocket(
+            stream, buffered, request, nursery=nursery, options=options, process_request=process_request
+        )
+        async with connection:
+            yield connection

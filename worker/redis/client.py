@@ -22,8 +22,9 @@ from typing import Any
 import hiredis
 import trio
 
+from worker.nursery import open_owned_nursery
+
 from . import commands as c
-from ._nursery import open_owned_nursery
 from .backoff import backoff_delay
 from .commands import Command, Key, Value
 from .config import RedisSettings, parse_redis_url

@@ -24,7 +24,8 @@ from typing import Any, NamedTuple
 import hiredis
 import trio
 
-from ._nursery import open_owned_nursery
+from worker.nursery import open_owned_nursery
+
 from ._queue import EventQueue
 from .backoff import backoff_delay
 from .commands import Key

@@ -1,4 +1,7 @@
-"""A nursery for `open_*` context managers whose callers expect our errors, not one-member ExceptionGroups."""
+"""A nursery for `open_*` context managers whose callers expect our errors, not one-member ExceptionGroups.
+
+Shared by worker.redis, worker.cluster and worker.http. (runtimes/wasm/runtime.py keeps the same few lines: the
+runtimes package does not import the worker.)"""
 
 from __future__ import annotations
 
