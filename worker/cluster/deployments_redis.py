@@ -58,7 +58,7 @@ from worker.cluster.local_copies import LocalCopies, check_slug, check_version, 
 from worker.cluster.lock import Locks, RedisLocks
 from worker.deployments.archive import BundleRejected, BundleTooLarge
 from worker.deployments.changes import ChangeFeed, ChangeReader, StoreChange
-from worker.deployments.manifest import MANIFEST_NAME, SLUG_RE, Manifest
+from worker.deployments.manifest import SLUG_RE
 from worker.deployments.store import (
     Deployment,
     DeploymentList,
@@ -69,6 +69,7 @@ from worker.deployments.store import (
     StoreStatistics,
     UnpackLimits,
     VersionConflict,
+    read_secrets,
     staged_deployment,
 )
 from worker.nursery import open_owned_nursery
@@ -514,15 +515,7 @@ class RedisDeploymentStore:
         return [_derive(metas[n], ptr.version) for n in sorted(metas)]
 
     async def secrets(self, slug: str, version: int) -> dict[str, str]:
-        path = await self.ensure_local(slug, version) / MANIFEST_NAME
-        return await trio.to_thread.run_sync(self._secrets_sync, path)
-
-    @staticmethod
-    def _secrets_sync(path: Path) -> dict[str, str]:
-        try:
-            return dict(Manifest.model_validate_json(path.read_bytes()).env)
-        except FileNotFoundError:
-            raise DeploymentNotFound(f"no files at {path.parent}") from None
+        return await read_secrets(await self.ensure_local(slug, version))
 
     async def archive(self, slug: str, version: int) -> bytes:
         check_slug(slug)

@@ -319,6 +319,19 @@ class _Pointer:
     history: list[int] = field(default_factory=list)
 
 
+async def read_secrets(bundle_dir: Path) -> dict[str, str]:
+    """The env/secrets of the version whose unpacked bundle is `bundle_dir` (its manifest), read in a thread."""
+    path = bundle_dir / MANIFEST_NAME
+
+    def read() -> dict[str, str]:
+        try:
+            return dict(Manifest.model_validate_json(path.read_bytes()).env)
+        except FileNotFoundError:
+            raise DeploymentNotFound(f"no files at {bundle_dir}") from None
+
+    return await trio.to_thread.run_sync(read)
+
+
 class LocalDeploymentStore:
     """`DeploymentStore` in a local directory. Several processes may share `root` (numbers stay distinct).
 
@@ -617,15 +630,7 @@ class LocalDeploymentStore:
         return out
 
     async def secrets(self, slug: str, version: int) -> dict[str, str]:
-        path = self.bundle_dir(slug, version) / MANIFEST_NAME
-        return await trio.to_thread.run_sync(self._secrets_sync, path)
-
-    @staticmethod
-    def _secrets_sync(path: Path) -> dict[str, str]:
-        try:
-            return dict(Manifest.model_validate_json(path.read_bytes()).env)
-        except FileNotFoundError:
-            raise DeploymentNotFound(f"no files at {path.parent}") from None
+        return await read_secrets(self.bundle_dir(slug, version))
 
     async def archive(self, slug: str, version: int) -> bytes:
         path = self._version_dir(slug, version) / "bundle.tar.gz"
