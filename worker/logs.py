@@ -13,7 +13,8 @@ import time
 from typing import Any
 
 MAX_LINE = 10_000
-_LABELS = ("function", "version", "execution_id", "request_id", "stream")
+_RECORD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+"""What every LogRecord carries; anything else in a record came from `extra=` and is the event's data."""
 
 
 class JsonFormatter(logging.Formatter):
@@ -24,13 +25,12 @@ class JsonFormatter(logging.Formatter):
             "component": record.name.removeprefix("mbworker."),
             "msg": record.getMessage(),
         }
-        for label in _LABELS:
-            value = record.__dict__.get(label)
-            if value is not None:
-                entry[label] = value
+        for key, value in record.__dict__.items():  # labels (function, version, ...) and event data (boot_ms, ...)
+            if key not in _RECORD_FIELDS and key not in entry and value is not None:
+                entry[key] = value
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return json.dumps(entry, ensure_ascii=False, default=str)
 
 
 def configure_logging(level: str = "info") -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,6 +28,7 @@ from worker.function_logs import (
 )
 from worker.http.server import HttpServer, serve_http
 from worker.http.types import HttpRequest, Responder, WebSocketHandler
+from worker.logs import JsonFormatter
 
 TOKEN = "t0ken"
 
@@ -312,3 +314,16 @@ async def test_too_many_followers_is_a_429() -> None:
     async with running(LogsApp(buffer)) as url:
         rc, _ = await cli(url, "a", follow=True)
         assert rc == 1
+
+
+def test_json_lines_carry_every_extra_field() -> None:
+    """Runtime events log their data as `extra=` (which function, its pid, how long the boot took): all of it must
+    reach the JSON line, not only the function labels; values JSON cannot hold are written as strings."""
+    record = logging.LogRecord("runtimes.deno.process", logging.INFO, __file__, 1, "deno process booted", None, None)
+    record.__dict__.update(slug="hello", version=3, pid=4242, boot_ms=31.5, scratch=Path("/tmp/x"), gone=None)
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["msg"] == "deno process booted"
+    assert entry["component"] == "runtimes.deno.process"
+    assert (entry["slug"], entry["version"], entry["pid"], entry["boot_ms"]) == ("hello", 3, 4242, 31.5)
+    assert entry["scratch"] == "/tmp/x"
+    assert not {"gone", "lineno", "args", "levelname"} & entry.keys()
