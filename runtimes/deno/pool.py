@@ -57,6 +57,8 @@ class VersionPool:
         self.processes: list[DenoProcess] = []
         self._booting = 0
         self._changed = trio.Event()
+        self._watchers = 0
+        """Tasks waiting on `_changed`: with none, `_notify` (once per request, from `release`) costs nothing."""
         self._paths: VersionPaths | None = None
         self._prepare_lock = trio.Lock()
         self.retired = False
@@ -70,8 +72,17 @@ class VersionPool:
     # ------------------------------------------------------------------ capacity
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        if self._watchers:
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def _wait_changed(self) -> None:
+        """Until the next `_notify` (a slot freed, a process came or went)."""
+        self._watchers += 1
+        try:
+            await self._changed.wait()
+        finally:
+            self._watchers -= 1
 
     async def acquire(self) -> DenoProcess:
         """A ready process with a slot reserved for the caller (release with `release`).
@@ -92,9 +103,8 @@ class VersionPool:
                 proc = await self._boot(deadline)
                 proc.load += 1
                 return proc
-            changed = self._changed
             with trio.move_on_at(deadline):
-                await changed.wait()
+                await self._wait_changed()
                 continue
             raise WorkerBusy()
 
@@ -210,8 +220,7 @@ class VersionPool:
 
     async def wait_empty(self) -> None:
         while self.live:
-            changed = self._changed
-            await changed.wait()
+            await self._wait_changed()
 
     async def cleanup(self) -> None:
         """Remove this version's scratch dir (after all its processes are gone)."""

@@ -76,14 +76,18 @@ def _read_proc(pid: int) -> tuple[float, int] | None:
 
 @dataclass(eq=False, slots=True)
 class _Request:
+    """One request on a process. Exactly one task waits on it at a time (the requester: first for the head, then
+    for body chunks), so it parks that task itself instead of holding trio.Events (two per request, plus their
+    set and wait, were a visible share of the per-request cost)."""
+
     rid: int
     cpu_start: float | None = None
     """Process CPU (ms) at the monitor's first sample after the request started (it wakes for new requests)."""
-    head_event: trio.Event = field(default_factory=trio.Event)
+    head_ready: bool = False
+    """The head came, or the request failed or timed out: `_begin` stops waiting."""
     status: int = 0
     headers: Headers = field(default_factory=list)
     chunks: collections.deque[bytes] = field(default_factory=collections.deque)
-    wake: trio.Event = field(default_factory=trio.Event)
     ended: bool = False
     error: FunctionRuntimeError | None = None
     pump_scope: trio.CancelScope | None = None
@@ -91,12 +95,31 @@ class _Request:
     deadline: float = math.inf
     """No response head by then: the reaper (`DenoProcess._reap_idle`) times the request out."""
     timed_out: bool = False
+    parked: trio.lowlevel.Task | None = None
+    """The task waiting for this request's next event, if any."""
 
     def fail(self, exc: FunctionRuntimeError) -> None:
         if self.error is None and not self.ended:
             self.error = exc
-        self.head_event.set()
-        self.wake.set()
+        self.head_ready = True
+        self.wake()
+
+    def wake(self) -> None:
+        """Something happened to this request (head, chunk, end, failure): resume the task waiting for it."""
+        task = self.parked
+        if task is not None:
+            self.parked = None
+            trio.lowlevel.reschedule(task)
+
+    async def park(self) -> None:
+        """Wait for the next `wake()` (the caller re-checks the state: a wake may be for something else)."""
+        assert self.parked is None, "one task waits on a request at a time"
+        self.parked = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        self.parked = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class _Served:
@@ -174,6 +197,7 @@ class DenoProcess:
         self._wbuf = bytearray()  # frames the pipe had no room for; `_drain_stdin` writes them in order
         self._wwake = trio.Event()
         self._wdrained = trio.Event()
+        self._drain_watchers = 0  # writers waiting on `_wdrained` (with none, a flush makes no new Event)
         self._wbroken = False
         self._stdin_fd = -1
         self._ready_event = trio.Event()
@@ -389,7 +413,7 @@ class DenoProcess:
             r = self._reqs.get(head["i"])
             if r is not None:
                 r.chunks.append(body)
-                r.wake.set()
+                r.wake()
         elif t == "h":
             r = self._reqs.get(head["i"])
             if r is not None:
@@ -400,12 +424,13 @@ class DenoProcess:
                 if "e" in head:
                     r.ended = True
                 r.timed_out = False  # the head won a race with the reaper in the same tick
-                r.head_event.set()
+                r.head_ready = True
+                r.wake()
         elif t == "e":
             r = self._reqs.get(head["i"])
             if r is not None:
                 r.ended = True
-                r.wake.set()
+                r.wake()
         elif t == "f":
             r = self._reqs.get(head["i"])
             if r is not None:
@@ -552,7 +577,7 @@ class DenoProcess:
         del self._wbuf[:n]
         if self._wbuf:
             self._wwake.set()
-        else:
+        elif self._drain_watchers:
             self._wdrained.set()
             self._wdrained = trio.Event()
 
@@ -563,7 +588,11 @@ class DenoProcess:
                 await self.dead.wait()
             raise self._death_error()
         while len(self._wbuf) > WRITE_HIGH and not self._wbroken:
-            await self._wdrained.wait()
+            self._drain_watchers += 1
+            try:
+                await self._wdrained.wait()
+            finally:
+                self._drain_watchers -= 1
 
     async def _drain_stdin(self) -> None:
         """Write `_wbuf`: what a full pipe did not take, and request heads batched by `_send_batched`."""
@@ -623,7 +652,8 @@ class DenoProcess:
         r.deadline = trio.current_time() + self.limits.request_idle_timeout_s
         if self._reaper_idle:
             self._reaper_wake.set()
-        await r.head_event.wait()
+        while not r.head_ready:
+            await r.park()
         if r.error is not None:
             raise r.error
         if r.timed_out:
@@ -653,11 +683,12 @@ class DenoProcess:
             now = trio.current_time()
             nxt = math.inf
             for r in self._reqs.values():
-                if r.head_event.is_set():
+                if r.head_ready:
                     continue
                 if r.deadline <= now:
                     r.timed_out = True
-                    r.head_event.set()
+                    r.head_ready = True
+                    r.wake()
                 elif r.deadline < nxt:
                     nxt = r.deadline
             if nxt == math.inf:
@@ -733,8 +764,7 @@ class _Body:
                 raise r.error
             if r.ended:
                 raise StopAsyncIteration
-            r.wake = trio.Event()
-            await r.wake.wait()
+            await r.park()
 
 
 class _PassFlusher(trio.abc.Instrument):
