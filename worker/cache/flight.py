@@ -28,11 +28,13 @@ V = TypeVar("V")
 class Flight(Generic[V]):
     """One running computation. Followers `wait`; the leader resolves it exactly once (later calls are no-ops)."""
 
-    __slots__ = ("_done", "_error", "_forget", "_value", "followers", "key")
+    __slots__ = ("_done", "_error", "_forget", "_resolved", "_value", "followers", "key")
 
     def __init__(self, key: Hashable, forget: Callable[[Flight[V]], None]) -> None:
         self.key = key
-        self._done = trio.Event()
+        self._resolved = False
+        self._done: trio.Event | None = None
+        """Made by the first follower: most flights (every hit-for-miss one) never have any."""
         self._value: V | None = None
         self._error: BaseException | None = None
         self._forget = forget
@@ -41,18 +43,18 @@ class Flight(Generic[V]):
 
     @property
     def resolved(self) -> bool:
-        return self._done.is_set()
+        return self._resolved
 
     def publish(self, value: V | None) -> None:
         """Give `value` to every follower; `None` releases them to compute on their own."""
-        if self._done.is_set():
+        if self._resolved:
             return
         self._value = value
         self._resolve()
 
     def fail(self, error: BaseException) -> None:
         """Every current follower raises `FlightFailed(error)`; the next request for the key starts afresh."""
-        if self._done.is_set():
+        if self._resolved:
             return
         self._error = error
         self._resolve()
@@ -60,7 +62,7 @@ class Flight(Generic[V]):
     def settle(self, error: BaseException | None) -> None:
         """The leader is leaving (`error` is what it leaves with). Unresolved: cancellation or a clean exit
         release the followers, any other error fails them."""
-        if self._done.is_set():
+        if self._resolved:
             return
         if error is None or _only_cancelled(error):
             self.publish(None)
@@ -71,7 +73,12 @@ class Flight(Generic[V]):
         """The leader's value, or None (compute it yourself). Raises `FlightFailed` or `FlightTimeout`."""
         try:
             with trio.fail_after(timeout):
-                await self._done.wait()
+                if self._resolved:
+                    await trio.lowlevel.checkpoint()
+                else:
+                    if self._done is None:
+                        self._done = trio.Event()
+                    await self._done.wait()
         except trio.TooSlowError as exc:
             raise FlightTimeout(f"no shared result within {timeout:g}s") from exc
         if self._error is not None:
@@ -79,8 +86,10 @@ class Flight(Generic[V]):
         return self._value
 
     def _resolve(self) -> None:
+        self._resolved = True
         self._forget(self)
-        self._done.set()
+        if self._done is not None:
+            self._done.set()
 
 
 def _only_cancelled(error: BaseException) -> bool:
