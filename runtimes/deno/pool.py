@@ -40,6 +40,8 @@ class Shared:
     deno_bin: str
     bootstrap: Path
     scratch_dir: Path
+    deno_dir: Path
+    """The DENO_DIR of every process of the runtime (see `open_deno_runtime`)."""
     socket_dir: Path
     """Short-path dir for node:http unix sockets (sun_path is 108 bytes; scratch paths can be long)."""
     stop_grace_s: float
@@ -57,6 +59,8 @@ class VersionPool:
         self.processes: list[DenoProcess] = []
         self._booting = 0
         self._changed = trio.Event()
+        self.cleaned = trio.Event()
+        """Set once `cleanup` removed the version's files."""
         self._watchers = 0
         """Tasks waiting on `_changed`: with none, `_notify` (once per request, from `release`) costs nothing."""
         self._paths: VersionPaths | None = None
@@ -130,10 +134,10 @@ class VersionPool:
             if self._paths is None:
                 base = self._shared.scratch_dir / f"{self.fn.slug}-{self.fn.version}-{os.urandom(3).hex()}"
                 tmp = self.fn.scratch_dir or base / "tmp"
-                paths = VersionPaths(base, base / "deno", tmp, base / "import_map.json")
+                paths = VersionPaths(base, self._shared.deno_dir, tmp, base / "import_map.json")
 
                 def make() -> None:
-                    paths.deno_dir.mkdir(parents=True, exist_ok=True)
+                    paths.base.mkdir(parents=True, exist_ok=True)
                     paths.tmp.mkdir(parents=True, exist_ok=True)
                     write_import_map(self.fn, paths.import_map)
 
@@ -223,9 +227,23 @@ class VersionPool:
             await self._wait_changed()
 
     async def cleanup(self) -> None:
-        """Remove this version's scratch dir (after all its processes are gone)."""
+        """Remove this version's scratch dir and its transpiled code in the shared DENO_DIR (after all its
+        processes are gone)."""
         paths = self._paths
         if paths is None:
+            self.cleaned.set()
             return
         self._paths = None
-        await trio.to_thread.run_sync(lambda: shutil.rmtree(paths.base, ignore_errors=True))
+        emitted = emitted_dir(paths.deno_dir, self.fn.bundle_dir)
+
+        def remove() -> None:
+            shutil.rmtree(paths.base, ignore_errors=True)
+            shutil.rmtree(emitted, ignore_errors=True)
+
+        await trio.to_thread.run_sync(remove)
+        self.cleaned.set()
+
+
+def emitted_dir(deno_dir: Path, bundle_dir: Path) -> Path:
+    """Where Deno keeps the JavaScript it transpiled from the files of `bundle_dir` (`gen/file/<absolute path>`)."""
+    return deno_dir / "gen" / "file" / str(bundle_dir.resolve()).lstrip("/")

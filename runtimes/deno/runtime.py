@@ -33,6 +33,10 @@ log = logging.getLogger("runtimes.deno")
 fn_log = logging.getLogger("runtimes.deno.function")
 
 
+DENO_DIR_NAME = "_deno_dir"
+"""Under the scratch dir, beside the per-version dirs (`<slug>-<version>-<hex>`: a slug starts with a letter)."""
+
+
 def _default_deno_bin() -> str:
     env = os.environ.get("MBWORKER_DENO")
     if env:
@@ -56,7 +60,7 @@ class DenoSettings(BaseModel):
     )
     scratch_dir: Path = Field(
         default_factory=lambda: Path(os.environ.get("TMPDIR", "/tmp")) / "mbworker-deno",
-        description="Base for per-version dirs (DENO_DIR, import map, the function's temp dir)",
+        description="Base for the runtime's DENO_DIR and per-version dirs (import map, the function's temp dir)",
     )
     limits: Limits = Field(
         default_factory=lambda: Limits.model_validate({}), description="Defaults for callers building FunctionVersions"
@@ -143,17 +147,20 @@ class DenoRuntime:
         self._shared.nursery.start_soon(self._cleanup_when_empty, pool)
 
     async def wait_stopped(self, fn: FunctionVersion) -> None:
-        """Wait until no process of `fn` runs (after `retire`, idle shutdown or wall-clock retirement).
+        """Wait until no process of `fn` runs (after `retire`, idle shutdown or wall-clock retirement), and, for
+        a retired version, until its files are removed.
 
         Bound it with a timeout: a version that keeps getting requests never stops.
         """
         for pool in [p for p in (self._pools.get(fn.key), *self._retired) if p is not None and p.fn.key == fn.key]:
             await pool.wait_empty()
+            if pool.retired:
+                await pool.cleaned.wait()
 
     async def _cleanup_when_empty(self, pool: VersionPool) -> None:
         await pool.wait_empty()
-        self._retired.discard(pool)
         await pool.cleanup()
+        self._retired.discard(pool)  # after: `wait_stopped` finds the pool until its files are gone
 
     def statistics(self) -> RuntimeStatistics:
         pools = [*self._pools.values(), *self._retired]
@@ -189,7 +196,17 @@ async def open_deno_runtime(
     (default: the `runtimes.deno.function` logger with slug/version/execution_id/stream as `extra`)."""
     settings = settings or DenoSettings.model_validate({})
     bootstrap = Path(str(resources.files("runtimes.deno").joinpath("bootstrap.ts")))
-    await trio.to_thread.run_sync(lambda: settings.scratch_dir.mkdir(parents=True, exist_ok=True))
+    # One DENO_DIR for every process of this runtime, emptied at each start. Shared, the bootstrap is transpiled
+    # and compiled (V8's code cache) once, not once per version: a new version's first request comes ~10 ms
+    # sooner (docs/benchmarks.md, cold start). Functions can neither read nor write it (only Deno does), and
+    # Deno keys every entry by module URL and source hash; a version's emitted code goes with the version.
+    deno_dir = settings.scratch_dir.resolve() / DENO_DIR_NAME
+
+    def fresh_scratch() -> None:
+        shutil.rmtree(deno_dir, ignore_errors=True)
+        deno_dir.mkdir(parents=True)
+
+    await trio.to_thread.run_sync(fresh_scratch)
     socket_dir = Path(await trio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="mbwd-", dir="/tmp")))
     spawner = Spawner()
     try:
@@ -200,6 +217,7 @@ async def open_deno_runtime(
                 deno_bin=settings.deno_bin,
                 bootstrap=bootstrap,
                 scratch_dir=settings.scratch_dir.resolve(),
+                deno_dir=deno_dir,
                 socket_dir=socket_dir,
                 stop_grace_s=settings.stop_grace_s,
                 on_log=on_log or _default_on_log,

@@ -179,7 +179,7 @@ class VersionPaths:
 
     base: Path
     deno_dir: Path
-    """DENO_DIR shared by this version's processes: starts empty, holds only transpiled code of the bundle."""
+    """The runtime's DENO_DIR, shared by every version (`Shared.deno_dir`): transpiled and compiled code only."""
     tmp: Path
     """The function's writable temp dir (TMPDIR); FunctionVersion.scratch_dir if given."""
     import_map: Path

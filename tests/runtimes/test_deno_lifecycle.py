@@ -15,6 +15,8 @@ from pathlib import Path
 import trio
 import trio.testing
 
+from runtimes.deno.pool import emitted_dir
+from runtimes.deno.runtime import DENO_DIR_NAME
 from tests.runtimes.test_deno_support import (
     call,
     call_json,
@@ -120,6 +122,29 @@ async def test_redeploy_rolls_over_to_the_new_version(tmp_path: Path) -> None:
         with trio.fail_after(10):
             await rt.wait_stopped(v1)
         assert rt.statistics().versions == 1
+        assert (await call(rt, v2, "GET", "/fn"))[2] == b"v2"
+
+
+async def test_versions_share_one_deno_dir_and_take_their_code_with_them(tmp_path: Path) -> None:
+    """One DENO_DIR for the runtime (the bootstrap is compiled once, not per version), emptied at start; a
+    retired version's transpiled code leaves with it, the others' stays."""
+    deno_dir = tmp_path / "scratch" / DENO_DIR_NAME
+    deno_dir.mkdir(parents=True)
+    (deno_dir / "left-from-last-run").write_text("x")
+    v1 = version(write_fn(tmp_path, 'Deno.serve(() => new Response("v1"));', name="v1"), ver=1)
+    v2 = version(write_fn(tmp_path, 'Deno.serve(() => new Response("v2"));', name="v2"), ver=2)
+    async with deno_runtime(tmp_path) as rt:
+        assert not (deno_dir / "left-from-last-run").exists()
+        assert (await call(rt, v1, "GET", "/fn"))[2] == b"v1"
+        assert (await call(rt, v2, "GET", "/fn"))[2] == b"v2"
+        emitted = {v.version: emitted_dir(deno_dir, v.bundle_dir) for v in (v1, v2)}
+        assert (emitted[1] / "index.ts.js").is_file()
+        assert (emitted[2] / "index.ts.js").is_file()
+        await rt.retire(v1)
+        with trio.fail_after(10):
+            await rt.wait_stopped(v1)  # for a retired version: until its files are gone too
+        assert not emitted[1].exists()
+        assert (emitted[2] / "index.ts.js").is_file()
         assert (await call(rt, v2, "GET", "/fn"))[2] == b"v2"
 
 
