@@ -7,8 +7,10 @@ What it does (loopback only, temp data dir, free ports; stops by itself, ~2 minu
    `--no-verify-jwt`, and a tree holding `hellojwt` (same code, JWT gate on: the default), `cached`
    (`[cache] ttl = "60s"`) and `cold0..N` (never requested before the cold-start phase). Every function is
    limited to ONE Deno process (`[limits] max_processes = 1`), so "× Deno direct" compares one process to one.
-2. Starts the references: bench/floor_server.py (trio, canned response, no parsing) and the same handler under
-   `Deno.serve` in one `deno run` process. `mbworker /health` (the daemon answering a route of its own, no
+2. Starts the references: bench/floor_server.py (trio, canned response, no parsing), the same handler under
+   `Deno.serve` in one `deno run` process, and bench/forward_floor.py, plain and `--lean`: the floor that
+   forwards each read to one Deno child through the real bootstrap before answering — the shape DESIGN.md fixes
+   with none of the daemon's features. `mbworker /health` (the daemon answering a route of its own, no
    function, no cache) shows what the daemon's HTTP layer costs by itself.
 3. Drives each with the same load (bench/_load.py: wrk if installed, else a Python keep-alive client), in
    alternating rounds so background load hits all alike, and reports per-target medians over the rounds.
@@ -150,9 +152,11 @@ class Ready:
     """A reference server subprocess on a known port: the floor (`announced`, it prints `READY <port>`) or the
     direct Deno server (spawned by deno_direct.spawn_direct and polled until it answers)."""
 
-    def __init__(self, proc: subprocess.Popen[Any], port: int) -> None:
+    def __init__(self, proc: subprocess.Popen[Any], port: int, child_pids: list[int] | None = None) -> None:
         self.proc = proc
         self.port = port
+        self.child_pids = child_pids or []
+        """Pids it announced after its port (the forward floor's Deno child)."""
 
     @classmethod
     def announced(cls, cmd: list[str]) -> Ready:
@@ -162,7 +166,8 @@ class Ready:
         if not line.startswith("READY "):
             cls(proc, 0).stop()
             raise RuntimeError(f"{cmd[1]} did not start: {line!r}")
-        return cls(proc, int(line.split()[1]))
+        _, port, *pids = line.split()
+        return cls(proc, int(port), [int(p) for p in pids])
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -283,6 +288,10 @@ def main() -> None:
 
             floor = Ready.announced([sys.executable, str(HERE / "floor_server.py"), "--port", "0"])
             refs.append(floor)
+            forward = Ready.announced([sys.executable, str(HERE / "forward_floor.py"), "--port", "0"])
+            refs.append(forward)
+            lean = Ready.announced([sys.executable, str(HERE / "forward_floor.py"), "--port", "0", "--lean"])
+            refs.append(lean)
             direct_port = free_port()
             direct = Ready(spawn_direct(work, direct_port, work / "deno-direct"), direct_port)
             refs.append(direct)
@@ -293,6 +302,9 @@ def main() -> None:
             targets = [
                 Target("trio floor (no parsing)", floor.port, cpu_pids=lambda: [floor.proc.pid]),
                 Target("Deno.serve direct", direct_port, cpu_pids=lambda: [direct.proc.pid]),
+                Target("forward floor, plain", forward.port, "/", (), lambda: [forward.proc.pid],
+                       lambda: forward.child_pids),
+                Target("forward floor, lean", lean.port, "/", (), lambda: [lean.proc.pid], lambda: lean.child_pids),
                 Target("mbworker hello", daemon.port, "/functions/v1/hello", (), lambda: me, kids),
                 Target("mbworker hello + JWT", daemon.port, "/functions/v1/hellojwt", auth, lambda: me, kids),
                 Target("mbworker cache hit", daemon.port, "/functions/v1/cached", (), lambda: me, kids),
@@ -312,7 +324,7 @@ def main() -> None:
                 r.stop()
             daemon.stop()
 
-    floor_t, direct_t, hello_t, jwt_t, hit_t, _health_t = targets
+    floor_t, direct_t, _plain_t, lean_t, hello_t, jwt_t, hit_t, _health_t = targets
     tool = floor_t.rounds[0][0].tool
     print(
         f"function path through `mbworker serve` — {os.cpu_count()} CPUs, load: {tool}, {args.connections} keep-alive"
@@ -323,7 +335,7 @@ def main() -> None:
         f" {'× floor CPU':>12} {'× floor req/s':>14} {'× direct req/s':>15} {'errors':>7}"
     )
     for t in targets:
-        deno = f"{t.side:12.1f}" if t.name.startswith("mbworker") else f"{'':>12}"
+        deno = f"{t.side:12.1f}" if t.name.startswith(("mbworker", "forward")) else f"{'':>12}"
         errors = sum(r[0].errors for r in t.rounds)
         print(
             f"{t.name:<24} {t.rps:8.0f} {t.med(lambda r: r[0].p50_ms):7.2f} {t.med(lambda r: r[0].p99_ms):7.2f}"
@@ -347,6 +359,10 @@ def main() -> None:
     for name, value, goal, op in verdict:
         ok = value <= goal if op == "≤" else value >= goal
         print(f"  {'met ' if ok else 'MISS'}  {name}: {value:.2f}×")
+    print(
+        f"  the shape alone (lean forward floor): {lean_t.cpu / floor_t.cpu:.2f}× floor CPU,"
+        f" {lean_t.rps / direct_t.rps:.2f}× direct req/s; mbworker hello = {hello_t.cpu / lean_t.cpu:.2f}× its CPU"
+    )
     for t in targets:
         print(f"  {t.name} by round: req/s " + " ".join(f"{r[0].rps:.0f}" for r in t.rounds) + "; CPU µs/req "
               + " ".join(f"{r[1]:.1f}" for r in t.rounds))  # fmt: skip

@@ -1,0 +1,173 @@
+"""The floor of forwarding through Deno on trio: what issue 2's shape costs before any feature is added.
+
+    python bench/forward_floor.py --port 8080     # prints "READY <port>" once listening and Deno is up
+
+Like bench/floor_server.py (accept, read, answer every read with a canned response, no parsing), but every read
+is forwarded first: one `q` frame (runtimes/deno/protocol.py) to ONE Deno child running the real bootstrap.ts
+with a hello function, and the canned answer goes out only when the child's response head frame comes back.
+What it leaves out is everything the daemon adds: HTTP parsing, routing, JWT, cache, metrics, limits, headers
+and bodies, error handling. What it keeps is the shape DESIGN.md fixes: trio, one task per connection, frames
+on the child's stdin/stdout multiplexed by request id, the connection's task parked until its response.
+
+Two ways to write it: the plain one (each frame goes out with `send_all` under a lock, each parked task waits
+on a `trio.Event`) and `--lean`, with the daemon's own tricks: frames queued during one scheduler pass go out
+in one `write` just before trio polls (an instrument), and a parked task is rescheduled directly, no Event.
+Only correct for one-request-per-read clients (wrk, bench/_load.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from runtimes.deno.runtime import _default_deno_bin  # noqa: E402
+
+CANNED = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nhello"
+HELLO = 'Deno.serve(() => new Response("hello", { headers: { "content-type": "text/plain" } }));\n'
+_PREFIX = struct.Struct(">II")
+
+
+class Child:
+    """The Deno child and the requests waiting on it (request id → Event, set when its head frame arrives)."""
+
+    def __init__(self, proc: trio.Process, *, lean: bool) -> None:
+        self.lean = lean
+        self.queued = bytearray()
+        self.parked: dict[int, trio.lowlevel.Task] = {}
+        self.proc = proc
+        assert isinstance(proc.stdin, trio.lowlevel.FdStream)  # pipes on Unix: --lean writes to its fd
+        assert proc.stdout is not None
+        self.stdin = proc.stdin
+        self.stdout = proc.stdout
+        self.waiting: dict[int, trio.Event] = {}
+        self.next_id = 1
+        self.ready = trio.Event()
+        self.lock = trio.Lock()
+
+    async def forward(self) -> None:
+        rid = self.next_id
+        self.next_id += 1
+        j = f'{{"t":"q","i":{rid},"m":"GET","u":"http://localhost/hello","h":[],"e":1}}'.encode()
+        if self.lean:
+            self.queued += _PREFIX.pack(len(j), 0) + j
+            self.parked[rid] = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+            return
+        done = self.waiting[rid] = trio.Event()
+        async with self.lock:  # frames stay whole on the pipe
+            await self.stdin.send_all(_PREFIX.pack(len(j), 0) + j)
+        await done.wait()
+
+    async def read_frames(self) -> None:
+        buf = bytearray()
+        while True:
+            data = await self.stdout.receive_some(256 * 1024)
+            if not data:
+                return
+            buf += data
+            pos = 0
+            while len(buf) - pos >= 8:
+                jlen, blen = _PREFIX.unpack_from(buf, pos)
+                end = pos + 8 + jlen + blen
+                if end > len(buf):
+                    break
+                head = json.loads(buf[pos + 8 : pos + 8 + jlen])
+                pos = end
+                if head["t"] == "r":
+                    self.ready.set()
+                elif head["t"] in ("h", "f"):
+                    if self.lean:
+                        trio.lowlevel.reschedule(self.parked.pop(head["i"]))
+                    else:
+                        self.waiting.pop(head["i"]).set()
+            del buf[:pos]
+
+
+class _FlushEachPass(trio.abc.Instrument):
+    """--lean: writes what tasks queued for the child's stdin during one scheduler pass, in one syscall."""
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+        self.fd = child.stdin.fileno()
+
+    def before_io_wait(self, timeout: float) -> None:
+        q = self.child.queued
+        if q:
+            n = os.write(self.fd, q)  # a hello request is ~80 bytes: the pipe's 64 KiB never fills here
+            del q[:n]
+
+
+async def serve_forward_floor(host: str, port: int, lean: bool) -> None:
+    with tempfile.TemporaryDirectory(prefix="mbw-forward-floor-") as tmp:
+        entry = Path(tmp) / "index.ts"
+        entry.write_text(HELLO)
+        argv = [
+            _default_deno_bin(),
+            "run",
+            "--no-remote",
+            "--no-prompt",
+            "--no-config",
+            "--no-lock",
+            "--allow-env",
+            f"--allow-read={tmp}",
+            str(ROOT / "runtimes" / "deno" / "bootstrap.ts"),
+            entry.as_uri(),
+            "",
+            "",
+        ]
+        env = {"DENO_DIR": str(Path(tmp) / "deno"), "NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1"}
+        async with trio.open_nursery() as nursery:
+            proc = await trio.lowlevel.open_process(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=tmp
+            )
+            child = Child(proc, lean=lean)
+            if lean:
+                os.set_blocking(child.stdin.fileno(), False)
+                trio.lowlevel.add_instrument(_FlushEachPass(child))
+            nursery.start_soon(child.read_frames)
+            with trio.fail_after(30):
+                await child.ready.wait()
+
+            async def handle(stream: trio.SocketStream) -> None:
+                try:
+                    while True:
+                        data = await stream.receive_some(65536)
+                        if not data:
+                            return
+                        await child.forward()
+                        await stream.send_all(CANNED)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+
+            listeners = await trio.open_tcp_listeners(port, host=host)
+            print(f"READY {listeners[0].socket.getsockname()[1]} {proc.pid}", flush=True)
+            try:
+                await trio.serve_listeners(handle, listeners)
+            finally:  # killed outright (bench/functions.py does), Deno exits on its own: its stdin closes
+                proc.kill()
+                with trio.CancelScope(shield=True):
+                    await proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--lean", action="store_true", help="batch stdin writes per pass, park tasks directly")
+    args = parser.parse_args()
+    trio.run(serve_forward_floor, args.host, args.port, args.lean)
+
+
+if __name__ == "__main__":
+    main()
