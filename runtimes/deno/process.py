@@ -24,7 +24,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import trio
@@ -84,7 +83,7 @@ class _Request:
     cpu_start: float | None = None
     """Process CPU (ms) at the monitor's first sample after the request started (it wakes for new requests)."""
     head_ready: bool = False
-    """The head came, or the request failed or timed out: `_begin` stops waiting."""
+    """The head came, or the request failed or timed out: `begin` stops waiting."""
     status: int = 0
     headers: Headers = field(default_factory=list)
     chunks: collections.deque[bytes] = field(default_factory=collections.deque)
@@ -120,32 +119,6 @@ class _Request:
     def _abort(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self.parked = None
         return trio.lowlevel.Abort.SUCCEEDED
-
-
-class _Served:
-    """`DenoProcess.request`'s context manager (a class: an @asynccontextmanager costs an async generator per
-    request on the daemon's hottest path)."""
-
-    __slots__ = ("_inv", "_proc", "_r")
-
-    def __init__(self, proc: DenoProcess, inv: Invocation) -> None:
-        self._proc = proc
-        self._inv = inv
-        rid = proc._next_rid
-        proc._next_rid = rid + 1
-        self._r = _Request(rid)
-
-    async def __aenter__(self) -> InvocationResult:
-        try:
-            return await self._proc._begin(self._r, self._inv)
-        except BaseException:
-            await self._proc._end(self._r)
-            raise
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self._proc._end(self._r)
 
 
 class DenoProcess:
@@ -622,13 +595,16 @@ class DenoProcess:
             return ResourceLimit(cause, output=self.output_tail())
         return WorkerError(output=self.output_tail())
 
-    def request(self, inv: Invocation) -> _Served:
-        """Serve one request on this process: `async with proc.request(inv) as result:`. The caller has reserved
-        a slot (`load`) and releases it."""
-        return _Served(self, inv)
+    def new_request(self) -> _Request:
+        """One request on this process: then `await begin(r, inv)`, and `await end(r)` however it went. The caller
+        has reserved a slot (`load`) and releases it. (Methods, not a context manager object: each layer of those
+        costs on the daemon's hottest path; `DenoRuntime.invoke` is the context manager.)"""
+        rid = self._next_rid
+        self._next_rid = rid + 1
+        return _Request(rid)
 
-    async def _begin(self, r: _Request, inv: Invocation) -> InvocationResult:
-        """Send the request and wait for its response head (the `_Served.__aenter__` half)."""
+    async def begin(self, r: _Request, inv: Invocation) -> InvocationResult:
+        """Send the request and wait for its response head."""
         if self.dead.is_set():  # nothing would answer (or time out) a request registered now
             raise self._death_error()
         rid = r.rid
@@ -660,8 +636,8 @@ class DenoProcess:
             raise IdleTimeout()
         return InvocationResult(r.status, r.headers, _Body(self, r), _complete(r, self.limits.max_response_bytes))
 
-    async def _end(self, r: _Request) -> None:
-        """Clean up after one request, however it went (the `_Served.__aexit__` half)."""
+    async def end(self, r: _Request) -> None:
+        """Clean up after one request, however it went (cancels it in the function if it is still running)."""
         if r.pump_scope is not None:
             r.pump_scope.cancel()
         rid = r.rid

@@ -84,7 +84,7 @@ class _Invoke:
     """`DenoRuntime.invoke`'s context manager: a slot on a process of the version, the request on it, the slot
     back. A class: an @asynccontextmanager costs an async generator per request on the daemon's hottest path."""
 
-    __slots__ = ("_fn", "_invocation", "_pool", "_proc", "_runtime", "_served")
+    __slots__ = ("_fn", "_invocation", "_pool", "_proc", "_request", "_runtime")
 
     def __init__(self, runtime: DenoRuntime, fn: FunctionVersion, invocation: Invocation) -> None:
         self._runtime = runtime
@@ -94,11 +94,14 @@ class _Invoke:
     async def __aenter__(self) -> InvocationResult:
         self._pool = pool = self._runtime._pool(self._fn)
         self._proc = proc = await pool.acquire()
-        self._served = served = proc.request(self._invocation)
+        self._request = request = proc.new_request()
         try:
-            return await served.__aenter__()
+            return await proc.begin(request, self._invocation)
         except BaseException:
-            pool.release(proc, ok=False)
+            try:
+                await proc.end(request)
+            finally:
+                pool.release(proc, ok=False)
             raise
 
     async def __aexit__(
@@ -106,7 +109,7 @@ class _Invoke:
     ) -> None:
         ok = False
         try:
-            await self._served.__aexit__(exc_type, exc, tb)
+            await self._proc.end(self._request)
             ok = exc_type is None
         finally:
             self._pool.release(self._proc, ok=ok)
