@@ -7,7 +7,7 @@ to the DeploymentStore; runtimes only read it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +20,8 @@ Headers = list[tuple[bytes, bytes]]
 
 BodyStream = AsyncIterator[bytes]
 """A body as chunks. Consumed once; an empty body yields nothing."""
+RequestBodyStream = AsyncIterable[bytes]
+"""A request body as chunks, read with `async for` (e.g. the HTTP server's body itself). Consumed once."""
 
 
 async def empty_body() -> AsyncIterator[bytes]:
@@ -63,7 +65,7 @@ class Invocation:
     target: str
     """Path and query as the function sees them: `/<slug>/<rest>?<query>`."""
     headers: Headers
-    body: BodyStream
+    body: RequestBodyStream
     request_id: str
     url: str = ""
     """The full URL the client used (for `Request.url` in Deno and `X_FULL_URL` in WAGI)."""

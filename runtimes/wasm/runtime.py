@@ -8,7 +8,7 @@ objects explicitly. Callers own nothing wasmtime-related: `invoke` yields a full
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -112,7 +112,7 @@ def outcome_to_response(outcome: CallOutcome, limits: Limits, *, cpu_deadline: b
     return response
 
 
-async def _read_body(body: AsyncIterator[bytes], limit: int) -> bytes:
+async def _read_body(body: AsyncIterable[bytes], limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in body:
