@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 
 from runtimes import FunctionRuntimeError, FunctionVersion, Invocation, InvocationResult, Runtime, WorkerError
@@ -63,10 +63,11 @@ class ActiveFunction:
     fn: FunctionVersion
     verify_jwt: bool = True
     cache: FunctionCacheConfig = DEFAULT_FUNCTION_CACHE
+    version_header: tuple[bytes, bytes] = field(init=False)
+    """`x-mbworker-version` for every response of this version (built once, not per response)."""
 
-    @property
-    def version_header(self) -> tuple[bytes, bytes]:
-        return (b"x-mbworker-version", str(self.fn.version).encode())
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "version_header", (b"x-mbworker-version", str(self.fn.version).encode()))
 
 
 class FunctionTable:
@@ -186,15 +187,16 @@ class FunctionsFrontDoor:
             # Built only when the function runs: a cache hit never pays for headers, ids and URLs.
             nonlocal invocation
             target = f"/{slug}{rest}" + (f"?{request.query}" if request.query else "")
+            headers, host, request_id = forwarded_headers(request)
             invocation = Invocation(
                 method=request.method,
                 target=target,
-                headers=forwarded_headers(request),
+                headers=headers,
                 # A declared length is enforced by the HTTP parser (and checked above); only a chunked body needs
                 # counting. A GET has neither: no generator to make.
                 body=request.body if sized or request.method in _BODYLESS else _limited(request.body, limit),
-                request_id=(request.header(b"x-request-id") or b"").decode("latin-1") or _new_request_id(),
-                url=f"{request.scheme}://{request.host}{target}",
+                request_id=request_id.decode("latin-1") if request_id else _new_request_id(),
+                url=f"{request.scheme}://{host}{target}",
             )
             return _Shaped(runtime.invoke(fn, invocation), active)
 
@@ -286,17 +288,41 @@ async def _capped(body: AsyncIterator[bytes], cap: int) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def forwarded_headers(request: HttpRequest) -> Headers:
-    """The request headers a function sees: hop-by-hop removed, x-forwarded-* added when a proxy didn't."""
-    headers = [(k, v) for k, v in request.headers if k not in HOP_BY_HOP]
-    names = {k for k, _ in headers}
-    if b"x-forwarded-for" not in names and request.client:
+def forwarded_headers(request: HttpRequest) -> tuple[Headers, str, bytes | None]:
+    """The request headers a function sees — hop-by-hop removed, x-forwarded-* added when a proxy didn't — with
+    the request's host (for its URL) and x-request-id, found in the same pass over the headers."""
+    headers: Headers = []
+    host: bytes | None = None
+    request_id: bytes | None = None
+    forwarded_for = forwarded_proto = forwarded_host = False
+    for k, v in request.headers:
+        if k in HOP_BY_HOP:
+            continue
+        headers.append((k, v))
+        if k[0] not in _MARKED:  # most names need none of the checks below
+            continue
+        if k == b"host":
+            host = host or v
+        elif k == b"x-request-id":
+            request_id = request_id or v
+        elif k == b"x-forwarded-for":
+            forwarded_for = True
+        elif k == b"x-forwarded-proto":
+            forwarded_proto = True
+        elif k == b"x-forwarded-host":
+            forwarded_host = True
+    host_text = host.decode("latin-1") if host else "localhost"
+    if not forwarded_for and request.client:
         headers.append((b"x-forwarded-for", request.client[0].encode()))
-    if b"x-forwarded-proto" not in names:
+    if not forwarded_proto:
         headers.append((b"x-forwarded-proto", request.scheme.encode()))
-    if b"x-forwarded-host" not in names:
-        headers.append((b"x-forwarded-host", request.host.encode("latin-1")))
-    return headers
+    if not forwarded_host:
+        headers.append((b"x-forwarded-host", host_text.encode("latin-1")))
+    return headers, host_text, request_id
+
+
+_MARKED = frozenset(b"hx")
+"""First bytes of the header names `forwarded_headers` looks at (host, x-request-id, x-forwarded-*)."""
 
 
 async def _limited(body: RequestBody, limit: int) -> AsyncIterator[bytes]:

@@ -6,13 +6,17 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import trio
 
+from runtimes.api import empty_body
 from tests.daemon.fixtures import write_function
 from tests.worker_process import RunningWorker, run_worker, stop_worker
+from worker.functions import forwarded_headers
+from worker.http.types import HttpRequest
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "functions"
@@ -71,7 +75,7 @@ async def test_function_sees_its_path_and_env_only(
 ) -> None:
     source = """
     Deno.serve((req) => Response.json({
-      url: req.url, method: req.method, env: Deno.env.toObject(),
+      url: req.url, method: req.method, env: Deno.env.toObject(), headers: Object.fromEntries(req.headers),
     }));
     """
     fn = write_function(tmp_path, "envy", source, toml='[env]\nMY_SECRET = "s3cret"\n')
@@ -80,10 +84,18 @@ async def test_function_sees_its_path_and_env_only(
     env_file.write_text("FROM_FILE=yes\n")
     await worker.deploy(fn, "--env-file", str(env_file))
     await worker.deploy(other)
-    r = await http.get(f"{worker.public_url}/functions/v1/envy/a/b?x=1&y=2", headers=worker.auth())
+    r = await http.get(
+        f"{worker.public_url}/functions/v1/envy/a/b?x=1&y=2",
+        headers={**worker.auth(), "x-request-id": "req-42", "connection": "keep-alive", "x-custom": "kept"},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["url"].endswith("/envy/a/b?x=1&y=2")
+    host = worker.public_url.removeprefix("http://")
+    assert body["url"] == f"http://{host}/envy/a/b?x=1&y=2"
+    seen = body["headers"]
+    assert (seen["x-custom"], seen["x-request-id"], seen["host"]) == ("kept", "req-42", host)
+    assert (seen["x-forwarded-for"], seen["x-forwarded-proto"], seen["x-forwarded-host"]) == ("127.0.0.1", "http", host)
+    assert "connection" not in seen  # hop-by-hop: the connection's business, not the function's
     env = body["env"]
     assert env["MY_SECRET"] == "s3cret"
     assert env["FROM_FILE"] == "yes"
@@ -359,3 +371,28 @@ async def test_json_logs_carry_function_labels(worker: RunningWorker, http: http
     assert entry["function"] == "chatty"
     assert entry["version"] == 1
     assert entry["execution_id"]
+
+
+class EmptyBody:
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return empty_body()
+
+    async def read_all(self, limit: int) -> bytes:
+        return b""
+
+
+def test_forwarded_headers_keep_what_a_proxy_set() -> None:
+    """Behind a proxy the x-forwarded-* it set reach the function unchanged (and are not added twice); without a
+    Host header the URL's host is `localhost`."""
+    headers = [
+        (b"x-forwarded-for", b"203.0.113.7"),
+        (b"x-forwarded-proto", b"https"),
+        (b"x-forwarded-host", b"api.example.com"),
+        (b"transfer-encoding", b"chunked"),
+        (b"accept", b"*/*"),
+    ]
+    body = EmptyBody()
+    request = HttpRequest("POST", "/functions/v1/f", "/functions/v1/f", "", headers, body, ("10.0.0.2", 5000))
+    seen, host, request_id = forwarded_headers(request)
+    assert seen == [h for h in headers if h[0] != b"transfer-encoding"]
+    assert (host, request_id) == ("localhost", None)
