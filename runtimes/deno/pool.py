@@ -6,6 +6,7 @@ tasks run in the runtime's nursery (`Shared.nursery`). The runtime (runtime.py) 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections import Counter
@@ -94,7 +95,7 @@ class VersionPool:
         Raises BootError if a needed boot fails, WorkerBusy after queue_timeout_s without a free slot.
         """
         lim = self.fn.limits
-        deadline = trio.current_time() + lim.queue_timeout_s
+        deadline = math.inf  # set on the first wait: a free slot (the usual case) needs no clock read
         while True:
             best: DenoProcess | None = None
             for p in self.processes:
@@ -103,6 +104,8 @@ class VersionPool:
             if best is not None:
                 best.load += 1
                 return best
+            if deadline == math.inf:
+                deadline = trio.current_time() + lim.queue_timeout_s
             if len(self.processes) + self._booting < self.max_processes:
                 proc = await self._boot(deadline)
                 proc.load += 1

@@ -45,7 +45,7 @@ MAX_JSON = 1 << 20
 
 _PREFIX = struct.Struct(">II")
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
-_loads = json.JSONDecoder().decode
+_raw_decode = json.JSONDecoder().raw_decode  # `decode` adds two whitespace regex matches per call
 _quote = encode_basestring_ascii
 
 
@@ -92,9 +92,12 @@ class FrameDecoder:
             if end > n:
                 break
             try:
-                head = _loads(buf[pos + 8 : pos + 8 + jlen].decode())
+                text = buf[pos + 8 : pos + 8 + jlen].decode()
+                head, used = _raw_decode(text)
             except (UnicodeDecodeError, ValueError) as exc:
                 raise ProtocolError("frame head is not JSON: stdout corrupted?") from exc
+            if used != len(text) and text[used:].strip():
+                raise ProtocolError("frame head is not JSON: stdout corrupted?")
             if not isinstance(head, dict):
                 raise ProtocolError("frame head is not an object")
             out.append((head, bytes(buf[pos + 8 + jlen : end])))

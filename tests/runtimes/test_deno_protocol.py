@@ -39,6 +39,12 @@ def test_corrupt_stream_is_detected(garbage: bytes) -> None:
         protocol.FrameDecoder().feed(garbage + b"\x00" * 64)
 
 
+@pytest.mark.parametrize("head", [b'{"t":"r"}x', b'{"t":"r"} {}', b'["t","r"]', b'{"t":"r"'])
+def test_frame_head_must_be_one_json_object(head: bytes) -> None:
+    with pytest.raises(protocol.ProtocolError):
+        protocol.FrameDecoder().feed(struct.pack(">II", len(head), 0) + head)
+
+
 def test_public_names() -> None:
     import runtimes.deno
 
