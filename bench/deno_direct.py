@@ -11,7 +11,9 @@ Same function everywhere: `() => new Response("ok")`.
   per request: the daemon-side cost of forwarding one request (framing, pipes, trio), the figure DESIGN.md
   budgets at ~50–65 µs.
 - Cold start: the first invoke of a never-run version (spawn, bootstrap, import, first response) vs a bare
-  `deno run` of the direct server from spawn to its first HTTP response; both with an empty DENO_DIR.
+  `deno run` of the direct server from spawn to its first HTTP response with an empty DENO_DIR. The runtime's
+  DENO_DIR is its own, shared by its versions: the bootstrap is compiled by the first of them, as in a daemon
+  that has served any function since it started.
 
 Ratios are from one run on one machine; absolute numbers drift, ratios hold better.
 """
@@ -114,7 +116,7 @@ def fn_version(work: Path, version: int) -> FunctionVersion:
 async def bench_invoke(work: Path, seconds: float, clients: int, cold_rounds: int) -> dict[str, float]:
     settings = DenoSettings(deno_bin=deno_bin(), scratch_dir=work / "scratch")
     async with open_deno_runtime(settings, on_log=lambda *a: None) as rt:
-        # cold starts: a never-run version each round (fresh DENO_DIR, like the direct runs)
+        # cold starts: a never-run version each round (its bundle never transpiled; the runtime's DENO_DIR)
         cold = []
         for i in range(cold_rounds):
             fn = fn_version(work, 100 + i)
