@@ -191,8 +191,8 @@ class DenoProcess:
         return self.ready and not self.retiring and not self.dead.is_set()
 
     def _event_extra(self, **more: object) -> dict[str, object]:
-        return {
-            "slug": self.fn.slug,
+        return {  # the daemon's log label for a function is `function` (docs/operations.md, "Logs")
+            "function": self.fn.slug,
             "version": self.fn.version,
             "execution_id": self.execution_id,
             "pid": self.pid,

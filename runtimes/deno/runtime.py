@@ -76,7 +76,7 @@ class DenoSettings(BaseModel):
 
 def _default_on_log(fn: FunctionVersion, execution_id: str, stream: str, line: str) -> None:
     fn_log.info(
-        "%s", line, extra={"slug": fn.slug, "version": fn.version, "execution_id": execution_id, "stream": stream}
+        "%s", line, extra={"function": fn.slug, "version": fn.version, "execution_id": execution_id, "stream": stream}
     )
 
 
