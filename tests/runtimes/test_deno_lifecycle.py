@@ -126,8 +126,8 @@ async def test_redeploy_rolls_over_to_the_new_version(tmp_path: Path) -> None:
 
 
 async def test_versions_share_one_deno_dir_and_take_their_code_with_them(tmp_path: Path) -> None:
-    """One DENO_DIR for the runtime (the bootstrap is compiled once, not per version), emptied at start; a
-    retired version's transpiled code leaves with it, the others' stays."""
+    """One DENO_DIR for the runtime, emptied at start, where the bootstrap is compiled once before the runtime
+    serves (not per version); a retired version's transpiled code leaves with it, the others' stays."""
     deno_dir = tmp_path / "scratch" / DENO_DIR_NAME
     deno_dir.mkdir(parents=True)
     (deno_dir / "left-from-last-run").write_text("x")
@@ -135,6 +135,10 @@ async def test_versions_share_one_deno_dir_and_take_their_code_with_them(tmp_pat
     v2 = version(write_fn(tmp_path, 'Deno.serve(() => new Response("v2"));', name="v2"), ver=2)
     async with deno_runtime(tmp_path) as rt:
         assert not (deno_dir / "left-from-last-run").exists()
+        # compiled at start by a throwaway process, which left nothing else behind and counts as no cold start
+        assert (emitted_dir(deno_dir, ROOT / "runtimes" / "deno") / "bootstrap.ts.js").is_file()
+        assert [p.name for p in (tmp_path / "scratch").iterdir()] == [DENO_DIR_NAME]
+        assert (rt.statistics().processes, rt.statistics().cold_starts) == (0, 0)
         assert (await call(rt, v1, "GET", "/fn"))[2] == b"v1"
         assert (await call(rt, v2, "GET", "/fn"))[2] == b"v2"
         emitted = {v.version: emitted_dir(deno_dir, v.bundle_dir) for v in (v1, v2)}
