@@ -16,6 +16,7 @@ from pathlib import Path
 import trio
 
 from runtimes.api import FunctionVersion
+from runtimes.deno.broadcast import Broadcast
 from runtimes.deno.importmap import write_import_map
 from runtimes.deno.permissions import NetPolicy
 from runtimes.deno.process import DenoProcess, OnLog
@@ -59,11 +60,10 @@ class VersionPool:
         self._shared = shared
         self.processes: list[DenoProcess] = []
         self._booting = 0
-        self._changed = trio.Event()
+        self._changed = Broadcast()
+        """A slot freed, a process came or went (notified once per request, by `release`)."""
         self.cleaned = trio.Event()
         """Set once `cleanup` removed the version's files."""
-        self._watchers = 0
-        """Tasks waiting on `_changed`: with none, `_notify` (once per request, from `release`) costs nothing."""
         self._paths: VersionPaths | None = None
         self._prepare_lock = trio.Lock()
         self.retired = False
@@ -75,19 +75,6 @@ class VersionPool:
         self.max_processes = max(1, limit)
 
     # ------------------------------------------------------------------ capacity
-
-    def _notify(self) -> None:
-        if self._watchers:
-            self._changed.set()
-            self._changed = trio.Event()
-
-    async def _wait_changed(self) -> None:
-        """Until the next `_notify` (a slot freed, a process came or went)."""
-        self._watchers += 1
-        try:
-            await self._changed.wait()
-        finally:
-            self._watchers -= 1
 
     async def acquire(self) -> DenoProcess:
         """A ready process with a slot reserved for the caller (release with `release`).
@@ -111,7 +98,7 @@ class VersionPool:
                 proc.load += 1
                 return proc
             with trio.move_on_at(deadline):
-                await self._wait_changed()
+                await self._changed.wait()
                 continue
             raise WorkerBusy()
 
@@ -121,7 +108,7 @@ class VersionPool:
             self._crash_streak = 0
         if proc.retiring and proc.load == 0:
             self._stop_soon(proc, proc.stop_reason or "retired")
-        self._notify()
+        self._changed.notify()
 
     async def warm(self) -> None:
         if any(p.accepting for p in self.processes):
@@ -190,7 +177,7 @@ class VersionPool:
             return proc
         finally:
             self._booting -= 1
-            self._notify()
+            self._changed.notify()
 
     def _on_exit(self, proc: DenoProcess) -> None:
         if proc in self.processes:
@@ -199,12 +186,12 @@ class VersionPool:
                 self._shared.counters.limit_kills[proc.kill_cause] += 1
             elif proc.stop_reason is None and proc.kill_cause != "stopped":
                 self._crash_streak += 1  # exited on its own (Deno.exit, crash)
-        self._notify()
+        self._changed.notify()
 
     def _on_idle(self, proc: DenoProcess) -> None:
         if proc.load == 0:
             self._stop_soon(proc, proc.stop_reason or "idle")
-        self._notify()
+        self._changed.notify()
 
     def _stop_soon(self, proc: DenoProcess, reason: str) -> None:
         self._shared.nursery.start_soon(proc.stop, reason, self._shared.stop_grace_s)
@@ -219,7 +206,7 @@ class VersionPool:
             p.stop_reason = p.stop_reason or "retired"
             if p.load == 0:
                 self._stop_soon(p, "retired")
-        self._notify()
+        self._changed.notify()
 
     @property
     def live(self) -> bool:
@@ -227,7 +214,7 @@ class VersionPool:
 
     async def wait_empty(self) -> None:
         while self.live:
-            await self._wait_changed()
+            await self._changed.wait()
 
     async def cleanup(self) -> None:
         """Remove this version's scratch dir and its transpiled code in the shared DENO_DIR (after all its

@@ -30,6 +30,7 @@ import trio
 
 from runtimes.api import FunctionVersion, Headers, Invocation, InvocationResult
 from runtimes.deno import protocol
+from runtimes.deno.broadcast import Broadcast
 from runtimes.deno.permissions import NetPolicy
 from runtimes.deno.spawn import ChildProcess, Spawner, VersionPaths, build_argv, build_env
 from runtimes.errors import (
@@ -169,8 +170,7 @@ class DenoProcess:
         self._next_rid = 1
         self._wbuf = bytearray()  # frames the pipe had no room for; `_drain_stdin` writes them in order
         self._wwake = trio.Event()
-        self._wdrained = trio.Event()
-        self._drain_watchers = 0  # writers waiting on `_wdrained` (with none, a flush makes no new Event)
+        self._wdrained = Broadcast()  # `_wbuf` was written out (writers held back by WRITE_HIGH re-check it)
         self._wbroken = False
         self._stdin_fd = -1
         self._ready_event = trio.Event()
@@ -550,9 +550,8 @@ class DenoProcess:
         del self._wbuf[:n]
         if self._wbuf:
             self._wwake.set()
-        elif self._drain_watchers:
-            self._wdrained.set()
-            self._wdrained = trio.Event()
+        else:
+            self._wdrained.notify()
 
     async def _write(self, data: bytes) -> None:
         """Send one frame; waits only when a lot is queued (backpressure for request bodies)."""
@@ -561,11 +560,7 @@ class DenoProcess:
                 await self.dead.wait()
             raise self._death_error()
         while len(self._wbuf) > WRITE_HIGH and not self._wbroken:
-            self._drain_watchers += 1
-            try:
-                await self._wdrained.wait()
-            finally:
-                self._drain_watchers -= 1
+            await self._wdrained.wait()
 
     async def _drain_stdin(self) -> None:
         """Write `_wbuf`: what a full pipe did not take, and request heads batched by `_send_batched`."""
@@ -586,8 +581,7 @@ class DenoProcess:
                 del self._wbuf[:n]
                 if self._wbuf:
                     await trio.lowlevel.wait_writable(fd)
-            self._wdrained.set()
-            self._wdrained = trio.Event()
+            self._wdrained.notify()
 
     def _death_error(self) -> FunctionRuntimeError:
         cause = self.kill_cause
