@@ -299,8 +299,6 @@ def forwarded_headers(request: HttpRequest) -> tuple[Headers, str, bytes | None]
         if k in HOP_BY_HOP:
             continue
         headers.append((k, v))
-        if k[0] not in _MARKED:  # most names need none of the checks below
-            continue
         if k == b"host":
             host = host or v
         elif k == b"x-request-id":
@@ -319,10 +317,6 @@ def forwarded_headers(request: HttpRequest) -> tuple[Headers, str, bytes | None]
     if not forwarded_host:
         headers.append((b"x-forwarded-host", host_text.encode("latin-1")))
     return headers, host_text, request_id
-
-
-_MARKED = frozenset(b"hx")
-"""First bytes of the header names `forwarded_headers` looks at (host, x-request-id, x-forwarded-*)."""
 
 
 async def _limited(body: RequestBody, limit: int) -> AsyncIterator[bytes]:
