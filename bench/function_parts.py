@@ -24,7 +24,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -41,20 +40,12 @@ from runtimes.deno import DenoSettings, open_deno_runtime  # noqa: E402
 from runtimes.limits import Limits  # noqa: E402
 from worker.cache import CacheSettings, ResultCache  # noqa: E402
 from worker.functions import ActiveFunction, FunctionsFrontDoor, FunctionTable  # noqa: E402
-from worker.http.types import HttpRequest  # noqa: E402
+from worker.http.types import EmptyBody, HttpRequest  # noqa: E402
 from worker.jwt_gate import JwtGate  # noqa: E402
 from worker.metrics import Metrics  # noqa: E402
 
 FUNCTION = 'Deno.serve(() => new Response("hello", { headers: { "content-type": "text/plain" } }));\n'
 SECRET = "bench-secret-" + "x" * 32
-
-
-class _NoBody:
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return empty_body()
-
-    async def read_all(self, limit: int) -> bytes:
-        return b""
 
 
 class _Sink:
@@ -85,7 +76,7 @@ def _request(authorization: bytes | None) -> HttpRequest:
         path="/functions/v1/hello",
         query="",
         headers=headers,
-        body=_NoBody(),
+        body=EmptyBody(),
         client=("127.0.0.1", 50000),
     )
 

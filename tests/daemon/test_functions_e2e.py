@@ -6,17 +6,15 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import trio
 
-from runtimes.api import empty_body
 from tests.daemon.fixtures import write_function
 from tests.worker_process import RunningWorker, run_worker, stop_worker
 from worker.functions import forwarded_headers
-from worker.http.types import HttpRequest
+from worker.http.types import EmptyBody, HttpRequest
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "functions"
@@ -371,14 +369,6 @@ async def test_json_logs_carry_function_labels(worker: RunningWorker, http: http
     assert entry["function"] == "chatty"
     assert entry["version"] == 1
     assert entry["execution_id"]
-
-
-class EmptyBody:
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return empty_body()
-
-    async def read_all(self, limit: int) -> bytes:
-        return b""
 
 
 def test_forwarded_headers_keep_what_a_proxy_set() -> None:

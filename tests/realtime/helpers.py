@@ -18,7 +18,7 @@ import trio
 from websockets.trio.client import ClientConnection, connect
 
 from realtime import RealtimeService, RealtimeSettings, open_realtime
-from worker.http.types import HttpRequest
+from worker.http.types import EmptyBody, HttpRequest
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
 
@@ -31,18 +31,6 @@ def make_jwt(role: str = "anon", *, exp_in: float | None = 3600, secret: str = S
 
 
 ANON = make_jwt("anon", exp_in=10 * 365 * 86400)
-
-
-class _NoBody:
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._gen()
-
-    async def _gen(self) -> AsyncIterator[bytes]:
-        return
-        yield b""
-
-    async def read_all(self, limit: int) -> bytes:
-        return b""
 
 
 async def _front_door(service: RealtimeService, stream: trio.SocketStream) -> None:
@@ -60,7 +48,7 @@ async def _front_door(service: RealtimeService, stream: trio.SocketStream) -> No
     method, target, _ = head[0].split(" ")
     headers = [(k.strip().lower().encode(), v.strip().encode()) for k, v in (h.split(":", 1) for h in head[1:])]
     path, _, query = target.partition("?")
-    request = HttpRequest(method, target, path, query, headers, _NoBody())
+    request = HttpRequest(method, target, path, query, headers, EmptyBody())
     handler = service.websocket_handler(request)
     if handler is None:
         await stream.send_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")

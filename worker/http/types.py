@@ -27,6 +27,22 @@ class RequestBody(Protocol):
         ...
 
 
+class EmptyBody:
+    """A `RequestBody` with nothing in it, for requests built in code (tests, benchmarks) rather than read from a
+    connection."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _no_chunks()
+
+    async def read_all(self, limit: int) -> bytes:
+        return b""
+
+
+async def _no_chunks() -> AsyncIterator[bytes]:
+    return
+    yield b""  # pragma: no cover - makes this an async generator
+
+
 class BodyTooLarge(Exception):
     """The request body is larger than the limit the app set."""
 
