@@ -7,9 +7,10 @@ Why not wasmtime-py's classes here: per request they cost more CPU than the wasm
 - `Func.__call__` fetches and converts the function type, `Store.set_limits`/`WasiConfig` setters validate in
   Python, each wrapper allocates objects; here each step is one foreign call with plain-int arguments.
 - ctypes releases and re-takes the GIL around every foreign call of a `CDLL`. Calls that only do host work for a
-  few µs (store setup, teardown, memory lookups) go through a `PyDLL` handle of the same library, which keeps the
-  GIL: the trio thread waits at most those µs, and the call thread is not queued behind it ~15 times per request.
-  Only calls that run guest code (instantiate: the start section; the export call) release the GIL.
+  few µs (store setup, memory lookups) go through a `PyDLL` handle of the same library, which keeps the GIL: the
+  trio thread waits at most those µs, and the call thread is not queued behind it ~15 times per request. Calls
+  that run guest code (instantiate: the start section; the export call) and the Store's teardown, which grows
+  with the memory the guest touched, release the GIL.
 
 Everything here is synchronous. Pointers are plain ints (`c_void_p`); structs are wasmtime-py's ctypes types.
 Nothing here owns anything: `sandbox.py` pairs every create with its delete.
@@ -59,7 +60,9 @@ NO_FINALIZER = _FINALIZER()
 # -- store --
 store_new = _declare(_HOLDS_GIL, "wasmtime_store_new", _P, _P, _P, _FINALIZER)
 store_context = _declare(_HOLDS_GIL, "wasmtime_store_context", _P, _P)
-store_delete = _declare(_HOLDS_GIL, "wasmtime_store_delete", None, _P)
+store_delete = _declare(_RELEASES_GIL, "wasmtime_store_delete", None, _P)
+"""Releases the GIL: freeing a Store unmaps or resets every page the guest touched (~7 ms for 128 MiB), which
+must not stop the trio thread."""
 store_limiter = _declare(
     _HOLDS_GIL,
     "wasmtime_store_limiter",

@@ -351,7 +351,7 @@ class WasmRuntime:
 
             control = CallControl(limits.deadline_ticks)
             sync_wait_s = self._sync_wait_s
-            if version.async_calls > 0:
+            if sync_wait_s and version.async_calls > 0:
                 version.async_calls -= 1
                 sync_wait_s = 0.0
             call = functools.partial(
@@ -362,12 +362,13 @@ class WasmRuntime:
                 stdin=body,
                 limits=limits,
                 control=control,
+                measure_cpu=self._sync_wait_s > 0,
             )
             # On cancel the thread stops at the next epoch tick; `done` then frees its token and the module.
             outcome = await self._call_threads.run(
                 call, on_done=done, on_abandon=lambda: control.kill("cancelled"), sync_wait_s=sync_wait_s
             )
-            if outcome.cpu_s > self._sync_wait_s / 2:
+            if self._sync_wait_s and outcome.cpu_s > self._sync_wait_s / 2:
                 # Too slow to wait for (its own CPU time, not a wait stretched by other load): the next calls of
                 # this version let the loop run meanwhile; then waiting is tried again.
                 version.async_calls = ASYNC_STREAK

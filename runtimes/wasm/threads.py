@@ -88,7 +88,6 @@ class CallThreads:
     """
 
     def __init__(self, size: int) -> None:
-        self.size = size
         # A sync completion is one byte on a pipe: pipe writes wake their reader as a "sync" wake-up, which the
         # scheduler prefers to serve on the writer's CPU when the writer is about to block (a lock or queue
         # wake-up, a futex, went to the other CPU: measured ~25 µs more CPU per call on the 2-vCPU bench VM).
@@ -176,7 +175,7 @@ class CallThreads:
         sync_wait_s: float = 0.0,
     ) -> T:
         """Run `fn` in a thread and return its result (or raise its exception). The caller must hold one of
-        `size` slots for the call (there is then an idle thread).
+        the `size` slots it opened the threads with (there is then an idle thread).
 
         `on_done()` runs on the trio thread once `fn` has returned, also when the caller was cancelled meanwhile;
         it must not raise. If the caller is cancelled, `on_abandon()` runs at once (it should make `fn` stop
