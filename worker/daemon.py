@@ -158,22 +158,28 @@ async def serve_worker(
         )
         metrics.add_statistics(CACHE_STATS, lambda: functions.cache.statistics() if functions.cache else None)
 
-        async def purge_cache(slug: str | None) -> int:
-            """Drop cached results of `slug` (or all): this node's L1 and, in a cluster, the shared L2."""
-            if l2 is not None:
+        async def purge_cache(slug: str | None, shared: bool = True) -> int:
+            """Drop cached results of `slug` (or all): this node's L1 and, with `shared` in a cluster, the L2."""
+            if shared and l2 is not None:
                 for each in [slug] if slug else table.slugs():
                     await l2.purge_prefix(each)
             return functions.cache.purge(slug) if functions.cache is not None else 0
 
-        async def on_change(slug: str) -> None:
-            """A slug's live version changed: drop its cached results and follow it in metrics."""
-            await purge_cache(slug)
+        def follow(slug: str) -> None:
+            """Metrics and logs follow the slug's live version."""
             active = table.get(slug)
             if active is None:
                 metrics.forget_function(slug)
                 function_logs.forget(slug)
             else:
                 metrics.set_function_version(slug, active.fn.version)
+
+        async def on_change(slug: str, rolled_back: bool) -> None:
+            """A slug's live version changed on this node: drop its results from this node's L1 (they are keyed
+            by version: this only frees memory, unless an older version came back). The shared L2 is purged only
+            by the node that rolled back — every other change brings a version whose keys were never used."""
+            await purge_cache(slug, shared=rolled_back)
+            follow(slug)
 
         deployer = Deployer(
             store,
@@ -185,8 +191,8 @@ async def serve_worker(
             default_limits=settings.limits,
         )
         restored = await deployer.restore()
-        for slug in table.slugs():
-            await on_change(slug)
+        for slug in table.slugs():  # nothing is in this L1 yet; what other nodes cached for these versions holds
+            follow(slug)
         realtime = await stack.enter_async_context(
             open_realtime(
                 settings.realtime,

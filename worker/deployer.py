@@ -24,7 +24,9 @@ log = logging.getLogger("mbworker.deployer")
 
 _BUILTIN_LIMITS = Limits.model_validate({})
 
-ChangeHook = Callable[[str], Awaitable[None]]
+ChangeHook = Callable[[str, bool], Awaitable[None]]
+"""on_change(slug, rolled_back): the live version of `slug` changed here; `rolled_back` when this node rolled it
+back to an older version (whose earlier cached results must go everywhere)."""
 """Called with a slug after its live version changed (activate, rollback, delete): e.g. a cache purge."""
 
 
@@ -145,7 +147,7 @@ class Deployer:
     async def rollback(self, slug: str, to: int | None = None) -> Deployment:
         async with self._lock(slug):
             dep = await self.store.rollback(slug, to)
-            await self._switch(await self._active(dep))
+            await self._switch(await self._active(dep), rolled_back=True)
         return dep
 
     async def delete(self, slug: str) -> list[Deployment]:
@@ -204,17 +206,17 @@ class Deployer:
                 log.info("%s: v%d is live (changed elsewhere)", slug, dep.version)
                 await self._switch(await self._active(dep))
 
-    async def _switch(self, active: ActiveFunction) -> None:
+    async def _switch(self, active: ActiveFunction, *, rolled_back: bool = False) -> None:
         previous = self.table.set(active)
         if previous is not None and previous.fn.key != active.fn.key:
             await self._retire(previous.fn)
-        await self._changed(active.fn.slug)
+        await self._changed(active.fn.slug, rolled_back=rolled_back)
 
     async def _retire(self, fn: FunctionVersion) -> None:
         runtime = self.runtimes.get(fn.runtime)
         if runtime is not None:
             await runtime.retire(fn)
 
-    async def _changed(self, slug: str) -> None:
+    async def _changed(self, slug: str, *, rolled_back: bool = False) -> None:
         if self._on_change is not None:
-            await self._on_change(slug)
+            await self._on_change(slug, rolled_back)
