@@ -348,6 +348,10 @@ class _FunctionCounts:
         self.sum = 0.0
 
 
+RequestSnapshot = list[tuple[str, dict[int, int], list[int], float]]
+"""Per function: requests by status, latency bucket counts (not cumulative), latency sum."""
+
+
 class RequestInstruments:
     """`mbworker_invocations_total{function,status}` and `mbworker_request_duration_seconds{function}`.
 
@@ -404,20 +408,30 @@ class RequestInstruments:
         fn = self._functions[function] = _FunctionCounts()
         return fn
 
-    def collect(self) -> list[Metric]:
-        (inv_name, _, inv_labels, inv_help), (dur_name, _, dur_labels, dur_help) = self.DOCS
+    def snapshot(self) -> RequestSnapshot:
+        """The numbers as they are now: a plain copy, cheap enough for the trio thread (~0.4 ms for 1,000
+        functions, where building the metric families from them takes tens of ms: `families`, in a thread)."""
+        return [(function, dict(fn.statuses), fn.buckets[:], fn.sum) for function, fn in self._functions.items()]
+
+    @classmethod
+    def families(cls, snapshot: RequestSnapshot) -> list[Metric]:
+        """The metric families of a `snapshot` (any thread)."""
+        (inv_name, _, inv_labels, inv_help), (dur_name, _, dur_labels, dur_help) = cls.DOCS
         invocations = CounterMetricFamily(f"{NAMESPACE}_{inv_name}", inv_help, labels=inv_labels)
         durations = HistogramMetricFamily(f"{NAMESPACE}_{dur_name}", dur_help, labels=dur_labels)
-        for function, fn in self._functions.items():
-            for status, n in fn.statuses.items():
+        for function, statuses, buckets, seconds in snapshot:
+            for status, n in statuses.items():
                 invocations.add_metric([function, str(status)], n)
             total = 0
             cumulative: list[tuple[str, float]] = []
-            for bound, n in zip(self._BOUNDS, fn.buckets, strict=True):
+            for bound, n in zip(cls._BOUNDS, buckets, strict=True):
                 total += n
                 cumulative.append((bound, total))
-            durations.add_metric([function], cumulative, fn.sum)
+            durations.add_metric([function], cumulative, seconds)
         return [invocations, durations]
+
+    def collect(self) -> list[Metric]:
+        return self.families(self.snapshot())
 
 
 class Metrics:
@@ -541,19 +555,22 @@ class Metrics:
 
         Runs on the calling thread; in the daemon use `render_async`."""
         encoder, content_type = choose_encoder(accept or "")
-        return encoder(_ScrapeView(self.registry, self._read())), content_type
+        return self._encode(encoder, *self._read()), content_type
 
-    def _read(self) -> list[Metric]:
-        """What is read on the calling thread: the request instruments and every statistics source."""
-        return [*self.requests.collect(), *self.statistics.collect()]
+    def _read(self) -> tuple[RequestSnapshot, list[Metric]]:
+        """What must be read on the owning (trio) thread: the request numbers and every statistics source."""
+        return self.requests.snapshot(), list(self.statistics.collect())
+
+    def _encode(self, encoder: Callable[[Any], bytes], requests: RequestSnapshot, statistics: list[Metric]) -> bytes:
+        return encoder(_ScrapeView(self.registry, [*RequestInstruments.families(requests), *statistics]))
 
     async def render_async(self, accept: str | None = None) -> tuple[bytes, str]:
-        """`render` for the trio thread: statistics are read here (components are not thread-safe), the text is
-        built in a worker thread (tens of ms with hundreds of functions; prometheus_client's instruments are
-        thread-safe, and the request instruments are read here)."""
+        """`render` for the trio thread: the numbers are read here (components are not thread-safe); the metric
+        families and the text are built in a worker thread (tens of ms with hundreds of functions;
+        prometheus_client's instruments are thread-safe)."""
         encoder, content_type = choose_encoder(accept or "")
-        view = _ScrapeView(self.registry, self._read())
-        return await trio.to_thread.run_sync(encoder, view), content_type
+        body = await trio.to_thread.run_sync(self._encode, encoder, *self._read())
+        return body, content_type
 
 
 class ObservedRequest:
