@@ -36,7 +36,7 @@ from worker.http.types import (
 if TYPE_CHECKING:
     from worker.http.server import HttpServer
 
-logger = logging.getLogger("worker.http")
+logger = logging.getLogger("mbworker.http")  # under "mbworker": JSON lines like the rest (worker/logs.py)
 
 _INF: Final = math.inf
 _METHODS: Final = {

@@ -21,7 +21,7 @@ from worker.http.types import HttpApp
 
 __all__ = ["HttpServer", "HttpServerStatistics", "serve_http"]
 
-logger = logging.getLogger("worker.http")
+logger = logging.getLogger("mbworker.http")  # under "mbworker": JSON lines like the rest (worker/logs.py)
 
 # accept() errors that mean "out of resources right now": wait and retry rather than die (as trio does).
 _ACCEPT_CAPACITY_ERRNOS = frozenset(
