@@ -132,16 +132,18 @@ class HttpServer:
     def finish_write(self, conn: Connection, rest: memoryview) -> None:
         """Start the task that finishes a write the kernel did not take at once (`Connection.finish_write`)."""
         self.stalled_writes += 1
-        try:
-            if self._writers is None:
-                raise RuntimeError("the server has stopped")
-            self._writers.start_soon(conn.finish_write, rest)
-        except RuntimeError:  # no nursery to run it in: the server is going away, and so is the connection
-            writing, conn.writing = conn.writing, None
-            if writing is not None:
-                writing.set()
-            conn.closing = True
-            conn.scope.cancel()
+        if self._writers is not None:
+            try:
+                self._writers.start_soon(conn.finish_write, rest)
+                return
+            except RuntimeError:  # the nursery closed meanwhile
+                pass
+        # No task can finish it: the server is going away, and so is the connection.
+        writing, conn.writing = conn.writing, None
+        if writing is not None:
+            writing.set()
+        conn.closing = True
+        conn.scope.cancel()
 
     async def _serve(self, task_status: trio.TaskStatus[HttpServer]) -> None:
         if self.coalescer is not None:
