@@ -167,7 +167,7 @@ class FunctionsFrontDoor:
         limit = fn.limits.max_request_bytes
         declared = request.header(b"content-length")
         sized = declared is not None and declared.isdigit()
-        if sized and int(declared) > limit:  # type: ignore[arg-type]
+        if declared is not None and sized and int(declared) > limit:
             await send_error(responder, 413, "PAYLOAD_TOO_LARGE", f"Request body is larger than {limit} bytes")
             return
         runtime = self.runtimes.get(fn.runtime)
