@@ -55,9 +55,12 @@ class Shared:
 
 
 class VersionPool:
-    def __init__(self, fn: FunctionVersion, shared: Shared) -> None:
+    def __init__(self, fn: FunctionVersion, shared: Shared, *, warm_up: bool = False) -> None:
+        """`warm_up`: the runtime's throwaway pool that compiles the bootstrap into `shared.deno_dir` (its
+        DENO_DIR is that template itself, and its boot is nobody's cold start)."""
         self.fn = fn
         self._shared = shared
+        self._warm_up = warm_up
         self.processes: list[DenoProcess] = []
         self._booting = 0
         self._changed = Broadcast()
@@ -124,10 +127,14 @@ class VersionPool:
             if self._paths is None:
                 base = self._shared.scratch_dir / f"{self.fn.slug}-{self.fn.version}-{os.urandom(3).hex()}"
                 tmp = self.fn.scratch_dir or base / "tmp"
-                paths = VersionPaths(base, self._shared.deno_dir, tmp, base / "import_map.json")
+                template = self._shared.deno_dir
+                deno_dir = template if self._warm_up else base / "deno"
+                paths = VersionPaths(base, deno_dir, tmp, base / "import_map.json")
 
                 def make() -> None:
                     paths.base.mkdir(parents=True, exist_ok=True)
+                    if deno_dir != template:  # seeded with the compiled bootstrap (~1 MB): see open_deno_runtime
+                        shutil.copytree(template, deno_dir, symlinks=True)
                     paths.tmp.mkdir(parents=True, exist_ok=True)
                     write_import_map(self.fn, paths.import_map)
 
@@ -163,12 +170,14 @@ class VersionPool:
             try:
                 await self._shared.nursery.start(proc.serve)
             except BootError as exc:
-                self._shared.counters.boot_failures += 1
+                if not self._warm_up:
+                    self._shared.counters.boot_failures += 1
                 self._boot_fail_streak += 1
                 self._last_boot_error = exc
                 self._retry_boot_at = trio.current_time() + min(0.25 * 2 ** (self._boot_fail_streak - 1), 10.0)
                 raise
-            self._shared.counters.cold_starts += 1
+            if not self._warm_up:
+                self._shared.counters.cold_starts += 1
             self._boot_fail_streak = 0
             self._last_boot_error = None
             if self.retired:
@@ -217,23 +226,9 @@ class VersionPool:
             await self._changed.wait()
 
     async def cleanup(self) -> None:
-        """Remove this version's scratch dir and its transpiled code in the shared DENO_DIR (after all its
-        processes are gone)."""
+        """Remove this version's scratch dir, its DENO_DIR included (after all its processes are gone)."""
         paths = self._paths
-        if paths is None:
-            self.cleaned.set()
-            return
-        self._paths = None
-        emitted = emitted_dir(paths.deno_dir, self.fn.bundle_dir)
-
-        def remove() -> None:
-            shutil.rmtree(paths.base, ignore_errors=True)
-            shutil.rmtree(emitted, ignore_errors=True)
-
-        await trio.to_thread.run_sync(remove)
+        if paths is not None:
+            self._paths = None
+            await trio.to_thread.run_sync(lambda: shutil.rmtree(paths.base, ignore_errors=True))
         self.cleaned.set()
-
-
-def emitted_dir(deno_dir: Path, bundle_dir: Path) -> Path:
-    """Where Deno keeps the JavaScript it transpiled from the files of `bundle_dir` (`gen/file/<absolute path>`)."""
-    return deno_dir / "gen" / "file" / str(bundle_dir.resolve()).lstrip("/")

@@ -21,7 +21,7 @@ from types import TracebackType
 import trio
 from pydantic import BaseModel, ConfigDict, Field
 
-from runtimes.api import FunctionVersion, Invocation, InvocationResult, RuntimeStatistics
+from runtimes.api import FunctionVersion, Invocation, InvocationResult, RuntimeStatistics, empty_body
 from runtimes.deno.permissions import NetPolicy
 from runtimes.deno.pool import Counters, Shared, VersionPool
 from runtimes.deno.process import OnLog
@@ -33,6 +33,9 @@ log = logging.getLogger("runtimes.deno")
 fn_log = logging.getLogger("runtimes.deno.function")
 
 
+WARM_UP_SLUG = "_mbworker_warm_up"
+"""The throwaway function `open_deno_runtime` boots (no deployed slug can start with `_`)."""
+_WARM_UP_SOURCE = 'Deno.serve(() => new Response(""));\n'
 DENO_DIR_NAME = "_deno_dir"
 """Under the scratch dir, beside the per-version dirs (`<slug>-<version>-<hex>`: a slug starts with a letter)."""
 
@@ -165,6 +168,38 @@ class DenoRuntime:
         await pool.cleanup()
         self._retired.discard(pool)  # after: `wait_stopped` finds the pool until its files are gone
 
+    async def _compile_bootstrap(self, limits: Limits) -> None:
+        """Boot a throwaway function and serve it one request, with the runtime's template DENO_DIR as its own:
+        Deno transpiles the bootstrap and V8 caches the compiled code of it and of the fetch classes a request
+        uses. Every version's DENO_DIR starts as a copy (pool.py), so no cold start pays for that (~15 ms).
+        Best effort: a Deno that cannot boot is logged here, and every real boot reports its own error."""
+        shared = self._shared
+        bundle = shared.scratch_dir / WARM_UP_SLUG
+        fn = FunctionVersion(WARM_UP_SLUG, 0, "deno", bundle, "index.js", limits=limits)
+        pool = self._pools[fn.key] = VersionPool(fn, shared, warm_up=True)
+        started = trio.current_time()
+
+        def write() -> None:
+            bundle.mkdir(parents=True, exist_ok=True)
+            (bundle / "index.js").write_text(_WARM_UP_SOURCE)
+
+        try:
+            await trio.to_thread.run_sync(write)
+            async with self.invoke(fn, Invocation("GET", "/", [], empty_body(), "warm-up")) as result:
+                async for _ in result.body:
+                    pass
+            log.info("deno bootstrap compiled", extra={"ms": round((trio.current_time() - started) * 1000, 1)})
+        except (FunctionRuntimeError, OSError) as exc:
+            log.warning("could not compile the deno bootstrap ahead of the first function: %s", exc)
+        finally:
+            with trio.CancelScope(shield=True):
+                del self._pools[fn.key]
+                pool.retire()
+                with trio.move_on_after(shared.stop_grace_s + 10):
+                    await pool.wait_empty()
+                await pool.cleanup()
+                await trio.to_thread.run_sync(lambda: shutil.rmtree(bundle, ignore_errors=True))
+
     def statistics(self) -> RuntimeStatistics:
         pools = [*self._pools.values(), *self._retired]
         procs = [p for pool in pools for p in pool.processes if not p.dead.is_set()]
@@ -191,40 +226,6 @@ class DenoRuntime:
             await pool.cleanup()
 
 
-WARM_UP_SLUG = "_mbworker_warm_up"
-"""The throwaway function `open_deno_runtime` boots (no deployed slug can start with `_`)."""
-_WARM_UP_SOURCE = 'Deno.serve(() => new Response(""));\n'
-
-
-async def _compile_bootstrap(shared: Shared, limits: Limits) -> None:
-    """Boot one throwaway process before the runtime serves, so that Deno transpiles the bootstrap and caches its
-    compiled code in the shared DENO_DIR now, not during the first function's cold start (~10 ms of it). Best
-    effort: a Deno that cannot boot is logged here, and every real boot reports its own error."""
-    bundle = shared.scratch_dir / WARM_UP_SLUG
-    fn = FunctionVersion(WARM_UP_SLUG, 0, "deno", bundle, "index.js", limits=limits)
-    pool = VersionPool(fn, shared)
-    started = trio.current_time()
-
-    def write() -> None:
-        bundle.mkdir(parents=True, exist_ok=True)
-        (bundle / "index.js").write_text(_WARM_UP_SOURCE)
-
-    try:
-        await trio.to_thread.run_sync(write)
-        await pool.warm()
-        log.info("deno bootstrap compiled", extra={"ms": round((trio.current_time() - started) * 1000, 1)})
-    except (FunctionRuntimeError, OSError) as exc:
-        log.warning("could not compile the deno bootstrap ahead of the first function: %s", exc)
-    finally:
-        with trio.CancelScope(shield=True):
-            pool.retire()
-            with trio.move_on_after(shared.stop_grace_s + 10):
-                await pool.wait_empty()
-            await pool.cleanup()
-            await trio.to_thread.run_sync(lambda: shutil.rmtree(bundle, ignore_errors=True))
-    shared.counters = Counters()  # the warm-up is not a cold start of any function
-
-
 @asynccontextmanager
 async def open_deno_runtime(
     settings: DenoSettings | None = None, *, on_log: OnLog | None = None
@@ -233,12 +234,11 @@ async def open_deno_runtime(
     (default: the `runtimes.deno.function` logger with slug/version/execution_id/stream as `extra`)."""
     settings = settings or DenoSettings.model_validate({})
     bootstrap = Path(str(resources.files("runtimes.deno").joinpath("bootstrap.ts")))
-    # One DENO_DIR for every process of this runtime, emptied at each start. Shared, the bootstrap is transpiled
-    # and compiled (V8's code cache) once, at start (`_compile_bootstrap`), not once per version: a new version's
-    # first request comes ~10 ms sooner (docs/benchmarks.md, cold start). Functions can neither read nor write it
-    # (only Deno does), and Deno keys every entry by module URL and source hash; a version's emitted code goes
-    # with the version.
-    deno_dir = settings.scratch_dir.resolve() / DENO_DIR_NAME
+    # The template DENO_DIR, emptied at each start and compiled into once (`DenoRuntime._compile_bootstrap`):
+    # each version's own DENO_DIR starts as a copy of it, so the bootstrap is transpiled and compiled once, not
+    # per version (a cold start ~15 ms sooner, docs/benchmarks.md), and goes with the version's scratch dir.
+    scratch_dir = settings.scratch_dir.resolve()
+    deno_dir = scratch_dir / DENO_DIR_NAME
 
     def fresh_scratch() -> None:
         shutil.rmtree(deno_dir, ignore_errors=True)
@@ -254,7 +254,7 @@ async def open_deno_runtime(
                 spawner=spawner,
                 deno_bin=settings.deno_bin,
                 bootstrap=bootstrap,
-                scratch_dir=settings.scratch_dir.resolve(),
+                scratch_dir=scratch_dir,
                 deno_dir=deno_dir,
                 socket_dir=socket_dir,
                 stop_grace_s=settings.stop_grace_s,
@@ -262,8 +262,8 @@ async def open_deno_runtime(
                 counters=Counters(),
                 net=settings.net,
             )
-            await _compile_bootstrap(shared, settings.limits)
             runtime = DenoRuntime(shared)
+            await runtime._compile_bootstrap(settings.limits)
             try:
                 yield runtime
             finally:

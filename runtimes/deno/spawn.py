@@ -179,7 +179,8 @@ class VersionPaths:
 
     base: Path
     deno_dir: Path
-    """The runtime's DENO_DIR, shared by every version (`Shared.deno_dir`): transpiled and compiled code only."""
+    """DENO_DIR of this version's processes: transpiled and compiled code only, seeded from the runtime's template
+    (`Shared.deno_dir`, where the bootstrap is compiled)."""
     tmp: Path
     """The function's writable temp dir (TMPDIR); FunctionVersion.scratch_dir if given."""
     import_map: Path

@@ -15,7 +15,6 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from runtimes.deno.pool import emitted_dir
 from runtimes.deno.runtime import DENO_DIR_NAME
 from tests.runtimes.test_deno_support import (
     call,
@@ -125,25 +124,36 @@ async def test_redeploy_rolls_over_to_the_new_version(tmp_path: Path) -> None:
         assert (await call(rt, v2, "GET", "/fn"))[2] == b"v2"
 
 
-async def test_versions_share_one_deno_dir_and_take_their_code_with_them(tmp_path: Path) -> None:
-    """One DENO_DIR for the runtime, emptied at start, where the bootstrap is compiled once before the runtime
-    serves (not per version); a retired version's transpiled code leaves with it, the others' stays."""
-    deno_dir = tmp_path / "scratch" / DENO_DIR_NAME
+def emitted_dir(deno_dir: Path, source_dir: Path) -> Path:
+    """Where Deno keeps the JavaScript it transpiled from the files of `source_dir`."""
+    return deno_dir / "gen" / "file" / str(source_dir.resolve()).lstrip("/")
+
+
+async def test_versions_start_from_the_compiled_template_and_take_their_code_with_them(tmp_path: Path) -> None:
+    """The runtime's template DENO_DIR, emptied at start, where the bootstrap is compiled once before the runtime
+    serves (not per version); each version's DENO_DIR starts from it, and a retired version's transpiled code
+    leaves with it while the others' stays."""
+    scratch = tmp_path / "scratch"
+    deno_dir = scratch / DENO_DIR_NAME
     deno_dir.mkdir(parents=True)
     (deno_dir / "left-from-last-run").write_text("x")
     v1 = version(write_fn(tmp_path, 'Deno.serve(() => new Response("v1"));', name="v1"), ver=1)
     v2 = version(write_fn(tmp_path, 'Deno.serve(() => new Response("v2"));', name="v2"), ver=2)
+    bootstrap_js = emitted_dir(deno_dir, ROOT / "runtimes" / "deno") / "bootstrap.ts.js"
     async with deno_runtime(tmp_path) as rt:
         assert not (deno_dir / "left-from-last-run").exists()
         # compiled at start by a throwaway process, which left nothing else behind and counts as no cold start
-        assert (emitted_dir(deno_dir, ROOT / "runtimes" / "deno") / "bootstrap.ts.js").is_file()
-        assert [p.name for p in (tmp_path / "scratch").iterdir()] == [DENO_DIR_NAME]
+        assert bootstrap_js.is_file()
+        assert [p.name for p in scratch.iterdir()] == [DENO_DIR_NAME]
         assert (rt.statistics().processes, rt.statistics().cold_starts) == (0, 0)
         assert (await call(rt, v1, "GET", "/fn"))[2] == b"v1"
         assert (await call(rt, v2, "GET", "/fn"))[2] == b"v2"
-        emitted = {v.version: emitted_dir(deno_dir, v.bundle_dir) for v in (v1, v2)}
-        assert (emitted[1] / "index.ts.js").is_file()
-        assert (emitted[2] / "index.ts.js").is_file()
+        own = {v.version: next(scratch.glob(f"fn-{v.version}-*")) / "deno" for v in (v1, v2)}
+        emitted = {v.version: emitted_dir(own[v.version], v.bundle_dir) for v in (v1, v2)}
+        for ver in (1, 2):
+            assert (emitted[ver] / "index.ts.js").is_file()
+            assert (emitted_dir(own[ver], ROOT / "runtimes" / "deno") / "bootstrap.ts.js").is_file()  # the seed
+        assert not emitted_dir(deno_dir, v1.bundle_dir).exists()  # the template holds no function's code
         await rt.retire(v1)
         with trio.fail_after(10):
             await rt.wait_stopped(v1)  # for a retired version: until its files are gone too
