@@ -147,6 +147,8 @@ async def serve_worker(
         runtimes: dict[str, Runtime] = {"deno": deno, "wasm": wasm}
         metrics.add_statistics(RUNTIME_STATS, deno.statistics, runtime="deno")
         metrics.add_statistics(RUNTIME_STATS, wasm.statistics, runtime="wasm")
+        # Closed before the stores and Redis (the exit stack unwinds in reverse): its L2 writes still reach Redis.
+        background = await stack.enter_async_context(trio.open_nursery())
         functions = FunctionsFrontDoor(
             table,
             runtimes,
@@ -155,6 +157,7 @@ async def serve_worker(
             metrics=metrics,
             limiter=limiter,
             l2=l2,
+            background=background,
         )
         metrics.add_statistics(CACHE_STATS, lambda: functions.cache.statistics() if functions.cache else None)
 

@@ -15,6 +15,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
 
+import trio
+
 from runtimes import FunctionRuntimeError, FunctionVersion, Invocation, InvocationResult, Runtime, WorkerError
 from worker.cache import (
     DEFAULT_FUNCTION_CACHE,
@@ -107,9 +109,12 @@ class FunctionsFrontDoor:
         metrics: Metrics | None = None,
         limiter: RateLimiter | None = None,
         l2: L2Cache | None = None,
+        background: trio.Nursery | None = None,
     ) -> None:
+        """`background`: the daemon's nursery for work a response need not wait for (writes to L2)."""
         self.limiter = limiter
         self.l2 = l2
+        self.background = background
         self.table = table
         self.runtimes = runtimes
         self.gate = gate
@@ -214,6 +219,7 @@ class FunctionsFrontDoor:
                     timeout=fn.limits.request_idle_timeout_s,
                     l2=self.l2,
                     decision=decision,
+                    background=self.background,
                 )
             else:
                 await _respond(responder, run)

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import msgpack  # type: ignore[import-untyped]
+import trio
 
 from runtimes.api import InvocationResult
 from worker.cache.policy import Headers
@@ -52,13 +53,15 @@ async def respond_through_cache(
     timeout: float,
     l2: L2Cache | None = None,
     decision: Hit | Miss | Bypass | None = None,
+    background: trio.Nursery | None = None,
 ) -> bytes:
     """Answer `request` from the cache, from another request's invocation, or by running `invoke`.
 
     `timeout` bounds only the wait for another request's invocation. With `l2` and `config.l2`, a miss asks
     the shared second level before running the function, and a stored result is shared there too. Returns the
     x-mbworker-cache label sent (HIT, MISS or BYPASS) for logs and metrics. `decision`: this request's
-    `cache.lookup` when the caller already made it (with no `await` since), else it is made here.
+    `cache.lookup` when the caller already made it (with no `await` since), else it is made here. `background`:
+    where a write to L2 runs (the caller owns it; each write is bounded by the L2's own timeout), else it is awaited.
     """
     if decision is None:
         decision = cache.lookup(request, slug=slug, version=version, config=config)
@@ -77,7 +80,12 @@ async def respond_through_cache(
             if entry is not None:  # another node ran it: store it here too and answer as a hit
                 return await _lead(responder, lambda: _replay(entry), flight, label=HIT)
             label = await _lead(responder, invoke, flight)
-            await _share(cache, request, l2, slug=slug, version=version, config=config, key=key)
+            shared_value = _l2_value(cache, request, slug=slug, version=version, config=config)
+            if shared_value is not None:  # the client has its answer: the write to L2 need not hold it up
+                if background is not None:
+                    background.start_soon(l2.set, slug, key, *shared_value)
+                else:
+                    await l2.set(slug, key, *shared_value)
             return label
         shared = await flight.wait()
     if shared is not None:
@@ -183,20 +191,10 @@ async def _replay(result: InvocationResult) -> AsyncIterator[InvocationResult]:
     yield result
 
 
-async def _share(
-    cache: ResultCache,
-    request: RequestHead,
-    l2: L2Cache,
-    *,
-    slug: str,
-    version: int,
-    config: FunctionCacheConfig,
-    key: bytes,
-) -> None:
-    """Put what the leader just stored in L1 into L2 too (best effort: L2 never raises)."""
+def _l2_value(
+    cache: ResultCache, request: RequestHead, *, slug: str, version: int, config: FunctionCacheConfig
+) -> tuple[bytes, float] | None:
+    """(value, ttl) of what the leader just stored in L1, to put into L2 too; None when nothing was stored or it
+    stays local."""
     entry = cache.peek(request, slug=slug, version=version, config=config)
-    if entry is None:
-        return
-    encoded = encode_l2_entry(entry, cache.now())
-    if encoded is not None:
-        await l2.set(slug, key, encoded[0], encoded[1])
+    return None if entry is None else encode_l2_entry(entry, cache.now())

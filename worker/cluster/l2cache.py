@@ -1,8 +1,9 @@
 """The L2 result cache: function responses shared by every node through Redis, behind the moka L1.
 
 The L1 (worker/cache/) depends only on the `L2Cache` Protocol: on an L1 miss it calls `get(slug, key)`; when it
-stores a cacheable response it calls `set(slug, key, value, ttl_s)` (best started with `nursery.start_soon`,
-the response need not wait); on a deploy/rollback/delete/purge of a function it calls `purge_prefix(slug)`.
+stores a cacheable response it calls `set(slug, key, value, ttl_s)` (in the daemon's background nursery: the
+response need not wait); on a rollback (an older version live again) or an explicit purge it calls
+`purge_prefix(slug)` — other deploys need none, since keys hold the version.
 `key` is whatever uniquely names the response within the function (the L1's primary key, serialized, with the
 version in it); it is hashed here. `value` is opaque bytes (the L1's own encoding of the response).
 
