@@ -53,8 +53,9 @@ lint: setup
 test: setup system-deps node-deps lint
 	$(BIN)/pytest
 
+## Every bench in turn; floor_server.py and forward_floor.py are servers (functions.py starts them), not benches.
 bench: setup
-	@for b in bench/*.py; do case $$b in */_*) continue;; esac; echo "== $$b"; $(BIN)/python $$b; done
+	@for b in bench/*.py; do case $$b in */_*|*/floor_server.py|*/forward_floor.py) continue;; esac; echo "== $$b"; $(BIN)/python $$b; done
 
 clean:
 	rm -rf $(VENV) .mbworker .pytest_cache .mypy_cache .ruff_cache $(DEMO_BUNDLE)

@@ -116,7 +116,8 @@ def _client(
     request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{extra}\r\n".encode()
     latencies: list[float] = []
     errors = 0
-    sock = socket.create_connection((host, port))
+    # A server that stops answering fails this client (counted as an error) instead of blocking it for good.
+    sock = socket.create_connection((host, port), timeout=max(0.0, stop_at - time.time()) + 10.0)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buf = b""
     ok = False
@@ -160,18 +161,26 @@ def _run_python(
         ctx.Process(target=_client, args=(host, port, path, start_at, stop_at, out, tuple(headers)))
         for _ in range(connections)
     ]
-    for p in procs:
-        p.start()
     latencies: list[float] = []
     errors = 0
-    for _ in procs:
-        got = out.get(timeout=duration + 60)
-        assert isinstance(got, tuple)
-        lat, err = got
-        latencies += lat
-        errors += err
-    for p in procs:
-        p.join(timeout=10)
+    try:
+        for p in procs:
+            p.start()
+        for _ in procs:
+            got = out.get(timeout=duration + 60)
+            assert isinstance(got, tuple)
+            lat, err = got
+            latencies += lat
+            errors += err
+    finally:  # a client still running here (out.get timed out, or it hangs on exit) is killed
+        deadline = time.monotonic() + 10
+        for p in procs:
+            if p.pid is not None:
+                p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
     elapsed = duration
     latencies.sort()
 

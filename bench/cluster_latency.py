@@ -38,62 +38,14 @@ NODE_DIR = ROOT / "bench" / "node"
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-import _load  # noqa: E402
 import redis_pubsub  # noqa: E402
+from _load import cpu_seconds  # noqa: E402
+from functions import Daemon  # noqa: E402
 
 SECRET = "bench-secret-bench-secret-bench-secret"
 TARGET_P99_MS = 30.0
 WALL_LIMIT = 100.0
 """Hard stop for the whole run (SIGALRM): children are killed on the way out."""
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def anon_key() -> str:
-    import jwt
-
-    return jwt.encode({"role": "anon", "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
-
-
-def stop(proc: subprocess.Popen[Any], grace: float = 10) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def start_worker(name: str, tmp: Path, redis_url: str) -> tuple[subprocess.Popen[bytes], int]:
-    port, admin = _load.free_port(), _load.free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MBWORKER_")}
-    env.update(
-        MBWORKER_REDIS_URL=redis_url,
-        MBWORKER_JWT_SECRET=SECRET,
-        MBWORKER_ADMIN_TOKEN="bench-admin",
-        MBWORKER_NODE_ID=name,
-        MBWORKER_LOG_LEVEL="warning",
-    )
-    log = (tmp / f"{name}.log").open("wb")
-    cmd = [sys.executable, "-m", "worker.cli", "serve", "--port", str(port), "--admin-port", str(admin)]
-    proc = subprocess.Popen([*cmd, "--data-dir", str(tmp / name)], env=env, cwd=ROOT, stdout=log, stderr=log)
-    log.close()
-    return proc, port
-
-
-def wait_serving(proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"worker exited:\n{log.read_text()[-3000:]}")
-        if log.exists() and "mbworker is serving" in log.read_text(errors="replace"):
-            return
-        time.sleep(0.05)  # bench-only startup poll, bounded by `timeout`
-    sys.exit(f"worker did not start:\n{log.read_text()[-3000:]}")
 
 
 def read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
@@ -142,24 +94,31 @@ def main() -> None:
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(int(WALL_LIMIT))
     started = time.monotonic()
-    children: list[subprocess.Popen[Any]] = []
-    try:
-        with tempfile.TemporaryDirectory() as tmpdir:
-            tmp = Path(tmpdir)
+    children: list[subprocess.Popen[Any]] = []  # redis-server, then the load generators
+    workers: list[Daemon] = []
+    with tempfile.TemporaryDirectory() as tmpdir:  # removed only once everything using it has stopped
+        tmp = Path(tmpdir)
+        try:
             server, redis_port = redis_pubsub.start_redis(tmp)
             children.append(server)
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
             rates = redis_rates(redis_url, redis_port, args.rate_seconds)
 
-            (a, port_a), (b, port_b) = start_worker("a", tmp, redis_url), start_worker("b", tmp, redis_url)
-            children += [a, b]
-            wait_serving(a, tmp / "a.log")
-            wait_serving(b, tmp / "b.log")
-            ws = "ws://127.0.0.1:{}/realtime/v1/websocket?apikey=" + anon_key() + "&vsn=2.0.0"
+            for name in ("a", "b"):
+                settings = {
+                    "MBWORKER_REDIS_URL": redis_url,
+                    "MBWORKER_JWT_SECRET": SECRET,
+                    "MBWORKER_ADMIN_TOKEN": "bench-admin",
+                    "MBWORKER_NODE_ID": name,
+                    "MBWORKER_LOG_LEVEL": "warning",
+                }
+                workers.append(Daemon(tmp / name, tmp / f"{name}.log", settings))
+            a, b = workers
+            ws = "ws://127.0.0.1:{}/realtime/v1/websocket?apikey=" + a.anon_key + "&vsn=2.0.0"
             messages = round(args.rate * args.seconds)
             half = args.subscribers // 2
             clients = {}
-            for side, port, n, rate in (("A", port_a, args.subscribers - half, args.rate), ("B", port_b, half, 0)):
+            for side, port, n, rate in (("A", a.port, args.subscribers - half, args.rate), ("B", b.port, half, 0)):
                 argv = [ws.format(port), str(n), str(messages), str(rate), str(args.warmup), "60"]
                 clients[side] = subprocess.Popen(
                     ["node", str(NODE_DIR / "cluster-latency-client.mjs"), *argv],
@@ -171,7 +130,7 @@ def main() -> None:
                 children.append(clients[side])
             for client in clients.values():
                 assert read_line(client, 60).strip() == "READY"
-            pids = {"worker A": a.pid, "worker B": b.pid, "redis-server": server.pid}
+            pids = {"worker A": a.proc.pid, "worker B": b.proc.pid, "redis-server": server.pid}
             pids |= {f"client {side}": c.pid for side, c in clients.items()}
             cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
             t0 = time.monotonic()
@@ -189,10 +148,14 @@ def main() -> None:
                     r[key] = dense
             wall = time.monotonic() - t0
             cpu = {k: (cpu_seconds(p) - cpu0[k]) / wall for k, p in pids.items()}
-    finally:
-        signal.alarm(0)
-        for child in reversed(children):
-            stop(child)
+        finally:
+            signal.alarm(0)
+            for client in reversed(children[1:]):
+                redis_pubsub.stop(client)
+            for worker in reversed(workers):
+                worker.stop()
+            if children:
+                redis_pubsub.stop(children[0])
     report(args, result, rates, cpu, time.monotonic() - started)
 
 

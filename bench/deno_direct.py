@@ -11,9 +11,8 @@ Same function everywhere: `() => new Response("ok")`.
   per request: the daemon-side cost of forwarding one request (framing, pipes, trio), the figure DESIGN.md
   budgets at ~50–65 µs.
 - Cold start: the first invoke of a never-run version (spawn, bootstrap, import, first response) vs a bare
-  `deno run` of the direct server from spawn to its first HTTP response with an empty DENO_DIR. The runtime's
-  DENO_DIR is its own, shared by its versions: the bootstrap is compiled by the first of them, as in a daemon
-  that has served any function since it started.
+  `deno run` of the direct server from spawn to its first HTTP response with an empty DENO_DIR. A version's
+  DENO_DIR starts as a copy of the runtime's template, where the bootstrap was compiled when the runtime opened.
 
 Ratios are from one run on one machine; absolute numbers drift, ratios hold better.
 """
@@ -86,19 +85,18 @@ def bench_direct(work: Path, seconds: float, clients: int) -> tuple[LoadResult, 
     return res, cpu_per_req
 
 
-def cold_direct(work: Path, rounds: int) -> list[float]:
-    out = []
-    for i in range(rounds):
-        port = free_port()
-        t0 = time.perf_counter()
-        proc = spawn_direct(work, port, work / f"deno-cold-{i}")
-        try:
-            first_response(port, t0 + 10)
-            out.append(time.perf_counter() - t0)
-        finally:
-            proc.kill()
-            proc.wait()
-    return out
+def time_cold_direct(work: Path, i: int, timeout: float) -> float:
+    """Seconds from spawning a bare `deno run` of work/direct.ts (fresh DENO_DIR work/deno-cold-<i>) to its first
+    HTTP response; TimeoutError after `timeout` s. The process is killed either way."""
+    port = free_port()
+    t0 = time.perf_counter()
+    proc = spawn_direct(work, port, work / f"deno-cold-{i}")
+    try:
+        first_response(port, t0 + timeout)
+        return time.perf_counter() - t0
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def fn_version(work: Path, version: int) -> FunctionVersion:
@@ -116,7 +114,7 @@ def fn_version(work: Path, version: int) -> FunctionVersion:
 async def bench_invoke(work: Path, seconds: float, clients: int, cold_rounds: int) -> dict[str, float]:
     settings = DenoSettings(deno_bin=deno_bin(), scratch_dir=work / "scratch")
     async with open_deno_runtime(settings, on_log=lambda *a: None) as rt:
-        # cold starts: a never-run version each round (its bundle never transpiled; the runtime's DENO_DIR)
+        # cold starts: a never-run version each round (its own DENO_DIR, seeded from the runtime's template)
         cold = []
         for i in range(cold_rounds):
             fn = fn_version(work, 100 + i)
@@ -181,7 +179,7 @@ def main() -> None:
         (work / "fn" / "index.ts").write_text(FUNCTION)
         (work / "direct.ts").write_text(DIRECT)
         direct, direct_cpu = bench_direct(work, args.seconds, args.clients)
-        cold_bare = statistics.median(cold_direct(work, args.cold)) * 1e3
+        cold_bare = statistics.median(time_cold_direct(work, i, 10) for i in range(args.cold)) * 1e3
         inv = trio.run(bench_invoke, work, args.seconds, args.clients, args.cold)
 
     d = direct

@@ -131,30 +131,33 @@ async def serve_forward_floor(host: str, port: int, lean: bool) -> None:
             proc = await trio.lowlevel.open_process(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=tmp
             )
-            child = Child(proc, lean=lean)
-            if lean:
-                os.set_blocking(child.stdin.fileno(), False)
-                trio.lowlevel.add_instrument(_FlushEachPass(child))
-            nursery.start_soon(child.read_frames)
-            with trio.fail_after(30):
-                await child.ready.wait()
-
-            async def handle(stream: trio.SocketStream) -> None:
-                try:
-                    while True:
-                        data = await stream.receive_some(65536)
-                        if not data:
-                            return
-                        await child.forward()
-                        await stream.send_all(CANNED)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-
-            listeners = await trio.open_tcp_listeners(port, host=host)
-            print(f"READY {listeners[0].socket.getsockname()[1]} {proc.pid}", flush=True)
+            # Stopped with SIGINT (bench/functions.py's Ready.stop): trio raises KeyboardInterrupt, this kills and
+            # reaps Deno, then the temp dir goes. Killed outright, Deno exits on its own (its stdin closes) and
+            # the temp dir stays behind.
             try:
+                child = Child(proc, lean=lean)
+                if lean:
+                    os.set_blocking(child.stdin.fileno(), False)
+                    trio.lowlevel.add_instrument(_FlushEachPass(child))
+                nursery.start_soon(child.read_frames)
+                with trio.fail_after(30):
+                    await child.ready.wait()
+
+                async def handle(stream: trio.SocketStream) -> None:
+                    try:
+                        while True:
+                            data = await stream.receive_some(65536)
+                            if not data:
+                                return
+                            await child.forward()
+                            await stream.send_all(CANNED)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return
+
+                listeners = await trio.open_tcp_listeners(port, host=host)
+                print(f"READY {listeners[0].socket.getsockname()[1]} {proc.pid}", flush=True)
                 await trio.serve_listeners(handle, listeners)
-            finally:  # killed outright (bench/functions.py does), Deno exits on its own: its stdin closes
+            finally:
                 proc.kill()
                 with trio.CancelScope(shield=True):
                     await proc.wait()
@@ -166,7 +169,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--lean", action="store_true", help="batch stdin writes per pass, park tasks directly")
     args = parser.parse_args()
-    trio.run(serve_forward_floor, args.host, args.port, args.lean)
+    try:
+        trio.run(serve_forward_floor, args.host, args.port, args.lean)
+    except* KeyboardInterrupt:  # how bench/functions.py stops it (SIGINT); the cleanups above have run
+        pass
 
 
 if __name__ == "__main__":

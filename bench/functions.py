@@ -45,7 +45,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from _load import LoadResult, cpu_seconds, free_port, run_load  # noqa: E402
-from deno_direct import first_response, spawn_direct  # noqa: E402
+from deno_direct import first_response, spawn_direct, time_cold_direct  # noqa: E402
 
 HANDLER = '() => new Response("hello", { headers: { "content-type": "text/plain" } })'
 FUNCTION = f"Deno.serve({HANDLER});\n"
@@ -107,21 +107,26 @@ class Daemon:
              str(self.admin_port), "--data-dir", str(data_dir)],
             stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
         )  # fmt: skip
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            with open(log_path, "rb") as f:
-                f.seek(start)
-                if b"mbworker is serving" in f.read():
+        try:  # from here on, any failure (or Ctrl-C) stops the process before it propagates
+            deadline = time.monotonic() + START_TIMEOUT
+            while True:
+                with open(log_path, "rb") as f:
+                    f.seek(start)
+                    out = f.read()
+                if b"mbworker is serving" in out:
                     break
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"mbworker serve did not start; see {log_path}")
-            time.sleep(0.05)
-        keys = dict(
-            line.split("=", 1) for line in (data_dir / "secrets" / "keys.env").read_text().splitlines() if "=" in line
-        )
-        self.anon_key = keys["ANON_KEY"]
-        self.admin_token = (data_dir / "secrets" / "admin_token").read_text().strip()
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    tail = out[-3000:].decode(errors="replace")
+                    raise RuntimeError(f"mbworker serve did not start (log: {log_path}):\n{tail}")
+                time.sleep(0.05)
+            secrets = data_dir / "secrets"
+            keys = dict(line.split("=", 1) for line in (secrets / "keys.env").read_text().splitlines() if "=" in line)
+            self.anon_key = keys["ANON_KEY"]
+            # MBWORKER_ADMIN_TOKEN set: the daemon uses it and writes no admin_token file
+            self.admin_token = self.env.get("MBWORKER_ADMIN_TOKEN") or (secrets / "admin_token").read_text().strip()
+        except BaseException:
+            self.stop()
+            raise
 
     def cli(self, *args: str) -> str:
         env = dict(
@@ -170,8 +175,14 @@ class Ready:
         return cls(proc, int(port), [int(p) for p in pids])
 
     def stop(self) -> None:
+        """SIGINT first (trio raises KeyboardInterrupt: the forward floor kills its Deno child and removes its
+        temp dir; Deno exits on it), SIGKILL after 10 s."""
         if self.proc.poll() is None:
-            self.proc.kill()
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
         self.proc.wait(timeout=10)
 
 
@@ -244,15 +255,7 @@ def write_functions(work: Path, cold: int) -> tuple[Path, Path]:
 def cold_starts(work: Path, daemon: Daemon, count: int) -> tuple[list[float], list[float]]:
     bare, through = [], []
     for i in range(count):
-        port = free_port()
-        t0 = time.perf_counter()
-        proc = spawn_direct(work, port, work / f"deno-cold-{i}")
-        try:
-            first_response(port, t0 + 30)
-            bare.append(time.perf_counter() - t0)
-        finally:
-            proc.kill()
-            proc.wait()
+        bare.append(time_cold_direct(work, i, 30))
         t0 = time.perf_counter()
         reply = get(daemon.port, f"/functions/v1/cold{i}")
         through.append(time.perf_counter() - t0)

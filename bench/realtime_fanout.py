@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -28,7 +27,6 @@ from _load import cpu_seconds, free_port
 ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = ROOT / "bench" / "node"
 SECRET = "bench-secret-bench-secret-bench-secret"
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def rss_bytes(pid: int) -> int:
@@ -90,7 +88,7 @@ def serve_mbworker(port: int, breakdown: int = 0) -> None:
     from worker.http.settings import HttpSettings
 
     class App:
-        def __init__(self, service):  # type: ignore[no-untyped-def]
+        def __init__(self, service: Any) -> None:
             self.service = service
 
         def websocket_handler(self, request):  # type: ignore[no-untyped-def]
@@ -148,7 +146,7 @@ def run_one(name: str, server_cmd: list[str], url: str, mode: str, args: argpars
             assert server.stdin is not None
             server.stdin.write("SNAPSHOT\n")
             server.stdin.flush()
-            return {"breakdown": json.loads(server.stdout.readline()), "rss_kb": (rss1 - rss0) / 1024}
+            return {"breakdown": json.loads(server.stdout.readline())}
         cpu0 = cpu_seconds(server.pid)
         client.stdin.write("GO\n")
         client.stdin.flush()
