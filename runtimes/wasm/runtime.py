@@ -25,6 +25,7 @@ from runtimes.errors import (
     WorkerError,
 )
 from runtimes.limits import Limits
+from runtimes.nursery import open_owned_nursery
 from runtimes.wasm import cgi
 from runtimes.wasm.errors import ModuleRejected
 from runtimes.wasm.sandbox import CallControl, CallLimits, CallOutcome, PreparedModule, Sandbox
@@ -450,7 +451,7 @@ async def open_wasm_runtime(settings: WasmSettings, *, on_log: LogHook | None = 
     )
     drained = False
     try:
-        async with open_call_threads(settings.threads) as call_threads, trio.open_nursery() as nursery:
+        async with open_call_threads(settings.threads) as call_threads, open_owned_nursery() as nursery:
             runtime = WasmRuntime(settings, sandbox, call_threads, on_log)
             nursery.start_soon(runtime._tick_forever)
             try:
@@ -461,15 +462,6 @@ async def open_wasm_runtime(settings: WasmSettings, *, on_log: LogHook | None = 
                 nursery.cancel_scope.cancel()
                 if drained:
                     runtime._close_all()
-    except BaseExceptionGroup as group:
-        # The body's own error (e.g. a BootError from invoke) reaches the caller as itself, not wrapped. (What
-        # worker.nursery.open_owned_nursery does: runtimes does not import the worker package.)
-        leaf: BaseException = group
-        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
-            leaf = leaf.exceptions[0]
-        if leaf is group:
-            raise
-        raise leaf from leaf.__cause__
     finally:
         if drained:
             sandbox.close()
