@@ -137,9 +137,7 @@ class Deployer:
             if live.version != dep.version:
                 log.info("%s v%d superseded by v%d", slug, dep.version, live.version)
                 await runtime.retire(fn)
-                current = self.table.get(slug)
-                if current is None or current.fn.version != live.version:
-                    await self._switch(await self._active(live))
+                await self._follow(live)
                 return dep
             await self._switch(await self._active(live))
         return live
@@ -202,9 +200,16 @@ class Deployer:
                     await self._retire(current.fn)
                     await self._changed(slug)
                 return
-            if current is None or current.fn.version != dep.version:
+            if await self._follow(dep):
                 log.info("%s: v%d is live (changed elsewhere)", slug, dep.version)
-                await self._switch(await self._active(dep))
+
+    async def _follow(self, live: Deployment) -> bool:
+        """Switch to `live` unless it already serves here (the slug's lock held). True when it switched."""
+        current = self.table.get(live.slug)
+        if current is not None and current.fn.version == live.version:
+            return False
+        await self._switch(await self._active(live))
+        return True
 
     async def _switch(self, active: ActiveFunction, *, rolled_back: bool = False) -> None:
         previous = self.table.set(active)
