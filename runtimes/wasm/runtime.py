@@ -277,8 +277,15 @@ class WasmRuntime:
         cached = version.limits
         if cached is not None and cached[0] is limits:
             return cached[1], cached[2]
-        deadline_ms, cpu_deadline = _deadline_ms(limits)
+        call_limits, cpu_deadline, deadline_ms = self._derive_limits(limits)
         self._max_deadline_ms = max(self._max_deadline_ms, deadline_ms)
+        version.limits = (limits, call_limits, cpu_deadline)
+        return call_limits, cpu_deadline
+
+    def _derive_limits(self, limits: Limits) -> tuple[CallLimits, bool, float]:
+        """What `limits` mean for one call: its CallLimits, whether CPU time (not wall time) is the deadline, and
+        the deadline in ms. Pure (the boot check calls it from its thread)."""
+        deadline_ms, cpu_deadline = _deadline_ms(limits)
         call_limits = CallLimits(
             memory_bytes=limits.memory_mb * 1024 * 1024,
             deadline_ticks=self._sandbox.deadline_ticks(deadline_ms),
@@ -286,8 +293,7 @@ class WasmRuntime:
             max_stdout_bytes=limits.max_response_bytes + HEAD_ALLOWANCE,
             max_stderr_bytes=self._settings.max_stderr_bytes,
         )
-        version.limits = (limits, call_limits, cpu_deadline)
-        return call_limits, cpu_deadline
+        return call_limits, cpu_deadline, deadline_ms
 
     def _prepare_sync(self, fn: FunctionVersion) -> PreparedModule:
         if fn.limits.fuel is not None and not self._sandbox.fuel_metering:
@@ -299,17 +305,7 @@ class WasmRuntime:
             raise BootError(f"Cannot read the Wasm module {fn.entrypoint!r}: {exc.strerror}") from exc
         prepared = self._sandbox.prepare(source, is_wat=fn.entrypoint.endswith(".wat"))
         try:
-            deadline_ms, _ = _deadline_ms(fn.limits)
-            self._sandbox.check_instantiate(
-                prepared,
-                CallLimits(
-                    memory_bytes=fn.limits.memory_mb * 1024 * 1024,
-                    deadline_ticks=self._sandbox.deadline_ticks(deadline_ms),
-                    fuel=fn.limits.fuel,
-                    max_stdout_bytes=0,
-                    max_stderr_bytes=0,
-                ),
-            )
+            self._sandbox.check_instantiate(prepared, self._derive_limits(fn.limits)[0])
         except BaseException:
             prepared.close()
             raise
