@@ -30,7 +30,6 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 import trio
@@ -103,7 +102,7 @@ class RedisBroker:
         self._gap = False
         """Between a `PubSubDisconnected` and the `PubSubResubscribed` that ends it."""
         self._confirmed = False
-        """The first connection's subscriptions are confirmed (later ones are announced by the pub/sub client)."""
+        """The pub/sub client announced its first connection (`PubSubResubscribed`: subscriptions confirmed)."""
         self._changed = trio.Event()
         self._publish_failing = False
         self._published = 0
@@ -168,23 +167,28 @@ class RedisBroker:
             raise BrokerError("bind a handler before subscribing")
         channel = self.channel(key)
         self._keys[channel] = key
-        await self._change(self._pubsub.subscribe, channel)
+        await self._change(channel, subscribe=True)
 
     async def unsubscribe(self, key: str) -> None:
         channel = self.channel(key)
         if self._keys.pop(channel, None) is None:
             return
-        await self._change(self._pubsub.unsubscribe, channel)
+        await self._change(channel, subscribe=False)
 
-    async def _change(self, verb: Any, channel: bytes) -> None:
+    async def _change(self, channel: bytes, *, subscribe: bool) -> None:
         # While the pub/sub connection is down, don't wait for it: the channel stays requested and the client
         # (un)subscribes it on reconnect; meanwhile delivery is local (see publish).
         if self._down:
-            with trio.move_on_after(0):
-                await verb(channel)
+            if subscribe:
+                self._pubsub.subscribe_nowait(channel)
+            else:
+                self._pubsub.unsubscribe_nowait(channel)
             return
         try:
-            await verb(channel)
+            if subscribe:
+                await self._pubsub.subscribe(channel)
+            else:
+                await self._pubsub.unsubscribe(channel)
         except RedisError as exc:
             log.warning("broker (un)subscribe not confirmed, it is retried on reconnect: %s", exc)
 
@@ -226,7 +230,6 @@ class RedisBroker:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._pubsub.serve)
                 nursery.start_soon(self._serve_inbound)
-                nursery.start_soon(self._confirm_first_connection)
                 task_status.started()
         finally:
             self._pubsub.close()
@@ -248,21 +251,6 @@ class RedisBroker:
         except (trio.TooSlowError, RedisError) as exc:
             raise BrokerError(f"broker not connected to Redis after {timeout}s") from exc
 
-    async def _confirm_first_connection(self) -> None:
-        # The pub/sub client announces resubscriptions, not the first connection's: subscribe the wanted
-        # channels again (harmless) and take the confirmation as the start of cross-node delivery.
-        while True:
-            try:
-                await self._pubsub.wait_connected(self._pubsub.settings.connect_timeout)
-                channels = list(self._keys)
-                if channels:
-                    await self._pubsub.subscribe(*channels)
-                break
-            except RedisError:
-                continue  # still down, or dropped again: keep waiting (the supervisor reconnects)
-        self._confirmed = True
-        self._notify()
-
     async def _serve_inbound(self) -> None:
         """Read the pub/sub events until the connection is closed; handlers run here, in arrival order."""
         messages = self._pubsub.messages
@@ -280,8 +268,10 @@ class RedisBroker:
                     self._gap = True
                     self._notify()
                 elif isinstance(event, PubSubResubscribed):
-                    log.info("broker resubscribed %d channels: cross-node delivery resumed", event.channels)
+                    if self._confirmed:
+                        log.info("broker resubscribed %d channels: cross-node delivery resumed", event.channels)
                     self._gap = False
+                    self._confirmed = True
                     self._notify()
 
 

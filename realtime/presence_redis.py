@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack  # type: ignore[import-untyped]
 import trio
@@ -70,6 +71,33 @@ _SWEEP_BATCH = 1000
 """Entries removed per sweep script call (bounds the time one script holds Redis)."""
 _SWEEP_TOPICS = 100
 """Topics examined per index read."""
+_RESYNC_CONCURRENCY = 256
+"""Redis calls a resync keeps in flight at once (the client pipelines concurrent calls)."""
+
+T = TypeVar("T")
+
+
+async def _concurrently(calls: Iterable[Callable[[], Awaitable[T]]], limit: int) -> list[T]:
+    """Await the calls concurrently, at most `limit` at once; their results in order. A `RedisError` is
+    raised as itself (the first one) once every call has finished."""
+    calls = list(calls)
+    results: list[Any] = [None] * len(calls)
+    errors: list[RedisError] = []
+    limiter = trio.CapacityLimiter(limit)
+
+    async def run(i: int, call: Callable[[], Awaitable[T]]) -> None:
+        async with limiter:
+            try:
+                results[i] = await call()
+            except RedisError as exc:
+                errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for i, call in enumerate(calls):
+            nursery.start_soon(run, i, call)
+    if errors:
+        raise errors[0]
+    return results
 
 
 @dataclass(slots=True)
@@ -186,6 +214,8 @@ class RedisPresence:
         self._seq = itertools.count(1)
         self._gap = False
         """Between a `PubSubDisconnected` and the `PubSubResubscribed` that ends it."""
+        self._confirmed = False
+        """The pub/sub client announced its first connection (`PubSubResubscribed`: subscriptions confirmed)."""
         self._need_resync = False
         self._diffs = 0
         self._fallbacks = 0
@@ -205,7 +235,7 @@ class RedisPresence:
 
     @property
     def _connected(self) -> bool:
-        return self._pubsub.state is PubSubState.CONNECTED and not self._gap
+        return self._pubsub.state is PubSubState.CONNECTED and self._confirmed and not self._gap
 
     @property
     def _down(self) -> bool:
@@ -339,8 +369,7 @@ class RedisPresence:
         view = self._views[topic] = _View(pending=[])
         self._channels[channel] = topic
         if self._down:
-            with trio.move_on_after(0):  # stays requested; subscribed (and resynced) on reconnect
-                await self._pubsub.subscribe(channel)
+            self._pubsub.subscribe_nowait(channel)  # subscribed (and resynced) on reconnect
             view.pending = None
             self._need_resync = True
             return
@@ -365,8 +394,7 @@ class RedisPresence:
         channel = self._channel(topic).encode()
         self._channels.pop(channel, None)
         if self._down:
-            with trio.move_on_after(0):
-                await self._pubsub.unsubscribe(channel)
+            self._pubsub.unsubscribe_nowait(channel)
             return
         try:
             await self._pubsub.unsubscribe(channel)
@@ -447,18 +475,16 @@ class RedisPresence:
 
     async def resync(self) -> None:
         """Restore this node's entries in Redis, then deliver the difference between each subscribed topic's
-        view and Redis. Runs in the reader task (so no diff is applied concurrently)."""
+        view and Redis. Runs in the reader task (so no diff is applied concurrently), once the pub/sub client
+        has confirmed every subscription: diffs published after that are queued behind this snapshot."""
         self._resyncs += 1
-        # Subscribe the wanted channels again (harmless): after the first connection nothing else confirms
-        # them, and diffs published after the confirmation are queued behind this resync's snapshot.
-        channels = [self._channel(topic).encode() for topic in self._views]
-        if channels:
-            await self._pubsub.subscribe(*channels)
-        for topic, own in list(self._own.items()):
-            for entry in list(own.values()):
-                self._restored += await self._run_track(topic, entry)
-        for topic in list(self._views):
-            entries = {e.member_id: e for e in await self._list_entries(topic)}
+        own = [(topic, entry) for topic, entries in self._own.items() for entry in entries.values()]
+        restores = [functools.partial(self._run_track, topic, entry) for topic, entry in own]
+        self._restored += sum(await _concurrently(restores, _RESYNC_CONCURRENCY))
+        topics = list(self._views)
+        lists = [functools.partial(self._list_entries, topic) for topic in topics]
+        for topic, listed in zip(topics, await _concurrently(lists, _RESYNC_CONCURRENCY), strict=True):
+            entries = {e.member_id: e for e in listed}
             view = self._views.get(topic)
             if view is None:
                 continue
@@ -500,6 +526,7 @@ class RedisPresence:
                     self._gap = self._need_resync = True
                 elif isinstance(event, PubSubResubscribed):
                     self._gap = False
+                    self._confirmed = True
             if self._need_resync and self._connected:
                 try:
                     await self.resync()

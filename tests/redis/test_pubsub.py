@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import trio
+import trio.testing
 
 from tests.redis_server import RedisServer
 from worker.redis import (
@@ -132,3 +133,55 @@ async def test_keepalive_detects_a_silent_server(silent_server: int) -> None:
         assert isinstance(event, PubSubDisconnected)
         assert "silent" in event.reason
         assert ps.state is not PubSubState.CONNECTED
+
+
+async def test_subscriptions_changed_during_an_outage_leave_nothing_pending(redis_server: RedisServer) -> None:
+    """Topics joined and left while Redis is down, by callers that don't wait (nowait) or give up at once,
+    leave no confirmation behind; only the topic still wanted is subscribed when Redis is back."""
+    async with open_pubsub(redis_server.url) as ps:
+        await redis_server.stop()
+        assert isinstance(await next_event(ps.messages), PubSubDisconnected)
+        for i in range(1000):
+            with trio.move_on_after(0):
+                await ps.subscribe(f"gone{i}")
+            await ps.unsubscribe(f"gone{i}")
+            ps.subscribe_nowait(f"brief{i}")
+            ps.unsubscribe_nowait(f"brief{i}")
+        ps.subscribe_nowait("kept")
+        stats = ps.statistics()
+        assert (stats.channels, stats.pending_confirmations) == (1, 0)
+        await redis_server.start()
+        assert await next_event(ps.messages) == PubSubResubscribed(channels=1, patterns=0)
+        assert ps.statistics().pending_confirmations == 0
+        async with open_redis(redis_server.url) as r:
+            assert await r.publish("kept", "x") == 1
+            assert await r.publish("gone0", "x") == 0
+            assert await r.publish("brief0", "x") == 0
+
+
+async def test_unsubscribe_releases_a_subscribe_waiting_for_the_connection(redis_server: RedisServer) -> None:
+    async with open_pubsub(redis_server.url) as ps:
+        await redis_server.stop()
+        assert isinstance(await next_event(ps.messages), PubSubDisconnected)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ps.subscribe, "late")
+            await trio.testing.wait_all_tasks_blocked()
+            assert ps.statistics().pending_confirmations == 1
+            await ps.unsubscribe("late")  # the waiting subscribe returns: nothing is left to confirm
+        assert ps.statistics().pending_confirmations == 0
+
+
+async def test_nowait_changes_on_a_live_connection_keep_their_order(redis_server: RedisServer) -> None:
+    async with open_redis(redis_server.url) as r, open_pubsub(redis_server.url) as ps:
+        ps.subscribe_nowait("a")
+        ps.subscribe_nowait("b")
+        ps.unsubscribe_nowait("b")
+        await ps.subscribe("c")  # confirmed after everything sent before it
+        assert await r.publish("a", "1") == 1
+        assert await r.publish("b", "1") == 0
+        ps.unsubscribe_nowait("a")
+        await ps.subscribe("d")
+        assert await r.publish("a", "2") == 0
+        assert await next_event(ps.messages) == PubSubMessage(b"a", b"1")
+        stats = ps.statistics()
+        assert (stats.channels, stats.pending_confirmations) == (2, 0)

@@ -8,6 +8,8 @@ and its supervisor task. The owner reads `pubsub.messages` (an `EventQueue`: `as
 - `PubSubDisconnected`: the connection was lost; messages published from now on may be missed.
 - `PubSubResubscribed`: reconnected and Redis confirmed every subscription again; the gap is over, so
   resync any state that messages would have updated (messages after the first confirmations may precede it).
+  A pub/sub that starts without a connection (`serve()` with nothing to adopt, `require_connection=False`)
+  is in a gap from the start: its first connection is announced too.
 
 A slow owner applies backpressure: the reader waits when the channel is full, Redis buffers, and if Redis
 drops us (client-output-buffer-limit) we reconnect and report the gap as above.
@@ -54,7 +56,8 @@ class PubSubDisconnected:
 
 @dataclass(frozen=True, slots=True)
 class PubSubResubscribed:
-    """Reconnected and every subscription confirmed again: what was published during the gap is lost."""
+    """(Re)connected and every subscription confirmed: what was published during the gap (since the
+    `PubSubDisconnected`, or since the start for a pub/sub that started unconnected) is lost."""
 
     channels: int
     patterns: int
@@ -83,9 +86,12 @@ class PubSubStatistics:
     """Times the reader had to wait because the owner was behind."""
     disconnects: int
     reconnects: int
+    pending_confirmations: int
+    """(Un)subscriptions whose Redis confirmation a caller is (or was, until it gave up) waiting for."""
 
 
 _CONFIRMS = {b"subscribe", b"unsubscribe", b"psubscribe", b"punsubscribe"}
+_UNDOES = {b"unsubscribe": b"subscribe", b"punsubscribe": b"psubscribe"}
 
 
 class PubSub:
@@ -104,7 +110,9 @@ class PubSub:
         self._announce_resubscribed = False
         self._stream: trio.abc.Stream | None = None
         self._conn_scope: trio.CancelScope | None = None
-        self._send_lock = trio.StrictFIFOLock()
+        self._outbox: list[tuple[Any, ...]] = []
+        """Commands for the current connection, in call order; its writer task sends them."""
+        self._outbox_ready = trio.Event()
         self._state = PubSubState.CONNECTING
         self._state_changed = trio.Event()
         self._last_error: RedisError | None = None
@@ -134,6 +142,15 @@ class PubSub:
     async def punsubscribe(self, *patterns: Key) -> None:
         await self._change(b"punsubscribe", self._patterns, patterns, add=False)
 
+    def subscribe_nowait(self, *channels: Key) -> None:
+        """Request the channels without waiting: sent now if connected, else by the next connection. Nothing
+        confirms them to the caller (for an owner that is not waiting for Redis, e.g. during an outage)."""
+        self._request(b"subscribe", self._channels, channels, add=True)
+
+    def unsubscribe_nowait(self, *channels: Key) -> None:
+        """Drop the channels without waiting: sent now if connected; messages already on the way may follow."""
+        self._request(b"unsubscribe", self._channels, channels, add=False)
+
     async def wait_connected(self, timeout: float) -> None:
         """Return once connected (subscriptions sent); `RedisTimeout` after `timeout` seconds."""
         with trio.move_on_after(timeout):
@@ -152,6 +169,7 @@ class PubSub:
             buffer_full=self._buffer_full,
             disconnects=self._disconnects,
             reconnects=self._reconnects,
+            pending_confirmations=len(self._confirms),
         )
 
     # -- internals ----------------------------------------------------------------------------------------------
@@ -162,40 +180,61 @@ class PubSub:
             self._state_changed.set()
             self._state_changed = trio.Event()
 
-    async def _change(self, verb: bytes, names: set[bytes], given: Iterable[Key], *, add: bool) -> None:
+    def _request(self, verb: bytes, names: set[bytes], given: Iterable[Key], *, add: bool) -> list[bytes]:
+        """Update the wanted set and queue the command if connected; returns the names (as bytes)."""
         wanted = [n.encode() if isinstance(n, str) else bytes(n) for n in given]
         if not wanted:
-            return
+            return wanted
         if add:
             names.update(wanted)
         else:
             names.difference_update(wanted)
-            if self._stream is None:
-                return  # nothing to undo: the next connection will not subscribe them
+            # A subscribe still waiting for its confirmation is superseded: release its caller now, else a
+            # subscribe made while disconnected would keep its event until a confirmation that never comes.
+            undone = _UNDOES[verb]
+            for name in wanted:
+                event = self._confirms.pop((undone, name), None)
+                if event is not None:
+                    event.set()
+        self._queue([(verb, *wanted)])
+        return wanted
+
+    async def _change(self, verb: bytes, names: set[bytes], given: Iterable[Key], *, add: bool) -> None:
+        wanted = self._request(verb, names, given, add=add)
+        if not wanted or (not add and self._stream is None):
+            return  # nothing to undo while disconnected: the next connection will not subscribe them
         events = [self._confirms.setdefault((verb, name), trio.Event()) for name in wanted]
-        await self._send([(verb, *wanted)])
         with trio.move_on_after(self.settings.command_timeout):
             for event in events:
                 await event.wait()
             return
         raise RedisTimeout(f"Redis did not confirm {verb.decode()} within {self.settings.command_timeout}s")
 
-    async def _send(self, commands: list[tuple[Any, ...]]) -> None:
-        """Write commands if connected (else the next connection's resubscribe covers them). The write is
-        shielded from the caller's cancellation, so a cancelled caller never leaves half a command behind."""
-        stream = self._stream
-        if stream is None:
+    def _queue(self, commands: list[tuple[Any, ...]]) -> None:
+        """Queue commands for the connection's writer if connected (else the next connection's resubscribe
+        covers them). One writer keeps them in call order, and a cancelled caller never leaves half a command."""
+        if self._stream is None or not commands:
             return
-        data = b"".join(pack_command(cmd) for cmd in commands)
-        try:
-            with trio.CancelScope(shield=True):
-                async with self._send_lock:
-                    with map_errors("pub/sub write"), trio.fail_after(self.settings.command_timeout):
-                        await stream.send_all(data)
-        except RedisError as exc:
-            self._last_error = exc
-            if self._conn_scope is not None and self._stream is stream:
-                self._conn_scope.cancel()
+        self._outbox.extend(commands)
+        self._outbox_ready.set()
+
+    async def _write(self, stream: trio.abc.Stream) -> None:
+        """Send queued commands until the connection is torn down; a failed write ends the connection."""
+        while True:
+            if not self._outbox:
+                self._outbox_ready = trio.Event()
+                await self._outbox_ready.wait()
+                continue
+            commands, self._outbox = self._outbox, []
+            data = b"".join(pack_command(cmd) for cmd in commands)
+            try:
+                with map_errors("pub/sub write"), trio.fail_after(self.settings.command_timeout):
+                    await stream.send_all(data)
+            except RedisError as exc:
+                self._last_error = exc
+                if self._conn_scope is not None:
+                    self._conn_scope.cancel()
+                return
 
     async def _deliver(self, event: PubSubEvent) -> None:
         if not self.messages.put_nowait(event):
@@ -211,6 +250,7 @@ class PubSub:
         """Supervise the connection until cancelled; `started()` at once (after adopting `first`)."""
         failures = 0
         ever_connected = False
+        announce = first is None  # started unconnected: the first connection ends a gap too
         task_status.started()
         while True:
             if first is not None:
@@ -231,29 +271,34 @@ class PubSub:
             try:
                 with trio.CancelScope() as self._conn_scope:
                     self._stream = stream
-                    resubscribe: list[tuple[Any, ...]] = []
+                    self._outbox = []
                     if self._channels:
-                        resubscribe.append((b"subscribe", *self._channels))
+                        self._outbox.append((b"subscribe", *self._channels))
                     if self._patterns:
-                        resubscribe.append((b"psubscribe", *self._patterns))
+                        self._outbox.append((b"psubscribe", *self._patterns))
                     self._resubscribing = {(b"subscribe", n) for n in self._channels}
                     self._resubscribing.update((b"psubscribe", n) for n in self._patterns)
-                    self._announce_resubscribed = ever_connected
-                    await self._send(resubscribe)
+                    self._announce_resubscribed = announce
+                    announce = True
                     if ever_connected:
                         self._reconnects += 1
-                        await self._resubscribed_if_done()
                     ever_connected = True
-                    self._set_state(PubSubState.CONNECTED)
-                    await self._read(stream, reader)
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._write, stream)
+                        await self._resubscribed_if_done()
+                        self._set_state(PubSubState.CONNECTED)
+                        try:
+                            await self._read(stream, reader)
+                        except RedisError as exc:
+                            self._last_error = exc
+                        finally:
+                            nursery.cancel_scope.cancel()
                 if self._last_error is not None:
                     reason = str(self._last_error)
-            except RedisError as exc:
-                self._last_error = exc
-                reason = str(exc)
             finally:
                 self._stream = None
                 self._conn_scope = None
+                self._outbox = []
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(stream)
             self._disconnects += 1
@@ -287,7 +332,7 @@ class PubSub:
                         if ping_sent:
                             raise RedisTimeout(f"pub/sub connection silent for {2 * self._keepalive}s")
                         ping_sent = True
-                        await self._send([(b"PING",)])
+                        self._queue([(b"PING",)])
                         continue
                     if not data:
                         raise RedisConnectionError("Redis closed the pub/sub connection")
