@@ -1,12 +1,18 @@
-"""Shared fixtures: free ports, temp data dirs, and binaries that must exist under CI."""
+"""Shared fixtures: free ports, temp data dirs, binaries that must exist under CI, and a real redis-server."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.redis_server import RedisServer
 
 IN_CI = os.environ.get("CI") == "true"
 
@@ -31,3 +37,12 @@ def require_binary(name: str, path: str | None = None) -> str:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A fresh redis-server for the test (tests/redis_server.py: free port, no persistence); stopped after."""
+    from tests.redis_server import redis_server_running  # it imports this module: import when used
+
+    async with redis_server_running(tmp_path) as server:
+        yield server

@@ -1,23 +1,13 @@
-"""Fixtures for the cluster tests: a real redis-server per test (tests/redis_server.py) and clients on it."""
+"""Fixtures for the cluster tests: clients on the per-test redis-server (`redis_server`, tests/conftest.py)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
-from tests.redis_server import RedisServer, start_redis_server
+from tests.redis_server import RedisServer
 from worker.redis import RedisClient, RedisSettings, open_redis, parse_redis_url
-
-
-@pytest.fixture
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = await start_redis_server(tmp_path)
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 def fast_settings(url: str) -> RedisSettings:

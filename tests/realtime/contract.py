@@ -29,7 +29,7 @@ from realtime.broker_redis import RedisBroker
 from realtime.presence import Presence
 from realtime.presence_memory import MemoryPresence, MemoryPresenceStore
 from realtime.presence_redis import RedisPresence
-from tests.redis_server import start_redis_server
+from tests.redis_server import redis_server_running
 from worker.redis import RedisClient, open_redis
 
 Clock = Callable[[], float]
@@ -57,12 +57,8 @@ _node_ids = itertools.count(1)
 async def redis_backend(query: str = "") -> AsyncIterator[RedisClient]:
     """A fresh redis-server (temp dir, free port) and a client for it; both closed on exit."""
     with tempfile.TemporaryDirectory(prefix="mbw-rt-") as tmp:
-        server = await start_redis_server(Path(tmp))
-        try:
-            async with open_redis(server.url + query) as redis:
-                yield redis
-        finally:
-            await server.stop()
+        async with redis_server_running(Path(tmp)) as server, open_redis(server.url + query) as redis:
+            yield redis
 
 
 @asynccontextmanager

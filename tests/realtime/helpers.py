@@ -1,4 +1,5 @@
-"""Test helpers: JWTs, a tiny upgrade-only front door, and a Phoenix client over websockets' trio client.
+"""Test helpers: JWTs, a tiny upgrade-only front door, a Phoenix client over websockets' trio client, and a
+realtime node on Redis.
 
 The front door here only reads a request head and hands the stream to `RealtimeService.websocket_handler`
 (the same seam worker/http uses); the e2e tests go through the real worker/http server instead.
@@ -18,7 +19,10 @@ import trio
 from websockets.trio.client import ClientConnection, connect
 
 from realtime import RealtimeService, RealtimeSettings, open_realtime
+from realtime.broker_redis import RedisBroker, open_redis_broker
+from realtime.presence_redis import RedisPresence, open_redis_presence
 from worker.http.types import EmptyBody, HttpRequest
+from worker.redis import RedisClient
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
 
@@ -139,3 +143,17 @@ async def phx_client(
     url = f"ws://127.0.0.1:{port}{path}?apikey={apikey}&vsn={vsn}"
     async with connect(url, open_timeout=5, ping_interval=None) as ws:
         yield Phx(ws, vsn)
+
+
+@asynccontextmanager
+async def redis_node(
+    redis: RedisClient, node_id: str, settings: RealtimeSettings | None = None
+) -> AsyncIterator[tuple[RealtimeService, int, RedisBroker, RedisPresence]]:
+    """A realtime node on Redis, wired as the daemon does it: (service, port, broker, presence)."""
+    settings = settings or RealtimeSettings()
+    async with (
+        open_redis_broker(redis, redis.settings, node_id=node_id) as broker,
+        open_redis_presence(redis, redis.settings, node_id=node_id, ttl=settings.presence_ttl) as presence,
+        running_realtime(settings, node_id=node_id, broker=broker, presence=presence) as (service, port),
+    ):
+        yield service, port, broker, presence

@@ -3,52 +3,17 @@ order per topic on every node, and a Redis restart (local delivery meanwhile, re
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 
-from realtime import RealtimeService, RealtimeSettings
 from realtime.broker import Envelope, broker_key
-from realtime.broker_redis import RedisBroker, open_redis_broker
-from realtime.presence_redis import open_redis_presence
-from tests.realtime.helpers import Phx, phx_client, running_realtime
-from tests.redis_server import RedisServer, start_redis_server
+from realtime.broker_redis import RedisBroker
+from tests.realtime.helpers import Phx, phx_client, redis_node
+from tests.redis_server import RedisServer
 from worker.redis import RedisClient, open_redis
 
 T = "realtime:room"
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = await start_redis_server(tmp_path)
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
-async def redis(server: RedisServer) -> AsyncIterator[RedisClient]:
-    async with open_redis(server.url) as client:
-        yield client
-
-
-@asynccontextmanager
-async def redis_node(
-    redis: RedisClient, node_id: str, settings: RealtimeSettings | None = None
-) -> AsyncIterator[tuple[RealtimeService, int, RedisBroker]]:
-    """A realtime node on Redis, wired as the daemon does it: (service, port, broker)."""
-    settings = settings or RealtimeSettings()
-    async with (
-        open_redis_broker(redis, redis.settings, node_id=node_id) as broker,
-        open_redis_presence(redis, redis.settings, node_id=node_id, ttl=settings.presence_ttl) as presence,
-        running_realtime(settings, node_id=node_id, broker=broker, presence=presence) as (service, port),
-    ):
-        yield service, port, broker
 
 
 async def say(client: Phx, join_ref: str, event: str) -> None:
@@ -61,8 +26,8 @@ async def next_broadcast(client: Phx) -> Any:
 
 async def test_broadcast_crosses_nodes_and_self_false_skips_only_the_sender(redis: RedisClient) -> None:
     async with (
-        redis_node(redis, "A") as (_, port_a, _),
-        redis_node(redis, "B") as (_, port_b, _),
+        redis_node(redis, "A") as (_, port_a, _, _),
+        redis_node(redis, "B") as (_, port_b, _, _),
         phx_client(port_a) as a1,
         phx_client(port_a) as a2,
         phx_client(port_b, "1.0.0") as b1,
@@ -128,11 +93,11 @@ async def test_one_order_per_topic_on_every_node(redis: RedisClient) -> None:
 
 
 async def test_redis_restart_local_delivery_then_recovery_without_duplicates(
-    server: RedisServer, redis: RedisClient
+    redis_server: RedisServer, redis: RedisClient
 ) -> None:
     async with (
-        redis_node(redis, "A") as (_, port_a, broker_a),
-        redis_node(redis, "B") as (_, port_b, broker_b),
+        redis_node(redis, "A") as (_, port_a, broker_a, _),
+        redis_node(redis, "B") as (_, port_b, broker_b, _),
         phx_client(port_a) as a1,
         phx_client(port_a) as a2,
         phx_client(port_b) as b1,
@@ -145,12 +110,12 @@ async def test_redis_restart_local_delivery_then_recovery_without_duplicates(
         assert await next_broadcast(a2) == "before"
         assert await next_broadcast(b1) == "before"
 
-        await server.stop()
+        await redis_server.stop()
         await say(a1, j1, "during")  # Redis is down: node A's own subscribers still get it
         assert await next_broadcast(a2) == "during"
         assert broker_a.statistics().local_fallbacks >= 1
 
-        await server.start()
+        await redis_server.start()
         await broker_a.wait_connected(10)
         await broker_b.wait_connected(10)
         await redis.wait_connected(10)  # the command connections reconnect on their own schedule
@@ -162,34 +127,30 @@ async def test_redis_restart_local_delivery_then_recovery_without_duplicates(
         assert await next_broadcast(a1) == "last"  # and a1 never saw its own messages, before or after
 
 
-async def test_broker_started_without_redis_delivers_locally_then_joins(tmp_path: Path) -> None:
-    server = await start_redis_server(tmp_path)
-    url = server.url
-    await server.stop()  # a known free port with nothing listening yet
-    try:
-        async with open_redis(url + "?connect_timeout=0.5&command_timeout=1", require_connection=False) as redis:
-            key = broker_key(T, False)
-            sink_a, sink_b = Sink(), Sink()
-            async with trio.open_nursery() as nursery:
-                a = RedisBroker(redis, redis.settings, node_id="A")
-                b = RedisBroker(redis, redis.settings, node_id="B")
-                a.bind(sink_a)
-                b.bind(sink_b)
-                await nursery.start(a.serve)
-                await nursery.start(b.serve)
-                await a.subscribe(key)
-                await b.subscribe(key)
-                await a.publish(key, Envelope(T, False, "local", b"{}", True, False, "A"))
-                await sink_a.wait_count(1)
-                await server.start()
-                await a.wait_connected(10)
-                await b.wait_connected(10)
-                await redis.wait_connected(10)
-                await a.publish(key, Envelope(T, False, "shared", b"{}", True, False, "A"))
-                await sink_b.wait_count(1)
-                await sink_a.wait_count(2)
-                assert sink_a.events == ["local", "shared"]
-                assert sink_b.events == ["shared"]
-                nursery.cancel_scope.cancel()
-    finally:
-        await server.stop()
+async def test_broker_started_without_redis_delivers_locally_then_joins(redis_server: RedisServer) -> None:
+    url = redis_server.url
+    await redis_server.stop()  # a known free port with nothing listening yet
+    async with open_redis(url + "?connect_timeout=0.5&command_timeout=1", require_connection=False) as redis:
+        key = broker_key(T, False)
+        sink_a, sink_b = Sink(), Sink()
+        async with trio.open_nursery() as nursery:
+            a = RedisBroker(redis, redis.settings, node_id="A")
+            b = RedisBroker(redis, redis.settings, node_id="B")
+            a.bind(sink_a)
+            b.bind(sink_b)
+            await nursery.start(a.serve)
+            await nursery.start(b.serve)
+            await a.subscribe(key)
+            await b.subscribe(key)
+            await a.publish(key, Envelope(T, False, "local", b"{}", True, False, "A"))
+            await sink_a.wait_count(1)
+            await redis_server.start()
+            await a.wait_connected(10)
+            await b.wait_connected(10)
+            await redis.wait_connected(10)
+            await a.publish(key, Envelope(T, False, "shared", b"{}", True, False, "A"))
+            await sink_b.wait_count(1)
+            await sink_a.wait_count(2)
+            assert sink_a.events == ["local", "shared"]
+            assert sink_b.events == ["shared"]
+            nursery.cancel_scope.cancel()

@@ -3,53 +3,19 @@ node's users leaving through another node's sweeper, a Redis restart (resync), c
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 
-from realtime import RealtimeService, RealtimeSettings
-from realtime.broker_redis import open_redis_broker
+from realtime import RealtimeSettings
 from realtime.presence import PresenceDiff
 from realtime.presence_redis import RedisPresence, open_redis_presence
-from tests.realtime.helpers import Phx, phx_client, running_realtime
-from tests.redis_server import RedisServer, start_redis_server
-from worker.redis import RedisClient, open_redis
+from tests.realtime.helpers import Phx, phx_client, redis_node
+from tests.redis_server import RedisServer
+from worker.redis import RedisClient
 
 T = "realtime:room"
 KEY = "public|" + T
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = await start_redis_server(tmp_path)
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
-async def redis(server: RedisServer) -> AsyncIterator[RedisClient]:
-    async with open_redis(server.url) as client:
-        yield client
-
-
-@asynccontextmanager
-async def redis_node(
-    redis: RedisClient, node_id: str, settings: RealtimeSettings | None = None
-) -> AsyncIterator[tuple[RealtimeService, int, RedisPresence]]:
-    """A realtime node on Redis, wired as the daemon does it: (service, port, presence)."""
-    settings = settings or RealtimeSettings()
-    async with (
-        open_redis_broker(redis, redis.settings, node_id=node_id) as broker,
-        open_redis_presence(redis, redis.settings, node_id=node_id, ttl=settings.presence_ttl) as presence,
-        running_realtime(settings, node_id=node_id, broker=broker, presence=presence) as (service, port),
-    ):
-        yield service, port, presence
 
 
 class Model:
@@ -92,8 +58,8 @@ async def track(client: Phx, join_ref: str, n: int) -> None:
 
 async def test_presence_is_shared_across_nodes(redis: RedisClient) -> None:
     async with (
-        redis_node(redis, "A") as (_, port_a, _),
-        redis_node(redis, "B") as (_, port_b, _),
+        redis_node(redis, "A") as (_, port_a, _, _),
+        redis_node(redis, "B") as (_, port_b, _, _),
         phx_client(port_a) as a,
         phx_client(port_b, "1.0.0") as b,
     ):
@@ -114,7 +80,7 @@ async def test_dead_node_entries_expire_and_leave_on_other_nodes(redis: RedisCli
     """Node A tracks a member, then dies (its presence stops: no refresh, no cleanup). Node B's upkeep sweeps
     A's entry after the TTL and B's clients get the leave diff."""
     settings = RealtimeSettings(presence_ttl=1.0, presence_refresh_interval=0.1)
-    async with redis_node(redis, "B", settings) as (_, port_b, presence_b), phx_client(port_b) as b:
+    async with redis_node(redis, "B", settings) as (_, port_b, _, presence_b), phx_client(port_b) as b:
         seen = Model()
         jb, _ = await b.join(T, {"presence": {"key": "bob"}})
         await track(b, jb, 2)
@@ -135,12 +101,12 @@ class _Ignore:
         pass
 
 
-async def test_redis_restart_resyncs_presence(server: RedisServer, redis: RedisClient) -> None:
+async def test_redis_restart_resyncs_presence(redis_server: RedisServer, redis: RedisClient) -> None:
     """Redis restarts empty: each node restores its own members; a change made during the outage reaches the
     other node afterwards; new joins see the whole cluster again."""
     async with (
-        redis_node(redis, "A") as (_, port_a, presence_a),
-        redis_node(redis, "B") as (_, port_b, presence_b),
+        redis_node(redis, "A") as (_, port_a, _, presence_a),
+        redis_node(redis, "B") as (_, port_b, _, presence_b),
         phx_client(port_a) as a,
         phx_client(port_b) as b,
     ):
@@ -152,10 +118,10 @@ async def test_redis_restart_resyncs_presence(server: RedisServer, redis: RedisC
         await follow(a, seen_a, {"alice": [1], "bob": [2]})
         await follow(b, seen_b, {"alice": [1], "bob": [2]})
 
-        await server.stop()
+        await redis_server.stop()
         await track(a, ja, 3)  # during the outage: A's own clients hear it at once
         await follow(a, seen_a, {"alice": [3], "bob": [2]})
-        await server.start()
+        await redis_server.start()
 
         assert presence_a.statistics().local_fallbacks == 1
         await follow(b, seen_b, {"alice": [3], "bob": [2]})  # B hears the change once A resynced

@@ -1,24 +1,13 @@
-"""Fixtures for the Redis client tests: a real redis-server per test (see tests/redis_server.py)."""
+"""Fixtures for the Redis client tests (the `redis_server` fixture is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import trio
 
 from tests.conftest import free_port
-from tests.redis_server import RedisServer, start_redis_server
-
-
-@pytest.fixture
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = await start_redis_server(tmp_path)
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture
