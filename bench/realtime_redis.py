@@ -16,18 +16,15 @@ bench/realtime_fanout.py), so it is left out.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
-from _load import cpu_seconds, free_port
+from _load import cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -35,9 +32,9 @@ sys.path.insert(0, str(ROOT))
 from realtime.broker import Broker, Envelope, broker_key  # noqa: E402
 from realtime.broker_memory import MemoryBroker, MemoryBus  # noqa: E402
 from realtime.broker_redis import RedisBroker  # noqa: E402
+from tests.redis_server import redis_server_running  # noqa: E402
 from worker.redis import open_redis  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
 TIME_LIMIT = 60.0
 
 
@@ -120,45 +117,26 @@ async def run_case(
     return Result(receiver.count, seconds, cpu, server_cpu, receiver.latencies)
 
 
-@asynccontextmanager
-async def redis_server() -> AsyncIterator[tuple[str, int]]:
-    with tempfile.TemporaryDirectory(prefix="mbw-bench-") as tmp:
-        port = free_port()
-        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        proc = await trio.lowlevel.open_process(argv, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            with trio.fail_after(10):
-                while True:
-                    try:
-                        stream = await trio.open_tcp_stream("127.0.0.1", port)
-                        await stream.aclose()
-                        break
-                    except OSError:
-                        await trio.sleep(0.01)
-            yield f"redis://127.0.0.1:{port}/0", proc.pid
-        finally:
-            proc.terminate()
-            with trio.CancelScope(shield=True), trio.move_on_after(10):
-                await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-                with trio.CancelScope(shield=True):
-                    await proc.wait()
-
-
 async def main(args: argparse.Namespace) -> None:
     rows: list[tuple[str, Result, Result]] = []
-    async with redis_server() as (url, pid), open_redis(url) as redis, trio.open_nursery() as nursery:
-        bus = MemoryBus()
-        for tasks in (1, args.publishers):
-            mem = await run_case(lambda _node: MemoryBroker(bus), nursery, args, tasks, None)
+    with tempfile.TemporaryDirectory(prefix="mbw-bench-") as tmp:
+        async with (
+            redis_server_running(Path(tmp)) as server,
+            open_redis(server.url) as redis,
+            trio.open_nursery() as nursery,
+        ):
+            assert server.process is not None
+            pid = server.process.pid
+            bus = MemoryBus()
+            for tasks in (1, args.publishers):
+                mem = await run_case(lambda _node: MemoryBroker(bus), nursery, args, tasks, None)
 
-            def make(node: str, n: int = tasks) -> Broker:
-                return RedisBroker(redis, redis.settings, node_id=f"{node}{n}")
+                def make(node: str, n: int = tasks) -> Broker:
+                    return RedisBroker(redis, redis.settings, node_id=f"{node}{n}")
 
-            red = await run_case(make, nursery, args, tasks, pid)
-            rows.append((f"{tasks} publisher task{'s' if tasks > 1 else ''}", red, mem))
-        nursery.cancel_scope.cancel()
+                red = await run_case(make, nursery, args, tasks, pid)
+                rows.append((f"{tasks} publisher task{'s' if tasks > 1 else ''}", red, mem))
+            nursery.cancel_scope.cancel()
     print(f"cross-node broadcasts A → B, {args.messages} messages of ~{args.payload} B payload, one run, loopback")
     head = f"{'case':<22}{'Redis msg/s':>13}{'memory msg/s':>14}{'ratio':>8}"
     head += f"{'Redis CPU µs/msg':>18}{'redis-server µs/msg':>21}{'p50 ms':>8}{'p99 ms':>8}"
