@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from moka_py import Moka  # noqa: E402
 
-from worker.cache import CacheSettings, FunctionCacheConfig, Hit, Miss, ResultCache  # noqa: E402
+from mbworker.worker.cache import CacheSettings, FunctionCacheConfig, Hit, Miss, ResultCache  # noqa: E402
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -122,7 +122,7 @@ RC_HEAD: Headers = [(b"content-type", b"application/octet-stream")]
 
 def result_cache_weight(key: int, size: int) -> int:
     """The weight ResultCache gives this trace's entry: body + headers + key + its fixed overhead."""
-    from worker.cache.store import _ENTRY_OVERHEAD, _HEADER_OVERHEAD
+    from mbworker.worker.cache.store import _ENTRY_OVERHEAD, _HEADER_OVERHEAD
 
     headers = sum(len(k) + len(v) + _HEADER_OVERHEAD for k, v in RC_HEAD)
     return _ENTRY_OVERHEAD + size + headers + len(RC_PATH) + len(f"k={key}")
@@ -252,10 +252,10 @@ def _serve(port: int, cached: bool) -> None:
 
     import trio
 
-    from runtimes.api import InvocationResult
-    from worker.cache import respond_through_cache
-    from worker.http.server import serve_http
-    from worker.http.types import HttpRequest, Responder, WebSocketHandler
+    from mbworker.runtimes.api import InvocationResult
+    from mbworker.worker.cache import respond_through_cache
+    from mbworker.worker.http.server import serve_http
+    from mbworker.worker.http.types import HttpRequest, Responder, WebSocketHandler
 
     cache = ResultCache(CacheSettings())
     config = FunctionCacheConfig()

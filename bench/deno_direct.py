@@ -37,9 +37,9 @@ sys.path.insert(0, str(HERE))
 import trio  # noqa: E402
 from _load import LoadResult, cpu_seconds, free_port, run_load  # noqa: E402
 
-from runtimes.api import FunctionVersion, Invocation, empty_body  # noqa: E402
-from runtimes.deno import DenoSettings, open_deno_runtime  # noqa: E402
-from runtimes.limits import Limits  # noqa: E402
+from mbworker.runtimes.api import FunctionVersion, Invocation, empty_body  # noqa: E402
+from mbworker.runtimes.deno import DenoSettings, open_deno_runtime  # noqa: E402
+from mbworker.runtimes.limits import Limits  # noqa: E402
 
 FUNCTION = 'Deno.serve(() => new Response("ok"));\n'
 DIRECT = 'Deno.serve({ hostname: "127.0.0.1", port: Number(Deno.args[0]), onListen() {} }, () => new Response("ok"));\n'

@@ -31,7 +31,7 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from runtimes.deno.runtime import _default_deno_bin  # noqa: E402
+from mbworker.runtimes.deno.runtime import _default_deno_bin  # noqa: E402
 
 CANNED = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nhello"
 HELLO = 'Deno.serve(() => new Response("hello", { headers: { "content-type": "text/plain" } }));\n'

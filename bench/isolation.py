@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 import trio  # noqa: E402
 
-from runtimes.api import FunctionVersion, Invocation, empty_body  # noqa: E402
-from runtimes.deno import DenoRuntime, DenoSettings, open_deno_runtime  # noqa: E402
-from runtimes.errors import FunctionRuntimeError  # noqa: E402
-from runtimes.limits import Limits  # noqa: E402
+from mbworker.runtimes.api import FunctionVersion, Invocation, empty_body  # noqa: E402
+from mbworker.runtimes.deno import DenoRuntime, DenoSettings, open_deno_runtime  # noqa: E402
+from mbworker.runtimes.errors import FunctionRuntimeError  # noqa: E402
+from mbworker.runtimes.limits import Limits  # noqa: E402
 
 LIGHT = 'Deno.serve(() => new Response("ok"));\n'
 CPU_HOG = "Deno.serve(() => { while (true) {} });\n"

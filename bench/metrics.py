@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest  # noqa: E402
 
-from runtimes.api import RuntimeStatistics  # noqa: E402
-from worker.metrics import (  # noqa: E402
+from mbworker.runtimes.api import RuntimeStatistics  # noqa: E402
+from mbworker.worker.metrics import (  # noqa: E402
     CACHE_STATS,
     HTTP_STATS,
     LATENCY_BUCKETS,

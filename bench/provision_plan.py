@@ -13,9 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from provision.hetzner import HetznerProvider
-from provision.provider import ApplyOptions
-from provision.secrets import ClusterSecrets
+from mbworker.provision.hetzner import HetznerProvider
+from mbworker.provision.provider import ApplyOptions
+from mbworker.provision.secrets import ClusterSecrets
 from tests.provision.conftest import FakeNodeOps, make_spec
 from tests.provision.fake_hcloud import FakeHcloud
 

@@ -83,9 +83,9 @@ def serve_mbworker(port: int, breakdown: int = 0) -> None:
     import trio
 
     sys.path.insert(0, str(ROOT))
-    from realtime import RealtimeSettings, open_realtime
-    from worker.http.server import serve_http
-    from worker.http.settings import HttpSettings
+    from mbworker.realtime import RealtimeSettings, open_realtime
+    from mbworker.worker.http.server import serve_http
+    from mbworker.worker.http.settings import HttpSettings
 
     class App:
         def __init__(self, service: Any) -> None:

@@ -35,13 +35,13 @@ sys.path.insert(0, str(ROOT))
 import trio  # noqa: E402
 import wasmtime  # noqa: E402
 
-from runtimes.api import FunctionVersion, Invocation, empty_body  # noqa: E402
-from runtimes.wasm import (  # noqa: E402
+from mbworker.runtimes.api import FunctionVersion, Invocation, empty_body  # noqa: E402
+from mbworker.runtimes.wasm import (  # noqa: E402
     WasmSettings,
     cgi,
     open_wasm_runtime,
 )
-from runtimes.wasm.sandbox import CallLimits, Sandbox  # noqa: E402
+from mbworker.runtimes.wasm.sandbox import CallLimits, Sandbox  # noqa: E402
 
 HELLO = """(module
   (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))

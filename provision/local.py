@@ -276,7 +276,7 @@ class LocalProvider:
             root = str(Path(__file__).resolve().parent.parent)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
             listen = f"{self.host}:{self.port('gateway')}"
-            argv = [sys.executable, "-m", "provision.local_gateway", "--listen", listen,
+            argv = [sys.executable, "-m", "mbworker.provision.local_gateway", "--listen", listen,
                     "--backends", str(self._backends_path())]  # fmt: skip
             return argv, env
         data_dir = self.dir / f"worker-{index}"

@@ -1,6 +1,6 @@
 """A small TCP gateway for the local provider: round-robin over the workers, WebSocket-safe (it splices bytes).
 
-Run as `python -m provision.local_gateway --listen 127.0.0.1:PORT --backends FILE`. FILE holds one `host:port`
+Run as `python -m mbworker.provision.local_gateway --listen 127.0.0.1:PORT --backends FILE`. FILE holds one `host:port`
 per line; it is re-read when it changes (replaced or rewritten), so scaling the local cluster only rewrites
 the file. A backend that refuses the connection is skipped (that is the health check: a drained or stopped
 worker stops accepting).
@@ -118,7 +118,7 @@ async def _main(host: str, port: int, backends: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m provision.local_gateway")
+    parser = argparse.ArgumentParser(prog="python -m mbworker.provision.local_gateway")
     parser.add_argument("--listen", required=True, help="host:port")
     parser.add_argument("--backends", required=True, type=Path, help="file with one host:port per line")
     args = parser.parse_args(argv)

@@ -35,7 +35,7 @@ class RenderError(ValueError):
 
 
 def template(name: str) -> str:
-    return resources.files("provision.templates").joinpath(name).read_text()
+    return resources.files("mbworker.provision.templates").joinpath(name).read_text()
 
 
 def render_text(text: str, values: dict[str, str]) -> str:

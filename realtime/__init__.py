@@ -3,9 +3,9 @@
 Entry point: `open_realtime(settings, jwt_secret=..., node_id=...)` → `RealtimeService`.
 """
 
-from realtime.errors import RealtimeError
-from realtime.service import RealtimeService, RealtimeStatistics, open_realtime
-from realtime.settings import PrivateChannelRule, RealtimeSettings
+from mbworker.realtime.errors import RealtimeError
+from mbworker.realtime.service import RealtimeService, RealtimeStatistics, open_realtime
+from mbworker.realtime.settings import PrivateChannelRule, RealtimeSettings
 
 __all__ = [
     "PrivateChannelRule",

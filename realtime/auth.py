@@ -16,8 +16,8 @@ from typing import Any
 
 import jwt
 
-from realtime.errors import AuthError
-from realtime.settings import PrivateChannelRule
+from mbworker.realtime.errors import AuthError
+from mbworker.realtime.settings import PrivateChannelRule
 
 __all__ = ["Authenticator"]
 

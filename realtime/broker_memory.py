@@ -6,8 +6,8 @@ single process (tests, benchmarks); nothing ever crosses a process boundary.
 
 from __future__ import annotations
 
-from realtime.broker import BrokerHandler, Envelope
-from realtime.errors import BrokerError
+from mbworker.realtime.broker import BrokerHandler, Envelope
+from mbworker.realtime.errors import BrokerError
 
 __all__ = ["MemoryBroker", "MemoryBus"]
 

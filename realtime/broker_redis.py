@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import msgpack  # type: ignore[import-untyped]
 import trio
 
-from realtime.broker import BrokerHandler, Envelope
-from realtime.errors import BrokerError
-from worker.redis import (
+from mbworker.realtime.broker import BrokerHandler, Envelope
+from mbworker.realtime.errors import BrokerError
+from mbworker.worker.redis import (
     PubSub,
     PubSubDisconnected,
     PubSubMessage,
@@ -49,7 +49,7 @@ from worker.redis import (
 
 __all__ = ["RedisBroker", "RedisBrokerStatistics", "open_redis_broker"]
 
-log = logging.getLogger("realtime.broker")
+log = logging.getLogger("mbworker.realtime.broker")
 
 _LOCAL_SEQS = 10_000
 """How many locally delivered sequence numbers to remember (an outage's worth of own broadcasts)."""

@@ -17,19 +17,19 @@ from typing import Any
 
 import trio
 
-from realtime.auth import Authenticator
-from realtime.broker import Broker, Envelope, broker_key
-from realtime.errors import AuthError
-from realtime.hub import Hub
-from realtime.limits import RateLimit, SharedLimiter, WindowLimit
-from realtime.presence import Presence, state_payload
-from realtime.protocol import BroadcastPayload, Message, ProtocolError, Vsn, decode_binary, decode_text, encode
-from realtime.settings import RealtimeSettings
-from realtime.transport import OutFrame, Transport
+from mbworker.realtime.auth import Authenticator
+from mbworker.realtime.broker import Broker, Envelope, broker_key
+from mbworker.realtime.errors import AuthError
+from mbworker.realtime.hub import Hub
+from mbworker.realtime.limits import RateLimit, SharedLimiter, WindowLimit
+from mbworker.realtime.presence import Presence, state_payload
+from mbworker.realtime.protocol import BroadcastPayload, Message, ProtocolError, Vsn, decode_binary, decode_text, encode
+from mbworker.realtime.settings import RealtimeSettings
+from mbworker.realtime.transport import OutFrame, Transport
 
 __all__ = ["Channel", "Client", "NodeContext"]
 
-log = logging.getLogger("realtime")
+log = logging.getLogger("mbworker.realtime")
 
 TOPIC_PREFIX = "realtime:"
 

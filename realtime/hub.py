@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from realtime.broker import Broker, Envelope
-from realtime.presence import Presence, PresenceDiff
-from realtime.protocol import BroadcastPayload, Message, Vsn, encode, encode_broadcast
-from realtime.transport import OutFrame
+from mbworker.realtime.broker import Broker, Envelope
+from mbworker.realtime.presence import Presence, PresenceDiff
+from mbworker.realtime.protocol import BroadcastPayload, Message, Vsn, encode, encode_broadcast
+from mbworker.realtime.transport import OutFrame
 
 if TYPE_CHECKING:
-    from realtime.client import Channel, Client
+    from mbworker.realtime.client import Channel, Client
 
 __all__ = ["Hub"]
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import trio
 
-from realtime.errors import PresenceError
-from realtime.presence import PresenceDiff, PresenceHandler, PresenceState
+from mbworker.realtime.errors import PresenceError
+from mbworker.realtime.presence import PresenceDiff, PresenceHandler, PresenceState
 
 __all__ = ["MemoryPresence", "MemoryPresenceStore", "new_phx_ref"]
 

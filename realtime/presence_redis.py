@@ -42,10 +42,10 @@ from typing import Any, TypeVar
 import msgpack  # type: ignore[import-untyped]
 import trio
 
-from realtime.errors import PresenceError
-from realtime.presence import PresenceDiff, PresenceHandler, PresenceState
-from realtime.presence_memory import new_phx_ref
-from worker.redis import (
+from mbworker.realtime.errors import PresenceError
+from mbworker.realtime.presence import PresenceDiff, PresenceHandler, PresenceState
+from mbworker.realtime.presence_memory import new_phx_ref
+from mbworker.worker.redis import (
     PubSub,
     PubSubDisconnected,
     PubSubMessage,
@@ -59,13 +59,13 @@ from worker.redis import (
 
 __all__ = ["RedisPresence", "RedisPresenceStatistics", "open_redis_presence"]
 
-log = logging.getLogger("realtime.presence")
+log = logging.getLogger("mbworker.realtime.presence")
 
-_TRACK = Script.from_package("realtime", "presence_track.lua")
-_UNTRACK = Script.from_package("realtime", "presence_untrack.lua")
-_REFRESH = Script.from_package("realtime", "presence_refresh.lua")
-_SWEEP = Script.from_package("realtime", "presence_sweep.lua")
-_LIST = Script.from_package("realtime", "presence_list.lua")
+_TRACK = Script.from_package("mbworker.realtime", "presence_track.lua")
+_UNTRACK = Script.from_package("mbworker.realtime", "presence_untrack.lua")
+_REFRESH = Script.from_package("mbworker.realtime", "presence_refresh.lua")
+_SWEEP = Script.from_package("mbworker.realtime", "presence_sweep.lua")
+_LIST = Script.from_package("mbworker.realtime", "presence_list.lua")
 
 _SWEEP_BATCH = 1000
 """Entries removed per sweep script call (bounds the time one script holds Redis)."""

@@ -22,23 +22,23 @@ from urllib.parse import parse_qs, unquote
 import trio
 from websockets.http11 import Request, Response
 
-from realtime.auth import Authenticator
-from realtime.broker import Broker, Envelope, broker_key
-from realtime.broker_memory import MemoryBroker
-from realtime.client import TOPIC_PREFIX, Client, NodeContext
-from realtime.errors import AuthError
-from realtime.hub import Hub
-from realtime.limits import SharedLimiter
-from realtime.presence import Presence
-from realtime.presence_memory import MemoryPresence
-from realtime.protocol import ProtocolError, Vsn, parse_vsn
-from realtime.settings import RealtimeSettings
-from realtime.transport import Transport, TransportClosed, accept_stream, json_response
-from worker.http.types import BodyTooLarge, HttpRequest, Responder, WebSocketHandler
+from mbworker.realtime.auth import Authenticator
+from mbworker.realtime.broker import Broker, Envelope, broker_key
+from mbworker.realtime.broker_memory import MemoryBroker
+from mbworker.realtime.client import TOPIC_PREFIX, Client, NodeContext
+from mbworker.realtime.errors import AuthError
+from mbworker.realtime.hub import Hub
+from mbworker.realtime.limits import SharedLimiter
+from mbworker.realtime.presence import Presence
+from mbworker.realtime.presence_memory import MemoryPresence
+from mbworker.realtime.protocol import ProtocolError, Vsn, parse_vsn
+from mbworker.realtime.settings import RealtimeSettings
+from mbworker.realtime.transport import Transport, TransportClosed, accept_stream, json_response
+from mbworker.worker.http.types import BodyTooLarge, HttpRequest, Responder, WebSocketHandler
 
 __all__ = ["RealtimeService", "RealtimeStatistics", "open_realtime"]
 
-log = logging.getLogger("realtime")
+log = logging.getLogger("mbworker.realtime")
 
 _CORS = [
     (b"access-control-allow-origin", b"*"),

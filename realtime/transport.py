@@ -35,7 +35,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from realtime.errors import RealtimeError
+from mbworker.realtime.errors import RealtimeError
 
 __all__ = ["OutFrame", "Transport", "TransportClosed", "accept_stream", "json_response"]
 

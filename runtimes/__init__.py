@@ -4,7 +4,7 @@ The front door only ever sees `Runtime`, `FunctionVersion`, `Invocation`, `Invoc
 `runtimes.errors`; never a subprocess or a wasmtime Store.
 """
 
-from runtimes.api import (
+from mbworker.runtimes.api import (
     BodyStream,
     FunctionVersion,
     Invocation,
@@ -12,7 +12,7 @@ from runtimes.api import (
     Runtime,
     RuntimeStatistics,
 )
-from runtimes.errors import (
+from mbworker.runtimes.errors import (
     BootError,
     FunctionRuntimeError,
     IdleTimeout,
@@ -21,7 +21,7 @@ from runtimes.errors import (
     WorkerBusy,
     WorkerError,
 )
-from runtimes.limits import Limits
+from mbworker.runtimes.limits import Limits
 
 __all__ = [
     "BodyStream",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
-from runtimes.limits import Limits
+from mbworker.runtimes.limits import Limits
 
 Headers = list[tuple[bytes, bytes]]
 """Header pairs as raw bytes. Request names are lower-case; order and repeats are kept."""

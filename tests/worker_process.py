@@ -15,7 +15,7 @@ import trio
 
 from tests.conftest import free_port
 
-MBWORKER = [sys.executable, "-m", "worker.cli"]
+MBWORKER = [sys.executable, "-m", "mbworker.worker.cli"]
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60
 

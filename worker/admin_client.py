@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 
-from worker.errors import AdminApiError, ConfigError
-from worker.keys import admin_token_file
+from mbworker.worker.errors import AdminApiError, ConfigError
+from mbworker.worker.keys import admin_token_file
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:8001"
 UPLOAD_CHUNK = 256 * 1024

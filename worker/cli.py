@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from worker.errors import AdminApiError, ConfigError
+from mbworker.worker.errors import AdminApiError, ConfigError
 
 
 def _admin_options(p: argparse.ArgumentParser) -> None:
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("slug", nargs="?")
     _admin_options(purge)
 
-    from provision.cli import add_local_commands, add_provision_commands
+    from mbworker.provision.cli import add_local_commands, add_provision_commands
 
     add_provision_commands(sub)
     add_local_commands(sub)
@@ -115,8 +115,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     import trio
 
-    from worker.daemon import WorkerHandle, serve_worker
-    from worker.logs import configure_logging
+    from mbworker.worker.daemon import WorkerHandle, serve_worker
+    from mbworker.worker.logs import configure_logging
 
     settings = _settings_from(args)
     configure_logging(settings.log_level)
@@ -139,7 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _settings_from(args: argparse.Namespace) -> Any:
-    from worker.config import load_settings
+    from mbworker.worker.config import load_settings
 
     return load_settings(
         args.config,
@@ -153,7 +153,7 @@ def _settings_from(args: argparse.Namespace) -> Any:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from worker.doctor import run_doctor
+    from mbworker.worker.doctor import run_doctor
 
     return run_doctor(_settings_from(args))
 
@@ -186,8 +186,8 @@ def _print_banner(handle: Any) -> None:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from worker.admin_client import AdminClient, resolve_admin
-    from worker.deploy_local import build_bundles
+    from mbworker.worker.admin_client import AdminClient, resolve_admin
+    from mbworker.worker.deploy_local import build_bundles
 
     url, token = resolve_admin(args.url, args.token)
     bundles = build_bundles(args.path, name=args.name, no_verify_jwt=args.no_verify_jwt, env_file=args.env_file)
@@ -209,11 +209,11 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def _functions(args: argparse.Namespace) -> int:
-    from worker.admin_client import AdminClient, resolve_admin
+    from mbworker.worker.admin_client import AdminClient, resolve_admin
 
     url, token = resolve_admin(args.url, args.token)
     if args.action == "logs":
-        from worker.function_logs import print_logs
+        from mbworker.worker.function_logs import print_logs
 
         return print_logs(url, token, args.slug, args.follow, args.since, limit=args.limit, json_output=args.json)
     with AdminClient(url, token) as client:
@@ -235,7 +235,7 @@ def _functions(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from worker.admin_client import AdminClient, resolve_admin
+    from mbworker.worker.admin_client import AdminClient, resolve_admin
 
     url, token = resolve_admin(args.url, args.token)
     with AdminClient(url, token) as client:

@@ -20,10 +20,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from realtime.settings import RealtimeSettings
-from runtimes.deno.permissions import NetPolicy, NetPolicyError
-from runtimes.limits import Limits
-from worker.errors import ConfigError
+from mbworker.realtime.settings import RealtimeSettings
+from mbworker.runtimes.deno.permissions import NetPolicy, NetPolicyError
+from mbworker.runtimes.limits import Limits
+from mbworker.worker.errors import ConfigError
 
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("mbworker_config_file", default=None)
 

@@ -22,18 +22,18 @@ from urllib.parse import urlsplit
 
 import trio
 
-from realtime import open_realtime
-from realtime.broker import Broker
-from realtime.broker_redis import open_redis_broker
-from realtime.presence import Presence
-from realtime.presence_redis import open_redis_presence
-from runtimes import Runtime
-from runtimes.deno import DenoSettings, open_deno_runtime
-from runtimes.deno.permissions import NetPolicy, node_addresses, resolve_hosts
-from runtimes.wasm import WasmSettings, open_wasm_runtime
-from worker.admin import AdminApp
-from worker.cache import CacheSettings, ResultCache
-from worker.cluster import (
+from mbworker.realtime import open_realtime
+from mbworker.realtime.broker import Broker
+from mbworker.realtime.broker_redis import open_redis_broker
+from mbworker.realtime.presence import Presence
+from mbworker.realtime.presence_redis import open_redis_presence
+from mbworker.runtimes import Runtime
+from mbworker.runtimes.deno import DenoSettings, open_deno_runtime
+from mbworker.runtimes.deno.permissions import NetPolicy, node_addresses, resolve_hosts
+from mbworker.runtimes.wasm import WasmSettings, open_wasm_runtime
+from mbworker.worker.admin import AdminApp
+from mbworker.worker.cache import CacheSettings, ResultCache
+from mbworker.worker.cluster import (
     L2Cache,
     MemoryRateLimiter,
     Rate,
@@ -43,20 +43,20 @@ from worker.cluster import (
     RedisRateLimiter,
     open_redis_deployment_store,
 )
-from worker.config import WorkerSettings
-from worker.deploy_local import deploy_path
-from worker.deployer import Deployer, PlatformEnv
-from worker.deployments.store import DeploymentStore, LocalDeploymentStore
-from worker.errors import ConfigError
-from worker.function_logs import FunctionLogs
-from worker.functions import FunctionsFrontDoor, FunctionTable
-from worker.http.server import HttpServer, serve_http
-from worker.jwt_gate import JwtGate
-from worker.keys import ProjectKeys, load_project_keys
-from worker.logs import configure_logging
-from worker.metrics import CACHE_STATS, HTTP_STATS, REALTIME_STATS, REDIS_STATS, RUNTIME_STATS, Metrics
-from worker.public_app import PublicApp
-from worker.redis import open_redis
+from mbworker.worker.config import WorkerSettings
+from mbworker.worker.deploy_local import deploy_path
+from mbworker.worker.deployer import Deployer, PlatformEnv
+from mbworker.worker.deployments.store import DeploymentStore, LocalDeploymentStore
+from mbworker.worker.errors import ConfigError
+from mbworker.worker.function_logs import FunctionLogs
+from mbworker.worker.functions import FunctionsFrontDoor, FunctionTable
+from mbworker.worker.http.server import HttpServer, serve_http
+from mbworker.worker.jwt_gate import JwtGate
+from mbworker.worker.keys import ProjectKeys, load_project_keys
+from mbworker.worker.logs import configure_logging
+from mbworker.worker.metrics import CACHE_STATS, HTTP_STATS, REALTIME_STATS, REDIS_STATS, RUNTIME_STATS, Metrics
+from mbworker.worker.public_app import PublicApp
+from mbworker.worker.redis import open_redis
 
 log = logging.getLogger("mbworker.daemon")
 

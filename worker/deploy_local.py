@@ -13,8 +13,8 @@ from pathlib import Path
 
 import trio
 
-from worker.deployer import Deployer, DeployFailed
-from worker.deployments import (
+from mbworker.worker.deployer import Deployer, DeployFailed
+from mbworker.worker.deployments import (
     BundleRejected,
     BundleSpec,
     GatherError,
@@ -23,8 +23,8 @@ from worker.deployments import (
     gather_tree,
     pack_bundle,
 )
-from worker.deployments.manifest import DENO_ENTRY_NAMES, WASM_SUFFIXES
-from worker.errors import ConfigError
+from mbworker.worker.deployments.manifest import DENO_ENTRY_NAMES, WASM_SUFFIXES
+from mbworker.worker.errors import ConfigError
 
 log = logging.getLogger("mbworker.deploy")
 

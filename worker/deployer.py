@@ -15,10 +15,10 @@ from pathlib import Path
 
 import trio
 
-from runtimes import BootError, FunctionVersion, Limits, Runtime
-from worker.cache import FunctionCacheConfig
-from worker.deployments.store import Deployment, DeploymentStore, StoreError, function_version
-from worker.functions import ActiveFunction, FunctionTable
+from mbworker.runtimes import BootError, FunctionVersion, Limits, Runtime
+from mbworker.worker.cache import FunctionCacheConfig
+from mbworker.worker.deployments.store import Deployment, DeploymentStore, StoreError, function_version
+from mbworker.worker.functions import ActiveFunction, FunctionTable
 
 log = logging.getLogger("mbworker.deployer")
 

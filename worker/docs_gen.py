@@ -1,10 +1,10 @@
 """Generated parts of docs/operations.md: the configuration reference (from the settings models) and the metrics
 list (from `worker.metrics`). The models are the source of truth; the doc is refreshed from them.
 
-    python -m worker.docs_gen                          # print both sections
-    python -m worker.docs_gen config|metrics           # print one
-    python -m worker.docs_gen --write docs/operations.md   # replace the marked sections in place
-    python -m worker.docs_gen --check docs/operations.md   # exit 1 if they are stale (for CI)
+    python -m mbworker.worker.docs_gen                          # print both sections
+    python -m mbworker.worker.docs_gen config|metrics           # print one
+    python -m mbworker.worker.docs_gen --write docs/operations.md   # replace the marked sections in place
+    python -m mbworker.worker.docs_gen --check docs/operations.md   # exit 1 if they are stale (for CI)
 
 Sections live between `<!-- BEGIN GENERATED: name -->` and `<!-- END GENERATED: name -->`.
 """
@@ -25,9 +25,9 @@ from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from runtimes.limits import Limits
-from worker.config import WorkerSettings
-from worker.metrics import (
+from mbworker.runtimes.limits import Limits
+from mbworker.worker.config import WorkerSettings
+from mbworker.worker.metrics import (
     CACHE_STATS,
     HTTP_STATS,
     NAMESPACE,
@@ -198,7 +198,7 @@ def replace_sections(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.docs_gen", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m mbworker.worker.docs_gen", description=__doc__.splitlines()[0])
     parser.add_argument("section", nargs="?", choices=sorted(SECTIONS), help="print only this section")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--write", type=Path, metavar="DOC", help="refresh the marked sections of DOC in place")
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         fresh = replace_sections(current)
         if args.check:
             if fresh != current:
-                print(f"{path} is stale: run python -m worker.docs_gen --write {path}", file=sys.stderr)
+                print(f"{path} is stale: run python -m mbworker.worker.docs_gen --write {path}", file=sys.stderr)
                 return 1
             return 0
         path.write_text(fresh, encoding="utf-8")

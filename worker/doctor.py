@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TextIO
 
-from worker.config import WorkerSettings
+from mbworker.worker.config import WorkerSettings
 
 __all__ = ["CheckResult", "collect_checks", "find_deno_binary", "run_doctor"]
 
@@ -317,7 +317,7 @@ def check_redis_and_clock(settings: WorkerSettings) -> list[CheckResult]:
 def _check_redis(url: str) -> list[CheckResult]:
     import trio
 
-    from worker.redis import RedisError, RedisUrlError, open_redis, parse_redis_url
+    from mbworker.worker.redis import RedisError, RedisUrlError, open_redis, parse_redis_url
 
     try:
         redis_settings = parse_redis_url(url).replace(

@@ -30,9 +30,9 @@ from urllib.parse import parse_qs
 
 import trio
 
-from runtimes.api import FunctionVersion
-from worker.http.types import ClientDisconnected, HttpRequest, Responder
-from worker.logs import MAX_LINE, function_log
+from mbworker.runtimes.api import FunctionVersion
+from mbworker.worker.http.types import ClientDisconnected, HttpRequest, Responder
+from mbworker.worker.logs import MAX_LINE, function_log
 
 __all__ = [
     "Dropped",

@@ -17,8 +17,8 @@ from types import TracebackType
 
 import trio
 
-from runtimes import FunctionRuntimeError, FunctionVersion, Invocation, InvocationResult, Runtime, WorkerError
-from worker.cache import (
+from mbworker.runtimes import FunctionRuntimeError, FunctionVersion, Invocation, InvocationResult, Runtime, WorkerError
+from mbworker.worker.cache import (
     DEFAULT_FUNCTION_CACHE,
     Bypass,
     FlightFailed,
@@ -29,12 +29,12 @@ from worker.cache import (
     ResultCache,
     respond_through_cache,
 )
-from worker.cluster.l2cache import L2Cache
-from worker.cluster.ratelimit import Rate, RateLimiter
-from worker.http.types import BodyTooLarge, Headers, HttpRequest, RequestBody, Responder
-from worker.jwt_gate import JwtGate, JwtRejected
-from worker.metrics import UNMATCHED, Metrics
-from worker.responses import send_error
+from mbworker.worker.cluster.l2cache import L2Cache
+from mbworker.worker.cluster.ratelimit import Rate, RateLimiter
+from mbworker.worker.http.types import BodyTooLarge, Headers, HttpRequest, RequestBody, Responder
+from mbworker.worker.jwt_gate import JwtGate, JwtRejected
+from mbworker.worker.metrics import UNMATCHED, Metrics
+from mbworker.worker.responses import send_error
 
 log = logging.getLogger("mbworker.functions")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import jwt
 
-from worker.config import WorkerSettings
+from mbworker.worker.config import WorkerSettings
 
 KEY_LIFETIME_S = 10 * 365 * 24 * 3600
 ISSUER = "mbworker"

@@ -36,13 +36,11 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    # realtime/ and runtimes/ log under their own names (libraries of the daemon): route them here too, or their
-    # lines (Redis lost, boot and exit events of Deno processes) would reach only Python's last-resort handler.
-    for name in ("mbworker", "realtime", "runtimes"):
-        root = logging.getLogger(name)
-        root.handlers[:] = [handler]
-        root.setLevel(level.upper())
-        root.propagate = False
+    # Every package logs under "mbworker" (its import root), so one logger carries the whole product's lines.
+    root = logging.getLogger("mbworker")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
 
 
 _function_log = logging.getLogger("mbworker.function")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
-from worker.functions import PREFIX, FunctionsFrontDoor
-from worker.http.types import HttpRequest, Responder, WebSocketHandler
-from worker.responses import send_error, send_json
+from mbworker.worker.functions import PREFIX, FunctionsFrontDoor
+from mbworker.worker.http.types import HttpRequest, Responder, WebSocketHandler
+from mbworker.worker.responses import send_error, send_json
 
 
 class RealtimeEndpoint(Protocol):

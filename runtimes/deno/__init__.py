@@ -1,6 +1,6 @@
 """Deno runtime: Supabase-style edge functions in supervised `deno run` subprocesses (see runtime.py)."""
 
-from runtimes.deno.process import OnLog
-from runtimes.deno.runtime import DenoRuntime, DenoSettings, open_deno_runtime
+from mbworker.runtimes.deno.process import OnLog
+from mbworker.runtimes.deno.runtime import DenoRuntime, DenoSettings, open_deno_runtime
 
 __all__ = ["DenoRuntime", "DenoSettings", "OnLog", "open_deno_runtime"]

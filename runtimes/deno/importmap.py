@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from runtimes.api import FunctionVersion
-from runtimes.errors import BootError
+from mbworker.runtimes.api import FunctionVersion
+from mbworker.runtimes.errors import BootError
 
 EMPTY_MODULE = "data:application/javascript,export%20%7B%7D%3B"
 STUBS = (

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import trio
 
-from runtimes.api import FunctionVersion
-from runtimes.deno.broadcast import Broadcast
-from runtimes.deno.importmap import write_import_map
-from runtimes.deno.permissions import NetPolicy
-from runtimes.deno.process import DenoProcess, OnLog
-from runtimes.deno.spawn import Spawner, VersionPaths
-from runtimes.errors import BootError, WorkerBusy
+from mbworker.runtimes.api import FunctionVersion
+from mbworker.runtimes.deno.broadcast import Broadcast
+from mbworker.runtimes.deno.importmap import write_import_map
+from mbworker.runtimes.deno.permissions import NetPolicy
+from mbworker.runtimes.deno.process import DenoProcess, OnLog
+from mbworker.runtimes.deno.spawn import Spawner, VersionPaths
+from mbworker.runtimes.errors import BootError, WorkerBusy
 
 _LIMIT_KINDS = ("cpu", "memory", "wall_clock")
 

@@ -28,12 +28,12 @@ from typing import Any
 
 import trio
 
-from runtimes.api import FunctionVersion, Headers, Invocation, InvocationResult
-from runtimes.deno import protocol
-from runtimes.deno.broadcast import Broadcast
-from runtimes.deno.permissions import NetPolicy
-from runtimes.deno.spawn import ChildProcess, Spawner, VersionPaths, build_argv, build_env
-from runtimes.errors import (
+from mbworker.runtimes.api import FunctionVersion, Headers, Invocation, InvocationResult
+from mbworker.runtimes.deno import protocol
+from mbworker.runtimes.deno.broadcast import Broadcast
+from mbworker.runtimes.deno.permissions import NetPolicy
+from mbworker.runtimes.deno.spawn import ChildProcess, Spawner, VersionPaths, build_argv, build_env
+from mbworker.runtimes.errors import (
     BootError,
     FunctionRuntimeError,
     IdleTimeout,

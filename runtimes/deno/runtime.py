@@ -21,16 +21,16 @@ from types import TracebackType
 import trio
 from pydantic import BaseModel, ConfigDict, Field
 
-from runtimes.api import FunctionVersion, Invocation, InvocationResult, RuntimeStatistics, empty_body
-from runtimes.deno.permissions import NetPolicy
-from runtimes.deno.pool import Counters, Shared, VersionPool
-from runtimes.deno.process import OnLog
-from runtimes.deno.spawn import Spawner
-from runtimes.errors import FunctionRuntimeError
-from runtimes.limits import Limits
+from mbworker.runtimes.api import FunctionVersion, Invocation, InvocationResult, RuntimeStatistics, empty_body
+from mbworker.runtimes.deno.permissions import NetPolicy
+from mbworker.runtimes.deno.pool import Counters, Shared, VersionPool
+from mbworker.runtimes.deno.process import OnLog
+from mbworker.runtimes.deno.spawn import Spawner
+from mbworker.runtimes.errors import FunctionRuntimeError
+from mbworker.runtimes.limits import Limits
 
-log = logging.getLogger("runtimes.deno")
-fn_log = logging.getLogger("runtimes.deno.function")
+log = logging.getLogger("mbworker.runtimes.deno")
+fn_log = logging.getLogger("mbworker.runtimes.deno.function")
 
 
 WARM_UP_SLUG = "_mbworker_warm_up"
@@ -233,7 +233,7 @@ async def open_deno_runtime(
     """Open the Deno runtime. `on_log(fn, execution_id, stream, line)` receives every line of function output
     (default: the `runtimes.deno.function` logger with slug/version/execution_id/stream as `extra`)."""
     settings = settings or DenoSettings.model_validate({})
-    bootstrap = Path(str(resources.files("runtimes.deno").joinpath("bootstrap.ts")))
+    bootstrap = Path(str(resources.files("mbworker.runtimes.deno").joinpath("bootstrap.ts")))
     # The template DENO_DIR, emptied at each start and compiled into once (`DenoRuntime._compile_bootstrap`):
     # each version's own DENO_DIR starts as a copy of it, so the bootstrap is transpiled and compiled once, not
     # per version (a cold start ~15 ms sooner, docs/benchmarks.md), and goes with the version's scratch dir.

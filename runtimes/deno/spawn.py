@@ -27,9 +27,9 @@ from pathlib import Path
 
 import trio
 
-from runtimes.api import FunctionVersion
-from runtimes.deno.permissions import NetPolicy, net_flags
-from runtimes.errors import BootError
+from mbworker.runtimes.api import FunctionVersion
+from mbworker.runtimes.deno.permissions import NetPolicy, net_flags
+from mbworker.runtimes.errors import BootError
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -6,10 +6,10 @@ validation, raises `ModuleRejected`), `WasmSettings`. The WAGI contract is in do
 
 from __future__ import annotations
 
-from runtimes.wasm.errors import ModuleRejected
-from runtimes.wasm.runtime import LogHook, WasmRuntime, WasmStatistics, open_wasm_runtime
-from runtimes.wasm.sandbox import compile_module
-from runtimes.wasm.settings import WasmSettings
+from mbworker.runtimes.wasm.errors import ModuleRejected
+from mbworker.runtimes.wasm.runtime import LogHook, WasmRuntime, WasmStatistics, open_wasm_runtime
+from mbworker.runtimes.wasm.sandbox import compile_module
+from mbworker.runtimes.wasm.settings import WasmSettings
 
 __all__ = [
     "LogHook",

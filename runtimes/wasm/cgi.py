@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
-from runtimes.api import Headers
+from mbworker.runtimes.api import Headers
 
 SERVER_SOFTWARE = "WAGI/1"
 GATEWAY_INTERFACE = "CGI/1.1"

@@ -6,7 +6,7 @@ at deploy time by `compile_module`: the admin API answers it with `status` (a 4x
 
 from __future__ import annotations
 
-from runtimes.errors import BootError
+from mbworker.runtimes.errors import BootError
 
 
 class ModuleRejected(BootError):

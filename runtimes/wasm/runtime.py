@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from runtimes.api import FunctionVersion, Invocation, InvocationResult, Runtime, RuntimeStatistics
-from runtimes.errors import (
+from mbworker.runtimes.api import FunctionVersion, Invocation, InvocationResult, Runtime, RuntimeStatistics
+from mbworker.runtimes.errors import (
     BootError,
     IdleTimeout,
     InvalidResponse,
@@ -24,13 +24,13 @@ from runtimes.errors import (
     WorkerBusy,
     WorkerError,
 )
-from runtimes.limits import Limits
-from runtimes.nursery import open_owned_nursery
-from runtimes.wasm import cgi
-from runtimes.wasm.errors import ModuleRejected
-from runtimes.wasm.sandbox import CallControl, CallLimits, CallOutcome, PreparedModule, Sandbox
-from runtimes.wasm.settings import WasmSettings
-from runtimes.wasm.threads import CallThreads, open_call_threads
+from mbworker.runtimes.limits import Limits
+from mbworker.runtimes.nursery import open_owned_nursery
+from mbworker.runtimes.wasm import cgi
+from mbworker.runtimes.wasm.errors import ModuleRejected
+from mbworker.runtimes.wasm.sandbox import CallControl, CallLimits, CallOutcome, PreparedModule, Sandbox
+from mbworker.runtimes.wasm.settings import WasmSettings
+from mbworker.runtimes.wasm.threads import CallThreads, open_call_threads
 
 LogHook = Callable[[FunctionVersion, str, str, str], None]
 """`on_log(fn, execution_id, stream, line)`: called on the trio thread after each call; must not raise or block."""

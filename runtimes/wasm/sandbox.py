@@ -27,9 +27,9 @@ from typing import Any
 
 import wasmtime
 
-from runtimes.errors import BootError
-from runtimes.wasm import capi
-from runtimes.wasm.errors import ModuleRejected
+from mbworker.runtimes.errors import BootError
+from mbworker.runtimes.wasm import capi
+from mbworker.runtimes.wasm.errors import ModuleRejected
 
 WASI_MODULE = "wasi_snapshot_preview1"
 ENTRY_EXPORT = "_start"

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from runtimes.api import InvocationResult
-from worker.cache import CacheSettings, ResultCache
+from mbworker.runtimes.api import InvocationResult
+from mbworker.worker.cache import CacheSettings, ResultCache
 
 Headers = list[tuple[bytes, bytes]]
 

@@ -8,9 +8,9 @@ from contextlib import asynccontextmanager
 import trio
 import trio.testing
 
-from runtimes.api import InvocationResult
+from mbworker.runtimes.api import InvocationResult
+from mbworker.worker.cache import respond_through_cache
 from tests.cache.helpers import Function, Recorded, Req, make_cache
-from worker.cache import respond_through_cache
 
 
 class WholeBody(Function):

@@ -6,9 +6,8 @@ import pytest
 import trio
 import trio.testing
 
-from runtimes.errors import WorkerError
-from tests.cache.helpers import Function, Recorded, Req, cacheable, make_cache
-from worker.cache import (
+from mbworker.runtimes.errors import WorkerError
+from mbworker.worker.cache import (
     FlightFailed,
     FlightTimeout,
     FunctionCacheConfig,
@@ -16,7 +15,8 @@ from worker.cache import (
     ResultCache,
     respond_through_cache,
 )
-from worker.cache.flight import SingleFlight
+from mbworker.worker.cache.flight import SingleFlight
+from tests.cache.helpers import Function, Recorded, Req, cacheable, make_cache
 
 SLUG = "hello"
 

@@ -7,11 +7,11 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from mbworker.worker.cache import FunctionCacheConfig, ResultCache, respond_through_cache
+from mbworker.worker.deployments.manifest import CacheSettings as ManifestCacheSettings
+from mbworker.worker.http.server import HttpServer, serve_http
+from mbworker.worker.http.types import HttpRequest, Responder, WebSocketHandler
 from tests.cache.helpers import Function, cacheable, make_cache
-from worker.cache import FunctionCacheConfig, ResultCache, respond_through_cache
-from worker.deployments.manifest import CacheSettings as ManifestCacheSettings
-from worker.http.server import HttpServer, serve_http
-from worker.http.types import HttpRequest, Responder, WebSocketHandler
 
 
 class CachedApp:

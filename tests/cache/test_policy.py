@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.cache.policy import (
+from mbworker.worker.cache.policy import (
     RequestFacts,
     Storable,
     classify_request,
@@ -15,7 +15,7 @@ from worker.cache.policy import (
     primary_key,
     storable_headers,
 )
-from worker.cache.settings import FunctionCacheConfig
+from mbworker.worker.cache.settings import FunctionCacheConfig
 
 DEFAULT = FunctionCacheConfig()
 

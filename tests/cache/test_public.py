@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import worker.cache
+from mbworker import worker
 
 
 def test_public_names() -> None:

@@ -7,7 +7,7 @@ import tomllib
 import pytest
 from pydantic import ValidationError
 
-from worker.cache.settings import CacheSettings, FunctionCacheConfig, parse_duration
+from mbworker.worker.cache.settings import CacheSettings, FunctionCacheConfig, parse_duration
 
 
 @pytest.mark.parametrize(

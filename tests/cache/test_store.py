@@ -8,8 +8,7 @@ import weakref
 
 import trio
 
-from tests.cache.helpers import Clock, Req, cacheable, make_cache
-from worker.cache import (
+from mbworker.worker.cache import (
     CACHE_HEADER,
     Bypass,
     CacheSettings,
@@ -18,6 +17,7 @@ from worker.cache import (
     Miss,
     ResultCache,
 )
+from tests.cache.helpers import Clock, Req, cacheable, make_cache
 
 SLUG = "hello"
 
@@ -326,7 +326,7 @@ def test_a_dropped_cache_is_freed() -> None:
 
 def test_lookup_keys_requests_exactly_as_primary_key_does() -> None:
     # lookup() builds the key inline (hot path); it must stay the tuple policy.primary_key() makes
-    from worker.cache.policy import classify_request, primary_key
+    from mbworker.worker.cache.policy import classify_request, primary_key
 
     cache = make_cache()
     config = FunctionCacheConfig()

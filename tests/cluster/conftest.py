@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from mbworker.worker.redis import RedisClient, RedisSettings, open_redis, parse_redis_url
 from tests.redis_server import RedisServer
-from worker.redis import RedisClient, RedisSettings, open_redis, parse_redis_url
 
 
 def fast_settings(url: str) -> RedisSettings:

@@ -7,10 +7,10 @@ from pathlib import Path
 import trio
 import trio.testing
 
+from mbworker.worker.cluster.l2cache import L2Cache, MemoryL2Cache, RedisL2Cache, decode_entry, encode_entry, key_bytes
+from mbworker.worker.redis import RedisClient, open_redis
 from tests.cluster.conftest import fast_settings
 from tests.redis_server import RedisServer, start_redis_server
-from worker.cluster.l2cache import L2Cache, MemoryL2Cache, RedisL2Cache, decode_entry, encode_entry, key_bytes
-from worker.redis import RedisClient, open_redis
 
 
 async def test_entries_are_shared_between_nodes(redis: RedisClient, redis2: RedisClient) -> None:

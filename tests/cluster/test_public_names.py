@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import worker.cluster
-from worker.cluster import (
+from mbworker import worker
+from mbworker.worker.cluster import (
     L2Cache,
     Locks,
     MemoryL2Cache,
@@ -17,7 +17,7 @@ from worker.cluster import (
     RedisLocks,
     RedisRateLimiter,
 )
-from worker.deployments.store import DeploymentStore
+from mbworker.worker.deployments.store import DeploymentStore
 
 
 def test_public_names() -> None:

@@ -6,10 +6,10 @@ import pytest
 import trio
 import trio.testing
 
+from mbworker.worker.cluster.errors import RateLimited
+from mbworker.worker.cluster.ratelimit import MemoryRateLimiter, Rate, RedisRateLimiter, gcra_step
+from mbworker.worker.redis import RedisClient
 from tests.redis_server import RedisServer
-from worker.cluster.errors import RateLimited
-from worker.cluster.ratelimit import MemoryRateLimiter, Rate, RedisRateLimiter, gcra_step
-from worker.redis import RedisClient
 
 
 def test_gcra_admits_a_burst_then_one_per_interval() -> None:

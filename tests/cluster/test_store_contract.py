@@ -10,12 +10,9 @@ import pytest
 import trio
 import trio.testing
 
-from tests.cluster.conftest import fast_settings
-from tests.deployments.test_store import bundle
-from tests.redis_server import start_redis_server
-from worker.cluster.deployments_redis import open_redis_deployment_store
-from worker.deployments.archive import BundleRejected, BundleTooLarge
-from worker.deployments.store import (
+from mbworker.worker.cluster.deployments_redis import open_redis_deployment_store
+from mbworker.worker.deployments.archive import BundleRejected, BundleTooLarge
+from mbworker.worker.deployments.store import (
     DeploymentNotFound,
     DeploymentStatus,
     DeploymentStore,
@@ -26,7 +23,10 @@ from worker.deployments.store import (
     VersionConflict,
     function_version,
 )
-from worker.redis import open_redis
+from mbworker.worker.redis import open_redis
+from tests.cluster.conftest import fast_settings
+from tests.deployments.test_store import bundle
+from tests.redis_server import start_redis_server
 
 ACTIVE, STAGED, INACTIVE, REMOVED, FAILED = (
     DeploymentStatus.ACTIVE,

@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import trio
 
+from mbworker.worker.functions import forwarded_headers
+from mbworker.worker.http.types import EmptyBody, HttpRequest
 from tests.daemon.fixtures import write_function
 from tests.worker_process import RunningWorker, run_worker, stop_worker
-from worker.functions import forwarded_headers
-from worker.http.types import EmptyBody, HttpRequest
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "functions"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.deployments.archive import BundleRejected, BundleTooLarge, pack_files, sha256_hex, unpack_bundle
-from worker.deployments.manifest import Manifest
+from mbworker.worker.deployments.archive import BundleRejected, BundleTooLarge, pack_files, sha256_hex, unpack_bundle
+from mbworker.worker.deployments.manifest import Manifest
 
 MANIFEST = Manifest(slug="evil", runtime="deno", entrypoint="evil/index.ts")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mbworker.worker.deployer import Deployer, PlatformEnv
+from mbworker.worker.deployments.store import LocalDeploymentStore
+from mbworker.worker.functions import FunctionTable
 from tests.deployments.test_store import bundle
-from worker.deployer import Deployer, PlatformEnv
-from worker.deployments.store import LocalDeploymentStore
-from worker.functions import FunctionTable
 
 
 async def test_only_a_rollback_here_is_reported_as_rolled_back(tmp_path: Path) -> None:

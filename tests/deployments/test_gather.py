@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_binary
-from worker.deployments.archive import BundleTooLarge, unpack_bundle
-from worker.deployments.gather import (
+from mbworker.worker.deployments.archive import BundleTooLarge, unpack_bundle
+from mbworker.worker.deployments.gather import (
     BUNDLE_OUTPUT_NAME,
     GatherError,
     discover_functions,
@@ -23,7 +22,8 @@ from worker.deployments.gather import (
     pack_bundle,
     strip_jsonc,
 )
-from worker.deployments.manifest import ManifestError
+from mbworker.worker.deployments.manifest import ManifestError
+from tests.conftest import require_binary
 
 
 def write(path: Path, text: str) -> Path:

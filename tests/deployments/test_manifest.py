@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.deployments.manifest import (
+from mbworker.worker.deployments.manifest import (
     CacheSettings,
     Manifest,
     ManifestError,

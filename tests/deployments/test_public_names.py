@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import worker.deployments as deployments
+import mbworker.worker.deployments as deployments
 
 
 def test_all_names_exist_and_are_sorted() -> None:

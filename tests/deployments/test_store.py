@@ -10,9 +10,9 @@ import pytest
 import trio
 import trio.testing
 
-from worker.deployments.archive import BundleRejected, BundleTooLarge, pack_files
-from worker.deployments.manifest import Manifest
-from worker.deployments.store import (
+from mbworker.worker.deployments.archive import BundleRejected, BundleTooLarge, pack_files
+from mbworker.worker.deployments.manifest import Manifest
+from mbworker.worker.deployments.store import (
     DeploymentNotFound,
     DeploymentStatus,
     LocalDeploymentStore,
@@ -94,7 +94,7 @@ async def test_another_process_never_takes_a_duplicate_version(tmp_path: Path) -
 import sys, trio
 sys.path.insert(0, {str(Path(__file__).parents[2])!r})
 from tests.deployments.test_store import bundle
-from worker.deployments.store import LocalDeploymentStore
+from mbworker.worker.deployments.store import LocalDeploymentStore
 
 async def main():
     store = LocalDeploymentStore(__import__("pathlib").Path({str(tmp_path)!r}), keep_versions=100)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import trio
 
-from realtime import RealtimeSettings, open_realtime
+from mbworker.realtime import RealtimeSettings, open_realtime
+from mbworker.worker.http.server import serve_http
+from mbworker.worker.http.types import HttpRequest, Responder
 from tests.conftest import require_binary
 from tests.e2e.harness import E2E_DIR, RealtimeApp, ensure_node_modules
 from tests.realtime.helpers import ANON, SECRET
-from worker.http.server import serve_http
-from worker.http.types import HttpRequest, Responder
 
 
 class PageApp(RealtimeApp):

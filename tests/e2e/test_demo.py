@@ -16,10 +16,10 @@ import httpx
 import pytest
 import trio
 
+from mbworker.worker.deployments.gather import deno_cache_dir, find_deno
 from tests.conftest import require_binary
 from tests.e2e.harness import E2E_DIR, ensure_node_modules
 from tests.worker_process import REPO, RunningWorker, run_worker
-from worker.deployments.gather import deno_cache_dir, find_deno
 
 DEMO = REPO / "examples" / "functions" / "realtime-demo"
 BUNDLE = Path("page") / "realtime-js.js"

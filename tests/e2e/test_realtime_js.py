@@ -6,7 +6,7 @@ import json
 
 import trio
 
-from realtime import RealtimeSettings
+from mbworker.realtime import RealtimeSettings
 from tests.conftest import require_binary
 from tests.e2e.harness import E2E_DIR, ensure_node_modules, serve_realtime_http
 from tests.realtime.helpers import ANON, SECRET, make_jwt

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from realtime import PrivateChannelRule, RealtimeSettings
+from mbworker.realtime import PrivateChannelRule, RealtimeSettings
 from tests.e2e.harness import serve_realtime_http
 from tests.realtime.helpers import ANON, SECRET, make_jwt, phx_client
 

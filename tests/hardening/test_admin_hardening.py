@@ -12,13 +12,13 @@ import httpx
 import pytest
 import trio
 
+from mbworker.worker.config import WorkerSettings, is_private_bind_address, load_settings
+from mbworker.worker.daemon import function_net_policy
+from mbworker.worker.errors import ConfigError
 from tests.conftest import free_port, require_binary
 from tests.daemon.fixtures import write_function
 from tests.hardening.deno_probe import DENO
 from tests.worker_process import REPO, run_worker
-from worker.config import WorkerSettings, is_private_bind_address, load_settings
-from worker.daemon import function_net_policy
-from worker.errors import ConfigError
 
 ROUTES = [
     ("GET", "/admin/v1/health"),
@@ -107,7 +107,7 @@ async def raw_post_status(base_url: str, path: str, token: str, body: bytes) -> 
 
 
 def test_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.admin import AdminApp
+    from mbworker.worker.admin import AdminApp
 
     calls: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest
@@ -166,7 +166,7 @@ def test_public_admin_bind_needs_the_flag() -> None:
 async def test_serve_refuses_a_public_admin_address(tmp_path: Path) -> None:
     with trio.fail_after(60):
         result = await trio.run_process(
-            [sys.executable, "-m", "worker.cli", "serve", "--admin-host", "0.0.0.0", "--admin-port",
+            [sys.executable, "-m", "mbworker.worker.cli", "serve", "--admin-host", "0.0.0.0", "--admin-port",
              str(free_port()), "--port", str(free_port()), "--data-dir", str(tmp_path / "data")],
             capture_stdout=True,
             capture_stderr=True,

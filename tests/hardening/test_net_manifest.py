@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.deployments.manifest import Manifest, ManifestError, load_function_toml
-from worker.deployments.store import Deployment, DeploymentStatus, function_version
+from mbworker.worker.deployments.manifest import Manifest, ManifestError, load_function_toml
+from mbworker.worker.deployments.store import Deployment, DeploymentStatus, function_version
 
 
 def test_net_allow_list_is_parsed_and_normalised(tmp_path: Path) -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from runtimes.api import FunctionVersion, Invocation, empty_body
-from runtimes.deno import DenoSettings, open_deno_runtime
-from runtimes.deno.permissions import (
+from mbworker.runtimes.api import FunctionVersion, Invocation, empty_body
+from mbworker.runtimes.deno import DenoSettings, open_deno_runtime
+from mbworker.runtimes.deno.permissions import (
     NODE_PROXY_HOST,
     NetPolicy,
     NetPolicyError,
@@ -21,7 +21,7 @@ from runtimes.deno.permissions import (
     node_addresses,
     resolve_hosts,
 )
-from runtimes.deno.spawn import VersionPaths, build_argv
+from mbworker.runtimes.deno.spawn import VersionPaths, build_argv
 from tests.hardening.deno_probe import CONNECT, QUERY, deno_bin, run_script
 
 MUST_DENY = [

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from runtimes.api import FunctionVersion
-from runtimes.limits import Limits
-from runtimes.wasm import WasmRuntime, WasmSettings, open_wasm_runtime
+from mbworker.runtimes.api import FunctionVersion
+from mbworker.runtimes.limits import Limits
+from mbworker.runtimes.wasm import WasmRuntime, WasmSettings, open_wasm_runtime
 from tests.runtimes import wasm_modules as wm
 from tests.runtimes.test_wasm_runtime import call, request
 

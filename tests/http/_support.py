@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import httptools
 import trio
 
-from worker.http.server import HttpServer, serve_http
-from worker.http.settings import HttpSettings
-from worker.http.types import HttpRequest, Responder, WebSocketHandler
+from mbworker.worker.http.server import HttpServer, serve_http
+from mbworker.worker.http.settings import HttpSettings
+from mbworker.worker.http.types import HttpRequest, Responder, WebSocketHandler
 
 Route = Callable[[HttpRequest, Responder], Awaitable[None]]
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-import worker.http.server
-import worker.http.websocket
-from worker.http import response_head as rh
+from mbworker import worker
+from mbworker.worker.http import response_head as rh
 
 
 def test_status_lines() -> None:

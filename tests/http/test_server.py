@@ -9,8 +9,8 @@ import pytest
 import trio
 import trio.testing
 
+from mbworker.worker.http.types import BodyTooLarge, ClientDisconnected, HttpRequest, Responder
 from tests.http._support import App, RawClient, running
-from worker.http.types import BodyTooLarge, ClientDisconnected, HttpRequest, Responder
 
 TEXT = [(b"content-type", b"text/plain")]
 

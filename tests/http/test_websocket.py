@@ -13,9 +13,9 @@ from websockets.http11 import Request, Response
 from websockets.trio.client import connect
 from websockets.trio.server import ServerConnection
 
+from mbworker.worker.http.types import HttpRequest, Responder
+from mbworker.worker.http.websocket import WebSocketHandshakeError, WebSocketOptions, open_websocket
 from tests.http._support import App, RawClient, running
-from worker.http.types import HttpRequest, Responder
-from worker.http.websocket import WebSocketHandshakeError, WebSocketOptions, open_websocket
 
 
 def echo_app(seen: list[bytes], failures: list[BaseException], done: trio.Event | None = None) -> App:

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from runtimes.limits import Limits
+from mbworker.runtimes.limits import Limits
+from mbworker.worker import docs_gen
+from mbworker.worker.config import WorkerSettings
+from mbworker.worker.metrics import Metrics, RequestInstruments
+from mbworker.worker.systemd import UNIT_NAME, unit_text
 from tests.conftest import require_binary
-from worker import docs_gen
-from worker.config import WorkerSettings
-from worker.metrics import Metrics, RequestInstruments
-from worker.systemd import UNIT_NAME, unit_text
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,7 +52,7 @@ def test_metrics_reference_lists_every_family() -> None:
 def test_operations_doc_is_current() -> None:
     doc = ROOT / "docs" / "operations.md"
     text = doc.read_text(encoding="utf-8")
-    assert docs_gen.replace_sections(text) == text, "run: python -m worker.docs_gen --write docs/operations.md"
+    assert docs_gen.replace_sections(text) == text, "run: python -m mbworker.worker.docs_gen --write docs/operations.md"
     assert docs_gen.main(["--check", str(doc)]) == 0
 
 

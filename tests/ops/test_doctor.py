@@ -9,10 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from mbworker.worker.config import WorkerSettings, load_settings
+from mbworker.worker.doctor import (
+    CheckResult,
+    check_data_dir,
+    check_ports,
+    collect_checks,
+    find_deno_binary,
+    run_doctor,
+)
 from tests.conftest import free_port, require_binary
 from tests.redis_server import redis_server_running
-from worker.config import WorkerSettings, load_settings
-from worker.doctor import CheckResult, check_data_dir, check_ports, collect_checks, find_deno_binary, run_doctor
 
 
 @pytest.fixture(autouse=True)

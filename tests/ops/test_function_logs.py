@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from runtimes.api import FunctionVersion
-from worker.function_logs import (
+from mbworker.runtimes.api import FunctionVersion
+from mbworker.worker.function_logs import (
     TRUNCATED,
     Dropped,
     Follower,
@@ -26,9 +26,9 @@ from worker.function_logs import (
     print_logs,
     serve_logs,
 )
-from worker.http.server import HttpServer, serve_http
-from worker.http.types import HttpRequest, Responder, WebSocketHandler
-from worker.logs import JsonFormatter
+from mbworker.worker.http.server import HttpServer, serve_http
+from mbworker.worker.http.types import HttpRequest, Responder, WebSocketHandler
+from mbworker.worker.logs import JsonFormatter
 
 TOKEN = "t0ken"
 

@@ -11,13 +11,13 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from realtime.service import RealtimeStatistics
-from runtimes.api import RuntimeStatistics
-from runtimes.wasm.runtime import WasmStatistics
-from worker.cache.store import CacheStatistics
-from worker.http.server import HttpServer, HttpServerStatistics, serve_http
-from worker.http.types import ClientDisconnected, HttpRequest, Responder, WebSocketHandler
-from worker.metrics import (
+from mbworker.realtime.service import RealtimeStatistics
+from mbworker.runtimes.api import RuntimeStatistics
+from mbworker.runtimes.wasm.runtime import WasmStatistics
+from mbworker.worker.cache.store import CacheStatistics
+from mbworker.worker.http.server import HttpServer, HttpServerStatistics, serve_http
+from mbworker.worker.http.types import ClientDisconnected, HttpRequest, Responder, WebSocketHandler
+from mbworker.worker.metrics import (
     CACHE_STATS,
     HTTP_STATS,
     OVERFLOW,
@@ -30,8 +30,8 @@ from worker.metrics import (
     StatsSpec,
     serve_metrics,
 )
-from worker.redis import PubSubStatistics, RedisStatistics
-from worker.redis.client import RedisState
+from mbworker.worker.redis import PubSubStatistics, RedisStatistics
+from mbworker.worker.redis.client import RedisState
 
 
 def scrape(metrics: Metrics) -> dict[str, list[Sample]]:

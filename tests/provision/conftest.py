@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from provision.errors import DrainError
-from provision.hetzner import HetznerProvider
-from provision.nodeops import NodeRef, RefreshKind
-from provision.secrets import ClusterSecrets, load_or_create_secrets
-from provision.spec import ClusterSpec, parse_spec
+from mbworker.provision.errors import DrainError
+from mbworker.provision.hetzner import HetznerProvider
+from mbworker.provision.nodeops import NodeRef, RefreshKind
+from mbworker.provision.secrets import ClusterSecrets, load_or_create_secrets
+from mbworker.provision.spec import ClusterSpec, parse_spec
 
 from .fake_hcloud import FakeHcloud
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from provision.cli import main, set_count_in_file
+from mbworker.provision.cli import main, set_count_in_file
 from tests.conftest import require_binary
 
 from .conftest import SPEC_TOML, FakeNodeOps

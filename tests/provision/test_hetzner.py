@@ -6,11 +6,11 @@ import ipaddress
 
 import pytest
 
-from provision import desired as d
-from provision.errors import SpecError, StepFailed
-from provision.hetzner import HetznerProvider
-from provision.provider import ApplyOptions, ApplyReport
-from provision.spec import ClusterSpec
+from mbworker.provision import desired as d
+from mbworker.provision.errors import SpecError, StepFailed
+from mbworker.provision.hetzner import HetznerProvider
+from mbworker.provision.provider import ApplyOptions, ApplyReport
+from mbworker.provision.spec import ClusterSpec
 
 from .conftest import FakeNodeOps, MakeProvider, make_spec
 from .fake_hcloud import FakeHcloud, match_selector

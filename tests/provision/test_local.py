@@ -14,12 +14,12 @@ import httpx
 import pytest
 import redis
 
-from provision.errors import StepFailed
-from provision.local import LocalProvider, _start_time
-from provision.nodeops import RemoteNodeOps
-from provision.provider import ApplyOptions, ApplyReport
-from provision.secrets import ClusterSecrets, load_or_create_secrets
-from provision.spec import ClusterSpec
+from mbworker.provision.errors import StepFailed
+from mbworker.provision.local import LocalProvider, _start_time
+from mbworker.provision.nodeops import RemoteNodeOps
+from mbworker.provision.provider import ApplyOptions, ApplyReport
+from mbworker.provision.secrets import ClusterSecrets, load_or_create_secrets
+from mbworker.provision.spec import ClusterSpec
 from tests.conftest import require_binary
 
 from .conftest import make_spec

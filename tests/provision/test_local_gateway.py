@@ -6,7 +6,7 @@ from pathlib import Path
 
 import trio
 
-from provision.local_gateway import serve_gateway
+from mbworker.provision.local_gateway import serve_gateway
 from tests.conftest import free_port
 
 

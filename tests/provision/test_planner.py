@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from provision import desired as d
-from provision.errors import SpecError
-from provision.facts import (
+from mbworker.provision import desired as d
+from mbworker.provision.errors import SpecError
+from mbworker.provision.facts import (
     Facts,
     FirewallFact,
     NetworkFact,
@@ -17,9 +17,9 @@ from provision.facts import (
     SshKeyFact,
     ssh_fingerprint,
 )
-from provision.plan import Plan
-from provision.planner import plan_cluster, plan_destroy
-from provision.spec import ClusterSpec
+from mbworker.provision.plan import Plan
+from mbworker.provision.planner import plan_cluster, plan_destroy
+from mbworker.provision.spec import ClusterSpec
 
 from .conftest import KEY, make_spec
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import provision
+from mbworker import provision
 
 EXPECTED = {
     "ApplyOptions", "ApplyReport", "ClusterSecrets", "ClusterSpec", "DrainError", "Facts", "HetznerProvider",
@@ -24,8 +24,9 @@ def test_public_names() -> None:
 
 def test_does_not_import_the_daemon() -> None:
     code = (
-        "import sys, provision, provision.cli, provision.local_gateway; "
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('worker', 'runtimes', 'realtime')]; "
+        "import sys, mbworker.provision, mbworker.provision.cli, mbworker.provision.local_gateway; "
+        "bad = [m for m in sys.modules if m.split('.')[:2] in (['mbworker', 'worker'], ['mbworker', 'runtimes'], "
+        "['mbworker', 'realtime'])]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     root = Path(__file__).resolve().parents[2]

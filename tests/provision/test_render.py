@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from provision import desired as d
-from provision.render import USER_DATA_LIMIT, NodeAddr, NodeContext, RenderError, render_text, user_data
-from provision.secrets import ClusterSecrets
-from provision.spec import ClusterSpec
+from mbworker.provision import desired as d
+from mbworker.provision.render import USER_DATA_LIMIT, NodeAddr, NodeContext, RenderError, render_text, user_data
+from mbworker.provision.secrets import ClusterSecrets
+from mbworker.provision.spec import ClusterSpec
 from tests.conftest import require_binary
 
 from .conftest import make_spec

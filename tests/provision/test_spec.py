@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from provision.errors import ProvisionError, SpecError
-from provision.secrets import load_or_create_secrets
-from provision.spec import load_spec, parse_spec
+from mbworker.provision.errors import ProvisionError, SpecError
+from mbworker.provision.secrets import load_or_create_secrets
+from mbworker.provision.spec import load_spec, parse_spec
 
 from .conftest import SPEC_TOML, spec_dict
 

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from mbworker.worker.redis import RedisClient, open_redis
 from tests.redis_server import RedisServer
-from worker.redis import RedisClient, open_redis
 
 
 @pytest.fixture

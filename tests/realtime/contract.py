@@ -23,14 +23,14 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from realtime.broker import Broker
-from realtime.broker_memory import MemoryBroker, MemoryBus
-from realtime.broker_redis import RedisBroker
-from realtime.presence import Presence
-from realtime.presence_memory import MemoryPresence, MemoryPresenceStore
-from realtime.presence_redis import RedisPresence
+from mbworker.realtime.broker import Broker
+from mbworker.realtime.broker_memory import MemoryBroker, MemoryBus
+from mbworker.realtime.broker_redis import RedisBroker
+from mbworker.realtime.presence import Presence
+from mbworker.realtime.presence_memory import MemoryPresence, MemoryPresenceStore
+from mbworker.realtime.presence_redis import RedisPresence
+from mbworker.worker.redis import RedisClient, open_redis
 from tests.redis_server import redis_server_running
-from worker.redis import RedisClient, open_redis
 
 Clock = Callable[[], float]
 

@@ -18,11 +18,11 @@ import jwt
 import trio
 from websockets.trio.client import ClientConnection, connect
 
-from realtime import RealtimeService, RealtimeSettings, open_realtime
-from realtime.broker_redis import RedisBroker, open_redis_broker
-from realtime.presence_redis import RedisPresence, open_redis_presence
-from worker.http.types import EmptyBody, HttpRequest
-from worker.redis import RedisClient
+from mbworker.realtime import RealtimeService, RealtimeSettings, open_realtime
+from mbworker.realtime.broker_redis import RedisBroker, open_redis_broker
+from mbworker.realtime.presence_redis import RedisPresence, open_redis_presence
+from mbworker.worker.http.types import EmptyBody, HttpRequest
+from mbworker.worker.redis import RedisClient
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import trio
 
-from realtime.broker import Broker, Envelope, broker_key
+from mbworker.realtime.broker import Broker, Envelope, broker_key
 from tests.realtime.contract import BROKERS
 
 

@@ -11,10 +11,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Frame, Opcode
 from websockets.trio.client import connect
 
-from realtime import RealtimeSettings
-from realtime.broker_memory import MemoryBroker, MemoryBus
-from realtime.errors import PresenceError
-from realtime.presence_memory import MemoryPresence, MemoryPresenceStore
+from mbworker.realtime import RealtimeSettings
+from mbworker.realtime.broker_memory import MemoryBroker, MemoryBus
+from mbworker.realtime.errors import PresenceError
+from mbworker.realtime.presence_memory import MemoryPresence, MemoryPresenceStore
 from tests.realtime.helpers import ANON, make_jwt, phx_client, running_realtime
 
 T = "realtime:room1"

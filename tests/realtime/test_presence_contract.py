@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from realtime.presence import Presence, PresenceDiff
+from mbworker.realtime.presence import Presence, PresenceDiff
 from tests.realtime.contract import PRESENCES, clock_for
 
 TTL = 60.0

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from realtime.protocol import (
+from mbworker.realtime.protocol import (
     BroadcastPayload,
     Message,
     ProtocolError,

@@ -7,12 +7,12 @@ from typing import Any
 
 import trio
 
-from realtime import RealtimeSettings
-from realtime.presence import PresenceDiff
-from realtime.presence_redis import RedisPresence, open_redis_presence
+from mbworker.realtime import RealtimeSettings
+from mbworker.realtime.presence import PresenceDiff
+from mbworker.realtime.presence_redis import RedisPresence, open_redis_presence
+from mbworker.worker.redis import RedisClient
 from tests.realtime.helpers import Phx, phx_client, redis_node
 from tests.redis_server import RedisServer
-from worker.redis import RedisClient
 
 T = "realtime:room"
 KEY = "public|" + T

@@ -7,12 +7,12 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-import realtime
-from realtime.auth import Authenticator
-from realtime.errors import AuthError
-from realtime.limits import RateLimit, WindowLimit
-from realtime.settings import PrivateChannelRule
-from realtime.transport import OutFrame
+from mbworker import realtime
+from mbworker.realtime.auth import Authenticator
+from mbworker.realtime.errors import AuthError
+from mbworker.realtime.limits import RateLimit, WindowLimit
+from mbworker.realtime.settings import PrivateChannelRule
+from mbworker.realtime.transport import OutFrame
 from tests.realtime.helpers import SECRET, make_jwt
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from mbworker.worker.redis import RedisAuthError, RedisConnectionError, RedisResponseError, open_pubsub, open_redis
 from tests.redis_server import start_redis_server
-from worker.redis import RedisAuthError, RedisConnectionError, RedisResponseError, open_pubsub, open_redis
 
 
 async def test_password_and_acl_user(tmp_path: Path) -> None:

@@ -8,9 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.conftest import free_port
-from tests.redis_server import RedisServer
-from worker.redis import (
+from mbworker.worker.redis import (
     RedisConnectionError,
     RedisResponseError,
     RedisState,
@@ -19,6 +17,8 @@ from worker.redis import (
     parse_redis_url,
     serve_redis,
 )
+from tests.conftest import free_port
+from tests.redis_server import RedisServer
 
 
 async def test_basic_commands(redis_server: RedisServer) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hiredis
 
-from worker.redis import commands as c
-from worker.redis.backoff import backoff_delay
+from mbworker.worker.redis import commands as c
+from mbworker.worker.redis.backoff import backoff_delay
 
 
 def test_set_options_and_conversion() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.redis import RedisSettings, RedisUrlError, parse_redis_url
+from mbworker.worker.redis import RedisSettings, RedisUrlError, parse_redis_url
 
 
 def test_plain_url_defaults() -> None:

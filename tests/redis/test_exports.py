@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import worker.redis
+from mbworker import worker
 
 
 def test_public_names() -> None:

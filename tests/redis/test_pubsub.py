@@ -5,8 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from tests.redis_server import RedisServer
-from worker.redis import (
+from mbworker.worker.redis import (
     EventQueue,
     PubSubDisconnected,
     PubSubEvent,
@@ -17,6 +16,7 @@ from worker.redis import (
     open_redis,
     serve_pubsub,
 )
+from tests.redis_server import RedisServer
 
 TIMEOUT = 10
 

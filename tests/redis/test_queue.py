@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from worker.redis import EventQueue
+from mbworker.worker.redis import EventQueue
 
 
 async def test_order_batches_and_nowait() -> None:

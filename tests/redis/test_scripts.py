@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from mbworker.worker.redis import RedisResponseError, Script, open_redis
 from tests.redis_server import RedisServer
-from worker.redis import RedisResponseError, Script, open_redis
 
 COUNTER = """\
 -- Add to a counter and return the new value and its TTL.

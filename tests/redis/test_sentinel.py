@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from mbworker.worker.redis import PubSubMessage, RedisConnectionError, RedisResponseError, open_pubsub, open_redis
 from tests.conftest import free_port
 from tests.redis_server import start_redis_sentinel, start_redis_server
-from worker.redis import PubSubMessage, RedisConnectionError, RedisResponseError, open_pubsub, open_redis
 
 
 async def test_resolves_master_and_follows_a_failover(tmp_path: Path) -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from mbworker.worker.redis import RedisConnectionError, open_pubsub, open_redis
 from tests.redis_server import make_self_signed_certificate, start_redis_server
-from worker.redis import RedisConnectionError, open_pubsub, open_redis
 
 
 async def test_tls_verified_unverified_and_untrusted(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from runtimes.errors import WorkerError
+from mbworker.runtimes.errors import WorkerError
 from tests.runtimes.test_deno_support import deno_runtime, inv, version, write_fn
 
 ROUTES = """

@@ -15,7 +15,7 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from runtimes.deno.runtime import DENO_DIR_NAME
+from mbworker.runtimes.deno.runtime import DENO_DIR_NAME
 from tests.runtimes.test_deno_support import (
     call,
     call_json,
@@ -208,11 +208,11 @@ SCRIPT = """
 import sys, trio
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from runtimes.api import FunctionVersion
-from runtimes.deno import DenoSettings, open_deno_runtime
+from mbworker.runtimes.api import FunctionVersion
+from mbworker.runtimes.deno import DenoSettings, open_deno_runtime
 
-from runtimes.api import Invocation, empty_body
-from runtimes.limits import Limits
+from mbworker.runtimes.api import Invocation, empty_body
+from mbworker.runtimes.limits import Limits
 
 async def main():
     fn = FunctionVersion("fn", 1, "deno", Path({bundle!r}), "index.ts", limits=Limits(cpu_time_ms=600_000))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from runtimes.errors import BootError, IdleTimeout, InvalidResponse, ResourceLimit, WorkerBusy, WorkerError
+from mbworker.runtimes.errors import BootError, IdleTimeout, InvalidResponse, ResourceLimit, WorkerBusy, WorkerError
 from tests.runtimes.test_deno_support import LogSink, call, call_json, deno_runtime, inv, version, write_fn
 
 PID = "Deno.serve(() => new Response(String(Deno.pid)));"

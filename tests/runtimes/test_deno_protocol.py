@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from runtimes.deno import protocol
+from mbworker.runtimes.deno import protocol
 
 
 def test_round_trip_in_arbitrary_pieces() -> None:
@@ -46,7 +46,7 @@ def test_frame_head_must_be_one_json_object(head: bytes) -> None:
 
 
 def test_public_names() -> None:
-    import runtimes.deno
+    from mbworker import runtimes
 
     assert sorted(runtimes.deno.__all__) == ["DenoRuntime", "DenoSettings", "OnLog", "open_deno_runtime"]
     for name in runtimes.deno.__all__:
@@ -59,7 +59,7 @@ def test_request_head_is_exactly_what_the_json_encoder_would_write() -> None:
     import random
     import struct
 
-    from runtimes.deno.protocol import encode_request_head
+    from mbworker.runtimes.deno.protocol import encode_request_head
 
     rng = random.Random(7)
     alphabet = [chr(c) for c in range(0, 256)] + ['"', "\\", "\u2028", "é"]

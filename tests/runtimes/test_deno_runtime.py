@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from runtimes.deno import DenoSettings
-from runtimes.errors import BootError, WorkerError
+from mbworker.runtimes.deno import DenoSettings
+from mbworker.runtimes.errors import BootError, WorkerError
 from tests.conftest import IN_CI
 from tests.runtimes.test_deno_support import (
     EXAMPLES,

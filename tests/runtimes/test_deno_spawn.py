@@ -9,8 +9,8 @@ import sys
 import pytest
 import trio
 
-from runtimes.deno import spawn
-from runtimes.deno.spawn import Spawner
+from mbworker.runtimes.deno import spawn
+from mbworker.runtimes.deno.spawn import Spawner
 from tests.conftest import require_binary
 
 # PR_GET_PDEATHSIG (2): what the child was given, as the child sees it after exec.

@@ -10,9 +10,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from runtimes.api import FunctionVersion, Invocation, empty_body
-from runtimes.deno import DenoRuntime, DenoSettings, open_deno_runtime
-from runtimes.limits import Limits
+from mbworker.runtimes.api import FunctionVersion, Invocation, empty_body
+from mbworker.runtimes.deno import DenoRuntime, DenoSettings, open_deno_runtime
+from mbworker.runtimes.limits import Limits
 from tests.conftest import require_binary
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "functions"

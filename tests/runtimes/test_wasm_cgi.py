@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-import runtimes.wasm
-from runtimes.errors import BootError, IdleTimeout, InvalidResponse, ResourceLimit, WorkerError
-from runtimes.limits import Limits
-from runtimes.wasm import cgi
-from runtimes.wasm.runtime import outcome_to_response
-from runtimes.wasm.sandbox import CallOutcome
+from mbworker import runtimes
+from mbworker.runtimes.errors import BootError, IdleTimeout, InvalidResponse, ResourceLimit, WorkerError
+from mbworker.runtimes.limits import Limits
+from mbworker.runtimes.wasm import cgi
+from mbworker.runtimes.wasm.runtime import outcome_to_response
+from mbworker.runtimes.wasm.sandbox import CallOutcome
 
 
 def test_public_names() -> None:

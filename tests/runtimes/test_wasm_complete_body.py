@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtimes.wasm import WasmRuntime
+from mbworker.runtimes.wasm import WasmRuntime
 from tests.runtimes import wasm_modules as wm
 from tests.runtimes.test_wasm_runtime import request, runtime, version
 

@@ -7,9 +7,9 @@ import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from runtimes.api import FunctionVersion, Invocation
-from runtimes.limits import Limits
-from runtimes.wasm import WasmSettings, compile_module, open_wasm_runtime
+from mbworker.runtimes.api import FunctionVersion, Invocation
+from mbworker.runtimes.limits import Limits
+from mbworker.runtimes.wasm import WasmSettings, compile_module, open_wasm_runtime
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "functions" / "wasm-echo"
 

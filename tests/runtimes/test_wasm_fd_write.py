@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from runtimes.wasm import sandbox as sandbox_module
-from runtimes.wasm.sandbox import CallLimits, Sandbox
+from mbworker.runtimes.wasm import sandbox as sandbox_module
+from mbworker.runtimes.wasm.sandbox import CallLimits, Sandbox
 
 IMPORT = '(import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))'
 
@@ -150,7 +150,7 @@ def test_concurrent_calls_keep_their_own_output(sandbox: Sandbox) -> None:
 def test_start_function_detection() -> None:
     import wasmtime
 
-    from runtimes.wasm.sandbox import has_start_function
+    from mbworker.runtimes.wasm.sandbox import has_start_function
 
     assert has_start_function(bytes(wasmtime.wat2wasm(START_SECTION_WRITES)))
     assert not has_start_function(bytes(wasmtime.wat2wasm(PROBES)))
@@ -193,7 +193,7 @@ def test_pool_slots_are_reused_and_zeroed() -> None:
 def test_string_array(items: list[str], expected: list[bytes]) -> None:
     import ctypes
 
-    from runtimes.wasm.capi import StringArray
+    from mbworker.runtimes.wasm.capi import StringArray
 
     strings = StringArray(items)
     assert strings.address

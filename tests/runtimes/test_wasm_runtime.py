@@ -12,10 +12,10 @@ import pytest
 import trio
 import trio.testing
 
-from runtimes.api import FunctionVersion, Invocation, empty_body
-from runtimes.errors import BootError, InvalidResponse, ResourceLimit, WorkerError
-from runtimes.limits import Limits
-from runtimes.wasm import ModuleRejected, WasmRuntime, WasmSettings, compile_module, open_wasm_runtime
+from mbworker.runtimes.api import FunctionVersion, Invocation, empty_body
+from mbworker.runtimes.errors import BootError, InvalidResponse, ResourceLimit, WorkerError
+from mbworker.runtimes.limits import Limits
+from mbworker.runtimes.wasm import ModuleRejected, WasmRuntime, WasmSettings, compile_module, open_wasm_runtime
 from tests.runtimes import wasm_modules as wm
 
 REPO = Path(__file__).resolve().parents[2]
@@ -332,7 +332,7 @@ def test_clean_interpreter_exit() -> None:
     Store is gone; at interpreter exit that made Rust abort with "panic in a function that cannot unwind"."""
     script = textwrap.dedent(
         """
-        from runtimes.wasm.sandbox import CallLimits, Sandbox
+        from mbworker.runtimes.wasm.sandbox import CallLimits, Sandbox
         from tests.runtimes import wasm_modules as wm
 
         sandbox = Sandbox(cache_dir=None, fuel_metering=True, epoch_tick_ms=10, max_table_elements=1000)
@@ -357,7 +357,7 @@ async def test_calls_leave_no_python_finalizers(runtime: WasmRuntime, tmp_path: 
     """The deterministic half of the exit regression: nothing of ours is left for wasmtime to call back into."""
     from wasmtime._wasi import CUSTOM_OUTPUTS
 
-    from runtimes.wasm import sandbox
+    from mbworker.runtimes.wasm import sandbox
 
     await call(runtime, version(tmp_path, wm.DUMP))
     assert not CUSTOM_OUTPUTS.handles
@@ -413,7 +413,7 @@ async def test_retire_waits_for_a_cancelled_call_still_in_its_thread(tmp_path: P
 async def test_slow_version_is_not_waited_for_synchronously(tmp_path: Path) -> None:
     """With the opt-in synchronous wait: a call that uses more than half of it in CPU makes the next calls of
     that version let the loop run meanwhile; a quick version keeps the synchronous wait."""
-    from runtimes.wasm.runtime import ASYNC_STREAK
+    from mbworker.runtimes.wasm.runtime import ASYNC_STREAK
 
     busy = wm.module(
         """(local $i i32)

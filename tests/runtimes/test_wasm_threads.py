@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from runtimes.wasm.threads import open_call_threads
+from mbworker.runtimes.wasm.threads import open_call_threads
 
 
 async def test_result_exception_and_done_hook() -> None:

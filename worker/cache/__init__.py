@@ -4,10 +4,10 @@ Entry points: `ResultCache` (one per daemon), `respond_through_cache` (the funct
 `FunctionCacheConfig` (function.toml `[cache]`), `CacheSettings` (the daemon's settings).
 """
 
-from worker.cache.errors import CacheError, FlightFailed, FlightTimeout
-from worker.cache.respond import respond_through_cache
-from worker.cache.settings import DEFAULT_FUNCTION_CACHE, CacheSettings, FunctionCacheConfig, parse_duration
-from worker.cache.store import (
+from mbworker.worker.cache.errors import CacheError, FlightFailed, FlightTimeout
+from mbworker.worker.cache.respond import respond_through_cache
+from mbworker.worker.cache.settings import DEFAULT_FUNCTION_CACHE, CacheSettings, FunctionCacheConfig, parse_duration
+from mbworker.worker.cache.store import (
     BYPASS,
     CACHE_HEADER,
     HIT,

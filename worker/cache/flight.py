@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 
 import trio
 
-from worker.cache.errors import FlightFailed, FlightTimeout
+from mbworker.worker.cache.errors import FlightFailed, FlightTimeout
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")

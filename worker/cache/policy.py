@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from worker.cache.settings import FunctionCacheConfig
+from mbworker.worker.cache.settings import FunctionCacheConfig
 
 Headers = list[tuple[bytes, bytes]]
 """Header pairs as raw bytes, lower-case names (the front door's and the runtimes' representation)."""

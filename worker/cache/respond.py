@@ -16,10 +16,10 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import msgpack  # type: ignore[import-untyped]
 import trio
 
-from runtimes.api import InvocationResult
-from worker.cache.policy import Headers
-from worker.cache.settings import DEFAULT_FUNCTION_CACHE, FunctionCacheConfig
-from worker.cache.store import (
+from mbworker.runtimes.api import InvocationResult
+from mbworker.worker.cache.policy import Headers
+from mbworker.worker.cache.settings import DEFAULT_FUNCTION_CACHE, FunctionCacheConfig
+from mbworker.worker.cache.store import (
     BYPASS,
     CACHE_HEADER,
     HIT,
@@ -31,8 +31,8 @@ from worker.cache.store import (
     RequestHead,
     ResultCache,
 )
-from worker.cluster.l2cache import L2Cache, key_bytes
-from worker.http.types import Responder
+from mbworker.worker.cluster.l2cache import L2Cache, key_bytes
+from mbworker.worker.http.types import Responder
 
 Invoke = Callable[[], AbstractAsyncContextManager[InvocationResult]]
 """Starts one invocation of the function for this request (e.g. `lambda: runtime.invoke(fn, invocation)`).

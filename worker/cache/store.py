@@ -52,8 +52,8 @@ from typing import Protocol, cast
 
 from moka_py import Moka
 
-from worker.cache.flight import Flight, SingleFlight
-from worker.cache.policy import (
+from mbworker.worker.cache.flight import Flight, SingleFlight
+from mbworker.worker.cache.policy import (
     Headers,
     PrimaryKey,
     RequestFacts,
@@ -67,7 +67,7 @@ from worker.cache.policy import (
     storable_headers,
     variant_key,
 )
-from worker.cache.settings import DEFAULT_FUNCTION_CACHE, CacheSettings, FunctionCacheConfig
+from mbworker.worker.cache.settings import DEFAULT_FUNCTION_CACHE, CacheSettings, FunctionCacheConfig
 
 CACHE_HEADER = b"x-mbworker-cache"
 HIT, MISS, BYPASS = b"HIT", b"MISS", b"BYPASS"

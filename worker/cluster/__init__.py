@@ -11,12 +11,12 @@ Each part is a small `typing.Protocol` with a memory implementation (one node: t
 Realtime's `RedisBroker` / `RedisPresence` live with realtime/, on the same Redis client.
 """
 
-from worker.cluster.deployments_redis import (
+from mbworker.worker.cluster.deployments_redis import (
     RedisDeploymentStore,
     RedisStoreStatistics,
     open_redis_deployment_store,
 )
-from worker.cluster.errors import (
+from mbworker.worker.cluster.errors import (
     ClusterError,
     ClusterStoreUnavailable,
     LockError,
@@ -25,9 +25,9 @@ from worker.cluster.errors import (
     LockUnavailable,
     RateLimited,
 )
-from worker.cluster.l2cache import L2Cache, L2Statistics, MemoryL2Cache, RedisL2Cache
-from worker.cluster.lock import HeldLock, Locks, LockStatistics, MemoryLocks, RedisLocks
-from worker.cluster.ratelimit import (
+from mbworker.worker.cluster.l2cache import L2Cache, L2Statistics, MemoryL2Cache, RedisL2Cache
+from mbworker.worker.cluster.lock import HeldLock, Locks, LockStatistics, MemoryLocks, RedisLocks
+from mbworker.worker.cluster.ratelimit import (
     MemoryRateLimiter,
     Rate,
     RateDecision,

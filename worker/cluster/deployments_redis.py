@@ -53,13 +53,13 @@ import msgpack  # type: ignore[import-untyped]
 import trio
 from pydantic import ValidationError
 
-from worker.cluster.errors import ClusterStoreUnavailable, LockError
-from worker.cluster.local_copies import LocalCopies, check_slug, check_version, rmtree
-from worker.cluster.lock import Locks, RedisLocks
-from worker.deployments.archive import BundleRejected, BundleTooLarge
-from worker.deployments.changes import ChangeFeed, ChangeReader, StoreChange
-from worker.deployments.manifest import SLUG_RE
-from worker.deployments.store import (
+from mbworker.worker.cluster.errors import ClusterStoreUnavailable, LockError
+from mbworker.worker.cluster.local_copies import LocalCopies, check_slug, check_version, rmtree
+from mbworker.worker.cluster.lock import Locks, RedisLocks
+from mbworker.worker.deployments.archive import BundleRejected, BundleTooLarge
+from mbworker.worker.deployments.changes import ChangeFeed, ChangeReader, StoreChange
+from mbworker.worker.deployments.manifest import SLUG_RE
+from mbworker.worker.deployments.store import (
     Deployment,
     DeploymentList,
     DeploymentNotFound,
@@ -72,8 +72,8 @@ from worker.deployments.store import (
     read_secrets,
     staged_deployment,
 )
-from worker.nursery import open_owned_nursery
-from worker.redis import (
+from mbworker.worker.nursery import open_owned_nursery
+from mbworker.worker.redis import (
     PubSub,
     PubSubDisconnected,
     PubSubMessage,

@@ -5,7 +5,7 @@ Deployment-store failures are `StoreError`s (the admin API maps their `status`);
 
 from __future__ import annotations
 
-from worker.deployments.store import StoreError
+from mbworker.worker.deployments.store import StoreError
 
 
 class ClusterError(Exception):

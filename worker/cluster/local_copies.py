@@ -21,9 +21,9 @@ import secrets
 import shutil
 from pathlib import Path
 
-from worker.deployments.archive import BundleRejected, sha256_hex, unpack_bundle
-from worker.deployments.manifest import MANIFEST_NAME, SLUG_RE, Manifest
-from worker.deployments.store import StoreError, UnpackLimits
+from mbworker.worker.deployments.archive import BundleRejected, sha256_hex, unpack_bundle
+from mbworker.worker.deployments.manifest import MANIFEST_NAME, SLUG_RE, Manifest
+from mbworker.worker.deployments.store import StoreError, UnpackLimits
 
 
 def check_slug(slug: str) -> str:

@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from worker.cluster.errors import LockError, LockLost, LockTimeout, LockUnavailable
-from worker.nursery import open_owned_nursery
-from worker.redis import Redis, RedisError, Script
+from mbworker.worker.cluster.errors import LockError, LockLost, LockTimeout, LockUnavailable
+from mbworker.worker.nursery import open_owned_nursery
+from mbworker.worker.redis import Redis, RedisError, Script
 
-_RELEASE = Script.from_package("worker.cluster", "lock_release.lua")
-_EXTEND = Script.from_package("worker.cluster", "lock_extend.lua")
+_RELEASE = Script.from_package("mbworker.worker.cluster", "lock_release.lua")
+_EXTEND = Script.from_package("mbworker.worker.cluster", "lock_extend.lua")
 
 _BACKOFF_INITIAL_S = 0.005
 _BACKOFF_MAX_S = 0.25

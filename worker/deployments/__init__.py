@@ -6,9 +6,9 @@
 - `store`: `DeploymentStore` protocol and `LocalDeploymentStore` (versions, activate, rollback, watch).
 """
 
-from worker.deployments.archive import BundleRejected, BundleTooLarge, PackedBundle, unpack_bundle
-from worker.deployments.changes import StoreChange
-from worker.deployments.gather import (
+from mbworker.worker.deployments.archive import BundleRejected, BundleTooLarge, PackedBundle, unpack_bundle
+from mbworker.worker.deployments.changes import StoreChange
+from mbworker.worker.deployments.gather import (
     BundleSpec,
     DiscoveredFunction,
     GatherError,
@@ -17,7 +17,7 @@ from worker.deployments.gather import (
     gather_tree,
     pack_bundle,
 )
-from worker.deployments.manifest import (
+from mbworker.worker.deployments.manifest import (
     CacheSettings,
     FunctionToml,
     Manifest,
@@ -25,7 +25,7 @@ from worker.deployments.manifest import (
     parse_env_file,
     parse_env_text,
 )
-from worker.deployments.store import (
+from mbworker.worker.deployments.store import (
     Deployment,
     DeploymentNotFound,
     DeploymentStatus,

@@ -28,7 +28,7 @@ from typing import IO
 
 from pydantic import ValidationError
 
-from worker.deployments.manifest import MANIFEST_NAME, Manifest, check_relative_path
+from mbworker.worker.deployments.manifest import MANIFEST_NAME, Manifest, check_relative_path
 
 DEFAULT_MAX_ARCHIVE_BYTES = 20 * 1024 * 1024
 """Supabase's "function size after bundling" limit, applied to the compressed archive."""

@@ -27,8 +27,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from worker.deployments.archive import DEFAULT_MAX_ARCHIVE_BYTES, PackedBundle, pack_files
-from worker.deployments.manifest import (
+from mbworker.worker.deployments.archive import DEFAULT_MAX_ARCHIVE_BYTES, PackedBundle, pack_files
+from mbworker.worker.deployments.manifest import (
     DENO_ENTRY_NAMES,
     SLUG_RE,
     WASM_SUFFIXES,

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from dotenv.parser import parse_stream
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from runtimes.limits import Limits
+from mbworker.runtimes.limits import Limits
 
 SLUG_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 """Supabase's `FuncSlugPattern`: the CLI skips folders that don't match (that is why `_shared/` is never deployed)."""

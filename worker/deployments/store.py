@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from runtimes.api import FunctionVersion
-from runtimes.limits import Limits
-from worker.deployments.archive import (
+from mbworker.runtimes.api import FunctionVersion
+from mbworker.runtimes.limits import Limits
+from mbworker.worker.deployments.archive import (
     DEFAULT_MAX_ARCHIVE_BYTES,
     DEFAULT_MAX_FILES,
     DEFAULT_MAX_RATIO,
@@ -48,8 +48,8 @@ from worker.deployments.archive import (
     sha256_hex,
     unpack_bundle,
 )
-from worker.deployments.changes import ChangeFeed, StoreChange
-from worker.deployments.manifest import (
+from mbworker.worker.deployments.changes import ChangeFeed, StoreChange
+from mbworker.worker.deployments.manifest import (
     MANIFEST_NAME,
     SLUG_RE,
     CacheSettings,

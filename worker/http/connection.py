@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Final, cast
 import httptools
 import trio
 
-from worker.http import response_head as rh
-from worker.http.types import (
+from mbworker.worker.http import response_head as rh
+from mbworker.worker.http.types import (
     BadRequestBody,
     BodyTooLarge,
     ClientDisconnected,
@@ -34,7 +34,7 @@ from worker.http.types import (
 )
 
 if TYPE_CHECKING:
-    from worker.http.server import HttpServer
+    from mbworker.worker.http.server import HttpServer
 
 logger = logging.getLogger("mbworker.http")  # under "mbworker": JSON lines like the rest (worker/logs.py)
 

@@ -9,7 +9,7 @@ import http
 import time
 from email.utils import formatdate
 
-from worker.http.types import Headers
+from mbworker.worker.http.types import Headers
 
 STATUS_LINES: dict[int, bytes] = {
     s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode("ascii")) for s in http.HTTPStatus

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import trio
 
-from worker.http.connection import Connection
-from worker.http.response_head import DateCache
-from worker.http.settings import HttpSettings
-from worker.http.types import HttpApp
+from mbworker.worker.http.connection import Connection
+from mbworker.worker.http.response_head import DateCache
+from mbworker.worker.http.settings import HttpSettings
+from mbworker.worker.http.types import HttpApp
 
 __all__ = ["HttpServer", "HttpServerStatistics", "serve_http"]
 

@@ -25,8 +25,8 @@ from websockets.server import ServerProtocol
 from websockets.trio.server import Server, ServerConnection
 from websockets.typing import Origin, Subprotocol
 
-from worker.http.types import HttpRequest
-from worker.nursery import open_owned_nursery
+from mbworker.worker.http.types import HttpRequest
+from mbworker.worker.nursery import open_owned_nursery
 
 __all__ = ["WebSocketHandshakeError", "WebSocketOptions", "accept_websocket", "open_websocket"]
 

@@ -22,7 +22,7 @@ from typing import Any
 import hiredis
 import trio
 
-from worker.nursery import open_owned_nursery
+from mbworker.worker.nursery import open_owned_nursery
 
 from . import commands as c
 from .backoff import backoff_delay

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import hiredis
 import trio
 
-from worker.nursery import open_owned_nursery
+from mbworker.worker.nursery import open_owned_nursery
 
 from ._queue import EventQueue
 from .backoff import backoff_delay
