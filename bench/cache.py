@@ -252,10 +252,10 @@ def _serve(port: int, cached: bool) -> None:
 
     import trio
 
+    from mbworker.lib.http.server import serve_http
+    from mbworker.lib.http.types import HttpRequest, Responder, WebSocketHandler
     from mbworker.runtimes.api import InvocationResult
     from mbworker.worker.cache import respond_through_cache
-    from mbworker.worker.http.server import serve_http
-    from mbworker.worker.http.types import HttpRequest, Responder, WebSocketHandler
 
     cache = ResultCache(CacheSettings())
     config = FunctionCacheConfig()

@@ -28,8 +28,8 @@ def _serve_front_door(port: int) -> None:
     sys.path.insert(0, str(ROOT))
     import trio
 
-    from mbworker.worker.http.server import serve_http
-    from mbworker.worker.http.types import HttpRequest, Responder, WebSocketHandler
+    from mbworker.lib.http.server import serve_http
+    from mbworker.lib.http.types import HttpRequest, Responder, WebSocketHandler
 
     class Hello:
         async def handle_http(self, request: HttpRequest, responder: Responder) -> None:

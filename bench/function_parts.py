@@ -35,12 +35,12 @@ import jwt  # noqa: E402
 import trio  # noqa: E402
 from _load import cpu_seconds  # noqa: E402
 
+from mbworker.lib.http.types import EmptyBody, HttpRequest  # noqa: E402
 from mbworker.runtimes.api import FunctionVersion, Headers, Invocation, empty_body  # noqa: E402
 from mbworker.runtimes.deno import DenoSettings, open_deno_runtime  # noqa: E402
 from mbworker.runtimes.limits import Limits  # noqa: E402
 from mbworker.worker.cache import CacheSettings, ResultCache  # noqa: E402
 from mbworker.worker.functions import ActiveFunction, FunctionsFrontDoor, FunctionTable  # noqa: E402
-from mbworker.worker.http.types import EmptyBody, HttpRequest  # noqa: E402
 from mbworker.worker.jwt_gate import JwtGate  # noqa: E402
 from mbworker.worker.metrics import Metrics  # noqa: E402
 

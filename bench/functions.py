@@ -103,7 +103,7 @@ class Daemon:
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         start = self._log.tell()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mbworker.worker.cli", "serve", "--port", str(self.port), "--admin-port",
+            [sys.executable, "-m", "mbworker.cli.main", "serve", "--port", str(self.port), "--admin-port",
              str(self.admin_port), "--data-dir", str(data_dir)],
             stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
         )  # fmt: skip
@@ -133,7 +133,7 @@ class Daemon:
             self.env, MBWORKER_ADMIN_URL=f"http://127.0.0.1:{self.admin_port}", MBWORKER_ADMIN_TOKEN=self.admin_token
         )
         done = subprocess.run(
-            [sys.executable, "-m", "mbworker.worker.cli", *args],
+            [sys.executable, "-m", "mbworker.cli.main", *args],
             env=env,
             cwd=ROOT,
             capture_output=True,

@@ -37,7 +37,7 @@ def rss_bytes(pid: int) -> int:
 
 
 _BREAKDOWN_GROUPS = (
-    ("/worker/http/", "front door (worker/http)"),
+    ("/lib/http/", "front door (lib/http)"),
     ("/realtime/", "realtime: client, channel, transport, task frames"),
     ("websockets", "websockets"),
     ("trio", "trio: task, cancel scopes, socket, epoll"),
@@ -83,9 +83,9 @@ def serve_mbworker(port: int, breakdown: int = 0) -> None:
     import trio
 
     sys.path.insert(0, str(ROOT))
+    from mbworker.lib.http.server import serve_http
+    from mbworker.lib.http.settings import HttpSettings
     from mbworker.realtime import RealtimeSettings, open_realtime
-    from mbworker.worker.http.server import serve_http
-    from mbworker.worker.http.settings import HttpSettings
 
     class App:
         def __init__(self, service: Any) -> None:

@@ -29,10 +29,10 @@ from _load import cpu_seconds
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mbworker.lib.redis import open_redis  # noqa: E402
 from mbworker.realtime.broker import Broker, Envelope, broker_key  # noqa: E402
 from mbworker.realtime.broker_memory import MemoryBroker, MemoryBus  # noqa: E402
 from mbworker.realtime.broker_redis import RedisBroker  # noqa: E402
-from mbworker.worker.redis import open_redis  # noqa: E402
 from tests.redis_server import redis_server_running  # noqa: E402
 
 TIME_LIMIT = 60.0

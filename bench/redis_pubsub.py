@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import redis as redispy  # noqa: E402
 
-from mbworker.worker.redis import PubSubMessage, open_pubsub, open_redis  # noqa: E402
+from mbworker.lib.redis import PubSubMessage, open_pubsub, open_redis  # noqa: E402
 
 CHANNEL = "bench"
 

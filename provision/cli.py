@@ -1,6 +1,6 @@
 """`mbworker provision …` (and `mbworker up` / `down`): argparse wiring around providers. No logic of its own.
 
-The lead wires `add_provision_commands` (and `add_local_commands` for top-level up/down) into worker/cli.py;
+The lead wires `add_provision_commands` (and `add_local_commands` for top-level up/down) into cli/main.py;
 until then `python -m provision …` runs the same commands. Each subcommand sets `args.func(args) -> int`.
 
 Exit codes: 0 done (or nothing to do), 1 error, 2 usage, 3 applied but some node was left in place (drain failed).

@@ -34,9 +34,7 @@ from dataclasses import dataclass
 import msgpack  # type: ignore[import-untyped]
 import trio
 
-from mbworker.realtime.broker import BrokerHandler, Envelope
-from mbworker.realtime.errors import BrokerError
-from mbworker.worker.redis import (
+from mbworker.lib.redis import (
     PubSub,
     PubSubDisconnected,
     PubSubMessage,
@@ -46,6 +44,8 @@ from mbworker.worker.redis import (
     RedisError,
     RedisSettings,
 )
+from mbworker.realtime.broker import BrokerHandler, Envelope
+from mbworker.realtime.errors import BrokerError
 
 __all__ = ["RedisBroker", "RedisBrokerStatistics", "open_redis_broker"]
 

@@ -42,10 +42,7 @@ from typing import Any, TypeVar
 import msgpack  # type: ignore[import-untyped]
 import trio
 
-from mbworker.realtime.errors import PresenceError
-from mbworker.realtime.presence import PresenceDiff, PresenceHandler, PresenceState
-from mbworker.realtime.presence_memory import new_phx_ref
-from mbworker.worker.redis import (
+from mbworker.lib.redis import (
     PubSub,
     PubSubDisconnected,
     PubSubMessage,
@@ -56,6 +53,9 @@ from mbworker.worker.redis import (
     RedisSettings,
     Script,
 )
+from mbworker.realtime.errors import PresenceError
+from mbworker.realtime.presence import PresenceDiff, PresenceHandler, PresenceState
+from mbworker.realtime.presence_memory import new_phx_ref
 
 __all__ = ["RedisPresence", "RedisPresenceStatistics", "open_redis_presence"]
 

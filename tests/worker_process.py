@@ -15,7 +15,7 @@ import trio
 
 from tests.conftest import free_port
 
-MBWORKER = [sys.executable, "-m", "mbworker.worker.cli"]
+MBWORKER = [sys.executable, "-m", "mbworker.cli.main"]
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60
 

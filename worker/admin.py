@@ -15,11 +15,11 @@ from typing import Any
 
 import trio
 
+from mbworker.lib.http.types import BodyTooLarge, HttpRequest, Responder, WebSocketHandler
 from mbworker.worker.deployer import Deployer, DeployFailed
 from mbworker.worker.deployments.archive import BundleRejected
 from mbworker.worker.deployments.store import Deployment, StoreError
 from mbworker.worker.function_logs import FunctionLogs, serve_logs
-from mbworker.worker.http.types import BodyTooLarge, HttpRequest, Responder, WebSocketHandler
 from mbworker.worker.metrics import Metrics, serve_metrics
 from mbworker.worker.responses import send_error, send_json
 

@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 
 import trio
 
+from mbworker.lib.http.server import HttpServer, serve_http
+from mbworker.lib.redis import open_redis
 from mbworker.realtime import open_realtime
 from mbworker.realtime.broker import Broker
 from mbworker.realtime.broker_redis import open_redis_broker
@@ -50,13 +52,11 @@ from mbworker.worker.deployments.store import DeploymentStore, LocalDeploymentSt
 from mbworker.worker.errors import ConfigError
 from mbworker.worker.function_logs import FunctionLogs
 from mbworker.worker.functions import FunctionsFrontDoor, FunctionTable
-from mbworker.worker.http.server import HttpServer, serve_http
 from mbworker.worker.jwt_gate import JwtGate
 from mbworker.worker.keys import ProjectKeys, load_project_keys
 from mbworker.worker.logs import configure_logging
 from mbworker.worker.metrics import CACHE_STATS, HTTP_STATS, REALTIME_STATS, REDIS_STATS, RUNTIME_STATS, Metrics
 from mbworker.worker.public_app import PublicApp
-from mbworker.worker.redis import open_redis
 
 log = logging.getLogger("mbworker.daemon")
 

@@ -30,8 +30,8 @@ from urllib.parse import parse_qs
 
 import trio
 
+from mbworker.lib.http.types import ClientDisconnected, HttpRequest, Responder
 from mbworker.runtimes.api import FunctionVersion
-from mbworker.worker.http.types import ClientDisconnected, HttpRequest, Responder
 from mbworker.worker.logs import MAX_LINE, function_log
 
 __all__ = [

@@ -17,6 +17,7 @@ from types import TracebackType
 
 import trio
 
+from mbworker.lib.http.types import BodyTooLarge, Headers, HttpRequest, RequestBody, Responder
 from mbworker.runtimes import FunctionRuntimeError, FunctionVersion, Invocation, InvocationResult, Runtime, WorkerError
 from mbworker.worker.cache import (
     DEFAULT_FUNCTION_CACHE,
@@ -31,7 +32,6 @@ from mbworker.worker.cache import (
 )
 from mbworker.worker.cluster.l2cache import L2Cache
 from mbworker.worker.cluster.ratelimit import Rate, RateLimiter
-from mbworker.worker.http.types import BodyTooLarge, Headers, HttpRequest, RequestBody, Responder
 from mbworker.worker.jwt_gate import JwtGate, JwtRejected
 from mbworker.worker.metrics import UNMATCHED, Metrics
 from mbworker.worker.responses import send_error

@@ -42,7 +42,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from mbworker.worker.http.types import ClientDisconnected, Headers, HttpRequest, Responder
+from mbworker.lib.http.types import ClientDisconnected, Headers, HttpRequest, Responder
 
 __all__ = [
     "CACHE_STATS",

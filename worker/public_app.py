@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
+from mbworker.lib.http.types import HttpRequest, Responder, WebSocketHandler
 from mbworker.worker.functions import PREFIX, FunctionsFrontDoor
-from mbworker.worker.http.types import HttpRequest, Responder, WebSocketHandler
 from mbworker.worker.responses import send_error, send_json
 
 

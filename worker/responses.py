@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from mbworker.worker.http.types import Headers, Responder
+from mbworker.lib.http.types import Headers, Responder
 
 JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
 

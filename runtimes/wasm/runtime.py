@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from mbworker.lib.nursery import open_owned_nursery
 from mbworker.runtimes.api import FunctionVersion, Invocation, InvocationResult, Runtime, RuntimeStatistics
 from mbworker.runtimes.errors import (
     BootError,
@@ -25,7 +26,6 @@ from mbworker.runtimes.errors import (
     WorkerError,
 )
 from mbworker.runtimes.limits import Limits
-from mbworker.runtimes.nursery import open_owned_nursery
 from mbworker.runtimes.wasm import cgi
 from mbworker.runtimes.wasm.errors import ModuleRejected
 from mbworker.runtimes.wasm.sandbox import CallControl, CallLimits, CallOutcome, PreparedModule, Sandbox

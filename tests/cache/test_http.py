@@ -7,10 +7,10 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from mbworker.lib.http.server import HttpServer, serve_http
+from mbworker.lib.http.types import HttpRequest, Responder, WebSocketHandler
 from mbworker.worker.cache import FunctionCacheConfig, ResultCache, respond_through_cache
 from mbworker.worker.deployments.manifest import CacheSettings as ManifestCacheSettings
-from mbworker.worker.http.server import HttpServer, serve_http
-from mbworker.worker.http.types import HttpRequest, Responder, WebSocketHandler
 from tests.cache.helpers import Function, cacheable, make_cache
 
 

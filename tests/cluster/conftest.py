@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from mbworker.worker.redis import RedisClient, RedisSettings, open_redis, parse_redis_url
+from mbworker.lib.redis import RedisClient, RedisSettings, open_redis, parse_redis_url
 from tests.redis_server import RedisServer
 
 

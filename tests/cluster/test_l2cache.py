@@ -7,8 +7,8 @@ from pathlib import Path
 import trio
 import trio.testing
 
+from mbworker.lib.redis import RedisClient, open_redis
 from mbworker.worker.cluster.l2cache import L2Cache, MemoryL2Cache, RedisL2Cache, decode_entry, encode_entry, key_bytes
-from mbworker.worker.redis import RedisClient, open_redis
 from tests.cluster.conftest import fast_settings
 from tests.redis_server import RedisServer, start_redis_server
 

@@ -10,9 +10,9 @@ import trio
 import trio.lowlevel
 import trio.testing
 
+from mbworker.lib.redis import RedisClient, open_redis
 from mbworker.worker.cluster.errors import LockLost, LockTimeout, LockUnavailable
 from mbworker.worker.cluster.lock import Locks, MemoryLocks, RedisLocks
-from mbworker.worker.redis import RedisClient, open_redis
 from tests.redis_server import RedisServer, redis_server_running
 
 

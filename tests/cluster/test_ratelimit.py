@@ -6,9 +6,9 @@ import pytest
 import trio
 import trio.testing
 
+from mbworker.lib.redis import RedisClient
 from mbworker.worker.cluster.errors import RateLimited
 from mbworker.worker.cluster.ratelimit import MemoryRateLimiter, Rate, RedisRateLimiter, gcra_step
-from mbworker.worker.redis import RedisClient
 from tests.redis_server import RedisServer
 
 

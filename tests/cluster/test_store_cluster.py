@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import trio
 
+from mbworker.lib.redis import RedisClient, open_redis
 from mbworker.worker.cluster.deployments_redis import RedisDeploymentStore, open_redis_deployment_store
 from mbworker.worker.cluster.errors import ClusterStoreUnavailable
 from mbworker.worker.deployer import Deployer, PlatformEnv
 from mbworker.worker.deployments.changes import StoreChange
 from mbworker.worker.deployments.store import DeploymentStatus
 from mbworker.worker.functions import FunctionTable
-from mbworker.worker.redis import RedisClient, open_redis
 from tests.cluster.conftest import fast_settings
 from tests.cluster.test_store_contract import hold_redis_store
 from tests.deployments.test_store import bundle

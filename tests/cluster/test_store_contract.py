@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 
+from mbworker.lib.redis import open_redis
 from mbworker.worker.cluster.deployments_redis import open_redis_deployment_store
 from mbworker.worker.deployments.archive import BundleRejected, BundleTooLarge
 from mbworker.worker.deployments.store import (
@@ -23,7 +24,6 @@ from mbworker.worker.deployments.store import (
     VersionConflict,
     function_version,
 )
-from mbworker.worker.redis import open_redis
 from tests.cluster.conftest import fast_settings
 from tests.deployments.test_store import bundle
 from tests.redis_server import start_redis_server

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import trio
 
+from mbworker.lib.http.types import EmptyBody, HttpRequest
 from mbworker.worker.functions import forwarded_headers
-from mbworker.worker.http.types import EmptyBody, HttpRequest
 from tests.daemon.fixtures import write_function
 from tests.worker_process import RunningWorker, run_worker, stop_worker
 

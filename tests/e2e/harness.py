@@ -12,9 +12,9 @@ from typing import Any
 
 import trio
 
+from mbworker.lib.http.server import HttpServer, serve_http
+from mbworker.lib.http.types import HttpRequest, Responder, WebSocketHandler
 from mbworker.realtime import RealtimeService, RealtimeSettings, open_realtime
-from mbworker.worker.http.server import HttpServer, serve_http
-from mbworker.worker.http.types import HttpRequest, Responder, WebSocketHandler
 
 E2E_DIR = Path(__file__).parent
 

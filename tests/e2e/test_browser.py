@@ -13,9 +13,9 @@ from pathlib import Path
 
 import trio
 
+from mbworker.lib.http.server import serve_http
+from mbworker.lib.http.types import HttpRequest, Responder
 from mbworker.realtime import RealtimeSettings, open_realtime
-from mbworker.worker.http.server import serve_http
-from mbworker.worker.http.types import HttpRequest, Responder
 from tests.conftest import require_binary
 from tests.e2e.harness import E2E_DIR, RealtimeApp, ensure_node_modules
 from tests.realtime.helpers import ANON, SECRET

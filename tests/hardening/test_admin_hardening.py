@@ -166,7 +166,7 @@ def test_public_admin_bind_needs_the_flag() -> None:
 async def test_serve_refuses_a_public_admin_address(tmp_path: Path) -> None:
     with trio.fail_after(60):
         result = await trio.run_process(
-            [sys.executable, "-m", "mbworker.worker.cli", "serve", "--admin-host", "0.0.0.0", "--admin-port",
+            [sys.executable, "-m", "mbworker.cli.main", "serve", "--admin-host", "0.0.0.0", "--admin-port",
              str(free_port()), "--port", str(free_port()), "--data-dir", str(tmp_path / "data")],
             capture_stdout=True,
             capture_stderr=True,

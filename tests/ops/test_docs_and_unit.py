@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
+from mbworker.cli import docs_gen
 from mbworker.runtimes.limits import Limits
-from mbworker.worker import docs_gen
 from mbworker.worker.config import WorkerSettings
 from mbworker.worker.metrics import Metrics, RequestInstruments
 from mbworker.worker.systemd import UNIT_NAME, unit_text
@@ -52,7 +52,7 @@ def test_metrics_reference_lists_every_family() -> None:
 def test_operations_doc_is_current() -> None:
     doc = ROOT / "docs" / "operations.md"
     text = doc.read_text(encoding="utf-8")
-    assert docs_gen.replace_sections(text) == text, "run: python -m mbworker.worker.docs_gen --write docs/operations.md"
+    assert docs_gen.replace_sections(text) == text, "run: python -m mbworker.cli.docs_gen --write docs/operations.md"
     assert docs_gen.main(["--check", str(doc)]) == 0
 
 

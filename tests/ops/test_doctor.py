@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mbworker.worker.config import WorkerSettings, load_settings
-from mbworker.worker.doctor import (
+from mbworker.cli.doctor import (
     CheckResult,
     check_data_dir,
     check_ports,
@@ -18,6 +17,7 @@ from mbworker.worker.doctor import (
     find_deno_binary,
     run_doctor,
 )
+from mbworker.worker.config import WorkerSettings, load_settings
 from tests.conftest import free_port, require_binary
 from tests.redis_server import redis_server_running
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from mbworker.lib.http.server import HttpServer, serve_http
+from mbworker.lib.http.types import HttpRequest, Responder, WebSocketHandler
 from mbworker.runtimes.api import FunctionVersion
 from mbworker.worker.function_logs import (
     TRUNCATED,
@@ -26,8 +28,6 @@ from mbworker.worker.function_logs import (
     print_logs,
     serve_logs,
 )
-from mbworker.worker.http.server import HttpServer, serve_http
-from mbworker.worker.http.types import HttpRequest, Responder, WebSocketHandler
 from mbworker.worker.logs import JsonFormatter
 
 TOKEN = "t0ken"

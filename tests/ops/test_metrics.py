@@ -11,12 +11,14 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from mbworker.lib.http.server import HttpServer, HttpServerStatistics, serve_http
+from mbworker.lib.http.types import ClientDisconnected, HttpRequest, Responder, WebSocketHandler
+from mbworker.lib.redis import PubSubStatistics, RedisStatistics
+from mbworker.lib.redis.client import RedisState
 from mbworker.realtime.service import RealtimeStatistics
 from mbworker.runtimes.api import RuntimeStatistics
 from mbworker.runtimes.wasm.runtime import WasmStatistics
 from mbworker.worker.cache.store import CacheStatistics
-from mbworker.worker.http.server import HttpServer, HttpServerStatistics, serve_http
-from mbworker.worker.http.types import ClientDisconnected, HttpRequest, Responder, WebSocketHandler
 from mbworker.worker.metrics import (
     CACHE_STATS,
     HTTP_STATS,
@@ -30,8 +32,6 @@ from mbworker.worker.metrics import (
     StatsSpec,
     serve_metrics,
 )
-from mbworker.worker.redis import PubSubStatistics, RedisStatistics
-from mbworker.worker.redis.client import RedisState
 
 
 def scrape(metrics: Metrics) -> dict[str, list[Sample]]:

@@ -8,7 +8,14 @@ import pytest
 
 
 @pytest.mark.parametrize(
-    "module", ["worker.metrics", "worker.function_logs", "worker.doctor", "worker.docs_gen", "worker.systemd"]
+    "module",
+    [
+        "mbworker.worker.metrics",
+        "mbworker.worker.function_logs",
+        "mbworker.cli.doctor",
+        "mbworker.cli.docs_gen",
+        "mbworker.worker.systemd",
+    ],
 )
 def test_all_names_exist(module: str) -> None:
     mod = importlib.import_module(module)

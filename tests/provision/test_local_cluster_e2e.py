@@ -24,7 +24,7 @@ from .conftest import SPEC_TOML
 from .test_local import free_base
 
 ROOT = Path(__file__).resolve().parents[2]
-CLI = [sys.executable, "-m", "mbworker.worker.cli"]
+CLI = [sys.executable, "-m", "mbworker.cli.main"]
 
 
 async def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> tuple[int, str]:

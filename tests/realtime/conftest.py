@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from mbworker.worker.redis import RedisClient, open_redis
+from mbworker.lib.redis import RedisClient, open_redis
 from tests.redis_server import RedisServer
 
 

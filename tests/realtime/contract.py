@@ -23,13 +23,13 @@ from pathlib import Path
 import trio
 import trio.testing
 
+from mbworker.lib.redis import RedisClient, open_redis
 from mbworker.realtime.broker import Broker
 from mbworker.realtime.broker_memory import MemoryBroker, MemoryBus
 from mbworker.realtime.broker_redis import RedisBroker
 from mbworker.realtime.presence import Presence
 from mbworker.realtime.presence_memory import MemoryPresence, MemoryPresenceStore
 from mbworker.realtime.presence_redis import RedisPresence
-from mbworker.worker.redis import RedisClient, open_redis
 from tests.redis_server import redis_server_running
 
 Clock = Callable[[], float]

@@ -2,7 +2,7 @@
 realtime node on Redis.
 
 The front door here only reads a request head and hands the stream to `RealtimeService.websocket_handler`
-(the same seam worker/http uses); the e2e tests go through the real worker/http server instead.
+(the same seam lib/http uses); the e2e tests go through the real lib/http server instead.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import jwt
 import trio
 from websockets.trio.client import ClientConnection, connect
 
+from mbworker.lib.http.types import EmptyBody, HttpRequest
+from mbworker.lib.redis import RedisClient
 from mbworker.realtime import RealtimeService, RealtimeSettings, open_realtime
 from mbworker.realtime.broker_redis import RedisBroker, open_redis_broker
 from mbworker.realtime.presence_redis import RedisPresence, open_redis_presence
-from mbworker.worker.http.types import EmptyBody, HttpRequest
-from mbworker.worker.redis import RedisClient
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import trio
 
+from mbworker.lib.redis import RedisClient, open_redis
 from mbworker.realtime.broker import Envelope, broker_key
 from mbworker.realtime.broker_redis import RedisBroker
-from mbworker.worker.redis import RedisClient, open_redis
 from tests.realtime.helpers import Phx, phx_client, redis_node
 from tests.redis_server import RedisServer
 

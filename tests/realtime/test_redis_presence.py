@@ -7,10 +7,10 @@ from typing import Any
 
 import trio
 
+from mbworker.lib.redis import RedisClient
 from mbworker.realtime import RealtimeSettings
 from mbworker.realtime.presence import PresenceDiff
 from mbworker.realtime.presence_redis import RedisPresence, open_redis_presence
-from mbworker.worker.redis import RedisClient
 from tests.realtime.helpers import Phx, phx_client, redis_node
 from tests.redis_server import RedisServer
 

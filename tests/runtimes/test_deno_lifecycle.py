@@ -15,6 +15,7 @@ from pathlib import Path
 import trio
 import trio.testing
 
+import mbworker.runtimes.deno.runtime
 from mbworker.runtimes.deno.runtime import DENO_DIR_NAME
 from tests.runtimes.test_deno_support import (
     call,
@@ -29,6 +30,7 @@ from tests.runtimes.test_deno_support import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
+BOOTSTRAP_DIR = Path(os.path.dirname(mbworker.runtimes.deno.runtime.__file__))  # as the runtime names it
 
 
 async def test_many_concurrent_requests_share_one_process(tmp_path: Path) -> None:
@@ -126,7 +128,7 @@ async def test_redeploy_rolls_over_to_the_new_version(tmp_path: Path) -> None:
 
 def emitted_dir(deno_dir: Path, source_dir: Path) -> Path:
     """Where Deno keeps the JavaScript it transpiled from the files of `source_dir`."""
-    return deno_dir / "gen" / "file" / str(source_dir.resolve()).lstrip("/")
+    return deno_dir / "gen" / "file" / os.path.abspath(source_dir).lstrip("/")
 
 
 async def test_versions_start_from_the_compiled_template_and_take_their_code_with_them(tmp_path: Path) -> None:
@@ -139,7 +141,7 @@ async def test_versions_start_from_the_compiled_template_and_take_their_code_wit
     (deno_dir / "left-from-last-run").write_text("x")
     v1 = version(write_fn(tmp_path, 'Deno.serve(() => new Response("v1"));', name="v1"), ver=1)
     v2 = version(write_fn(tmp_path, 'Deno.serve(() => new Response("v2"));', name="v2"), ver=2)
-    bootstrap_js = emitted_dir(deno_dir, ROOT / "runtimes" / "deno") / "bootstrap.ts.js"
+    bootstrap_js = emitted_dir(deno_dir, BOOTSTRAP_DIR) / "bootstrap.ts.js"
     async with deno_runtime(tmp_path) as rt:
         assert not (deno_dir / "left-from-last-run").exists()
         # compiled at start by a throwaway process, which left nothing else behind and counts as no cold start
@@ -152,7 +154,7 @@ async def test_versions_start_from_the_compiled_template_and_take_their_code_wit
         emitted = {v.version: emitted_dir(own[v.version], v.bundle_dir) for v in (v1, v2)}
         for ver in (1, 2):
             assert (emitted[ver] / "index.ts.js").is_file()
-            assert (emitted_dir(own[ver], ROOT / "runtimes" / "deno") / "bootstrap.ts.js").is_file()  # the seed
+            assert (emitted_dir(own[ver], BOOTSTRAP_DIR) / "bootstrap.ts.js").is_file()  # the seed
         assert not emitted_dir(deno_dir, v1.bundle_dir).exists()  # the template holds no function's code
         await rt.retire(v1)
         with trio.fail_after(10):

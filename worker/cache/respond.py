@@ -16,6 +16,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import msgpack  # type: ignore[import-untyped]
 import trio
 
+from mbworker.lib.http.types import Responder
 from mbworker.runtimes.api import InvocationResult
 from mbworker.worker.cache.policy import Headers
 from mbworker.worker.cache.settings import DEFAULT_FUNCTION_CACHE, FunctionCacheConfig
@@ -32,7 +33,6 @@ from mbworker.worker.cache.store import (
     ResultCache,
 )
 from mbworker.worker.cluster.l2cache import L2Cache, key_bytes
-from mbworker.worker.http.types import Responder
 
 Invoke = Callable[[], AbstractAsyncContextManager[InvocationResult]]
 """Starts one invocation of the function for this request (e.g. `lambda: runtime.invoke(fn, invocation)`).

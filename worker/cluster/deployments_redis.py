@@ -53,6 +53,15 @@ import msgpack  # type: ignore[import-untyped]
 import trio
 from pydantic import ValidationError
 
+from mbworker.lib.nursery import open_owned_nursery
+from mbworker.lib.redis import (
+    PubSub,
+    PubSubDisconnected,
+    PubSubMessage,
+    PubSubResubscribed,
+    RedisClient,
+    RedisError,
+)
 from mbworker.worker.cluster.errors import ClusterStoreUnavailable, LockError
 from mbworker.worker.cluster.local_copies import LocalCopies, check_slug, check_version, rmtree
 from mbworker.worker.cluster.lock import Locks, RedisLocks
@@ -71,15 +80,6 @@ from mbworker.worker.deployments.store import (
     VersionConflict,
     read_secrets,
     staged_deployment,
-)
-from mbworker.worker.nursery import open_owned_nursery
-from mbworker.worker.redis import (
-    PubSub,
-    PubSubDisconnected,
-    PubSubMessage,
-    PubSubResubscribed,
-    RedisClient,
-    RedisError,
 )
 
 log = logging.getLogger("mbworker.cluster.deployments")

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Protocol
 import msgpack  # type: ignore[import-untyped]  # no stubs; pyproject could add it to the overrides
 import trio
 
-from mbworker.worker.redis import Redis, RedisError, Script
+from mbworker.lib.redis import Redis, RedisError, Script
 
 _GET = Script.from_package("mbworker.worker.cluster", "l2_get.lua")
 _SET = Script.from_package("mbworker.worker.cluster", "l2_set.lua")

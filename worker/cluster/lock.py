@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from mbworker.lib.nursery import open_owned_nursery
+from mbworker.lib.redis import Redis, RedisError, Script
 from mbworker.worker.cluster.errors import LockError, LockLost, LockTimeout, LockUnavailable
-from mbworker.worker.nursery import open_owned_nursery
-from mbworker.worker.redis import Redis, RedisError, Script
 
 _RELEASE = Script.from_package("mbworker.worker.cluster", "lock_release.lua")
 _EXTEND = Script.from_package("mbworker.worker.cluster", "lock_extend.lua")

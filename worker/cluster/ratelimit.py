@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from mbworker.lib.redis import Redis, RedisError, Script
 from mbworker.worker.cluster.errors import RateLimited
-from mbworker.worker.redis import Redis, RedisError, Script
 
 _GCRA = Script.from_package("mbworker.worker.cluster", "gcra.lua")
 _EPSILON_S = 1e-9

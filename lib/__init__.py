@@ -1,0 +1,3 @@
+"""General trio libraries that know nothing of the product: a Redis client (`redis/`, over hiredis), an HTTP/1.1
+server (`http/`, over httptools) and `open_owned_nursery`. They import nothing of mbworker outside lib/ (an import
+contract in pyproject.toml holds them to it); the daemon, realtime and runtimes build on them."""
