@@ -1,10 +1,10 @@
-"""The worker's HTTP/1.1 front door (one listener carries functions, realtime and health).
+"""A general HTTP/1.1 server on trio over httptools (the daemon's front door and admin listener are built on it).
 
 `serve_http` owns the listening sockets and every connection; handlers own nothing they are given beyond the
-call. See `worker.http.types` for the handler seam.
+call. See `types` for the handler seam. It imports nothing of the product.
 
 Modules: `server` (serve_http, HttpServer: listeners, connection tasks, timeouts, drain), `connection` (one
 connection: httptools callbacks, request bodies, the Responder), `response_head` (status lines, Date cache,
-header bytes), `settings` (HttpSettings), `websocket` (finish a handed-over WebSocket handshake with websockets'
-trio server side), `types` (the seam apps implement).
+header bytes), `settings` (HttpSettings), `types` (the seam apps implement; a WebSocket upgrade is handed over with the
+connection's stream, and realtime drives websockets' Sans-I/O protocol on it).
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mbworker.lib.http import response_head as rh
-from mbworker.lib.http import server, websocket
+from mbworker.lib.http import server
 
 
 def test_status_lines() -> None:
@@ -43,9 +43,3 @@ def test_check_head_refuses_smuggled_lines() -> None:
 
 def test_public_names() -> None:
     assert server.__all__ == ["HttpServer", "HttpServerStatistics", "serve_http"]
-    assert websocket.__all__ == [
-        "WebSocketHandshakeError",
-        "WebSocketOptions",
-        "accept_websocket",
-        "open_websocket",
-    ]
