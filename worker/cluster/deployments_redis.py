@@ -42,9 +42,9 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -65,6 +65,7 @@ from mbworker.lib.redis import (
 from mbworker.worker.cluster.errors import ClusterStoreUnavailable, LockError
 from mbworker.worker.cluster.local_copies import LocalCopies, check_slug, check_version, rmtree
 from mbworker.worker.cluster.lock import Locks, RedisLocks
+from mbworker.worker.deployments import lifecycle
 from mbworker.worker.deployments.archive import BundleRejected, BundleTooLarge
 from mbworker.worker.deployments.changes import ChangeFeed, ChangeReader, StoreChange
 from mbworker.worker.deployments.manifest import SLUG_RE
@@ -78,13 +79,14 @@ from mbworker.worker.deployments.store import (
     StoreStatistics,
     UnpackLimits,
     VersionConflict,
+    pointer_from_json,
+    pointer_json,
     read_secrets,
     staged_deployment,
 )
 
 log = logging.getLogger("mbworker.cluster.deployments")
 
-_HISTORY_MAX = 100
 _KINDS = frozenset({"put", "activate", "rollback", "delete", "failed"})
 """Change kinds nodes announce to each other (`resync` is local: each node detects its own gaps)."""
 _PREFETCH_TIMEOUT_S = 60.0
@@ -108,27 +110,6 @@ class RedisStoreStatistics:
     """Local version copies removed (deleted/pruned versions)."""
 
 
-@dataclass
-class _Pointer:
-    version: int | None = None
-    history: list[int] = field(default_factory=list)
-
-    def dump(self) -> bytes:
-        return json.dumps({"version": self.version, "history": self.history}).encode()
-
-    @classmethod
-    def load(cls, raw: bytes | None) -> _Pointer:
-        if raw is None:
-            return cls()
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise StoreError(f"corrupt deployment pointer in Redis: {exc}") from exc
-        version = data.get("version")
-        history = data.get("history", [])
-        return cls(version if isinstance(version, int) else None, [v for v in history if isinstance(v, int)])
-
-
 class _Changes:
     """The reader side of one `watch()`: fetches activated versions before handing the change over."""
 
@@ -150,23 +131,26 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _stored(dep: Deployment) -> bytes:
-    """Metadata as stored: ACTIVE is derived from the pointer, never stored."""
-    status = dep.status if dep.status is not DeploymentStatus.ACTIVE else DeploymentStatus.INACTIVE
-    return dep.model_copy(update={"status": status}).model_dump_json().encode()
-
-
-def _derive(dep: Deployment, active: int | None) -> Deployment:
-    if dep.version == active and dep.status is not DeploymentStatus.FAILED:
-        return dep.model_copy(update={"status": DeploymentStatus.ACTIVE})
-    return dep
-
-
 def _load_meta(raw: bytes) -> Deployment:
     try:
         return Deployment.model_validate_json(raw)
     except ValidationError as exc:
         raise StoreError(f"corrupt deployment metadata in Redis: {exc}") from exc
+
+
+def _load_metas(flat: list[bytes]) -> dict[int, Deployment]:
+    """HGETALL's flat [field, value, ...] reply of a slug's meta hash."""
+    it = iter(flat)
+    return {int(n): _load_meta(raw) for n, raw in zip(it, it, strict=True)}
+
+
+def _load_pointer(raw: bytes | None) -> lifecycle.Pointer:
+    if raw is None:
+        return lifecycle.Pointer()
+    try:
+        return pointer_from_json(json.loads(raw))
+    except ValueError as exc:
+        raise StoreError(f"corrupt deployment pointer in Redis: {exc}") from exc
 
 
 class RedisDeploymentStore:
@@ -256,26 +240,38 @@ class RedisDeploymentStore:
             if not local.locked() and not local.statistics().tasks_waiting:
                 self._slug_locks.pop(slug, None)
 
-    async def _read_slug(self, slug: str) -> tuple[dict[int, Deployment], _Pointer]:
+    async def _read_slug(self, slug: str) -> tuple[dict[int, Deployment], lifecycle.Pointer]:
         metas_raw, ptr_raw = await self._redis.execute_many(
             [("HGETALL", self._key(slug, "meta")), ("GET", self._key(slug, "ptr"))]
         )
-        it = iter(metas_raw)
-        metas = {int(n): _load_meta(raw) for n, raw in zip(it, it, strict=True)}
-        return metas, _Pointer.load(ptr_raw)
+        return _load_metas(metas_raw), _load_pointer(ptr_raw)
+
+    async def _read_state(self, slug: str) -> lifecycle.SlugState:
+        """The slug's metadata, pointer and which versions still have their archive (one round trip more)."""
+        metas, ptr = await self._read_slug(slug)
+        numbers = sorted(metas)
+        present = await self._redis.execute_many([("EXISTS", self._archive_key(slug, n)) for n in numbers])
+        return lifecycle.SlugState(metas, ptr, frozenset(n for n, e in zip(numbers, present, strict=True) if e))
+
+    async def _apply(self, slug: str, step: lifecycle.Transition, extra: Sequence[tuple[Any, ...]] = ()) -> None:
+        await self._write(slug, list(step.changed), step.pointer, extra)
 
     async def _write(
-        self, slug: str, deps: list[Deployment], ptr: _Pointer | None = None, extra: Sequence[tuple[Any, ...]] = ()
+        self,
+        slug: str,
+        deps: list[Deployment],
+        ptr: lifecycle.Pointer | None = None,
+        extra: Sequence[tuple[Any, ...]] = (),
     ) -> None:
         """Metadata (and pointer, and `extra` commands) in one MULTI/EXEC: all or nothing."""
         commands: list[tuple[Any, ...]] = [("MULTI",)]
         if deps:
             fields: list[Any] = []
             for dep in deps:
-                fields += [dep.version, _stored(dep)]
+                fields += [dep.version, lifecycle.stored(dep).model_dump_json().encode()]
             commands.append(("HSET", self._key(slug, "meta"), *fields))
         if ptr is not None:
-            commands.append(("SET", self._key(slug, "ptr"), ptr.dump()))
+            commands.append(("SET", self._key(slug, "ptr"), pointer_json(ptr)))
         commands += extra
         commands.append(("EXEC",))
         await self._redis.execute_many(commands)
@@ -334,123 +330,63 @@ class RedisDeploymentStore:
     async def activate(self, slug: str, version: int, *, only_if_newer: bool = False) -> Deployment:
         check_slug(slug)
         check_version(version)
-        async with self._mutating(slug, f"activate {slug} v{version}"):
-            dep = await self._activate_locked(slug, version, push=True, only_if_newer=only_if_newer)
+        dep = await self._transition(
+            slug,
+            f"activate {slug} v{version}",
+            lambda state: lifecycle.activate(state, slug, version, _now_ms(), only_if_newer=only_if_newer),
+        )
+        assert dep is not None
         if dep.version == version:
             await self._announce("activate", slug, version)
         return dep
-
-    async def _activate_locked(
-        self,
-        slug: str,
-        version: int,
-        *,
-        push: bool,
-        read: tuple[dict[int, Deployment], _Pointer] | None = None,
-        only_if_newer: bool = False,
-    ) -> Deployment:
-        metas, ptr = read if read is not None else await self._read_slug(slug)
-        dep = metas.get(version)
-        if dep is None:
-            raise DeploymentNotFound(f"{slug} has no version {version}")
-        await self._check_usable(dep)
-        if only_if_newer and ptr.version is not None and ptr.version > version and ptr.version in metas:
-            # A later deploy (perhaps on another node) is live already: it stays.
-            return metas[ptr.version].model_copy(update={"status": DeploymentStatus.ACTIVE})
-        now = _now_ms()
-        changed: list[Deployment] = []
-        if ptr.version is not None and ptr.version != version:
-            old = metas.get(ptr.version)
-            if old is not None and old.status not in (DeploymentStatus.FAILED, DeploymentStatus.REMOVED):
-                changed.append(old.model_copy(update={"status": DeploymentStatus.INACTIVE, "updated_at": now}))
-            if push:
-                ptr.history = [*ptr.history, ptr.version][-_HISTORY_MAX:]
-        dep = dep.model_copy(update={"status": DeploymentStatus.INACTIVE, "updated_at": now, "activated_at": now})
-        changed.append(dep)
-        await self._write(slug, changed, _Pointer(version, [v for v in ptr.history if v != version]))
-        return dep.model_copy(update={"status": DeploymentStatus.ACTIVE})
-
-    async def _check_usable(self, dep: Deployment) -> None:
-        if dep.status is DeploymentStatus.REMOVED:
-            raise VersionConflict(f"{dep.key} was removed")
-        if dep.status is DeploymentStatus.FAILED:
-            raise VersionConflict(f"{dep.key} failed to boot: {dep.boot_error}")
-        if not await self._redis.execute("EXISTS", self._archive_key(dep.slug, dep.version)):
-            raise VersionConflict(f"{dep.key} has no files any more")
 
     async def rollback(self, slug: str, to: int | None = None) -> Deployment:
         check_slug(slug)
         if to is not None:
             check_version(to)
-        async with self._mutating(slug, f"roll back {slug}"):
-            if to is not None:
-                dep = await self._activate_locked(slug, to, push=True)
-            else:
-                dep = await self._rollback_locked(slug)
+        dep = await self._transition(
+            slug, f"roll back {slug}", lambda state: lifecycle.rollback(state, slug, _now_ms(), to)
+        )
+        assert dep is not None
         await self._announce("rollback", slug, dep.version)
         return dep
-
-    async def _rollback_locked(self, slug: str) -> Deployment:
-        metas, ptr = await self._read_slug(slug)
-        while ptr.history:
-            candidate = ptr.history.pop()
-            dep = metas.get(candidate)
-            if dep is None or candidate == ptr.version:
-                continue
-            try:
-                await self._check_usable(dep)
-            except VersionConflict:
-                continue
-            # The shortened history goes in with the switch: this activation must not push the current one back.
-            return await self._activate_locked(slug, candidate, push=False, read=(metas, ptr))
-        raise VersionConflict(f"{slug} has no previous version to roll back to")
 
     async def delete(self, slug: str) -> DeploymentList:
         check_slug(slug)
         async with self._mutating(slug, f"delete {slug}"):
-            metas, _ = await self._read_slug(slug)
-            now = _now_ms()
-            removed = [
-                dep.model_copy(update={"status": DeploymentStatus.REMOVED, "updated_at": now})
-                for _, dep in sorted(metas.items())
-                if dep.status is not DeploymentStatus.REMOVED
-            ]
-            if metas:
-                archives = tuple(self._archive_key(slug, n) for n in metas)
-                await self._write(slug, removed, _Pointer(), extra=[("DEL", *archives)])
-        if not removed:
-            raise DeploymentNotFound(f"no function {slug!r}")
+            state = await self._read_state(slug)
+            step = lifecycle.delete(state, slug, _now_ms())
+            archives = tuple(self._archive_key(slug, n) for n in state.metas)
+            await self._apply(slug, step, extra=[("DEL", *archives)])
         # This node's deployer retired the function before calling delete: its copies can go now.
         await trio.to_thread.run_sync(self._copies.remove, slug, set())
         await self._announce("delete", slug, None)
-        return removed
+        return list(step.removed)
 
     async def mark_failed(self, slug: str, version: int, error: str) -> Deployment:
         check_slug(slug)
         check_version(version)
-        async with self._mutating(slug, f"mark {slug} v{version} failed"):
-            raw = await self._redis.hget(self._key(slug, "meta"), str(version))
-            if raw is None:
-                raise DeploymentNotFound(f"{slug} has no version {version}")
-            dep = _load_meta(raw).model_copy(
-                update={"status": DeploymentStatus.FAILED, "boot_error": error[:10_000], "updated_at": _now_ms()}
-            )
-            await self._write(slug, [dep])
+        dep = await self._transition(
+            slug,
+            f"mark {slug} v{version} failed",
+            lambda state: lifecycle.mark_failed(state, slug, version, error, _now_ms()),
+        )
+        assert dep is not None
         await self._announce("failed", slug, version)
         return dep
 
+    async def _transition(
+        self, slug: str, what: str, decide: Callable[[lifecycle.SlugState], lifecycle.Transition]
+    ) -> Deployment | None:
+        """Read the slug's state, let the lifecycle `decide`, write what it changed: under the cluster lock."""
+        async with self._mutating(slug, what):
+            step = decide(await self._read_state(slug))
+            await self._apply(slug, step)
+        return step.result
+
     async def _prune_locked(self, slug: str) -> list[int]:
-        """Keep the newest `keep_versions` versions besides the active one and the highest. Returns the pruned."""
-        metas, ptr = await self._read_slug(slug)
-        numbers = sorted(metas, reverse=True)
-        pruned: list[int] = []
-        kept = 0
-        for n in numbers[1:]:
-            if n == ptr.version:
-                continue
-            kept += 1
-            if kept > self.keep_versions:
-                pruned.append(n)
+        """Drop what the lifecycle prunes (the slug's lock held). Returns the pruned versions."""
+        pruned = lifecycle.prune(await self._read_state(slug), self.keep_versions)
         if pruned:
             await self._redis.execute_many(
                 [
@@ -473,16 +409,16 @@ class RedisDeploymentStore:
             )
         if raw is None:
             return None
-        return _derive(_load_meta(raw), _Pointer.load(ptr_raw).version)
+        return lifecycle.derive(_load_meta(raw), _load_pointer(ptr_raw).version)
 
     async def get_active(self, slug: str) -> Deployment | None:
         check_slug(slug)
         with self._redis_errors(f"read {slug}"):
-            version = _Pointer.load(await self._redis.get(self._key(slug, "ptr"))).version
+            version = _load_pointer(await self._redis.get(self._key(slug, "ptr"))).version
             if version is None:
                 return None
             raw = await self._redis.hget(self._key(slug, "meta"), str(version))
-        return None if raw is None else _derive(_load_meta(raw), version)
+        return None if raw is None else lifecycle.derive(_load_meta(raw), version)
 
     async def list(self, *, include_removed: bool = False) -> DeploymentList:
         with self._redis_errors("list functions"):
@@ -495,24 +431,17 @@ class RedisDeploymentStore:
         for i, slug in enumerate(slugs):
             if not SLUG_RE.match(slug):
                 continue
-            it = iter(replies[2 * i])
-            metas = {int(n): _load_meta(raw) for n, raw in zip(it, it, strict=True)}
-            active = _Pointer.load(replies[2 * i + 1]).version
-            if active is not None and active in metas:
-                out.append(_derive(metas[active], active))
-                continue
-            if not metas:
-                continue
-            latest = metas[max(metas)]
-            if include_removed or latest.status is not DeploymentStatus.REMOVED:
-                out.append(latest)
+            state = lifecycle.SlugState(_load_metas(replies[2 * i]), _load_pointer(replies[2 * i + 1]))
+            dep = lifecycle.listed(state, include_removed=include_removed)
+            if dep is not None:
+                out.append(dep)
         return out
 
     async def versions(self, slug: str) -> DeploymentList:
         check_slug(slug)
         with self._redis_errors(f"list versions of {slug}"):
             metas, ptr = await self._read_slug(slug)
-        return [_derive(metas[n], ptr.version) for n in sorted(metas)]
+        return lifecycle.versions(lifecycle.SlugState(metas, ptr))
 
     async def secrets(self, slug: str, version: int) -> dict[str, str]:
         return await read_secrets(await self.ensure_local(slug, version))

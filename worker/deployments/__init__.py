@@ -3,6 +3,8 @@
 - `manifest`: function.toml / config.toml / env-file settings and the `mbworker.json` bundle manifest (pure).
 - `gather`: CLI side: discover functions, gather one function's files, `deno bundle` npm graphs, pack.
 - `archive`: the tar.gz format: reproducible packing and the defensive unpacker (server side).
+- `model`: a version's metadata (`Deployment`) and the store errors.
+- `lifecycle`: activate, rollback, delete, mark failed, prune: pure, shared by both stores.
 - `store`: `DeploymentStore` protocol and `LocalDeploymentStore` (versions, activate, rollback, watch).
 """
 

@@ -19,7 +19,6 @@ All filesystem work runs in worker threads; the trio lock only keeps this proces
 from __future__ import annotations
 
 import contextlib
-import enum
 import fcntl
 import json
 import os
@@ -27,17 +26,17 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import trio
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from mbworker.runtimes.api import FunctionVersion
-from mbworker.runtimes.limits import Limits
+from mbworker.worker.deployments import lifecycle
 from mbworker.worker.deployments.archive import (
     DEFAULT_MAX_ARCHIVE_BYTES,
     DEFAULT_MAX_FILES,
@@ -52,66 +51,19 @@ from mbworker.worker.deployments.changes import ChangeFeed, StoreChange
 from mbworker.worker.deployments.manifest import (
     MANIFEST_NAME,
     SLUG_RE,
-    CacheSettings,
     Manifest,
-    NetSettings,
-    Runtime,
-    default_limits,
 )
+from mbworker.worker.deployments.model import Deployment as Deployment
+from mbworker.worker.deployments.model import DeploymentList as DeploymentList
+from mbworker.worker.deployments.model import DeploymentNotFound as DeploymentNotFound
+from mbworker.worker.deployments.model import DeploymentStatus as DeploymentStatus
+from mbworker.worker.deployments.model import StoreError as StoreError
+from mbworker.worker.deployments.model import VersionConflict as VersionConflict
 
 _VERSION_DIR_RE = re.compile(r"^v([1-9][0-9]*)$")
-_HISTORY_MAX = 100
 _LOCK_TIMEOUT_S = 10.0
 _ORPHAN_AGE_S = 3600.0
 """A version folder without meta.json older than this is a crashed put and may be pruned."""
-
-
-class DeploymentStatus(enum.StrEnum):
-    ACTIVE = "ACTIVE"
-    """Served now."""
-    STAGED = "STAGED"
-    """Stored, never activated."""
-    INACTIVE = "INACTIVE"
-    """Was active, superseded (a rollback target)."""
-    REMOVED = "REMOVED"
-    """Deleted: not served, files gone."""
-    FAILED = "FAILED"
-    """Failed to boot (see `boot_error`); never activated by rollback."""
-
-
-class Deployment(BaseModel):
-    """One version's metadata. Secrets are not here: only their names (`env_names`); see `secrets()`."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    slug: str
-    version: int
-    status: DeploymentStatus
-    sha256: str
-    size_bytes: int
-    runtime: Runtime
-    entrypoint: str
-    import_map: str | None = None
-    verify_jwt: bool = True
-    static_patterns: list[str] = Field(default_factory=list)
-    limits: Limits = Field(default_factory=default_limits)
-    env_names: list[str] = Field(default_factory=list)
-    cache: CacheSettings = Field(default_factory=CacheSettings)
-    net: NetSettings = Field(default_factory=NetSettings)
-    source_entrypoint: str | None = None
-    created_at: int
-    """Epoch milliseconds."""
-    updated_at: int
-    activated_at: int | None = None
-    boot_error: str | None = None
-
-    @property
-    def key(self) -> str:
-        return f"{self.slug}@{self.version}"
-
-
-DeploymentList = list[Deployment]
-"""(An alias: inside the store classes `list` is a method name.)"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,22 +91,6 @@ class StoreStatistics:
     """Uploads refused (BundleRejected) since start."""
     watchers: int
     """Open `watch()` subscriptions."""
-
-
-class StoreError(Exception):
-    """A store operation can't be done. `status` is the admin API's answer."""
-
-    status: int = 400
-
-
-class DeploymentNotFound(StoreError):
-    status = 404
-
-
-class VersionConflict(StoreError):
-    """The version exists but can't be used that way (removed, failed, files pruned)."""
-
-    status = 409
 
 
 class DeploymentStore(Protocol):
@@ -313,12 +249,6 @@ def _file_lock(path: Path, timeout_s: float = _LOCK_TIMEOUT_S) -> Iterator[None]
         os.close(fd)
 
 
-@dataclass
-class _Pointer:
-    version: int | None = None
-    history: list[int] = field(default_factory=list)
-
-
 async def read_secrets(bundle_dir: Path) -> dict[str, str]:
     """The env/secrets of the version whose unpacked bundle is `bundle_dir` (its manifest), read in a thread."""
     path = bundle_dir / MANIFEST_NAME
@@ -430,145 +360,81 @@ class LocalDeploymentStore:
 
     async def activate(self, slug: str, version: int, *, only_if_newer: bool = False) -> Deployment:
         self._version_dir(slug, version)
-        async with self._lock:
-            dep = await trio.to_thread.run_sync(self._activate_sync, slug, version, True, only_if_newer)
+        dep = await self._transition(
+            slug, lambda state: lifecycle.activate(state, slug, version, _now_ms(), only_if_newer=only_if_newer)
+        )
+        assert dep is not None
         if dep.version == version:
             self._notify(StoreChange("activate", slug, version))
         return dep
 
-    def _activate_sync(self, slug: str, version: int, push: bool, only_if_newer: bool = False) -> Deployment:
-        with self._locked(slug):
-            return self._activate_locked(slug, version, push, only_if_newer)
-
-    def _activate_locked(self, slug: str, version: int, push: bool, only_if_newer: bool = False) -> Deployment:
-        slug_dir = self._slug_dir(slug)
-        dep = self._read_meta(slug, version)
-        if dep is None:
-            raise DeploymentNotFound(f"{slug} has no version {version}")
-        self._check_usable(dep)
-        ptr = self._read_pointer(slug_dir)
-        if only_if_newer and ptr.version is not None and ptr.version > version:
-            live = self._read_meta(slug, ptr.version)
-            if live is not None:
-                return live.model_copy(update={"status": DeploymentStatus.ACTIVE})
-        now = _now_ms()
-        if ptr.version is not None and ptr.version != version:
-            old = self._read_meta(slug, ptr.version)
-            if old is not None and old.status not in (DeploymentStatus.FAILED, DeploymentStatus.REMOVED):
-                self._write_meta(old.model_copy(update={"status": DeploymentStatus.INACTIVE, "updated_at": now}))
-            if push:
-                ptr.history = [*ptr.history, ptr.version][-_HISTORY_MAX:]
-        dep = dep.model_copy(update={"status": DeploymentStatus.INACTIVE, "updated_at": now, "activated_at": now})
-        self._write_meta(dep)
-        self._write_pointer(slug_dir, _Pointer(version, [v for v in ptr.history if v != version]))
-        return dep.model_copy(update={"status": DeploymentStatus.ACTIVE})
-
-    def _check_usable(self, dep: Deployment) -> None:
-        if dep.status is DeploymentStatus.REMOVED:
-            raise VersionConflict(f"{dep.key} was removed")
-        if dep.status is DeploymentStatus.FAILED:
-            raise VersionConflict(f"{dep.key} failed to boot: {dep.boot_error}")
-        if not (self.bundle_dir(dep.slug, dep.version) / MANIFEST_NAME).is_file():
-            raise VersionConflict(f"{dep.key} has no files any more")
-
     async def rollback(self, slug: str, to: int | None = None) -> Deployment:
         if to is not None:
             self._version_dir(slug, to)
-        async with self._lock:
-            dep = await trio.to_thread.run_sync(self._rollback_sync, slug, to)
+        dep = await self._transition(slug, lambda state: lifecycle.rollback(state, slug, _now_ms(), to))
+        assert dep is not None
         self._notify(StoreChange("rollback", slug, dep.version))
         return dep
-
-    def _rollback_sync(self, slug: str, to: int | None) -> Deployment:
-        if to is not None:
-            return self._activate_sync(slug, to, True)
-        slug_dir = self._slug_dir(slug)
-        with self._locked(slug):
-            ptr = self._read_pointer(slug_dir)
-            while ptr.history:
-                candidate = ptr.history.pop()
-                dep = self._read_meta(slug, candidate)
-                if dep is None or candidate == ptr.version:
-                    continue
-                try:
-                    self._check_usable(dep)
-                except VersionConflict:
-                    continue
-                # Save the shortened history first: this activation must not push the current version back.
-                self._write_pointer(slug_dir, ptr)
-                return self._activate_locked(slug, candidate, False)
-            raise VersionConflict(f"{slug} has no previous version to roll back to")
 
     async def delete(self, slug: str) -> DeploymentList:
         _check_slug(slug)
         async with self._lock:
             removed = await trio.to_thread.run_sync(self._delete_sync, slug)
-        if not removed:
-            raise DeploymentNotFound(f"no function {slug!r}")
         self._notify(StoreChange("delete", slug, None))
         return removed
 
     def _delete_sync(self, slug: str) -> DeploymentList:
         slug_dir = self._slug_dir(slug)
         if not slug_dir.is_dir():
-            return []
+            raise DeploymentNotFound(f"no function {slug!r}")
         with self._locked(slug):
+            step = lifecycle.delete(self._read_state(slug), slug, _now_ms())
             # Unpoint first: from here on nothing is served, whatever happens to the files.
-            self._write_pointer(slug_dir, _Pointer())
-            now = _now_ms()
-            removed: DeploymentList = []
+            self._apply(slug, lifecycle.Transition(None, (), step.pointer))
+            self._apply(slug, lifecycle.Transition(None, step.changed))
             for n in sorted(_version_numbers(slug_dir)):
-                dep = self._read_meta(slug, n)
-                if dep is None:
-                    continue
-                if dep.status is not DeploymentStatus.REMOVED:
-                    dep = dep.model_copy(update={"status": DeploymentStatus.REMOVED, "updated_at": now})
-                    self._write_meta(dep)
-                    removed.append(dep)
                 _rmtree(self.bundle_dir(slug, n))
                 (slug_dir / f"v{n}" / "bundle.tar.gz").unlink(missing_ok=True)
-            return removed
+            return list(step.removed)
 
     async def mark_failed(self, slug: str, version: int, error: str) -> Deployment:
         self._version_dir(slug, version)
-        async with self._lock:
-            dep = await trio.to_thread.run_sync(self._mark_failed_sync, slug, version, error)
+        dep = await self._transition(slug, lambda state: lifecycle.mark_failed(state, slug, version, error, _now_ms()))
+        assert dep is not None
         self._notify(StoreChange("failed", slug, version))
         return dep
 
-    def _mark_failed_sync(self, slug: str, version: int, error: str) -> Deployment:
-        with self._locked(slug):
-            dep = self._read_meta(slug, version)
-            if dep is None:
-                raise DeploymentNotFound(f"{slug} has no version {version}")
-            dep = dep.model_copy(
-                update={"status": DeploymentStatus.FAILED, "boot_error": error[:10_000], "updated_at": _now_ms()}
-            )
-            self._write_meta(dep)
-            return dep
+    async def _transition(
+        self, slug: str, decide: Callable[[lifecycle.SlugState], lifecycle.Transition]
+    ) -> Deployment | None:
+        """Read the slug's state, let the lifecycle `decide`, write what it changed: under both locks."""
+
+        def run() -> Deployment | None:
+            with self._locked(slug):
+                step = decide(self._read_state(slug))
+                self._apply(slug, step)
+                return step.result
+
+        async with self._lock:
+            return await trio.to_thread.run_sync(run)
 
     def _prune_sync(self, slug: str) -> None:
-        """Keep the newest `keep_versions` versions besides the active one; never the highest folder."""
+        """Drop what the lifecycle prunes; also reap crashed puts (folders without meta.json) when clearly stale."""
         slug_dir = self._slug_dir(slug)
         with self._locked(slug):
-            numbers = sorted(_version_numbers(slug_dir), reverse=True)
+            numbers = _version_numbers(slug_dir)
             if not numbers:
                 return
-            active = self._read_pointer(slug_dir).version
-            kept = 0
-            for n in numbers[1:]:
-                if n == active:
-                    continue
+            highest = max(numbers)
+            for n in numbers:
                 vdir = slug_dir / f"v{n}"
-                if not (vdir / "meta.json").exists():
+                if n != highest and not (vdir / "meta.json").exists():
                     # A put in progress elsewhere, or one that crashed: only reap it when clearly stale.
                     with contextlib.suppress(OSError):
                         if time.time() - vdir.stat().st_mtime > _ORPHAN_AGE_S:
                             _rmtree(vdir)
-                    continue
-                kept += 1
-                if kept > self.keep_versions:
-                    _rmtree(vdir)
+            for n in lifecycle.prune(self._read_state(slug), self.keep_versions):
+                _rmtree(slug_dir / f"v{n}")
 
     # -------------------------------------------------------------------------------------------- reads
 
@@ -580,7 +446,7 @@ class LocalDeploymentStore:
         dep = self._read_meta(slug, version)
         if dep is None:
             return None
-        return self._derive(dep, self._read_pointer(self._slug_dir(slug)).version)
+        return lifecycle.derive(dep, self._read_pointer(self._slug_dir(slug)).version)
 
     async def get_active(self, slug: str) -> Deployment | None:
         _check_slug(slug)
@@ -591,7 +457,7 @@ class LocalDeploymentStore:
         if version is None:
             return None
         dep = self._read_meta(slug, version)
-        return None if dep is None else self._derive(dep, version)
+        return None if dep is None else lifecycle.derive(dep, version)
 
     async def list(self, *, include_removed: bool = False) -> DeploymentList:
         return await trio.to_thread.run_sync(self._list_sync, include_removed)
@@ -601,33 +467,14 @@ class LocalDeploymentStore:
         for slug_dir in sorted(self.root.iterdir()):
             if not slug_dir.is_dir() or not SLUG_RE.match(slug_dir.name):
                 continue
-            active = self._get_active_sync(slug_dir.name)
-            if active is not None:
-                out.append(active)
-                continue
-            versions = self._versions_sync(slug_dir.name)
-            if not versions:
-                continue
-            latest = versions[-1]
-            if include_removed or latest.status is not DeploymentStatus.REMOVED:
-                out.append(latest)
+            dep = lifecycle.listed(self._read_state(slug_dir.name), include_removed=include_removed)
+            if dep is not None:
+                out.append(dep)
         return out
 
     async def versions(self, slug: str) -> DeploymentList:
         _check_slug(slug)
-        return await trio.to_thread.run_sync(self._versions_sync, slug)
-
-    def _versions_sync(self, slug: str) -> DeploymentList:
-        slug_dir = self._slug_dir(slug)
-        if not slug_dir.is_dir():
-            return []
-        active = self._read_pointer(slug_dir).version
-        out: DeploymentList = []
-        for n in sorted(_version_numbers(slug_dir)):
-            dep = self._read_meta(slug, n)
-            if dep is not None:
-                out.append(self._derive(dep, active))
-        return out
+        return await trio.to_thread.run_sync(lambda: lifecycle.versions(self._read_state(slug)))
 
     async def secrets(self, slug: str, version: int) -> dict[str, str]:
         return await read_secrets(self.bundle_dir(slug, version))
@@ -650,10 +497,27 @@ class LocalDeploymentStore:
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(puts=self._puts, rejected=self._rejected, watchers=len(self._changes))
 
-    # ---------------------------------------------------------------------------------------- internals
+    # ------------------------------------------------------------------------------- the file backend
 
     def _locked(self, slug: str) -> contextlib.AbstractContextManager[None]:
         return _file_lock(self._slug_dir(slug) / ".lock")
+
+    def _read_state(self, slug: str) -> lifecycle.SlugState:
+        """The slug's metadata, pointer and which versions still have their files."""
+        slug_dir = self._slug_dir(slug)
+        metas: dict[int, Deployment] = {}
+        for n in _version_numbers(slug_dir):
+            dep = self._read_meta(slug, n)
+            if dep is not None:
+                metas[n] = dep
+        files = frozenset(n for n in metas if (self.bundle_dir(slug, n) / MANIFEST_NAME).is_file())
+        return lifecycle.SlugState(metas, self._read_pointer(slug_dir), files)
+
+    def _apply(self, slug: str, step: lifecycle.Transition) -> None:
+        for dep in step.changed:
+            self._write_meta(dep)
+        if step.pointer is not None:
+            self._write_pointer(self._slug_dir(slug), step.pointer)
 
     def _read_meta(self, slug: str, version: int) -> Deployment | None:
         path = self._version_dir(slug, version) / "meta.json"
@@ -665,31 +529,38 @@ class LocalDeploymentStore:
             raise StoreError(f"corrupt metadata {path}: {exc}") from exc
 
     def _write_meta(self, dep: Deployment) -> None:
-        stored = dep.status if dep.status is not DeploymentStatus.ACTIVE else DeploymentStatus.INACTIVE
-        data = dep.model_copy(update={"status": stored}).model_dump_json(indent=2).encode()
+        data = lifecycle.stored(dep).model_dump_json(indent=2).encode()
         _write_atomic(self._version_dir(dep.slug, dep.version) / "meta.json", data)
 
     @staticmethod
-    def _read_pointer(slug_dir: Path) -> _Pointer:
+    def _read_pointer(slug_dir: Path) -> lifecycle.Pointer:
         try:
             raw = json.loads((slug_dir / "active.json").read_bytes())
         except FileNotFoundError:
-            return _Pointer()
+            return lifecycle.Pointer()
         except ValueError as exc:
             raise StoreError(f"corrupt {slug_dir / 'active.json'}: {exc}") from exc
-        version = raw.get("version")
-        history = raw.get("history", [])
-        return _Pointer(version if isinstance(version, int) else None, [v for v in history if isinstance(v, int)])
+        return pointer_from_json(raw)
 
     @staticmethod
-    def _write_pointer(slug_dir: Path, ptr: _Pointer) -> None:
-        _write_atomic(slug_dir / "active.json", json.dumps({"version": ptr.version, "history": ptr.history}).encode())
+    def _write_pointer(slug_dir: Path, ptr: lifecycle.Pointer) -> None:
+        _write_atomic(slug_dir / "active.json", pointer_json(ptr))
 
-    @staticmethod
-    def _derive(dep: Deployment, active: int | None) -> Deployment:
-        if dep.version == active and dep.status is not DeploymentStatus.FAILED:
-            return dep.model_copy(update={"status": DeploymentStatus.ACTIVE})
-        return dep
+
+def pointer_json(ptr: lifecycle.Pointer) -> bytes:
+    return json.dumps({"version": ptr.version, "history": list(ptr.history)}).encode()
+
+
+def pointer_from_json(raw: object) -> lifecycle.Pointer:
+    """A pointer from its decoded JSON; fields of the wrong type read as unset."""
+    if not isinstance(raw, dict):
+        raise StoreError("deployment pointer is not a JSON object")
+    version = raw.get("version")
+    history = raw.get("history", [])
+    history = history if isinstance(history, list) else []
+    return lifecycle.Pointer(
+        version if isinstance(version, int) else None, tuple(v for v in history if isinstance(v, int))
+    )
 
 
 def _version_numbers(slug_dir: Path) -> list[int]:

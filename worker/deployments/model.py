@@ -1,0 +1,74 @@
+"""A function version's metadata and the store's errors: what every deployment store and the lifecycle share."""
+
+from __future__ import annotations
+
+import enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mbworker.runtimes.limits import Limits
+from mbworker.worker.deployments.manifest import CacheSettings, NetSettings, Runtime, default_limits
+
+
+class DeploymentStatus(enum.StrEnum):
+    ACTIVE = "ACTIVE"
+    """Served now."""
+    STAGED = "STAGED"
+    """Stored, never activated."""
+    INACTIVE = "INACTIVE"
+    """Was active, superseded (a rollback target)."""
+    REMOVED = "REMOVED"
+    """Deleted: not served, files gone."""
+    FAILED = "FAILED"
+    """Failed to boot (see `boot_error`); never activated by rollback."""
+
+
+class Deployment(BaseModel):
+    """One version's metadata. Secrets are not here: only their names (`env_names`); see `secrets()`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    slug: str
+    version: int
+    status: DeploymentStatus
+    sha256: str
+    size_bytes: int
+    runtime: Runtime
+    entrypoint: str
+    import_map: str | None = None
+    verify_jwt: bool = True
+    static_patterns: list[str] = Field(default_factory=list)
+    limits: Limits = Field(default_factory=default_limits)
+    env_names: list[str] = Field(default_factory=list)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    net: NetSettings = Field(default_factory=NetSettings)
+    source_entrypoint: str | None = None
+    created_at: int
+    """Epoch milliseconds."""
+    updated_at: int
+    activated_at: int | None = None
+    boot_error: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.slug}@{self.version}"
+
+
+DeploymentList = list[Deployment]
+"""(An alias: inside the store classes `list` is a method name.)"""
+
+
+class StoreError(Exception):
+    """A store operation can't be done. `status` is the admin API's answer."""
+
+    status: int = 400
+
+
+class DeploymentNotFound(StoreError):
+    status = 404
+
+
+class VersionConflict(StoreError):
+    """The version exists but can't be used that way (removed, failed, files pruned)."""
+
+    status = 409
