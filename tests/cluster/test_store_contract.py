@@ -12,7 +12,8 @@ import trio.testing
 
 from mbworker.lib.redis import open_redis
 from mbworker.worker.cluster.deployments_redis import open_redis_deployment_store
-from mbworker.worker.deployments.archive import BundleRejected, BundleTooLarge
+from mbworker.worker.deployments.archive import BundleRejected, BundleTooLarge, pack_files
+from mbworker.worker.deployments.manifest import Manifest
 from mbworker.worker.deployments.store import (
     DeploymentNotFound,
     DeploymentStatus,
@@ -37,6 +38,7 @@ ACTIVE, STAGED, INACTIVE, REMOVED, FAILED = (
 )
 
 MakeStore = Callable[..., Awaitable[DeploymentStore]]
+MANIFEST_BASE = {"slug": "hello", "runtime": "deno", "entrypoint": "hello/index.ts"}
 
 
 async def hold_redis_store(
@@ -289,3 +291,18 @@ async def test_activate_only_if_newer_never_moves_the_live_version_back(make_sto
     assert active.version == v2
     # Without the flag (a rollback, an operator's choice) older versions can still be activated.
     assert (await store.activate("hello", v1)).version == v1
+
+
+@pytest.mark.parametrize("name", ["LD_PRELOAD", "DENO_DIR", "NODE_OPTIONS", "PATH", "HOME", "TMPDIR", "http_proxy"])
+async def test_env_that_changes_how_a_process_starts_is_refused(make_store: MakeStore, name: str) -> None:
+    """A manifest built around the CLI's own check (as an attacker would) is refused by the store: 400, named."""
+    store = await make_store()
+    manifest = Manifest.model_construct(
+        **{**Manifest.model_validate(MANIFEST_BASE).__dict__, "env": {name: "/tmp/evil.so", "OK": "1"}}
+    )
+    archive = pack_files({"hello/index.ts": b"Deno.serve(() => new Response('x'));\n"}, manifest).data
+    with pytest.raises(BundleRejected) as caught:
+        await store.put("hello", archive)
+    assert caught.value.status == 400
+    assert name in caught.value.reason
+    assert await store.versions("hello") == []

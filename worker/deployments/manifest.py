@@ -17,6 +17,7 @@ from dotenv.parser import parse_stream
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mbworker.runtimes.limits import Limits
+from mbworker.runtimes.startup_env import forbidden_env_reason
 
 SLUG_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 """Supabase's `FuncSlugPattern`: the CLI skips folders that don't match (that is why `_shared/` is never deployed)."""
@@ -92,6 +93,8 @@ def secrets_problems(env: dict[str, str]) -> list[str]:
             problems.append(f"env: {shown}: names starting with {RESERVED_PREFIX} are reserved for the platform")
         elif not _ENV_NAME_RE.match(name):
             problems.append(f"env: {shown}: names may contain only letters, digits and _, and not start with a digit")
+        elif (reason := forbidden_env_reason(name)) is not None:
+            problems.append(f"env: {reason}")
         if not isinstance(value, str):
             problems.append(f"env: {shown}: value must be a string")
             continue
