@@ -49,9 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--env-file", type=Path, help="dotenv file with the function's secrets")
     _admin_options(deploy)
 
-    functions = sub.add_parser("functions", help="list, roll back or delete deployed functions")
+    functions = sub.add_parser("functions", help="create, serve, list, roll back or delete functions")
     fsub = functions.add_subparsers(dest="action", required=True)
-    _admin_options(fsub.add_parser("list", help="deployed functions"))
     rollback = fsub.add_parser("rollback", help="switch back to the previous (or a given) version")
     rollback.add_argument("slug")
     rollback.add_argument("--to", type=int, metavar="VERSION")
@@ -73,7 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("slug", nargs="?")
     _admin_options(purge)
 
+    from mbworker.cli.dev import add_dev_commands
+    from mbworker.cli.listing import add_listing_commands
+    from mbworker.cli.scaffold import add_new_command
     from mbworker.provision.cli import add_local_commands, add_provision_commands
+
+    add_new_command(fsub)
+    add_listing_commands(fsub, _admin_options)
+    add_dev_commands(sub, fsub)
 
     add_provision_commands(sub)
     add_local_commands(sub)
@@ -81,9 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mbworker.cli.output import exit_quietly_on_broken_pipe
+
+    return exit_quietly_on_broken_pipe(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        func = getattr(args, "func", None)
+        if func is not None:  # commands that name their own handler (functions new/serve/list, up, provision …)
+            return int(func(args) or 0)
         if args.command == "serve":
             return _serve(args)
         if args.command == "doctor":
@@ -94,9 +109,6 @@ def main(argv: list[str] | None = None) -> int:
             return _functions(args)
         if args.command == "cache":
             return _cache(args)
-        func = getattr(args, "func", None)
-        if func is not None:
-            return int(func(args) or 0)
     except ConfigError as exc:
         print(f"mbworker: {exc}", file=sys.stderr)
         return 2
@@ -115,6 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import trio
 
+    from mbworker.cli.banner import print_banner
     from mbworker.worker.daemon import WorkerHandle, serve_worker
     from mbworker.worker.logs import configure_logging
 
@@ -126,7 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
             handle: WorkerHandle = await nursery.start(
                 partial(serve_worker, settings, args.deploy, reload_settings=lambda: _settings_from(args))
             )
-            _print_banner(handle)
+            print_banner(handle)
 
     # What the imports built (modules, classes, pydantic models: most of the ~80k objects a running daemon
     # holds) lives as long as the process. Out of the collector's sight, a full collection walks only what came
@@ -156,33 +169,6 @@ def _doctor(args: argparse.Namespace) -> int:
     from mbworker.cli.doctor import run_doctor
 
     return run_doctor(_settings_from(args))
-
-
-def _print_banner(handle: Any) -> None:
-    keys = handle.keys
-    slugs = handle.deployer.table.slugs()
-    lines = [
-        "mbworker is serving",
-        f"  Functions URL : {handle.public_url}/functions/v1/<name>",
-        f"  Realtime URL  : {handle.public_url.replace('http', 'ws', 1)}/realtime/v1",
-        f"  Health        : {handle.public_url}/health",
-        f"  Admin API     : {handle.admin_url}/admin/v1",
-        f"  Data dir      : {handle.settings.data_dir.resolve()}",
-        f"  anon key      : {keys.anon_key}",
-        f"  service_role key: {keys.service_role_key}",
-        f"  Admin token   : in {handle.settings.data_dir.resolve() / 'secrets' / 'admin_token'} (mode 0600)",
-        f"  Deployed      : {', '.join(slugs) if slugs else '(none)'}",
-        *(
-            [f"  Realtime demo : {handle.public_url}/functions/v1/realtime-demo  (open it in two windows)"]
-            if "realtime-demo" in slugs
-            else []
-        ),
-        "",
-        f"  Try     : curl -H 'Authorization: Bearer {keys.anon_key[:16]}…' {handle.public_url}/functions/v1/hello",
-        "  Deploy  : mbworker deploy path/to/function   (or a supabase/functions tree)",
-        "",
-    ]
-    print("\n".join(lines), flush=True)
 
 
 def _deploy(args: argparse.Namespace) -> int:
@@ -217,15 +203,7 @@ def _functions(args: argparse.Namespace) -> int:
 
         return print_logs(url, token, args.slug, args.follow, args.since, limit=args.limit, json_output=args.json)
     with AdminClient(url, token) as client:
-        if args.action == "list":
-            rows = client.list_functions()
-            print(f"{'SLUG':<24} {'VERSION':>7} {'STATUS':<9} {'RUNTIME':<7} {'VERIFY_JWT':<10} UPDATED")
-            for r in rows:
-                print(
-                    f"{r['slug']:<24} {r['version']:>7} {r['status']:<9} {r.get('runtime', ''):<7} "
-                    f"{r.get('verify_jwt')!s:<10} {r.get('updated_at', '')}"
-                )
-        elif args.action == "rollback":
+        if args.action == "rollback":
             dep = client.rollback(args.slug, args.to)
             print(f"{dep['slug']} is now serving v{dep['version']}")
         elif args.action == "delete":

@@ -72,16 +72,23 @@ class RunningWorker:
 
 @asynccontextmanager
 async def run_worker(
-    data_dir: Path, *, env: Mapping[str, str] | None = None, args: tuple[str, ...] = ()
+    data_dir: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    args: tuple[str, ...] = (),
+    command: tuple[str, ...] = ("serve",),
+    cwd: Path = REPO,
 ) -> AsyncIterator[RunningWorker]:
-    """A worker on free ports until the block ends; then SIGTERM and wait (kill after a timeout)."""
+    """A worker on free ports until the block ends; then SIGTERM and wait (kill after a timeout).
+
+    `command` is what runs it (`serve`, or `dev PATH`); it must take --port, --admin-port and --data-dir."""
     port, admin_port = free_port(), free_port()
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("MBWORKER_")}
     child_env.update(env or {})
     process = await trio.lowlevel.open_process(
         [
             *MBWORKER,
-            "serve",
+            *command,
             "--port",
             str(port),
             "--admin-port",
@@ -93,7 +100,7 @@ async def run_worker(
         env=child_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        cwd=REPO,
+        cwd=cwd,
     )
     output: list[str] = []
     waiters: list[tuple[str, trio.Event]] = []

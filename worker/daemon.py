@@ -266,7 +266,13 @@ async def serve_worker(
                         settings = new
 
                     nursery.start_soon(_serve_reload, reload_settings, apply)
-            log.info("ready: %s (admin %s), %d functions restored", handle.public_url, handle.admin_url, restored)
+            log.info(
+                "ready: %s (admin %s), %d functions live (%d restored from the store)",
+                handle.public_url,
+                handle.admin_url,
+                len(table),
+                restored,
+            )
             task_status.started(handle)
             await draining.wait()
             metrics.set_draining(True)
