@@ -18,7 +18,7 @@ import trio
 from mbworker.lib.http.types import BodyTooLarge, HttpRequest, Responder, WebSocketHandler
 from mbworker.worker.deployer import Deployer, DeployFailed
 from mbworker.worker.deployments.archive import BundleRejected
-from mbworker.worker.deployments.store import Deployment, StoreError
+from mbworker.worker.deployments.store import Deployment, Quarantined, StoreError
 from mbworker.worker.function_logs import FunctionLogs, serve_logs
 from mbworker.worker.metrics import Metrics, serve_metrics
 from mbworker.worker.responses import send_error, send_json
@@ -34,6 +34,20 @@ Route = Callable[[HttpRequest, Responder, list[str]], Awaitable[None]]
 def deployment_json(dep: Deployment) -> dict[str, Any]:
     """Metadata only: secrets never leave the store (the model carries their names, not their values)."""
     return dep.model_dump(mode="json")
+
+
+def quarantine_json(q: Quarantined) -> dict[str, Any]:
+    """A `functions list` row for a file the store set aside (status QUARANTINED, `reason` says why)."""
+    return {
+        "slug": q.slug,
+        "version": q.version or 0,
+        "status": "QUARANTINED",
+        "runtime": "",
+        "verify_jwt": None,
+        "updated_at": "",
+        "path": q.path,
+        "reason": q.reason,
+    }
 
 
 class AdminApp:
@@ -143,7 +157,10 @@ class AdminApp:
 
     async def _list(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
         deps = await self.deployer.store.list()
-        await send_json(responder, 200, [deployment_json(d) for d in deps])
+        rows = [deployment_json(d) for d in deps]
+        # Files the store set aside show up too, so `functions list` says what is not served and why.
+        rows += [quarantine_json(q) for q in await self.deployer.store.quarantined()]
+        await send_json(responder, 200, rows)
 
     async def _versions(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
         deps = await self.deployer.store.versions(args[0])

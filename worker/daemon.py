@@ -46,6 +46,7 @@ from mbworker.worker.cluster import (
     open_redis_deployment_store,
 )
 from mbworker.worker.config import WorkerSettings
+from mbworker.worker.data_dir import secure_data_dir
 from mbworker.worker.deploy_local import deploy_path
 from mbworker.worker.deployer import Deployer, PlatformEnv
 from mbworker.worker.deployments.store import DeploymentStore, LocalDeploymentStore
@@ -102,7 +103,9 @@ async def serve_worker(
 ) -> None:
     """Run one worker node until drained. `started(handle)` once both listeners accept and examples are live."""
     data_dir = settings.data_dir.resolve()
-    await trio.to_thread.run_sync(lambda: data_dir.mkdir(parents=True, exist_ok=True))
+    tightened = await trio.to_thread.run_sync(secure_data_dir, data_dir)
+    for what in tightened:
+        log.warning("readable by others, tightened: %s", what)
     keys = await trio.to_thread.run_sync(load_project_keys, settings)
     node_id = default_node_id(settings)
     table = FunctionTable()
@@ -209,7 +212,13 @@ async def serve_worker(
         metrics.add_statistics(REALTIME_STATS, realtime.statistics)
 
         async def ready() -> tuple[bool, dict[str, Any]]:
-            return (not draining.is_set(), {"functions": len(table), "draining": draining.is_set()})
+            detail: dict[str, Any] = {"functions": len(table), "draining": draining.is_set()}
+            quarantined = await store.quarantined()
+            if quarantined:  # served without them: ready, but the operator must see what was set aside
+                detail["quarantined"] = [
+                    {"slug": q.slug, "version": q.version, "reason": q.reason} for q in quarantined
+                ]
+            return (not draining.is_set(), detail)
 
         def health() -> dict[str, Any]:
             return {

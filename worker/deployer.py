@@ -116,7 +116,11 @@ class Deployer:
         count = 0
         for dep in await self.store.list():
             if dep.status == "ACTIVE":
-                self.table.set(await self._active(dep))
+                try:
+                    self.table.set(await self._active(dep))
+                except StoreError as exc:  # one damaged version (quarantined by the store) must not stop the rest
+                    log.error("%s v%d not restored: %s", dep.slug, dep.version, exc)
+                    continue
                 count += 1
         return count
 

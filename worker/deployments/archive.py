@@ -315,7 +315,9 @@ def _write_member(root: Path, name: str, src: IO[bytes], limit: int) -> bytes | 
             out.write(chunk)
         out.flush()
         os.fsync(out.fileno())
-    os.chmod(folder / base, 0o444)  # immutable version: nobody (the function included) rewrites its sources
+    # Immutable version: nobody (the function included) rewrites its sources; the manifest holds the function's
+    # env (secrets): owner-only.
+    os.chmod(folder / base, 0o400 if keep else 0o444)
     return b"".join(kept) if keep else None
 
 

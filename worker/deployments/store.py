@@ -12,6 +12,9 @@ Layout under `root` (everything below a slug is owned by this store; runtimes on
     <slug>/v<N>/bundle/     the unpacked files (read-only)
     <slug>/v<N>/bundle.tar.gz  the archive as uploaded (for replication to other nodes)
 
+A file that can't be read (truncated, damaged) is set aside as `<name>.corrupt` (`quarantined()`): that version
+(or, for active.json, the slug's live pointer) is not served; every other function is.
+
 The highest `v<N>` folder is never removed (pruning and delete keep it), so numbers never go backwards.
 All filesystem work runs in worker threads; the trio lock only keeps this process's own updates in order.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import secrets
@@ -60,6 +64,8 @@ from mbworker.worker.deployments.model import DeploymentStatus as DeploymentStat
 from mbworker.worker.deployments.model import StoreError as StoreError
 from mbworker.worker.deployments.model import VersionConflict as VersionConflict
 
+log = logging.getLogger("mbworker.deployments")
+
 _VERSION_DIR_RE = re.compile(r"^v([1-9][0-9]*)$")
 _LOCK_TIMEOUT_S = 10.0
 _ORPHAN_AGE_S = 3600.0
@@ -79,6 +85,20 @@ class UnpackLimits:
     """One file's size; None means `max_unpacked_bytes`."""
     max_ratio: float = DEFAULT_MAX_RATIO
     """Decompressed/compressed past 1 MiB."""
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """A file set aside because it could not be read (truncated, damaged): kept for inspection, never served."""
+
+    slug: str
+    version: int | None
+    """None for the slug's pointer (active.json)."""
+    path: str
+    reason: str
+
+
+QuarantineList = list[Quarantined]
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +179,10 @@ class DeploymentStore(Protocol):
 
     def statistics(self) -> StoreStatistics: ...
 
+    async def quarantined(self) -> QuarantineList:
+        """Files this store could not read and set aside (the rest is served); empty when all is well."""
+        ...
+
 
 def staged_deployment(slug: str, version: int, manifest: Manifest, sha256: str, size: int) -> Deployment:
     """The metadata of a version just stored from a bundle with `manifest` (every store builds it this way)."""
@@ -212,7 +236,8 @@ def _check_slug(slug: str) -> str:
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with tmp.open("wb") as f:
+        # Owner-only: an archive holds the function's env (secrets); metadata and pointers need no one else.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -258,8 +283,26 @@ async def read_secrets(bundle_dir: Path) -> dict[str, str]:
             return dict(Manifest.model_validate_json(path.read_bytes()).env)
         except FileNotFoundError:
             raise DeploymentNotFound(f"no files at {bundle_dir}") from None
+        except ValueError as exc:  # pydantic's ValidationError is one
+            raise CorruptFile(path, f"unreadable bundle manifest: {_first_line(exc)}") from exc
 
     return await trio.to_thread.run_sync(read)
+
+
+class CorruptFile(StoreError):
+    """A stored file can't be read (truncated, damaged): the store sets it aside (`Quarantined`)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+_CORRUPT_SUFFIX = ".corrupt"
 
 
 class LocalDeploymentStore:
@@ -284,6 +327,8 @@ class LocalDeploymentStore:
         self._lock = trio.Lock()
         self._puts = 0
         self._rejected = 0
+        self._reasons: dict[str, str] = {}
+        """Why each quarantined file (by its set-aside path) was set aside, as far as this instance saw it."""
 
     # ------------------------------------------------------------------------------------------- paths
 
@@ -428,7 +473,8 @@ class LocalDeploymentStore:
             highest = max(numbers)
             for n in numbers:
                 vdir = slug_dir / f"v{n}"
-                if n != highest and not (vdir / "meta.json").exists():
+                aside = (vdir / f"meta.json{_CORRUPT_SUFFIX}").exists()  # quarantined: kept for the operator
+                if n != highest and not aside and not (vdir / "meta.json").exists():
                     # A put in progress elsewhere, or one that crashed: only reap it when clearly stale.
                     with contextlib.suppress(OSError):
                         if time.time() - vdir.stat().st_mtime > _ORPHAN_AGE_S:
@@ -477,7 +523,12 @@ class LocalDeploymentStore:
         return await trio.to_thread.run_sync(lambda: lifecycle.versions(self._read_state(slug)))
 
     async def secrets(self, slug: str, version: int) -> dict[str, str]:
-        return await read_secrets(self.bundle_dir(slug, version))
+        try:
+            return await read_secrets(self.bundle_dir(slug, version))
+        except CorruptFile as exc:
+            # A damaged bundle: set the whole folder aside, so this version counts as "no files" from now on.
+            await trio.to_thread.run_sync(self._quarantine, self.bundle_dir(slug, version), exc.reason)
+            raise
 
     async def archive(self, slug: str, version: int) -> bytes:
         path = self._version_dir(slug, version) / "bundle.tar.gz"
@@ -520,27 +571,61 @@ class LocalDeploymentStore:
             self._write_pointer(self._slug_dir(slug), step.pointer)
 
     def _read_meta(self, slug: str, version: int) -> Deployment | None:
+        """The version's metadata; None if it has none, or if it was unreadable (then it is quarantined)."""
         path = self._version_dir(slug, version) / "meta.json"
         try:
             return Deployment.model_validate_json(path.read_bytes())
         except FileNotFoundError:
             return None
         except ValidationError as exc:
-            raise StoreError(f"corrupt metadata {path}: {exc}") from exc
+            self._quarantine(path, f"unreadable metadata: {_first_line(exc)}")
+            return None
 
     def _write_meta(self, dep: Deployment) -> None:
         data = lifecycle.stored(dep).model_dump_json(indent=2).encode()
         _write_atomic(self._version_dir(dep.slug, dep.version) / "meta.json", data)
 
-    @staticmethod
-    def _read_pointer(slug_dir: Path) -> lifecycle.Pointer:
+    def _read_pointer(self, slug_dir: Path) -> lifecycle.Pointer:
+        """The slug's pointer; an unreadable one is quarantined and reads as "nothing live"."""
+        path = slug_dir / "active.json"
         try:
-            raw = json.loads((slug_dir / "active.json").read_bytes())
+            return pointer_from_json(json.loads(path.read_bytes()))
         except FileNotFoundError:
             return lifecycle.Pointer()
-        except ValueError as exc:
-            raise StoreError(f"corrupt {slug_dir / 'active.json'}: {exc}") from exc
-        return pointer_from_json(raw)
+        except (ValueError, StoreError) as exc:
+            self._quarantine(path, f"unreadable pointer: {_first_line(exc)}")
+            return lifecycle.Pointer()
+
+    def _quarantine(self, path: Path, reason: str) -> None:
+        """Set `path` aside as `<name>.corrupt` (kept for the operator) so the rest of the store carries on."""
+        aside = path.with_name(path.name + _CORRUPT_SUFFIX)
+        try:
+            if aside.exists():  # an older one: keep the first, it is the evidence
+                _rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            else:
+                os.rename(path, aside)
+        except FileNotFoundError:
+            return  # another reader set it aside first
+        self._reasons[str(aside)] = reason
+        log.error("quarantined %s: %s (kept as %s; the other functions are served)", path, reason, aside.name)
+
+    async def quarantined(self) -> QuarantineList:
+        return await trio.to_thread.run_sync(self._quarantined_sync)
+
+    def _quarantined_sync(self) -> QuarantineList:
+        out: QuarantineList = []
+        for slug_dir in sorted(self.root.iterdir()):
+            if not slug_dir.is_dir() or not SLUG_RE.match(slug_dir.name):
+                continue
+            found: list[tuple[int | None, Path]] = [(None, slug_dir / ("active.json" + _CORRUPT_SUFFIX))]
+            for n in sorted(_version_numbers(slug_dir)):
+                for name in ("meta.json", "bundle"):
+                    found.append((n, slug_dir / f"v{n}" / (name + _CORRUPT_SUFFIX)))
+            for version, path in found:
+                if path.exists():
+                    reason = self._reasons.get(str(path), f"unreadable (set aside as {path.name})")
+                    out.append(Quarantined(slug_dir.name, version, str(path), reason))
+        return out
 
     @staticmethod
     def _write_pointer(slug_dir: Path, ptr: lifecycle.Pointer) -> None:
