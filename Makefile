@@ -26,7 +26,8 @@ run: setup $(DEMO_BUNDLE)
 $(DEMO_BUNDLE): examples/functions/realtime-demo/client.ts examples/functions/realtime-demo/build.sh | $(STAMP)
 	DENO=$(BIN)/deno sh examples/functions/realtime-demo/build.sh || echo "warning: realtime-demo bundle not built"
 
-## System packages the tests talk to for real: redis-server, chromium, node + npm.
+## System packages the tests talk to for real: redis-server, chromium, node + npm; systemd-nspawn, mmdebstrap and
+## nftables for the machines provider's tests (cluster nodes booted as machines on this host).
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
@@ -34,6 +35,9 @@ system-deps:
 	command -v node >/dev/null 2>&1 || missing="$$missing nodejs"; \
 	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
 	command -v cloud-init >/dev/null 2>&1 || missing="$$missing cloud-init"; \
+	command -v systemd-nspawn >/dev/null 2>&1 || missing="$$missing systemd-container"; \
+	command -v mmdebstrap >/dev/null 2>&1 || missing="$$missing mmdebstrap"; \
+	command -v nft >/dev/null 2>&1 || missing="$$missing nftables"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \

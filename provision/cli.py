@@ -9,6 +9,7 @@ Exit codes: 0 done (or nothing to do), 1 error, 2 usage, 3 applied but some node
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -19,11 +20,13 @@ from typing import Any
 from .errors import ProvisionError
 from .hetzner import HetznerProvider
 from .local import LocalProvider
+from .machines import MachinesProvider
 from .nodeops import NodeOps, RemoteNodeOps
 from .plan import Plan
 from .provider import ApplyOptions, Provider
 from .secrets import ClusterSecrets, default_state_dir, load_or_create_secrets
 from .spec import ClusterSpec, load_spec, parse_spec
+from .status import render_status, status_from_facts, status_local
 
 EXIT_INCOMPLETE = 3
 
@@ -41,7 +44,7 @@ DEFAULT_LOCAL_SPEC: dict[str, Any] = {
 
 def _common(p: argparse.ArgumentParser, *, spec_required: bool = True) -> None:
     p.add_argument("-c", "--config", type=Path, required=spec_required, help="cluster spec (TOML)")
-    p.add_argument("--provider", choices=("hetzner", "local"), default="hetzner")
+    p.add_argument("--provider", choices=("hetzner", "local", "machines"), default="hetzner")
     p.add_argument("--endpoint", default=None, help="Hetzner API URL (default: $HCLOUD_ENDPOINT or the public API)")
     p.add_argument("--state-dir", type=Path, default=None, help="where secrets live (default: next to the spec)")
     p.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)
@@ -80,6 +83,11 @@ def add_provision_commands(subparsers: argparse._SubParsersAction) -> None:  # t
     _common(p)
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     p.set_defaults(func=cmd_destroy)
+
+    p = sub.add_parser("status", help="the cluster's URLs and nodes, as the provider sees them")
+    _common(p)
+    p.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    p.set_defaults(func=cmd_status)
 
     _add_up_down(sub)
 
@@ -122,6 +130,9 @@ def _provider(args: argparse.Namespace, spec: ClusterSpec, state_dir: Path) -> t
         ops = injected or RemoteNodeOps(secrets.admin_token.get_secret_value(), spec.daemon.admin_port)
         closer = getattr(ops, "close", lambda: None)
         return LocalProvider(spec, secrets, state_dir, node_ops=ops), closer
+    if args.provider == "machines":
+        machines = MachinesProvider(spec, secrets, state_dir, node_ops=injected)
+        return machines, machines.close
     token = os.environ.get("HCLOUD_TOKEN", "")
     endpoint = args.endpoint or os.environ.get("HCLOUD_ENDPOINT") or None
     ops = injected or RemoteNodeOps(secrets.admin_token.get_secret_value(), spec.daemon.admin_port)
@@ -256,6 +267,23 @@ def cmd_destroy(args: argparse.Namespace) -> int:
         return _run_apply(provider, provider.destroy_plan(), args, "destroy")
     finally:
         close()
+
+
+@_guard
+def cmd_status(args: argparse.Namespace) -> int:
+    spec, state_dir = _load(args)
+    provider, close = _provider(args, spec, state_dir)
+    try:
+        if isinstance(provider, LocalProvider):
+            status = status_local(provider)
+        elif isinstance(provider, MachinesProvider | HetznerProvider):
+            status = status_from_facts(spec, provider.read_facts())
+        else:
+            raise ProvisionError(f"provider {provider.name} has no status")
+    finally:
+        close()
+    print(json.dumps(status, indent=2) if args.output == "json" else render_status(status))
+    return 0
 
 
 @_guard

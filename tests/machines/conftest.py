@@ -1,0 +1,190 @@
+"""Real machines: the cluster spec applied with the machines provider (systemd-nspawn machines on this host).
+
+`cluster` (session scope) applies the issue's spec once: 1 system, 1 proxy, 2 workers, 3 state, 1 NAT, and
+destroys it at the end, checking the host is left as it was. Tests share it, so add assertions as tests that use
+`cluster` rather than applying again. Traffic goes only to this cluster's namespace: to public addresses through
+the host route the provider adds, or from inside the namespace / a machine.
+
+Needs root, systemd-nspawn and mmdebstrap (make system-deps); under CI=true a missing one is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from mbworker.provision.machines import MachinesProvider
+from mbworker.provision.provider import ApplyOptions
+from mbworker.provision.secrets import load_or_create_secrets
+from mbworker.provision.spec import ClusterSpec, load_spec
+from tests.conftest import IN_CI, require_binary
+
+#: How long one machine may take from boot until cloud-init has finished (package installs from the image's cache).
+READY_TIMEOUT = 600.0
+
+
+def spec_toml(name: str, *, proxies: int = 1, workers: int = 2, state: int = 3, nat: bool = True) -> str:
+    nat_table = '[nat]\ntype = "cx23"\n' if nat else ""
+    return f"""
+name = "{name}"
+location = "fsn1"
+network = "10.0.0.0/16"
+image = "debian-12"
+
+[system]
+type = "cx23"
+
+[proxy]
+type = "cx23"
+count = {proxies}
+
+[worker]
+type = "cx23"
+count = {workers}
+
+[state]
+type = "cx23"
+count = {state}
+
+{nat_table}"""
+
+
+def require_machines() -> None:
+    """Root, systemd-nspawn and mmdebstrap, or a failure in CI (a skip there would hide a missing install)."""
+    require_binary("systemd-nspawn")
+    require_binary("mmdebstrap")
+    require_binary("nft")
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("the machines tests need root")
+        pytest.skip("the machines tests need root")
+
+
+def cluster_name(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(2)}"
+
+
+@dataclass
+class Cluster:
+    """An applied cluster: its provider, spec file and what the harness measured."""
+
+    provider: MachinesProvider
+    spec_path: Path
+    state_dir: Path
+    apply_seconds: float = 0.0
+    ready_seconds: dict[str, float] = field(default_factory=dict)
+    cloud_init: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> ClusterSpec:
+        return self.provider.spec
+
+    def server(self, name: str) -> dict[str, object]:
+        record: dict[str, object] = self.provider.load()["servers"][name]
+        return record
+
+    def names(self, role: str | None = None) -> list[str]:
+        servers = self.provider.load()["servers"].values()
+        return sorted(s["name"] for s in servers if role is None or s["role"] == role)
+
+    def wait_cloud_init(self, name: str, timeout: float = READY_TIMEOUT) -> str:
+        """Block until cloud-init has finished in `name`; its status line (`status: done` or `status: error`)."""
+        done = self.provider.exec(name, ["cloud-init", "status", "--wait"], timeout=timeout)
+        status = (done.stdout.strip().splitlines() or [""])[-1]
+        self.cloud_init[name] = status
+        record = self.server(name)
+        # the machine's own files, read from its overlay's upper directory (instance/ is an absolute link)
+        instance = f"{name}-{record['id']}"
+        marker = self.provider.dir / name / "upper" / "var/lib/cloud/instances" / instance / "boot-finished"
+        booted = record.get("booted_at")
+        if isinstance(booted, float) and marker.exists():
+            self.ready_seconds[name] = marker.stat().st_mtime - booted
+        return status
+
+    def in_ns(self, *argv: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        net = self.provider.net()
+        assert net is not None
+        return subprocess.run(net.plan.in_ns(*argv), capture_output=True, text=True, timeout=timeout)
+
+
+def apply_cluster(provider: MachinesProvider) -> float:
+    started = time.monotonic()
+    report = provider.apply(provider.plan(), ApplyOptions())
+    assert report.complete
+    return time.monotonic() - started
+
+
+def destroy_cluster(provider: MachinesProvider) -> None:
+    provider.apply(provider.destroy_plan(), ApplyOptions())
+    provider.close()
+
+
+def make_provider(tmp: Path, toml: str) -> tuple[MachinesProvider, Path, Path]:
+    spec_path = tmp / "cluster.toml"
+    spec_path.write_text(toml)
+    state_dir = tmp / "state"
+    spec = load_spec(spec_path)
+    return MachinesProvider(spec, load_or_create_secrets(state_dir), state_dir), spec_path, state_dir
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    require_machines()
+    provider, spec_path, state_dir = make_provider(tmp_path_factory.mktemp("cluster"), spec_toml(cluster_name("mbt")))
+    try:
+        c = Cluster(provider, spec_path, state_dir)
+        c.apply_seconds = apply_cluster(provider)
+        yield c
+    finally:
+        destroy_cluster(provider)
+        assert provider.leftovers() == []
+
+
+def icmp_echo(addr: str, timeout: float = 5.0) -> bool:
+    """One ICMP echo from this host to `addr` (raw socket, root): True when the matching reply came back."""
+    ident = os.getpid() & 0xFFFF
+    header = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
+    payload = b"mbworker-machines"
+    checksum = _checksum(header + payload)
+    packet = struct.pack("!BBHHH", 8, 0, checksum, ident, 1) + payload
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(packet, (addr, 0))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                data, (src, _) = sock.recvfrom(1024)
+            except TimeoutError:
+                return False
+            ihl = (data[0] & 0x0F) * 4
+            kind, _, _, rid, _ = struct.unpack("!BBHHH", data[ihl : ihl + 8])
+            if src == addr and kind == 0 and rid == ident:
+                return True
+    return False
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def tcp_connects(addr: str, port: int, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((addr, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
