@@ -78,15 +78,18 @@ async def run_worker(
     args: tuple[str, ...] = (),
     command: tuple[str, ...] = ("serve",),
     cwd: Path = REPO,
+    wrap: tuple[str, ...] = (),
 ) -> AsyncIterator[RunningWorker]:
     """A worker on free ports until the block ends; then SIGTERM and wait (kill after a timeout).
 
-    `command` is what runs it (`serve`, or `dev PATH`); it must take --port, --admin-port and --data-dir."""
+    `command` is what runs it (`serve`, or `dev PATH`); it must take --port, --admin-port and --data-dir.
+    `wrap`: a command line that ends by exec'ing its arguments (e.g. to set up a mount namespace first)."""
     port, admin_port = free_port(), free_port()
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("MBWORKER_")}
     child_env.update(env or {})
     process = await trio.lowlevel.open_process(
         [
+            *wrap,
             *MBWORKER,
             *command,
             "--port",

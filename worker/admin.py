@@ -27,6 +27,7 @@ log = logging.getLogger("mbworker.admin")
 
 SLUG = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 SMALL_BODY = 64 * 1024
+_STORE_ERROR_CODES = {404: "NOT_FOUND", 409: "CONFLICT", 503: "UNAVAILABLE", 507: "INSUFFICIENT_STORAGE"}
 
 Route = Callable[[HttpRequest, Responder, list[str]], Awaitable[None]]
 
@@ -116,7 +117,7 @@ class AdminApp:
                 except BodyTooLarge as exc:
                     await send_error(responder, 413, "PAYLOAD_TOO_LARGE", str(exc) or "Request body too large")
                 except StoreError as exc:
-                    code = "NOT_FOUND" if exc.status == 404 else "CONFLICT" if exc.status == 409 else "BAD_REQUEST"
+                    code = _STORE_ERROR_CODES.get(exc.status, "BAD_REQUEST")
                     await send_error(responder, exc.status, code, str(exc))
                 return
         if matched_path:

@@ -69,6 +69,7 @@ from mbworker.worker.deployments import lifecycle
 from mbworker.worker.deployments.archive import BundleRejected, BundleTooLarge
 from mbworker.worker.deployments.changes import ChangeFeed, ChangeReader, StoreChange
 from mbworker.worker.deployments.manifest import SLUG_RE
+from mbworker.worker.deployments.model import StorageFull, is_disk_full
 from mbworker.worker.deployments.store import (
     Deployment,
     DeploymentList,
@@ -307,6 +308,10 @@ class RedisDeploymentStore:
             )
         except BundleRejected:
             self._rejected += 1
+            raise
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise StorageFull(f"no space left to store {slug} ({exc.strerror}): nothing was stored") from exc
             raise
         try:
             async with self._mutating(slug, f"put {slug}"):

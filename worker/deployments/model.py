@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import errno
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -72,3 +73,13 @@ class VersionConflict(StoreError):
     """The version exists but can't be used that way (removed, failed, files pruned)."""
 
     status = 409
+
+
+class StorageFull(StoreError):
+    """The node's disk (or the data dir's quota) is full: nothing was stored. Free space, then deploy again."""
+
+    status = 507
+
+
+def is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -61,8 +61,10 @@ from mbworker.worker.deployments.model import Deployment as Deployment
 from mbworker.worker.deployments.model import DeploymentList as DeploymentList
 from mbworker.worker.deployments.model import DeploymentNotFound as DeploymentNotFound
 from mbworker.worker.deployments.model import DeploymentStatus as DeploymentStatus
+from mbworker.worker.deployments.model import StorageFull as StorageFull
 from mbworker.worker.deployments.model import StoreError as StoreError
 from mbworker.worker.deployments.model import VersionConflict as VersionConflict
+from mbworker.worker.deployments.model import is_disk_full
 
 log = logging.getLogger("mbworker.deployments")
 
@@ -356,6 +358,10 @@ class LocalDeploymentStore:
             dep = await trio.to_thread.run_sync(self._put_sync, slug, archive, sha256)
         except BundleRejected:
             self._rejected += 1
+            raise
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise StorageFull(f"no space left to store {slug} ({exc.strerror}): nothing was stored") from exc
             raise
         self._puts += 1
         self._notify(StoreChange("put", slug, dep.version))
