@@ -24,7 +24,7 @@ from .machines import MachinesProvider
 from .nodeops import NodeOps, RemoteNodeOps
 from .plan import Plan
 from .provider import ApplyOptions, Provider
-from .secrets import ClusterSecrets, default_state_dir, load_or_create_secrets
+from .secrets import SECRETS_FILE, ClusterSecrets, default_state_dir, load_or_create_secrets
 from .spec import ClusterSpec, load_spec, parse_spec
 from .status import render_status, status_from_facts, status_local
 
@@ -117,7 +117,11 @@ def _load(args: argparse.Namespace) -> tuple[ClusterSpec, Path]:
         spec = parse_spec(DEFAULT_LOCAL_SPEC)
         state_dir = args.state_dir or Path.home() / ".config" / "mbworker" / f"cluster-{spec.name}"
     else:
-        spec = load_spec(args.config)
+        # A local-only spec needs no Hetzner location or server types: the built-in local spec fills them in.
+        local = args.provider == "local"
+        spec = load_spec(
+            args.config, defaults={k: v for k, v in DEFAULT_LOCAL_SPEC.items() if k != "name"} if local else None
+        )
         state_dir = args.state_dir or default_state_dir(args.config, spec.name)
     return spec, state_dir
 
@@ -298,9 +302,26 @@ def cmd_up(args: argparse.Namespace) -> int:
         if isinstance(provider, LocalProvider):
             for name, url in provider.urls().items():
                 print(f"{name:>10}: {url}")
+            _print_local_access(provider, state_dir)
         return code
     finally:
         close()
+
+
+def _print_local_access(provider: LocalProvider, state_dir: Path) -> None:
+    """Keys and the admin token, as `mbworker serve` shows them: values on a terminal only, else where they are."""
+    keys_file = provider.worker_keys_file(1)
+    keys = (
+        dict(line.split("=", 1) for line in keys_file.read_text().splitlines() if "=" in line)
+        if keys_file.is_file()
+        else {}
+    )
+    if keys and sys.stdout.isatty():
+        print(f"{'anon key':>10}: {keys.get('ANON_KEY', '')}")
+        print(f"service_role key: {keys.get('SERVICE_ROLE_KEY', '')}")
+    elif keys:
+        print(f"{'keys':>10}: in {keys_file} (ANON_KEY, SERVICE_ROLE_KEY; every worker accepts them)")
+    print(f"admin token: in {state_dir.resolve() / SECRETS_FILE} (admin_token; the same on every worker)")
 
 
 @_guard

@@ -120,6 +120,11 @@ class LocalProvider:
             out[f"worker-{i}"] = f"http://{self.host}:{self.port('worker', i)} (admin :{self.admin_port(i)})"
         return out
 
+    def worker_keys_file(self, index: int = 1) -> Path:
+        """Where worker `index` keeps the anon and service_role keys it minted from the cluster's JWT secret (the
+        daemon's data-dir layout: `<data dir>/secrets/keys.env`)."""
+        return self.dir / f"worker-{index}" / "secrets" / "keys.env"
+
     # --- facts: the recorded processes that are still alive ------------------------------------------------------
 
     def _records_path(self) -> Path:
@@ -281,7 +286,8 @@ class LocalProvider:
             return argv, env
         data_dir = self.dir / f"worker-{index}"
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        argv = [*self.spec.local.worker_command, "serve", "--host", self.host,
+        command = self.spec.local.worker_command or [sys.executable, "-m", "mbworker.cli.main"]
+        argv = [*command, "serve", "--host", self.host,
                 "--port", str(self.port("worker", index)), "--admin-port", str(self.admin_port(index)),
                 "--data-dir", str(data_dir)]  # fmt: skip
         env |= {

@@ -11,7 +11,7 @@ import ipaddress
 import itertools
 import re
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -141,8 +141,9 @@ class LocalSpec(_Model):
     """Settings only the local provider reads."""
 
     #: argv prefix for a worker; the provider appends `serve --host … --port … --admin-port … --data-dir …`.
-    #: Tests point this at a stand-in; the default runs the installed daemon.
-    worker_command: list[str] = ["mbworker"]
+    #: Tests point this at a stand-in; unset runs this Python's own daemon (`python -m mbworker.cli.main`), so
+    #: `up` works from a venv that is not on PATH.
+    worker_command: list[str] | None = None
     redis_server: str = "redis-server"
     host: str = "127.0.0.1"
     #: First port used; redis, the gateway and each worker's HTTP/admin ports are allocated upwards from here.
@@ -282,8 +283,11 @@ def parse_spec(data: dict[str, Any]) -> ClusterSpec:
         raise SpecError(_format(exc)) from None
 
 
-def load_spec(path: str | Path) -> ClusterSpec:
-    """Read and validate a cluster spec file; any problem raises SpecError with a readable message."""
+def load_spec(path: str | Path, *, defaults: Mapping[str, Any] | None = None) -> ClusterSpec:
+    """Read and validate a cluster spec file; any problem raises SpecError with a readable message.
+
+    `defaults` fills what the file leaves out, table by table (the local provider's: a local-only spec needs
+    no Hetzner location or server types)."""
     p = Path(path)
     try:
         data = tomllib.loads(p.read_text())
@@ -291,4 +295,9 @@ def load_spec(path: str | Path) -> ClusterSpec:
         raise SpecError(f"cannot read {p}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{p} is not valid TOML: {exc}") from None
+    for key, value in (defaults or {}).items():
+        if isinstance(value, Mapping) and isinstance(data.get(key), dict):
+            data[key] = {**value, **data[key]}
+        else:
+            data.setdefault(key, value)
     return parse_spec(data)
