@@ -36,6 +36,7 @@ import trio  # noqa: E402
 from _load import cpu_seconds  # noqa: E402
 
 from mbworker.lib.http.types import EmptyBody, HttpRequest  # noqa: E402
+from mbworker.lib.jwt import JwtVerifier  # noqa: E402
 from mbworker.runtimes.api import FunctionVersion, Headers, Invocation, empty_body  # noqa: E402
 from mbworker.runtimes.deno import DenoSettings, open_deno_runtime  # noqa: E402
 from mbworker.runtimes.limits import Limits  # noqa: E402
@@ -94,7 +95,7 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, list[tuple[flo
         open_table, gated_table = FunctionTable(), FunctionTable()
         open_table.set(ActiveFunction(fn, verify_jwt=False))
         gated_table.set(ActiveFunction(fn, verify_jwt=True))
-        gate = JwtGate(SECRET)
+        gate = JwtGate(JwtVerifier(SECRET))
 
         def cache() -> ResultCache:
             return ResultCache(CacheSettings())

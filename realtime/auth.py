@@ -1,8 +1,9 @@
-"""Keys, tokens and channel authorization (pyjwt, HS256 with the project's JWT secret).
+"""Keys, tokens and channel authorization, over the node's `JwtVerifier` (lib/jwt.py: one algorithm policy).
 
-- `apikey` (socket query or REST header) must be a JWT signed with the project secret whose `role` is `anon`
-  or `service_role`; `exp` is enforced when present.
-- A user `access_token` must verify (signature), carry `role` and `exp`, and not be expired.
+- `apikey` (socket query or REST header) must be a token the verifier accepts (signature, `exp` and `role`
+  required, not expired) whose `role` is `anon` or `service_role`.
+- A user `access_token` must pass the same verifier.
+- Failures carry Supabase Realtime's texts ("MalformedJWT: …", "InvalidJWTToken: …", "JwtSignatureError: …").
 - Public channels: any valid key. Private channels: allowed for `service_role` (if `service_role_bypass`)
   or when a `PrivateChannelRule` matches the effective claims (access token if given, else the apikey);
   denied otherwise.
@@ -14,8 +15,7 @@ import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
-import jwt
-
+from mbworker.lib.jwt import JwtError, JwtVerifier
 from mbworker.realtime.errors import AuthError
 from mbworker.realtime.settings import PrivateChannelRule
 
@@ -30,37 +30,29 @@ class _Blank(dict[str, Any]):
 
 
 class Authenticator:
-    def __init__(self, secret: str, rules: Sequence[PrivateChannelRule], *, service_role_bypass: bool = True) -> None:
-        self._secret = secret
+    def __init__(
+        self, verifier: JwtVerifier, rules: Sequence[PrivateChannelRule], *, service_role_bypass: bool = True
+    ) -> None:
+        self.verifier = verifier
         self._rules = list(rules)
         self._bypass = service_role_bypass
 
-    def _decode(self, token: str, required: list[str]) -> dict[str, Any]:
+    def _decode(self, token: str) -> dict[str, Any]:
         try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                self._secret,
-                algorithms=["HS256", "HS384", "HS512"],
-                options={"require": required, "verify_aud": False},
-            )
-        except jwt.ExpiredSignatureError as exc:
-            raise AuthError("Token has expired") from exc
-        except jwt.PyJWTError as exc:
-            raise AuthError(f"Invalid token: {exc}") from exc
-        if not isinstance(claims.get("role"), str):
-            raise AuthError("Invalid token: missing role")
-        return claims
+            return self.verifier.verify(token)
+        except JwtError as exc:
+            raise AuthError(str(exc)) from exc
 
     def verify_apikey(self, key: str | None) -> dict[str, Any]:
         if not key:
             raise AuthError("apikey is required")
-        claims = self._decode(key, ["role"])
+        claims = self._decode(key)
         if claims["role"] not in _KEY_ROLES:
-            raise AuthError("apikey role must be anon or service_role")
+            raise AuthError("InvalidJWTToken: apikey role must be anon or service_role")
         return claims
 
     def verify_access_token(self, token: str) -> dict[str, Any]:
-        return self._decode(token, ["exp", "role"])
+        return self._decode(token)
 
     def may_access(self, name: str, private: bool, claims: dict[str, Any]) -> bool:
         """Whether `claims` may use channel `name` (without the `realtime:` prefix)."""

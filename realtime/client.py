@@ -47,6 +47,27 @@ class NodeContext:
     shared_limiter: SharedLimiter | None = None
 
 
+POSTGRES_CHANGES_UNAVAILABLE = "postgres_changes is not available on this server: no database changes are streamed"
+
+
+def postgres_bindings(value: Any) -> list[dict[str, Any]]:
+    """The join reply's `postgres_changes`: each binding the client asked for, echoed with an `id`.
+
+    realtime-js checks the reply entry by entry against its bindings (`event`, and `schema`/`table`/`filter`
+    with null meaning absent) and keeps the ids; anything that is not a binding object is left out. The id is
+    stable per binding, as Supabase's hash of the parameters is."""
+    if not isinstance(value, list):
+        return []
+    out: list[dict[str, Any]] = []
+    for binding in value:
+        if not isinstance(binding, dict):
+            continue
+        entry = {k: binding.get(k) for k in ("event", "schema", "table", "filter")}
+        digest = hashlib.blake2b(json.dumps(entry, sort_keys=True, default=str).encode(), digest_size=4)
+        out.append({"id": int.from_bytes(digest.digest(), "big"), **entry})
+    return out
+
+
 def _flag(value: Any, default: bool = False) -> bool:
     """Supabase's "flexible booleans": true/"true" are true."""
     if value is None:
@@ -164,6 +185,8 @@ class Client:
             await self._dispatch(channel, msg)
         except ProtocolError:
             raise
+        except RecursionError:  # a payload that parsed but nests too deeply to re-encode: the sender's fault
+            raise ProtocolError("JSON nested too deeply") from None
         except Exception:
             log.exception("channel %s crashed", msg.topic)
             await self._drop_channel(channel)
@@ -195,10 +218,7 @@ class Client:
         if not name:
             self.reply(msg, "error", {"reason": "You must provide a topic name"})
             return
-        pg = config.get("postgres_changes")
-        if isinstance(pg, list) and pg:
-            self.reply(msg, "error", {"reason": "postgres_changes is not supported by this server"})
-            return
+        pg_changes = postgres_bindings(config.get("postgres_changes"))
         broadcast: dict[str, Any] = config["broadcast"] if isinstance(config.get("broadcast"), dict) else {}
         presence: dict[str, Any] = config["presence"] if isinstance(config.get("presence"), dict) else {}
         private = _flag(config.get("private"))
@@ -213,7 +233,7 @@ class Client:
         else:
             token = None
         if not ctx.auth.may_access(name, private, claims):
-            reason = f"You do not have permissions to read from this Channel topic: {msg.topic}"
+            reason = f"Unauthorized: You do not have permissions to read from this Channel topic: {name}"
             self.reply(msg, "error", {"reason": reason})
             return
         old = self.channels.get(msg.topic)
@@ -245,7 +265,17 @@ class Client:
         )
         self.channels[msg.topic] = channel
         await ctx.hub.add_channel(channel)
-        self.reply(msg, "ok", {"postgres_changes": []}, join_ref=channel.join_ref)
+        self.reply(msg, "ok", {"postgres_changes": pg_changes}, join_ref=channel.join_ref)
+        if pg_changes:
+            # As Supabase does when it cannot subscribe to the database: the channel stays joined (broadcast
+            # and presence work) and the app hears why no change will come, on `system`.
+            body = {
+                "extension": "postgres_changes",
+                "status": "error",
+                "message": POSTGRES_CHANGES_UNAVAILABLE,
+                "channel": name,
+            }
+            self.push(channel.join_ref, None, channel.topic, "system", body)
         if channel.presence_enabled:
             await self._push_presence_state(channel)
 

@@ -99,6 +99,8 @@ def decode_text(data: str, vsn: Vsn) -> Message:
         raw = json.loads(data)
     except ValueError as exc:
         raise ProtocolError("malformed JSON") from exc
+    except RecursionError:  # deeper than the parser goes: refused like any malformed frame, no traceback
+        raise ProtocolError("JSON nested too deeply") from None
     if vsn is Vsn.V2:
         if not isinstance(raw, list) or len(raw) < 5:
             raise ProtocolError("vsn 2.0.0 frames are [join_ref, ref, topic, event, payload]")
@@ -146,16 +148,16 @@ def decode_binary(data: bytes, vsn: Vsn) -> Message:
     if meta_raw:
         try:
             parsed = json.loads(meta_raw)
-        except ValueError as exc:
-            raise ProtocolError("malformed metadata JSON") from exc
+        except (ValueError, RecursionError):
+            raise ProtocolError("malformed metadata JSON") from None
         if not isinstance(parsed, dict):
             raise ProtocolError("metadata must be a JSON object")
         meta = parsed
     if enc == _ENC_JSON:
         try:
             json.loads(body)  # validated once here: other clients JSON.parse what we relay
-        except ValueError as exc:
-            raise ProtocolError("malformed JSON payload") from exc
+        except (ValueError, RecursionError):
+            raise ProtocolError("malformed JSON payload") from None
     return Message(
         join_ref or None,
         ref or None,

@@ -23,6 +23,7 @@ import trio
 from websockets.http11 import Request, Response
 
 from mbworker.lib.http.types import BodyTooLarge, HttpRequest, Responder, WebSocketHandler
+from mbworker.lib.jwt import JwtVerifier
 from mbworker.realtime.auth import Authenticator
 from mbworker.realtime.broker import Broker, Envelope, broker_key
 from mbworker.realtime.broker_memory import MemoryBroker
@@ -94,12 +95,12 @@ class _Conn:
 
 
 class RealtimeService:
-    def __init__(self, settings: RealtimeSettings, *, jwt_secret: str, node_id: str, broker: Broker,
+    def __init__(self, settings: RealtimeSettings, *, verifier: JwtVerifier, node_id: str, broker: Broker,
                  presence: Presence, shared_limiter: SharedLimiter | None = None) -> None:  # fmt: skip
         self.settings = settings
         self.node_id = node_id
         self._auth = Authenticator(
-            jwt_secret, settings.private_channel_rules, service_role_bypass=settings.service_role_bypass
+            verifier, settings.private_channel_rules, service_role_bypass=settings.service_role_bypass
         )
         self._broker = broker
         self._presence = presence
@@ -256,6 +257,9 @@ class RealtimeService:
                     except ProtocolError as exc:
                         conn.close_code, conn.close_reason = exc.close_code, str(exc)[:120]
                         return
+                    except RecursionError:  # JSON that parsed but nests too deeply to handle (e.g. a join's)
+                        conn.close_code, conn.close_reason = 1007, "JSON nested too deeply"
+                        return
             if conn.stopping:
                 return
             if scope.cancelled_caught:
@@ -315,49 +319,65 @@ class RealtimeService:
         except BodyTooLarge:
             await _json(responder, 413, {"error": "payload_size_exceeded"})
             return True
-        ctype = (request.header(b"content-type") or b"").decode("latin-1").lower()
-        envelopes: list[tuple[str, Envelope]] = []
+        ctype = (request.header(b"content-type") or b"").decode("latin-1").split(";")[0].strip().lower()
         sub_topic, event = route
+        binary = ctype == "application/octet-stream" and sub_topic is not None
+        if ctype not in ("", "application/json") and not binary:  # no type: taken as JSON
+            await _json(responder, 415, {"error": f"unsupported content type {ctype!r}: send application/json"})
+            return True
         try:
-            if sub_topic is not None and event is not None:
-                private = params.get("private", "").lower() == "true"
-                if not self._auth.may_access(sub_topic, private, claims):
-                    await _json(responder, 403, {"error": "not allowed to broadcast to this channel"})
-                    return True
-                is_json = not ctype.startswith("application/octet-stream")
-                if is_json:
-                    json.loads(body)
-                envelopes.append(self._rest_envelope(sub_topic, event, body, is_json, private))
-            else:
-                doc = json.loads(body)
-                messages = doc.get("messages") if isinstance(doc, dict) else None
-                if not isinstance(messages, list):
-                    raise ValueError('expected {"messages": [...]}')
-                for m in messages:
-                    if not isinstance(m, dict) or not isinstance(m.get("topic"), str):
-                        raise ValueError("each message needs a topic")
-                    if not isinstance(m.get("event"), str):
-                        raise ValueError("each message needs an event")
-                    private = m.get("private") in (True, "true")
-                    name = m["topic"].removeprefix(TOPIC_PREFIX)
-                    if not self._auth.may_access(name, private, claims):
-                        continue  # Supabase drops unauthorized batch items and still answers 202
-                    data = json.dumps(m.get("payload", {}), separators=(",", ":"), ensure_ascii=False)
-                    item = self._rest_envelope(name, m["event"], data.encode(), True, private)
-                    if m.get("id") is not None:
-                        item[1].meta = {"id": str(m["id"])}
-                    envelopes.append(item)
+            doc = None if binary else json.loads(body)
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply for the parser
+            await _json(responder, 400, {"error": "bad request: the body is not valid JSON"})
+            return True
+        try:
+            envelopes = self._rest_envelopes(sub_topic, event, params, doc, body, claims)
+        except _Forbidden:
+            await _json(responder, 403, {"error": "not allowed to broadcast to this channel"})
+            return True
+        except RecursionError:
+            await _json(responder, 400, {"error": "bad request: JSON nested too deeply"})
+            return True
         except ValueError as exc:
-            await _json(responder, 400, {"error": f"bad request: {exc}"})
+            await _json(responder, 422, {"error": f"unprocessable: {exc}"})
             return True
         for _, env in envelopes:
             if len(env.data) > self.settings.max_payload_bytes:
-                await _json(responder, 413, {"error": "payload_size_exceeded"})
+                await _json(responder, 422, {"error": "Payload size exceeded"})
                 return True
         for bkey, env in envelopes:
             await self._broker.publish(bkey, env)
         await responder.send(202, [(b"content-length", b"0"), *_CORS])
         return True
+
+    def _rest_envelopes(self, sub_topic: str | None, event: str | None, params: dict[str, str], doc: Any,
+                        body: bytes, claims: dict[str, Any]) -> list[tuple[str, Envelope]]:  # fmt: skip
+        """What a REST broadcast publishes. Raises `_Forbidden` (single form, channel not allowed) or
+        `ValueError` (a body of the wrong shape)."""
+        if sub_topic is not None and event is not None:
+            private = params.get("private", "").lower() == "true"
+            if not self._auth.may_access(sub_topic, private, claims):
+                raise _Forbidden
+            return [self._rest_envelope(sub_topic, event, body, doc is not None, private)]
+        messages = doc.get("messages") if isinstance(doc, dict) else None
+        if not isinstance(messages, list):
+            raise ValueError('expected {"messages": [...]}')
+        envelopes: list[tuple[str, Envelope]] = []
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("topic"), str):
+                raise ValueError("each message needs a topic")
+            if not isinstance(m.get("event"), str):
+                raise ValueError("each message needs an event")
+            private = m.get("private") in (True, "true")
+            name = m["topic"].removeprefix(TOPIC_PREFIX)
+            if not self._auth.may_access(name, private, claims):
+                continue  # Supabase drops unauthorized batch items and still answers 202
+            data = json.dumps(m.get("payload", {}), separators=(",", ":"), ensure_ascii=False)
+            item = self._rest_envelope(name, m["event"], data.encode(), True, private)
+            if m.get("id") is not None:
+                item[1].meta = {"id": str(m["id"])}
+            envelopes.append(item)
+        return envelopes
 
     def _rest_envelope(self, name: str, event: str, data: bytes, is_json: bool, private: bool
                        ) -> tuple[str, Envelope]:  # fmt: skip
@@ -393,6 +413,10 @@ class RealtimeService:
                 log.exception("presence upkeep failed; retrying next period")
 
 
+class _Forbidden(Exception):
+    """A REST broadcast to a channel the caller may not use (answered 403)."""
+
+
 async def _json(responder: Responder, status: int, doc: Any) -> None:
     body = json.dumps(doc).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *_CORS]
@@ -403,17 +427,23 @@ async def _json(responder: Responder, status: int, doc: Any) -> None:
 async def open_realtime(
     settings: RealtimeSettings,
     *,
-    jwt_secret: str,
+    jwt_secret: str | None = None,
+    verifier: JwtVerifier | None = None,
     node_id: str,
     broker: Broker | None = None,
     presence: Presence | None = None,
     shared_limiter: SharedLimiter | None = None,
 ) -> AsyncIterator[RealtimeService]:
-    """Run realtime for this node. Passed-in broker/presence/limiter stay owned by the caller; defaults are
-    memory (and no per-key limit shared between nodes)."""
+    """Run realtime for this node. Tokens are checked by `verifier` (the node's), or by one made here for the
+    HS256 `jwt_secret`. Passed-in verifier/broker/presence/limiter stay owned by the caller; defaults are memory
+    (and no per-key limit shared between nodes)."""
+    if verifier is None:
+        if jwt_secret is None:
+            raise TypeError("open_realtime needs a verifier or a jwt_secret")
+        verifier = JwtVerifier(jwt_secret)
     service = RealtimeService(
         settings,
-        jwt_secret=jwt_secret,
+        verifier=verifier,
         node_id=node_id,
         broker=broker if broker is not None else MemoryBroker(),
         presence=presence if presence is not None else MemoryPresence(ttl=settings.presence_ttl),

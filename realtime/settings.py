@@ -49,4 +49,5 @@ class RealtimeSettings(BaseModel):
     """Private channels are denied unless a rule allows them (or the token is service_role)."""
     service_role_bypass: bool = True
     """A `service_role` token may join any private channel (as Supabase's RLS bypass)."""
-    max_rest_body_bytes: int = 3_000_000
+    max_rest_body_bytes: int = 4_000_000
+    """Largest REST broadcast body read (413 beyond); a payload over `max_payload_bytes` inside it gets 422."""

@@ -126,16 +126,22 @@ async def accept_stream(
                 protocol.receive_data(data)
             if request is not None:
                 response = check(request)
-                if response is None:
+                if response is None and protocol.eof_sent:
+                    # Bytes pipelined after the request were not WebSocket frames: websockets has already
+                    # given up on this connection (and asserts if asked to answer it), so answer ourselves.
+                    response = json_response(400, b'{"error":"malformed data after the upgrade request"}')
+                if response is not None:  # refused: the answer is ours, whatever else the client sent
+                    await stream.send_all(response.serialize())
+                else:
                     response = protocol.accept(request)  # 101, or websockets' own 4xx for a bad upgrade
-                protocol.send_response(response)
-                # websockets' parser generator keeps the request referenced for the connection's life but
-                # never reads it again: its headers (~1 KB) need not live that long.
-                request.headers.clear()
-                del request, response
-                await _send_protocol_data(stream, protocol)
-                if protocol.state is _OPEN:
-                    return Transport(stream, protocol, nursery, max_queued_bytes, write_timeout, early)
+                    protocol.send_response(response)
+                    # websockets' parser generator keeps the request referenced for the connection's life but
+                    # never reads it again: its headers (~1 KB) need not live that long.
+                    request.headers.clear()
+                    del request, response
+                    await _send_protocol_data(stream, protocol)
+                    if protocol.state is _OPEN:
+                        return Transport(stream, protocol, nursery, max_queued_bytes, write_timeout, early)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
     await trio.aclose_forcefully(stream)

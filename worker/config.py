@@ -41,6 +41,11 @@ class WorkerSettings(BaseSettings):
     admin_port: int = Field(8001, ge=0, le=65535, description="Admin listener port (0: any free port)")
     data_dir: Path = Field(Path(".mbworker"), description="Deployments, secrets, caches of this node")
     jwt_secret: SecretStr | None = Field(None, description="HS256 secret of the project; generated if unset")
+    jwks: str | None = Field(
+        None,
+        description="JWKS of the project's asymmetric signing keys (ES256/RS256), a file path or an http(s) URL: "
+        "tokens they sign are accepted besides HS256 ones (refreshed every 10 minutes and on an unknown kid)",
+    )
     admin_token: SecretStr | None = Field(None, description="Bearer token of the admin API; generated if unset")
     redis_url: str | None = Field(None, description="Redis of the state pillar; unset means single node")
     public_url: str | None = Field(None, description="SUPABASE_URL given to functions; default the public listener")

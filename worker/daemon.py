@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import trio
 
 from mbworker.lib.http.server import HttpServer, serve_http
+from mbworker.lib.jwt import JwksError, open_jwt_verifier
 from mbworker.lib.redis import open_redis
 from mbworker.realtime import open_realtime
 from mbworker.realtime.broker import Broker
@@ -152,10 +153,15 @@ async def serve_worker(
         metrics.add_statistics(RUNTIME_STATS, wasm.statistics, runtime="wasm")
         # Closed before the stores and Redis (the exit stack unwinds in reverse): its L2 writes still reach Redis.
         background = await stack.enter_async_context(trio.open_nursery())
+        # One verifier (one algorithm policy, one memo) for the functions' gate and realtime.
+        try:
+            verifier = await stack.enter_async_context(open_jwt_verifier(keys.jwt_secret, jwks=settings.jwks))
+        except JwksError as exc:
+            raise ConfigError(f"jwks: {exc}") from None
         functions = FunctionsFrontDoor(
             table,
             runtimes,
-            JwtGate(keys.jwt_secret),
+            JwtGate(verifier),
             cache=_make_cache(settings),
             metrics=metrics,
             limiter=limiter,
@@ -202,7 +208,7 @@ async def serve_worker(
         realtime = await stack.enter_async_context(
             open_realtime(
                 settings.realtime,
-                jwt_secret=keys.jwt_secret,
+                verifier=verifier,
                 node_id=node_id,
                 broker=broker,
                 presence=presence,

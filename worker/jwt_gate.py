@@ -1,16 +1,18 @@
-"""The functions' JWT gate: `Authorization: Bearer <jwt>` verified with the project's HS256 secret.
+"""The functions' JWT gate: `Authorization: Bearer <jwt>` checked by the node's `JwtVerifier` (lib/jwt.py).
 
-Codes and messages follow Supabase's gateway (`sb-error-code` UNAUTHORIZED_*). Verified tokens are remembered
-until they expire (bounded), because an HMAC check per request is a visible share of the hot path.
+The verifier holds the one policy (HS256 secret, ES256/RS256 from the JWKS, `exp` and `role` required, revoked
+sessions refused) and remembers verified tokens; this module only reads the header and maps the verifier's
+errors to Supabase's gateway codes (`sb-error-code` UNAUTHORIZED_*): a legacy (HS256) token's failures are
+UNAUTHORIZED_LEGACY_JWT, an asymmetric one's UNAUTHORIZED_ASYMMETRIC_JWT.
 """
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import jwt
+
+from mbworker.lib.jwt import JwtError, JwtVerifier, MalformedJwt, SessionRevoked, UnsupportedAlgorithm
 
 
 @dataclass(frozen=True)
@@ -20,12 +22,10 @@ class JwtRejected(Exception):
 
 
 class JwtGate:
-    """Verifies bearer tokens. Owns a bounded memo of recently verified tokens (token → exp)."""
+    """Checks bearer tokens. The verifier (and its memo) belongs to the daemon, shared with realtime."""
 
-    def __init__(self, secret: str, *, memo_size: int = 4096) -> None:
-        self._secret = secret
-        self._memo: OrderedDict[bytes, float] = OrderedDict()
-        self._memo_size = memo_size
+    def __init__(self, verifier: JwtVerifier) -> None:
+        self.verifier = verifier
 
     def check(self, authorization: bytes | None) -> None:
         """Raise `JwtRejected` unless `authorization` carries a valid token."""
@@ -34,24 +34,15 @@ class JwtGate:
         scheme, _, token = authorization.partition(b" ")
         if scheme.lower() != b"bearer" or not token:
             raise JwtRejected("UNAUTHORIZED_NO_AUTH_HEADER", "Auth header is not 'Bearer {token}'")
-        exp = self._memo.get(token)
-        now = time.time()
-        if exp is not None and exp > now:
-            return
         try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
+            self.verifier.verify(token)
+        except MalformedJwt:
             raise JwtRejected("UNAUTHORIZED_INVALID_JWT_FORMAT", "Invalid JWT") from None
-        if header.get("alg") != "HS256":
-            raise JwtRejected(
-                "UNAUTHORIZED_UNSUPPORTED_TOKEN_ALGORITHM", f"Unsupported JWT algorithm {header.get('alg')!r}"
-            )
-        try:
-            claims = jwt.decode(token, self._secret, algorithms=["HS256"], options={"verify_aud": False})
-        except jwt.ExpiredSignatureError:
-            raise JwtRejected("UNAUTHORIZED_LEGACY_JWT", "JWT has expired") from None
-        except jwt.PyJWTError:
-            raise JwtRejected("UNAUTHORIZED_LEGACY_JWT", "Invalid JWT") from None
-        self._memo[token] = float(claims.get("exp", now + 60))
-        if len(self._memo) > self._memo_size:
-            self._memo.popitem(last=False)
+        except UnsupportedAlgorithm as exc:
+            raise JwtRejected("UNAUTHORIZED_UNSUPPORTED_TOKEN_ALGORITHM", exc.message) from None
+        except SessionRevoked as exc:
+            raise JwtRejected("UNAUTHORIZED_SESSION_REVOKED", exc.message) from None
+        except JwtError as exc:
+            legacy = jwt.get_unverified_header(token).get("alg") == "HS256"  # it parsed: not MalformedJwt
+            code = "UNAUTHORIZED_LEGACY_JWT" if legacy else "UNAUTHORIZED_ASYMMETRIC_JWT"
+            raise JwtRejected(code, exc.message) from None

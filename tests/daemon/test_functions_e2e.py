@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import httpx
+import jwt
 import trio
 
 from mbworker.lib.http.types import EmptyBody, HttpRequest
@@ -48,6 +49,11 @@ async def test_jwt_gate_and_error_shapes(worker: RunningWorker, http: httpx.Asyn
     r = await http.get(url, headers={"authorization": f"Bearer {forged}"})
     assert r.status_code == 401
     assert r.json()["code"] == "UNAUTHORIZED_LEGACY_JWT"
+
+    secret = (worker.data_dir / "secrets" / "jwt_secret").read_text().strip()
+    no_exp = jwt.encode({"role": "anon"}, secret, algorithm="HS256")  # Supabase requires exp and role
+    r = await http.get(url, headers={"authorization": f"Bearer {no_exp}"})
+    assert (r.status_code, r.json()["code"]) == (401, "UNAUTHORIZED_LEGACY_JWT")
 
     r = await http.options(url)  # CORS preflight passes the gate untouched
     assert r.status_code == 200

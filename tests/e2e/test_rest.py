@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 
 from mbworker.realtime import PrivateChannelRule, RealtimeSettings
@@ -68,3 +70,32 @@ async def test_rest_broadcast_statuses_and_delivery() -> None:
             r = await http.post("/functions/v1/api/broadcast", json={}, headers=hdr)
             assert r.status_code == 404  # not realtime's path: handle_http returned False
         assert service.statistics().publications >= 4
+
+
+async def test_rest_broadcast_refusals_as_supabase_answers_them() -> None:
+    settings = RealtimeSettings(max_payload_bytes=1000)
+    async with serve_realtime_http(settings, SECRET) as (_, server):
+        base = f"http://127.0.0.1:{server.port}/realtime/v1/api/broadcast"
+        hdr = {"apikey": ANON}
+        async with httpx.AsyncClient(timeout=5) as http:
+
+            async def status(path: str, content: bytes, ctype: str | None = "application/json") -> int:
+                headers = {**hdr, "content-type": ctype} if ctype else hdr
+                r = await http.post(base + path, content=content, headers=headers)
+                assert "error" in r.json()
+                return r.status_code
+
+            assert await status("", b"messages=1", "application/x-www-form-urlencoded") == 415  # curl -d
+            assert await status("/room1/events/e", b"hi", "text/plain") == 415
+            assert await status("", b'{"messages": 1}') == 422
+            assert await status("", b'{"messages": [{"event": "e"}]}') == 422
+            big = json.dumps({"messages": [{"topic": "room1", "event": "e", "payload": "x" * 2000}]}).encode()
+            assert await status("", big) == 422
+            assert await status("/room1/events/e", json.dumps("x" * 2000).encode()) == 422
+            assert await status("/room1/events/e", b"[" * 100_000 + b"]" * 100_000) == 400
+            assert await status("", b"{") == 400
+            assert await status("/secret/events/e?private=true", b"{}") == 403
+            anon_no_exp = make_jwt("anon", exp_in=None)
+            r = await http.post(base, json={"messages": []}, headers={"apikey": anon_no_exp})
+            assert r.status_code == 401
+            assert r.json()["error"] == "InvalidJWTToken: Fields `role` and `exp` are required in JWT"

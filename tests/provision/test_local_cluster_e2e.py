@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -57,7 +58,7 @@ base_port = {free_base()}
         assert gateway, up
         assert admin, up
         secrets = json.loads((tmp_path / ".mbcluster-demo" / "secrets.json").read_text())
-        anon = jwt.encode({"role": "anon"}, secrets["jwt_secret"], algorithm="HS256")
+        anon = jwt.encode({"role": "anon", "exp": int(time.time()) + 3600}, secrets["jwt_secret"], algorithm="HS256")
 
         fn = write_function(tmp_path / "src", "via-gateway", "Deno.serve(() => new Response('through the gateway'))")
         env = {

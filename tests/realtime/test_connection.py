@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -49,7 +50,8 @@ async def test_handshake_variants() -> None:  # checklist 1, 2, 3
             with trio.fail_after(5):
                 assert json.loads(await ws.recv())["ref"] == "7"
         for query, status in [(f"apikey={ANON}&vsn=9.9.9", 400), ("vsn=2.0.0", 401),
-                              (f"apikey={make_jwt('authenticated')}&vsn=2.0.0", 401)]:  # fmt: skip
+                              (f"apikey={make_jwt('authenticated')}&vsn=2.0.0", 401),
+                              (f"apikey={make_jwt('anon', exp_in=None)}&vsn=2.0.0", 401)]:  # fmt: skip
             with pytest.raises(InvalidStatus) as info:
                 async with connect(f"ws://127.0.0.1:{port}/realtime/v1/websocket?{query}"):
                     pass
@@ -82,10 +84,10 @@ async def test_join_reply_presence_state_and_errors() -> None:  # checklist 6, 7
         _, rep = await c.join("realtime:")
         assert rep[4] == {"status": "error", "response": {"reason": "You must provide a topic name"}}
         _, rep = await c.join("realtime:x", access_token=make_jwt("authenticated", secret="x" * 40))
-        assert rep[4]["status"] == "error"
-        assert "Invalid token" in rep[4]["response"]["reason"]
-        _, rep = await c.join("realtime:pg", {"postgres_changes": [{"event": "*", "schema": "public"}]})
-        assert rep[4]["status"] == "error"
+        assert rep[4] == {
+            "status": "error",
+            "response": {"reason": "JwtSignatureError: Failed to validate JWT signature"},
+        }
         for n in range(99):
             _, rep = await c.join(f"realtime:c{n}")
             assert rep[4]["status"] == "ok"
@@ -373,3 +375,66 @@ async def test_two_nodes_share_broadcast_and_presence() -> None:  # checklist 29
         await a.send(ja, "3", T, "phx_leave", {})
         leave = await b.expect("presence_diff")
         assert leave[4] == {"joins": {}, "leaves": {"a": {"metas": [meta]}}}
+
+
+# --- hostile input --------------------------------------------------------------------------------
+
+
+async def test_deeply_nested_json_closes_1007_without_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    deep_payload = json.dumps(["1", "2", T, "broadcast", {"type": "broadcast", "event": "e", "payload": 0}])
+    deep_payload = deep_payload.replace("0}]", "[" * 50_000 + "]" * 50_000 + "}]")
+    async with running_realtime() as (_, port):
+        for frame in (deep, deep_payload, kind3("1", "2", T, "e", b"[" * 50_000 + b"]" * 50_000, 1)):
+            async with phx_client(port) as c:
+                await c.join(T)
+                await c.ws.send(frame)
+                assert await closed_code(c.ws) == 1007
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_bad_apikey_with_pipelined_bytes_gets_a_clean_401() -> None:
+    async with running_realtime() as (_, port):
+        for key in ("bad", make_jwt("anon", exp_in=None)):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            request = (
+                f"GET /realtime/v1/websocket?apikey={key}&vsn=2.0.0 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            )
+            # a masked text frame, then bytes that are no frame at all, all in one write with the request
+            await stream.send_all(request.encode() + b"\x81\x85\x00\x00\x00\x00hello" + b"GET / HTTP/1.1\r\n\r\n")
+            response = b""
+            with trio.fail_after(5):
+                while chunk := await stream.receive_some(65536):
+                    response += chunk
+            head, _, body = response.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 401 ")
+            assert json.loads(body)["error"].startswith(("MalformedJWT: ", "InvalidJWTToken: Fields `role` and `exp`"))
+            await stream.aclose()
+
+
+async def test_postgres_changes_join_reports_the_database_error_and_keeps_broadcast() -> None:
+    bindings = [{"event": "*", "schema": "public", "table": "todos"},
+                {"event": "INSERT", "schema": "public", "table": "notes", "filter": "id=eq.1"}]  # fmt: skip
+    async with running_realtime() as (_, port), phx_client(port) as c:
+        jr, rep = await c.join(T, {"postgres_changes": bindings, "broadcast": {"self": True}})
+        assert rep[4]["status"] == "ok"
+        echoed = rep[4]["response"]["postgres_changes"]
+        assert [{k: v for k, v in e.items() if k != "id"} for e in echoed] == [
+            {"event": "*", "schema": "public", "table": "todos", "filter": None},
+            {"event": "INSERT", "schema": "public", "table": "notes", "filter": "id=eq.1"},
+        ]
+        assert all(isinstance(e["id"], int) for e in echoed)
+        assert len({e["id"] for e in echoed}) == 2
+        system = await c.expect("system")
+        assert system[:3] == (jr, None, T)
+        assert system[4]["extension"] == "postgres_changes"
+        assert system[4]["status"] == "error"
+        assert system[4]["channel"] == "room1"
+        await c.send(jr, "9", T, "broadcast", {"type": "broadcast", "event": "still", "payload": {}})
+        assert (await c.expect("broadcast"))[4]["event"] == "still"
+        _, rep = await c.join("realtime:secret", {"private": True})
+        assert rep[4]["response"] == {
+            "reason": "Unauthorized: You do not have permissions to read from this Channel topic: secret"
+        }

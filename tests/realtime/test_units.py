@@ -8,6 +8,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from mbworker import realtime
+from mbworker.lib.jwt import JwtVerifier
 from mbworker.realtime.auth import Authenticator
 from mbworker.realtime.errors import AuthError
 from mbworker.realtime.limits import RateLimit, WindowLimit
@@ -30,11 +31,11 @@ def test_window_limit() -> None:
 
 
 def test_apikey_and_token_verification() -> None:
-    auth = Authenticator(SECRET, [])
+    auth = Authenticator(JwtVerifier(SECRET), [])
     assert auth.verify_apikey(make_jwt("anon"))["role"] == "anon"
-    assert auth.verify_apikey(make_jwt("service_role", exp_in=None))["role"] == "service_role"
+    assert auth.verify_apikey(make_jwt("service_role"))["role"] == "service_role"
     for bad in ("", "garbage", make_jwt("authenticated"), make_jwt("anon", secret="other" * 10),
-                make_jwt("anon", exp_in=-10)):  # fmt: skip
+                make_jwt("anon", exp_in=-10), make_jwt("service_role", exp_in=None)):  # fmt: skip
         with pytest.raises(AuthError):
             auth.verify_apikey(bad)
     assert auth.verify_access_token(make_jwt("authenticated", sub="u"))["sub"] == "u"
@@ -49,7 +50,7 @@ def test_private_channel_policy_denies_by_default() -> None:
         PrivateChannelRule(topic="user:{sub}:*"),
         PrivateChannelRule(topic="team-*", roles=[], claims={"team": "red"}),
     ]
-    auth = Authenticator(SECRET, rules)
+    auth = Authenticator(JwtVerifier(SECRET), rules)
     user = {"role": "authenticated", "sub": "u1"}
     assert auth.may_access("anything", False, {"role": "anon"})  # public: any valid key
     assert auth.may_access("user:u1:inbox", True, user)
@@ -59,8 +60,10 @@ def test_private_channel_policy_denies_by_default() -> None:
     assert auth.may_access("team-1", True, {"role": "anon", "team": "red"})
     assert not auth.may_access("team-1", True, {"role": "anon", "team": "blue"})
     assert auth.may_access("x", True, {"role": "service_role"})
-    assert not Authenticator(SECRET, [], service_role_bypass=False).may_access("x", True, {"role": "service_role"})
-    assert not Authenticator(SECRET, []).may_access("x", True, user)
+    assert not Authenticator(JwtVerifier(SECRET), [], service_role_bypass=False).may_access(
+        "x", True, {"role": "service_role"}
+    )
+    assert not Authenticator(JwtVerifier(SECRET), []).may_access("x", True, user)
 
 
 def test_websockets_internals() -> None:
