@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -95,6 +96,8 @@ class DevLoop:
     env_file: Path | None = None
     verify_jwt_override: bool | None = None
     say: Callable[[str], None] = print
+    bundling: Callable[[str], AbstractContextManager[object]] | None = None
+    """Entered around `deno bundle` (npm/jsr/https imports): progress for the person waiting."""
     attempted: dict[str, str] = field(default_factory=dict)
     """slug → sha256 of the last bundle tried (live or not): an unchanged bundle is not deployed again."""
     sources: dict[str, Gathered] = field(default_factory=dict)
@@ -122,7 +125,12 @@ class DevLoop:
         name = slug or folder.stem
         try:
             spec = gather_function(
-                folder, slug=slug, verify_jwt_override=self.verify_jwt_override, env_file=self.env_file, **kwargs
+                folder,
+                slug=slug,
+                verify_jwt_override=self.verify_jwt_override,
+                env_file=self.env_file,
+                bundling=self.bundling,
+                **kwargs,
             )
             packed = pack_bundle(spec)
         except (GatherError, ManifestError, BundleRejected) as exc:
@@ -283,6 +291,7 @@ def default_env_file(path: Path) -> Path | None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from mbworker.cli.banner import print_banner
+    from mbworker.cli.progress import bundling_progress
     from mbworker.worker.config import load_settings
     from mbworker.worker.daemon import WorkerHandle, serve_worker
     from mbworker.worker.logs import configure_logging
@@ -303,7 +312,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             handle: WorkerHandle = await nursery.start(serve_worker, settings)
-            loop = DevLoop(handle.deployer, path, env_file, verify_jwt_override, say=partial(print, flush=True))
+            loop = DevLoop(
+                handle.deployer,
+                path,
+                env_file,
+                verify_jwt_override,
+                say=partial(print, flush=True),
+                bundling=bundling_progress,
+            )
             await loop.adopt_live()
             if env_file is not None:
                 loop.say(f"secrets from {env_file}")

@@ -176,7 +176,11 @@ def _deploy(args: argparse.Namespace) -> int:
     from mbworker.worker.deploy_local import build_bundles
 
     url, token = resolve_admin(args.url, args.token)
-    bundles = build_bundles(args.path, name=args.name, no_verify_jwt=args.no_verify_jwt, env_file=args.env_file)
+    from mbworker.cli.progress import bundling_progress
+
+    bundles = build_bundles(
+        args.path, name=args.name, no_verify_jwt=args.no_verify_jwt, env_file=args.env_file, bundling=bundling_progress
+    )
     if not bundles:
         raise ConfigError(f"no deployable function found under {args.path}")
     failed = 0

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,18 +54,20 @@ def build_bundles(
     no_verify_jwt: bool = False,
     env_file: Path | None = None,
     max_bytes: int = 20 * 1024 * 1024,
+    bundling: Callable[[str], AbstractContextManager[object]] | None = None,
 ) -> list[PackedFunction]:
-    """Gather and pack every function under `path`. Blocking (may run `deno bundle`). Raises `ConfigError`."""
+    """Gather and pack every function under `path`. Blocking (may run `deno bundle`, inside `bundling(slug)`
+    when given). Raises `ConfigError`."""
     override = False if no_verify_jwt else None
     try:
         if is_function_folder(path):
             specs: list[BundleSpec] = [
-                gather_function(path, slug=name, verify_jwt_override=override, env_file=env_file)
+                gather_function(path, slug=name, verify_jwt_override=override, env_file=env_file, bundling=bundling)
             ]
         else:
             if name:
                 raise ConfigError("--name applies to one function folder, not to a tree")
-            specs = gather_tree(path, verify_jwt_override=override, env_file=env_file)
+            specs = gather_tree(path, verify_jwt_override=override, env_file=env_file, bundling=bundling)
         packed = []
         for spec in specs:
             for warning in spec.warnings:

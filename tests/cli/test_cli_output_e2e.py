@@ -48,12 +48,17 @@ async def test_banner_off_a_terminal_and_tables(tmp_path: Path, http: httpx.Asyn
         assert "1 functions live (0 restored from the store)" in banner
 
         await w.deploy(HELLO)
+        # npm: packages are resolved and bundled here, before the upload: the deploy says so while it waits
+        npm = await w.cli("deploy", str(REPO / "examples" / "functions" / "npm-dep"), check=True)
+        assert b"npm-dep: resolving and bundling its packages" in npm.stderr
+        assert b"npm-dep: bundled in " in npm.stderr
+        assert b"npm-dep v1" in npm.stdout
         listing = (await w.cli("functions", "list", check=True)).stdout.decode().splitlines()
         assert listing[0].split() == ["NAME", "VERSION", "STATUS", "RUNTIME", "VERIFY_JWT", "UPDATED"]
         assert listing[1].split()[:5] == ["hello", "2", "ACTIVE", "deno", "True"]
         assert listing[1].endswith("s ago")
         rows = json.loads((await w.cli("functions", "list", "-o", "json", check=True)).stdout)
-        assert [(r["slug"], r["version"]) for r in rows] == [("hello", 2)]
+        assert [(r["slug"], r["version"]) for r in rows] == [("hello", 2), ("npm-dep", 1)]
         versions = (await w.cli("functions", "versions", "hello", check=True)).stdout.decode().splitlines()
         assert [line.split()[:2] for line in versions[1:]] == [["2", "ACTIVE"], ["1", "INACTIVE"]]
         missing = await w.cli("functions", "versions", "nope")

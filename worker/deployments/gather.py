@@ -20,7 +20,8 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,7 @@ def gather_tree(
     verify_jwt_override: bool | None = None,
     env_file: Path | None = None,
     bundle_deps: bool = True,
+    bundling: Callable[[str], AbstractContextManager[object]] | None = None,
 ) -> list[BundleSpec]:
     """`gather_function` for every deployable function `discover_functions(path)` finds."""
     return [
@@ -211,6 +213,7 @@ def gather_tree(
             functions_root=fn.functions_root,
             config_toml=fn.config_toml,
             bundle_deps=bundle_deps,
+            bundling=bundling,
         )
         for fn in discover_functions(path)
         if fn.deployable
@@ -240,6 +243,7 @@ def gather_function(
     bundle_deps: bool = True,
     deno_bin: str | None = None,
     bundle_timeout_s: float = DEFAULT_BUNDLE_TIMEOUT_S,
+    bundling: Callable[[str], AbstractContextManager[object]] | None = None,
 ) -> BundleSpec:
     """Gather one function folder (or an entry file) into a `BundleSpec`.
 
@@ -247,6 +251,7 @@ def gather_function(
     `functions/` folder unless `config_toml` is given), overridden by the folder's function.toml, overridden by
     `verify_jwt_override` (the `--no-verify-jwt` flag); secrets from function.toml `[env]`, overridden by
     `env_file`. `bundle_deps=False` skips `deno bundle` (the worker would then have to fetch packages itself).
+    `bundling(slug)`, when given, is entered around `deno bundle` (the CLI shows progress while it runs).
     An entry file instead of a folder deploys that file (slug: its stem unless given).
     Raises `GatherError` or `ManifestError` (both with user-facing messages).
     """
@@ -329,9 +334,10 @@ def gather_function(
         out_rel = _rel(entrypoint.parent / BUNDLE_OUTPUT_NAME, base)
         if out_rel in rel:
             raise GatherError(f"{out_rel} is reserved for the bundled output; rename that file")
-        rel[out_rel] = _deno_bundle(
-            rel, base, entry_rel, manifest_map, stub_specifiers, deno_bin or find_deno(), bundle_timeout_s
-        )
+        with (bundling or _quietly)(slug):  # seconds to minutes: the CLI shows progress meanwhile
+            rel[out_rel] = _deno_bundle(
+                rel, base, entry_rel, manifest_map, stub_specifiers, deno_bin or find_deno(), bundle_timeout_s
+            )
         # The bundle is self-contained: no import map at run time (it would make Deno resolve npm: again).
         manifest_entry, source_entry, manifest_map = out_rel, entry_rel, None
 
@@ -355,6 +361,10 @@ def gather_function(
     except ValidationError as exc:
         raise format_validation_error(slug, exc) from exc
     return BundleSpec(manifest=manifest, files=rel, function_dir=folder, root=base, warnings=tuple(warnings))
+
+
+def _quietly(slug: str) -> AbstractContextManager[object]:
+    return nullcontext()
 
 
 def pack_bundle(spec: BundleSpec, *, max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES) -> PackedBundle:
