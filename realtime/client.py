@@ -96,6 +96,8 @@ class Channel:
     """trio clock time when the channel's token expires (None: never)."""
     presence_calls: WindowLimit
     tracked: bool = False
+    phx_ref: str | None = None
+    """The `phx_ref` of this channel's presence entry while tracked."""
     member_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
@@ -281,7 +283,12 @@ class Client:
 
     async def _push_presence_state(self, channel: Channel) -> None:
         state = await self.ctx.presence.list(channel.key)
-        self.push(channel.join_ref, None, channel.topic, "presence_state", state_payload(state))
+        frame = OutFrame(
+            encode(Message(channel.join_ref, None, channel.topic, "presence_state", state_payload(state)), self.vsn)
+        )
+        # Others' state (bounded per channel) never makes a joiner a slow consumer: wait for room first.
+        await self.transport.wait_for_room(len(frame.wire))
+        self.transport.send(frame)
 
     async def _drop_channel(self, channel: Channel) -> None:
         """Forget `channel`: untrack its presence (others get the leave diff) and leave the hub index."""
@@ -379,9 +386,9 @@ class Client:
             if not isinstance(meta, dict):
                 self.reply(msg, "error", {"reason": "Presence track payload must be a map"})
                 return
-            size = len(json.dumps(meta, separators=(",", ":")))
-            if size > self.ctx.settings.max_payload_bytes:
-                await self.end_channel(channel, "Track message size exceeded")
+            refusal = await self._presence_refusal(channel, meta)
+            if refusal is not None:
+                self.reply(msg, "error", {"reason": refusal})
                 return
             if not channel.presence_enabled:
                 channel.presence_enabled = True
@@ -389,14 +396,41 @@ class Client:
             # Reply before the diff goes out, as Phoenix does (its diff travels through pubsub).
             self.reply(msg)
             channel.tracked = True
-            await self.ctx.presence.track(channel.key, channel.member_id, channel.presence_key, meta)
+            stored = await self.ctx.presence.track(channel.key, channel.member_id, channel.presence_key, meta)
+            if stored is not None:
+                channel.phx_ref = stored["phx_ref"]
         elif event == "untrack":
             self.reply(msg)
             if channel.tracked:
                 channel.tracked = False
+                channel.phx_ref = None
                 await self.ctx.presence.untrack(channel.key, channel.member_id)
         else:
             self.reply(msg, "error", {"reason": f"unknown presence event {event!r}"})
+
+    async def _presence_refusal(self, channel: Channel, meta: dict[str, Any]) -> str | None:
+        """Why this track must be refused (its size, or the channel's presence bounds), else None.
+
+        The channel's state is what every joiner receives at once: bounded in entries and bytes, the track that
+        would grow it past a bound is refused (its sender gets the error), nobody else is affected. The check
+        reads the state (tracks are rate-limited per channel, so this costs little); two nodes tracking at the
+        same instant may each pass it, overshooting by at most one meta each."""
+        settings = self.ctx.settings
+        size = len(json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode())
+        if size > settings.presence_max_meta_bytes:
+            return "Track message size exceeded"
+        entries, total = 0, 0
+        for metas in (await self.ctx.presence.list(channel.key)).values():
+            for each in metas:
+                if channel.phx_ref is not None and each.get("phx_ref") == channel.phx_ref:
+                    continue  # this channel's own entry: the track replaces it
+                entries += 1
+                total += len(json.dumps(each, separators=(",", ":"), ensure_ascii=False).encode())
+        if entries + 1 > settings.presence_max_entries:
+            return "Too many presence entries on this channel"
+        if total + size > min(settings.presence_max_state_bytes, settings.max_queued_bytes // 2):
+            return "Presence state of this channel is too large"
+        return None
 
 
 def _unix_now() -> float:

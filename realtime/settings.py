@@ -43,6 +43,13 @@ class RealtimeSettings(BaseModel):
     """Per-connection outbound buffer; a client that lets it overflow is disconnected (slow consumer)."""
     write_timeout: float = 30.0
     """A socket that takes no queued bytes for this long is disconnected too (slow consumer)."""
+    presence_max_meta_bytes: int = 32_768
+    """Largest presence meta one track may carry (JSON bytes); a bigger track gets an error reply."""
+    presence_max_entries: int = 10_000
+    """Presence entries one channel may hold (all nodes); the track that would exceed it gets an error reply."""
+    presence_max_state_bytes: int = 1_000_000
+    """Bytes of presence state one channel may hold (all nodes): what a joiner receives in `presence_state`.
+    Never more than half of `max_queued_bytes` applies, so no joiner's own state push can overflow its queue."""
     presence_ttl: float = 60.0
     presence_refresh_interval: float = 25.0
     private_channel_rules: list[PrivateChannelRule] = Field(default_factory=list)

@@ -171,6 +171,7 @@ class Transport:
         "_nursery",
         "_queue",
         "_queued",
+        "_room",
         "_sock",
         "_stream",
         "_write_timeout",
@@ -199,6 +200,7 @@ class Transport:
         self._queue: list[bytes] | None = None  # allocated when the socket first pushes back
         self._queued = 0
         self._writing = False
+        self._room: trio.Event | None = None  # set when the writer task took queued bytes (see wait_for_room)
         self._fragments: list[bytes] | None = None  # a fragmented message being received (rare)
         self._early = early or None  # frames that arrived with the handshake request
         self._ended = False
@@ -223,6 +225,21 @@ class Transport:
             return
         self.frames_sent += 1
         self._write(frame.wire)
+
+    async def wait_for_room(self, nbytes: int) -> None:
+        """Wait until `nbytes` more fit in the send queue (returns at once when they do, or when the connection
+        is failing). For large pushes the client itself asked for (its presence state on join): its own
+        earlier pushes must not make it a "slow consumer". Bounded: a writer that stalls fails the connection
+        after the write timeout, which ends this wait."""
+        while self._writing and self._queued + nbytes > self._max and not (self.overflowed or self._ended):
+            if self._room is None:
+                self._room = trio.Event()
+            await self._room.wait()
+
+    def _wake_room(self) -> None:
+        if self._room is not None:
+            self._room.set()
+            self._room = None
 
     def _write(self, data: bytes) -> None:
         if not self._writing and self._fd is not None:  # nothing queued: straight to the socket
@@ -272,6 +289,7 @@ class Transport:
             while self._queue:
                 chunks, self._queue = self._queue, None
                 self._queued = 0
+                self._wake_room()  # the queue was just emptied into this write
                 with trio.move_on_after(self._write_timeout) as stalled:
                     await self._stream.send_all(b"".join(chunks))
                 if stalled.cancelled_caught:  # a client that stopped reading: same fate as overflow
@@ -282,6 +300,7 @@ class Transport:
             self._queued = 0
         finally:
             self._writing = False
+            self._wake_room()
 
     # reading ---------------------------------------------------------------------------------------
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
 
 import trio
 
-from mbworker.realtime import RealtimeSettings
+from mbworker.lib.jwt import JwtVerifier, parse_jwks
+from mbworker.realtime import PrivateChannelRule, RealtimeSettings
 from tests.conftest import require_binary
 from tests.e2e.harness import E2E_DIR, ensure_node_modules, serve_realtime_http
+from tests.lib_jwt.keys import SigningKey
 from tests.realtime.helpers import ANON, SECRET, make_jwt
 
 
@@ -86,3 +89,43 @@ async def test_realtime_js_conformance() -> None:
     assert "permissions" in r["privateJoin"]["error"]
     assert r["removedA"] == 0
     assert stats.deliveries > 0
+
+
+async def test_realtime_js_what_differed_from_supabase() -> None:
+    """A postgres_changes channel, the error texts, an ES256 user token from the JWKS, presence poisoning."""
+    import os
+
+    es = SigningKey("ES256", "project-key-1")
+    verifier = JwtVerifier(SECRET, jwks=parse_jwks({"keys": [es.jwk]}))
+    settings = RealtimeSettings(private_channel_rules=[PrivateChannelRule(topic="user:{sub}:*")])
+    async with serve_realtime_http(settings, SECRET, verifier=verifier) as (_, server):
+        env = {
+            **os.environ,
+            "RT_URL": f"ws://127.0.0.1:{server.port}/realtime/v1",
+            "RT_APIKEY": ANON,
+            "RT_MALFORMED_TOKEN": "not-a-jwt",
+            "RT_NO_EXP_TOKEN": make_jwt("authenticated", exp_in=None),
+            "RT_ES256_TOKEN": es.sign({"role": "authenticated", "sub": "u1", "exp": int(time.time()) + 3600}),
+        }
+        r = await run_node("parity.mjs", env)
+    ok = {"status": "SUBSCRIBED", "error": None}
+    assert r["pgSubscribe"] == ok  # realtime-js accepted the echoed bindings
+    assert r["pgBindingIds"] == ["number", "number"]
+    assert [(s["extension"], s["status"], s["channel"]) for s in r["pgSystem"]] == [
+        ("postgres_changes", "error", "todos")
+    ]
+    assert (r["pgSend"], r["pgGot"], r["pgTrack"]) == ("ok", [{"n": 1}], "ok")
+    assert r["privateJoin"] == {
+        "status": "CHANNEL_ERROR",
+        "error": "Unauthorized: You do not have permissions to read from this Channel topic: secret",
+    }
+    assert r["malformed"] == {"status": "CHANNEL_ERROR", "error": "MalformedJWT: The token provided is not a valid JWT"}
+    assert r["noExp"] == {
+        "status": "CHANNEL_ERROR",
+        "error": "InvalidJWTToken: Fields `role` and `exp` are required in JWT",
+    }
+    assert r["es256Join"] == ok
+    assert (r["bigTrack"], r["smallTrack"]) == ("error", "ok")
+    assert r["joiner"] == ok
+    assert r["joinerState"] == ["p1"]
+    assert r["joinerConnected"] is True

@@ -12,7 +12,6 @@ from typing import Any
 import jwt
 import pytest
 import trio
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from mbworker.lib.jwt import (
     ExpiredJwt,
@@ -27,27 +26,9 @@ from mbworker.lib.jwt import (
     parse_jwks,
 )
 from mbworker.worker.jwt_gate import JwtGate, JwtRejected
+from tests.lib_jwt.keys import SigningKey
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
-
-
-class SigningKey:
-    """An asymmetric signing key as Supabase's auth server holds one; `jwk` is its public half for the JWKS."""
-
-    def __init__(self, alg: str, kid: str) -> None:
-        self.alg, self.kid = alg, kid
-        if alg == "ES256":
-            self.private: Any = ec.generate_private_key(ec.SECP256R1())
-            algorithm: Any = jwt.algorithms.ECAlgorithm
-        else:
-            self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-            algorithm = jwt.algorithms.RSAAlgorithm
-        self.jwk = {**algorithm.to_jwk(self.private.public_key(), as_dict=True), "kid": kid, "alg": alg,
-                    "use": "sig"}  # fmt: skip
-
-    def sign(self, claims: dict[str, Any], *, kid: str | None = ...) -> str:  # type: ignore[assignment]
-        headers = {"kid": self.kid if kid is ... else kid} if kid is not None else {}
-        return jwt.encode(claims, self.private, algorithm=self.alg, headers=headers)
 
 
 def claims(role: str = "authenticated", exp_in: float | None = 3600, **extra: Any) -> dict[str, Any]:

@@ -438,3 +438,40 @@ async def test_postgres_changes_join_reports_the_database_error_and_keeps_broadc
         assert rep[4]["response"] == {
             "reason": "Unauthorized: You do not have permissions to read from this Channel topic: secret"
         }
+
+
+async def test_presence_is_bounded_per_track_and_per_channel() -> None:
+    settings = RealtimeSettings(presence_max_meta_bytes=1000, presence_max_entries=3, presence_max_state_bytes=2600,
+                                presence_max_calls=100)  # fmt: skip
+
+    def track(meta: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "presence", "event": "track", "payload": meta}
+
+    async with running_realtime(settings) as (_, port), phx_client(port) as a, phx_client(port) as b:
+        async with phx_client(port) as c, phx_client(port) as d:
+            joins = {}
+            for key, cl in zip("abcd", (a, b, c, d), strict=True):
+                joins[key], _ = await cl.join(T, {"presence": {"key": key}, "broadcast": {"self": True}})
+            await a.send(joins["a"], "10", T, "presence", track({"x": "a" * 1200}))  # one track too big
+            assert (await a.reply_to("10"))[4] == {
+                "status": "error",
+                "response": {"reason": "Track message size exceeded"},
+            }
+            for n, (key, cl) in enumerate(zip("abc", (a, b, c), strict=True)):
+                await cl.send(joins[key], str(20 + n), T, "presence", track({"x": key * 800}))
+                assert (await cl.reply_to(str(20 + n)))[4]["status"] == "ok"
+            await a.send(joins["a"], "30", T, "presence", track({"x": "A" * 800}))  # an update replaces its own
+            assert (await a.reply_to("30"))[4]["status"] == "ok"
+            await d.send(joins["d"], "31", T, "presence", track({"x": "d"}))  # a 4th entry
+            assert (await d.reply_to("31"))[4]["response"] == {"reason": "Too many presence entries on this channel"}
+            await c.send(joins["c"], "32", T, "presence", {"type": "presence", "event": "untrack"})
+            await c.reply_to("32")
+            await d.send(joins["d"], "33", T, "presence", track({"x": "d" * 990}))  # room for an entry, not its bytes
+            assert (await d.reply_to("33"))[4]["response"] == {"reason": "Presence state of this channel is too large"}
+            await d.send(joins["d"], "34", T, "broadcast", {"type": "broadcast", "event": "alive", "payload": {}})
+            assert (await d.expect("broadcast"))[4]["event"] == "alive"  # refused tracks leave the channel joined
+        async with phx_client(port) as e:  # a joiner gets the (bounded) state
+            await e.join(T, {"presence": {"key": "e"}})
+            state = (await e.expect("presence_state"))[4]
+            assert sorted(state) == ["a", "b"]
+            assert state["a"]["metas"][0]["x"] == "A" * 800
