@@ -174,6 +174,10 @@ class DevLoop:
         except (GatherError, ManifestError, OSError) as exc:
             self.say(f"✗ {self.path}: {exc}")
             return
+        if changed is None and not gathered:
+            self.say(
+                f"no functions under {self.path} yet: `mbworker functions new NAME` makes one (watched all the same)"
+            )
         if only is None and not self.single:
             await self._forget_removed({g.slug for g in gathered})
         for g in gathered:

@@ -45,6 +45,11 @@ def exit_quietly_on_broken_pipe(run: Callable[[], int]) -> int:
         sys.stdout.flush()
         return code
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 141
+        pass
+    except BaseExceptionGroup as group:  # raised inside a Trio nursery (`mbworker serve | head -3`)
+        matched, rest = group.split(BrokenPipeError)
+        if matched is None or rest is not None:
+            raise
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141

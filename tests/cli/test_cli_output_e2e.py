@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
+import pytest
 import trio
 
+from mbworker.cli.banner import banner_lines
 from mbworker.cli.output import human_time
 from tests.worker_process import MBWORKER, REPO, run_worker
 
@@ -79,3 +83,57 @@ async def test_banner_off_a_terminal_and_tables(tmp_path: Path, http: httpx.Asyn
             ["bash", "-c", f"{shlex.join([*MBWORKER, '--help'])} | head -1"], capture_stdout=True, capture_stderr=True
         )
         assert shell.stderr == b""
+
+
+NURSERY_WRITER = """
+import sys, trio
+from mbworker.cli.output import exit_quietly_on_broken_pipe
+
+async def main() -> None:
+    async with trio.open_nursery():
+        print("x" * 70000, flush=True)
+
+def run() -> int:
+    trio.run(main)
+    return 0
+
+sys.exit(exit_quietly_on_broken_pipe(run))
+"""
+
+
+async def test_broken_pipe_inside_a_nursery_ends_quietly() -> None:
+    """`mbworker dev | head`: the write that fails happens inside Trio, which raises it in an exception group."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        with trio.fail_after(60):
+            done = await trio.run_process(
+                [sys.executable, "-c", NURSERY_WRITER], stdout=write, capture_stderr=True, check=False
+            )
+    finally:
+        os.close(write)
+    assert done.stderr == b""
+    assert done.returncode == 141
+
+
+def test_banner_prints_keys_only_to_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = SimpleNamespace(data_dir=tmp_path, admin_token=None)
+    keys = SimpleNamespace(anon_key="anon.jwt.value", service_role_key="service.jwt.value")
+    handle = SimpleNamespace(
+        keys=keys,
+        settings=settings,
+        public_url="http://127.0.0.1:8000",
+        admin_url="http://127.0.0.1:8001",
+        deployer=SimpleNamespace(table=SimpleNamespace(slugs=lambda: ["hello"])),
+    )
+    on_tty = "\n".join(banner_lines(handle, tty=True))
+    assert "anon key      : anon.jwt.value" in on_tty
+    assert "service_role key: service.jwt.value" in on_tty
+    assert (
+        "curl -H 'Authorization: Bearer anon.jwt.value' 'http://127.0.0.1:8000/functions/v1/hello?name=Ada'" in on_tty
+    )
+    off_tty = "\n".join(banner_lines(handle, tty=False))
+    assert "jwt.value" not in off_tty
+    settings.admin_token = "set"
+    monkeypatch.setenv("MBWORKER_ADMIN_TOKEN", "set")
+    assert "  Admin token   : from MBWORKER_ADMIN_TOKEN" in banner_lines(handle, tty=False)
