@@ -35,6 +35,7 @@ from mbworker.worker.deployments import (
     BundleRejected,
     GatherError,
     ManifestError,
+    StoreError,
     discover_functions,
     gather_function,
     pack_bundle,
@@ -175,9 +176,7 @@ class DevLoop:
             self.say(f"✗ {self.path}: {exc}")
             return
         if changed is None and not gathered:
-            self.say(
-                f"no functions under {self.path} yet: `mbworker functions new NAME` makes one (watched all the same)"
-            )
+            self.say(f"no functions under {self.path} yet: `mbworker functions new NAME` makes one")
         if only is None and not self.single:
             await self._forget_removed({g.slug for g in gathered})
         for g in gathered:
@@ -195,7 +194,11 @@ class DevLoop:
             del self.sources[slug]
             self.attempted.pop(slug, None)
             if self.deployer.table.get(slug) is not None:
-                await self.deployer.delete(slug)
+                try:
+                    await self.deployer.delete(slug)
+                except StoreError as exc:
+                    self.say(f"✗ {slug}: its folder is gone but it could not be removed: {exc}")
+                    continue
                 self.say(f"- {slug}: removed (its folder is gone or disabled)")
 
     async def _deploy(self, g: Gathered) -> None:
@@ -218,7 +221,8 @@ class DevLoop:
             if output.strip():
                 self.say("\n".join(f"    {line}" for line in output.rstrip().splitlines()))
             return
-        except BundleRejected as exc:
+        except (BundleRejected, StoreError) as exc:  # refused, or the data dir can't take it (disk full)
+            self.attempted.pop(g.slug, None)  # not this bundle's fault: the next save tries it again
             self.say(f"✗ {g.slug}: {exc}{self._still_serving(g.slug)}")
             return
         self.say(f"✓ {g.slug} v{dep.version} live ({time.monotonic() - started:.2f} s)")

@@ -88,3 +88,22 @@ async def test_dev_redeploys_on_save_and_keeps_the_last_good_version(tmp_path: P
         assert (await http.get(f"{url}/env-echo", headers=w.auth())).text == "changed"
         # a file no function ships changes no bundle: nothing was deployed for it
         assert sum("live (" in line for line in w.output) == 6
+
+
+async def test_functions_serve_one_folder_follows_its_shared_imports(tmp_path: Path, http: httpx.AsyncClient) -> None:
+    functions = tmp_path / "supabase" / "functions"
+    (functions / "_shared").mkdir(parents=True)
+    (functions / "_shared" / "greeting.ts").write_text('export const greeting = "hi";\n')
+    (functions / "greet").mkdir()
+    (functions / "greet" / "index.ts").write_text(
+        'import { greeting } from "../_shared/greeting.ts";\nDeno.serve(() => new Response(greeting));\n'
+    )
+    folder = str(functions / "greet")
+    async with run_worker(
+        tmp_path / "data", command=("functions", "serve", folder, "--watch", "--no-verify-jwt"), cwd=tmp_path
+    ) as w:
+        await w.wait_for_output(f"watching {folder}, {functions / '_shared' / 'greeting.ts'}")
+        assert (await http.get(f"{w.public_url}/functions/v1/greet")).text == "hi"  # --no-verify-jwt: no key
+        (functions / "_shared" / "greeting.ts").write_text('export const greeting = "hello again";\n')
+        await w.wait_for_output("✓ greet v2 live")
+        assert (await http.get(f"{w.public_url}/functions/v1/greet")).text == "hello again"
