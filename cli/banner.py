@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from mbworker.cli.output import program
 from mbworker.worker.keys import admin_token_file, secrets_dir
 
 
@@ -58,8 +59,8 @@ def banner_lines(handle: Any, *, tty: bool) -> list[str]:
         url = shlex.quote(f"{handle.public_url}/functions/v1/{target}{query}")
         lines.append(f"  Try     : curl -H {header} {url}")
     else:
-        lines.append("  Start   : mbworker functions new hello   (then deploy it)")
-    lines += ["  Deploy  : mbworker deploy path/to/function   (or a supabase/functions tree)", ""]
+        lines.append(f"  Start   : {program()} functions new hello   (then {program()} dev)")
+    lines += [f"  Deploy  : {program()} deploy path/to/function   (or a supabase/functions tree)", ""]
     return lines
 
 

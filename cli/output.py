@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+
+def program() -> str:
+    """How to run this very `mbworker` again from here: `mbworker` when PATH finds it, else the script's path
+    (`.venv/bin/mbworker` after `make setup`, whose venv is not on PATH)."""
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) != "mbworker" or not os.path.exists(argv0):
+        return "mbworker"  # `python -m mbworker.cli.main`, or an embedding: the plain name reads best
+    found = shutil.which("mbworker")
+    if found and os.path.samefile(found, argv0):
+        return "mbworker"
+    relative = os.path.relpath(argv0)
+    return relative if not relative.startswith("..") else os.path.abspath(argv0)
 
 
 def human_time(epoch_ms: int | None, *, now: float | None = None) -> str:

@@ -110,7 +110,9 @@ def create_function(root: Path, slug: str) -> Path:
 
 def cmd_new(args: argparse.Namespace) -> int:
     folder = create_function(args.dir, args.name)
+    from mbworker.cli.output import program
+
     print(f"Created function {args.name} in {folder}")
-    print(f"  Serve it  : mbworker functions serve {args.dir} --watch")
-    print(f"  Deploy it : mbworker deploy {folder}")
+    print(f"  Serve it  : {program()} functions serve {args.dir} --watch")
+    print(f"  Deploy it : {program()} deploy {folder}")
     return 0
