@@ -18,9 +18,15 @@ What lives where:
 - Version numbers come from `INCR <slug>:seq`, taken under the distributed lock `deploy:<slug>` that every
   metadata change (put, activate, rollback, delete, mark_failed, prune) holds, so read-modify-write of the
   pointer and statuses never interleaves between nodes. Multi-key writes go in one MULTI/EXEC.
-- Redis must persist (AOF) on the state pillar: it is the source of truth for deployments. If it ever loses
-  its data, numbering restarts; each local copy carries the sha256 of its archive and is re-fetched when Redis
-  says a version has another digest, so a stale copy is never served under a reused number.
+- Redis should persist (AOF) on the state pillar: it is the source of truth for deployments. If it loses its
+  data anyway (a restart without persistence, FLUSHALL, failover to a stale replica), the nodes give it back:
+  each keeps, besides the unpacked files, the version's metadata, its archive and the version it serves
+  (`local_copies`), and a node that finds Redis knowing no version of a slug as high as the one it serves
+  writes its versions back (`restore`: on start, after a change-feed gap, when the change counter goes
+  backwards, and in `get_active`, which reconciling calls). Deletes leave every version as REMOVED (a
+  tombstone) and clear each node's claim, so "deleted" is never mistaken for "lost". Of two nodes restoring,
+  the higher version wins; version numbers never go backwards. Each local copy also carries the sha256 of its
+  archive and is re-fetched when Redis says a version has another digest.
 - Local copies: `put` unpacks on the deploying node first (validation + limits, nothing is stored on reject).
   Other nodes fetch (GET archive, verify sha256, unpack) lazily via `ensure_local` (called by `secrets()`, which
   the deployer calls before `bundle_dir()`), and eagerly: on start for every active version (`sync`), and when
@@ -91,6 +97,8 @@ log = logging.getLogger("mbworker.cluster.deployments")
 
 _KINDS = frozenset({"put", "activate", "rollback", "delete", "failed"})
 """Change kinds nodes announce to each other (`resync` is local: each node detects its own gaps)."""
+_RESTORE_RETRY_S = 15.0
+"""How long a node keeps trying to give back its functions after Redis lost data, before the resync goes on."""
 _PREFETCH_TIMEOUT_S = 60.0
 """Bound on the eager fetch a watcher does before handing over an activate/rollback change."""
 
@@ -110,6 +118,8 @@ class RedisStoreStatistics:
     """Changes this node could not announce (other nodes learn them at their next resync)."""
     local_removals: int
     """Local version copies removed (deleted/pruned versions)."""
+    restores: int = 0
+    """Functions this node gave back to Redis after it lost data (or a node joined with deployments)."""
 
 
 class _Changes:
@@ -202,6 +212,7 @@ class RedisDeploymentStore:
         self._resyncs = 0
         self._publish_failures = 0
         self._epoch_key = f"{prefix}dep:epoch"
+        self._restores = 0
         self._epoch: int | None = None
         """The highest change number seen (None until the first one)."""
 
@@ -324,7 +335,7 @@ class RedisDeploymentStore:
                 except RedisError as exc:  # the version is stored: pruning can wait for the next put
                     log.warning("could not prune old versions of %s: %s", slug, exc)
                     pruned = []
-            await trio.to_thread.run_sync(self._copies.install, slug, version, incoming, digest)
+            await trio.to_thread.run_sync(self._copies.install, dep, incoming, archive)
         finally:
             await trio.to_thread.run_sync(rmtree, incoming)
         self._puts += 1
@@ -365,6 +376,7 @@ class RedisDeploymentStore:
             archives = tuple(self._archive_key(slug, n) for n in state.metas)
             await self._apply(slug, step, extra=[("DEL", *archives)])
         # This node's deployer retired the function before calling delete: its copies can go now.
+        await trio.to_thread.run_sync(self._copies.set_live, slug, None)
         await trio.to_thread.run_sync(self._copies.remove, slug, set())
         await self._announce("delete", slug, None)
         return list(step.removed)
@@ -388,6 +400,8 @@ class RedisDeploymentStore:
         async with self._mutating(slug, what):
             step = decide(await self._read_state(slug))
             await self._apply(slug, step)
+        if step.pointer is not None:
+            await trio.to_thread.run_sync(self._copies.set_live, slug, step.pointer)
         return step.result
 
     async def _prune_locked(self, slug: str) -> list[int]:
@@ -418,13 +432,78 @@ class RedisDeploymentStore:
         return lifecycle.derive(_load_meta(raw), _load_pointer(ptr_raw).version)
 
     async def get_active(self, slug: str) -> Deployment | None:
+        """The live version in Redis. When Redis knows less of `slug` than this node holds (it came back empty,
+        or a stale replica took over), this node's live version is given back first (`restore`)."""
         check_slug(slug)
         with self._redis_errors(f"read {slug}"):
-            version = _load_pointer(await self._redis.get(self._key(slug, "ptr"))).version
-            if version is None:
+            ptr_raw, numbers = await self._redis.execute_many(
+                [("GET", self._key(slug, "ptr")), ("HKEYS", self._key(slug, "meta"))]
+            )
+            version = _load_pointer(ptr_raw).version
+            raw = None if version is None else await self._redis.hget(self._key(slug, "meta"), str(version))
+        known = max((int(n) for n in numbers), default=0)
+        local = await trio.to_thread.run_sync(self._copies.read_pointer, slug)
+        if local.version is not None and local.version > known:
+            restored = await self.restore(slug)
+            if restored is not None:
+                return restored
+        if raw is None or version is None:
+            if numbers and local.version is not None:  # deleted (a tombstone): this node no longer claims it
+                await trio.to_thread.run_sync(self._copies.set_live, slug, None)
+            return None
+        if local.version != version:
+            await trio.to_thread.run_sync(self._copies.note_live, slug, version)
+        return lifecycle.derive(_load_meta(raw), version)
+
+    async def restore(self, slug: str) -> Deployment | None:
+        """Give Redis back this node's live version of `slug` (with every newer version it holds) when Redis
+        knows of no version that high: it lost its data, or a stale replica took over. A delete leaves its
+        versions behind as REMOVED (a tombstone), so a deleted function never comes back this way; of two nodes
+        restoring, the higher version wins (each writes only above what Redis has, under the slug's lock).
+        Returns the restored live version, or None when Redis needed nothing from this node."""
+        check_slug(slug)
+        local = await trio.to_thread.run_sync(self._copies.read_local, slug)
+        live = local.pointer.version
+        if live is None or live not in local.files:
+            return None
+        async with self._mutating(slug, f"restore {slug}"):
+            state = await self._read_state(slug)
+            known = max(state.metas, default=0)
+            if live <= known:
                 return None
-            raw = await self._redis.hget(self._key(slug, "meta"), str(version))
-        return None if raw is None else lifecycle.derive(_load_meta(raw), version)
+            given = sorted(n for n in local.files if n > known)
+            archives = await trio.to_thread.run_sync(lambda: {n: self._copies.archive(slug, n) for n in given})
+            seq = int(await self._redis.get(self._key(slug, "seq")) or 0)
+            history = tuple(v for v in local.pointer.history if v in state.metas or v in given)
+            extra: list[tuple[Any, ...]] = [("SET", self._archive_key(slug, n), archives[n]) for n in given]
+            extra.append(("SADD", f"{self._p}slugs", slug))
+            if seq < given[-1]:
+                extra.append(("SET", self._key(slug, "seq"), given[-1]))  # numbers never go backwards
+            await self._write(slug, [local.metas[n] for n in given], lifecycle.Pointer(live, history), extra)
+        for n in given:
+            await trio.to_thread.run_sync(self._copies.mark_complete, slug, n, local.metas[n].sha256)
+        self._restores += 1
+        log.warning(
+            "%s: the store knew no version above %d; restored v%d from this node's copy (%d versions given back)",
+            slug,
+            known,
+            live,
+            len(given),
+        )
+        await self._announce("activate", slug, live)
+        return lifecycle.derive(local.metas[live], live)
+
+    async def restore_local(self) -> tuple[int, int]:
+        """`restore` every slug this node holds (on start, and when Redis lost data): (restored, failed)."""
+        restored = failed = 0
+        for slug in await trio.to_thread.run_sync(self._copies.slugs):
+            try:
+                if await self.restore(slug) is not None:
+                    restored += 1
+            except StoreError as exc:
+                failed += 1
+                log.warning("could not restore %s to the store: %s", slug, exc)
+        return restored, failed
 
     async def list(self, *, include_removed: bool = False) -> DeploymentList:
         with self._redis_errors("list functions"):
@@ -496,7 +575,7 @@ class RedisDeploymentStore:
                 data = await self._redis.get(self._archive_key(dep.slug, dep.version))
             if data is None:
                 raise VersionConflict(f"{dep.key} has no files any more")
-            await trio.to_thread.run_sync(self._copies.install_archive, dep.slug, dep.version, data, dep.sha256)
+            await trio.to_thread.run_sync(self._copies.install_archive, dep, data)
         except BaseException:
             self._fetch_failures += 1
             raise
@@ -520,6 +599,7 @@ class RedisDeploymentStore:
         """On start: fetch every active version (eager: the node can serve at once and survives a later Redis
         outage), and drop local copies Redis no longer has. Other versions are fetched lazily. Returns the
         number of active versions available locally."""
+        await self.restore_local()  # a node joining with deployments (or Redis came back empty): give them first
         deps = await self.list(include_removed=True)
         ready = 0
         for dep in deps:
@@ -578,6 +658,22 @@ class RedisDeploymentStore:
         # Announcements from two nodes can arrive out of order: a false gap only costs one extra resync.
         return not own and last is not None and epoch > last + 1
 
+    async def _restore_after_loss(self, why: str) -> None:
+        """After a gap that may have cost Redis its data: restore what this node holds, then resync watchers.
+
+        The change feed may be back before the command connections are: retried with a backoff, bounded (past
+        it, the resync's reconcile still restores slug by slug through `get_active`)."""
+        restored, delay = 0, 0.05
+        with trio.move_on_after(_RESTORE_RETRY_S):
+            while True:
+                done, failed = await self.restore_local()
+                restored += done
+                if not failed:
+                    break
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        self._resync(f"{why}; {restored} functions restored from this node")
+
     def _resync(self, why: str) -> None:
         self._resyncs += 1
         log.info("deployment watchers resync: %s", why)
@@ -595,7 +691,13 @@ class RedisDeploymentStore:
             except ValueError:
                 log.warning("%s is not a number: the missed-change check is off", self._epoch_key)
                 return
-            if self._epoch is not None and current > self._epoch:
+            if self._epoch is not None and current < self._epoch:
+                # The counter went backwards: Redis lost its data (FLUSHALL, a restart without persistence, a
+                # stale replica). Give back what this node serves before anyone reconciles against the gap.
+                why = f"change counter at {current}, was {self._epoch}"
+                self._epoch = current
+                await self._restore_after_loss(why)
+            elif self._epoch is not None and current > self._epoch:
                 self._epoch = current
                 self._resync(f"change counter at {current}: announcements were missed")
             elif self._epoch is None:
@@ -616,9 +718,13 @@ class RedisDeploymentStore:
                 self._remote_changes += 1
                 if change.kind in ("put", "delete") and change.slug is not None:
                     self._schedule_local_prune(change.slug)
+                if change.kind == "delete" and change.slug is not None:  # no longer this node's to restore
+                    await trio.to_thread.run_sync(self._copies.set_live, change.slug, None)
+                elif change.kind in ("activate", "rollback") and change.slug is not None and change.version:
+                    await trio.to_thread.run_sync(self._copies.note_live, change.slug, change.version)
                 self._notify(change)
             elif isinstance(event, PubSubResubscribed):
-                self._resync("the change feed was resubscribed after a gap")
+                await self._restore_after_loss("the change feed was resubscribed after a gap")
             elif isinstance(event, PubSubDisconnected):
                 log.warning("deployment change feed lost (%s); resync follows the reconnect", event.reason)
 
@@ -653,6 +759,7 @@ class RedisDeploymentStore:
             resyncs=self._resyncs,
             publish_failures=self._publish_failures,
             local_removals=self._copies.removals,
+            restores=self._restores,
         )
 
 

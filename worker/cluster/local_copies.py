@@ -3,27 +3,43 @@
 Owner: one `RedisDeploymentStore` owns one `LocalCopies` and its `root` (one node, one process: never share
 `root`). Every method here is blocking file I/O: call it through `trio.to_thread.run_sync`.
 
-Layout under `root`:
+Layout under `root` (the local store's layout, plus `sha256`: a single node's data dir reads the same way):
 
+    <slug>/active.json      the version this node last knew live {"version", "history"} (its claim after a
+                            Redis data loss)
     <slug>/v<N>/bundle/     the unpacked files (read-only for runtimes)
+    <slug>/v<N>/meta.json   the version's metadata as last seen (status as stored)
+    <slug>/v<N>/bundle.tar.gz  the archive (0600: it holds the function's env), to give back to Redis
     <slug>/v<N>/sha256      hex sha256 of the archive the files came from (written last: marks a complete copy)
     <slug>/.incoming-*/     unpacks in progress (renamed to v<N> when complete)
     <slug>/.stale-*/        replaced copies on their way out
 
 A copy is only trusted if its `sha256` matches the version's digest in Redis, so a copy made under a number
-that Redis later reused (data loss) is replaced, never served.
+that Redis later reused (data loss) is replaced, never served. What a node holds (metadata, archive, live
+pointer) is what it restores when Redis comes back empty or behind (`read_local`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from mbworker.worker.deployments import lifecycle
 from mbworker.worker.deployments.archive import BundleRejected, sha256_hex, unpack_bundle
 from mbworker.worker.deployments.manifest import MANIFEST_NAME, SLUG_RE, Manifest
-from mbworker.worker.deployments.store import StoreError, UnpackLimits
+from mbworker.worker.deployments.model import Deployment
+from mbworker.worker.deployments.store import (
+    StoreError,
+    UnpackLimits,
+    pointer_from_json,
+    pointer_json,
+    write_atomic,
+)
 
 
 def check_slug(slug: str) -> str:
@@ -83,24 +99,78 @@ class LocalCopies:
             rmtree(incoming)
             raise
 
-    def install(self, slug: str, version: int, incoming: Path, digest: str) -> None:
-        """Move an unpacked `incoming` folder into place as v<N>, replacing any previous copy."""
-        (incoming / "sha256").write_text(digest)
-        vdir = self.version_dir(slug, version)
+    def install(self, dep: Deployment, incoming: Path, archive: bytes) -> None:
+        """Move an unpacked `incoming` folder into place as v<N> (with its metadata and archive), replacing any
+        previous copy."""
+        write_atomic(incoming / "bundle.tar.gz", archive)
+        write_atomic(incoming / "meta.json", lifecycle.stored(dep).model_dump_json().encode())
+        (incoming / "sha256").write_text(dep.sha256)
+        vdir = self.version_dir(dep.slug, dep.version)
         if vdir.exists():
             stale = vdir.with_name(f".stale-{vdir.name}-{secrets.token_hex(4)}")
             os.rename(vdir, stale)
             rmtree(stale)
         os.rename(incoming, vdir)
 
-    def install_archive(self, slug: str, version: int, archive: bytes, sha256: str) -> None:
-        """Unpack a fetched archive as v<N> after checking it against `sha256` (`BundleRejected` if not)."""
-        incoming = self._new_incoming(slug)
+    def install_archive(self, dep: Deployment, archive: bytes) -> None:
+        """Unpack a fetched archive as v<N> after checking it against its digest (`BundleRejected` if not)."""
+        incoming = self._new_incoming(dep.slug)
         try:
-            self._unpack(archive, incoming / "bundle", sha256=sha256)
-            self.install(slug, version, incoming, sha256)
+            self._unpack(archive, incoming / "bundle", sha256=dep.sha256)
+            self.install(dep, incoming, archive)
         finally:
             rmtree(incoming)
+
+    def set_live(self, slug: str, pointer: lifecycle.Pointer | None) -> None:
+        """Remember which version this node serves (None: the slug was deleted)."""
+        path = self.root / check_slug(slug) / "active.json"
+        if pointer is None:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, pointer_json(pointer))
+
+    def note_live(self, slug: str, version: int) -> None:
+        """`set_live` with `version`, the previously noted one pushed on the history (unless it is the same)."""
+        old = self.read_pointer(slug)
+        if old.version == version:
+            return
+        history = (*old.history, old.version)[-lifecycle.HISTORY_MAX :] if old.version is not None else old.history
+        self.set_live(slug, lifecycle.Pointer(version, tuple(v for v in history if v != version)))
+
+    def read_pointer(self, slug: str) -> lifecycle.Pointer:
+        try:
+            return pointer_from_json(json.loads((self.root / check_slug(slug) / "active.json").read_bytes()))
+        except (FileNotFoundError, ValueError, StoreError):
+            return lifecycle.Pointer()  # none, or unreadable: this node claims nothing
+
+    def read_local(self, slug: str) -> lifecycle.SlugState:
+        """What this node holds of `slug`: metadata, its live pointer, and (`files`) the versions whose archive
+        is here (those it can give back). Unreadable files count as absent."""
+        slug_dir = self.root / check_slug(slug)
+        metas: dict[int, Deployment] = {}
+        files: set[int] = set()
+        for name in _names(slug_dir):
+            if not (name.startswith("v") and name[1:].isdigit()):
+                continue
+            n = int(name[1:])
+            try:
+                metas[n] = Deployment.model_validate_json((slug_dir / name / "meta.json").read_bytes())
+            except (FileNotFoundError, ValidationError):
+                continue
+            if (slug_dir / name / "bundle.tar.gz").is_file() and (slug_dir / name / "bundle" / MANIFEST_NAME).is_file():
+                files.add(n)
+        return lifecycle.SlugState(metas, self.read_pointer(slug), frozenset(files))
+
+    def archive(self, slug: str, version: int) -> bytes:
+        return (self.version_dir(slug, version) / "bundle.tar.gz").read_bytes()
+
+    def mark_complete(self, slug: str, version: int, sha256: str) -> None:
+        """Write the `sha256` marker of a copy that lacks it (a single node's layout): it is trusted from now on."""
+        (self.version_dir(slug, version) / "sha256").write_text(sha256)
+
+    def slugs(self) -> list[str]:
+        return sorted(n for n in _names(self.root) if SLUG_RE.match(n) and (self.root / n).is_dir())
 
     def remove(self, slug: str, keep: set[int], *, leftovers: bool = False) -> int:
         """Remove `slug`'s copies except the versions in `keep` (and with `leftovers`, interrupted unpacks:
@@ -148,3 +218,10 @@ class LocalCopies:
             max_member_bytes=lim.max_member_bytes,
             sha256=sha256,
         )
+
+
+def _names(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []

@@ -235,7 +235,7 @@ def _check_slug(slug: str) -> str:
     return slug
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         # Owner-only: an archive holds the function's env (secrets); metadata and pointers need no one else.
@@ -388,9 +388,9 @@ class LocalDeploymentStore:
             )
             if manifest.slug != slug:
                 raise BundleRejected(f"bundle is for {manifest.slug!r}, not {slug!r}")
-            _write_atomic(vdir / "bundle.tar.gz", archive)
+            write_atomic(vdir / "bundle.tar.gz", archive)
             dep = staged_deployment(slug, version, manifest, digest, len(archive))
-            _write_atomic(vdir / "meta.json", dep.model_dump_json(indent=2).encode())
+            write_atomic(vdir / "meta.json", dep.model_dump_json(indent=2).encode())
             return dep
         except BaseException:
             _rmtree(vdir)
@@ -589,7 +589,7 @@ class LocalDeploymentStore:
 
     def _write_meta(self, dep: Deployment) -> None:
         data = lifecycle.stored(dep).model_dump_json(indent=2).encode()
-        _write_atomic(self._version_dir(dep.slug, dep.version) / "meta.json", data)
+        write_atomic(self._version_dir(dep.slug, dep.version) / "meta.json", data)
 
     def _read_pointer(self, slug_dir: Path) -> lifecycle.Pointer:
         """The slug's pointer; an unreadable one is quarantined and reads as "nothing live"."""
@@ -635,7 +635,7 @@ class LocalDeploymentStore:
 
     @staticmethod
     def _write_pointer(slug_dir: Path, ptr: lifecycle.Pointer) -> None:
-        _write_atomic(slug_dir / "active.json", pointer_json(ptr))
+        write_atomic(slug_dir / "active.json", pointer_json(ptr))
 
 
 def pointer_json(ptr: lifecycle.Pointer) -> bytes:
