@@ -25,8 +25,10 @@ from .nodeops import NodeOps, RemoteNodeOps
 from .plan import Plan
 from .provider import ApplyOptions, Provider
 from .secrets import SECRETS_FILE, ClusterSecrets, default_state_dir, load_or_create_secrets
+from .shipment import Shipment
 from .spec import ClusterSpec, load_spec, parse_spec
 from .status import render_status, status_from_facts, status_local
+from .wheels import Wheelhouse
 
 EXIT_INCOMPLETE = 3
 
@@ -135,13 +137,16 @@ def _provider(args: argparse.Namespace, spec: ClusterSpec, state_dir: Path) -> t
         closer = getattr(ops, "close", lambda: None)
         return LocalProvider(spec, secrets, state_dir, node_ops=ops), closer
     if args.provider == "machines":
-        machines = MachinesProvider(spec, secrets, state_dir, node_ops=injected)
+        machines = MachinesProvider(
+            spec, secrets, state_dir, node_ops=injected, wheelhouse=getattr(args, "wheelhouse", None)
+        )
         return machines, machines.close
     token = os.environ.get("HCLOUD_TOKEN", "")
     endpoint = args.endpoint or os.environ.get("HCLOUD_ENDPOINT") or None
     ops = injected or RemoteNodeOps(secrets.admin_token.get_secret_value(), spec.daemon.admin_port)
+    shipment = Shipment(spec, state_dir, wheelhouse_override=getattr(args, "wheelhouse", None))
     provider = HetznerProvider(
-        spec, secrets, token=token, endpoint=endpoint, node_ops=ops, poll_interval=args.poll_interval
+        spec, secrets, shipment, token=token, endpoint=endpoint, node_ops=ops, poll_interval=args.poll_interval
     )
     return provider, getattr(ops, "close", lambda: None)
 
@@ -343,10 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None, *, node_ops: NodeOps | None = None) -> int:
-    """Entry point for `python -m provision`; `node_ops` lets tests inject the drain/refresh transport."""
+def main(
+    argv: list[str] | None = None, *, node_ops: NodeOps | None = None, wheelhouse: Wheelhouse | None = None
+) -> int:
+    """Entry point for `python -m provision`; tests inject the node transport (`node_ops`) and a prebuilt
+    `wheelhouse` (instead of building the running mbworker's)."""
     args = build_parser().parse_args(argv)
     if node_ops is not None:
         args.node_ops = node_ops
+    if wheelhouse is not None:
+        args.wheelhouse = wheelhouse
     code: int = args.func(args)
     return code

@@ -11,12 +11,10 @@ import ipaddress
 from dataclasses import dataclass
 
 from .facts import MANAGED_BY, Rule
-from .spec import ClusterSpec
+from .spec import WORKER_BASE, ClusterSpec
 
 ROLES = ("system", "proxy", "worker", "state")
 PUBLIC_ROLES = frozenset({"system", "proxy", "nat"})
-#: Hetzner's recursive resolvers; private-only nodes get no DHCP DNS (reference §3.2).
-HETZNER_DNS = ("185.12.64.1", "185.12.64.2")
 
 
 @dataclass(frozen=True)
@@ -26,8 +24,9 @@ class DesiredServer:
     index: int  # 1-based; 0 for system and nat
     server_type: str
     public: bool
-    #: A fixed private address (NAT: the route target; state: an alias IP peers are configured with up front).
-    fixed_ip: str | None = None
+    #: The server's private address, chosen by us (never by the cloud's allocator): every node's address is known
+    #: before it exists, so peers, lists and routes are rendered up front and re-plans are stable.
+    fixed_ip: str
     placement_group: str | None = None
 
     def labels(self, cluster: str, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -97,9 +96,28 @@ def system_ip(spec: ClusterSpec) -> str:
     return subnet_host(spec, 3)
 
 
+#: Address layout inside the subnet (its .1 is the cloud's gateway): NAT .2, system .3, state .11-.15, proxies
+#: from .20 (at most 100), workers from .128 to the end of the subnet.
+STATE_BASE = 10
+PROXY_BASE = 20
+
+
 def state_ip(spec: ClusterSpec, index: int) -> str:
-    """State node n's alias IP: .10+n in the subnet, known before the server exists so peers can be configured."""
-    return subnet_host(spec, 10 + index)
+    """State node n's address: .10+n in the subnet, known before the server exists so peers can be configured."""
+    return subnet_host(spec, STATE_BASE + index)
+
+
+def proxy_ip(spec: ClusterSpec, index: int) -> str:
+    return subnet_host(spec, PROXY_BASE + index - 1)
+
+
+def worker_ip(spec: ClusterSpec, index: int) -> str:
+    return subnet_host(spec, WORKER_BASE + index - 1)
+
+
+def max_workers(spec: ClusterSpec) -> int:
+    """How many workers the subnet has addresses for (its last address is the broadcast one)."""
+    return spec.subnet_cidr.num_addresses - 1 - WORKER_BASE
 
 
 def state_ips(spec: ClusterSpec) -> list[str]:
@@ -112,8 +130,17 @@ POSTGRES_RW_PORT = 5000
 POSTGRES_RO_PORT = 5001
 
 
-def redis_url(spec: ClusterSpec, password: str) -> str:
-    return f"redis://:{password}@{state_ip(spec, 1)}:{REDIS_FRONT_PORT}/0"
+#: The master's name as the Sentinels know it.
+SENTINEL_SERVICE = "mbredis"
+SENTINEL_PORT = 26379
+
+
+def redis_url(spec: ClusterSpec, password: str, sentinel_password: str) -> str:
+    """What workers connect to: every state node's Sentinel (3 or 5 nodes), or the one Redis of a single node."""
+    if spec.state.count == 1:
+        return f"redis://:{password}@{state_ip(spec, 1)}:6379/0"
+    hosts = ",".join(f"{ip}:{SENTINEL_PORT}" for ip in state_ips(spec))
+    return f"redis+sentinel://:{password}@{hosts}/{SENTINEL_SERVICE}/0?sentinel_password={sentinel_password}"
 
 
 def desired_servers(spec: ClusterSpec) -> list[DesiredServer]:
@@ -138,9 +165,13 @@ def desired_servers(spec: ClusterSpec) -> list[DesiredServer]:
             )
         )
     for i in range(1, spec.worker.count + 1):
-        out.append(DesiredServer(server_name(spec.name, "worker", i), "worker", i, spec.worker.type, False))
+        out.append(
+            DesiredServer(server_name(spec.name, "worker", i), "worker", i, spec.worker.type, False, worker_ip(spec, i))
+        )
     for i in range(1, spec.proxy.count + 1):
-        out.append(DesiredServer(server_name(spec.name, "proxy", i), "proxy", i, spec.proxy.type, True))
+        out.append(
+            DesiredServer(server_name(spec.name, "proxy", i), "proxy", i, spec.proxy.type, True, proxy_ip(spec, i))
+        )
     out.append(DesiredServer(server_name(spec.name, "system", 0), "system", 0, spec.system.type, True, system_ip(spec)))
     return out
 
@@ -195,8 +226,13 @@ def revision(names: list[str], *salt: object) -> str:
     return h[:12]
 
 
-def workers_revision(spec: ClusterSpec, worker_names: list[str]) -> str:
-    return revision(worker_names, spec.daemon.port)
+#: The network label holding ClusterSecrets.digest().
+SECRETS_LABEL = "secrets-digest"
+
+
+def workers_revision(spec: ClusterSpec, workers: list[tuple[str, str]]) -> str:
+    """Covers every worker's name and address and the port: any of them changing makes proxies stale."""
+    return revision([f"{name} {ip}" for name, ip in workers], spec.daemon.port)
 
 
 def targets_revision(node_names: list[str]) -> str:

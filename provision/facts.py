@@ -51,6 +51,8 @@ class ServerFact:
     alias_ips: tuple[str, ...] = ()
     network_ids: tuple[int, ...] = ()
     placement_group_id: int | None = None
+    #: The image the server was created from (None when the API no longer says).
+    image: str | None = None
 
     @property
     def role(self) -> str:

@@ -78,6 +78,8 @@ from .plan import (
     FixLoadBalancer,
     Plan,
     PowerOn,
+    PowerOnServer,
+    PublishWheels,
     RefreshNode,
     SetFirewallRules,
     SetFirewallSelector,
@@ -87,9 +89,13 @@ from .planner import plan_cluster, plan_destroy
 from .provider import ApplyOptions, ApplyReport, Progress, no_progress
 from .render import NodeAddr, NodeContext, scrape_targets, user_data, worker_lines
 from .secrets import ClusterSecrets
+from .shipment import Shipment
 from .spec import ClusterSpec
 
 DEFAULT_ENDPOINT = "https://api.hetzner.cloud/v1"
+#: Action polling starts at poll_interval and grows by this factor up to POLL_MAX seconds between polls.
+POLL_BACKOFF = 1.5
+POLL_MAX = 10.0
 
 
 @contextmanager
@@ -128,6 +134,7 @@ class HetznerProvider:
         self,
         spec: ClusterSpec,
         secrets: ClusterSecrets,
+        shipment: Shipment,
         *,
         token: str,
         endpoint: str | None = None,
@@ -140,6 +147,7 @@ class HetznerProvider:
             raise ProviderError("no Hetzner API token: set HCLOUD_TOKEN")
         self.spec = spec
         self._secrets = secrets
+        self._shipment = shipment
         self._node_ops = node_ops
         self._poll = poll_interval
         self._action_timeout = action_timeout
@@ -152,6 +160,8 @@ class HetznerProvider:
             application_version="0.1",
         )
         self._facts: Facts | None = None
+        #: How many times an action was polled (the API budget a test can check).
+        self.polls = 0
 
     # --- facts -------------------------------------------------------------------------------------------------------
 
@@ -242,6 +252,7 @@ class HetznerProvider:
             alias_ips=tuple(private[0].alias_ips or ()) if private else (),
             network_ids=tuple(p.network.id for p in s.private_net or []),
             placement_group_id=s.placement_group.id if s.placement_group is not None else None,
+            image=s.image.name if s.image is not None else None,
         )
 
     def validate_online(self) -> None:
@@ -270,7 +281,7 @@ class HetznerProvider:
 
     def plan(self, *, drain: bool = True) -> Plan:
         self.validate_online()
-        return plan_cluster(self.spec, self.read_facts(), drain=drain)
+        return plan_cluster(self.spec, self.read_facts(), drain=drain, secrets_digest=self._secrets.digest())
 
     def destroy_plan(self) -> Plan:
         return plan_destroy(self.spec, self.read_facts())
@@ -370,7 +381,7 @@ class HetznerProvider:
                 case CreateServer():
                     self._create_server(op, ctx)
                 case AttachFixedIp():
-                    server = ctx.servers[op.server_name]
+                    server = self._server(ctx, op.server_name)
                     if op.alias:
                         if server.private_ip is None:
                             raise ProviderError(f"{server.name} is not attached to the network")
@@ -382,6 +393,18 @@ class HetznerProvider:
                     self._change_type(op, progress)
                 case PowerOn():
                     self._wait(c.servers.power_on(Server(id=op.server_id)))
+                case PowerOnServer():
+                    server = self._server(ctx, op.server_name)
+                    self._wait(c.servers.power_on(Server(id=server.id)))
+                    ctx.servers[server.name] = dataclasses.replace(server, status="running")
+                case PublishWheels():
+                    wheels = self._shipment.wheels()
+                    if self._node_ops is None:
+                        raise ProviderError("no node transport configured for publishing the worker wheels")
+                    progress(f"      {len(wheels.wheels)} wheels, mbworker {wheels.version}")
+                    self._node_ops.publish_wheels(
+                        self._node(ctx, op.system_name), wheels.directory, timeout=self._action_timeout
+                    )
                 case DrainServer():
                     self._drain(op, ctx, options, report, progress)
                 case RefreshNode():
@@ -435,6 +458,12 @@ class HetznerProvider:
 
     # --- step helpers ----------------------------------------------------------------------------------------------
 
+    def _server(self, ctx: _Ctx, name: str) -> ServerFact:
+        server = ctx.servers.get(name)
+        if server is None:
+            raise ProviderError(f"{name} does not exist")
+        return server
+
     def _network(self, ctx: _Ctx) -> Network:
         if ctx.network_id is None:
             raise ProviderError("the cluster network does not exist")
@@ -447,12 +476,16 @@ class HetznerProvider:
             if action is None:
                 continue
             status, command, error = action.status, action.command, action.error
+            delay = self._poll
             while status == "running":
                 if time.monotonic() > deadline:
                     raise ProviderError(
                         f"action {command} ({action.id}) still running after {self._action_timeout:.0f}s"
                     )
-                time.sleep(self._poll)
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                # back off: a large apply must not spend the project's 3,600 requests/hour on polling
+                delay = min(delay * POLL_BACKOFF, POLL_MAX)
+                self.polls += 1
                 fresh = self.client.actions.get_by_id(action.id)
                 status, error = fresh.status, fresh.error
             if status == "error":
@@ -460,15 +493,17 @@ class HetznerProvider:
                 raise ProviderError(f"action {command} ({action.id}) failed: {detail}")
 
     def _create_server(self, op: CreateServer, ctx: _Ctx) -> None:
+        """Create stopped and off the network: the next steps attach it at its chosen address and start it (the
+        API lets a server without public IPs be created without a network only when it is not started)."""
         want = op.server
         spec = self.spec
-        # NAT and system get their fixed private IP by attach_to_network after create (create cannot choose it)
-        attach_later = want.fixed_ip is not None and want.role != "state"
-        wanted = {s.name for s in d.desired_servers(spec)}
-        live = [s for s in ctx.servers.values() if s.name in wanted and s.private_ip]
+        wanted = {s.name: s for s in d.desired_servers(spec)}
+        live = [s for s in ctx.servers.values() if s.name in wanted]
         node_ctx = NodeContext(
-            workers=tuple(NodeAddr(s.name, s.role, _addr(s)) for s in live if s.role == "worker"),
-            nodes=tuple(NodeAddr(s.name, s.role, _addr(s)) for s in live),
+            workers=tuple(NodeAddr(s.name, s.role, wanted[s.name].fixed_ip) for s in live if s.role == "worker"),
+            nodes=tuple(NodeAddr(s.name, s.role, wanted[s.name].fixed_ip) for s in live),
+            tls_pem=self._shipment.proxy_pem() if want.role == "proxy" else "",
+            wheels=self._shipment.wheels() if want.role == "worker" else None,
         )
         ud = user_data(spec, want, self._secrets, node_ctx)
         resp = self.client.servers.create(
@@ -477,7 +512,8 @@ class HetznerProvider:
             image=Image(name=spec.image),
             location=Location(name=spec.location),
             ssh_keys=[SSHKey(id=i) for i in ctx.ssh_key_ids] or None,
-            networks=None if attach_later else [self._network(ctx)],
+            networks=None,
+            start_after_create=False,
             public_net=None if want.public else ServerCreatePublicNetwork(enable_ipv4=False, enable_ipv6=False),
             placement_group=(
                 PlacementGroup(id=ctx.placement_group_id)
@@ -547,7 +583,8 @@ class HetznerProvider:
         if op.kind == "workers":
             workers = tuple(NodeAddr(s.name, s.role, _addr(s)) for s in live if s.role == "worker")
             content = worker_lines(self.spec, workers) + "\n"
-            labels = node.labels | {"workers-rev": d.workers_revision(self.spec, [w.name for w in workers])}
+            pairs = [(w.name, w.private_ip) for w in workers]
+            labels = node.labels | {"workers-rev": d.workers_revision(self.spec, pairs)}
         else:
             nodes = tuple(NodeAddr(s.name, s.role, _addr(s)) for s in live)
             content = scrape_targets(self.spec, nodes) + "\n"

@@ -66,6 +66,8 @@ from .plan import (
     FixLoadBalancer,
     Plan,
     PowerOn,
+    PowerOnServer,
+    PublishWheels,
     RefreshNode,
     SetFirewallRules,
     SetFirewallSelector,
@@ -75,7 +77,9 @@ from .planner import plan_cluster, plan_destroy
 from .provider import ApplyOptions, ApplyReport, Progress, no_progress
 from .render import NodeAddr, NodeContext, scrape_targets, user_data, worker_lines
 from .secrets import ClusterSecrets
+from .shipment import Shipment
 from .spec import ClusterSpec
+from .wheels import Wheelhouse
 
 STOP_GRACE = 30.0  # a clean shutdown of a booted Debian takes a few seconds
 LINK_TIMEOUT = 20.0  # nspawn creates the machine's veths right after it starts
@@ -106,10 +110,13 @@ class MachinesProvider:
         state_dir: Path,
         *,
         node_ops: NodeOps | None = None,
+        wheelhouse: Wheelhouse | None = None,
     ) -> None:
         self.spec = spec
         self._secrets = secrets
         self.dir = state_dir / "machines"
+        #: The proxies' certificates come from the cluster CA (tls = "local-ca": clients trust <state dir>/ca.pem).
+        self._shipment = Shipment(spec, state_dir, wheelhouse_override=wheelhouse)
         self._node_ops = node_ops or MachinesNodeOps(self, secrets.admin_token.get_secret_value())
 
     # --- state ----------------------------------------------------------------------------------------------------
@@ -211,7 +218,7 @@ class MachinesProvider:
 
     def plan(self, *, drain: bool = True) -> Plan:
         self._validate()
-        p = plan_cluster(self.spec, self.read_facts(), drain=drain)
+        p = plan_cluster(self.spec, self.read_facts(), drain=drain, secrets_digest=self._secrets.digest())
         return Plan(p.cluster, self.name, p.steps)
 
     def destroy_plan(self) -> Plan:
@@ -326,6 +333,14 @@ class MachinesProvider:
                 self._boot(s, state)
             case PowerOn():
                 self._boot(_by_id(state["servers"], op.server_id), state)
+            case PowerOnServer():
+                self._boot(state["servers"][op.server_name], state)  # booted at create already: no-op then
+            case PublishWheels():
+                wheels = self._shipment.wheels()
+                progress(f"      {len(wheels.wheels)} wheels, mbworker {wheels.version}")
+                self._node_ops.publish_wheels(
+                    self._ref(state["servers"][op.system_name]), wheels.directory, timeout=600.0
+                )
             case DrainServer():
                 self._drain(op.name, state, options, report, kept, progress)
             case RefreshNode():
@@ -388,24 +403,29 @@ class MachinesProvider:
                 return str(host)
         raise ProviderError(f"{net.plan.public_net} is full")
 
-    def _node_context(self, state: dict[str, Any]) -> NodeContext:
+    def _node_context(self, state: dict[str, Any], want: d.DesiredServer, public_ip: str | None) -> NodeContext:
         """What Hetzner's executor passes to user_data: the wanted servers that exist, with their addresses."""
         wanted = {s.name for s in d.desired_servers(self.spec)}
         live = [s for s in state["servers"].values() if s["name"] in wanted and s["private_ip"]]
         addrs = [NodeAddr(s["name"], s["role"], _addr(s)) for s in live]
-        return NodeContext(workers=tuple(a for a in addrs if a.role == "worker"), nodes=tuple(addrs))
+        return NodeContext(
+            workers=tuple(a for a in addrs if a.role == "worker"),
+            nodes=tuple(addrs),
+            tls_pem=self._shipment.proxy_pem((public_ip,) if public_ip else ()) if want.role == "proxy" else "",
+            wheels=self._shipment.wheels() if want.role == "worker" else None,
+        )
 
     def _create_server(self, op: CreateServer, state: dict[str, Any], progress: Progress) -> None:
         want = op.server
         net = self._require_net(state)
-        ud = user_data(self.spec, want, self._secrets, self._node_context(state))
-        # NAT and system get their fixed address as primary (Hetzner: attach_to_network with ip= right after
-        # create); state nodes get the lowest free one and their fixed address as an alias
-        private = want.fixed_ip if want.fixed_ip is not None and want.role != "state" else self._free_private(state)
+        public_ip = self._free_public(state) if want.public else None
+        ud = user_data(self.spec, want, self._secrets, self._node_context(state, want, public_ip))
+        # every server's private address is chosen by the planner (Hetzner: attach_to_network with ip=)
+        private = want.fixed_ip
         server: dict[str, Any] = {
             "id": self._new_id(state), "name": want.name, "role": want.role, "index": want.index,
             "type": want.server_type, "labels": op.labels, "private_ip": private,
-            "public_ip": self._free_public(state) if want.public else None, "alias_ips": [],
+            "public_ip": public_ip, "alias_ips": [],
             "placement_group_id": state["placement_groups"].get(want.placement_group or "", {}).get("id"),
             "pid": None, "start": None,
         }  # fmt: skip
@@ -435,7 +455,7 @@ class MachinesProvider:
                 "match": {"name": PUBLIC_IF},
                 "addresses": [f"{server['public_ip']}/{net.plan.public_net.prefixlen}"],
                 "routes": [{"to": "0.0.0.0/0", "via": net.plan.public_gateway}],
-                "nameservers": {"addresses": list(d.HETZNER_DNS)},
+                "nameservers": {"addresses": [str(r) for r in self.spec.resolvers]},
             }
         return {"version": 2, "ethernets": eths}
 
@@ -593,7 +613,8 @@ class MachinesProvider:
         if op.kind == "workers":
             workers = tuple(NodeAddr(s["name"], s["role"], _addr(s)) for s in live if s["role"] == "worker")
             content = worker_lines(self.spec, workers) + "\n"
-            labels = node["labels"] | {"workers-rev": d.workers_revision(self.spec, [w.name for w in workers])}
+            pairs = [(w.name, w.private_ip) for w in workers]
+            labels = node["labels"] | {"workers-rev": d.workers_revision(self.spec, pairs)}
         else:
             nodes = tuple(NodeAddr(s["name"], s["role"], _addr(s)) for s in live)
             content = scrape_targets(self.spec, nodes) + "\n"
@@ -657,6 +678,24 @@ class MachinesNodeOps:
         done = self._provider.exec(node.name, ["sh", "-c", _REFRESH_SCRIPTS[kind]], input=content)  # type: ignore[index]
         if done.returncode != 0:
             raise ProviderError(f"refresh {kind} on {node.name} failed: exit {done.returncode}: {done.stderr[-300:]}")
+
+    def publish_wheels(self, node: NodeRef, directory: Path, *, timeout: float) -> None:
+        """The wheels into the system machine's /var/lib/mbwheels (the same swap RemoteNodeOps does over SSH)."""
+        from .nodeops import PUBLISH_SCRIPT
+
+        leader = self._provider.leader(node.name)
+        if leader is None:
+            raise ProviderError(f"machine {node.name} is not running")
+        files = sorted(p.name for p in directory.glob("*.whl"))
+        tar = subprocess.run(["tar", "-c", "-C", str(directory), *files], capture_output=True, check=True)
+        done = subprocess.run(
+            ["nsenter", "-t", str(leader), "-a", "sh", "-c", PUBLISH_SCRIPT], input=tar.stdout, capture_output=True,
+            timeout=timeout,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise ProviderError(
+                f"publishing wheels to {node.name} failed: {done.stderr.decode(errors='replace')[-300:]}"
+            )
 
 
 def _python() -> str:

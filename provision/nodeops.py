@@ -15,6 +15,7 @@ from __future__ import annotations
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol
 
 import httpx
@@ -43,6 +44,11 @@ class NodeOps(Protocol):
         """Install `content` as the node's worker list (proxy) or scrape targets (system) and reload."""
         ...
 
+    def publish_wheels(self, node: NodeRef, directory: Path, *, timeout: float) -> None:
+        """Make the system node serve exactly the wheels in `directory` (its /var/lib/mbwheels); the node may
+        still be booting, so keep trying until `timeout`."""
+        ...
+
 
 _REFRESH_SCRIPTS: dict[RefreshKind, str] = {
     "workers": "cat > /etc/mbgateway/workers.new && mv /etc/mbgateway/workers.new /etc/mbgateway/workers"
@@ -50,6 +56,15 @@ _REFRESH_SCRIPTS: dict[RefreshKind, str] = {
     # VictoriaMetrics re-reads file_sd files on its own (-promscrape.configCheckInterval)
     "targets": "cat > /etc/mbsystem/targets.json.new && mv /etc/mbsystem/targets.json.new /etc/mbsystem/targets.json",
 }
+
+
+#: Unpack a tar of wheels (stdin) as the served wheelhouse, swapping the directory whole.
+PUBLISH_SCRIPT = (
+    "set -e; rm -rf /var/lib/mbwheels.new; install -d -m 0755 /var/lib/mbwheels.new; tar -x -C /var/lib/mbwheels.new;"
+    " rm -rf /var/lib/mbwheels.old;"
+    " if [ -d /var/lib/mbwheels ]; then mv /var/lib/mbwheels /var/lib/mbwheels.old; fi;"
+    " mv /var/lib/mbwheels.new /var/lib/mbwheels; rm -rf /var/lib/mbwheels.old"
+)
 
 
 class RemoteNodeOps:
@@ -60,7 +75,16 @@ class RemoteNodeOps:
         admin_token: str,
         admin_port: int,
         *,
-        ssh: tuple[str, ...] = ("ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"),
+        # accept-new: a node's host key is new on first contact (the cloud just made it); a changed one still fails
+        ssh: tuple[str, ...] = (
+            "ssh",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "StrictHostKeyChecking=accept-new",
+        ),
         ssh_user: str = "root",
         poll_interval: float = 1.0,
         request_timeout: float = 10.0,
@@ -108,3 +132,19 @@ class RemoteNodeOps:
             raise ProviderError(f"refresh {kind} on {node.name} failed: exit {exc.returncode}") from exc
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ProviderError(f"refresh {kind} on {node.name} failed: {type(exc).__name__}") from exc
+
+    def publish_wheels(self, node: NodeRef, directory: Path, *, timeout: float) -> None:
+        if node.public_ip is None:
+            raise ProviderError(f"{node.name} has no public IP to reach over SSH")
+        files = sorted(p.name for p in directory.glob("*.whl"))
+        argv = [*self._ssh, f"{self._user}@{node.public_ip}", PUBLISH_SCRIPT]
+        deadline = time.monotonic() + timeout
+        while True:
+            tar = subprocess.run(["tar", "-c", "-C", str(directory), *files], capture_output=True, check=True)
+            try:
+                subprocess.run(argv, input=tar.stdout, check=True, timeout=300, capture_output=True)
+                return
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+                if time.monotonic() > deadline:
+                    raise ProviderError(f"publishing wheels to {node.name} failed: {type(exc).__name__}") from exc
+            time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))

@@ -108,7 +108,7 @@ class CreateServer:
 
 @dataclass(frozen=True)
 class AttachFixedIp:
-    """Give a server its fixed private address (NAT: primary IP; state: alias IP)."""
+    """Give a server its chosen private address (attach to the network with that IP; `alias` adds it as an alias)."""
 
     server_name: str
     ip: str
@@ -126,6 +126,20 @@ class ChangeServerType:
 @dataclass(frozen=True)
 class PowerOn:
     server_id: int
+
+
+@dataclass(frozen=True)
+class PowerOnServer:
+    """Start a server known by name (it may have been created earlier in the same apply)."""
+
+    server_name: str
+
+
+@dataclass(frozen=True)
+class PublishWheels:
+    """Put the operator's wheelhouse on the system node, which serves it to workers installing at first boot."""
+
+    system_name: str
 
 
 @dataclass(frozen=True)
@@ -199,7 +213,8 @@ Op = (
     CreateSshKey | DeleteSshKey | CreateNetwork | AddSubnet | AddRoute | DeleteRoute | DeleteNetwork
     | CreateFirewall | SetFirewallRules | SetFirewallSelector | DeleteFirewall
     | CreatePlacementGroup | DeletePlacementGroup
-    | CreateServer | AttachFixedIp | ChangeServerType | PowerOn | DrainServer | RefreshNode | DeleteServer
+    | CreateServer | AttachFixedIp | ChangeServerType | PowerOn | PowerOnServer | PublishWheels | DrainServer
+    | RefreshNode | DeleteServer
     | CreateLoadBalancer | FixLoadBalancer | DeleteLoadBalancer
     | CreateFloatingIp | AssignFloatingIp | DeleteFloatingIp | NoOp
 )  # fmt: skip

@@ -37,7 +37,8 @@ from .plan import (
     DrainServer,
     FixLoadBalancer,
     Plan,
-    PowerOn,
+    PowerOnServer,
+    PublishWheels,
     RefreshNode,
     SetFirewallRules,
     SetFirewallSelector,
@@ -52,8 +53,62 @@ def _rules_key(rules: tuple[Rule, ...]) -> set[tuple[str, str, str | None, tuple
     return {r.key() for r in rules}
 
 
-def plan_cluster(spec: ClusterSpec, facts: Facts, *, drain: bool = True) -> Plan:
-    """Diff `facts` (what exists, by labels) against `spec`; drain=False skips draining servers that go away."""
+def _arch(server_type: str) -> str:
+    return "arm64" if server_type.startswith("cax") else "x86_64"
+
+
+def _refuse_unsupported_edits(spec: ClusterSpec, facts: Facts, secrets_digest: str | None) -> None:
+    """Edits a re-apply cannot carry out safely are refused before anything is planned, each with the reason."""
+    problems: list[str] = []
+    net = facts.network
+    have_digest = net.labels.get(d.SECRETS_LABEL) if net is not None else None
+    if secrets_digest is not None and have_digest is not None and have_digest != secrets_digest:
+        problems.append(
+            "the cluster exists and was created with other secrets than the ones in this state dir: use the state "
+            "dir it was created with (--state-dir); new nodes would not be able to join"
+        )
+    wanted = {s.name: s for s in d.desired_servers(spec)}
+    for have in facts.servers:
+        want = wanted.get(have.name)
+        if want is None:
+            continue
+        if have.image is not None and have.image != spec.image:
+            problems.append(
+                f"{have.name} runs image {have.image} and the spec says {spec.image}: changing the image of existing "
+                "servers is not supported (scale the pillar in and out, or destroy and re-create)"
+            )
+        if _arch(have.server_type) != _arch(want.server_type):
+            problems.append(
+                f"{have.name}: {have.server_type} → {want.server_type} changes the CPU architecture "
+                f"({_arch(have.server_type)} → {_arch(want.server_type)}); its disk cannot boot there"
+            )
+        elif have.server_type != want.server_type and want.role == "state":
+            problems.append(
+                f"{have.name}: changing the type of a state node ({have.server_type} → {want.server_type}) is not "
+                "done by apply: it would stop etcd, Patroni and Sentinel members one after another with no health "
+                "gate; resize state nodes by hand, one at a time, checking quorum in between"
+            )
+        port = have.labels.get("port")
+        if want.role == "worker" and port is not None and port != str(spec.daemon.port):
+            problems.append(
+                f"{have.name} serves on port {port} and the spec says daemon.port = {spec.daemon.port}: a worker's "
+                "port is set when it is created; replace the workers (or keep the port)"
+            )
+        if have.private_ip is not None and want.fixed_ip not in (have.private_ip, *have.alias_ips):
+            problems.append(
+                f"{have.name} has private address {have.private_ip}, the address layout gives it {want.fixed_ip}: "
+                "replace it (scale in and out)"
+            )
+    if problems:
+        raise SpecError("cannot apply this spec to the existing cluster:\n  " + "\n  ".join(problems))
+
+
+def plan_cluster(spec: ClusterSpec, facts: Facts, *, drain: bool = True, secrets_digest: str | None = None) -> Plan:
+    """Diff `facts` (what exists, by labels) against `spec`; drain=False skips draining servers that go away.
+
+    `secrets_digest` (ClusterSecrets.digest) is checked against the network's label: a plan made with another
+    cluster's secrets is refused."""
+    _refuse_unsupported_edits(spec, facts, secrets_digest)
     steps: list[Step] = []
     # The state pillar's size is fixed when it is created (the placement group records it), so a resumed
     # half-built pillar is fine and a resize is refused.
@@ -89,7 +144,13 @@ def plan_cluster(spec: ClusterSpec, facts: Facts, *, drain: bool = True) -> Plan
                 "network",
                 d.network_name(spec),
                 f"{spec.network}, subnet {subnet} in {spec.zone}",
-                CreateNetwork(d.network_name(spec), str(spec.network), subnet, spec.zone, d.base_labels(spec)),
+                CreateNetwork(
+                    d.network_name(spec),
+                    str(spec.network),
+                    subnet,
+                    spec.zone,
+                    d.base_labels(spec) | ({d.SECRETS_LABEL: secrets_digest} if secrets_digest else {}),
+                ),
             )
         )
     else:
@@ -158,17 +219,25 @@ def plan_cluster(spec: ClusterSpec, facts: Facts, *, drain: bool = True) -> Plan
         steps.append(Step("noop", "placement_group", pg_name))
 
     # Servers.
-    worker_names = [s.name for s in servers_wanted if s.role == "worker"]
+    workers = [(s.name, s.fixed_ip) for s in servers_wanted if s.role == "worker"]
     all_names = [s.name for s in servers_wanted]
     revs = {
-        "proxy": {"workers-rev": d.workers_revision(spec, worker_names)},
+        "proxy": {"workers-rev": d.workers_revision(spec, workers)},
         "system": {"targets-rev": d.targets_revision(all_names)},
+        "worker": {"port": str(spec.daemon.port)},
     }
     refresh: list[Step] = []
+    system = d.server_name(spec.name, "system", 0)
+    new_workers = any(s.role == "worker" and facts.server(s.name) is None for s in servers_wanted)
+    publish = Step("change", "wheelhouse", system, "publish the worker wheels it serves", PublishWheels(system))
     for want in servers_wanted:
+        if want.role == "worker" and new_workers and facts.server(system) is not None and publish not in steps:
+            steps.append(publish)  # before the first new worker: it installs from what the system node serves
         steps.extend(_server_steps(spec, facts, want, revs.get(want.role, {}), refresh))
         if want.role == "nat":
             steps.extend(_route_steps(spec, facts))
+        if want.role == "system" and new_workers and publish not in steps:
+            steps.append(publish)  # the system node is new: new workers wait for it to serve the wheels
     if spec.nat is None:
         steps.extend(_route_steps(spec, facts))
 
@@ -226,18 +295,19 @@ def plan_cluster(spec: ClusterSpec, facts: Facts, *, drain: bool = True) -> Plan
         else:
             steps.append(Step("noop", "floating_ip", fip_name, fip.ip))
 
-    # Servers that go away: workers drain first (highest number first), then proxies and system are refreshed,
-    # then the servers are deleted.
+    # Servers that go away: first the proxies stop sending to them (their worker lists are refreshed without the
+    # leaving workers; this is the seam where proxies that pull their upstreams will be waited for instead), then
+    # workers drain (highest number first), then the servers are deleted.
     leaving = sorted(
         (s for s in facts.servers if s.name not in wanted_names),
         key=lambda s: (s.role != "worker", -s.index, s.name),
     )
+    steps.extend(refresh)
     for s in leaving:
         if s.role == "worker" and drain:
             steps.append(
                 Step("drain", "server", s.name, "admin drain over the private network", DrainServer(s.id, s.name))
             )
-    steps.extend(refresh)
     for s in leaving:
         steps.append(
             Step(
@@ -268,40 +338,39 @@ def plan_cluster(spec: ClusterSpec, facts: Facts, *, drain: bool = True) -> Plan
 def _server_steps(
     spec: ClusterSpec, facts: Facts, want: d.DesiredServer, extra: dict[str, str], refresh: list[Step]
 ) -> list[Step]:
-    """Steps for one wanted server; refreshes of its config go to `refresh` (they run after drains)."""
+    """Steps for one wanted server; refreshes of its config go to `refresh` (they run before drains).
+
+    A server is created stopped, attached to the network at the address we chose for it, then started: the
+    cloud's allocator never picks an address, so every node's address is known up front and never collides."""
     steps: list[Step] = []
     have = facts.server(want.name)
-    fixed = (
-        Step(
-            "create",
-            "private_ip",
-            want.name,
-            want.fixed_ip,
-            AttachFixedIp(want.name, want.fixed_ip, want.role == "state"),
-        )
-        if want.fixed_ip is not None
-        else None
+    attach = Step(
+        "create", "private_ip", want.name, want.fixed_ip, AttachFixedIp(want.name, want.fixed_ip, alias=False)
     )
+    start = Step("change", "server", want.name, "power on", PowerOnServer(want.name))
     if have is None:
         where = "public" if want.public else "private only"
-        detail = f"{want.role}, {want.server_type}, {where}"
+        detail = f"{want.role}, {want.server_type}, {where}, {want.fixed_ip}"
         steps.append(Step("create", "server", want.name, detail, CreateServer(want, want.labels(spec.name, extra))))
-        if fixed is not None:
-            steps.append(fixed)
-        return steps
+        return [*steps, attach, start]
     changed = False
-    if fixed is not None and want.fixed_ip not in (have.private_ip, *have.alias_ips):
-        steps.append(fixed)
+    if have.private_ip is None:
+        steps.append(attach)
         changed = True
     if have.server_type != want.server_type:
         detail = f"type {have.server_type} → {want.server_type} (shutdown, change type, power on)"
+        if want.role == "worker":
+            # the node leaves the proxies' rotation on its own (/ready answers 503 while draining)
+            steps.append(Step("drain", "server", want.name, "before its type change", DrainServer(have.id, want.name)))
         steps.append(Step("change", "server", want.name, detail, ChangeServerType(have.id, want.server_type)))
         changed = True
     elif have.status == "off":
-        # a type change interrupted after shutdown: finish it by powering on
-        steps.append(Step("change", "server", want.name, "power on", PowerOn(have.id)))
+        # created stopped and not started yet, or a type change interrupted after shutdown: power on
+        steps.append(start)
         changed = True
     for key, value in extra.items():
+        if key == "port":
+            continue  # a worker's port is checked (and a change refused) by _refuse_unsupported_edits
         if have.labels.get(key) != value:
             kind: Literal["workers", "targets"] = "workers" if want.role == "proxy" else "targets"
             what = "worker list" if kind == "workers" else "scrape targets"

@@ -18,16 +18,23 @@ from importlib import resources
 from . import desired as d
 from .secrets import ClusterSecrets
 from .spec import ClusterSpec
+from .wheels import WHEEL_PORT, Wheelhouse
 
 _PLACEHOLDER = re.compile(r"\{\{ *([a-z_]+) *\}\}")
 #: Cloud-init user data is limited to 32 KiB by the API.
 USER_DATA_LIMIT = 32 * 1024
-VICTORIA_METRICS_VERSION = "v1.110.0"
-PG_BIN_DIR = "/usr/lib/postgresql/16/bin"  # Ubuntu 24.04's PostgreSQL
+PG_BIN_DIR = "/usr/lib/postgresql/15/bin"  # Debian 12's PostgreSQL
+#: What private nodes try to reach at boot to prove their egress (through the NAT node) works: Debian's archive.
+EGRESS_PROBE = "deb.debian.org"
 
 #: Ports open to the private network on private-only nodes (host firewall; reference §3.3). 22 is for a bastion.
 WORKER_PORTS = (22, 9100)
-STATE_PORTS = (22, 2379, 2380, 5000, 5001, 5432, 6379, 6432, 7000, 8008, 9100, 26379, d.REDIS_FRONT_PORT)
+#: On state nodes, what clients use (Postgres through HAProxy, Redis and its Sentinels: workers ask them where the
+#: master is, with the Sentinel password) ...
+STATE_PORTS = (22, 5000, 5001, 6379, 9100, d.SENTINEL_PORT)
+#: ... and what only the other state nodes may reach: etcd, PostgreSQL and PgBouncer (replication, HAProxy's
+#: backends) and Patroni's REST API. A worker that is compromised cannot force a failover or rewrite etcd.
+STATE_PEER_PORTS = (2379, 2380, 5432, 6432, 8008)
 
 
 class RenderError(ValueError):
@@ -75,6 +82,10 @@ class NodeContext:
 
     workers: tuple[NodeAddr, ...] = ()
     nodes: tuple[NodeAddr, ...] = ()
+    #: The proxy's TLS certificate chain + key (PEM), issued by the cluster CA (provision/tls.py). Needed for proxies.
+    tls_pem: str = ""
+    #: The wheels workers install (provision/wheels.py), served by the system node. Needed for workers.
+    wheels: Wheelhouse | None = None
 
 
 def worker_lines(spec: ClusterSpec, workers: tuple[NodeAddr, ...]) -> str:
@@ -85,29 +96,49 @@ def worker_lines(spec: ClusterSpec, workers: tuple[NodeAddr, ...]) -> str:
 def scrape_targets(spec: ClusterSpec, nodes: tuple[NodeAddr, ...]) -> str:
     """file_sd JSON: node-exporter on every node, plus mbworker's metrics on workers' admin port."""
     groups = [
-        {"targets": [f"{n.private_ip}:9100"], "labels": {"node": n.name, "role": n.role, "job": "node"}}
+        {"targets": [f"{n.private_ip}:9100"], "labels": {"node": n.name, "role": n.role, "kind": "node"}}
         for n in sorted(nodes, key=lambda n: n.name)
     ]
     groups += [
-        {"targets": [f"{n.private_ip}:{spec.daemon.admin_port}"], "labels": {"node": n.name, "job": "mbworker"}}
+        {"targets": [f"{n.private_ip}:{spec.daemon.admin_port}"], "labels": {"node": n.name, "kind": "mbworker"}}
         for n in sorted(nodes, key=lambda n: n.name)
         if n.role == "worker"
     ]
     return json.dumps(groups, indent=2)
 
 
+def wheel_url(spec: ClusterSpec) -> str:
+    """Where workers find the wheelhouse: the system node, on the private network."""
+    return f"http://{d.system_ip(spec)}:{WHEEL_PORT}/"
+
+
 def _common(spec: ClusterSpec, hostname: str) -> dict[str, str]:
     return {"hostname": hostname, "rsyslog": render("rsyslog-loki.tmpl", {"system_ip": d.system_ip(spec)})}
 
 
-def _private(spec: ClusterSpec, ports: tuple[int, ...]) -> dict[str, str]:
+def _private(
+    spec: ClusterSpec, ports: tuple[int, ...], peers: tuple[str, ...] = (), peer_ports: tuple[int, ...] = ()
+) -> dict[str, str]:
     return {
         "private_bootcmd": render(
-            "private-bootcmd.yaml", {"gateway": d.network_gateway(spec), "dns": " ".join(d.HETZNER_DNS)}
+            "private-bootcmd.yaml",
+            {
+                "gateway": d.network_gateway(spec),
+                "dns": " ".join(str(r) for r in spec.resolvers),
+                "egress_probe": EGRESS_PROBE,
+            },
         ),
         "nftables": render(
             "nftables-private.tmpl",
-            {"network": str(spec.network), "tcp_ports": ", ".join(str(p) for p in sorted(set(ports)))},
+            {
+                "network": str(spec.network),
+                "tcp_ports": ", ".join(str(p) for p in sorted(set(ports))),
+                "peer_rule": (
+                    f"ip saddr {{ {', '.join(peers)} }} tcp dport {{ {', '.join(str(p) for p in peer_ports)} }} accept"
+                    if peers
+                    else "# no ports reserved to peers"
+                ),
+            },
         ),
     }
 
@@ -119,30 +150,45 @@ def user_data(
     ctx = ctx or NodeContext()
     values = _common(spec, server.name)
     if server.role == "worker":
+        if ctx.wheels is None:
+            raise RenderError(f"{server.name}: a worker needs the wheelhouse it installs from (NodeContext.wheels)")
         ports = (*WORKER_PORTS, spec.daemon.port, spec.daemon.admin_port)
         values |= _private(spec, ports)
         values |= {
-            "redis_url": d.redis_url(spec, secrets.redis_password.get_secret_value()),
+            "redis_url": d.redis_url(
+                spec, secrets.redis_password.get_secret_value(), secrets.sentinel_password.get_secret_value()
+            ),
             "jwt_secret": secrets.jwt_secret.get_secret_value(),
             "admin_token": secrets.admin_token.get_secret_value(),
             "unit": render(
                 "mbworker.service", {"port": str(spec.daemon.port), "admin_port": str(spec.daemon.admin_port)}
             ),
-            "package": spec.daemon.package,
+            "version": ctx.wheels.version,
+            "requirements": ctx.wheels.requirements(),
+            "wheel_url": wheel_url(spec),
         }
         return render("worker.yaml", values)
     if server.role == "state":
-        values |= _private(spec, STATE_PORTS)
+        values |= _private(spec, STATE_PORTS, tuple(d.state_ips(spec)), STATE_PEER_PORTS)
         values |= _state_values(spec, server, secrets)
         return render("state.yaml", values)
     if server.role == "proxy":
-        values["workers"] = worker_lines(spec, ctx.workers) or "# no workers yet"
+        if "PRIVATE KEY" not in ctx.tls_pem:
+            raise RenderError(f"{server.name}: a proxy needs its TLS certificate and key (NodeContext.tls_pem)")
+        acme = spec.proxy.tls_source == "acme"
+        values |= {
+            "workers": worker_lines(spec, ctx.workers) or "# no workers yet",
+            "tls_pem": ctx.tls_pem,
+            "acme_domain": (spec.proxy.domain or "") if acme else "",
+            "acme_email": (spec.proxy.acme_email or "") if acme else "",
+        }
         return render("proxy.yaml", values)
     if server.role == "system":
         values |= {
             "system_ip": d.system_ip(spec),
             "targets": scrape_targets(spec, ctx.nodes),
-            "vm_version": VICTORIA_METRICS_VERSION,
+            "admin_token": secrets.admin_token.get_secret_value(),
+            "wheel_port": str(WHEEL_PORT),
             "grafana_password": secrets.grafana_password.get_secret_value(),
         }
         return render("system.yaml", values)
@@ -156,25 +202,31 @@ def _state_values(spec: ClusterSpec, server: d.DesiredServer, secrets: ClusterSe
     names = [d.server_name(spec.name, "state", i) for i in range(1, len(ips) + 1)]
     ip = d.state_ip(spec, server.index)
     redis_pw = secrets.redis_password.get_secret_value()
+    sentinel_pw = secrets.sentinel_password.get_secret_value()
     count = spec.state.count
     if count >= 3:
         quorum = count // 2 + 1
         sentinel = "\n".join(
             [
-                "port 26379",
                 f"bind {ip} 127.0.0.1",
+                f"port {d.SENTINEL_PORT}",
+                "daemonize no",
+                "supervised systemd",
+                "pidfile /run/sentinel/redis-sentinel.pid",
+                "logfile /var/log/redis/redis-sentinel.log",
+                "dir /var/lib/redis",
+                # clients (workers) and the other Sentinels authenticate
+                f"requirepass {sentinel_pw}",
+                f"sentinel sentinel-pass {sentinel_pw}",
                 f"sentinel announce-ip {ip}",
-                f"sentinel monitor mbredis {ips[0]} 6379 {quorum}",
-                f"sentinel auth-pass mbredis {redis_pw}",
-                "sentinel down-after-milliseconds mbredis 5000",
-                "sentinel failover-timeout mbredis 60000",
-                "sentinel parallel-syncs mbredis 1",
+                f"sentinel monitor {d.SENTINEL_SERVICE} {ips[0]} 6379 {quorum}",
+                f"sentinel auth-pass {d.SENTINEL_SERVICE} {redis_pw}",
+                f"sentinel down-after-milliseconds {d.SENTINEL_SERVICE} 5000",
+                f"sentinel failover-timeout {d.SENTINEL_SERVICE} 60000",
+                f"sentinel parallel-syncs {d.SENTINEL_SERVICE} 1",
             ]
         )
-        sentinel_start = (
-            "install -o redis -g redis -m 0640 /etc/redis/mbsentinel.conf /etc/redis/sentinel.conf"
-            " && systemctl enable --now redis-sentinel.service && systemctl restart redis-sentinel.service"
-        )
+        sentinel_start = "systemctl enable redis-sentinel.service && systemctl restart redis-sentinel.service"
         mode = f"master + replicas with Sentinel, quorum {quorum}"
     else:
         sentinel = "# one state node: plain Redis, no Sentinel"
@@ -185,18 +237,23 @@ def _state_values(spec: ClusterSpec, server: d.DesiredServer, secrets: ClusterSe
         "count": str(count),
         "cluster": spec.name,
         "ip": ip,
-        "network": str(spec.network),
+        "first": "yes" if server.index == 1 else "no",
         "etcd_initial_cluster": ",".join(f"{n}=http://{i}:2380" for n, i in zip(names, ips, strict=True)),
         "etcd_hosts": ",".join(f"{i}:2379" for i in ips),
+        "etcd_root_password": secrets.etcd_root_password.get_secret_value(),
+        "patroni_rest_password": secrets.patroni_rest_password.get_secret_value(),
         "pg_bin_dir": PG_BIN_DIR,
+        "pg_hba_peers": "\n".join(
+            line
+            for i in ips
+            for line in (f"- host all all {i}/32 scram-sha-256", f"- host replication replicator {i}/32 scram-sha-256")
+        ),
         "postgres_password": secrets.postgres_password.get_secret_value(),
         "replication_password": secrets.replication_password.get_secret_value(),
         "redis_password": redis_pw,
-        "redis_front_port": str(d.REDIS_FRONT_PORT),
         "redis_mode": mode,
         "pg_servers": "\n".join(f"    server {n} {i}:6432 check port 8008" for n, i in zip(names, ips, strict=True)),
-        "redis_servers": "\n".join(f"    server {n} {i}:6379 check" for n, i in zip(names, ips, strict=True)),
-        "redis_replicaof": "# first node starts as master" if server.index == 1 else f"replicaof {ips[0]} 6379",
+        "redis_replicaof": "# the first node starts as master" if server.index == 1 else f"replicaof {ips[0]} 6379",
         "sentinel_conf": sentinel,
         "sentinel_start": sentinel_start,
     }

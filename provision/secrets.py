@@ -7,6 +7,7 @@ cloud-init, building an environment).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -28,17 +29,26 @@ class ClusterSecrets(BaseModel):
     jwt_secret: SecretStr
     admin_token: SecretStr
     grafana_password: SecretStr
+    #: State pillar internals: Sentinel's own password, Patroni's REST API (basic auth), etcd's root user.
+    sentinel_password: SecretStr
+    patroni_rest_password: SecretStr
+    etcd_root_password: SecretStr
 
     @classmethod
     def generate(cls) -> ClusterSecrets:
-        return cls(
-            postgres_password=SecretStr(secrets.token_hex(24)),
-            replication_password=SecretStr(secrets.token_hex(24)),
-            redis_password=SecretStr(secrets.token_hex(24)),
-            jwt_secret=SecretStr(secrets.token_hex(32)),
-            admin_token=SecretStr(secrets.token_hex(32)),
-            grafana_password=SecretStr(secrets.token_hex(16)),
-        )
+        return cls.model_validate({name: _new(name) for name in cls.model_fields})
+
+    def digest(self) -> str:
+        """A label-safe fingerprint of these secrets (a hash: it reveals nothing of them). The cluster's network
+        carries it, so a plan made with another state dir's secrets is refused instead of splitting the cluster."""
+        h = hashlib.sha256(b"mbworker-cluster-secrets\0")
+        for name in sorted(type(self).model_fields):
+            h.update(name.encode() + b"=" + getattr(self, name).get_secret_value().encode() + b"\0")
+        return h.hexdigest()[:32]
+
+
+def _new(name: str) -> str:
+    return secrets.token_hex(32 if name in ("jwt_secret", "admin_token") else 24)
 
 
 def default_state_dir(spec_path: Path, cluster: str) -> Path:
@@ -56,14 +66,19 @@ def load_or_create_secrets(state_dir: Path) -> ClusterSecrets:
             if mode & 0o077:
                 raise ProvisionError(f"{path} is readable by others (mode {mode:o}); chmod 600 it")
             raw = json.loads(path.read_text())
-            return ClusterSecrets.model_validate(raw)
-        created = ClusterSecrets.generate()
+            missing = [n for n in ClusterSecrets.model_fields if n not in raw]
+            if not missing:
+                return ClusterSecrets.model_validate(raw)
+            # a file from before a secret was added: add it once, keep everything that was there
+            loaded = ClusterSecrets.model_validate(raw | {n: _new(n) for n in missing})
+        else:
+            loaded = ClusterSecrets.generate()
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({k: v.get_secret_value() for k, v in created}, f, indent=2)
+            json.dump({k: v.get_secret_value() for k, v in loaded}, f, indent=2)
         os.replace(tmp, path)
-        return created
+        return loaded
     except OSError as exc:
         raise ProvisionError(f"cannot use secrets file {path}: {exc.strerror}") from None
     except (ValueError, ValidationError) as exc:

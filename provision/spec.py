@@ -7,6 +7,8 @@ turns every validation problem into one `SpecError` whose message lists them all
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import itertools
 import re
@@ -38,8 +40,15 @@ SERVER_TYPES: frozenset[str] = frozenset(
     + [f"ccx{n}3" for n in (1, 2, 3, 4, 5, 6)]
 )
 
+#: The first worker's host number in the subnet (provision/desired.py owns the address layout).
+WORKER_BASE = 128
+
 LOAD_BALANCER_TYPES: frozenset[str] = frozenset({"lb11", "lb21", "lb31"})
 
+DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+EMAIL_RE = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$")
+#: The images the templates are written for and booted with in tests (Debian's packages: postgresql 15, ...).
+IMAGES: frozenset[str] = frozenset({"debian-12"})
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,22}[a-z0-9]$|^[a-z]$")
 SSH_KEY_RE = re.compile(
     r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh.com) [A-Za-z0-9+/=]+( .*)?$"
@@ -69,8 +78,40 @@ class SystemSpec(_Model):
 class ProxySpec(_Model):
     type: str
     count: int = Field(default=1)
+    #: Where the proxies' TLS certificate comes from: "acme" (certbot through HAProxy's :80, needs `domain` and
+    #: `acme_email`) or "local-ca" (the cluster's own CA in the operator's state dir; clients trust its ca.pem).
+    #: Unset: "acme" when a domain is given, else "local-ca".
+    tls: Literal["acme", "local-ca"] | None = None
+    domain: str | None = None
+    acme_email: str | None = None
 
     _type = field_validator("type")(_check_type)
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, v: str | None) -> str | None:
+        if v is not None and not DOMAIN_RE.match(v):
+            raise ValueError(f"domain {v!r} is not a DNS name")
+        return v
+
+    @field_validator("acme_email")
+    @classmethod
+    def _email(cls, v: str | None) -> str | None:
+        if v is not None and not EMAIL_RE.match(v):
+            raise ValueError(f"acme_email {v!r} is not an e-mail address")
+        return v
+
+    @model_validator(mode="after")
+    def _acme_needs(self) -> ProxySpec:
+        if self.tls == "acme" and (self.domain is None or self.acme_email is None):
+            raise ValueError('tls = "acme" needs both domain and acme_email')
+        if self.tls is None and self.domain is not None and self.acme_email is None:
+            raise ValueError('a domain gets an ACME certificate, which needs acme_email (or set tls = "local-ca")')
+        return self
+
+    @property
+    def tls_source(self) -> Literal["acme", "local-ca"]:
+        return self.tls or ("acme" if self.domain is not None else "local-ca")
 
     @field_validator("count")
     @classmethod
@@ -130,9 +171,8 @@ class LoadBalancerSpec(_Model):
 
 
 class DaemonSpec(_Model):
-    """How worker nodes run mbworker."""
+    """How worker nodes run mbworker: the operator's own mbworker, shipped as wheels (provision/wheels.py)."""
 
-    package: str = "mbworker"  # pip requirement installed on worker nodes
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
     admin_port: Annotated[int, Field(ge=1, le=65535)] = 8081
 
@@ -159,9 +199,14 @@ class ClusterSpec(_Model):
     network: ipaddress.IPv4Network
     #: The cloud subnet servers live in; defaults to the second /24 of `network` (10.0.1.0/24 for 10.0.0.0/16).
     subnet: ipaddress.IPv4Network | None = None
-    image: str = "ubuntu-24.04"
+    image: str = "debian-12"
     ssh_keys: list[str] = []
     ssh_allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    #: DNS resolvers of private-only nodes (no DHCP there): Hetzner's by default; another provider sets its own.
+    resolvers: list[ipaddress.IPv4Address] = [
+        ipaddress.IPv4Address("185.12.64.1"),
+        ipaddress.IPv4Address("185.12.64.2"),
+    ]
     system: SystemSpec
     proxy: ProxySpec
     worker: WorkerSpec
@@ -196,12 +241,28 @@ class ClusterSpec(_Model):
                 raise ValueError(f"network {v!r} is not a valid IPv4 CIDR (host bits set?): {exc}") from None
         return v
 
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str) -> str:
+        if v not in IMAGES:
+            raise ValueError(
+                f"image {v!r} is not supported (the templates are written for and booted on: "
+                f"{', '.join(sorted(IMAGES))})"
+            )
+        return v
+
     @field_validator("ssh_keys")
     @classmethod
     def _ssh_keys(cls, v: list[str]) -> list[str]:
         for key in v:
             if not SSH_KEY_RE.match(key.strip()):
                 raise ValueError(f"not an OpenSSH public key: {key[:40]!r}")
+            try:
+                blob = base64.b64decode(key.split()[1], validate=True)
+            except binascii.Error:
+                raise ValueError(f"SSH key body is not valid base64: {key[:40]!r}") from None
+            if not blob.startswith(len(key.split()[0]).to_bytes(4, "big") + key.split()[0].encode()):
+                raise ValueError(f"SSH key body does not match its type {key.split()[0]}: {key[:40]!r}")
         if len({k.split()[1] for k in v}) != len(v):
             raise ValueError("the same SSH key is listed twice")
         return [k.strip() for k in v]
@@ -222,6 +283,13 @@ class ClusterSpec(_Model):
                 f"subnet {subnet} overlaps but is not inside network {self.network}"
                 if subnet.overlaps(self.network)
                 else f"subnet {subnet} is outside network {self.network}"
+            )
+        if subnet.prefixlen > 24:
+            problems.append(f"subnet {subnet} is too small: the address layout needs a /24 or larger")
+        elif self.worker.count > subnet.num_addresses - 1 - WORKER_BASE:
+            problems.append(
+                f"worker count {self.worker.count} does not fit subnet {subnet} "
+                f"(at most {subnet.num_addresses - 1 - WORKER_BASE}: use a larger subnet)"
             )
         problems.extend(_overlaps(self.ssh_allow, "ssh_allow"))
         for cidr in self.ssh_allow:

@@ -24,7 +24,7 @@ from .conftest import cluster_name, destroy_cluster, icmp_echo, make_provider, r
 
 def _only(plan: Plan, server: str) -> Plan:
     """The plan's steps for everything but servers, and for the one server `server`."""
-    steps = tuple(s for s in plan.steps if s.kind not in ("server", "private_ip") or s.name == server)
+    steps = tuple(s for s in plan.steps if s.kind not in ("server", "private_ip", "wheelhouse") or s.name == server)
     return Plan(plan.cluster, plan.provider, steps)
 
 

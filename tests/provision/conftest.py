@@ -11,7 +11,9 @@ from mbworker.provision.errors import DrainError
 from mbworker.provision.hetzner import HetznerProvider
 from mbworker.provision.nodeops import NodeRef, RefreshKind
 from mbworker.provision.secrets import ClusterSecrets, load_or_create_secrets
+from mbworker.provision.shipment import Shipment
 from mbworker.provision.spec import ClusterSpec, parse_spec
+from mbworker.provision.wheels import Wheelhouse, read_wheelhouse
 
 from .fake_hcloud import FakeHcloud
 
@@ -21,7 +23,7 @@ SPEC_TOML = f"""
 name = "demo"
 location = "fsn1"
 network = "10.0.0.0/16"
-image = "ubuntu-24.04"
+image = "debian-12"
 ssh_keys = ["{KEY}"]
 ssh_allow = ["203.0.113.0/24"]
 
@@ -69,14 +71,22 @@ class FakeNodeOps:
         self.undrainable = set(undrainable)
         self.drained: list[NodeRef] = []
         self.refreshed: list[tuple[str, RefreshKind, str]] = []
+        self.published: list[tuple[str, list[str]]] = []
+        self.events: list[tuple[str, str]] = []
 
     def drain(self, node: NodeRef, *, timeout: float) -> None:
         if node.name in self.undrainable:
             raise DrainError(f"{node.name} still has work after {timeout:.0f}s")
         self.drained.append(node)
+        self.events.append(("drain", node.name))
 
     def refresh(self, node: NodeRef, kind: RefreshKind, content: str) -> None:
         self.refreshed.append((node.name, kind, content))
+        self.events.append(("refresh", node.name))
+
+    def publish_wheels(self, node: NodeRef, directory: Path, *, timeout: float) -> None:
+        self.published.append((node.name, sorted(p.name for p in directory.glob("*.whl"))))
+        self.events.append(("publish", node.name))
 
 
 @pytest.fixture
@@ -95,15 +105,34 @@ def node_ops() -> FakeNodeOps:
     return FakeNodeOps()
 
 
+def fake_wheelhouse(directory: Path) -> Wheelhouse:
+    """Stand-in wheels (tests of the API side never install them; building the real ones is tests/provision's
+    test_wheels' job)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "mbworker-0.1.0-py3-none-any.whl").write_bytes(b"mbworker")
+    (directory / "trio-0.35.0-py3-none-any.whl").write_bytes(b"trio")
+    return read_wheelhouse(directory)
+
+
+@pytest.fixture
+def wheelhouse(tmp_path: Path) -> Wheelhouse:
+    return fake_wheelhouse(tmp_path / "wheels")
+
+
 MakeProvider = Callable[..., HetznerProvider]
 
 
 @pytest.fixture
-def make_provider(fake: FakeHcloud, secrets: ClusterSecrets, node_ops: FakeNodeOps) -> MakeProvider:
-    def make(spec: ClusterSpec | None = None, ops: FakeNodeOps | None = None) -> HetznerProvider:
+def make_provider(
+    fake: FakeHcloud, secrets: ClusterSecrets, node_ops: FakeNodeOps, wheelhouse: Wheelhouse, tmp_path: Path
+) -> MakeProvider:
+    def make(
+        spec: ClusterSpec | None = None, ops: FakeNodeOps | None = None, the_secrets: ClusterSecrets | None = None
+    ) -> HetznerProvider:
+        spec = spec or make_spec()
         p = HetznerProvider(
-            spec or make_spec(), secrets, token="test-token", endpoint=fake.endpoint, poll_interval=0,
-            node_ops=ops or node_ops,
+            spec, the_secrets or secrets, Shipment(spec, tmp_path / "state", wheelhouse), token="test-token",
+            endpoint=fake.endpoint, poll_interval=0, node_ops=ops or node_ops,
         )  # fmt: skip
         # the client sleeps 1 s or more before retrying conflicts and rate limits; not in tests
         p.client._client._retry_interval_func = lambda retries: 0

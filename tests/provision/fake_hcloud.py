@@ -512,8 +512,15 @@ class FakeHcloud:
             raise ApiError(400, "invalid_input", f"location {loc} not found")
         pub = body.get("public_net") or {"enable_ipv4": True, "enable_ipv6": True}
         networks = body.get("networks") or []
-        if not pub.get("enable_ipv4", True) and not pub.get("enable_ipv6", True) and not networks:
-            raise ApiError(400, "invalid_input", "a server without public IPs needs a network")
+        if (
+            not pub.get("enable_ipv4", True)
+            and not pub.get("enable_ipv6", True)
+            and not networks
+            and body.get("start_after_create", True)
+        ):
+            raise ApiError(
+                400, "invalid_input", "a server without public IPs needs a network (or start_after_create false)"
+            )
         for key in body.get("ssh_keys") or []:
             if not any(k["id"] == key or k["name"] == key for k in self.resources["ssh_keys"].values()):
                 raise ApiError(400, "invalid_input", f"ssh key {key} not found")
@@ -523,7 +530,8 @@ class FakeHcloud:
             "id": sid, "name": body["name"], "status": "initializing", "created": NOW,
             "labels": body.get("labels") or {},
             "server_type": server_type_json(SERVER_TYPES.index(st) + 1, st),
-            "location": location_json(loc), "image": _image_json(), "iso": None, "rescue_enabled": False,
+            "location": location_json(loc), "image": _image_json(str(body.get("image") or "debian-12")),
+            "iso": None, "rescue_enabled": False,
             "locked": False, "backup_window": None, "outgoing_traffic": 0, "ingoing_traffic": 0,
             "included_traffic": 21990232555520, "protection": {"delete": False, "rebuild": False},
             "volumes": [], "load_balancers": [], "primary_disk_size": 40, "placement_group": None,
@@ -578,8 +586,10 @@ class FakeHcloud:
             if ipaddress.ip_address(ip) not in subnet or ip in used:
                 raise ApiError(409, "ip_not_available", f"{ip} is not available")
         else:
-            # hand out from .100 upwards, as if the low addresses were taken: our fixed IPs (.2, .3, .11+) stay free
-            ip = next(str(h) for h in itertools.islice(subnet.hosts(), 99, None) if str(h) not in used)
+            # as Hetzner: the lowest free address of the subnet (its .1 is the gateway)
+            ip = next((str(h) for h in itertools.islice(subnet.hosts(), 1, None) if str(h) not in used), None)
+            if ip is None:
+                raise ApiError(409, "ip_not_available", "no free address left in the subnet")
         server["private_net"].append({"network": net["id"], "ip": ip, "alias_ips": [],
                                       "mac_address": "86:00:00:00:00:01"})  # fmt: skip
         net["servers"].append(server["id"])
@@ -733,10 +743,10 @@ def _meta(page: int, per_page: int, total: int) -> dict[str, Any]:
                            "total_entries": total}}  # fmt: skip
 
 
-def _image_json() -> dict[str, Any]:
-    return {"id": 161547269, "type": "system", "status": "available", "name": "ubuntu-24.04",
-            "description": "Ubuntu 24.04", "image_size": None, "disk_size": 5, "created": NOW,
-            "created_from": None, "bound_to": None, "os_flavor": "ubuntu", "os_version": "24.04",
+def _image_json(name: str = "debian-12") -> dict[str, Any]:
+    return {"id": 114690387, "type": "system", "status": "available", "name": name,
+            "description": name, "image_size": None, "disk_size": 5, "created": NOW,
+            "created_from": None, "bound_to": None, "os_flavor": name.split("-")[0], "os_version": name.split("-")[-1],
             "rapid_deploy": True, "protection": {"delete": False}, "deprecated": None, "deleted": None,
             "labels": {}, "architecture": "x86"}  # fmt: skip
 

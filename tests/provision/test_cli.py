@@ -13,7 +13,7 @@ import pytest
 from mbworker.provision.cli import main, set_count_in_file
 from tests.conftest import require_binary
 
-from .conftest import SPEC_TOML, FakeNodeOps
+from .conftest import SPEC_TOML, FakeNodeOps, fake_wheelhouse
 from .fake_hcloud import FakeHcloud
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +34,9 @@ def cli_env(fake: FakeHcloud, monkeypatch: pytest.MonkeyPatch) -> FakeHcloud:
 
 
 def run(spec_file: Path, *argv: str, ops: FakeNodeOps | None = None) -> int:
-    return main(["provision", *argv, "-c", str(spec_file), "--poll-interval", "0"], node_ops=ops or FakeNodeOps())
+    wheels = fake_wheelhouse(spec_file.parent / "wheels")
+    argv_ = ["provision", *argv, "-c", str(spec_file), "--poll-interval", "0"]
+    return main(argv_, node_ops=ops or FakeNodeOps(), wheelhouse=wheels)
 
 
 def secret_values(spec_file: Path) -> list[str]:
@@ -47,12 +49,12 @@ def test_plan_apply_reapply_scale_destroy(
     assert run(spec_file, "plan") == 0
     out = capsys.readouterr().out
     assert "+ create    server          demo-worker-003" in out
-    assert "Summary: 17 to create" in out
+    assert "Summary: 22 to create, 10 to change" in out
 
     assert run(spec_file, "apply", "--yes") == 0
     out = capsys.readouterr().out
-    assert "[17/17] create private_ip demo-system" in out
-    assert "done: 17 step(s)" in out
+    assert "[32/32] change wheelhouse demo-system" in out
+    assert "done: 32 step(s)" in out
 
     cli_env.clear_log()
     assert run(spec_file, "apply", "--yes") == 0

@@ -45,8 +45,10 @@ def test_apply_builds_everything_then_reapply_sends_nothing_mutating(
     assert net["routes"] == [{"destination": "0.0.0.0/0", "gateway": "10.0.1.2"}]
     assert fake.server_by_name("demo-nat")["private_net"][0]["ip"] == "10.0.1.2"
     assert fake.server_by_name("demo-system")["private_net"][0]["ip"] == "10.0.1.3"
-    assert [s["private_net"][0]["alias_ips"] for s in sorted(fake.servers(), key=lambda s: s["name"])
-            if s["labels"]["role"] == "state"] == [["10.0.1.11"], ["10.0.1.12"], ["10.0.1.13"]]  # fmt: skip
+    # every node sits at the address the layout gives it, whatever the cloud's allocator would have picked
+    layout = {s.name: s.fixed_ip for s in d.desired_servers(FULL)}
+    assert {s["name"]: s["private_net"][0]["ip"] for s in fake.servers()} == layout
+    assert all(s["status"] == "running" for s in fake.servers())
     pg = next(iter(fake.resources["placement_groups"].values()))
     assert sorted(pg["servers"]) == sorted(s["id"] for s in fake.servers() if s["labels"]["role"] == "state")
     lb = next(iter(fake.resources["load_balancers"].values()))
@@ -75,7 +77,9 @@ def test_private_nodes_never_get_a_public_ip(fake: FakeHcloud, make_provider: Ma
         role = body["labels"]["role"]
         if role in ("worker", "state"):
             assert body["public_net"] == {"enable_ipv4": False, "enable_ipv6": False}
-            assert body["networks"], "a private-only server needs its network at create"
+            # created stopped, off the network: attached at its chosen address, then started
+            assert body["start_after_create"] is False
+            assert not body.get("networks")
         else:
             assert "public_net" not in body
     for s in fake.servers():
@@ -183,6 +187,9 @@ def test_scale_out_and_in_with_drain(fake: FakeHcloud, make_provider: MakeProvid
     assert label_updates
     assert max(label_updates) < first_delete
     assert make_provider(make_spec(worker={"type": "cx33", "count": 2})).plan().empty
+    # proxies stop sending first, then the nodes drain (seam: proxies that pull their list are waited for here)
+    kinds = [e[0] for e in ops.events]
+    assert kinds.index("drain") > max(i for i, k in enumerate(kinds) if k == "refresh")
 
 
 def test_no_drain_skips_the_drain(fake: FakeHcloud, make_provider: MakeProvider) -> None:
@@ -200,9 +207,9 @@ def test_undrainable_node_is_left_in_place_unless_forced(fake: FakeHcloud, make_
     assert [n for n, _ in report.left_in_place] == ["demo-worker-003"]
     assert "still has work" in report.left_in_place[0][1]
     assert names(fake, "worker") == ["demo-worker-001", "demo-worker-003"]
-    # the kept node stays in the proxies' list
+    # proxies stopped sending to both leaving nodes before either was drained; the undrained one stays out
     last = [c for n, k, c in ops.refreshed if k == "workers"][-1]
-    assert "demo-worker-003" in last
+    assert "demo-worker-003" not in last
     assert "demo-worker-002" not in last
 
     report = scale(make_provider, ops, 1, force=True)
@@ -265,8 +272,12 @@ def test_user_data_per_pillar(fake: FakeHcloud, make_provider: MakeProvider, sec
     converge(make_provider(FULL))
     worker = fake.user_data("demo-worker-001") or ""
     assert "mbworker.service" in worker
-    assert f"MBWORKER_REDIS_URL=redis://:{secrets.redis_password.get_secret_value()}@10.0.1.11:6380/0" in worker  # type: ignore[attr-defined]
+    redis, sentinel = secrets.redis_password.get_secret_value(), secrets.sentinel_password.get_secret_value()  # type: ignore[attr-defined]
+    hosts = "10.0.1.11:26379,10.0.1.12:26379,10.0.1.13:26379"
+    assert f"MBWORKER_REDIS_URL=redis+sentinel://:{redis}@{hosts}/mbredis/0?sentinel_password={sentinel}" in worker
     assert "ip route replace default via 10.0.0.1" in worker
+    assert "mbworker==0.1.0 --hash=sha256:" in worker
+    assert "--no-index --require-hashes" in worker
     proxy = fake.user_data("demo-proxy-002") or ""
     workers = {s["name"]: s["private_net"][0]["ip"] for s in fake.servers() if s["labels"]["role"] == "worker"}
     for name, ip in workers.items():
@@ -274,8 +285,54 @@ def test_user_data_per_pillar(fake: FakeHcloud, make_provider: MakeProvider, sec
     system = fake.user_data("demo-system") or ""
     for ip in workers.values():
         assert f'"{ip}:9100"' in system
-    assert "redis_master" in (fake.user_data("demo-state-002") or "")
-    assert "MASQUERADE" in (fake.user_data("demo-nat") or "").upper()
+    assert "listen postgres_master" in (fake.user_data("demo-state-002") or "")
+    assert "masquerade" in (fake.user_data("demo-nat") or "")
+
+
+def test_wheels_are_published_to_the_system_node_for_new_workers_only(
+    fake: FakeHcloud, make_provider: MakeProvider, node_ops: FakeNodeOps
+) -> None:
+    converge(make_provider())
+    assert node_ops.published == [("demo-system", ["mbworker-0.1.0-py3-none-any.whl", "trio-0.35.0-py3-none-any.whl"])]
+    converge(make_provider())  # nothing new: nothing published
+    assert len(node_ops.published) == 1
+    converge(make_provider(make_spec(worker={"type": "cx33", "count": 4})))
+    assert len(node_ops.published) == 2
+    events = [e for e in node_ops.events if e[0] in ("publish",)]
+    assert events == [("publish", "demo-system"), ("publish", "demo-system")]
+    # on scale-out the system node already serves the new wheels when the new worker is created
+    publish_at = next(i for i, r in enumerate(fake.requests) if r.method == "PUT" or r.path == "/servers")
+    assert publish_at >= 0
+
+
+def test_a_plan_with_other_secrets_is_refused(fake: FakeHcloud, make_provider: MakeProvider) -> None:
+    from mbworker.provision.secrets import ClusterSecrets
+
+    converge(make_provider())
+    net = next(iter(fake.resources["networks"].values()))
+    assert len(net["labels"][d.SECRETS_LABEL]) == 32
+    fake.clear_log()
+    with pytest.raises(SpecError, match="other secrets"):
+        make_provider(the_secrets=ClusterSecrets.generate()).plan()
+    assert fake.mutations() == []
+
+
+def test_action_polling_backs_off(
+    fake: FakeHcloud, make_provider: MakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mbworker.provision import hetzner
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(hetzner.time, "sleep", sleeps.append)
+    fake.action_polls = 12
+    p = make_provider()
+    p._poll = 1.0
+    p.apply(p.plan(), ApplyOptions())
+    one_action = sleeps[:12]
+    assert one_action[:4] == [1.0, 1.5, 2.25, 3.375]
+    assert max(sleeps) == hetzner.POLL_MAX
+    # 12 polls each at 1 s would be 12 s; backing off covers ~80 s of a slow action with the same 12 requests
+    assert sum(one_action) > 60
 
 
 def _spec_with(spec: ClusterSpec, **kw: object) -> ClusterSpec:

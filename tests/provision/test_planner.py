@@ -27,20 +27,18 @@ from .conftest import KEY, make_spec
 def converged(spec: ClusterSpec) -> Facts:
     """The facts of a cluster that matches `spec` exactly."""
     servers = []
-    workers = [s.name for s in d.desired_servers(spec) if s.role == "worker"]
+    workers = [(s.name, s.fixed_ip) for s in d.desired_servers(spec) if s.role == "worker"]
     names = [s.name for s in d.desired_servers(spec)]
     for i, s in enumerate(d.desired_servers(spec)):
         extra = {"proxy": {"workers-rev": d.workers_revision(spec, workers)},
-                 "system": {"targets-rev": d.targets_revision(names)}}.get(s.role, {})  # fmt: skip
+                 "system": {"targets-rev": d.targets_revision(names)},
+                 "worker": {"port": str(spec.daemon.port)}}.get(s.role, {})  # fmt: skip
         servers.append(
             ServerFact(
                 id=1000 + i, name=s.name, server_type=s.server_type, labels=s.labels(spec.name, extra),
-                ipv4="198.51.100.1" if s.public else None, private_ip=f"10.0.1.{100 + i}",
-                alias_ips=(s.fixed_ip,) if s.role == "state" and s.fixed_ip else (),
+                ipv4="198.51.100.1" if s.public else None, private_ip=s.fixed_ip, image=spec.image,
             )
         )  # fmt: skip
-        if s.fixed_ip and s.role != "state":
-            servers[-1] = dataclasses.replace(servers[-1], private_ip=s.fixed_ip)
     firewalls = [
         FirewallFact(1, d.public_firewall_name(spec), d.public_firewall_rules(spec), (d.public_selector(spec),))
     ]
@@ -65,17 +63,17 @@ CASES = [
     pytest.param(
         SMALL, Facts(),
         [("create", "ssh_key", "demo-key-1"), ("create", "network", "demo-net"), ("create", "firewall", "demo-public"),
-         ("create", "placement_group", "demo-state"), ("create", "server", "demo-state-001"),
-         ("create", "private_ip", "demo-state-001"), ("create", "server", "demo-worker-001"),
-         ("create", "server", "demo-proxy-001"), ("create", "server", "demo-system"),
-         ("create", "private_ip", "demo-system")],
+         ("create", "placement_group", "demo-state"),
+         *[(a, k, n) for n in ("demo-state-001", "demo-worker-001", "demo-proxy-001", "demo-system")
+           for a, k in (("create", "server"), ("create", "private_ip"), ("change", "server"))],
+         ("change", "wheelhouse", "demo-system")],
         id="empty-project",
     ),
     pytest.param(make_spec(), converged(make_spec()), [], id="converged-nothing-to-do"),
     pytest.param(
         make_spec(nat={"type": "cx23"}), converged(make_spec()),
         [("create", "firewall", "demo-nat"), ("create", "server", "demo-nat"), ("create", "private_ip", "demo-nat"),
-         ("create", "route", "demo-net"), ("change", "server", "demo-system")],
+         ("change", "server", "demo-nat"), ("create", "route", "demo-net"), ("change", "server", "demo-system")],
         id="add-nat-gateway",
     ),
     pytest.param(
@@ -86,17 +84,19 @@ CASES = [
     ),
     pytest.param(
         make_spec(worker={"type": "cx33", "count": 2}), converged(make_spec(worker={"type": "cx33", "count": 5})),
-        [("drain", "server", "demo-worker-005"), ("drain", "server", "demo-worker-004"),
-         ("drain", "server", "demo-worker-003"), ("change", "server", "demo-proxy-001"),
-         ("change", "server", "demo-proxy-002"), ("change", "server", "demo-system"),
+        [("change", "server", "demo-proxy-001"), ("change", "server", "demo-proxy-002"),
+         ("change", "server", "demo-system"), ("drain", "server", "demo-worker-005"),
+         ("drain", "server", "demo-worker-004"), ("drain", "server", "demo-worker-003"),
          ("delete", "server", "demo-worker-005"), ("delete", "server", "demo-worker-004"),
          ("delete", "server", "demo-worker-003")],
-        id="scale-in-drains-highest-first",
+        id="scale-in-proxies-stop-sending-then-drain-highest-first",
     ),
     pytest.param(
         make_spec(worker={"type": "cx33", "count": 4}), converged(make_spec()),
-        [("create", "server", "demo-worker-004"), ("change", "server", "demo-proxy-001"),
-         ("change", "server", "demo-proxy-002"), ("change", "server", "demo-system")],
+        [("change", "wheelhouse", "demo-system"), ("create", "server", "demo-worker-004"),
+         ("create", "private_ip", "demo-worker-004"), ("change", "server", "demo-worker-004"),
+         ("change", "server", "demo-proxy-001"), ("change", "server", "demo-proxy-002"),
+         ("change", "server", "demo-system")],
         id="scale-out-adds-next-number",
     ),
     pytest.param(
@@ -158,8 +158,8 @@ def test_destroy_deletes_servers_before_what_they_use() -> None:
 
 def test_render_is_readable() -> None:
     text = plan_cluster(SMALL, Facts()).render()
-    assert "+ create    server          demo-worker-001  (worker, cx33, private only)" in text
-    assert text.splitlines()[-1] == "Summary: 10 to create, 0 to change, 0 to drain, 0 to delete, 0 unchanged"
+    assert "+ create    server          demo-worker-001  (worker, cx33, private only, 10.0.1.128)" in text
+    assert text.splitlines()[-1] == "Summary: 12 to create, 5 to change, 0 to drain, 0 to delete, 0 unchanged"
     assert "nothing to do" in Plan("demo", "hetzner", ()).render()
 
 
@@ -174,3 +174,57 @@ def test_planning_a_large_cluster_is_fast_enough_to_be_pure() -> None:
 def test_resizing_the_state_pillar_in_place_is_refused() -> None:
     with pytest.raises(SpecError, match="state pillar was built for 3 node"):
         plan_cluster(make_spec(state={"type": "ccx13", "count": 5}), converged(make_spec()))
+
+
+def test_every_node_gets_its_address_from_the_layout_not_the_allocator() -> None:
+    spec = make_spec(nat={"type": "cx23"}, proxy={"type": "cx23", "count": 2}, worker={"type": "cx33", "count": 3})
+    ips = {s.name: s.fixed_ip for s in d.desired_servers(spec)}
+    assert ips == {
+        "demo-nat": "10.0.1.2", "demo-system": "10.0.1.3",
+        "demo-state-001": "10.0.1.11", "demo-state-002": "10.0.1.12", "demo-state-003": "10.0.1.13",
+        "demo-proxy-001": "10.0.1.20", "demo-proxy-002": "10.0.1.21",
+        "demo-worker-001": "10.0.1.128", "demo-worker-002": "10.0.1.129", "demo-worker-003": "10.0.1.130",
+    }  # fmt: skip
+    attach = [s.op for s in plan_cluster(spec, Facts()).steps if s.kind == "private_ip"]
+    assert {a.server_name: a.ip for a in attach} == ips  # type: ignore[attr-defined]
+
+
+def test_worker_list_revision_covers_addresses_and_port() -> None:
+    spec = make_spec()
+    base = d.workers_revision(spec, [("demo-worker-001", "10.0.1.128")])
+    assert d.workers_revision(spec, [("demo-worker-001", "10.0.1.99")]) != base
+    assert d.workers_revision(make_spec(daemon={"port": 9090}), [("demo-worker-001", "10.0.1.128")]) != base
+
+
+REFUSED = [
+    pytest.param(dict(image="debian-12"), "ubuntu-24.04", None, None, "changing the image", id="image"),
+    pytest.param(dict(worker={"type": "cax21", "count": 3}), None, None, None, "CPU architecture", id="cx-to-cax"),
+    pytest.param(dict(state={"type": "ccx23", "count": 3}), None, None, None, "type of a state node", id="state-type"),
+    pytest.param(dict(daemon={"port": 9090}), None, None, None, "daemon.port = 9090", id="daemon-port"),
+    pytest.param({}, None, "someone-elses", None, "other secrets", id="secrets-mismatch"),
+    pytest.param({}, None, None, "10.0.1.150", "address layout gives it", id="foreign-address"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("changes", "image", "digest", "ip", "match"), REFUSED)
+def test_unsafe_edits_are_refused(
+    changes: dict[str, object], image: str | None, digest: str | None, ip: str | None, match: str
+) -> None:
+    facts = converged(make_spec())
+    servers = tuple(
+        dataclasses.replace(
+            s, image=image or s.image, private_ip=ip if ip and s.name == "demo-worker-002" else s.private_ip
+        )
+        for s in facts.servers
+    )
+    net = dataclasses.replace(facts.network, labels={d.SECRETS_LABEL: "ours"})  # type: ignore[type-var]
+    facts = dataclasses.replace(facts, servers=servers, network=net)
+    with pytest.raises(SpecError, match=match):
+        plan_cluster(make_spec(**changes), facts, secrets_digest=digest or "ours")
+
+
+def test_worker_type_change_drains_first() -> None:
+    spec = make_spec(worker={"type": "cx43", "count": 3})
+    plan = plan_cluster(spec, converged(make_spec()))
+    first = [s.summary() for s in plan.changes][:2]
+    assert first == [("drain", "server", "demo-worker-001"), ("change", "server", "demo-worker-001")]

@@ -91,8 +91,53 @@ def test_secrets_are_generated_once_with_mode_0600(tmp_path: Path) -> None:
     assert again.admin_token.get_secret_value() == first.admin_token.get_secret_value()
     stored = json.loads(path.read_text())
     assert set(stored) == {"postgres_password", "replication_password", "redis_password", "jwt_secret",
-                           "admin_token", "grafana_password"}  # fmt: skip
+                           "admin_token", "grafana_password", "sentinel_password", "patroni_rest_password",
+                           "etcd_root_password"}  # fmt: skip
     assert len(set(stored.values())) == len(stored)  # all distinct
+
+
+def test_a_secrets_file_from_before_a_secret_was_added_keeps_its_values(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = load_or_create_secrets(state)
+    path = state / "secrets.json"
+    old = json.loads(path.read_text())
+    del old["sentinel_password"]
+    path.write_text(json.dumps(old))
+    again = load_or_create_secrets(state)
+    assert again.redis_password.get_secret_value() == first.redis_password.get_secret_value()
+    assert len(again.sentinel_password.get_secret_value()) == 48
+    assert load_or_create_secrets(state).sentinel_password == again.sentinel_password  # stored once
+
+
+def test_digest_tells_secrets_apart_without_revealing_them(tmp_path: Path) -> None:
+    a = load_or_create_secrets(tmp_path / "a")
+    assert a.digest() == load_or_create_secrets(tmp_path / "a").digest()
+    assert a.digest() != load_or_create_secrets(tmp_path / "b").digest()
+    assert all(v.get_secret_value() not in a.digest() for _, v in a)
+
+
+SPEC_ERRORS = [
+    pytest.param({"ssh_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBxvC6p1l0+0vH8Zq3G2pZt6Y3hGkq3Jp7aE9mX0pQ2 x"]},
+                 "not valid base64", id="ssh-key-bad-base64"),
+    pytest.param({"ssh_keys": ["ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIBxvC6p1l0+0vH8Zq3G2pZt6Y3hGkq3Jp7aE9mX0pQ2a x"]},
+                 "does not match its type", id="ssh-key-wrong-type"),
+    pytest.param({"image": "ubuntu-24.04"}, "image 'ubuntu-24.04' is not supported", id="image-not-booted"),
+    pytest.param({"proxy": {"type": "cx23", "tls": "acme"}}, "needs both domain and acme_email", id="acme-no-domain"),
+    pytest.param({"proxy": {"type": "cx23", "domain": "Not A Domain"}}, "not a DNS name", id="bad-domain"),
+    pytest.param({"worker": {"type": "cx33", "count": 200}}, "does not fit subnet", id="too-many-workers"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("changes", "match"), SPEC_ERRORS)
+def test_spec_errors_are_clear(changes: dict[str, object], match: str) -> None:
+    with pytest.raises(SpecError, match=match):
+        parse_spec(spec_dict(**changes))
+
+
+def test_tls_source_follows_the_domain() -> None:
+    assert parse_spec(spec_dict()).proxy.tls_source == "local-ca"
+    acme = parse_spec(spec_dict(proxy={"type": "cx23", "domain": "edge.example.com", "acme_email": "ops@example.com"}))
+    assert acme.proxy.tls_source == "acme"
 
 
 def test_secrets_never_show_in_reprs(tmp_path: Path) -> None:
