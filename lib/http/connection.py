@@ -48,6 +48,7 @@ _BODYLESS_STATUS: Final = frozenset((204, 304))
 # Server-made error responses: JSON `{"code", "message"}` like every other error of the worker.
 _ERRORS: Final = {
     400: (b"BAD_REQUEST", b"malformed HTTP request"),
+    408: (b"REQUEST_TIMEOUT", b"request body too slow"),
     413: (b"PAYLOAD_TOO_LARGE", b"request body too large"),
     431: (b"REQUEST_HEADER_FIELDS_TOO_LARGE", b"request head too large"),
     500: (b"INTERNAL_SERVER_ERROR", b"internal server error"),
@@ -96,6 +97,8 @@ class Body:
         "http_version",
         "is_head",
         "keep_alive",
+        "received",
+        "started_at",
         "upgrade",
         "websocket",
     )
@@ -114,6 +117,10 @@ class Body:
         self.websocket = False
         """The request has `Upgrade: websocket`."""
         self.http_version = "1.1"
+        self.received = 0
+        """Body bytes parsed so far (for the minimum body rate)."""
+        self.started_at = -1.0
+        """When the app first waited for body bytes (trio clock); -1 until then."""
         # No reference back to the HttpRequest (which holds this body): a cycle per request would leave every
         # request's objects to the cyclic GC, whose collections then cost more than the rest of the path.
 
@@ -441,6 +448,7 @@ class Connection:
         body = self._parsing
         assert body is not None
         body.chunks.append(data)
+        body.received += len(data)
 
     def on_message_complete(self) -> None:
         body = self._parsing
@@ -522,7 +530,7 @@ class Connection:
         if body.expect_continue and not body.continue_sent:
             body.continue_sent = True
             await self.send(rh.CONTINUE)
-        data = await self._receive(self.server.settings.body_timeout_s)
+        data = await self._receive_body(body)
         if not data:
             self.closing = True
             raise ClientDisconnected("the connection closed before the request body ended")
@@ -530,6 +538,27 @@ class Connection:
         if not body.complete and not body.chunks and self._failure is not None:
             self.closing = True
             raise BadRequestBody(str(self._failure))
+
+    async def _receive_body(self, body: Body) -> bytes:
+        """One read for `body` (b"" at end of stream), or `BadRequestBody` with status 408 when the client is too
+        slow: no byte within `body_timeout_s`, a rate below `body_min_rate` once `body_grace_s` has passed (as
+        Apache's mod_reqtimeout: each byte received extends the deadline by 1/rate s), or the whole body past
+        `body_deadline_s`. A trickling client thus frees its connection (and whatever the app holds for it).
+
+        A cancel scope of its own (not the reaper's deadline, which cancels the connection without an answer):
+        only a body that is not there yet gets here, never the common request whose body came with its head."""
+        settings = self.server.settings
+        now = trio.current_time()
+        if body.started_at < 0:
+            body.started_at = now
+        deadline = min(now + settings.body_timeout_s, body.started_at + settings.body_deadline_s)
+        if settings.body_min_rate > 0:
+            deadline = min(deadline, body.started_at + settings.body_grace_s + body.received / settings.body_min_rate)
+        with trio.move_on_at(deadline):
+            return await self._receive(_INF)
+        self.closing = True
+        self.server.timeouts += 1
+        raise BadRequestBody(f"request body too slow ({body.received} bytes received)", status=408)
 
     def may_drain(self, body: Body) -> bool:
         """Whether an unread body may be discarded to keep the connection (else it closes after the response)."""
@@ -544,7 +573,10 @@ class Connection:
         while not body.complete:
             if self._failure is not None:
                 return False
-            data = await self._receive(self.server.settings.body_timeout_s)
+            try:
+                data = await self._receive_body(body)
+            except BadRequestBody:
+                return False
             if not data:
                 return False
             budget -= len(data)
@@ -756,11 +788,11 @@ class Connection:
             if responder.started:
                 return False
             await self._answer_error(responder, 413)
-        except BadRequestBody:
+        except BadRequestBody as exc:
             if responder.started:
                 return False
             self.closing = True
-            await self._answer_error(responder, 400)
+            await self._answer_error(responder, exc.status if exc.status in _ERRORS else 400)
         except Exception:
             logger.exception("HTTP handler failed on %s %s", request.method, request.path)
             if responder.started:

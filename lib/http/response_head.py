@@ -11,10 +11,15 @@ from email.utils import formatdate
 
 from mbworker.lib.http.types import Headers
 
+_PLATFORM_PHRASES = {546: "Worker Limit"}
+"""Statuses of the Supabase platform that `http.HTTPStatus` does not know (546: a function hit a resource limit)."""
+
 STATUS_LINES: dict[int, bytes] = {
-    s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode("ascii")) for s in http.HTTPStatus
+    **{s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode("ascii")) for s in http.HTTPStatus},
+    **{code: b"HTTP/1.1 %d %s\r\n" % (code, phrase.encode("ascii")) for code, phrase in _PLATFORM_PHRASES.items()},
 }
-"""Status lines of the statuses Python's `http.HTTPStatus` knows (`status_line` makes the others)."""
+"""Status lines of the statuses Python's `http.HTTPStatus` knows and the platform's own (`status_line` makes the
+others)."""
 
 # Headers the server writes itself: the app's values for these are dropped (framing is ours).
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection", b"keep-alive"))

@@ -22,6 +22,17 @@ class HttpSettings(BaseModel):
         description="First request on a connection, or first byte of a head → complete head (slowloris)",
     )
     body_timeout_s: float = Field(default=30.0, gt=0, description="Longest wait for the next piece of a request body")
+    body_min_rate: int = Field(
+        default=1024,
+        ge=0,
+        description="Bytes/s a request body must average once `body_grace_s` has passed, else 408 (0: no minimum)",
+    )
+    body_grace_s: float = Field(
+        default=10.0, gt=0, description="Time a request body gets before the minimum rate applies"
+    )
+    body_deadline_s: float = Field(
+        default=300.0, gt=0, description="Longest a whole request body may take; past it → 408"
+    )
     write_timeout_s: float = Field(default=30.0, gt=0, description="Longest wait for the client to take one write")
     max_connections: int = Field(
         default=10_000, ge=1, description="Open connections (incl. WebSockets); past this the server stops accepting"

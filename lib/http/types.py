@@ -48,11 +48,16 @@ class BodyTooLarge(Exception):
 
 
 class BadRequestBody(Exception):
-    """The request body could not be read: malformed chunked framing, or the client stopped sending it.
+    """The request body could not be read: malformed chunked framing (`status` 400), or the client sent it too
+    slowly (408: below the minimum rate, or past the total body deadline of `HttpSettings`).
 
-    Raised by `RequestBody` reads. An app that lets it propagate gets a 400 (if nothing was sent yet) and the
+    Raised by `RequestBody` reads. An app that lets it propagate gets `status` (if nothing was sent yet) and the
     connection is closed.
     """
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ClientDisconnected(Exception):
