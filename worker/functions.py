@@ -6,19 +6,30 @@ what comes back. Every failure becomes Supabase's JSON error with its status and
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
 
 import trio
 
-from mbworker.lib.http.types import BodyTooLarge, Headers, HttpRequest, RequestBody, Responder
+from mbworker.lib.http.types import (
+    BadRequestBody,
+    BodyTooLarge,
+    ClientDisconnected,
+    Headers,
+    HttpRequest,
+    RequestBody,
+    Responder,
+)
 from mbworker.runtimes import FunctionRuntimeError, FunctionVersion, Invocation, InvocationResult, Runtime, WorkerError
+from mbworker.runtimes.api import RequestBodyStream
 from mbworker.worker.cache import (
     DEFAULT_FUNCTION_CACHE,
     Bypass,
@@ -110,8 +121,15 @@ class FunctionsFrontDoor:
         limiter: RateLimiter | None = None,
         l2: L2Cache | None = None,
         background: trio.Nursery | None = None,
+        trusted_proxies: TrustedProxies | None = None,
+        body_window: int = 64 * 1024,
     ) -> None:
-        """`background`: the daemon's nursery for work a response need not wait for (writes to L2)."""
+        """`background`: the daemon's nursery for work a response need not wait for (writes to L2).
+        `trusted_proxies`: peers whose X-Forwarded-* reach functions (from anyone else they are replaced).
+        `body_window`: request body bytes read before the function runs (a body within it never holds a slot)."""
+        self.trusted_proxies = trusted_proxies or TrustedProxies()
+        self._good_host: bytes | None = None
+        self.body_window = body_window
         self.limiter = limiter
         self.l2 = l2
         self.background = background
@@ -130,6 +148,12 @@ class FunctionsFrontDoor:
         if request.method not in ALLOWED_METHODS:
             await send_error(responder, 405, "METHOD_NOT_ALLOWED", f"Method {request.method} is not allowed")
             return
+        host = request.header(b"host")
+        if host is not None and host != self._good_host:
+            if not valid_host(host):  # it would become the function's URL: refuse it before any runtime
+                await send_error(responder, 400, "BAD_REQUEST", "The Host header is not a host[:port]")
+                return
+            self._good_host = host  # most requests repeat the last host: one comparison instead of a match
         active = self.table.get(slug)
         metrics = self.metrics
         if metrics is None:
@@ -187,19 +211,31 @@ class FunctionsFrontDoor:
                 await responder.send(decision.status, decision.headers(), decision.body)
                 return
         invocation: Invocation | None = None
+        body: RequestBodyStream = request.body
+        watch: _BodyWatch | None = None
+        if request.method not in _BODYLESS:
+            try:
+                # Read what fits the window before the runtime gives this request a slot: a client that sends
+                # its body slowly then holds only its connection (which the server times out), not a slot.
+                if sized and int(declared or 0) <= self.body_window:
+                    body = _Once(await request.body.read_all(limit))
+                else:
+                    head, complete = await _prefetch(request.body, limit, self.body_window)
+                    body = _Once(b"".join(head)) if complete else (watch := _BodyWatch(head, request.body, limit))
+            except BodyTooLarge:
+                await send_error(responder, 413, "PAYLOAD_TOO_LARGE", f"Request body is larger than {limit} bytes")
+                return
 
         def run() -> AbstractAsyncContextManager[InvocationResult]:
             # Built only when the function runs: a cache hit never pays for headers, ids and URLs.
             nonlocal invocation
             target = f"/{slug}{rest}" + (f"?{request.query}" if request.query else "")
-            headers, host, request_id = forwarded_headers(request)
+            headers, host, request_id = forwarded_headers(request, self.trusted_proxies.trusts(request.client))
             invocation = Invocation(
                 method=request.method,
                 target=target,
                 headers=headers,
-                # A declared length is enforced by the HTTP parser (and checked above); only a chunked body needs
-                # counting. A GET has neither: no generator to make.
-                body=request.body if sized or request.method in _BODYLESS else _limited(request.body, limit),
+                body=body,
                 request_id=request_id.decode("latin-1") if request_id else _new_request_id(),
                 url=f"{request.scheme}://{host}{target}",
             )
@@ -232,6 +268,12 @@ class FunctionsFrontDoor:
                 raise
             await send_error(responder, exc.cause.status, exc.cause.code, exc.cause.message)
         except FunctionRuntimeError as exc:
+            if watch is not None and watch.failure is not None:
+                # The runtime failed because the client's body did: answer for the body (413, 400, 408).
+                if isinstance(watch.failure, BodyTooLarge):
+                    await send_error(responder, 413, "PAYLOAD_TOO_LARGE", f"Request body is larger than {limit} bytes")
+                    return
+                raise watch.failure from None
             request_id = invocation.request_id if invocation is not None else "-"
             log.info("%s %s → %d %s: %s", fn.key, request_id, exc.status, exc.code, exc.message)
             await send_error(responder, exc.status, exc.code, exc.message)
@@ -294,9 +336,49 @@ async def _capped(body: AsyncIterator[bytes], cap: int) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def forwarded_headers(request: HttpRequest) -> tuple[Headers, str, bytes | None]:
-    """The request headers a function sees — hop-by-hop removed, x-forwarded-* added when a proxy didn't — with
-    the request's host (for its URL) and x-request-id, found in the same pass over the headers."""
+_CLIENT_SET = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"})
+"""Headers that say who the client is: only a trusted proxy may set them; from anyone else they are replaced."""
+
+
+class TrustedProxies:
+    """The peers whose `X-Forwarded-*` a function may believe (the operator's `trusted_proxies` CIDRs).
+
+    Verdicts are remembered per peer address (bounded): parsing an address per request would cost on the hot path,
+    and behind a proxy the same few peers send everything."""
+
+    _REMEMBERED = 4096
+
+    def __init__(self, networks: Iterable[str] = ()) -> None:
+        self._networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+        self._verdicts: dict[str, bool] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._networks)
+
+    def trusts(self, client: tuple[str, int] | None) -> bool:
+        if not self._networks or client is None:
+            return False
+        peer = client[0]
+        verdict = self._verdicts.get(peer)
+        if verdict is None:
+            try:
+                address = ipaddress.ip_address(peer.partition("%")[0])
+            except ValueError:
+                verdict = False
+            else:
+                if address.version == 6 and address.ipv4_mapped is not None:
+                    address = address.ipv4_mapped
+                verdict = any(address in n for n in self._networks)
+            if len(self._verdicts) >= self._REMEMBERED:
+                self._verdicts.clear()
+            self._verdicts[peer] = verdict
+        return verdict
+
+
+def forwarded_headers(request: HttpRequest, trusted: bool = False) -> tuple[Headers, str, bytes | None]:
+    """The request headers a function sees — hop-by-hop removed, x-forwarded-* set by us unless `trusted` (the peer
+    is a trusted proxy, whose x-forwarded-* are kept and not added twice) — with the request's host (for its URL)
+    and x-request-id, found in the same pass over the headers."""
     headers: Headers = []
     host: bytes | None = None
     request_id: bytes | None = None
@@ -304,17 +386,20 @@ def forwarded_headers(request: HttpRequest) -> tuple[Headers, str, bytes | None]
     for k, v in request.headers:
         if k in HOP_BY_HOP:
             continue
+        if k in _CLIENT_SET:
+            if not trusted:
+                continue  # a client saying who it is: replaced below by what the connection says
+            if k == b"x-forwarded-for":
+                forwarded_for = True
+            elif k == b"x-forwarded-proto":
+                forwarded_proto = True
+            elif k == b"x-forwarded-host":
+                forwarded_host = True
         headers.append((k, v))
         if k == b"host":
             host = host or v
         elif k == b"x-request-id":
             request_id = request_id or v
-        elif k == b"x-forwarded-for":
-            forwarded_for = True
-        elif k == b"x-forwarded-proto":
-            forwarded_proto = True
-        elif k == b"x-forwarded-host":
-            forwarded_host = True
     host_text = host.decode("latin-1") if host else "localhost"
     if not forwarded_for and request.client:
         headers.append((b"x-forwarded-for", request.client[0].encode()))
@@ -325,11 +410,77 @@ def forwarded_headers(request: HttpRequest) -> tuple[Headers, str, bytes | None]
     return headers, host_text, request_id
 
 
-async def _limited(body: RequestBody, limit: int) -> AsyncIterator[bytes]:
-    """Pass the body through, raising `BodyTooLarge` once it exceeds `limit` (chunked bodies have no length)."""
+def valid_host(value: bytes) -> bool:
+    """Whether a Host header is `host[:port]` (RFC 9110 §7.2): anything else would become the function's URL."""
+    return _HOST_FULL.fullmatch(value) is not None
+
+
+_HOST_FULL = re.compile(rb"(?:(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?")
+
+
+class _Once:
+    """A body the front door holds whole, as the one-chunk stream a runtime reads."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def __aiter__(self) -> _Once:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = self._data
+        if data is None:
+            raise StopAsyncIteration
+        self._data = None
+        return data
+
+
+async def _prefetch(body: RequestBody, limit: int, window: int) -> tuple[list[bytes], bool]:
+    """Read `body` until it ends (True) or `window` bytes are in hand (False: the rest is still to read).
+    Raises `BodyTooLarge` past `limit`."""
+    chunks: list[bytes] = []
     seen = 0
-    async for chunk in body:
+    iterator = aiter(body)
+    while seen < window:
+        try:
+            chunk = await anext(iterator)
+        except StopAsyncIteration:
+            return chunks, True
         seen += len(chunk)
         if seen > limit:
             raise BodyTooLarge(f"request body is larger than {limit} bytes")
-        yield chunk
+        chunks.append(chunk)
+    return chunks, False
+
+
+class _BodyWatch:
+    """The prefetched head of a body and then the rest as it comes, counted against `limit`. A runtime reports a
+    failing body as its own error; `failure` keeps the body's (too large, malformed, too slow, client gone) so
+    the front door answers for what really happened."""
+
+    def __init__(self, head: list[bytes], rest: RequestBody, limit: int) -> None:
+        self._head = head
+        self._rest = rest
+        self._limit = limit
+        self.failure: Exception | None = None
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        seen = 0
+        for chunk in self._head:
+            seen += len(chunk)
+            yield chunk
+        self._head = []
+        try:
+            async for chunk in self._rest:
+                seen += len(chunk)
+                if seen > self._limit:
+                    raise BodyTooLarge(f"request body is larger than {self._limit} bytes")
+                yield chunk
+        except (BodyTooLarge, BadRequestBody, ClientDisconnected) as exc:
+            self.failure = exc
+            raise

@@ -13,7 +13,7 @@ import jwt
 import trio
 
 from mbworker.lib.http.types import EmptyBody, HttpRequest
-from mbworker.worker.functions import forwarded_headers
+from mbworker.worker.functions import TrustedProxies, forwarded_headers
 from tests.daemon.fixtures import write_function
 from tests.worker_process import RunningWorker, run_worker, stop_worker
 
@@ -389,6 +389,24 @@ def test_forwarded_headers_keep_what_a_proxy_set() -> None:
     ]
     body = EmptyBody()
     request = HttpRequest("POST", "/functions/v1/f", "/functions/v1/f", "", headers, body, ("10.0.0.2", 5000))
-    seen, host, request_id = forwarded_headers(request)
+    seen, host, request_id = forwarded_headers(request, trusted=True)
     assert seen == [h for h in headers if h[0] != b"transfer-encoding"]
     assert (host, request_id) == ("localhost", None)
+    # From a peer that is not a trusted proxy they are the connection's instead.
+    seen, _, _ = forwarded_headers(request, trusted=False)
+    assert seen == [
+        (b"accept", b"*/*"),
+        (b"x-forwarded-for", b"10.0.0.2"),
+        (b"x-forwarded-proto", b"http"),
+        (b"x-forwarded-host", b"localhost"),
+    ]
+
+
+def test_trusted_proxies_match_their_networks() -> None:
+    proxies = TrustedProxies(["10.0.0.0/24", "::1/128"])
+    assert proxies.trusts(("10.0.0.2", 1))
+    assert proxies.trusts(("::1", 1))
+    assert proxies.trusts(("::ffff:10.0.0.9", 1))
+    assert not proxies.trusts(("10.0.1.2", 1))
+    assert not proxies.trusts(None)
+    assert not TrustedProxies().trusts(("::1", 1))

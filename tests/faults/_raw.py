@@ -1,0 +1,36 @@
+"""Raw HTTP/1.1 over a real socket: for requests no client library will send (bad framing, odd hosts)."""
+
+from __future__ import annotations
+
+import trio
+
+
+async def exchange(port: int, request: bytes, *, timeout: float = 30) -> tuple[int, bytes, bytes]:
+    """Send `request` as is, read until the server closes or one response is complete; (status, head, body)."""
+    with trio.fail_after(timeout):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(request)
+            data = b""
+            while True:
+                try:
+                    chunk = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    break
+                if not chunk:
+                    break
+                data += chunk
+                head, sep, body = data.partition(b"\r\n\r\n")
+                if sep and _complete(head, body):
+                    break
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
+    return status, head, body
+
+
+def _complete(head: bytes, body: bytes) -> bool:
+    for line in head.lower().split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name == b"content-length":
+            return len(body) >= int(value.strip())
+    return False

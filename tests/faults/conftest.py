@@ -1,0 +1,3 @@
+from tests.daemon.conftest import http, worker
+
+__all__ = ["http", "worker"]
