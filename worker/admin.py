@@ -129,7 +129,10 @@ class AdminApp:
         raw = await request.body.read_all(SMALL_BODY)
         if not raw.strip():
             return {}
-        value = json.loads(raw)
+        try:
+            value = json.loads(raw)
+        except RecursionError:  # nested past Python's recursion limit: bad input, not a server fault
+            raise ValueError("JSON nested too deeply") from None
         if not isinstance(value, dict):
             raise ValueError("expected a JSON object")
         return value

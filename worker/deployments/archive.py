@@ -270,6 +270,8 @@ def _unpack_into(
         raise BundleRejected(f"bundle has no {MANIFEST_NAME}")
     try:
         manifest = Manifest.model_validate(json.loads(manifest_bytes))
+    except RecursionError:  # JSON nested past Python's recursion limit
+        raise BundleRejected(f"invalid {MANIFEST_NAME}: nested too deeply") from None
     except (ValueError, ValidationError) as exc:
         raise BundleRejected(f"invalid {MANIFEST_NAME}: {_short(exc)}") from exc
     if manifest.entrypoint not in seen_files:

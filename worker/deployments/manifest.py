@@ -270,6 +270,12 @@ def check_relative_path(path: str) -> str:
     parts = path.split("/")
     if any(p in ("", ".", "..") for p in parts) or (len(parts[0]) >= 2 and parts[0][1] == ":"):
         raise ValueError(f"{path!r} is not a clean relative path inside the bundle")
+    # What a file system takes (NAME_MAX 255 bytes a name); the whole path is kept well under PATH_MAX.
+    if (
+        any(len(p.encode("utf-8", "surrogateescape")) > 255 for p in parts)
+        or len(path.encode("utf-8", "surrogateescape")) > 1024
+    ):
+        raise ValueError(f"{path[:80]!r}… has a name over 255 bytes or is over 1024 bytes long")
     return path
 
 
