@@ -9,6 +9,7 @@ import contextvars
 import ipaddress
 import os
 import socket
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from mbworker.lib.http.settings import HttpSettings
 from mbworker.realtime.settings import RealtimeSettings
 from mbworker.runtimes.deno.permissions import NetPolicy, NetPolicyError
 from mbworker.runtimes.limits import Limits
@@ -72,6 +74,14 @@ class WorkerSettings(BaseSettings):
         description="Extra hosts/addresses functions may never reach (PostgreSQL, HAProxy, ...); the admin "
         "listener, Redis and this node's own addresses are denied automatically",
     )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="CIDRs of proxies (HAProxy, a load balancer) whose X-Forwarded-* headers functions see; from "
+        "any other peer those headers are replaced by what the connection says",
+    )
+    http: HttpSettings = Field(
+        default_factory=HttpSettings, description="Limits and timeouts of the public listener (slow clients → 408)"
+    )
     net_allow_private: list[str] = Field(
         default_factory=list,
         description="Private IP addresses (optionally :port) functions may reach, e.g. 10.0.5.7:5432",
@@ -90,6 +100,11 @@ class WorkerSettings(BaseSettings):
                 f"data_dir {str(self.data_dir.resolve())!r} contains a comma: Deno's --allow-read/--allow-write "
                 "lists are comma-separated and cannot grant such a path to functions. Choose another directory"
             )
+        for cidr in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"trusted_proxies: {exc}") from None
         try:
             NetPolicy(deny=tuple(self.net_deny), allow_private=tuple(self.net_allow_private))
         except (NetPolicyError, ValidationError) as exc:
@@ -156,5 +171,9 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> WorkerSe
     except ValidationError as exc:
         lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         raise ConfigError("invalid settings:\n" + "\n".join(lines)) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {config_file} can't be read: {exc.strerror}") from exc
     finally:
         _config_file.reset(token)
