@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import trio
 
 from mbworker.lib.http.server import HttpServer, serve_http
+from mbworker.lib.http.settings import HttpSettings
 from mbworker.lib.jwt import JwksError, open_jwt_verifier
 from mbworker.lib.redis import open_redis
 from mbworker.realtime import open_realtime
@@ -53,12 +54,13 @@ from mbworker.worker.deployer import Deployer, PlatformEnv
 from mbworker.worker.deployments.store import DeploymentStore, LocalDeploymentStore
 from mbworker.worker.errors import ConfigError
 from mbworker.worker.function_logs import FunctionLogs
-from mbworker.worker.functions import FunctionsFrontDoor, FunctionTable
+from mbworker.worker.functions import FunctionsFrontDoor, FunctionTable, TrustedProxies
 from mbworker.worker.jwt_gate import JwtGate
 from mbworker.worker.keys import ProjectKeys, load_project_keys
 from mbworker.worker.logs import configure_logging
 from mbworker.worker.metrics import CACHE_STATS, HTTP_STATS, REALTIME_STATS, REDIS_STATS, RUNTIME_STATS, Metrics
 from mbworker.worker.public_app import PublicApp
+from mbworker.worker.readiness import Readiness, executable_check, redis_check
 
 log = logging.getLogger("mbworker.daemon")
 
@@ -113,6 +115,7 @@ async def serve_worker(
     draining = trio.Event()
     metrics = Metrics(node_id=node_id)
     function_logs = FunctionLogs()
+    readiness = Readiness()
 
     async with AsyncExitStack() as stack:
         store: DeploymentStore
@@ -123,6 +126,7 @@ async def serve_worker(
         if settings.redis_url:
             # Cluster mode: deployments, realtime and rate limits are shared through the state pillar's Redis.
             redis = await stack.enter_async_context(open_redis(settings.redis_url))
+            readiness.add("redis", redis_check(redis))
             metrics.add_statistics(REDIS_STATS, redis.statistics)
             store = await stack.enter_async_context(
                 open_redis_deployment_store(redis, data_dir / "deployments", node_id=node_id, locks=RedisLocks(redis))
@@ -142,6 +146,7 @@ async def serve_worker(
         if settings.deno is not None:
             deno_settings = deno_settings.model_copy(update={"deno_bin": str(settings.deno)})
         deno = await stack.enter_async_context(open_deno_runtime(deno_settings, on_log=function_logs.on_log))
+        readiness.add("runtime deno", executable_check(deno_settings.deno_bin))
         wasm = await stack.enter_async_context(
             open_wasm_runtime(
                 WasmSettings(cache_dir=data_dir / "cache" / "wasm", sync_wait_us=settings.wasm_sync_wait_us),
@@ -167,6 +172,7 @@ async def serve_worker(
             limiter=limiter,
             l2=l2,
             background=background,
+            trusted_proxies=TrustedProxies(settings.trusted_proxies),
         )
         metrics.add_statistics(CACHE_STATS, lambda: functions.cache.statistics() if functions.cache else None)
 
@@ -218,13 +224,17 @@ async def serve_worker(
         metrics.add_statistics(REALTIME_STATS, realtime.statistics)
 
         async def ready() -> tuple[bool, dict[str, Any]]:
+            """Not draining and every dependency up (readiness.py); else 503 with the reasons."""
+            problems = await readiness.check()
             detail: dict[str, Any] = {"functions": len(table), "draining": draining.is_set()}
+            if problems:
+                detail["problems"] = problems
             quarantined = await store.quarantined()
             if quarantined:  # served without them: ready, but the operator must see what was set aside
                 detail["quarantined"] = [
                     {"slug": q.slug, "version": q.version, "reason": q.reason} for q in quarantined
                 ]
-            return (not draining.is_set(), detail)
+            return (not draining.is_set() and not problems, detail)
 
         def health() -> dict[str, Any]:
             return {
@@ -261,8 +271,10 @@ async def serve_worker(
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(deployer.serve_store_changes)
-            admin: HttpServer = await nursery.start(serve_http, admin_app, settings.admin_host, settings.admin_port)
-            public: HttpServer = await nursery.start(serve_http, public_app, settings.host, settings.port)
+            admin: HttpServer = await _listen(nursery, admin_app, settings.admin_host, settings.admin_port, "admin")
+            public: HttpServer = await _listen(
+                nursery, public_app, settings.host, settings.port, "public", settings=settings.http
+            )
             metrics.add_statistics(HTTP_STATS, public.statistics, listener="public")
             metrics.add_statistics(HTTP_STATS, admin.statistics, listener="admin")
             for path in deploy_paths:
@@ -307,6 +319,22 @@ async def serve_worker(
                 await admin.drain(5)
             nursery.cancel_scope.cancel()
     log.info("worker stopped")
+
+
+async def _listen(
+    nursery: trio.Nursery,
+    app: AdminApp | PublicApp,
+    host: str,
+    port: int,
+    name: str,
+    settings: HttpSettings | None = None,
+) -> HttpServer:
+    """Start a listener; a port that cannot be bound (in use, not allowed) is a `ConfigError`: one clear line."""
+    try:
+        server: HttpServer = await nursery.start(partial(serve_http, app, host, port, settings=settings))
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port} ({name} listener): {exc.strerror or exc}") from exc
+    return server
 
 
 class _SharedRealtimeLimiter:
