@@ -17,6 +17,10 @@ def _admin_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mbworker.cli.dev import add_dev_commands
+    from mbworker.cli.listing import add_listing_commands
+    from mbworker.cli.scaffold import add_new_command
+
     parser = argparse.ArgumentParser(prog="mbworker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -51,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     functions = sub.add_parser("functions", help="create, serve, list, roll back or delete functions")
     fsub = functions.add_subparsers(dest="action", required=True)
+    add_new_command(fsub)
+    add_dev_commands(sub, fsub)
+    add_listing_commands(fsub, _admin_options)
     rollback = fsub.add_parser("rollback", help="switch back to the previous (or a given) version")
     rollback.add_argument("slug")
     rollback.add_argument("--to", type=int, metavar="VERSION")
@@ -72,14 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("slug", nargs="?")
     _admin_options(purge)
 
-    from mbworker.cli.dev import add_dev_commands
-    from mbworker.cli.listing import add_listing_commands
-    from mbworker.cli.scaffold import add_new_command
     from mbworker.provision.cli import add_local_commands, add_provision_commands
-
-    add_new_command(fsub)
-    add_listing_commands(fsub, _admin_options)
-    add_dev_commands(sub, fsub)
 
     add_provision_commands(sub)
     add_local_commands(sub)
