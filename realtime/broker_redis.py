@@ -1,7 +1,8 @@
 """`RedisBroker`: broadcasts between nodes over Redis pub/sub (the cluster Broker; memory stays the default).
 
-Owner: `open_redis_broker(redis, node_id=...)` owns the broker's dedicated pub/sub connection and its reader
-task; leaving the block closes both. The `RedisClient` passed in stays owned by the caller.
+Owner: the node's `PubSubBus` (lib/redis/bus.py, one pub/sub connection shared with presence) delivers this
+broker's messages and connection news; the daemon owns and serves it. Without a bus, `open_redis_broker(redis,
+node_id=...)` makes and owns one for the broker alone. The `RedisClient` passed in stays owned by the caller.
 
 Scheme. One Redis channel per broker key, `<prefix>b:<key>`, SUBSCRIBEd while this node has a local subscriber
 (the hub calls `subscribe` on the first local channel of a key and `unsubscribe` after the last). Why not a
@@ -35,7 +36,7 @@ import msgpack  # type: ignore[import-untyped]
 import trio
 
 from mbworker.lib.redis import (
-    PubSub,
+    PubSubBus,
     PubSubDisconnected,
     PubSubMessage,
     PubSubResubscribed,
@@ -86,11 +87,15 @@ class RedisBroker:
         prefix: str = "mbw:rt:",
         buffer: int = 4096,
         keepalive: float = 15.0,
+        bus: PubSubBus | None = None,
     ) -> None:
-        """`redis` publishes (caller-owned); `settings` (use `redis.settings`) make this instance's own pub/sub
-        connection, which `serve()` runs. `node_id` must be unique in the cluster."""
+        """`redis` publishes (caller-owned). Messages arrive through `bus`, the node's shared pub/sub connection
+        (caller-owned and served); without one, `settings` (use `redis.settings`) make this instance's own bus,
+        which `serve()` runs. `node_id` must be unique in the cluster."""
         self._redis = redis
-        self._pubsub = PubSub(settings, buffer, keepalive)
+        self._own_bus = bus is None
+        self._bus = bus if bus is not None else PubSubBus(settings, buffer=buffer, keepalive=keepalive)
+        self._pubsub = self._bus.pubsub
         self.node_id = node_id
         self._prefix = prefix + "b:"
         self._handler: BrokerHandler | None = None
@@ -110,6 +115,7 @@ class RedisBroker:
         self._fallbacks = 0
         self._duplicates = 0
         self._undecodable = 0
+        self._bus.register(self._prefix, self)
 
     def channel(self, key: str) -> bytes:
         return (self._prefix + key).encode()
@@ -204,7 +210,7 @@ class RedisBroker:
             self._local_seqs.discard(self._local_order.popleft())
         self._handler.handle_publication(key, envelope)
 
-    def _on_message(self, message: PubSubMessage) -> None:
+    def on_message(self, message: PubSubMessage) -> None:
         key = self._keys.get(message.channel)
         if key is None or self._handler is None:
             return  # unsubscribed meanwhile
@@ -224,15 +230,12 @@ class RedisBroker:
         self._handler.handle_publication(key, envelope)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the pub/sub connection and deliver to the handler until cancelled; `started()` at once
-        (subscribe waits for the first connection, bounded by the command timeout)."""
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self._pubsub.serve)
-                nursery.start_soon(self._serve_inbound)
-                task_status.started()
-        finally:
-            self._pubsub.close()
+        """Run this broker's own bus (when it was given none) until cancelled; `started()` at once (subscribe
+        waits for the first connection, bounded by the command timeout)."""
+        if self._own_bus:
+            await self._bus.serve(task_status=task_status)
+        else:
+            task_status.started()  # the bus's owner serves it
 
     def _notify(self) -> None:
         self._changed.set()
@@ -251,40 +254,32 @@ class RedisBroker:
         except (trio.TooSlowError, RedisError) as exc:
             raise BrokerError(f"broker not connected to Redis after {timeout}s") from exc
 
-    async def _serve_inbound(self) -> None:
-        """Read the pub/sub events until the connection is closed; handlers run here, in arrival order."""
-        messages = self._pubsub.messages
-        while True:
-            try:
-                batch = await messages.receive_batch()
-            except trio.EndOfChannel:
-                return
-            for event in batch:
-                if isinstance(event, PubSubMessage):
-                    self._on_message(event)
-                elif isinstance(event, PubSubDisconnected):
-                    if not self._gap:
-                        log.warning("broker lost Redis (%s): local delivery only until it is back", event.reason)
-                    self._gap = True
-                    self._notify()
-                elif isinstance(event, PubSubResubscribed):
-                    if self._confirmed:
-                        log.info("broker resubscribed %d channels: cross-node delivery resumed", event.channels)
-                    self._gap = False
-                    self._confirmed = True
-                    self._notify()
+    # bus events (on the bus's reader task, in arrival order) ---------------------------------------
+
+    def on_disconnected(self, event: PubSubDisconnected) -> None:
+        if not self._gap:
+            log.warning("broker lost Redis (%s): local delivery only until it is back", event.reason)
+        self._gap = True
+        self._notify()
+
+    def on_resubscribed(self, event: PubSubResubscribed) -> None:
+        if self._confirmed:
+            log.info("broker resubscribed %d channels: cross-node delivery resumed", event.channels)
+        self._gap = False
+        self._confirmed = True
+        self._notify()
 
 
 @asynccontextmanager
 async def open_redis_broker(
-    redis: Redis, settings: RedisSettings, *, node_id: str, prefix: str = "mbw:rt:"
+    redis: Redis, settings: RedisSettings, *, node_id: str, prefix: str = "mbw:rt:", bus: PubSubBus | None = None
 ) -> AsyncIterator[RedisBroker]:
     """A served `RedisBroker` owned by the block (see `RedisBroker.__init__` for the arguments).
 
     Waits (bounded by `settings.connect_timeout`) for the pub/sub connection; if Redis is not up, the broker
     starts with local delivery only and joins the cluster when it connects. Bind the handler (e.g. pass the
     broker to `open_realtime`) before the first subscribe."""
-    broker = RedisBroker(redis, settings, node_id=node_id, prefix=prefix)
+    broker = RedisBroker(redis, settings, node_id=node_id, prefix=prefix, bus=bus)
     async with trio.open_nursery() as nursery:
         await nursery.start(broker.serve)
         try:

@@ -1,8 +1,11 @@
 """`RedisPresence`: presence shared by every node through Redis (the cluster Presence; memory stays the default).
 
-Owner: `open_redis_presence(redis, settings, node_id=...)` owns a dedicated pub/sub connection and the task that
-reads it; leaving the block closes both and leaves the node's entries in Redis to expire (a node that stops is
-a node that died: its entries go after `ttl`). The `RedisClient` passed in stays owned by the caller.
+Owner: the node's `PubSubBus` (lib/redis/bus.py, one pub/sub connection shared with the broker; the daemon
+owns and serves it) hands this presence its diffs and connection news, which it queues (bounded) for its own
+task: that task applies diffs in order and runs resyncs, which must not interleave with diffs and must not hold
+up the bus. `open_redis_presence(redis, settings, node_id=...)` owns that task (and, given no bus, a bus of its
+own); leaving the block leaves the node's entries in Redis to expire (a node that stops is a node that died:
+its entries go after `ttl`). The `RedisClient` passed in stays owned by the caller.
 
 Data, per topic (a broker key such as `public|realtime:room`), under `prefix` (default `mbw:rt:`):
 
@@ -43,8 +46,10 @@ import msgpack  # type: ignore[import-untyped]
 import trio
 
 from mbworker.lib.redis import (
-    PubSub,
+    EventQueue,
+    PubSubBus,
     PubSubDisconnected,
+    PubSubEvent,
     PubSubMessage,
     PubSubResubscribed,
     PubSubState,
@@ -193,13 +198,23 @@ class RedisPresence:
         poll: float = 1.0,
         buffer: int = 4096,
         keepalive: float = 15.0,
+        bus: PubSubBus | None = None,
     ) -> None:
-        """`redis` runs the scripts (caller-owned); `settings` (use `redis.settings`) make this instance's own
-        pub/sub connection, which `serve()` runs. `ttl` must match `RealtimeSettings.presence_ttl` and exceed
-        its refresh interval; `clock` must agree across nodes (wall time; tests inject trio's clock). After
-        a gap the node resyncs, checked at least every `poll` seconds."""
+        """`redis` runs the scripts (caller-owned). Diffs arrive through `bus`, the node's shared pub/sub
+        connection (caller-owned and served); without one, `settings` (use `redis.settings`) make this
+        instance's own bus, which `serve()` runs. `buffer` bounds the events queued for this presence's task.
+        `ttl` must match `RealtimeSettings.presence_ttl` and exceed its refresh interval; `clock` must agree
+        across nodes (wall time; tests inject trio's clock). After a gap the node resyncs, checked at least
+        every `poll` seconds."""
         self._redis = redis
-        self._pubsub = PubSub(settings, buffer, keepalive)
+        self._own_bus = bus is None
+        self._bus = bus if bus is not None else PubSubBus(settings, buffer=buffer, keepalive=keepalive)
+        self._pubsub = self._bus.pubsub
+        self._events: EventQueue[PubSubEvent] = EventQueue(buffer)
+        self._late: PubSubDisconnected | PubSubResubscribed | None = None
+        """Connection news that found the queue full (the latest wins; applied after the queue)."""
+        self._lost = False
+        """Events were dropped on a full queue: resync, as after a gap."""
         self.node_id = node_id
         self._ttl = ttl
         self._keep_ms = max(1000, int(ttl * 3000))
@@ -223,6 +238,7 @@ class RedisPresence:
         self._restored = 0
         self._swept = 0
         self._undecodable = 0
+        self._bus.register(self._prefix, self)
 
     # keys ------------------------------------------------------------------------------------------
 
@@ -461,6 +477,19 @@ class RedisPresence:
             self._diffs += 1
             self._handler.handle_presence_diff(topic, diff)
 
+    # bus events (on the bus's reader task): queued for this presence's task, in arrival order --------
+
+    def _enqueue(self, event: PubSubEvent) -> None:
+        if self._events.put_nowait(event):
+            if not isinstance(event, PubSubMessage):
+                self._late = None  # superseded: the queue now holds newer news
+        else:  # behind by a whole queue: what a gap costs, a resync repairs
+            self._lost = True
+            if not isinstance(event, PubSubMessage):
+                self._late = event
+
+    on_message = on_disconnected = on_resubscribed = _enqueue
+
     def _on_message(self, message: PubSubMessage) -> None:
         topic = self._channels.get(message.channel)
         if topic is None:
@@ -495,28 +524,29 @@ class RedisPresence:
         self._need_resync = False
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the pub/sub connection and deliver diffs until cancelled; `started()` at once (subscribe waits
-        for the first connection, bounded by the command timeout). Cancelling leaves this node's entries in
-        Redis to expire."""
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self._pubsub.serve)
-                nursery.start_soon(self._serve_inbound)
-                task_status.started()
-        finally:
-            self._pubsub.close()
+        """Apply diffs (and run this presence's own bus, when it was given none) until cancelled; `started()` at
+        once (subscribe waits for the first connection, bounded by the command timeout). Cancelling leaves this
+        node's entries in Redis to expire."""
+        async with trio.open_nursery() as nursery:
+            if self._own_bus:
+                await nursery.start(self._bus.serve)
+            nursery.start_soon(self._serve_inbound)
+            task_status.started()
 
     async def _serve_inbound(self) -> None:
         """Read pub/sub events: apply diffs in arrival order, follow the connection, resync after a gap."""
         poll = self._poll
-        messages = self._pubsub.messages
+        events = self._events
         while True:
             batch: list[Any] = []
             with trio.move_on_after(poll):
-                try:
-                    batch = await messages.receive_batch()
-                except trio.EndOfChannel:
-                    return
+                batch = await events.receive_batch()
+            if self._late is not None:  # news that found the queue full (nothing newer was queued after it)
+                batch.append(self._late)
+                self._late = None
+            if self._lost:
+                self._lost = False
+                self._need_resync = True
             for event in batch:
                 if isinstance(event, PubSubMessage):
                     self._on_message(event)
@@ -544,12 +574,13 @@ async def open_redis_presence(
     ttl: float = 60.0,
     clock: Callable[[], float] = time.time,
     prefix: str = "mbw:rt:",
+    bus: PubSubBus | None = None,
 ) -> AsyncIterator[RedisPresence]:
     """A served `RedisPresence` owned by the block (see `RedisPresence.__init__` for the arguments).
 
     Waits (bounded by `settings.connect_timeout`) for the pub/sub connection; if Redis is not up, presence
     starts local-only and resyncs when it connects."""
-    presence = RedisPresence(redis, settings, node_id=node_id, ttl=ttl, clock=clock, prefix=prefix)
+    presence = RedisPresence(redis, settings, node_id=node_id, ttl=ttl, clock=clock, prefix=prefix, bus=bus)
     async with trio.open_nursery() as nursery:
         await nursery.start(presence.serve)
         try:

@@ -25,7 +25,7 @@ import trio
 from mbworker.lib.http.server import HttpServer, serve_http
 from mbworker.lib.http.settings import HttpSettings
 from mbworker.lib.jwt import JwksError, open_jwt_verifier
-from mbworker.lib.redis import open_redis
+from mbworker.lib.redis import open_pubsub_bus, open_redis
 from mbworker.realtime import open_realtime
 from mbworker.realtime.broker import Broker
 from mbworker.realtime.broker_redis import open_redis_broker
@@ -58,7 +58,15 @@ from mbworker.worker.functions import FunctionsFrontDoor, FunctionTable, Trusted
 from mbworker.worker.jwt_gate import JwtGate
 from mbworker.worker.keys import ProjectKeys, load_project_keys
 from mbworker.worker.logs import configure_logging
-from mbworker.worker.metrics import CACHE_STATS, HTTP_STATS, REALTIME_STATS, REDIS_STATS, RUNTIME_STATS, Metrics
+from mbworker.worker.metrics import (
+    CACHE_STATS,
+    HTTP_STATS,
+    PUBSUB_STATS,
+    REALTIME_STATS,
+    REDIS_STATS,
+    RUNTIME_STATS,
+    Metrics,
+)
 from mbworker.worker.public_app import PublicApp
 from mbworker.worker.readiness import Readiness, executable_check, redis_check
 
@@ -134,10 +142,14 @@ async def serve_worker(
             # Cluster-wide request rates; while Redis is away each node enforces them alone.
             limiter = RedisRateLimiter(redis, fallback=MemoryRateLimiter())
             l2 = RedisL2Cache(redis)  # functions opt in with [cache] l2 = true
+            # One pub/sub connection for the node (the cluster bus): broker and presence register on it, and its
+            # gap detection (lost, then resubscribed) is the one they react to.
+            bus = await stack.enter_async_context(open_pubsub_bus(redis.settings))
+            metrics.add_statistics(PUBSUB_STATS, bus.pubsub.statistics)
             # Entered before realtime, so they close after it: clients' last untracks still reach Redis.
-            broker = await stack.enter_async_context(open_redis_broker(redis, redis.settings, node_id=node_id))
+            broker = await stack.enter_async_context(open_redis_broker(redis, redis.settings, node_id=node_id, bus=bus))
             presence = await stack.enter_async_context(
-                open_redis_presence(redis, redis.settings, node_id=node_id, ttl=settings.realtime.presence_ttl)
+                open_redis_presence(redis, redis.settings, node_id=node_id, ttl=settings.realtime.presence_ttl, bus=bus)
             )
         else:
             store = LocalDeploymentStore(data_dir / "deployments")

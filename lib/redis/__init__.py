@@ -6,6 +6,7 @@ commands and `open_pubsub(url)` (or `serve_pubsub`) for subscriptions; URL forms
 
 from ._queue import EventQueue
 from .api import Redis
+from .bus import BusMember, PubSubBus, open_pubsub_bus
 from .client import RedisClient, RedisState, RedisStatistics, open_redis, serve_redis
 from .config import RedisSettings, RedisUrlError, parse_redis_url
 from .errors import (
@@ -31,9 +32,11 @@ from .pubsub import (
 from .scripts import Script
 
 __all__ = [
+    "BusMember",
     "EventQueue",
     "Pipeline",
     "PubSub",
+    "PubSubBus",
     "PubSubDisconnected",
     "PubSubEvent",
     "PubSubMessage",
@@ -54,6 +57,7 @@ __all__ = [
     "RedisUrlError",
     "Script",
     "open_pubsub",
+    "open_pubsub_bus",
     "open_redis",
     "parse_redis_url",
     "serve_pubsub",

@@ -19,7 +19,7 @@ import trio
 from websockets.trio.client import ClientConnection, connect
 
 from mbworker.lib.http.types import EmptyBody, HttpRequest
-from mbworker.lib.redis import RedisClient
+from mbworker.lib.redis import RedisClient, open_pubsub_bus
 from mbworker.realtime import RealtimeService, RealtimeSettings, open_realtime
 from mbworker.realtime.broker_redis import RedisBroker, open_redis_broker
 from mbworker.realtime.presence_redis import RedisPresence, open_redis_presence
@@ -149,11 +149,13 @@ async def phx_client(
 async def redis_node(
     redis: RedisClient, node_id: str, settings: RealtimeSettings | None = None
 ) -> AsyncIterator[tuple[RealtimeService, int, RedisBroker, RedisPresence]]:
-    """A realtime node on Redis, wired as the daemon does it: (service, port, broker, presence)."""
+    """A realtime node on Redis, wired as the daemon does it (broker and presence on one pub/sub bus):
+    (service, port, broker, presence)."""
     settings = settings or RealtimeSettings()
     async with (
-        open_redis_broker(redis, redis.settings, node_id=node_id) as broker,
-        open_redis_presence(redis, redis.settings, node_id=node_id, ttl=settings.presence_ttl) as presence,
+        open_pubsub_bus(redis.settings) as bus,
+        open_redis_broker(redis, redis.settings, node_id=node_id, bus=bus) as broker,
+        open_redis_presence(redis, redis.settings, node_id=node_id, ttl=settings.presence_ttl, bus=bus) as presence,
         running_realtime(settings, node_id=node_id, broker=broker, presence=presence) as (service, port),
     ):
         yield service, port, broker, presence
