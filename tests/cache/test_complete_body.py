@@ -9,7 +9,7 @@ import trio
 import trio.testing
 
 from mbworker.runtimes.api import InvocationResult
-from mbworker.worker.cache import respond_through_cache
+from mbworker.worker.cache import FunctionCacheConfig, respond_through_cache
 from tests.cache.helpers import Function, Recorded, Req, make_cache
 
 
@@ -43,7 +43,9 @@ async def test_followers_of_a_complete_body_share_it() -> None:
     async with trio.open_nursery() as nursery:
         for r in answers:
             nursery.start_soon(
-                lambda r=r: respond_through_cache(cache, Req(), r, fn.invoke, slug="s", version=1, timeout=5)
+                lambda r=r: respond_through_cache(
+                    cache, Req(), r, fn.invoke, slug="s", version=1, timeout=5, config=FunctionCacheConfig(ttl=60)
+                )
             )
         await trio.testing.wait_all_tasks_blocked()
         fn.released.set()

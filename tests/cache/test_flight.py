@@ -19,6 +19,9 @@ from mbworker.worker.cache.flight import SingleFlight
 from tests.cache.helpers import Function, Recorded, Req, cacheable, make_cache
 
 SLUG = "hello"
+DECLARED = FunctionCacheConfig(ttl=60)
+"""A function whose `[cache] ttl` declares its answers cacheable: its requests coalesce from the first one (without
+it, a version coalesces only once it has answered something storable: see test_a_version_coalesces_...)."""
 
 
 async def respond(
@@ -37,7 +40,7 @@ async def respond(
         fn.invoke,
         slug=SLUG,
         version=1,
-        config=config or FunctionCacheConfig(),
+        config=config or DECLARED,
         timeout=timeout,
     )
     assert out.ended
@@ -110,12 +113,14 @@ async def test_a_follower_gives_up_at_its_own_timeout() -> None:
     assert fn.runs == 1
 
 
-async def run_concurrently(cache: ResultCache, fn: Function, reqs: list[Req]) -> list[tuple[bytes, Recorded]]:
-    """The first request leads (it starts alone); the others join its flight."""
+async def run_concurrently(
+    cache: ResultCache, fn: Function, reqs: list[Req], config: FunctionCacheConfig = DECLARED
+) -> list[tuple[bytes, Recorded]]:
+    """The first request leads (it starts alone); the others join its flight (when the version coalesces)."""
     results: list[tuple[bytes, Recorded]] = []
 
     async def one(req: Req) -> None:
-        results.append(await respond(cache, fn, req))
+        results.append(await respond(cache, fn, req, config=config))
 
     async with trio.open_nursery() as nursery:
         for req in reqs:
@@ -287,11 +292,11 @@ async def test_single_flight_table_forgets_resolved_and_detached_flights() -> No
 
 async def test_low_level_api_leader_and_follower() -> None:
     cache = make_cache()
-    lookup = cache.lookup(Req(), slug=SLUG, version=1)
+    lookup = cache.lookup(Req(), slug=SLUG, version=1, config=DECLARED)
     assert isinstance(lookup, Miss)
     async with cache.open_flight(lookup, timeout=1) as leader:
         assert leader.leader
-        follower_lookup = cache.lookup(Req(), slug=SLUG, version=1)
+        follower_lookup = cache.lookup(Req(), slug=SLUG, version=1, config=DECLARED)
         assert isinstance(follower_lookup, Miss)
         async with cache.open_flight(follower_lookup, timeout=1) as follower:
             assert not follower.leader
@@ -305,3 +310,30 @@ async def test_low_level_api_leader_and_follower() -> None:
             with pytest.raises(RuntimeError):
                 follower.record(200, [])
     assert cache.statistics().flights == 0
+
+
+async def test_a_version_coalesces_once_it_has_answered_something_storable() -> None:
+    """Without a declared ttl, concurrent identical requests to a version that never gave a storable answer all
+    run at once (an uncacheable answer must not serialize them); after its first storable answer they coalesce."""
+    cache = make_cache()
+    fn = Function([(b"content-type", b"text/plain")], hold=True)  # no Cache-Control: not storable
+    results = await run_concurrently(cache, fn, [Req() for _ in range(4)], config=FunctionCacheConfig())
+    assert fn.runs == 4  # every request ran: none waited for another
+    assert cache.statistics().coalesced == 0
+
+    # A storable answer (max-age=60) is stored, and from then on the version's requests coalesce.
+    label, _ = await respond(cache, Function(), Req(path="/warm"), config=FunctionCacheConfig())
+    assert label == b"MISS"
+    fn = Function(hold=True)
+    results = []
+
+    async def one() -> None:
+        results.append(await respond(cache, fn, Req(path="/new"), config=FunctionCacheConfig()))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(one)
+        await trio.testing.wait_all_tasks_blocked()
+        fn.released.set()
+    assert fn.runs == 1
+    assert sorted(label for label, _ in results) == [b"HIT"] * 3 + [b"MISS"]

@@ -28,6 +28,13 @@ the body into the cache while streaming it to its client, up to the per-entry ca
 abandoned and nothing is stored. A leader that fails fails its current followers (`FlightFailed`); a leader
 that is cancelled releases them.
 
+Who coalesces: followers wait only where waiting is likely to pay. A version coalesces once it has given a
+storable response (or when its `[cache] ttl` says its responses are cacheable); before that, concurrent
+identical requests each run (and the first storable answer is still stored): most functions never answer
+anything cacheable, and waiting for a leader whose answer cannot be shared doubles the followers' latency
+(four concurrent 3 s requests took 3, 6, 6 and 6 s). Per key, a response that could not be stored stops
+coalescing for `_SOLO_S` (hit-for-miss, as Varnish does).
+
 Purges: `purge(slug)` on every deploy, rollback and delete of that function (the lead's deployment watcher);
 the version in every key already keeps other versions' entries from being served, the purge frees their memory
 and drops entries a rollback would otherwise resurrect. A purge also invalidates the flights it concerns that
@@ -79,6 +86,8 @@ _SOLO_S = 10.0
 """Hit-for-miss window: after a key's response could not be stored, its requests stop coalescing for this long."""
 _SOLO_MAX = 4096
 """Keys remembered for hit-for-miss at most (the table is cleared when full: forgetting only costs coalescing)."""
+_SHAREABLE_MAX = 4096
+"""(slug, version) pairs remembered as having given a storable response (cleared when full, as `_solo`)."""
 
 
 def _unlisted(flight: Flight[CachedResponse]) -> None:
@@ -229,6 +238,8 @@ class ResultCache:
         self._solo: dict[PrimaryKey, float] = {}
         """Hit-for-miss: key → until when its requests run without a flight (its last response was not
         storable, so followers would only wait for the leader's head and then run the function anyway)."""
+        self._shareable: set[tuple[str, int]] = set()
+        """Versions that have given a storable response: only their requests coalesce (module docstring)."""
         self._index: _Index = {}
         self._epoch = 0
         """Bumped by `purge()`; with `_slug_epochs` (bumped by purges of one slug) it tells a response that
@@ -326,11 +337,15 @@ class ResultCache:
     def open_flight(self, miss: Miss, *, timeout: float) -> CacheFlight:
         """Lead or follow the flight for `miss.key`. An async context manager; `timeout` bounds a follower's
         wait. Enter it right after `lookup`, with no `await` in between."""
-        until = self._solo.get(miss.key)
+        key = miss.key
+        if miss.config.ttl is None and (key[0], key[1]) not in self._shareable:
+            # Nothing of this version was storable yet: run alone, unlisted (the response may still be stored).
+            return CacheFlight(self, miss, Flight(key, _unlisted), True, timeout)
+        until = self._solo.get(key)
         if until is not None:
             if until > self._clock():  # a leader of its own, unlisted: nobody follows it (its response may be stored)
-                return CacheFlight(self, miss, Flight(miss.key, _unlisted), True, timeout)
-            del self._solo[miss.key]
+                return CacheFlight(self, miss, Flight(key, _unlisted), True, timeout)
+            del self._solo[key]
         flight, leader = self._flights.join(miss.key)
         return CacheFlight(self, miss, flight, leader, timeout)
 
@@ -564,6 +579,11 @@ class CacheFlight:
         verdict = cache._classify(self._miss, status, headers)
         if isinstance(verdict, Storable):
             cache._solo.pop(self._miss.key, None)
+            key = self._miss.key
+            if (key[0], key[1]) not in cache._shareable:
+                if len(cache._shareable) >= _SHAREABLE_MAX:
+                    cache._shareable.clear()
+                cache._shareable.add((key[0], key[1]))
         else:
             if len(cache._solo) >= _SOLO_MAX:
                 cache._solo.clear()
