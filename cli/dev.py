@@ -299,6 +299,7 @@ def default_env_file(path: Path) -> Path | None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from mbworker.cli.banner import print_banner
+    from mbworker.cli.output import config_error_in
     from mbworker.cli.progress import bundling_progress
     from mbworker.worker.config import load_settings
     from mbworker.worker.daemon import WorkerHandle, serve_worker
@@ -337,7 +338,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 loop.say(f"watching {', '.join(str(r) for r in loop.watch_roots())} (Ctrl-C to stop)")
                 nursery.start_soon(_watch_until_drained, loop, handle.draining)
 
-    trio.run(run)
+    try:
+        trio.run(run)
+    except BaseExceptionGroup as group:  # a port in use: its one line, not a traceback per nursery
+        raise config_error_in(group) or group from None
     return 0
 
 

@@ -128,6 +128,7 @@ def _serve(args: argparse.Namespace) -> int:
     import trio
 
     from mbworker.cli.banner import print_banner
+    from mbworker.cli.output import config_error_in
     from mbworker.worker.daemon import WorkerHandle, serve_worker
     from mbworker.worker.logs import configure_logging
 
@@ -150,20 +151,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         trio.run(run)
     except BaseExceptionGroup as group:
-        raise _config_error_in(group) or group from None
+        raise config_error_in(group) or group from None
     return 0
-
-
-def _config_error_in(group: BaseExceptionGroup[BaseException]) -> ConfigError | None:
-    """The `ConfigError` a start failed with (a port in use, a bad file), out of trio's exception groups: the
-    operator gets its one line, not a traceback per nursery. None when anything else failed too."""
-    matched, rest = group.split(ConfigError)
-    if matched is None or rest is not None:
-        return None
-    found: BaseException = matched
-    while isinstance(found, BaseExceptionGroup):
-        found = found.exceptions[0]
-    return found if isinstance(found, ConfigError) else None
 
 
 def _settings_from(args: argparse.Namespace) -> Any:

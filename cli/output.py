@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from mbworker.worker.errors import ConfigError
+
 
 def program() -> str:
     """How to run this very `mbworker` again from here: `mbworker` when PATH finds it, else the script's path
@@ -67,3 +69,15 @@ def exit_quietly_on_broken_pipe(run: Callable[[], int]) -> int:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     return 141
+
+
+def config_error_in(group: BaseExceptionGroup[BaseException]) -> ConfigError | None:
+    """The `ConfigError` a start failed with (a port in use, a bad file), out of trio's exception groups: the
+    operator gets its one line, not a traceback per nursery. None when anything else failed too."""
+    matched, rest = group.split(ConfigError)
+    if matched is None or rest is not None:
+        return None
+    found: BaseException = matched
+    while isinstance(found, BaseExceptionGroup):
+        found = found.exceptions[0]
+    return found if isinstance(found, ConfigError) else None

@@ -7,6 +7,7 @@ good version serving while the new one is broken, and reads supabase/functions/.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import tomllib
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from tests.conftest import free_port
 from tests.worker_process import MBWORKER, run_worker
 
 ENV_ECHO = 'Deno.serve((_req: Request) => new Response(Deno.env.get("GREETING") ?? "unset"));\n'
@@ -107,3 +109,15 @@ async def test_functions_serve_one_folder_follows_its_shared_imports(tmp_path: P
         (functions / "_shared" / "greeting.ts").write_text('export const greeting = "hello again";\n')
         await w.wait_for_output("✓ greet v2 live")
         assert (await http.get(f"{w.public_url}/functions/v1/greet")).text == "hello again"
+
+
+async def test_dev_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        done = await mbworker(tmp_path, "dev", "--port", port, "--admin-port", str(free_port()), "--data-dir", "d")
+    assert done.returncode == 2
+    lines = done.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"127.0.0.1:{port}" in lines[0]
