@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import trio
 from mbworker.lib.http.types import EmptyBody, HttpRequest
 from mbworker.worker.functions import TrustedProxies, forwarded_headers
 from tests.daemon.fixtures import write_function
+from tests.processes import deno_processes
 from tests.worker_process import RunningWorker, run_worker, stop_worker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -316,23 +316,7 @@ async def test_supabase_tree_deploy(worker: RunningWorker, http: httpx.AsyncClie
     assert r.status_code == 404
 
 
-def _deno_children() -> set[int]:
-    """PIDs of live deno processes started by this test session (by their bootstrap on the command line)."""
-    pids = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"deno" in cmd and b"bootstrap" in cmd:
-            pids.add(int(entry))
-    return pids
-
-
 async def test_sigterm_finishes_in_flight_and_leaves_no_deno(tmp_path: Path, http: httpx.AsyncClient) -> None:
-    before = _deno_children()
     async with run_worker(tmp_path / "data") as worker:
         fn = write_function(
             tmp_path,
@@ -360,7 +344,7 @@ async def test_sigterm_finishes_in_flight_and_leaves_no_deno(tmp_path: Path, htt
         assert code == 0
         assert [r.status_code for r in results] == [200]
         assert results[0].text == "done"
-    assert not (_deno_children() - before)
+    assert not deno_processes(tmp_path / "data")
 
 
 async def test_json_logs_carry_function_labels(worker: RunningWorker, http: httpx.AsyncClient, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.daemon.fixtures import write_function
-from tests.daemon.test_functions_e2e import _deno_children
+from tests.processes import deno_processes
 from tests.worker_process import RunningWorker, run_worker
 
 
@@ -72,7 +72,6 @@ async def test_sighup_changes_a_limit_live(tmp_path: Path, http: httpx.AsyncClie
 
 
 async def test_drain_under_load_loses_no_accepted_request(tmp_path: Path, http: httpx.AsyncClient) -> None:
-    before = _deno_children()
     source = """Deno.serve(async () => {
       console.log('busy request');
       await new Promise((r) => setTimeout(r, 800));
@@ -106,4 +105,4 @@ async def test_drain_under_load_loses_no_accepted_request(tmp_path: Path, http: 
         assert answers[-1] == {"draining": True, "drained": True}
         with trio.fail_after(40):
             assert await worker.process.wait() == 0
-    assert not (_deno_children() - before)
+    assert not deno_processes(worker.data_dir)

@@ -6,7 +6,6 @@ ranges are checked with `Deno.permissions.query`, which sends nothing.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import trio
 from tests.conftest import require_binary
 from tests.daemon.fixtures import write_function
 from tests.hardening.deno_probe import DENO
+from tests.processes import deno_processes
 from tests.worker_process import run_worker
 
 HOSTILE = (Path(__file__).parent / "hostile.ts").read_text()
@@ -56,22 +56,6 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-def deno_command_lines(data_dir: Path) -> list[list[str]]:
-    """The argv of every live Deno child of the worker using `data_dir` (from /proc)."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        args = [a.decode(errors="replace") for a in argv if a]
-        if any(a.endswith("bootstrap.ts") for a in args) and any(str(data_dir) in a for a in args):
-            out.append(args)
-    return out
-
-
 async def test_hostile_function_can_reach_nothing_of_ours(
     tmp_path: Path, http: httpx.AsyncClient, service: Service
 ) -> None:
@@ -104,7 +88,7 @@ async def test_hostile_function_can_reach_nothing_of_ours(
         r = await http.get(f"{worker.public_url}/functions/v1/narrow", params=params, headers=worker.auth())
         assert r.status_code == 200, r.text
         narrow = r.json()
-        command_lines = deno_command_lines(data)
+        command_lines = list(deno_processes(data).values())
 
     outcomes = report["outcomes"]
     allowed = {"read own bundle", "write own tmp"}
