@@ -32,6 +32,7 @@ from mbworker.lib.http.types import (
     HttpRequest,
     WebSocketHandler,
 )
+from mbworker.lib.nonblocking import write_some
 
 if TYPE_CHECKING:
     from mbworker.lib.http.server import HttpServer
@@ -589,7 +590,7 @@ class Connection:
     # -- writing --------------------------------------------------------------------------------------------------
 
     def send_later(self, data: bytes) -> None:
-        """Queue a complete response for the server's end-of-pass flush (`WriteCoalescer`), or write it now.
+        """Queue a complete response for the end-of-pass flush (`lib.nonblocking.pass_flusher`), or write it now.
         Not while `writing` (that is `send`'s case: it waits, so a client that does not read stops being served).
 
         Only for responses after which the connection goes back to reading: the bytes leave when trio has run
@@ -602,17 +603,17 @@ class Connection:
         if self._later:
             self._later += data  # pipelined: behind the response still waiting, and flushed with it
             if len(self._later) > _LATER_MAX:
-                self.flush_later()
+                self.flush()
             return
         coalescer = self._coalescer
         if coalescer is None or len(data) > _LATER_MAX:
             self._write_now(data)
             return
         self._later = data
-        coalescer.queued.append(self)
+        coalescer.add(self)
 
-    def flush_later(self) -> None:
-        """Write what `send_later` queued (the coalescer calls this; so does every other write, first). Never
+    def flush(self) -> None:
+        """Write what `send_later` queued (the pass flusher calls this; so does every other write, first). Never
         raises: a broken connection shows up at its next read or write."""
         if self._later and self.writing is None:
             data, self._later = self._later, b""
@@ -621,9 +622,7 @@ class Connection:
     def _write_now(self, data: bytes) -> None:
         """Write `data` without waiting; what the kernel does not take now is finished by a server task."""
         try:
-            sent = os.write(self._sock.fileno(), data)  # the fd is -1 once closed: EBADF, not another socket
-        except BlockingIOError:
-            sent = 0
+            sent = write_some(self._sock.fileno(), data)  # the fd is -1 once closed: EBADF, not another socket
         except OSError:
             self.closing = True
             return
@@ -656,7 +655,7 @@ class Connection:
     async def _settle_writes(self) -> None:
         """Put every earlier byte on the wire (or in the finishing task's hands, then wait for it): before a
         write of another kind, a WebSocket hand-off or a close, so bytes keep their order."""
-        self.flush_later()
+        self.flush()
         while self.writing is not None:
             await self.writing.wait()
 
@@ -666,9 +665,7 @@ class Connection:
         if self._later or self.writing is not None:
             await self._settle_writes()
         try:
-            sent = os.write(self._sock.fileno(), data)
-        except BlockingIOError:
-            sent = 0
+            sent = write_some(self._sock.fileno(), data)
         except OSError as exc:
             self.closing = True
             raise ClientDisconnected("the client closed the connection") from exc

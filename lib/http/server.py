@@ -7,7 +7,6 @@ closes everything at once).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from mbworker.lib.http.connection import Connection
 from mbworker.lib.http.response_head import DateCache
 from mbworker.lib.http.settings import HttpSettings
 from mbworker.lib.http.types import HttpApp
+from mbworker.lib.nonblocking import PassFlusher, pass_flusher
 
 __all__ = ["HttpServer", "HttpServerStatistics", "serve_http"]
 
@@ -49,23 +49,6 @@ class HttpServerStatistics:
     """Responses the kernel did not take at once (a client reading slowly), finished by a server task."""
 
 
-class WriteCoalescer(trio.abc.Instrument):
-    """Writes the responses connections queued with `send_later`, once per scheduler pass: trio calls
-    `before_io_wait` after running every ready task and before it polls. Owned by one `HttpServer`, which adds
-    it as a trio instrument while it serves (an instrument that defines only this hook costs one call a pass)."""
-
-    def __init__(self) -> None:
-        self.queued: list[Connection] = []
-        """Connections with bytes for this pass's flush; each appends itself (`Connection.send_later`)."""
-
-    def before_io_wait(self, timeout: float) -> None:
-        queued = self.queued
-        if queued:
-            self.queued = []
-            for conn in queued:
-                conn.flush_later()
-
-
 class HttpServer:
     """The handle `serve_http` gives to `task_status.started`. Owned by `serve_http`; callers only read it and
     call `drain`."""
@@ -91,7 +74,8 @@ class HttpServer:
         self._accept_scope = trio.CancelScope()
         self._connections_scope = trio.CancelScope()
         self._finished = trio.Event()
-        self.coalescer = WriteCoalescer() if settings.coalesce_writes else None
+        self.coalescer: PassFlusher | None = pass_flusher() if settings.coalesce_writes else None
+        """Where connections queue complete responses for the end of the scheduler pass (`Connection.send_later`)."""
         self._writers: trio.Nursery | None = None
 
     @property
@@ -146,8 +130,6 @@ class HttpServer:
         conn.scope.cancel()
 
     async def _serve(self, task_status: trio.TaskStatus[HttpServer]) -> None:
-        if self.coalescer is not None:
-            trio.lowlevel.add_instrument(self.coalescer)
         try:
             async with trio.open_nursery() as reaper_nursery:
                 reaper_nursery.start_soon(self._reap)
@@ -165,10 +147,6 @@ class HttpServer:
                 reaper_nursery.cancel_scope.cancel()
         finally:
             self._writers = None
-            if self.coalescer is not None:
-                self.coalescer.before_io_wait(0)  # nothing queued is left behind
-                with contextlib.suppress(KeyError):  # trio drops an instrument that raised (and logs why)
-                    trio.lowlevel.remove_instrument(self.coalescer)
             for listener in self._listeners:
                 await trio.aclose_forcefully(listener)
             self._finished.set()
