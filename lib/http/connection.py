@@ -1,4 +1,5 @@
-"""One HTTP/1.1 connection: parse with httptools, call the app once per request, answer in order.
+"""One HTTP/1.1 connection, the trio shell around `protocol` (the sans-I/O core): read, feed the parser, call the
+app once per request, answer in order, write.
 
 Ownership: the connection's task (started by `HttpServer`) owns the stream and closes it, unless it hands the
 stream to a WebSocket handler, which then owns it. Everything here runs in that one task: the app's
@@ -8,7 +9,11 @@ pipelined requests queue up to at most one read's worth.
 
 Timeouts cost no timer objects: each wait on the client records a deadline in `read_deadline` /
 `write_deadline`; the server's reaper cancels `scope` when one has passed (see `HttpServer`). A stalled client
-therefore surfaces in the app as `trio.Cancelled`; a vanished one as `ClientDisconnected` from a write.
+therefore surfaces in the app as `trio.Cancelled` (a slow request body as `BadRequestBody` with status 408, see
+`_receive_body`); a vanished one as `ClientDisconnected` from a write.
+
+Writes never wait when the kernel takes the bytes at once (`lib.nonblocking.write_some`), and complete keep-alive
+responses leave at the end of the scheduler pass (`lib.nonblocking.pass_flusher`, see `send_later`).
 """
 
 from __future__ import annotations
@@ -16,13 +21,27 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections import deque
 from typing import TYPE_CHECKING, Final, cast
 
-import httptools
 import trio
 
 from mbworker.lib.http import response_head as rh
+from mbworker.lib.http.protocol import (
+    CHUNKED,
+    ERRORS,
+    IDENTITY,
+    JSON,
+    NO_BODY,
+    UNTIL_CLOSE,
+    Body,
+    RequestParser,
+    error_body,
+    error_response,
+    frame_head,
+)
+from mbworker.lib.http.protocol import (
+    chunk as frame_chunk,
+)
 from mbworker.lib.http.types import (
     BadRequestBody,
     BodyTooLarge,
@@ -40,119 +59,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("mbworker.http")  # under "mbworker": JSON lines like the rest (worker/logs.py)
 
 _INF: Final = math.inf
-_METHODS: Final = {
-    m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")
-}
-_INTERESTING: Final = frozenset((b"expect", b"content-length", b"upgrade"))
-_BODYLESS_STATUS: Final = frozenset((204, 304))
-
-# Server-made error responses: JSON `{"code", "message"}` like every other error of the worker.
-_ERRORS: Final = {
-    400: (b"BAD_REQUEST", b"malformed HTTP request"),
-    408: (b"REQUEST_TIMEOUT", b"request body too slow"),
-    413: (b"PAYLOAD_TOO_LARGE", b"request body too large"),
-    431: (b"REQUEST_HEADER_FIELDS_TOO_LARGE", b"request head too large"),
-    500: (b"INTERNAL_SERVER_ERROR", b"internal server error"),
-}
-
-
-def _error_body(status: int) -> bytes:
-    code, message = _ERRORS[status]
-    return b'{"code":"%s","message":"%s"}' % (code, message)
-
-
-_JSON: Final[Headers] = [(b"content-type", b"application/json")]
 _LATER_MAX: Final = 128 * 1024
 """Most response bytes one connection holds for the end-of-pass flush; past it they are written at once."""
 
-# Responder states and body framings.
+# Responder states.
 _FRESH, _STREAMING, _DONE = 0, 1, 2
-_CHUNKED, _IDENTITY, _UNTIL_CLOSE, _NO_BODY = 0, 1, 2, 3
-
-
-class _ParseFailure(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-
-
-class _HeadTooLarge(Exception):
-    pass
-
-
-class Body:
-    """One request's body and framing facts; implements `RequestBody`. Owned by its connection.
-
-    `chunks` fills as the parser meets body bytes; the app's reads pull more from the socket while the request's
-    handler runs. After the handler returns, unread bytes are drained (up to `max_drain_bytes`) or the connection
-    closes.
-    """
-
-    __slots__ = (
-        "_conn",
-        "chunks",
-        "complete",
-        "content_length",
-        "continue_sent",
-        "expect_continue",
-        "http_version",
-        "is_head",
-        "keep_alive",
-        "received",
-        "started_at",
-        "upgrade",
-        "websocket",
-    )
-
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-        self.chunks: deque[bytes] = deque()
-        self.complete = False
-        self.content_length: int | None = None
-        self.continue_sent = False
-        self.expect_continue = False
-        self.is_head = False
-        self.keep_alive = True
-        self.upgrade = False
-        """llhttp stopped after this request (Upgrade + Connection: upgrade): bytes after it are not HTTP."""
-        self.websocket = False
-        """The request has `Upgrade: websocket`."""
-        self.http_version = "1.1"
-        self.received = 0
-        """Body bytes parsed so far (for the minimum body rate)."""
-        self.started_at = -1.0
-        """When the app first waited for body bytes (trio clock); -1 until then."""
-        # No reference back to the HttpRequest (which holds this body): a cycle per request would leave every
-        # request's objects to the cyclic GC, whose collections then cost more than the rest of the path.
-
-    def __aiter__(self) -> Body:
-        return self
-
-    async def __anext__(self) -> bytes:
-        chunks = self.chunks
-        while not chunks:
-            if self.complete:
-                raise StopAsyncIteration
-            await self._conn.read_body(self)
-        return chunks.popleft()
-
-    async def read_all(self, limit: int) -> bytes:
-        if self.content_length is not None and self.content_length > limit:
-            # Known too large: refuse before the client sends it (and before any 100 Continue).
-            raise BodyTooLarge(f"request body of {self.content_length} bytes exceeds {limit}")
-        if self.complete and len(self.chunks) <= 1:
-            data = self.chunks.popleft() if self.chunks else b""
-            if len(data) > limit:
-                raise BodyTooLarge(f"request body exceeds {limit} bytes")
-            return data
-        parts: list[bytes] = []
-        total = 0
-        async for chunk in self:
-            total += len(chunk)
-            if total > limit:
-                raise BodyTooLarge(f"request body exceeds {limit} bytes")
-            parts.append(chunk)
-        return b"".join(parts)
 
 
 class Responder:
@@ -168,7 +79,7 @@ class Responder:
         self._conn = conn
         self._body = body
         self._state = _FRESH
-        self._framing = _CHUNKED
+        self._framing = CHUNKED
         self._remaining = 0
         self.keep_alive = False
 
@@ -181,71 +92,13 @@ class Responder:
         return self._state == _DONE
 
     def _head(self, status: int, headers: Headers, length: int | None) -> bytes:
-        """Build the head; `length` None means a streamed body. Decides framing and keep-alive."""
+        """Build the head (`protocol.frame_head`); `length` None means a streamed body."""
         conn = self._conn
         body = self._body
-        parts = [rh.STATUS_LINES.get(status) or rh.status_line(status)]
-        app_length, lines, flags = rh.encode_headers(headers, parts)
-        lines += 2
-        keep = (
-            body.keep_alive
-            and not conn.closing
-            and not conn.server.draining
-            and not body.upgrade
-            and (body.complete or conn.may_drain(body))
+        keep = not conn.closing and not conn.server.draining and (body.complete or conn.may_drain(body))
+        head, self._framing, self.keep_alive, self._remaining = frame_head(
+            status, headers, length, body, keep, conn.dates
         )
-        if status < 200 or status in _BODYLESS_STATUS:
-            self._framing = _NO_BODY
-        elif body.is_head:
-            self._framing = _NO_BODY
-            if app_length is not None:
-                parts += (b"content-length: ", app_length, b"\r\n")
-                lines += 1
-            elif length is not None:
-                parts.append(b"content-length: %d\r\n" % length)
-                lines += 1
-        elif length is not None:
-            self._framing = _IDENTITY
-            parts.append(b"content-length: %d\r\n" % length)
-            lines += 1
-        elif app_length is not None:
-            self._framing = _IDENTITY
-            try:
-                self._remaining = int(app_length)
-            except ValueError:
-                raise ValueError(f"invalid content-length {app_length!r}") from None
-            parts += (b"content-length: ", app_length, b"\r\n")
-            lines += 1
-        elif body.http_version == "1.1":
-            self._framing = _CHUNKED
-            parts.append(rh.CHUNKED)
-            lines += 1
-        else:
-            self._framing = _UNTIL_CLOSE
-            keep = False
-        if body.http_version == "1.1":
-            if not keep:
-                parts.append(rh.CONNECTION_CLOSE)
-                lines += 1
-        else:
-            parts.append(rh.CONNECTION_KEEP_ALIVE if keep else rh.CONNECTION_CLOSE)
-            lines += 1
-        dates = conn.dates
-        if flags == 0:
-            parts.append(dates.lines())
-            lines += dates.line_count
-        else:
-            if not flags & 1:
-                parts.append(dates.date_line())
-                lines += 1
-            if not flags & 2 and dates.server_line():
-                parts.append(dates.server_line())
-                lines += 1
-        parts.append(b"\r\n")
-        head = b"".join(parts)
-        if head.count(b"\n") != lines or head.count(b"\r") != lines:
-            rh.check_head(head, lines)  # raises: a name or value smuggled CR or LF (response splitting)
-        self.keep_alive = keep
         return head
 
     async def send(self, status: int, headers: Headers, body: bytes = b"") -> None:
@@ -254,7 +107,7 @@ class Responder:
         head = self._head(status, headers, len(body))
         self._state = _DONE
         conn = self._conn
-        if self._framing == _NO_BODY or not body:
+        if self._framing == NO_BODY or not body:
             data = head
         elif len(body) <= 65536:
             data = head + body
@@ -281,15 +134,15 @@ class Responder:
             return
         framing = self._framing
         # Streamed writes always yield (send_all): an app writing in a tight loop must not starve the others.
-        if framing == _CHUNKED:
-            await self._conn.send_all(b"".join((b"%x\r\n" % len(chunk), chunk, b"\r\n")))
-        elif framing == _IDENTITY:
+        if framing == CHUNKED:
+            await self._conn.send_all(frame_chunk(chunk))
+        elif framing == IDENTITY:
             self._remaining -= len(chunk)
             if self._remaining < 0:
                 self.keep_alive = False
                 raise ValueError("response body longer than its content-length")
             await self._conn.send_all(chunk)
-        elif framing == _UNTIL_CLOSE:
+        elif framing == UNTIL_CLOSE:
             await self._conn.send_all(chunk)
 
     async def end(self) -> None:
@@ -298,45 +151,30 @@ class Responder:
         if self._state == _FRESH:
             raise RuntimeError("end() needs start() first")
         self._state = _DONE
-        if self._framing == _CHUNKED:
+        if self._framing == CHUNKED:
             await self._conn.send(rh.LAST_CHUNK)
-        elif self._framing == _IDENTITY and self._remaining != 0:
+        elif self._framing == IDENTITY and self._remaining != 0:
             # Shorter than announced: only closing tells the client the body is incomplete.
             self.keep_alive = False
 
 
 class Connection:
-    """The state of one connection and its httptools callbacks (see the module docstring)."""
+    """The I/O and timeouts of one connection (see the module docstring); parsing is its `RequestParser`'s."""
 
     # Slots: a connection outlives its HTTP use as a WebSocket, and past 30 attributes CPython would give each
     # instance a dict of its own (~1.6 KB).
     __slots__ = (
         "__weakref__",
         "_app",
-        "_client",
         "_coalescer",
-        "_completed",
         "_current",
-        "_failure",
-        "_fresh_feed",
-        "_head_chunks",
-        "_head_exact",
-        "_head_size",
-        "_headers",
-        "_in_head",
+        "_http",
         "_later",
         "_max_drain",
-        "_max_head",
-        "_parser",
-        "_parsing",
         "_read_size",
-        "_ready",
         "_sock",
         "_stream",
         "_upgrade",
-        "_upgrade_buffer",
-        "_upgraded",
-        "_url",
         "closing",
         "dates",
         "idle",
@@ -354,10 +192,8 @@ class Connection:
         self._stream = stream
         self.dates = server.dates
         self._read_size = settings.read_size
-        self._max_head = settings.max_header_bytes
         self._max_drain = settings.max_drain_bytes
         self._sock = stream.socket
-        self._parser = httptools.HttpRequestParser(self)
         self.scope = trio.CancelScope()
         self.read_deadline = _INF
         self.write_deadline = _INF
@@ -365,24 +201,8 @@ class Connection:
         """True while waiting for the first byte of a request: a drain may close the connection now."""
         self.closing = False
         """Close after the current response (drain, or a framing problem)."""
-        self._ready: deque[HttpRequest] = deque()
-        """Parsed requests not answered yet (each one's `body` is its `Body`)."""
         self._current: Body | None = None
         self._upgrade: HttpRequest | None = None
-        self._failure: _ParseFailure | None = None
-        # Parser state for the message being parsed.
-        self._parsing: Body | None = None
-        self._completed: Body | None = None
-        self._in_head = False
-        self._url = b""
-        self._headers: Headers = []
-        self._head_size = 0
-        # Raw bytes of the head being parsed, kept for a WebSocket handoff.
-        self._head_chunks: list[bytes] = []
-        self._head_exact = False
-        self._fresh_feed = False
-        self._upgrade_buffer = b""
-        self._upgraded = False
         self._later = b""
         """Response bytes waiting for the end of the scheduler pass (see `send_later`)."""
         self._coalescer = server.coalescer
@@ -390,104 +210,13 @@ class Connection:
         """Set while a server task finishes a write the kernel did not take at once; every other write waits."""
         try:
             peer = stream.socket.getpeername()
-            self._client: tuple[str, int] | None = (str(peer[0]), int(peer[1]))
+            client: tuple[str, int] | None = (str(peer[0]), int(peer[1]))
         except (OSError, IndexError, TypeError):
-            self._client = None
-
-    # -- httptools callbacks ------------------------------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self._parsing = Body(self)
-        self._in_head = True
-        self._url = b""
-        self._headers = []
-        self._head_size = 0
-        self._head_exact = self._fresh_feed
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        self._head_size += len(url)
-        if self._head_size > self._max_head:
-            raise _HeadTooLarge
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        lname = name.lower()
-        self._headers.append((lname, value))
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > self._max_head:
-            raise _HeadTooLarge
-        if lname in _INTERESTING:
-            body = self._parsing
-            assert body is not None
-            if lname == b"content-length":
-                try:
-                    body.content_length = int(value)
-                except ValueError:
-                    pass  # llhttp rejects it
-            elif lname == b"expect":
-                body.expect_continue = value.lower() == b"100-continue"
-            else:
-                body.websocket = value.lower() == b"websocket"
-
-    def on_headers_complete(self) -> None:
-        body = self._parsing
-        assert body is not None
-        parser = self._parser
-        self._in_head = False
-        raw_method = parser.get_method()
-        method = _METHODS.get(raw_method) or raw_method.decode("latin-1")
-        target = self._url.decode("latin-1")
-        path, _, query = target.partition("?")
-        body.keep_alive = parser.should_keep_alive()
-        body.is_head = method == "HEAD"
-        if not body.websocket:
-            self._head_chunks = []  # only an upgrade needs the raw head; do not hold the read buffer
-        version = body.http_version = parser.get_http_version()
-        self._ready.append(HttpRequest(method, target, path, query, self._headers, body, self._client, version))
-
-    def on_body(self, data: bytes) -> None:
-        body = self._parsing
-        assert body is not None
-        body.chunks.append(data)
-        body.received += len(data)
-
-    def on_message_complete(self) -> None:
-        body = self._parsing
-        assert body is not None
-        body.complete = True
-        self._completed = body
-        self._parsing = None
-        self._fresh_feed = False
+            client = None
+        self._http = RequestParser(self, client, settings.max_header_bytes)
+        """The sans-I/O core: this shell feeds it what it reads and answers what it parsed."""
 
     # -- reading --------------------------------------------------------------------------------------------------
-
-    def _feed(self, data: bytes) -> None:
-        """Parse `data`; parse errors are kept in `_failure` and answered once the requests before them are."""
-        if self._upgraded:
-            self._upgrade_buffer += data  # not HTTP any more: it belongs to the WebSocket handler
-            return
-        self._completed = None
-        if self._parsing is None:
-            self._head_chunks = [data]
-        elif self._in_head:
-            self._head_chunks.append(data)
-        self._fresh_feed = True
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            # llhttp stopped at the end of an upgrade request: what follows is not HTTP. No more parsing.
-            self._upgrade_buffer = data[int(exc.args[0]) :]
-            self._upgraded = True
-            if self._completed is not None:
-                self._completed.upgrade = True
-        except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, _HeadTooLarge):
-                self._failure = _ParseFailure(431, "request head too large")
-            else:
-                self._failure = _ParseFailure(400, f"malformed request: {exc}")
-            return
-        if self._in_head and sum(map(len, self._head_chunks)) > self._max_head:
-            self._failure = _ParseFailure(431, "request head too large")
 
     async def _receive(self, timeout: float) -> bytes:
         """One read (b"" at end of stream or on a socket error), within `timeout` (see the reaper).
@@ -526,8 +255,8 @@ class Connection:
         """Read from the socket until `body` has a chunk or is complete. Called by `Body` reads."""
         if body is not self._current:
             raise RuntimeError("a request body can only be read while its handler runs")
-        if self._failure is not None:
-            raise BadRequestBody(str(self._failure))
+        if self._http.failure is not None:
+            raise BadRequestBody(str(self._http.failure))
         if body.expect_continue and not body.continue_sent:
             body.continue_sent = True
             await self.send(rh.CONTINUE)
@@ -535,10 +264,10 @@ class Connection:
         if not data:
             self.closing = True
             raise ClientDisconnected("the connection closed before the request body ended")
-        self._feed(data)
-        if not body.complete and not body.chunks and self._failure is not None:
+        self._http.feed(data)
+        if not body.complete and not body.chunks and self._http.failure is not None:
             self.closing = True
-            raise BadRequestBody(str(self._failure))
+            raise BadRequestBody(str(self._http.failure))
 
     async def _receive_body(self, body: Body) -> bytes:
         """One read for `body` (b"" at end of stream), or `BadRequestBody` with status 408 when the client is too
@@ -572,7 +301,7 @@ class Connection:
         budget = self._max_drain
         body.chunks.clear()
         while not body.complete:
-            if self._failure is not None:
+            if self._http.failure is not None:
                 return False
             try:
                 data = await self._receive_body(body)
@@ -583,7 +312,7 @@ class Connection:
             budget -= len(data)
             if budget < 0:
                 return False
-            self._feed(data)
+            self._http.feed(data)
             body.chunks.clear()
         return True
 
@@ -705,20 +434,21 @@ class Connection:
                     await trio.aclose_forcefully(self._stream)
                     # The parser holds our bound callbacks: without this, each closed connection would be a
                     # cycle for the GC to find.
-                    self._parser = None  # type: ignore[assignment]
+                    self._http.close()
 
     async def _serve_requests(self) -> WebSocketHandler | None:
         """The request loop. Returns the WebSocket handler to hand the stream to (the upgrade request is in
         `_upgrade`), or None when the connection is done."""
-        ready = self._ready
+        http = self._http
+        ready = http.ready
         server = self.server
         settings = server.settings
         timeout = settings.header_timeout_s  # the first request of a connection gets the head budget
         fresh = False  # whether a read (which yields) came since the last request
         while True:
             if not ready:
-                if self._failure is not None:
-                    await self._reject(self._failure.status)
+                if http.failure is not None:
+                    await self._reject(http.failure.status)
                     return None
                 if self.closing or server.draining:
                     return None
@@ -727,9 +457,9 @@ class Connection:
                 self.idle = False
                 if not data:
                     return None
-                self._feed(data)
+                http.feed(data)
                 fresh = True
-                if self._in_head and self._failure is None and not await self._finish_head(settings.header_timeout_s):
+                if http.in_head and http.failure is None and not await self._finish_head(settings.header_timeout_s):
                     return None
                 continue
             timeout = settings.keep_alive_timeout_s
@@ -740,7 +470,7 @@ class Connection:
             fresh = False
             request = ready.popleft()
             body = cast(Body, request.body)
-            if body.upgrade and body.websocket and self._upgrade_ready(body):
+            if body.upgrade and body.websocket and http.upgrade_ready(body):
                 handler = self._app.websocket_handler(request)
                 if handler is not None:
                     self._upgrade = request  # for `_take_upgrade`
@@ -755,7 +485,8 @@ class Connection:
 
         False when the client closed the connection first."""
         deadline = trio.current_time() + timeout
-        while self._in_head and self._failure is None:
+        http = self._http
+        while http.in_head and http.failure is None:
             self.read_deadline = deadline
             try:
                 data = await self._stream.receive_some(self._read_size)
@@ -765,12 +496,8 @@ class Connection:
                 self.read_deadline = _INF
             if not data:
                 return False
-            self._feed(data)
+            http.feed(data)
         return True
-
-    def _upgrade_ready(self, body: Body) -> bool:
-        # The upgrade request must be the last parsed one: llhttp stopped at its end.
-        return not self._ready and self._parsing is None and body.complete
 
     async def _respond(self, request: HttpRequest, body: Body) -> bool:
         """Call the app for one request; returns whether the connection stays open."""
@@ -789,7 +516,7 @@ class Connection:
             if responder.started:
                 return False
             self.closing = True
-            await self._answer_error(responder, exc.status if exc.status in _ERRORS else 400)
+            await self._answer_error(responder, exc.status if exc.status in ERRORS else 400)
         except Exception:
             logger.exception("HTTP handler failed on %s %s", request.method, request.path)
             if responder.started:
@@ -815,25 +542,15 @@ class Connection:
 
     async def _answer_error(self, responder: Responder, status: int) -> None:
         try:
-            await responder.send(status, _JSON, _error_body(status))
+            await responder.send(status, JSON, error_body(status))
         except ClientDisconnected:
             responder.keep_alive = False
 
     async def _reject(self, status: int) -> None:
         """Answer a request that could not be parsed, then close (after lingering so the client reads it)."""
         self.server.bad_requests += 1
-        head = b"".join(
-            (
-                rh.status_line(status),
-                b"content-type: application/json\r\n",
-                b"content-length: %d\r\n" % len(_error_body(status)),
-                rh.CONNECTION_CLOSE,
-                self.dates.lines(),
-                b"\r\n",
-            )
-        )
         try:
-            await self.send(head + _error_body(status))
+            await self.send(error_response(status, self.dates))
         except ClientDisconnected:
             return
         await self._linger()
@@ -868,35 +585,15 @@ class Connection:
             # No local holds the request or the bytes: the handler may drop them after its handshake.
             await handler(self._stream, *self._take_upgrade())
         except Exception:
-            logger.exception("WebSocket handler failed on %s", self._url.decode("latin-1").partition("?")[0])
+            logger.exception("WebSocket handler failed on %s", self._http.url.decode("latin-1").partition("?")[0])
         finally:
             # The handler owns the stream; closing it again is a no-op, and it stops a buggy handler leaking it.
             await trio.aclose_forcefully(self._stream)
 
     def _take_upgrade(self) -> tuple[bytes, HttpRequest]:
-        """The upgrade request and every byte read so far; releases the HTTP state this connection will not
-        use again (parser, queues, head buffers: ~4 KB that would otherwise live as long as the WebSocket).
-        `_url` stays: it is the upgrade request's target (for the log)."""
+        """The upgrade request and every byte read from it on; the parser releases what it will not use again."""
         request = self._upgrade
         assert request is not None
-        buffered = self._raw_head(request) + self._upgrade_buffer
-        self._parser = None  # type: ignore[assignment]  # never fed again after a hand-off
-        self._ready = None  # type: ignore[assignment]
-        self._head_chunks = []
-        self._headers = []
-        self._upgrade_buffer = b""
-        self._parsing = self._completed = self._current = self._upgrade = None
+        buffered = self._http.take_upgrade(request)
+        self._current = self._upgrade = None
         return buffered, request
-
-    def _raw_head(self, request: HttpRequest) -> bytes:
-        """The upgrade request's head as received; re-serialised when it shared a read with an earlier request."""
-        if self._head_exact:
-            head = b"".join(self._head_chunks)
-            return head[: len(head) - len(self._upgrade_buffer)]
-        parts = [
-            b"%s %s HTTP/%s\r\n"
-            % (request.method.encode(), request.target.encode("latin-1"), request.http_version.encode())
-        ]
-        parts += [b"%s: %s\r\n" % (k, v) for k, v in request.headers]
-        parts.append(b"\r\n")
-        return b"".join(parts)
