@@ -316,6 +316,12 @@ class Client:
         times = [c.expires_at for c in self.channels.values() if c.expires_at is not None]
         return min(times) if times else float("inf")
 
+    async def end_session(self, session_id: str, message: str) -> None:
+        """The session was revoked: end every channel joined with one of its tokens (`system` error, `phx_close`)."""
+        for channel in list(self.channels.values()):
+            if channel.claims.get("session_id") == session_id:
+                await self.end_channel(channel, message)
+
     async def expire_tokens(self) -> None:
         now = trio.current_time()
         for channel in list(self.channels.values()):

@@ -23,7 +23,7 @@ import trio
 from websockets.http11 import Request, Response
 
 from mbworker.lib.http.types import BodyTooLarge, HttpRequest, Responder, WebSocketHandler
-from mbworker.lib.jwt import JwtVerifier
+from mbworker.lib.jwt import JwtVerifier, SessionRevoked
 from mbworker.realtime.auth import Authenticator
 from mbworker.realtime.broker import Broker, Envelope, broker_key
 from mbworker.realtime.broker_memory import MemoryBroker
@@ -119,6 +119,13 @@ class RealtimeService:
         """The node's nursery (set by `open_realtime`): presence upkeep and connections' writer tasks."""
         self._apikeys: dict[str, tuple[str, dict[str, Any]]] = {}
         """apikey → (the key, its claims), shared by the connections presenting it (see `_shared_apikey`)."""
+
+    async def end_session(self, session_id: str) -> None:
+        """A session was revoked (the cluster's deny-list calls this on every node): its channels here end now.
+        New joins with its tokens are refused by the verifier."""
+        message = str(SessionRevoked("Session has been revoked"))
+        for client in list(self._hub.clients.values()):
+            await client.end_session(session_id, message)
 
     # statistics ------------------------------------------------------------------------------------
 
