@@ -52,6 +52,9 @@ class WorkerSettings(BaseSettings):
     redis_url: str | None = Field(None, description="Redis of the state pillar; unset means single node")
     public_url: str | None = Field(None, description="SUPABASE_URL given to functions; default the public listener")
     node_id: str | None = Field(None, description="Name of this node in a cluster; default hostname-port")
+    advertise_host: str | None = Field(
+        None, description="Address proxies and the control plane reach this node at; default the listener's"
+    )
     deno: Path | None = Field(None, description="Deno binary; default the one the `deno` package ships")
     cache_mb: int = Field(64, ge=0, description="L1 result cache capacity in MiB (0 disables it)")
     wasm_sync_wait_us: int = Field(

@@ -22,10 +22,12 @@ from urllib.parse import urlsplit
 
 import trio
 
+from mbworker import __version__
 from mbworker.lib.http.server import HttpServer, serve_http
 from mbworker.lib.http.settings import HttpSettings
 from mbworker.lib.jwt import JwksError, open_jwt_verifier
-from mbworker.lib.redis import open_pubsub_bus, open_redis
+from mbworker.lib.redis import RedisClient, open_pubsub_bus, open_redis
+from mbworker.lib.revocation import MemoryRevocationList, RevocationList, open_redis_revocations
 from mbworker.realtime import open_realtime
 from mbworker.realtime.broker import Broker
 from mbworker.realtime.broker_redis import open_redis_broker
@@ -47,6 +49,7 @@ from mbworker.worker.cluster import (
     RedisRateLimiter,
     open_redis_deployment_store,
 )
+from mbworker.worker.cluster.heartbeat import NodeIdentity, NodeLoad, NodeState, serve_heartbeat
 from mbworker.worker.config import WorkerSettings
 from mbworker.worker.data_dir import secure_data_dir
 from mbworker.worker.deploy_local import deploy_path
@@ -131,6 +134,8 @@ async def serve_worker(
         presence: Presence | None = None
         limiter: RateLimiter = MemoryRateLimiter()
         l2: L2Cache | None = None
+        revocations: RevocationList = MemoryRevocationList()
+        redis: RedisClient | None = None
         if settings.redis_url:
             # Cluster mode: deployments, realtime and rate limits are shared through the state pillar's Redis.
             redis = await stack.enter_async_context(open_redis(settings.redis_url))
@@ -146,6 +151,8 @@ async def serve_worker(
             # gap detection (lost, then resubscribed) is the one they react to.
             bus = await stack.enter_async_context(open_pubsub_bus(redis.settings))
             metrics.add_statistics(PUBSUB_STATS, bus.pubsub.statistics)
+            # Sessions the control plane revoked: the verifier refuses their tokens on every node.
+            revocations = await stack.enter_async_context(open_redis_revocations(redis))
             # Entered before realtime, so they close after it: clients' last untracks still reach Redis.
             broker = await stack.enter_async_context(open_redis_broker(redis, redis.settings, node_id=node_id, bus=bus))
             presence = await stack.enter_async_context(
@@ -175,6 +182,7 @@ async def serve_worker(
             verifier = await stack.enter_async_context(open_jwt_verifier(keys.jwt_secret, jwks=settings.jwks))
         except JwksError as exc:
             raise ConfigError(f"jwks: {exc}") from None
+        verifier.revocations = revocations  # a revoked session's tokens are refused by the gate and by realtime
         functions = FunctionsFrontDoor(
             table,
             runtimes,
@@ -233,6 +241,7 @@ async def serve_worker(
                 shared_limiter=_SharedRealtimeLimiter(limiter),
             )
         )
+        revocations.add_listener(realtime.end_session)  # channels joined with a revoked session end at once
         metrics.add_statistics(REALTIME_STATS, realtime.statistics)
 
         async def ready() -> tuple[bool, dict[str, Any]]:
@@ -253,6 +262,8 @@ async def serve_worker(
                 "status": "draining" if draining.is_set() else "ok",
                 "node": node_id,
                 "functions": table.slugs(),
+                # what this node serves now: the control plane waits on it before a deploy returns
+                "live": {slug: a.fn.version for slug in table.slugs() if (a := table.get(slug)) is not None},
                 "runtimes": {name: _stats(rt) for name, rt in runtimes.items()},
             }
 
@@ -289,6 +300,22 @@ async def serve_worker(
             )
             metrics.add_statistics(HTTP_STATS, public.statistics, listener="public")
             metrics.add_statistics(HTTP_STATS, admin.statistics, listener="admin")
+            if redis is not None:
+                # The control plane's registry: this node's health, load and live versions, once a second.
+
+                def node_state() -> NodeState:
+                    live = {slug: a.fn.version for slug in table.slugs() if (a := table.get(slug)) is not None}
+                    load = NodeLoad(
+                        public.statistics().requests_served,
+                        realtime.statistics().connections,
+                        deno.statistics().processes,
+                    )
+                    why = "draining" if draining.is_set() else None
+                    return NodeState(why is None, why, draining.is_set(), load, live)
+
+                host = await trio.to_thread.run_sync(advertised_host, settings)  # may resolve the host name
+                identity = NodeIdentity("worker", node_id, host, public.port, admin.port, __version__)
+                nursery.start_soon(partial(serve_heartbeat, redis, identity, node_state, draining.set))
             for path in deploy_paths:
                 await deploy_path(deployer, path)
             handle = WorkerHandle(settings, keys, public, admin, deployer, draining)
@@ -408,6 +435,18 @@ def function_net_policy(settings: WorkerSettings) -> NetPolicy:
     return NetPolicy(
         deny=(*resolve_hosts(services), *node_addresses()), allow_private=tuple(settings.net_allow_private)
     )
+
+
+def advertised_host(settings: WorkerSettings) -> str:
+    """The address proxies and the control plane reach this node's listeners at (its private IP in a cluster)."""
+    if settings.advertise_host:
+        return settings.advertise_host
+    if settings.host not in ("0.0.0.0", "", "::"):
+        return settings.host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 def default_node_id(settings: WorkerSettings) -> str:
