@@ -87,6 +87,11 @@ class AdminApp:
             ("POST", re.compile(r"^/admin/v1/functions/([^/]+)/deploy$"), self._deploy),
             ("PUT", re.compile(r"^/admin/v1/functions/([^/]+)$"), self._deploy),
             ("POST", re.compile(r"^/admin/v1/functions/([^/]+)/rollback$"), self._rollback),
+            (
+                "POST",
+                re.compile(r"^/admin/v1/functions/([^/]+)/versions/([0-9]+)/(warm|activate|abandon)$"),
+                self._version_step,
+            ),
             ("DELETE", re.compile(r"^/admin/v1/functions/([^/]+)$"), self._delete),
             ("POST", re.compile(r"^/admin/v1/drain$"), self._drain),
             ("POST", re.compile(r"^/admin/v1/cache/purge$"), self._purge),
@@ -180,8 +185,10 @@ class AdminApp:
             return
         sha = (request.header(b"x-mbworker-sha256") or b"").decode("ascii", "replace") or None
         archive = await request.body.read_all(self.max_bundle_bytes)
+        # ?activate=0: the control plane's first phase (store and boot here; it activates once every worker booted)
+        stage_only = "activate=0" in request.query.split("&")
         try:
-            dep = await self.deployer.deploy(slug, archive, sha)
+            dep = await (self.deployer.stage if stage_only else self.deployer.deploy)(slug, archive, sha)
         except BundleRejected as exc:
             await send_error(responder, exc.status, "BUNDLE_REJECTED", exc.reason)
             return
@@ -197,6 +204,34 @@ class AdminApp:
             return
         log.info("deployed %s v%d", dep.slug, dep.version)
         await send_json(responder, 201, {**deployment_json(dep), "url": f"{self.public_url}/functions/v1/{dep.slug}"})
+
+    async def _version_step(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
+        """The control plane's two-phase deploy: `warm` a stored version here (boot, not live), `activate` it
+        (cluster-wide switch), or `abandon` it (retire here; with {"error"}, mark it failed)."""
+        slug, version, step = args[0], int(args[1]), args[2]
+        dep = await self.deployer.store.get(slug, version)
+        if dep is None:
+            await send_error(responder, 404, "NOT_FOUND", f"No version {version} of {slug!r}")
+            return
+        if step == "warm":
+            try:
+                await self.deployer.warm(dep)
+            except DeployFailed as exc:
+                boot = exc.error
+                await send_error(responder, boot.status, boot.code, boot.message, output=boot.output[-8000:])
+                return
+            await send_json(responder, 200, deployment_json(dep))
+        elif step == "activate":
+            await send_json(responder, 200, deployment_json(await self.deployer.activate(slug, version)))
+        else:
+            try:
+                body = await self._json_body(request)
+            except ValueError as exc:
+                await send_error(responder, 400, "BAD_REQUEST", f"Invalid JSON body: {exc}")
+                return
+            error = body.get("error")
+            await self.deployer.abandon(dep, error if isinstance(error, str) else None)
+            await send_json(responder, 200, {"slug": slug, "version": version, "abandoned": True})
 
     async def _rollback(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
         try:

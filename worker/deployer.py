@@ -126,23 +126,59 @@ class Deployer:
 
     async def deploy(self, slug: str, archive: bytes, sha256: str | None = None) -> Deployment:
         """Store, boot, then switch. Raises `BundleRejected` (4xx) or `DeployFailed` (503 BOOT_ERROR)."""
+        dep = await self.stage(slug, archive, sha256)
+        return await self.activate(slug, dep.version)
+
+    async def stage(self, slug: str, archive: bytes, sha256: str | None = None) -> Deployment:
+        """Store and boot a new version without switching to it (the control plane's first phase).
+
+        A version that fails to boot is marked failed and retired: `DeployFailed`."""
         dep = await self.store.put(slug, archive, sha256)
+        try:
+            await self.warm(dep)
+        except DeployFailed as exc:
+            error = exc.error
+            await self.store.mark_failed(
+                slug, dep.version, error.message + ("\n" + error.output if error.output else "")
+            )
+            raise
+        return dep
+
+    async def warm(self, dep: Deployment) -> None:
+        """Boot `dep` here (fetching its files if another node stored it) without switching to it. On a boot
+        error it is retired here and `DeployFailed` raised; the store is not changed."""
         fn = await self.function_version(dep)
         runtime = self.runtimes[fn.runtime]
         try:
             await runtime.warm(fn)
         except BootError as exc:
-            await self.store.mark_failed(slug, dep.version, exc.message + ("\n" + exc.output if exc.output else ""))
             await runtime.retire(fn)
             raise DeployFailed(dep, exc) from exc
+
+    async def abandon(self, dep: Deployment, error: str | None) -> None:
+        """A version the cluster will not activate: retire it here; with `error`, mark it failed in the store."""
+        if error is not None and dep.status != "FAILED":
+            await self.store.mark_failed(dep.slug, dep.version, error)
+        runtime = self.runtimes.get(dep.runtime)
+        if runtime is not None:
+            current = self.table.get(dep.slug)
+            if current is None or current.fn.version != dep.version:
+                await runtime.retire(await self.function_version(dep))
+
+    async def activate(self, slug: str, version: int) -> Deployment:
+        """Switch to a stored (and booted) `version`, here and, through the store's change feed, everywhere.
+
+        The store decides, under its own (cluster-wide) lock: a later version live anywhere stays live, and is
+        what is returned (this version is then retired here)."""
         async with self._lock(slug):
-            # The store decides, under its own (cluster-wide) lock: a later version live anywhere stays live.
-            live = await self.store.activate(slug, dep.version, only_if_newer=True)
-            if live.version != dep.version:
-                log.info("%s v%d superseded by v%d", slug, dep.version, live.version)
-                await runtime.retire(fn)
+            live = await self.store.activate(slug, version, only_if_newer=True)
+            if live.version != version:
+                log.info("%s v%d superseded by v%d", slug, version, live.version)
+                dep = await self.store.get(slug, version)
+                if dep is not None:
+                    await self._retire(await self.function_version(dep))
                 await self._follow(live)
-                return dep
+                return dep if dep is not None else live
             await self._switch(await self._active(live))
         return live
 
