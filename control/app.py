@@ -1,0 +1,225 @@
+"""The control plane's HTTP API (`/control/v1/...`): `ControlApp`, an `HttpApp` on lib/http.
+
+Every call needs `Authorization: Bearer <control token>` (compared in constant time); a missing or wrong one is
+a bare 401 with no detail. Mutating calls are recorded in the audit ring with their result. Errors are JSON
+`{"code", "message"}`; the cluster's Redis unreachable is 503 REDIS_UNAVAILABLE with the reason.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs
+
+from mbworker.control.audit import AuditLog, entry_json
+from mbworker.control.errors import ControlError, StateUnavailable
+from mbworker.control.functions import ClusterFunctions
+from mbworker.control.registry import NodeRegistry
+from mbworker.lib.http.types import BodyTooLarge, HttpRequest, Responder, WebSocketHandler
+from mbworker.lib.redis import RedisError
+from mbworker.lib.revocation import RevocationList
+
+log = logging.getLogger("mbworker.control")
+
+SLUG = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+SMALL_BODY = 64 * 1024
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+Route = Callable[[HttpRequest, list[str]], Awaitable[tuple[int, Any]]]
+
+
+class ControlApp:
+    """Owns nothing: registry, functions, revocations and audit belong to `serve_control`."""
+
+    def __init__(
+        self,
+        token: str,
+        *,
+        token_name: str,
+        registry: NodeRegistry,
+        functions: ClusterFunctions,
+        revocations: RevocationList,
+        audit: AuditLog,
+        session_lifetime_s: float,
+        max_bundle_bytes: int,
+    ) -> None:
+        self._token = token.encode()
+        self._token_name = token_name
+        self.registry = registry
+        self.functions = functions
+        self.revocations = revocations
+        self.audit = audit
+        self.session_lifetime_s = session_lifetime_s
+        self.max_bundle_bytes = max_bundle_bytes
+        v1 = "/control/v1"
+        # (method, path, handler, mutating)
+        self._routes: list[tuple[str, re.Pattern[str], Route, bool]] = [
+            ("GET", re.compile(rf"^{v1}/nodes$"), self._nodes, False),
+            ("POST", re.compile(rf"^{v1}/nodes/([^/]+)/drain$"), self._drain, True),
+            ("GET", re.compile(rf"^{v1}/upstreams$"), self._upstreams, False),
+            ("GET", re.compile(rf"^{v1}/scrape-targets$"), self._scrape_targets, False),
+            ("GET", re.compile(rf"^{v1}/audit$"), self._audit, False),
+            ("POST", re.compile(rf"^{v1}/sessions/revoke$"), self._revoke, True),
+            ("GET", re.compile(rf"^{v1}/sessions/revoked$"), self._revoked, False),
+            ("GET", re.compile(rf"^{v1}/functions$"), self._list, False),
+            ("GET", re.compile(rf"^{v1}/functions/([^/]+)/logs$"), self._logs, False),
+            ("GET", re.compile(rf"^{v1}/functions/([^/]+)$"), self._versions, False),
+            ("POST", re.compile(rf"^{v1}/functions/([^/]+)/deploy$"), self._deploy, True),
+            ("POST", re.compile(rf"^{v1}/functions/([^/]+)/rollback$"), self._rollback, True),
+            ("DELETE", re.compile(rf"^{v1}/functions/([^/]+)$"), self._delete, True),
+        ]
+
+    def websocket_handler(self, request: HttpRequest) -> WebSocketHandler | None:
+        return None
+
+    def _authorized(self, request: HttpRequest) -> bool:
+        scheme, _, token = (request.header(b"authorization") or b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token, self._token)
+
+    async def handle_http(self, request: HttpRequest, responder: Responder) -> None:
+        if not self._authorized(request):
+            await responder.send(401, [(b"content-length", b"0"), (b"www-authenticate", b"Bearer")])
+            return
+        matched = False
+        for method, pattern, route, mutating in self._routes:
+            m = pattern.match(request.path)
+            if m is None:
+                continue
+            matched = True
+            if method != request.method:
+                continue
+            status, value = await self._run(route, request, list(m.groups()))
+            if mutating:
+                self.audit.record(self._token_name, f"{request.method} {request.path}", status, _summary(value))
+            await responder.send(status, JSON_HEADERS, json.dumps(value).encode())
+            return
+        if matched:
+            await _error(responder, 405, "METHOD_NOT_ALLOWED", f"{request.method} not allowed here")
+        else:
+            await _error(responder, 404, "NOT_FOUND", f"No control route {request.path}")
+
+    async def _run(self, route: Route, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
+        try:
+            return await route(request, args)
+        except ControlError as exc:
+            body: dict[str, Any] = {"code": exc.code, "message": exc.message}
+            if exc.output:
+                body["output"] = exc.output[-8000:]
+            return exc.status, body
+        except RedisError as exc:
+            return 503, {"code": StateUnavailable.code, "message": f"the cluster's Redis is unreachable: {exc}"}
+        except BodyTooLarge:
+            return 413, {"code": "PAYLOAD_TOO_LARGE", "message": "Request body too large"}
+
+    async def _json_body(self, request: HttpRequest) -> dict[str, Any]:
+        raw = await request.body.read_all(SMALL_BODY)
+        if not raw.strip():
+            return {}
+        try:
+            value = json.loads(raw)
+        except ValueError as exc:
+            raise ControlError(f"Invalid JSON body: {exc}") from None
+        if not isinstance(value, dict):
+            raise ControlError("Invalid JSON body: expected an object")
+        return value
+
+    # nodes -------------------------------------------------------------------------------------------------
+
+    async def _nodes(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
+        return 200, [view.to_json() for view in await self.registry.nodes()]
+
+    async def _drain(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
+        view = await self.registry.ask_drain(args[0])
+        return 202, {"name": view.record.name, "draining": True, "left_upstreams": True}
+
+    async def _upstreams(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
+        return 200, await self.registry.upstreams()
+
+    async def _scrape_targets(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
+        return 200, await self.registry.scrape_targets()
+
+    async def _audit(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
+        limit = _int_param(request, "limit")
+        return 200, [entry_json(e) for e in self.audit.entries(limit)]
+
+    # sessions ----------------------------------------------------------------------------------------------
+
+    async def _revoke(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
+        body = await self._json_body(request)
+        session_id = body.get("session_id")
+        if not isinstance(session_id, str) or not SESSION_ID.match(session_id):
+            raise ControlError("session_id must be a string of letters, digits and _.:- (at most 128)")
+        now = time.time()
+        until = body.get("until", now + self.session_lifetime_s)
+        if not isinstance(until, int | float) or isinstance(until, bool) or until <= now:
+            raise ControlError("until must be a time in the future (epoch seconds)")
+        await self.revocations.revoke(session_id, float(until))
+        return 200, {"session_id": session_id, "revoked_until": until}
+
+    async def _revoked(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
+        listed = await self.revocations.listed()
+        return 200, [{"session_id": s, "until": u} for s, u in sorted(listed.items())]
+
+    # functions ---------------------------------------------------------------------------------------------
+
+    async def _list(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
+        return 200, await self.functions.list_functions()
+
+    async def _versions(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
+        return 200, await self.functions.versions(_slug(args[0]))
+
+    async def _deploy(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
+        slug = _slug(args[0])
+        sha = (request.header(b"x-mbworker-sha256") or b"").decode("ascii", "replace") or None
+        archive = await request.body.read_all(self.max_bundle_bytes)
+        return 201, await self.functions.deploy(slug, archive, sha)
+
+    async def _rollback(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
+        to = (await self._json_body(request)).get("version")
+        if to is not None and (not isinstance(to, int) or isinstance(to, bool)):
+            raise ControlError("version must be an integer")
+        return 200, await self.functions.rollback(_slug(args[0]), to)
+
+    async def _delete(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
+        return 200, await self.functions.delete(_slug(args[0]))
+
+    async def _logs(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
+        since = parse_qs(request.query).get("since", [None])[-1]
+        return 200, await self.functions.logs(_slug(args[0]), since, _int_param(request, "limit"))
+
+
+def _slug(slug: str) -> str:
+    if not SLUG.match(slug):
+        raise ControlError(f"Slug {slug!r} must match {SLUG.pattern}", code="INVALID_SLUG")
+    return slug
+
+
+def _int_param(request: HttpRequest, name: str) -> int | None:
+    raw = parse_qs(request.query).get(name, [""])[-1]
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ControlError(f"{name} must be an integer") from None
+    if value < 0:
+        raise ControlError(f"{name} must be >= 0")
+    return value
+
+
+def _summary(value: Any) -> str:
+    if isinstance(value, dict):
+        if "message" in value:
+            return str(value["message"])
+        return ", ".join(f"{k}={value[k]}" for k in ("slug", "version", "serving", "name", "session_id") if k in value)
+    return ""
+
+
+async def _error(responder: Responder, status: int, code: str, message: str) -> None:
+    await responder.send(status, JSON_HEADERS, json.dumps({"code": code, "message": message}).encode())

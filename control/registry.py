@@ -1,0 +1,193 @@
+"""The node registry: what every node last said about itself, read from the cluster's Redis.
+
+Nodes write their heartbeat (worker/cluster/heartbeat.py documents the keys; this module reads them); a node
+whose last beat is older than `down_after_s` is down. The registry adds the control plane's own knowledge: a drain
+it asked for takes the node out of the upstreams at once, before the node starts draining.
+
+Owner: `NodeRegistry` owns nothing but reads; the Redis client belongs to `serve_control`. Redis failures become
+`StateUnavailable` (503).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mbworker.control.errors import NotFound, StateUnavailable
+from mbworker.lib.redis import Redis, RedisError
+
+log = logging.getLogger("mbworker.control.registry")
+
+DRAIN_TTL_S = 3600
+NODE_EXPORTER_PORT = 9100
+
+
+class NodeLoad(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    requests_per_s: float = 0.0
+    websockets: int = 0
+    deno_processes: int = 0
+
+
+class NodeRecord(BaseModel):
+    """One heartbeat, as the node sent it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    role: str
+    name: str
+    private_ip: str
+    port: int
+    admin_port: int
+    version: str
+    ready: bool
+    why_not: str | None = None
+    draining: bool = False
+    load: NodeLoad = Field(default_factory=NodeLoad)
+    functions: dict[str, int] = Field(default_factory=dict)
+    started_at: float = 0.0
+    sent_at: float
+
+
+class NodeView(BaseModel):
+    """A node as the control plane shows it: the record plus whether it is up and whether it may take traffic."""
+
+    model_config = ConfigDict(frozen=True)
+
+    record: NodeRecord
+    up: bool
+    last_seen_s: float
+    drain_asked: bool
+
+    @property
+    def serving(self) -> bool:
+        """Up, ready, and not leaving: what proxies may send to and a deploy must reach."""
+        return self.up and self.record.ready and not self.record.draining and not self.drain_asked
+
+    @property
+    def state(self) -> str:
+        if not self.up:
+            return "down"
+        if self.record.draining or self.drain_asked:
+            return "draining"
+        return "ready" if self.record.ready else "not ready"
+
+    @property
+    def address(self) -> str:
+        return f"{self.record.private_ip}:{self.record.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.record.private_ip}:{self.record.admin_port}"
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.record
+        return {
+            "role": r.role,
+            "name": r.name,
+            "private_ip": r.private_ip,
+            "port": r.port,
+            "version": r.version,
+            "state": self.state,
+            "ready": self.serving,
+            "why_not": None if self.serving else (r.why_not or ("drain asked" if self.drain_asked else self.state)),
+            "load": r.load.model_dump(),
+            "functions": r.functions,
+            "last_seen": r.sent_at,
+            "last_seen_s": round(self.last_seen_s, 1),
+        }
+
+
+class NodeRegistry:
+    def __init__(
+        self, redis: Redis, *, prefix: str = "mbw:", down_after_s: float = 15.0, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._redis = redis
+        self._p = prefix
+        self.down_after_s = down_after_s
+        self._clock = clock
+
+    async def nodes(self) -> list[NodeView]:
+        """Every node that reported within the record's lifetime, sorted by role and name."""
+        try:
+            names = [n.decode() for n in await self._redis.zrangebyscore(f"{self._p}nodes", "-inf", "+inf")]
+            if not names:
+                return []
+            replies = await self._redis.execute_many(
+                [
+                    ("MGET", *(f"{self._p}node:{n}" for n in names)),
+                    ("MGET", *(f"{self._p}node:{n}:drain" for n in names)),
+                ]
+            )
+        except RedisError as exc:
+            raise StateUnavailable(f"the cluster's Redis is unreachable: {exc}") from exc
+        now = self._clock()
+        views: list[NodeView] = []
+        gone: list[str] = []
+        for name, raw, drain in zip(names, replies[0], replies[1], strict=True):
+            if raw is None:
+                gone.append(name)  # the record expired: silent for longer than the heartbeat's lifetime
+                continue
+            try:
+                record = NodeRecord.model_validate(json.loads(raw))
+            except (ValueError, ValidationError):
+                log.warning("ignored a malformed heartbeat from %s", name)
+                continue
+            age = max(0.0, now - record.sent_at)
+            views.append(NodeView(record=record, up=age <= self.down_after_s, last_seen_s=age, drain_asked=bool(drain)))
+        if gone:
+            try:
+                await self._redis.zrem(f"{self._p}nodes", *gone)
+            except RedisError:
+                pass  # tidied at the next read
+        return sorted(views, key=lambda v: (v.record.role, v.record.name))
+
+    async def get(self, name: str) -> NodeView:
+        for view in await self.nodes():
+            if view.record.name == name:
+                return view
+        raise NotFound(f"no node {name!r}")
+
+    async def serving_workers(self) -> list[NodeView]:
+        return [v for v in await self.nodes() if v.record.role == "worker" and v.serving]
+
+    async def ask_drain(self, name: str) -> NodeView:
+        """Take `name` out of the upstreams now; it drains at its next heartbeat (within a second)."""
+        view = await self.get(name)
+        try:
+            await self._redis.set(f"{self._p}node:{name}:drain", str(self._clock()), ex=DRAIN_TTL_S)
+        except RedisError as exc:
+            raise StateUnavailable(f"the cluster's Redis is unreachable: {exc}") from exc
+        return view.model_copy(update={"drain_asked": True})
+
+    async def upstreams(self) -> list[dict[str, Any]]:
+        """Ready, non-draining workers with their current address: what proxies forward to."""
+        return [{"name": v.record.name, "address": v.address} for v in await self.serving_workers()]
+
+    async def scrape_targets(self) -> list[dict[str, Any]]:
+        """Prometheus/VictoriaMetrics `http_sd` groups: every up node's mbworker metrics (the admin listener's
+        `/metrics`, bearer: the workers' admin token) and its node-exporter."""
+        groups: list[dict[str, Any]] = []
+        for v in await self.nodes():
+            if not v.up:
+                continue
+            labels = {"node": v.record.name, "role": v.record.role}
+            groups.append(
+                {
+                    "targets": [f"{v.record.private_ip}:{v.record.admin_port}"],
+                    "labels": {**labels, "job": "mbworker", "__metrics_path__": "/metrics"},
+                }
+            )
+            groups.append(
+                {
+                    "targets": [f"{v.record.private_ip}:{NODE_EXPORTER_PORT}"],
+                    "labels": {**labels, "job": "node-exporter"},
+                }
+            )
+        return groups

@@ -1,0 +1,65 @@
+"""`serve_control`: the control plane's start order — token, Redis, revocations, worker client, listener.
+
+Redis is opened without requiring a connection: a control plane started before (or cut off from) the state
+pillar answers 503 with the reason and recovers when Redis comes back, like the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import trio
+
+from mbworker.control.app import ControlApp
+from mbworker.control.audit import MemoryAuditLog
+from mbworker.control.functions import ClusterFunctions
+from mbworker.control.registry import NodeRegistry
+from mbworker.control.settings import ControlSettings
+from mbworker.control.token import TOKEN_NAME, load_or_create_token
+from mbworker.control.workers import open_worker_admin
+from mbworker.lib.http.server import HttpServer, serve_http
+from mbworker.lib.redis import open_redis
+from mbworker.lib.revocation import open_redis_revocations
+
+log = logging.getLogger("mbworker.control")
+
+
+@dataclass(frozen=True)
+class ControlHandle:
+    settings: ControlSettings
+    server: HttpServer
+    app: ControlApp
+
+    @property
+    def url(self) -> str:
+        host = self.settings.host
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '', '::') else host}:{self.server.port}"
+
+
+async def serve_control(
+    settings: ControlSettings, *, task_status: trio.TaskStatus[ControlHandle] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run until cancelled; `started(handle)` once the listener accepts."""
+    token = await trio.to_thread.run_sync(load_or_create_token, settings.token_file)
+    async with (
+        open_redis(settings.redis_url, require_connection=False) as redis,
+        open_redis_revocations(redis) as revocations,
+        open_worker_admin(settings.admin_token.get_secret_value()) as admin,
+    ):
+        registry = NodeRegistry(redis, down_after_s=settings.down_after_s)
+        app = ControlApp(
+            token,
+            token_name=TOKEN_NAME,
+            registry=registry,
+            functions=ClusterFunctions(registry, admin, timeout=settings.deploy_timeout_s),
+            revocations=revocations,
+            audit=MemoryAuditLog(settings.audit_size),
+            session_lifetime_s=settings.session_lifetime_s,
+            max_bundle_bytes=settings.max_bundle_mb * 1024 * 1024,
+        )
+        async with trio.open_nursery() as nursery:
+            server: HttpServer = await nursery.start(serve_http, app, settings.host, settings.port)
+            handle = ControlHandle(settings, server, app)
+            log.info("control plane on %s", handle.url)
+            task_status.started(handle)
