@@ -37,7 +37,10 @@ def resolve_admin(url: str | None, token: str | None) -> tuple[str, str]:
 
 
 class AdminClient:
-    """Owns one httpx.Client; use as a context manager."""
+    """Owns one httpx.Client; use as a context manager. `prefix` is the API's root: the control plane's client
+    (cli/control_client.py) speaks the same function commands under `/control/v1`."""
+
+    prefix = "/admin/v1"
 
     def __init__(self, url: str, token: str, *, timeout: float = 120.0) -> None:
         self.url = url
@@ -84,7 +87,7 @@ class AdminClient:
 
         result: dict[str, Any] = self._call(
             "POST",
-            f"/admin/v1/functions/{slug}/deploy",
+            f"{self.prefix}/functions/{slug}/deploy",
             content=chunks(),
             headers={
                 "content-type": "application/octet-stream",
@@ -95,31 +98,31 @@ class AdminClient:
         return result
 
     def list_functions(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self._call("GET", "/admin/v1/functions")
+        result: list[dict[str, Any]] = self._call("GET", f"{self.prefix}/functions")
         return result
 
     def versions(self, slug: str) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self._call("GET", f"/admin/v1/functions/{slug}")
+        result: list[dict[str, Any]] = self._call("GET", f"{self.prefix}/functions/{slug}")
         return result
 
     def rollback(self, slug: str, to: int | None) -> dict[str, Any]:
         result: dict[str, Any] = self._call(
-            "POST", f"/admin/v1/functions/{slug}/rollback", json={} if to is None else {"version": to}
+            "POST", f"{self.prefix}/functions/{slug}/rollback", json={} if to is None else {"version": to}
         )
         return result
 
     def delete(self, slug: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("DELETE", f"/admin/v1/functions/{slug}")
+        result: dict[str, Any] = self._call("DELETE", f"{self.prefix}/functions/{slug}")
         return result
 
     def purge_cache(self, slug: str | None) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("POST", "/admin/v1/cache/purge", json={"slug": slug})
+        result: dict[str, Any] = self._call("POST", f"{self.prefix}/cache/purge", json={"slug": slug})
         return result
 
     def drain(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("POST", "/admin/v1/drain")
+        result: dict[str, Any] = self._call("POST", f"{self.prefix}/drain")
         return result
 
     def health(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("GET", "/admin/v1/health")
+        result: dict[str, Any] = self._call("GET", f"{self.prefix}/health")
         return result

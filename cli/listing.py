@@ -26,9 +26,9 @@ def _output_option(p: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from mbworker.cli.admin_client import AdminClient, resolve_admin
+    from mbworker.cli.control_client import function_client  # --cluster: the control plane
 
-    return AdminClient(*resolve_admin(args.url, args.token))
+    return function_client(args)
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -14,6 +14,15 @@ from mbworker.worker.errors import AdminApiError, ConfigError
 def _admin_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="admin API URL (env MBWORKER_ADMIN_URL; default http://127.0.0.1:8001)")
     p.add_argument("--token", help="admin token (env MBWORKER_ADMIN_TOKEN; default the local data dir's)")
+    p.add_argument(
+        "--cluster", type=Path, metavar="SPEC", help="the whole cluster, through its control plane (cluster.toml)"
+    )
+
+
+def _function_client(args: argparse.Namespace) -> Any:
+    from mbworker.cli.control_client import function_client
+
+    return function_client(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,10 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("slug", nargs="?")
     _admin_options(purge)
 
+    from mbworker.cli.cluster_cmds import add_cluster_commands
     from mbworker.provision.cli import add_local_commands, add_provision_commands
 
     add_provision_commands(sub)
     add_local_commands(sub)
+    add_cluster_commands(sub)
     return parser
 
 
@@ -176,19 +187,17 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from mbworker.cli.admin_client import AdminClient, resolve_admin
+    from mbworker.cli.progress import bundling_progress
     from mbworker.worker.deploy_local import build_bundles
 
-    url, token = resolve_admin(args.url, args.token)
-    from mbworker.cli.progress import bundling_progress
-
-    bundles = build_bundles(
-        args.path, name=args.name, no_verify_jwt=args.no_verify_jwt, env_file=args.env_file, bundling=bundling_progress
-    )
-    if not bundles:
-        raise ConfigError(f"no deployable function found under {args.path}")
     failed = 0
-    with AdminClient(url, token) as client:
+    with _function_client(args) as client:  # resolved first: a missing token is said before any bundling
+        bundles = build_bundles(
+            args.path, name=args.name, no_verify_jwt=args.no_verify_jwt, env_file=args.env_file,
+            bundling=bundling_progress,
+        )  # fmt: skip
+        if not bundles:
+            raise ConfigError(f"no deployable function found under {args.path}")
         for bundle in bundles:
             try:
                 dep = client.deploy(bundle.slug, bundle.data, bundle.sha256)
@@ -198,22 +207,31 @@ def _deploy(args: argparse.Namespace) -> int:
                 if exc.output:
                     print(exc.output.rstrip(), file=sys.stderr)
                 continue
-            print(f"✓ {dep['slug']} v{dep['version']} ({len(bundle.data)} bytes) → {dep.get('url', '')}")
+            where = f"live on {dep['serving']}/{dep['workers']} workers" if "workers" in dep else dep.get("url", "")
+            print(f"✓ {dep['slug']} v{dep['version']} ({len(bundle.data)} bytes) → {where}")
     return 1 if failed else 0
 
 
 def _functions(args: argparse.Namespace) -> int:
-    from mbworker.cli.admin_client import AdminClient, resolve_admin
+    if args.action == "logs" and args.cluster is not None:
+        from mbworker.cli.cluster_cmds import print_cluster_logs
 
-    url, token = resolve_admin(args.url, args.token)
+        if args.follow:
+            raise ConfigError("--follow works against one worker (--url); the cluster's logs are a snapshot")
+        with _function_client(args) as control:
+            return print_cluster_logs(control.logs(args.slug, args.since, args.limit), args.json)
     if args.action == "logs":
+        from mbworker.cli.admin_client import resolve_admin
+
+        url, token = resolve_admin(args.url, args.token)
         from mbworker.worker.function_logs import print_logs
 
         return print_logs(url, token, args.slug, args.follow, args.since, limit=args.limit, json_output=args.json)
-    with AdminClient(url, token) as client:
+    with _function_client(args) as client:
         if args.action == "rollback":
             dep = client.rollback(args.slug, args.to)
-            print(f"{dep['slug']} is now serving v{dep['version']}")
+            on = f" on {dep['serving']}/{dep['workers']} workers" if "workers" in dep else ""
+            print(f"{dep['slug']} is now serving v{dep['version']}{on}")
         elif args.action == "delete":
             result = client.delete(args.slug)
             print(f"{result['slug']} deleted ({len(result['removed'])} versions removed)")
@@ -222,6 +240,9 @@ def _functions(args: argparse.Namespace) -> int:
 
 def _cache(args: argparse.Namespace) -> int:
     from mbworker.cli.admin_client import AdminClient, resolve_admin
+
+    if args.cluster is not None:
+        raise ConfigError("cache purge works against one worker (--url): the control plane has no cache command")
 
     url, token = resolve_admin(args.url, args.token)
     with AdminClient(url, token) as client:

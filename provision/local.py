@@ -1,8 +1,10 @@
 """LocalProvider: the same cluster shape on this machine, without Docker.
 
-One redis-server (the state pillar), N `mbworker serve` processes sharing its URL (the worker pillar), and a TCP
-gateway in front (the proxy pillar). Ports come upwards from `local.base_port`: redis = base, gateway = base+1,
-worker n = base+10+2(n-1) (HTTP) and the next port (admin). Each worker gets its own data dir.
+One redis-server (the state pillar), N `mbworker serve` processes sharing its URL (the worker pillar), a TCP
+gateway in front (the proxy pillar) and `mbworker control serve` (the system pillar's control plane). Ports come
+upwards from `local.base_port`: redis = base, gateway = base+1, control = base+2, worker n = base+10+2(n-1) (HTTP)
+and the next port (admin). Each worker gets its own data dir. The control plane's token is created in the state
+dir with the secrets, and its URL recorded there (`mbworker.control.endpoint`), where `--cluster` finds both.
 
 The provider owns the processes it starts: PIDs (with their kernel start times, so a recycled PID is never
 mistaken for ours) are recorded in `<state dir>/local/processes.json`; `down` / scale-in stop them (SIGTERM to
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from mbworker.control.endpoint import control_token, token_path, write_endpoint
+
 from .errors import DrainError, ProviderError, StepFailed
 from .nodeops import NodeOps, NodeRef
 from .plan import Plan, Step
@@ -29,7 +33,7 @@ from .provider import ApplyOptions, ApplyReport, Progress, no_progress
 from .secrets import ClusterSecrets
 from .spec import ClusterSpec
 
-Kind = Literal["redis", "worker", "gateway"]
+Kind = Literal["redis", "worker", "gateway", "control"]
 STOP_GRACE = 10.0
 READY_TIMEOUT = 30.0
 
@@ -102,10 +106,15 @@ class LocalProvider:
             return base
         if kind == "gateway":
             return base + 1
+        if kind == "control":
+            return base + 2
         return base + 10 + 2 * (index - 1)
 
     def admin_port(self, index: int) -> int:
         return self.port("worker", index) + 1
+
+    def control_url(self) -> str:
+        return f"http://{self.host}:{self.port('control')}"
 
     def redis_url(self) -> str:
         pw = self._secrets.redis_password.get_secret_value()
@@ -116,6 +125,7 @@ class LocalProvider:
         out = {"redis": f"redis://{self.host}:{self.port('redis')}/0 (password in the secrets file)"}
         if self.spec.local.gateway:
             out["gateway"] = f"http://{self.host}:{self.port('gateway')}"
+        out["control"] = f"{self.control_url()}/control/v1 (token in the state dir)"
         for i in range(1, self.spec.worker.count + 1):
             out[f"worker-{i}"] = f"http://{self.host}:{self.port('worker', i)} (admin :{self.admin_port(i)})"
         return out
@@ -167,6 +177,7 @@ class LocalProvider:
                 steps.append(Step("create", "process", key, detail, StartProcess(kind, index)))
 
         want("redis", detail=f"redis-server on {self.host}:{self.port('redis')}")
+        want("control", detail=f"control plane on {self.host}:{self.port('control')}")
         count = self.spec.worker.count
         for i in range(1, count + 1):
             want("worker", i, f"port {self.port('worker', i)}, admin {self.admin_port(i)}")
@@ -284,6 +295,16 @@ class LocalProvider:
             argv = [sys.executable, "-m", "mbworker.provision.local_gateway", "--listen", listen,
                     "--backends", str(self._backends_path())]  # fmt: skip
             return argv, env
+        if kind == "control":
+            state_dir = self.dir.parent
+            control_token(state_dir)  # created with the cluster's secrets, 0600, before the process reads it
+            argv = [*self.spec.local.worker_command, "control", "serve", "--host", self.host,
+                    "--port", str(self.port("control")), "--token-file", str(token_path(state_dir))]  # fmt: skip
+            env |= {
+                "MBWORKER_CONTROL_REDIS_URL": self.redis_url(),
+                "MBWORKER_CONTROL_ADMIN_TOKEN": self._secrets.admin_token.get_secret_value(),
+            }
+            return argv, env
         data_dir = self.dir / f"worker-{index}"
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         command = self.spec.local.worker_command or [sys.executable, "-m", "mbworker.cli.main"]
@@ -319,6 +340,8 @@ class LocalProvider:
         records[key] = {"pid": proc.pid, "start": start, "argv": argv[:2], "port": self.port(kind, index)}
         self._save(records)
         self._wait_ready(key, proc, self.port(kind, index))
+        if kind == "control":
+            write_endpoint(self.dir.parent, self.control_url())
 
     def _wait_ready(self, key: str, proc: subprocess.Popen[bytes], port: int) -> None:
         """Wait until the process accepts TCP on its port; fail (and stop it) if it exits or takes too long."""

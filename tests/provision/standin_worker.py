@@ -2,6 +2,7 @@
 elsewhere). It takes the same arguments, records the environment it was given in <data-dir>/env.json, answers
 any HTTP request on --port with its own name, and serves POST /admin/v1/drain on --admin-port (bearer token
 from MBWORKER_ADMIN_TOKEN; the marker file <data-dir>/undrainable makes it answer {"drained": false} forever).
+As `control serve` it only listens on --port.
 """
 
 from __future__ import annotations
@@ -16,7 +17,32 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
+def control() -> None:
+    """`control serve`: answers any request on --port (the provider only waits for the port)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--token-file", type=Path, required=True)
+    args = parser.parse_args(sys.argv[3:])
+    assert args.token_file.exists(), "the provider creates the control token before starting the control plane"
+
+    class Any(BaseHTTPRequestHandler):
+        def log_message(self, *a: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    ThreadingHTTPServer((args.host, args.port), Any).serve_forever()
+
+
 def main() -> None:
+    if sys.argv[1:3] == ["control", "serve"]:
+        control()
+        return
     parser = argparse.ArgumentParser()
     parser.add_argument("command", choices=["serve"])
     parser.add_argument("--host", required=True)

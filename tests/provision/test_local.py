@@ -108,7 +108,7 @@ def test_up_runs_redis_workers_and_gateway(provider_for, secrets: ClusterSecrets
     p = provider_for()
     report = up(p)
     assert report.complete
-    assert set(p.running()) == {"redis", "worker-1", "worker-2", "gateway"}
+    assert set(p.running()) == {"redis", "control", "worker-1", "worker-2", "gateway"}
     env = json.loads((state_dir / "local" / "worker-1" / "env.json").read_text())
     assert env["MBWORKER_REDIS_URL"] == p.redis_url()
     assert env["MBWORKER_JWT_SECRET"] == secrets.jwt_secret.get_secret_value()
@@ -140,7 +140,7 @@ def test_scale_out_then_in_with_drain(provider_for, state_dir: Path) -> None:  #
     for i in (2, 3):
         assert (state_dir / "local" / f"worker-{i}" / "drained").exists()
         assert _start_time(pids[f"worker-{i}"]) is None
-    assert set(p1.running()) == {"redis", "worker-1", "gateway"}
+    assert set(p1.running()) == {"redis", "control", "worker-1", "gateway"}
     assert set(answers(p1)) == {"loc-worker-001"}
 
 
@@ -167,7 +167,7 @@ def test_down_leaves_no_process(provider_for) -> None:  # type: ignore[no-untype
     p = provider_for()
     up(p)
     pids = [r["pid"] for r in p.running().values()]
-    assert len(pids) == 4
+    assert len(pids) == 5  # redis, control, two workers, gateway
     p.apply(p.destroy_plan(), ApplyOptions())
     assert p.running() == {}
     for pid in pids:
@@ -182,9 +182,9 @@ def test_a_worker_that_exits_at_once_fails_the_step(
     spec = local_spec.model_copy(update={"local": local_spec.local.model_copy(update={"worker_command": ["false"]})})
     p = LocalProvider(spec, secrets, state_dir, ready_timeout=10)
     try:
-        with pytest.raises(StepFailed, match="worker-1 exited with status 1"):
+        with pytest.raises(StepFailed, match="control exited with status 1"):  # the first to run the command
             up(p)
-        assert "worker-1" not in p.running()
+        assert "control" not in p.running()
     finally:
         p.apply(p.destroy_plan(), ApplyOptions())
     assert p.running() == {}

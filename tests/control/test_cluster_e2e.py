@@ -1,0 +1,135 @@
+"""The control plane of a real local cluster (`mbworker up`: redis-server, two real workers, the control plane):
+a deploy through it is live on both workers when the command returns, a bad one leaves the previous version on
+both; `cluster status` shows both workers; a revoked session is refused by both workers' JWT gates and its
+realtime channel is ended."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import httpx
+import jwt
+import trio
+
+from mbworker import __version__
+from tests.conftest import require_binary
+from tests.daemon.fixtures import write_function
+from tests.provision.conftest import SPEC_TOML
+from tests.provision.test_local import free_base
+from tests.realtime.helpers import phx_client
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "mbworker.cli.main"]
+
+
+async def _cli(*args: str, timeout: float = 180) -> tuple[int, str]:
+    with trio.fail_after(timeout):
+        done = await trio.run_process(
+            [*CLI, *args], capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT,
+            env={"PATH": "/usr/bin:/bin"},
+        )  # fmt: skip
+    return done.returncode, done.stdout.decode() + done.stderr.decode()
+
+
+async def test_deploy_and_revoke_through_the_control_plane_of_a_two_worker_cluster(tmp_path: Path) -> None:
+    redis_server = require_binary("redis-server")
+    require_binary("deno", str(ROOT / ".venv" / "bin" / "deno"))
+    spec = tmp_path / "local.toml"
+    spec.write_text(
+        SPEC_TOML
+        + f"""
+[local]
+worker_command = {json.dumps(CLI)}
+redis_server = "{redis_server}"
+base_port = {free_base()}
+gateway = false
+"""
+    )
+    code, up = await _cli("up", "-c", str(spec), "--workers", "2")
+    try:
+        assert code == 0, up
+        ports = [int(p) for p in re.findall(r"worker-\d: http://127\.0\.0\.1:(\d+) ", up)]
+        assert len(ports) == 2, up
+        secrets = json.loads((tmp_path / ".mbcluster-demo" / "secrets.json").read_text())
+        anon = jwt.encode({"role": "anon"}, secrets["jwt_secret"], algorithm="HS256")
+
+        # Both workers report to the control plane (their first heartbeat may follow `up` by a moment).
+        with trio.fail_after(30):
+            while True:
+                code, out = await _cli("cluster", "status", "-c", str(spec), "-o", "json")
+                assert code == 0, out
+                nodes = json.loads(out)
+                if sum(n["ready"] for n in nodes) == 2:
+                    break
+                await trio.sleep(0.2)
+        assert [(n["role"], n["name"], n["version"], n["state"]) for n in nodes] == [
+            ("worker", f"demo-worker-{i:03d}", __version__, "ready") for i in (1, 2)
+        ]
+        assert sorted(n["port"] for n in nodes) == sorted(ports)
+
+        fn = write_function(tmp_path / "src", "hello", "Deno.serve(() => new Response('v1'))")
+        code, out = await _cli("deploy", str(fn), "--cluster", str(spec))
+        assert code == 0, out
+        assert "hello v1" in out
+        assert "live on 2/2 workers" in out
+        async with httpx.AsyncClient(timeout=30, trust_env=False) as http:
+
+            async def answers(port: int, token: str = anon) -> tuple[int, str]:
+                r = await http.get(
+                    f"http://127.0.0.1:{port}/functions/v1/hello", headers={"authorization": f"Bearer {token}"}
+                )
+                return r.status_code, r.text
+
+            # live everywhere when the command returned: no waiting here
+            assert [await answers(p) for p in ports] == [(200, "v1"), (200, "v1")]
+
+            # A version that cannot boot is refused and the previous one keeps serving everywhere.
+            (fn / "index.ts").write_text("throw new Error('broken on purpose')")
+            code, out = await _cli("deploy", str(fn), "--cluster", str(spec))
+            assert code == 1, out
+            assert "broken on purpose" in out
+            assert [await answers(p) for p in ports] == [(200, "v1"), (200, "v1")]
+            code, out = await _cli("functions", "list", "--cluster", str(spec))
+            assert code == 0, out
+            assert re.search(r"hello\s+1\s+ACTIVE", out), out
+
+            # Revoking a session: both JWT gates refuse its tokens, its realtime channel ends.
+            user = jwt.encode(
+                {"role": "authenticated", "session_id": "sess-42", "exp": 4102444800}, secrets["jwt_secret"], "HS256"
+            )
+            other = jwt.encode(
+                {"role": "authenticated", "session_id": "sess-7", "exp": 4102444800}, secrets["jwt_secret"], "HS256"
+            )
+            assert [await answers(p, user) for p in ports] == [(200, "v1"), (200, "v1")]
+            async with phx_client(ports[1], apikey=anon) as phx:
+                _, reply = await phx.join("realtime:room", access_token=user)
+                assert reply[4]["status"] == "ok"
+                code, out = await _cli("cluster", "sessions", "revoke", "sess-42", "-c", str(spec))
+                assert code == 0, out
+                # within 1 s of the command's return, on every worker
+                with trio.fail_after(1):
+                    system = await phx.expect("system", "realtime:room")
+                    await phx.expect("phx_close", "realtime:room")
+                    for port in ports:
+                        while True:  # polled: the gate has no event to wait on from here
+                            if (await answers(port, user))[0] == 401:
+                                break
+                            await trio.sleep(0.02)
+                assert system[4]["message"] == "Session has been revoked"
+            for port in ports:
+                r = await http.get(
+                    f"http://127.0.0.1:{port}/functions/v1/hello", headers={"authorization": f"Bearer {user}"}
+                )
+                assert r.json()["code"] == "UNAUTHORIZED_SESSION_REVOKED"
+                assert await answers(port, other) == (200, "v1")
+
+        code, out = await _cli("cluster", "audit", "-c", str(spec))
+        assert code == 0, out
+        assert "POST /control/v1/sessions/revoke" in out
+        assert "POST /control/v1/functions/hello/deploy" in out
+    finally:
+        code, down = await _cli("down", "-c", str(spec))
+    assert code == 0, down
