@@ -62,6 +62,9 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     upstreams.set_defaults(func=cmd_upstreams)
 
 
+_FLAGS = {"redis_url": "redis-url", "admin_token": "admin-token-file", "host": "host", "port": "port"}
+
+
 def _spec(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", "--cluster", dest="cluster", type=Path, required=True, help="cluster spec")
     p.add_argument("--state-dir", type=Path, help="the cluster's state dir (default: next to the spec)")
@@ -101,7 +104,12 @@ def cmd_control_serve(args: argparse.Namespace) -> int:
     try:
         settings = ControlSettings(**given)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            f"{name} ({e['msg'].lower()}: MBWORKER_CONTROL_{name.upper()}"
+            + (f" or --{_FLAGS[name]})" if name in _FLAGS else ")")
+            for e in exc.errors()
+            for name in [".".join(map(str, e["loc"]))]
+        )
         raise ConfigError(f"control plane settings: {problems}") from None
     configure_logging(args.log_level)
 

@@ -84,7 +84,7 @@ class ControlApp:
 
     async def handle_http(self, request: HttpRequest, responder: Responder) -> None:
         if not self._authorized(request):
-            await responder.send(401, [(b"content-length", b"0"), (b"www-authenticate", b"Bearer")])
+            await responder.send(401, [(b"www-authenticate", b"Bearer")])
             return
         matched = False
         for method, pattern, route, mutating in self._routes:
