@@ -295,10 +295,11 @@ class LocalProvider:
             argv = [sys.executable, "-m", "mbworker.provision.local_gateway", "--listen", listen,
                     "--backends", str(self._backends_path())]  # fmt: skip
             return argv, env
+        command = self.spec.local.worker_command or [sys.executable, "-m", "mbworker.cli.main"]
         if kind == "control":
             state_dir = self.dir.parent
             control_token(state_dir)  # created with the cluster's secrets, 0600, before the process reads it
-            argv = [*self.spec.local.worker_command, "control", "serve", "--host", self.host,
+            argv = [*command, "control", "serve", "--host", self.host,
                     "--port", str(self.port("control")), "--token-file", str(token_path(state_dir))]  # fmt: skip
             env |= {
                 "MBWORKER_CONTROL_REDIS_URL": self.redis_url(),
@@ -307,7 +308,6 @@ class LocalProvider:
             return argv, env
         data_dir = self.dir / f"worker-{index}"
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        command = self.spec.local.worker_command or [sys.executable, "-m", "mbworker.cli.main"]
         argv = [*command, "serve", "--host", self.host,
                 "--port", str(self.port("worker", index)), "--admin-port", str(self.admin_port(index)),
                 "--data-dir", str(data_dir)]  # fmt: skip

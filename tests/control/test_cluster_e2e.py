@@ -54,7 +54,7 @@ gateway = false
         ports = [int(p) for p in re.findall(r"worker-\d: http://127\.0\.0\.1:(\d+) ", up)]
         assert len(ports) == 2, up
         secrets = json.loads((tmp_path / ".mbcluster-demo" / "secrets.json").read_text())
-        anon = jwt.encode({"role": "anon"}, secrets["jwt_secret"], algorithm="HS256")
+        anon = jwt.encode({"role": "anon", "exp": 4102444800}, secrets["jwt_secret"], algorithm="HS256")
 
         # Both workers report to the control plane (their first heartbeat may follow `up` by a moment).
         with trio.fail_after(30):
@@ -118,7 +118,7 @@ gateway = false
                             if (await answers(port, user))[0] == 401:
                                 break
                             await trio.sleep(0.02)
-                assert system[4]["message"] == "Session has been revoked"
+                assert system[4]["message"] == "InvalidJWTToken: Session has been revoked"
             for port in ports:
                 r = await http.get(
                     f"http://127.0.0.1:{port}/functions/v1/hello", headers={"authorization": f"Bearer {user}"}
