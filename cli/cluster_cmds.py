@@ -25,6 +25,11 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
         "--token-file", type=Path, help="control token, created 0600 if missing (env MBWORKER_CONTROL_TOKEN_FILE)"
     )
     serve.add_argument(
+        "--node-token-file",
+        type=Path,
+        help="read-only token for proxies and metrics, created 0600 if missing (env MBWORKER_CONTROL_NODE_TOKEN_FILE)",
+    )
+    serve.add_argument(
         "--admin-token-file",
         type=Path,
         help="file holding the workers' admin token (or env MBWORKER_CONTROL_ADMIN_TOKEN)",
@@ -93,6 +98,7 @@ def cmd_control_serve(args: argparse.Namespace) -> int:
             "port": args.port,
             "redis_url": args.redis_url,
             "token_file": args.token_file,
+            "node_token_file": args.node_token_file,
         }.items()
         if v is not None
     }

@@ -1,8 +1,9 @@
 """The control plane's HTTP API (`/control/v1/...`): `ControlApp`, an `HttpApp` on lib/http.
 
 Every call needs `Authorization: Bearer <control token>` (compared in constant time); a missing or wrong one is
-a bare 401 with no detail. Mutating calls are recorded in the audit ring with their result. Errors are JSON
-`{"code", "message"}`; the cluster's Redis unreachable is 503 REDIS_UNAVAILABLE with the reason.
+a bare 401 with no detail. The optional node token (proxies, VictoriaMetrics) opens only what nodes read:
+`GET /upstreams` and `GET /scrape-targets`. Mutating calls are recorded in the audit ring with their result.
+Errors are JSON `{"code", "message"}`; the cluster's Redis unreachable is 503 REDIS_UNAVAILABLE with the reason.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ SLUG = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 SMALL_BODY = 64 * 1024
 JSON_HEADERS = [(b"content-type", b"application/json")]
+NODE_TOKEN_NAME = "node"
+NODE_ROUTES = frozenset({("GET", "/control/v1/upstreams"), ("GET", "/control/v1/scrape-targets")})
 
 Route = Callable[[HttpRequest, list[str]], Awaitable[tuple[int, Any]]]
 
@@ -42,6 +45,7 @@ class ControlApp:
         token: str,
         *,
         token_name: str,
+        node_token: str | None = None,
         registry: NodeRegistry,
         functions: ClusterFunctions,
         revocations: RevocationList,
@@ -49,8 +53,9 @@ class ControlApp:
         session_lifetime_s: float,
         max_bundle_bytes: int,
     ) -> None:
-        self._token = token.encode()
-        self._token_name = token_name
+        self._tokens: list[tuple[bytes, str]] = [(token.encode(), token_name)]
+        if node_token:
+            self._tokens.append((node_token.encode(), NODE_TOKEN_NAME))
         self.registry = registry
         self.functions = functions
         self.revocations = revocations
@@ -58,7 +63,7 @@ class ControlApp:
         self.session_lifetime_s = session_lifetime_s
         self.max_bundle_bytes = max_bundle_bytes
         v1 = "/control/v1"
-        # (method, path, handler, mutating)
+        # (method, path, handler, mutating); the node token opens only the routes in NODE_ROUTES
         self._routes: list[tuple[str, re.Pattern[str], Route, bool]] = [
             ("GET", re.compile(rf"^{v1}/nodes$"), self._nodes, False),
             ("POST", re.compile(rf"^{v1}/nodes/([^/]+)/drain$"), self._drain, True),
@@ -78,12 +83,20 @@ class ControlApp:
     def websocket_handler(self, request: HttpRequest) -> WebSocketHandler | None:
         return None
 
-    def _authorized(self, request: HttpRequest) -> bool:
+    def _caller(self, request: HttpRequest) -> str | None:
+        """The name of the token the request carries, or None."""
         scheme, _, token = (request.header(b"authorization") or b"").partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token, self._token)
+        if scheme.lower() != b"bearer":
+            return None
+        found = None
+        for expected, name in self._tokens:  # every one compared: the time says nothing about which matched
+            if hmac.compare_digest(token, expected):
+                found = name
+        return found
 
     async def handle_http(self, request: HttpRequest, responder: Responder) -> None:
-        if not self._authorized(request):
+        caller = self._caller(request)
+        if caller is None or (caller == NODE_TOKEN_NAME and (request.method, request.path) not in NODE_ROUTES):
             await responder.send(401, [(b"www-authenticate", b"Bearer")])
             return
         matched = False
@@ -96,7 +109,7 @@ class ControlApp:
                 continue
             status, value = await self._run(route, request, list(m.groups()))
             if mutating:
-                self.audit.record(self._token_name, f"{request.method} {request.path}", status, _summary(value))
+                self.audit.record(caller, f"{request.method} {request.path}", status, _summary(value))
             await responder.send(status, JSON_HEADERS, json.dumps(value).encode())
             return
         if matched:

@@ -1,6 +1,7 @@
 """Where operators' tools find a cluster's control plane: two files in the cluster's state dir (next to the spec).
 
     <state dir>/control_token   the control token (0600), created with the cluster's secrets
+    <state dir>/control_node_token  the read-only token proxies and metrics use (upstreams, scrape targets)
     <state dir>/control.json    {"url": "..."}: written by the provider that started the control plane
 
 The local provider writes both; a cloud provider writes the URL of the system node's public address.
@@ -16,11 +17,16 @@ from mbworker.control.errors import ControlError
 from mbworker.control.token import load_or_create_token
 
 TOKEN_FILE = "control_token"
+NODE_TOKEN_FILE = "control_node_token"
 ENDPOINT_FILE = "control.json"
 
 
 def token_path(state_dir: Path) -> Path:
     return state_dir / TOKEN_FILE
+
+
+def node_token_path(state_dir: Path) -> Path:
+    return state_dir / NODE_TOKEN_FILE
 
 
 def control_token(state_dir: Path) -> str:

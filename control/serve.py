@@ -42,6 +42,9 @@ async def serve_control(
 ) -> None:
     """Run until cancelled; `started(handle)` once the listener accepts."""
     token = await trio.to_thread.run_sync(load_or_create_token, settings.token_file)
+    node_token = None
+    if settings.node_token_file is not None:
+        node_token = await trio.to_thread.run_sync(load_or_create_token, settings.node_token_file)
     async with (
         open_redis(settings.redis_url, require_connection=False) as redis,
         open_redis_revocations(redis) as revocations,
@@ -51,6 +54,7 @@ async def serve_control(
         app = ControlApp(
             token,
             token_name=TOKEN_NAME,
+            node_token=node_token,
             registry=registry,
             functions=ClusterFunctions(registry, admin, timeout=settings.deploy_timeout_s),
             revocations=revocations,

@@ -19,6 +19,9 @@ class ControlSettings(BaseSettings):
     token_file: Path = Field(
         Path(".mbcontrol/control_token"), description="The control token (created with mode 0600 if missing)"
     )
+    node_token_file: Path | None = Field(
+        None, description="Read-only token for proxies and metrics: upstreams and scrape targets (created 0600)"
+    )
     admin_token: SecretStr = Field(description="The workers' admin token: how the control plane reaches them")
     down_after_s: float = Field(15.0, gt=0, description="A node silent this long is shown as down")
     session_lifetime_s: float = Field(

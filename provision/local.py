@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from mbworker.control.endpoint import control_token, token_path, write_endpoint
+from mbworker.control.endpoint import control_token, node_token_path, token_path, write_endpoint
 
 from .errors import DrainError, ProviderError, StepFailed
 from .nodeops import NodeOps, NodeRef
@@ -300,7 +300,8 @@ class LocalProvider:
             state_dir = self.dir.parent
             control_token(state_dir)  # created with the cluster's secrets, 0600, before the process reads it
             argv = [*command, "control", "serve", "--host", self.host,
-                    "--port", str(self.port("control")), "--token-file", str(token_path(state_dir))]  # fmt: skip
+                    "--port", str(self.port("control")), "--token-file", str(token_path(state_dir)),
+                    "--node-token-file", str(node_token_path(state_dir))]  # fmt: skip
             env |= {
                 "MBWORKER_CONTROL_REDIS_URL": self.redis_url(),
                 "MBWORKER_CONTROL_ADMIN_TOKEN": self._secrets.admin_token.get_secret_value(),

@@ -28,7 +28,11 @@ from tests.redis_server import RedisServer
 @asynccontextmanager
 async def control_plane(redis: RedisServer, tmp_path: Path) -> AsyncIterator[tuple[ControlHandle, httpx.AsyncClient]]:
     settings = ControlSettings(
-        redis_url=redis.url, port=0, token_file=tmp_path / "control_token", admin_token="worker-admin-token"
+        redis_url=redis.url,
+        port=0,
+        token_file=tmp_path / "control_token",
+        node_token_file=tmp_path / "node_token",
+        admin_token="worker-admin-token",
     )
     async with trio.open_nursery() as nursery:
         handle: ControlHandle = await nursery.start(serve_control, settings)
@@ -68,6 +72,13 @@ async def test_every_call_needs_the_control_token_and_a_refusal_says_nothing(
         # the workers' admin token is not a control token
         r = await http.get("/control/v1/nodes", headers={"authorization": "Bearer worker-admin-token"})
         assert r.status_code == 401
+        # the node token reads upstreams and scrape targets, nothing else
+        node = {"authorization": f"Bearer {(tmp_path / 'node_token').read_text().strip()}"}
+        assert (await http.get("/control/v1/upstreams", headers=node)).status_code == 200
+        assert (await http.get("/control/v1/scrape-targets", headers=node)).status_code == 200
+        for method, path in (("GET", "/control/v1/nodes"), ("POST", "/control/v1/sessions/revoke")):
+            r = await http.request(method, path, headers=node)
+            assert (r.status_code, r.content) == (401, b"")
         assert (await http.get("/control/v1/nope")).status_code == 404
         assert (await http.delete("/control/v1/nodes")).status_code == 405
 

@@ -23,6 +23,7 @@ def control() -> None:
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--token-file", type=Path, required=True)
+    parser.add_argument("--node-token-file", type=Path, required=True)
     args = parser.parse_args(sys.argv[3:])
     assert args.token_file.exists(), "the provider creates the control token before starting the control plane"
 
