@@ -11,7 +11,7 @@ assembler per connection (~10 KB each idle connection). Here a connection is thi
 `ServerProtocol`, read by its owner's one task (`receive`), with no timer or task of its own.
 
 Writes: frames are encoded ONCE per broadcast (`OutFrame.wire` caches the WebSocket frame bytes) and written
-straight to the socket (`os.write`, non-blocking) when nothing is queued for it; otherwise they wait in a
+straight to the socket (`lib.nonblocking.write_some`) when nothing is queued for it; otherwise they wait in a
 bounded queue drained by a writer task that exists only while something is queued (spawned in the node's
 nursery, ended by the socket closing or by the write timeout). Overflow or a stalled write calls `on_overflow`
 once (the owner disconnects that client). The protocol's own output (pong, close) goes the same way, so the
@@ -24,7 +24,6 @@ test_websockets_internals` pins what we rely on; websockets is pinned to >=16,<1
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Final, cast
 
@@ -35,6 +34,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from mbworker.lib.nonblocking import write_some
 from mbworker.realtime.errors import RealtimeError
 
 __all__ = ["OutFrame", "Transport", "TransportClosed", "accept_stream", "json_response"]
@@ -244,9 +244,7 @@ class Transport:
     def _write(self, data: bytes) -> None:
         if not self._writing and self._fd is not None:  # nothing queued: straight to the socket
             try:
-                n = os.write(self._fd, data)
-            except BlockingIOError:
-                n = 0
+                n = write_some(self._fd, data)
             except OSError:
                 return  # the reader sees the broken socket and ends the connection
             if n == len(data):
