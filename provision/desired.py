@@ -111,6 +111,14 @@ def proxy_ip(spec: ClusterSpec, index: int) -> str:
     return subnet_host(spec, PROXY_BASE + index - 1)
 
 
+def proxy_networks(spec: ClusterSpec) -> list[str]:
+    """CIDRs covering every address a proxy may have (.20 up to 100 of them): the peers whose X-Forwarded-* a
+    worker believes (its `trusted_proxies`), whatever the proxy count becomes later."""
+    first = ipaddress.ip_address(proxy_ip(spec, 1))
+    last = ipaddress.ip_address(proxy_ip(spec, 100))
+    return [str(n) for n in ipaddress.summarize_address_range(first, last)]
+
+
 def worker_ip(spec: ClusterSpec, index: int) -> str:
     return subnet_host(spec, WORKER_BASE + index - 1)
 

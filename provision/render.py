@@ -160,6 +160,7 @@ def user_data(
             ),
             "jwt_secret": secrets.jwt_secret.get_secret_value(),
             "admin_token": secrets.admin_token.get_secret_value(),
+            "trusted_proxies": json.dumps(d.proxy_networks(spec)),
             "unit": render(
                 "mbworker.service", {"port": str(spec.daemon.port), "admin_port": str(spec.daemon.admin_port)}
             ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 
 import pytest
 
@@ -278,6 +279,14 @@ def test_user_data_per_pillar(fake: FakeHcloud, make_provider: MakeProvider, sec
     assert "ip route replace default via 10.0.0.1" in worker
     assert "mbworker==0.1.0 --hash=sha256:" in worker
     assert "--no-index --require-hashes" in worker
+    # The proxies' X-Forwarded-* reach functions (from any other peer the worker replaces them): every address a
+    # proxy may have is trusted, whatever their count becomes.
+    (line,) = [x.strip() for x in worker.splitlines() if "MBWORKER_TRUSTED_PROXIES=" in x]
+    trusted = [ipaddress.ip_network(n) for n in json.loads(line.split("=", 1)[1].strip("'"))]
+    proxies = [s["private_net"][0]["ip"] for s in fake.servers() if s["labels"]["role"] == "proxy"]
+    assert proxies
+    assert all(any(ipaddress.ip_address(ip) in n for n in trusted) for ip in proxies)
+    assert not any(ipaddress.ip_address("10.0.1.128") in n for n in trusted)  # a worker's address is not
     proxy = fake.user_data("demo-proxy-002") or ""
     workers = {s["name"]: s["private_net"][0]["ip"] for s in fake.servers() if s["labels"]["role"] == "worker"}
     for name, ip in workers.items():
