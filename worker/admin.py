@@ -84,6 +84,7 @@ class AdminApp:
             ("GET", re.compile(r"^/admin/v1/functions/([^/]+)/logs$"), self._logs),
             ("GET", re.compile(r"^/admin/v1/functions$"), self._list),
             ("GET", re.compile(r"^/admin/v1/functions/([^/]+)$"), self._versions),
+            ("GET", re.compile(r"^/admin/v1/functions/([^/]+)/attempts$"), self._attempts),
             ("POST", re.compile(r"^/admin/v1/functions/([^/]+)/deploy$"), self._deploy),
             ("PUT", re.compile(r"^/admin/v1/functions/([^/]+)$"), self._deploy),
             ("POST", re.compile(r"^/admin/v1/functions/([^/]+)/rollback$"), self._rollback),
@@ -177,6 +178,11 @@ class AdminApp:
             await send_error(responder, 404, "NOT_FOUND", f"No function {args[0]!r}")
             return
         await send_json(responder, 200, [deployment_json(d) for d in deps])
+
+    async def _attempts(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
+        """Deploys that failed to boot (kept apart from the versions, whose numbers they gave back)."""
+        attempts = await self.deployer.store.attempts(args[0])
+        await send_json(responder, 200, [a.model_dump(mode="json") for a in attempts])
 
     async def _deploy(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
         slug = args[0]

@@ -84,13 +84,14 @@ def build_bundles(
 async def deploy_path(deployer: Deployer, path: Path) -> list[str]:
     """Deploy everything under `path` into this worker (for `serve --deploy`). Returns the live slugs.
 
-    A function that fails to build or boot is logged and skipped: the others still deploy.
+    A function that fails to build or boot is logged and skipped: the others still deploy. One whose bundle is
+    the live version's (every start of `make run`) stays as it is: no new version.
     """
     bundles = await trio.to_thread.run_sync(build_bundles, path)
     live = []
     for bundle in bundles:
         try:
-            dep = await deployer.deploy(bundle.slug, bundle.data, bundle.sha256)
+            dep = await deployer.deploy(bundle.slug, bundle.data, bundle.sha256, skip_unchanged=True)
         except (DeployFailed, BundleRejected) as exc:
             log.error("deploy of %s failed: %s", bundle.slug, exc)
             continue

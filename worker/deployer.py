@@ -17,6 +17,7 @@ import trio
 
 from mbworker.runtimes import BootError, FunctionVersion, Limits, Runtime
 from mbworker.worker.cache import FunctionCacheConfig
+from mbworker.worker.deployments.archive import sha256_hex
 from mbworker.worker.deployments.store import Deployment, DeploymentStore, StoreError, function_version
 from mbworker.worker.functions import ActiveFunction, FunctionTable
 
@@ -124,23 +125,32 @@ class Deployer:
                 count += 1
         return count
 
-    async def deploy(self, slug: str, archive: bytes, sha256: str | None = None) -> Deployment:
-        """Store, boot, then switch. Raises `BundleRejected` (4xx) or `DeployFailed` (503 BOOT_ERROR)."""
+    async def deploy(
+        self, slug: str, archive: bytes, sha256: str | None = None, *, skip_unchanged: bool = False
+    ) -> Deployment:
+        """Store, boot, then switch. Raises `BundleRejected` (4xx) or `DeployFailed` (503 BOOT_ERROR).
+
+        With `skip_unchanged` (`serve --deploy` at every start), an archive identical to the live version's
+        stores nothing and returns the live version."""
+        if skip_unchanged:
+            live = await self.store.get_active(slug)
+            if live is not None and live.sha256 == sha256_hex(archive):
+                log.info("%s unchanged: v%d stays live", slug, live.version)
+                return live
         dep = await self.stage(slug, archive, sha256)
         return await self.activate(slug, dep.version)
 
     async def stage(self, slug: str, archive: bytes, sha256: str | None = None) -> Deployment:
         """Store and boot a new version without switching to it (the control plane's first phase).
 
-        A version that fails to boot is marked failed and retired: `DeployFailed`."""
+        A version that fails to boot is retired and discarded (its number goes to the next deploy; the failure
+        is kept as an attempt): `DeployFailed`."""
         dep = await self.store.put(slug, archive, sha256)
         try:
             await self.warm(dep)
         except DeployFailed as exc:
             error = exc.error
-            await self.store.mark_failed(
-                slug, dep.version, error.message + ("\n" + error.output if error.output else "")
-            )
+            await self.store.discard(slug, dep.version, error.message + ("\n" + error.output if error.output else ""))
             raise
         return dep
 

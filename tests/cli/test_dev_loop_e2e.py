@@ -79,14 +79,15 @@ async def test_dev_redeploys_on_save_and_keeps_the_last_good_version(tmp_path: P
         await w.wait_for_output(f"{index}:{line}:")
         assert (await http.get(f"{url}/hello?name=Ada", headers=w.auth())).json() == {"message": "Howdy Ada!"}
 
-        # a save that fixes it goes live; a changed .env reaches every function (each gets the file's secrets)
+        # a save that fixes it goes live (as v3: the failed attempt gave its number back); a changed .env reaches
+        # every function (each gets the file's secrets)
         index.write_text(index.read_text().replace('throw new Error("half-saved");', ""))
-        await w.wait_for_output("✓ hello v4 live")
+        await w.wait_for_output("✓ hello v3 live")
         (functions / "_shared").mkdir()
         (functions / "_shared" / "note.txt").write_text("not imported by anyone")
         (functions / ".env").write_text("GREETING=changed\n")
         await w.wait_for_output("✓ env-echo v2 live")
-        await w.wait_for_output("✓ hello v5 live")
+        await w.wait_for_output("✓ hello v4 live")
         assert (await http.get(f"{url}/env-echo", headers=w.auth())).text == "changed"
         # a file no function ships changes no bundle: nothing was deployed for it
         assert sum("live (" in line for line in w.output) == 6

@@ -306,3 +306,24 @@ async def test_env_that_changes_how_a_process_starts_is_refused(make_store: Make
     assert caught.value.status == 400
     assert name in caught.value.reason
     assert await store.versions("hello") == []
+
+
+async def test_a_failed_boot_gives_its_number_back_and_is_kept_as_an_attempt(make_store: MakeStore) -> None:
+    store = await make_store()
+    await store.activate("hello", (await store.put("hello", bundle(body="1"))).version)
+    broken = await store.put("hello", bundle(body="2"))
+    attempt = await store.discard("hello", broken.version, "SyntaxError: Unexpected token")
+    assert (attempt.number, attempt.sha256) == (2, broken.sha256)
+    assert [d.version for d in await store.versions("hello")] == [1]
+    assert [(a.number, a.error) for a in await store.attempts("hello")] == [(2, "SyntaxError: Unexpected token")]
+    assert (await store.put("hello", bundle(body="3"))).version == 2  # the number was given back
+    with pytest.raises(VersionConflict):
+        await store.discard("hello", 1, "the live version stays")
+
+
+async def test_a_number_taken_after_the_failed_one_is_not_reused(make_store: MakeStore) -> None:
+    store = await make_store()
+    failing = await store.put("hello", bundle(body="1"))
+    later = await store.put("hello", bundle(body="2"))  # a racing deploy took the next number meanwhile
+    await store.discard("hello", failing.version, "boom")
+    assert (await store.put("hello", bundle(body="3"))).version == later.version + 1

@@ -12,6 +12,7 @@ What lives where:
     <p>dep:<slug>:meta      hash: N -> Deployment JSON        <slug>/.incoming-*    unpacks in progress
     <p>dep:<slug>:ptr       {"version", "history"} JSON
     <p>dep:<slug>:archive:N the archive as uploaded
+    <p>dep:<slug>:attempts  list: failed deploys (JSON), newest first
     <p>dep:epoch            change counter (one per announcement)
     <p>dep:changes          pub/sub: msgpack {k, s, v, o, e} (kind, slug, version, origin node, change number)
 
@@ -75,8 +76,9 @@ from mbworker.worker.deployments import lifecycle
 from mbworker.worker.deployments.archive import BundleRejected, BundleTooLarge
 from mbworker.worker.deployments.changes import ChangeFeed, ChangeReader, StoreChange
 from mbworker.worker.deployments.manifest import SLUG_RE
-from mbworker.worker.deployments.model import StorageFull, is_disk_full
+from mbworker.worker.deployments.model import ATTEMPTS_KEPT, Attempt, StorageFull, is_disk_full
 from mbworker.worker.deployments.store import (
+    AttemptList,
     Deployment,
     DeploymentList,
     DeploymentNotFound,
@@ -392,6 +394,37 @@ class RedisDeploymentStore:
         assert dep is not None
         await self._announce("failed", slug, version)
         return dep
+
+    async def discard(self, slug: str, version: int, error: str) -> Attempt:
+        check_slug(slug)
+        check_version(version)
+        async with self._mutating(slug, f"discard {slug} v{version}"):
+            attempt = lifecycle.discard(await self._read_state(slug), slug, version, error, _now_ms())
+            seq = int(await self._redis.get(self._key(slug, "seq")) or 0)
+            extra: list[tuple[Any, ...]] = [
+                ("HDEL", self._key(slug, "meta"), version),
+                ("DEL", self._archive_key(slug, version)),
+                ("LPUSH", self._key(slug, "attempts"), attempt.model_dump_json()),
+                ("LTRIM", self._key(slug, "attempts"), 0, ATTEMPTS_KEPT - 1),
+            ]
+            if seq == version:  # nobody took a later number: the next put gets this one again
+                extra.append(("SET", self._key(slug, "seq"), version - 1))
+            await self._write(slug, [], extra=extra)
+        await trio.to_thread.run_sync(self._copies.remove_version, slug, version)
+        await self._announce("failed", slug, version)
+        return attempt
+
+    async def attempts(self, slug: str) -> AttemptList:
+        check_slug(slug)
+        with self._redis_errors(f"read the attempts of {slug}"):
+            raw = await self._redis.execute("LRANGE", self._key(slug, "attempts"), 0, ATTEMPTS_KEPT - 1)
+        out: AttemptList = []
+        for item in raw:
+            try:
+                out.append(Attempt.model_validate_json(item))
+            except ValidationError:
+                continue  # only a record
+        return out
 
     async def _transition(
         self, slug: str, what: str, decide: Callable[[lifecycle.SlugState], lifecycle.Transition]

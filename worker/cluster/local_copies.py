@@ -190,6 +190,9 @@ class LocalCopies:
         self.removals += removed
         return removed
 
+    def remove_version(self, slug: str, version: int) -> None:
+        rmtree(self.version_dir(slug, version))
+
     def remove_other_slugs(self, known: set[str]) -> None:
         """Remove the copies of every slug not in `known` (functions this cluster no longer has)."""
         try:

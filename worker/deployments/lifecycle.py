@@ -11,6 +11,8 @@ metadata and `pointer`. The rules live once, here, and are tested as data (tests
   later one made elsewhere).
 - Delete unpoints first and leaves every version as REMOVED: that record (a tombstone) is how a store tells
   "deleted by someone" from "the store lost its data".
+- A version that failed to boot is discarded (`discard`) and kept only as an `Attempt`: failed deploys don't
+  use up version numbers.
 - Prune keeps the active version, the highest number and the newest `keep` others.
 """
 
@@ -20,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from mbworker.worker.deployments.model import (
+    Attempt,
     Deployment,
     DeploymentNotFound,
     DeploymentStatus,
@@ -147,6 +150,17 @@ def mark_failed(state: SlugState, slug: str, version: int, error: str, now: int)
         update={"status": DeploymentStatus.FAILED, "boot_error": error[:BOOT_ERROR_MAX], "updated_at": now}
     )
     return Transition(dep, (dep,))
+
+
+def discard(state: SlugState, slug: str, version: int, error: str, now: int) -> Attempt:
+    """A version that failed to boot goes, recorded as an `Attempt` (its number is the store's to give back).
+    Never the live one: `VersionConflict`."""
+    dep = state.metas.get(version)
+    if dep is None:
+        raise DeploymentNotFound(f"{slug} has no version {version}")
+    if state.pointer.version == version:
+        raise VersionConflict(f"{dep.key} is live: it can't be discarded")
+    return Attempt(slug=slug, number=version, sha256=dep.sha256, at=now, error=error[:BOOT_ERROR_MAX])
 
 
 def prune(state: SlugState, keep: int) -> list[int]:

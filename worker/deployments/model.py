@@ -83,3 +83,22 @@ class StorageFull(StoreError):
 
 def is_disk_full(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class Attempt(BaseModel):
+    """A deploy that stored a version which then failed to boot: recorded apart from the versions, whose number
+    it gave back (the next deploy takes it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    slug: str
+    number: int
+    """The version number it had while it was tried."""
+    sha256: str
+    at: int
+    """Epoch milliseconds."""
+    error: str
+
+
+ATTEMPTS_KEPT = 20
+"""Failed attempts remembered per function (the newest)."""

@@ -57,6 +57,7 @@ from mbworker.worker.deployments.manifest import (
     SLUG_RE,
     Manifest,
 )
+from mbworker.worker.deployments.model import ATTEMPTS_KEPT, Attempt, is_disk_full
 from mbworker.worker.deployments.model import Deployment as Deployment
 from mbworker.worker.deployments.model import DeploymentList as DeploymentList
 from mbworker.worker.deployments.model import DeploymentNotFound as DeploymentNotFound
@@ -64,7 +65,6 @@ from mbworker.worker.deployments.model import DeploymentStatus as DeploymentStat
 from mbworker.worker.deployments.model import StorageFull as StorageFull
 from mbworker.worker.deployments.model import StoreError as StoreError
 from mbworker.worker.deployments.model import VersionConflict as VersionConflict
-from mbworker.worker.deployments.model import is_disk_full
 
 log = logging.getLogger("mbworker.deployments")
 
@@ -101,6 +101,7 @@ class Quarantined:
 
 
 QuarantineList = list[Quarantined]
+AttemptList = list[Attempt]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +145,15 @@ class DeploymentStore(Protocol):
 
     async def mark_failed(self, slug: str, version: int, error: str) -> Deployment:
         """Record that `version` failed to boot (status FAILED, `boot_error`)."""
+        ...
+
+    async def discard(self, slug: str, version: int, error: str) -> Attempt:
+        """A stored version failed to boot: remove it and give its number back (the next `put` takes it unless a
+        later number was taken meanwhile); the failure is kept in `attempts`. Never the live version."""
+        ...
+
+    async def attempts(self, slug: str) -> AttemptList:
+        """The newest failed attempts of `slug` (at most `ATTEMPTS_KEPT`), newest first."""
         ...
 
     async def get(self, slug: str, version: int) -> Deployment | None: ...
@@ -454,6 +464,37 @@ class LocalDeploymentStore:
         assert dep is not None
         self._notify(StoreChange("failed", slug, version))
         return dep
+
+    async def discard(self, slug: str, version: int, error: str) -> Attempt:
+        self._version_dir(slug, version)
+
+        def run() -> Attempt:
+            with self._locked(slug):
+                attempt = lifecycle.discard(self._read_state(slug), slug, version, error, _now_ms())
+                # The whole folder goes: when it was the highest, mkdir gives the number to the next put.
+                _rmtree(self._version_dir(slug, version))
+                path = self._slug_dir(slug) / "attempts.json"
+                kept = [attempt, *self._read_attempts(path)][:ATTEMPTS_KEPT]
+                write_atomic(path, json.dumps([a.model_dump(mode="json") for a in kept]).encode())
+                return attempt
+
+        async with self._lock:
+            attempt = await trio.to_thread.run_sync(run)
+        self._notify(StoreChange("failed", slug, version))
+        return attempt
+
+    async def attempts(self, slug: str) -> AttemptList:
+        return await trio.to_thread.run_sync(self._read_attempts, self._slug_dir(slug) / "attempts.json")
+
+    @staticmethod
+    def _read_attempts(path: Path) -> AttemptList:
+        try:
+            return [Attempt.model_validate(a) for a in json.loads(path.read_bytes())]
+        except FileNotFoundError:
+            return []
+        except (ValueError, TypeError) as exc:  # only a record: an unreadable one starts over
+            log.warning("ignoring unreadable %s: %s", path, exc)
+            return []
 
     async def _transition(
         self, slug: str, decide: Callable[[lifecycle.SlugState], lifecycle.Transition]
