@@ -176,6 +176,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> WorkerSe
         raise ConfigError("invalid settings:\n" + "\n".join(lines)) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
+    except RecursionError:  # arrays or tables nested past Python's recursion limit
+        raise ConfigError(f"config file {config_file} is not valid TOML: nested too deeply") from None
     except OSError as exc:
         raise ConfigError(f"config file {config_file} can't be read: {exc.strerror}") from exc
     finally:

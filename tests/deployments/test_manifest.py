@@ -126,6 +126,9 @@ def test_function_toml_bad_toml(tmp_path: Path) -> None:
     path.write_text("verify_jwt = \n")
     with pytest.raises(ManifestError, match="invalid TOML"):
         load_function_toml(path)
+    path.write_text("x = " + "[" * 50_000 + "]" * 50_000 + "\n")  # past Python's recursion limit
+    with pytest.raises(ManifestError, match="nested too deeply"):
+        load_function_toml(path)
 
 
 def test_config_toml_functions_tables(tmp_path: Path) -> None:

@@ -40,6 +40,10 @@ async def test_a_bad_start_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert len(lines) == 1
     assert lines[0].startswith("mbworker: config file")
     assert "not valid TOML" in lines[0]
+    bad.write_text("x = " + "[" * 50_000 + "]" * 50_000 + "\n")  # past Python's recursion limit
+    code, lines = await _serve_fails(tmp_path, "--config", str(bad), "--port", "0")
+    assert (code, len(lines)) == (2, 1)
+    assert "nested too deeply" in lines[0]
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

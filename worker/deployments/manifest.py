@@ -295,6 +295,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError([f"{path}: invalid TOML: {exc}"]) from exc
+    except RecursionError:  # nested past Python's recursion limit
+        raise ManifestError([f"{path}: invalid TOML: nested too deeply"]) from None
     except OSError as exc:
         raise ManifestError([f"{path}: can't read: {exc.strerror}"]) from exc
 
