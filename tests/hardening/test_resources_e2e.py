@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import require_binary
 from tests.daemon.fixtures import write_function
 from tests.hardening.deno_probe import DENO
-from tests.hardening.test_sandbox_e2e import deno_command_lines
+from tests.processes import deno_processes
 from tests.worker_process import run_worker
 
 HELD = """
@@ -72,7 +72,7 @@ async def test_process_cap_and_storms(tmp_path: Path, http: httpx.AsyncClient) -
             r = await http.get(url, headers=worker.auth())
             assert r.status_code == 503
             assert r.json()["code"] == "WORKER_BUSY"
-            capped_procs = [a for a in deno_command_lines(data) if any("/capped/" in x for x in a)]
+            capped_procs = [a for a in deno_processes(data).values() if any("/capped/" in x for x in a)]
             assert len(capped_procs) == 1  # the cap held: no second process was started for the waiting request
             (data / "scratch" / "functions" / "capped" / "release").write_text("")
             rest = b"".join([chunk async for chunk in chunks])
@@ -89,4 +89,4 @@ async def test_process_cap_and_storms(tmp_path: Path, http: httpx.AsyncClient) -
             assert r.text == "calm"  # a fresh process serves the next request
         r = await http.get(storm, params={"do": "fork"}, headers=worker.auth())
         assert r.status_code == 500  # the spawn throws NotCapable: a handler error, no child process
-        assert "storm" not in " ".join(" ".join(a) for a in deno_command_lines(data) if "eval" in a)
+        assert "storm" not in " ".join(" ".join(a) for a in deno_processes(data).values() if "eval" in a)
