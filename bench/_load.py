@@ -10,7 +10,8 @@ wait for the whole response, so the floor server's "one read = one request" hold
 `free_port()` gives a loopback port that was free a moment ago (every bench here starts its servers on one).
 
 `cpu_seconds(pid)` reads utime+stime from /proc/<pid>/stat: take it before and after a run and divide the
-delta by the requests served to get the server's CPU per request.
+delta by the requests served to get the server's CPU per request. `rss_bytes(pid)` and `open_fds(pid)` read a
+process's resident memory and open file descriptors (Linux).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["LoadResult", "cpu_seconds", "run_load"]
+__all__ = ["LoadResult", "cpu_seconds", "free_port", "open_fds", "rss_bytes", "run_load"]
 
 
 def free_port() -> int:
@@ -55,6 +56,20 @@ def cpu_seconds(pid: int) -> float:
         fields = f.read().rsplit(")", 1)[1].split()
     # After the ")" of the command name, utime and stime are the 12th and 13th fields.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of process `pid` in bytes (VmRSS; Linux)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors process `pid` has open (Linux)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def run_load(

@@ -22,18 +22,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from _load import cpu_seconds, free_port
+from _load import cpu_seconds, free_port, rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = ROOT / "bench" / "node"
 SECRET = "bench-secret-bench-secret-bench-secret"
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 _BREAKDOWN_GROUPS = (
