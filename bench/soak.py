@@ -35,12 +35,13 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
-from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -70,6 +71,7 @@ REQUEST_TIMEOUT = 10.0
 RT_STEP_TIMEOUT = 10.0
 CONVERGE_TIMEOUT = 30.0
 CACHED_VARIANTS = 20
+VERSION_DIR = re.compile(r"/scratch/deno/([a-z0-9_-]+-[0-9]+)-[0-9a-f]+/")
 SETTLE = 2.0
 """Seconds between the end of the load and the end snapshot (sockets closing, untracks arriving)."""
 
@@ -170,6 +172,8 @@ class Snapshot:
     """Lines of each daemon's log (warning level and up) that say ERROR or Traceback."""
     redis_keys: int
     redis_rss: int
+    versions: dict[str, str]
+    """Each node's Deno processes by function version (`slug-N ×count`), read from their command lines."""
     load: float
     """The host's 1-minute load average (the machine may be shared: latencies depend on it)."""
 
@@ -182,7 +186,7 @@ def _rss_or_zero(pid: int) -> int:
 
 
 async def snapshot(nodes: list[Node], redis: RedisServer) -> Snapshot:
-    rss, fds, deno, deno_rss, cpu, problems = {}, {}, {}, {}, {}, {}
+    rss, fds, deno, deno_rss, cpu, problems, versions = {}, {}, {}, {}, {}, {}, {}
     for n in nodes:
         pid = n.daemon.proc.pid
         rss[n.name] = rss_bytes(pid)
@@ -190,13 +194,21 @@ async def snapshot(nodes: list[Node], redis: RedisServer) -> Snapshot:
         kids = deno_processes(n.daemon.data_dir)
         deno[n.name] = len(kids)
         deno_rss[n.name] = sum(_rss_or_zero(p) for p in kids)
+        versions[n.name] = by_version(kids.values())
         cpu[n.name] = cpu_seconds(pid)
         problems[n.name] = sum(1 for line in n.log_lines() if "ERROR" in line or "Traceback" in line)
     with trio.fail_after(10):
         async with open_redis(redis.url) as client:
             keys = int(await client.execute("DBSIZE"))
     assert redis.process is not None
-    return Snapshot(rss, fds, deno, deno_rss, cpu, problems, keys, rss_bytes(redis.process.pid), os.getloadavg()[0])
+    redis_rss = rss_bytes(redis.process.pid)
+    return Snapshot(rss, fds, deno, deno_rss, cpu, problems, keys, redis_rss, versions, os.getloadavg()[0])
+
+
+def by_version(argvs: Iterable[list[str]]) -> str:
+    """`hello-1 ×1, soakfn-3 ×2`: a Deno process's import map lives in `scratch/deno/<slug>-<version>-<hash>/`."""
+    found = Counter(m.group(1) if (m := VERSION_DIR.search(" ".join(argv))) else "?" for argv in argvs)
+    return ", ".join(f"{k} ×{v}" for k, v in sorted(found.items())) or "none"
 
 
 def write_functions(work: Path) -> dict[str, Path]:
@@ -609,6 +621,9 @@ def report(args: argparse.Namespace, rec: Recorder, elapsed: float, start: Snaps
     ]
     for label, s, e in rows:
         print(f"{label:34} {s:>10} {e:>10}")
+
+    for name in start.rss:
+        print(f"node {name} Deno processes by version: start {start.versions[name]}; end {end.versions[name]}")
 
     inside: dict[tuple[str, str], int] = defaultdict(int)
     outside: dict[tuple[str, str], int] = defaultdict(int)
