@@ -34,6 +34,11 @@ def control_token(state_dir: Path) -> str:
     return load_or_create_token(token_path(state_dir))
 
 
+def node_token(state_dir: Path) -> str:
+    """The read-only token for proxies and metrics, created on first use."""
+    return load_or_create_token(node_token_path(state_dir))
+
+
 def write_endpoint(state_dir: Path, url: str) -> None:
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = state_dir / (ENDPOINT_FILE + ".tmp")

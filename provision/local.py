@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from mbworker.control.endpoint import control_token, node_token_path, token_path, write_endpoint
+from mbworker.control.endpoint import control_token, node_token, node_token_path, token_path, write_endpoint
 
 from .errors import DrainError, ProviderError, StepFailed
 from .nodeops import NodeOps, NodeRef
@@ -293,12 +293,14 @@ class LocalProvider:
             env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
             listen = f"{self.host}:{self.port('gateway')}"
             argv = [sys.executable, "-m", "mbworker.provision.local_gateway", "--listen", listen,
-                    "--backends", str(self._backends_path())]  # fmt: skip
-            return argv, env
+                    "--backends", str(self._backends_path()), "--control", self.control_url(),
+                    "--node-token-file", str(node_token_path(self.dir.parent))]  # fmt: skip
+            return argv, env  # it pulls its upstreams from the control plane (started before it), as proxies do
         command = self.spec.local.worker_command or [sys.executable, "-m", "mbworker.cli.main"]
         if kind == "control":
             state_dir = self.dir.parent
-            control_token(state_dir)  # created with the cluster's secrets, 0600, before the process reads it
+            control_token(state_dir)  # created with the cluster's secrets, 0600, before the process reads them
+            node_token(state_dir)
             argv = [*command, "control", "serve", "--host", self.host,
                     "--port", str(self.port("control")), "--token-file", str(token_path(state_dir)),
                     "--node-token-file", str(node_token_path(state_dir))]  # fmt: skip

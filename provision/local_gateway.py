@@ -5,6 +5,10 @@ per line; it is re-read when it changes (replaced or rewritten), so scaling the 
 the file. A backend that refuses the connection is skipped (that is the health check: a drained or stopped
 worker stops accepting).
 
+With `--control URL --node-token-file PATH` it pulls its upstreams from the control plane every second, as the
+cloud's proxies do: only ready workers, so one being drained leaves before its drain starts. While the control
+plane is unreachable or knows no ready worker, the file is what it uses.
+
 `serve_gateway` owns its listeners and every spliced connection; cancelling it closes them all.
 """
 
@@ -12,14 +16,20 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import logging
 import os
 import signal
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+import httpx
 import trio
 
+log = logging.getLogger("mbworker.gateway")
+
 CONNECT_TIMEOUT = 2.0
+PULL_INTERVAL = 1.0
 IDLE_TIMEOUT = 600.0  # per direction; realtime clients heartbeat every 30 s
 CHUNK = 65536
 
@@ -30,8 +40,12 @@ class Backends:
     _stamp: tuple[int, int, int] = (-1, -1, -1)
     _addrs: list[tuple[str, int]] = field(default_factory=list)
     _rr: itertools.count[int] = field(default_factory=itertools.count)
+    pulled: list[tuple[str, int]] = field(default_factory=list)
+    """The control plane's upstreams at the last pull (empty: none known, the file decides)."""
 
     def current(self) -> list[tuple[str, int]]:
+        if self.pulled:
+            return self.pulled
         try:
             st = self.path.stat()
         except OSError:
@@ -92,10 +106,40 @@ async def _handle(client: trio.SocketStream, backends: Backends) -> None:
             nursery.start_soon(_pump, upstream, client)
 
 
+def _address(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host, int(port)
+
+
+async def pull_upstreams(backends: Backends, control_url: str, token: str, interval: float = PULL_INTERVAL) -> None:
+    """Keep `backends.pulled` in step with the control plane's `GET /control/v1/upstreams` until cancelled. A
+    failed pull keeps the last list (logged once per outage)."""
+    failing = False
+    headers = {"authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=control_url, headers=headers, timeout=5.0, trust_env=False) as http:
+        while True:
+            try:
+                response = await http.get("/control/v1/upstreams")
+                response.raise_for_status()
+                backends.pulled = [_address(str(u["address"])) for u in response.json()]
+                failing = False
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                if not failing:
+                    log.warning("upstreams not pulled from the control plane (keeping the last list): %r", exc)
+                failing = True
+            await trio.sleep(interval)
+
+
 async def serve_gateway(
-    host: str, port: int, backends_file: Path, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    host: str,
+    port: int,
+    backends_file: Path,
+    *,
+    control: tuple[str, str] | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept on host:port and splice each connection to a worker; started() with the bound port."""
+    """Accept on host:port and splice each connection to a worker; started() with the bound port. With `control`
+    (URL, node token) the upstreams come from the control plane."""
     backends = Backends(backends_file)
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
@@ -104,14 +148,16 @@ async def serve_gateway(
         await _handle(stream, backends)
 
     async with trio.open_nursery() as nursery:
+        if control is not None:
+            nursery.start_soon(pull_upstreams, backends, *control)
         task_status.started(bound)
         await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
 
 
-async def _main(host: str, port: int, backends: Path) -> None:
+async def _main(host: str, port: int, backends: Path, control: tuple[str, str] | None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_gateway, host, port, backends)
+            await nursery.start(partial(serve_gateway, host, port, backends, control=control))
             async for _ in signals:
                 nursery.cancel_scope.cancel()
                 return
@@ -121,10 +167,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mbworker.provision.local_gateway")
     parser.add_argument("--listen", required=True, help="host:port")
     parser.add_argument("--backends", required=True, type=Path, help="file with one host:port per line")
+    parser.add_argument("--control", help="the control plane's URL: pull the upstreams from it")
+    parser.add_argument("--node-token-file", type=Path, help="the control plane's node token (with --control)")
     args = parser.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    trio.run(_main, host, int(port), args.backends)
+    control = None
+    if args.control:
+        if args.node_token_file is None:
+            parser.error("--control needs --node-token-file")
+        control = (args.control, args.node_token_file.read_text().strip())
+    trio.run(_main, host, int(port), args.backends, control)
 
 
 if __name__ == "__main__":
