@@ -8,8 +8,8 @@ A deploy is two-phase, so no worker ever serves a version another worker could n
 2. warm that version on every other serving worker (each fetches it from Redis and boots it);
 3. only if every one booted: activate it (one switch in the store; every worker follows the change feed), then
    wait until every serving worker reports it live, and say how many do.
-A failure in 1 or 2 marks the version failed, retires it where it was warmed, and leaves the previous version
-serving everywhere.
+A failure in 1 or 2 retires the version where it was warmed and discards it as a failed attempt (its number goes
+to the next deploy), and leaves the previous version serving everywhere.
 """
 
 from __future__ import annotations
@@ -89,9 +89,10 @@ class ClusterFunctions:
             return {**live, "workers": len(workers), "serving": serving}
 
     async def _abandon(self, workers: Sequence[NodeView], base: str, version: int, reason: str) -> None:
-        """Mark the version failed (once) and retire it wherever it was warmed; best effort, bounded."""
-        for i, node in enumerate(workers):
-            body = {"error": f"not booted on every worker: {reason}"} if i == 0 else {}
+        """Retire the version wherever it was warmed, then discard it from the store as a failed attempt (asked of
+        the worker that staged it, last: the others still find it to retire). Best effort, bounded."""
+        for node in [*workers[1:], workers[0]]:
+            body = {"error": f"not booted on every worker: {reason}"} if node is workers[0] else {}
             try:
                 await self._admin.call(node, "POST", f"{base}/versions/{version}/abandon", json=body, timeout=10.0)
             except WorkerCallFailed as exc:

@@ -213,7 +213,7 @@ class AdminApp:
 
     async def _version_step(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
         """The control plane's two-phase deploy: `warm` a stored version here (boot, not live), `activate` it
-        (cluster-wide switch), or `abandon` it (retire here; with {"error"}, mark it failed)."""
+        (cluster-wide switch), or `abandon` it (retire here; with {"error"}, discard it as a failed attempt)."""
         slug, version, step = args[0], int(args[1]), args[2]
         dep = await self.deployer.store.get(slug, version)
         if dep is None:

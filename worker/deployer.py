@@ -166,14 +166,14 @@ class Deployer:
             raise DeployFailed(dep, exc) from exc
 
     async def abandon(self, dep: Deployment, error: str | None) -> None:
-        """A version the cluster will not activate: retire it here; with `error`, mark it failed in the store."""
-        if error is not None and dep.status != "FAILED":
-            await self.store.mark_failed(dep.slug, dep.version, error)
+        """A version the cluster will not activate: retire it here; with `error` (asked of one node, last), discard
+        it from the store as a failed attempt, as a deploy that fails to boot is."""
         runtime = self.runtimes.get(dep.runtime)
-        if runtime is not None:
-            current = self.table.get(dep.slug)
-            if current is None or current.fn.version != dep.version:
-                await runtime.retire(await self.function_version(dep))
+        current = self.table.get(dep.slug)
+        if runtime is not None and (current is None or current.fn.version != dep.version):
+            await runtime.retire(await self.function_version(dep))
+        if error is not None:
+            await self.store.discard(dep.slug, dep.version, error)
 
     async def activate(self, slug: str, version: int) -> Deployment:
         """Switch to a stored (and booted) `version`, here and, through the store's change feed, everywhere.
