@@ -1,6 +1,6 @@
 """Realtime: Phoenix / Supabase Realtime channels (broadcast, presence) for unmodified realtime-js clients.
 
-Entry point: `open_realtime(settings, jwt_secret=..., node_id=...)` → `RealtimeService`.
+Entry point: `open_realtime(settings, verifier=... (or jwt_secret=...), node_id=...)` → `RealtimeService`.
 """
 
 from mbworker.realtime.errors import RealtimeError

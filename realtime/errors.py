@@ -1,4 +1,5 @@
-"""Errors raised by realtime/. Third-party exceptions (pyjwt, websockets) are mapped to these at the boundary."""
+"""Errors raised by realtime/. Token errors (`mbworker.lib.jwt.JwtError`) and websockets' exceptions are mapped
+to these at the boundary."""
 
 from __future__ import annotations
 
