@@ -72,6 +72,8 @@ RT_STEP_TIMEOUT = 10.0
 CONVERGE_TIMEOUT = 30.0
 CACHED_VARIANTS = 20
 VERSION_DIR = re.compile(r"/scratch/deno/([a-z0-9_-]+-[0-9]+)-[0-9a-f]+/")
+PEAK_EVERY = 5.0
+"""Seconds between samples of the nodes' RSS, FDs and Deno processes during the load (for the peak column)."""
 SETTLE = 2.0
 """Seconds between the end of the load and the end snapshot (sockets closing, untracks arriving)."""
 
@@ -203,6 +205,26 @@ async def snapshot(nodes: list[Node], redis: RedisServer) -> Snapshot:
     assert redis.process is not None
     redis_rss = rss_bytes(redis.process.pid)
     return Snapshot(rss, fds, deno, deno_rss, cpu, problems, keys, redis_rss, versions, os.getloadavg()[0])
+
+
+@dataclass
+class Peaks:
+    """The highest RSS, open FDs and Deno process count each node reached, sampled during the load."""
+
+    rss: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    fds: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    deno: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+async def sample_peaks(nodes: list[Node], peaks: Peaks, stop: trio.Event) -> None:
+    while not stop.is_set():
+        for n in nodes:
+            pid = n.daemon.proc.pid
+            peaks.rss[n.name] = max(peaks.rss[n.name], rss_bytes(pid))
+            peaks.fds[n.name] = max(peaks.fds[n.name], open_fds(pid))
+            peaks.deno[n.name] = max(peaks.deno[n.name], len(deno_processes(n.daemon.data_dir)))
+        with trio.move_on_after(PEAK_EVERY):
+            await stop.wait()
 
 
 def by_version(argvs: Iterable[list[str]]) -> str:
@@ -563,6 +585,7 @@ async def run(args: argparse.Namespace, work: Path, nodes: list[Node], redis: Re
         rec = Recorder(t0)
         start_snap = await snapshot(nodes, redis)
         stop = trio.Event()
+        peaks = Peaks()
         seconds = args.minutes * 60
         print(f"load for {seconds:.0f}s; Redis restart at t={seconds / 2:.0f}s")
         with trio.fail_after(seconds + 120):
@@ -574,12 +597,13 @@ async def run(args: argparse.Namespace, work: Path, nodes: list[Node], redis: Re
                     nursery.start_soon(rt_pair, rec, a, b, pair, stop)
                 nursery.start_soon(deploy_loop, admin, rec, work, nodes, soak_fn, args.deploy_every, stop)
                 nursery.start_soon(redis_restart, rec, redis, seconds / 2, args.redis_down, args.window_grace)
+                nursery.start_soon(sample_peaks, nodes, peaks, stop)
                 await trio.sleep_until(t0 + seconds)
                 stop.set()
         elapsed = rec.now()
         await trio.sleep(SETTLE)  # let closing sockets and untracks land before the end snapshot
         end_snap = await snapshot(nodes, redis)
-    report(args, rec, elapsed, start_snap, end_snap)
+    report(args, rec, elapsed, start_snap, end_snap, peaks)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -589,7 +613,9 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
 
 
-def report(args: argparse.Namespace, rec: Recorder, elapsed: float, start: Snapshot, end: Snapshot) -> None:
+def report(
+    args: argparse.Namespace, rec: Recorder, elapsed: float, start: Snapshot, end: Snapshot, peaks: Peaks
+) -> None:
     mb = 1024 * 1024
     print(
         f"\nSoak: {args.minutes:g} min on 2 nodes + 1 redis-server, {os.cpu_count()} CPUs; function requests"
@@ -603,13 +629,18 @@ def report(args: argparse.Namespace, rec: Recorder, elapsed: float, start: Snaps
         r0, r1 = rec.redis_away
         during = sum(1 for s0, s1 in rec.spans if s1 >= r0 and s0 <= r1)
         print(f"operations in flight while redis-server was away (t={r0:.1f}s to t={r1:.1f}s): {during}")
-    print(f"\n{'':34} {'start':>10} {'end':>10}")
-    rows: list[tuple[str, str, str]] = []
+    print(f"\n{'':34} {'start':>10} {'end':>10} {f'peak (every {PEAK_EVERY:g} s)':>20}")
+    rows: list[tuple[str, ...]] = []
     for name in start.rss:
         rows += [
-            (f"node {name} RSS (MB)", f"{start.rss[name] / mb:.1f}", f"{end.rss[name] / mb:.1f}"),
-            (f"node {name} open FDs", f"{start.fds[name]}", f"{end.fds[name]}"),
-            (f"node {name} Deno processes", f"{start.deno[name]}", f"{end.deno[name]}"),
+            (
+                f"node {name} RSS (MB)",
+                f"{start.rss[name] / mb:.1f}",
+                f"{end.rss[name] / mb:.1f}",
+                f"{peaks.rss[name] / mb:.1f}",
+            ),
+            (f"node {name} open FDs", f"{start.fds[name]}", f"{end.fds[name]}", f"{peaks.fds[name]}"),
+            (f"node {name} Deno processes", f"{start.deno[name]}", f"{end.deno[name]}", f"{peaks.deno[name]}"),
             (f"node {name} Deno RSS total (MB)", f"{start.deno_rss[name] / mb:.1f}", f"{end.deno_rss[name] / mb:.1f}"),
             (f"node {name} CPU used (s)", f"{start.cpu[name]:.1f}", f"{end.cpu[name]:.1f}"),
             (f"node {name} log ERROR/Traceback lines", f"{start.log_problems[name]}", f"{end.log_problems[name]}"),
@@ -619,8 +650,8 @@ def report(args: argparse.Namespace, rec: Recorder, elapsed: float, start: Snaps
         ("redis-server RSS (MB)", f"{start.redis_rss / mb:.1f}", f"{end.redis_rss / mb:.1f}"),
         ("host load average (1 min)", f"{start.load:.1f}", f"{end.load:.1f}"),
     ]
-    for label, s, e in rows:
-        print(f"{label:34} {s:>10} {e:>10}")
+    for label, *values in rows:
+        print(f"{label:34} " + " ".join(f"{v:>{w}}" for v, w in zip(values, (10, 10, 20), strict=False)))
 
     for name in start.rss:
         print(f"node {name} Deno processes by version: start {start.versions[name]}; end {end.versions[name]}")
