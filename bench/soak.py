@@ -16,8 +16,9 @@ and `wasm-hello` (Wasm, JWT gate on), `cached` (Deno, `[cache] ttl = "60s"`, 20 
   both join a fresh topic (presence key, broadcast ack), each tracks and the other must see it (presence
   across nodes), each broadcasts and the other must receive it (broadcast across nodes), one untracks and the
   other must see it leave, both leave, close;
-- every `--deploy-every` s, alternately, a deploy of a new `soakfn` (on node A, then B, ...) or a rollback
-  (on the other node) through the admin API; then both nodes must serve the expected body (convergence);
+- every `--deploy-every` s, alternately, a deploy of a new `soakfn` or a rollback, through the admin API of
+  node A, B, B, A, A, ... (each node deploys and rolls back); then both nodes must serve the expected body
+  (convergence);
 - in the middle, a Redis restart: stop redis-server, wait `--redis-down` s, start it again on the same port,
   empty. "The Redis window" is from the stop until `--window-grace` s after it answers again. A failure whose
   interval touches the window is counted apart; any other failure is a bug, printed when it happens with
@@ -481,7 +482,7 @@ async def deploy_loop(http: httpx.AsyncClient, rec: Recorder, work: Path, nodes:
         if stop.is_set():
             return
         next_at += every
-        node = nodes[n % 2]
+        node = nodes[(n + n // 2) % 2]  # deploy on A, roll back on B, deploy on B, roll back on A, ...
         kind = "deploy" if n % 2 == 0 else "rollback"
         start = rec.now()
         try:
