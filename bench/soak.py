@@ -146,6 +146,8 @@ class Node:
     name: str
     daemon: Daemon
     log_path: Path
+    exited_early: int | None = None
+    """The daemon's exit status if it was no longer running when the soak stopped it."""
 
     @property
     def url(self) -> str:
@@ -181,30 +183,31 @@ class Snapshot:
     """The host's 1-minute load average (the machine may be shared: latencies depend on it)."""
 
 
-def _rss_or_zero(pid: int) -> int:
+def _or_gone(read: Callable[[int], Any], pid: int) -> Any:
+    """`read(pid)`, or -1 when the process is gone (a daemon that died shows as -1, and the run still reports)."""
     try:
-        return rss_bytes(pid)
-    except OSError:
-        return 0  # gone meanwhile
+        return read(pid)
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 async def snapshot(nodes: list[Node], redis: RedisServer) -> Snapshot:
     rss, fds, deno, deno_rss, cpu, problems, versions = {}, {}, {}, {}, {}, {}, {}
     for n in nodes:
         pid = n.daemon.proc.pid
-        rss[n.name] = rss_bytes(pid)
-        fds[n.name] = open_fds(pid)
+        rss[n.name] = _or_gone(rss_bytes, pid)
+        fds[n.name] = _or_gone(open_fds, pid)
         kids = deno_processes(n.daemon.data_dir)
         deno[n.name] = len(kids)
-        deno_rss[n.name] = sum(_rss_or_zero(p) for p in kids)
+        deno_rss[n.name] = sum(max(0, _or_gone(rss_bytes, p)) for p in kids)
         versions[n.name] = by_version(kids.values())
-        cpu[n.name] = cpu_seconds(pid)
+        cpu[n.name] = _or_gone(cpu_seconds, pid)
         problems[n.name] = sum(1 for line in n.log_lines() if "ERROR" in line or "Traceback" in line)
-    with trio.fail_after(10):
+    keys = -1
+    with trio.move_on_after(10):
         async with open_redis(redis.url) as client:
             keys = int(await client.execute("DBSIZE"))
-    assert redis.process is not None
-    redis_rss = rss_bytes(redis.process.pid)
+    redis_rss = _or_gone(rss_bytes, redis.process.pid) if redis.process else -1
     return Snapshot(rss, fds, deno, deno_rss, cpu, problems, keys, redis_rss, versions, os.getloadavg()[0])
 
 
@@ -221,8 +224,8 @@ async def sample_peaks(nodes: list[Node], peaks: Peaks, stop: trio.Event) -> Non
     while not stop.is_set():
         for n in nodes:
             pid = n.daemon.proc.pid
-            peaks.rss[n.name] = max(peaks.rss[n.name], rss_bytes(pid))
-            peaks.fds[n.name] = max(peaks.fds[n.name], open_fds(pid))
+            peaks.rss[n.name] = max(peaks.rss[n.name], _or_gone(rss_bytes, pid))
+            peaks.fds[n.name] = max(peaks.fds[n.name], _or_gone(open_fds, pid))
             peaks.deno[n.name] = max(peaks.deno[n.name], len(deno_processes(n.daemon.data_dir)))
         with trio.move_on_after(PEAK_EVERY):
             await stop.wait()
@@ -495,7 +498,7 @@ async def deploy_loop(http: httpx.AsyncClient, rec: Recorder, work: Path, nodes:
                 if response.status_code != 200:
                     raise RuntimeError(f"rollback: {describe(response)}")
                 dep = response.json()
-        except (httpx.HTTPError, RuntimeError, ValueError) as exc:
+        except Exception as exc:  # whatever went wrong is recorded, and the soak goes on
             rec.fail(kind, node.name, start, rec.now(), f"{type(exc).__name__}: {exc}")
             n += 1
             continue
@@ -544,10 +547,15 @@ async def soak(args: argparse.Namespace, work: Path) -> None:
             nodes.append(Node(name, daemon, work / f"{name}.log"))
         await run(args, work, nodes, redis)
     finally:
+        for node in nodes:
+            node.exited_early = node.daemon.proc.poll()
         with trio.CancelScope(shield=True):
             for node in nodes:
                 await trio.to_thread.run_sync(node.daemon.stop)
             await redis.stop()
+    for node in nodes:
+        if node.exited_early is not None:
+            print(f"NODE {node.name} EXITED DURING THE RUN with status {node.exited_early}")
     left = {n.name: len(deno_processes(n.daemon.data_dir)) for n in nodes}
     print("Deno processes left after the daemons stopped: " + ", ".join(f"node {k} {v}" for k, v in left.items()))
     for node in nodes:
