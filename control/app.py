@@ -28,6 +28,7 @@ from mbworker.lib.revocation import RevocationList
 log = logging.getLogger("mbworker.control")
 
 SLUG = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 SMALL_BODY = 64 * 1024
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -152,6 +153,14 @@ class ControlApp:
         return 202, {"name": view.record.name, "draining": True, "left_upstreams": True}
 
     async def _upstreams(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
+        # A proxy names itself (x-mbworker-node, x-mbworker-version): its pull is its heartbeat.
+        name = (request.header(b"x-mbworker-node") or b"").decode("ascii", "replace")
+        if name:
+            if not NODE_NAME.match(name):
+                raise ControlError(f"x-mbworker-node must match {NODE_NAME.pattern}")
+            version = (request.header(b"x-mbworker-version") or b"").decode("ascii", "replace")[:40] or "unknown"
+            ip = request.client[0] if request.client else "unknown"
+            await self.registry.record_pull("proxy", name, ip, version)
         return 200, await self.registry.upstreams()
 
     async def _scrape_targets(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:

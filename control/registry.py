@@ -24,6 +24,8 @@ from mbworker.lib.redis import Redis, RedisError
 log = logging.getLogger("mbworker.control.registry")
 
 DRAIN_TTL_S = 3600
+RECORD_TTL_S = 3600
+"""As the workers' heartbeat (worker/cluster/heartbeat.py): a node silent for an hour disappears."""
 NODE_EXPORTER_PORT = 9100
 
 
@@ -166,6 +168,22 @@ class NodeRegistry:
             raise StateUnavailable(f"the cluster's Redis is unreachable: {exc}") from exc
         return view.model_copy(update={"drain_asked": True})
 
+    async def record_pull(self, role: str, name: str, private_ip: str, version: str) -> None:
+        """A proxy pulling its upstreams is its heartbeat: record it as a node (the same record workers write)."""
+        record = NodeRecord(
+            role=role, name=name, private_ip=private_ip, port=0, admin_port=0, version=version, ready=True,
+            sent_at=self._clock(),
+        )  # fmt: skip
+        try:
+            await self._redis.execute_many(
+                [
+                    ("SET", f"{self._p}node:{name}", record.model_dump_json(), "EX", RECORD_TTL_S),
+                    ("ZADD", f"{self._p}nodes", record.sent_at, name),
+                ]
+            )
+        except RedisError as exc:
+            raise StateUnavailable(f"the cluster's Redis is unreachable: {exc}") from exc
+
     async def upstreams(self) -> list[dict[str, Any]]:
         """Ready, non-draining workers with their current address: what proxies forward to."""
         return [{"name": v.record.name, "address": v.address} for v in await self.serving_workers()]
@@ -178,12 +196,13 @@ class NodeRegistry:
             if not v.up:
                 continue
             labels = {"node": v.record.name, "role": v.record.role}
-            groups.append(
-                {
-                    "targets": [f"{v.record.private_ip}:{v.record.admin_port}"],
-                    "labels": {**labels, "job": "mbworker", "__metrics_path__": "/metrics"},
-                }
-            )
+            if v.record.admin_port:  # proxies report no mbworker listener of their own
+                groups.append(
+                    {
+                        "targets": [f"{v.record.private_ip}:{v.record.admin_port}"],
+                        "labels": {**labels, "job": "mbworker", "__metrics_path__": "/metrics"},
+                    }
+                )
             groups.append(
                 {
                     "targets": [f"{v.record.private_ip}:{NODE_EXPORTER_PORT}"],

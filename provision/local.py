@@ -294,7 +294,8 @@ class LocalProvider:
             listen = f"{self.host}:{self.port('gateway')}"
             argv = [sys.executable, "-m", "mbworker.provision.local_gateway", "--listen", listen,
                     "--backends", str(self._backends_path()), "--control", self.control_url(),
-                    "--node-token-file", str(node_token_path(self.dir.parent))]  # fmt: skip
+                    "--node-token-file", str(node_token_path(self.dir.parent)),
+                    "--name", f"{self.spec.name}-gateway"]  # fmt: skip
             return argv, env  # it pulls its upstreams from the control plane (started before it), as proxies do
         command = self.spec.local.worker_command or [sys.executable, "-m", "mbworker.cli.main"]
         if kind == "control":

@@ -111,11 +111,15 @@ def _address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def pull_upstreams(backends: Backends, control_url: str, token: str, interval: float = PULL_INTERVAL) -> None:
+async def pull_upstreams(
+    backends: Backends, control_url: str, token: str, name: str = "gateway", interval: float = PULL_INTERVAL
+) -> None:
     """Keep `backends.pulled` in step with the control plane's `GET /control/v1/upstreams` until cancelled. A
-    failed pull keeps the last list (logged once per outage)."""
+    failed pull keeps the last list (logged once per outage). Each pull names this proxy: its heartbeat."""
+    from mbworker import __version__
+
     failing = False
-    headers = {"authorization": f"Bearer {token}"}
+    headers = {"authorization": f"Bearer {token}", "x-mbworker-node": name, "x-mbworker-version": __version__}
     async with httpx.AsyncClient(base_url=control_url, headers=headers, timeout=5.0, trust_env=False) as http:
         while True:
             try:
@@ -136,6 +140,7 @@ async def serve_gateway(
     backends_file: Path,
     *,
     control: tuple[str, str] | None = None,
+    name: str = "gateway",
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept on host:port and splice each connection to a worker; started() with the bound port. With `control`
@@ -149,15 +154,15 @@ async def serve_gateway(
 
     async with trio.open_nursery() as nursery:
         if control is not None:
-            nursery.start_soon(pull_upstreams, backends, *control)
+            nursery.start_soon(pull_upstreams, backends, *control, name)
         task_status.started(bound)
         await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
 
 
-async def _main(host: str, port: int, backends: Path, control: tuple[str, str] | None) -> None:
+async def _main(host: str, port: int, backends: Path, control: tuple[str, str] | None, name: str) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(serve_gateway, host, port, backends, control=control))
+            await nursery.start(partial(serve_gateway, host, port, backends, control=control, name=name))
             async for _ in signals:
                 nursery.cancel_scope.cancel()
                 return
@@ -169,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backends", required=True, type=Path, help="file with one host:port per line")
     parser.add_argument("--control", help="the control plane's URL: pull the upstreams from it")
     parser.add_argument("--node-token-file", type=Path, help="the control plane's node token (with --control)")
+    parser.add_argument("--name", default="gateway", help="this proxy's name in the control plane's node list")
     args = parser.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.node_token_file is None:
             parser.error("--control needs --node-token-file")
         control = (args.control, args.node_token_file.read_text().strip())
-    trio.run(_main, host, int(port), args.backends, control)
+    trio.run(_main, host, int(port), args.backends, control, args.name)
 
 
 if __name__ == "__main__":

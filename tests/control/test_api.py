@@ -118,6 +118,19 @@ async def test_nodes_report_by_heartbeat_and_a_silent_node_is_down(redis_server:
         assert by_name["w2"]["state"] == "down"
         assert by_name["w2"]["ready"] is False
         assert [u["name"] for u in (await http.get("/control/v1/upstreams")).json()] == ["w1"]
+        # A proxy's pull of its upstreams (node token) is its heartbeat: it is listed, and never an upstream.
+        node = {"authorization": f"Bearer {(tmp_path / 'node_token').read_text().strip()}"}
+        proxy = {**node, "x-mbworker-node": "px-1", "x-mbworker-version": "1.2.3"}
+        r = await http.get("/control/v1/upstreams", headers=proxy)
+        assert [u["name"] for u in r.json()] == ["w1"]
+        by_name = {n["name"]: n for n in await _wait_nodes(http, 3)}
+        assert (by_name["px-1"]["role"], by_name["px-1"]["private_ip"], by_name["px-1"]["state"]) == (
+            "proxy",
+            "127.0.0.1",
+            "ready",
+        )
+        r = await http.get("/control/v1/upstreams", headers={**node, "x-mbworker-node": "bad name/"})
+        assert r.status_code == 400
         nursery.cancel_scope.cancel()
 
 

@@ -45,7 +45,6 @@ async def test_deploy_and_revoke_through_the_control_plane_of_a_two_worker_clust
 worker_command = {json.dumps(CLI)}
 redis_server = "{redis_server}"
 base_port = {free_base()}
-gateway = false
 """
     )
     code, up = await _cli("up", "-c", str(spec), "--workers", "2")
@@ -56,18 +55,20 @@ gateway = false
         secrets = json.loads((tmp_path / ".mbcluster-demo" / "secrets.json").read_text())
         anon = jwt.encode({"role": "anon", "exp": 4102444800}, secrets["jwt_secret"], algorithm="HS256")
 
-        # Both workers report to the control plane (their first heartbeat may follow `up` by a moment).
+        # Both workers and the gateway report to the control plane (the first beats may follow `up` by a moment).
         with trio.fail_after(30):
             while True:
                 code, out = await _cli("cluster", "status", "-c", str(spec), "-o", "json")
                 assert code == 0, out
                 nodes = json.loads(out)
-                if sum(n["ready"] for n in nodes) == 2:
+                if sum(n["ready"] for n in nodes) == 3:
                     break
                 await trio.sleep(0.2)
         assert [(n["role"], n["name"], n["version"], n["state"]) for n in nodes] == [
-            ("worker", f"demo-worker-{i:03d}", __version__, "ready") for i in (1, 2)
+            ("proxy", "demo-gateway", __version__, "ready"),
+            *[("worker", f"demo-worker-{i:03d}", __version__, "ready") for i in (1, 2)],
         ]
+        nodes = [n for n in nodes if n["role"] == "worker"]
         assert sorted(n["port"] for n in nodes) == sorted(ports)
 
         fn = write_function(tmp_path / "src", "hello", "Deno.serve(() => new Response('v1'))")
