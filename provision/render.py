@@ -167,6 +167,7 @@ def user_data(
             "version": ctx.wheels.version,
             "requirements": ctx.wheels.requirements(),
             "wheel_url": wheel_url(spec),
+            "wheel_host": d.system_ip(spec),
         }
         return render("worker.yaml", values)
     if server.role == "state":

@@ -156,7 +156,7 @@ def test_workers_install_the_shipped_wheels_pinned_with_hashes_from_the_system_n
     assert reqs == f"mbworker==0.1.0 --hash=sha256:{'ab' * 32}\npydantic-core==2.50.5 --hash=sha256:{'cd' * 32}\n"
     install = block(text, "/usr/local/sbin/mbworker-install")
     assert "--no-index --require-hashes" in install
-    assert "--find-links http://10.0.1.3:8404/" in install
+    assert "--find-links http://10.0.1.3:8404/ --trusted-host 10.0.1.3" in install  # pip ignores it otherwise
     system = docs(make_spec())["demo-system"]
     assert "http.server --bind 10.0.1.3 --directory /var/lib/mbwheels 8404" in system
     with pytest.raises(RenderError, match="wheelhouse"):

@@ -61,7 +61,7 @@ def test_workers_install_the_shipped_wheels_with_hashes_and_no_index(
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     pip = [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", "--no-index",
-           "--require-hashes", "--find-links", url, "-r", str(reqs)]  # fmt: skip
+           "--require-hashes", "--find-links", url, "--trusted-host", "127.0.0.1", "-r", str(reqs)]  # fmt: skip
     result = subprocess.run(pip, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     help_ = subprocess.run([str(venv / "bin" / "mbworker"), "--help"], capture_output=True, text=True, timeout=60)
