@@ -97,6 +97,10 @@ class AdminClient:
         )
         return result
 
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Any admin route below the API's root (`/secrets`, …): the JSON answer, or `AdminApiError`."""
+        return self._call(method, f"{self.prefix}{path}", **kwargs)
+
     def list_functions(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._call("GET", f"{self.prefix}/functions")
         return result

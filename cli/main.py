@@ -89,11 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     _admin_options(purge)
 
     from mbworker.cli.cluster_cmds import add_cluster_commands
+    from mbworker.cli.secrets_cmds import add_secrets_commands
     from mbworker.provision.cli import add_local_commands, add_provision_commands
 
     add_provision_commands(sub)
     add_local_commands(sub)
     add_cluster_commands(sub)
+    add_secrets_commands(sub)
     return parser
 
 

@@ -18,6 +18,7 @@ import trio
 from mbworker.lib.http.types import BodyTooLarge, HttpRequest, Responder, WebSocketHandler
 from mbworker.worker.deployer import Deployer, DeployFailed
 from mbworker.worker.deployments.archive import BundleRejected
+from mbworker.worker.deployments.project_secrets import digest
 from mbworker.worker.deployments.store import Deployment, Quarantined, StoreError
 from mbworker.worker.function_logs import FunctionLogs, serve_logs
 from mbworker.worker.metrics import Metrics, serve_metrics
@@ -94,6 +95,9 @@ class AdminApp:
                 self._version_step,
             ),
             ("DELETE", re.compile(r"^/admin/v1/functions/([^/]+)$"), self._delete),
+            ("GET", re.compile(r"^/admin/v1/secrets$"), self._secrets_list),
+            ("POST", re.compile(r"^/admin/v1/secrets$"), self._secrets_set),
+            ("POST", re.compile(r"^/admin/v1/secrets/unset$"), self._secrets_unset),
             ("POST", re.compile(r"^/admin/v1/drain$"), self._drain),
             ("POST", re.compile(r"^/admin/v1/cache/purge$"), self._purge),
         ]
@@ -255,6 +259,39 @@ class AdminApp:
     async def _delete(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
         removed = await self.deployer.delete(args[0])
         await send_json(responder, 200, {"slug": args[0], "removed": [d.version for d in removed]})
+
+    async def _secrets_list(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
+        """Names and sha256 digests: values never leave the node."""
+        values = await self.deployer.store.project_secrets()
+        await send_json(responder, 200, [{"name": k, "digest": digest(v)} for k, v in sorted(values.items())])
+
+    async def _secrets_set(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
+        """Body {"secrets": {"NAME": "value", ...}}: every function sees them from its next process on."""
+        try:
+            values = (await self._json_body(request)).get("secrets")
+        except ValueError as exc:
+            await send_error(responder, 400, "BAD_REQUEST", f"Invalid JSON body: {exc}")
+            return
+        if not isinstance(values, dict) or not values or not all(isinstance(v, str) for v in values.values()):
+            await send_error(responder, 400, "BAD_REQUEST", 'expected {"secrets": {"NAME": "value", ...}}')
+            return
+        await self.deployer.store.set_secrets(values)
+        await self.deployer.refresh_secrets()  # this node's functions before the answer; others follow the feed
+        await send_json(responder, 200, {"set": sorted(values)})
+
+    async def _secrets_unset(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
+        """Body {"names": ["NAME", ...]}."""
+        try:
+            names = (await self._json_body(request)).get("names")
+        except ValueError as exc:
+            await send_error(responder, 400, "BAD_REQUEST", f"Invalid JSON body: {exc}")
+            return
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            await send_error(responder, 400, "BAD_REQUEST", 'expected {"names": ["NAME", ...]}')
+            return
+        removed = await self.deployer.store.unset_secrets(names)
+        await self.deployer.refresh_secrets()
+        await send_json(responder, 200, {"unset": removed})
 
     async def _drain(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
         if self.drain is None:

@@ -78,13 +78,19 @@ class Deployer:
         self.scratch_root = scratch_root
         self._on_change = on_change
         self._slug_locks: dict[str, trio.Lock] = {}
+        self._project_secrets: dict[str, str] | None = None
+        """The store's project secrets as last read (None: not yet): every function's env besides its own."""
 
     def _lock(self, slug: str) -> trio.Lock:
         return self._slug_locks.setdefault(slug, trio.Lock())
 
     async def function_version(self, dep: Deployment) -> FunctionVersion:
+        """What the runtime runs. Env: the project secrets, then the function's own (its deploy's env file wins
+        over a project secret of the same name), then the platform's variables (they win over both)."""
+        if self._project_secrets is None:
+            self._project_secrets = await self.store.project_secrets()
         secrets = await self.store.secrets(dep.slug, dep.version)
-        env = {**secrets, **self.platform_env.for_version(dep.slug, dep.version)}
+        env = {**self._project_secrets, **secrets, **self.platform_env.for_version(dep.slug, dep.version)}
         fn = function_version(dep, self.store.bundle_dir(dep.slug, dep.version), env)
         return dataclasses.replace(fn, scratch_dir=self.scratch_root / dep.slug, limits=self.limits_for(dep))
 
@@ -219,7 +225,10 @@ class Deployer:
                 delay = 0.1
                 while True:
                     try:
-                        if change.kind == "resync" or change.slug is None:
+                        if change.kind == "secrets":
+                            await self.refresh_secrets()
+                        elif change.kind == "resync" or change.slug is None:
+                            await self.refresh_secrets()
                             await self.reconcile()
                         elif change.kind in ("activate", "rollback", "delete"):
                             await self.reconcile_slug(change.slug)
@@ -232,6 +241,23 @@ class Deployer:
                         log.warning("store change (%s) not applied, retry in %.1fs: %s", change.kind, delay, exc)
                         await trio.sleep(delay)
                         delay = min(delay * 2, 5.0)
+
+    async def refresh_secrets(self) -> None:
+        """Read the project secrets again; when they changed, every live function gets them from its next
+        process on (its processes are retired: in-flight requests finish, the next request starts new ones)."""
+        secrets = await self.store.project_secrets()
+        if secrets == self._project_secrets:
+            return
+        self._project_secrets = secrets
+        for slug in self.table.slugs():
+            async with self._lock(slug):
+                dep = await self.store.get_active(slug)
+                if dep is None:
+                    continue
+                previous = self.table.set(await self._active(dep))
+                if previous is not None:
+                    await self._retire(previous.fn)  # same version: only its processes go, with the old env
+        log.info("project secrets changed: %d functions restart with them", len(self.table))
 
     async def reconcile(self) -> None:
         """Bring every slug's live version in line with the store."""

@@ -327,3 +327,22 @@ async def test_a_number_taken_after_the_failed_one_is_not_reused(make_store: Mak
     later = await store.put("hello", bundle(body="2"))  # a racing deploy took the next number meanwhile
     await store.discard("hello", failing.version, "boom")
     assert (await store.put("hello", bundle(body="3"))).version == later.version + 1
+
+
+async def test_project_secrets_set_unset_and_announce(make_store: MakeStore) -> None:
+    store = await make_store()
+    assert await store.project_secrets() == {}
+    async with store.watch() as changes:
+        await store.set_secrets({"API_KEY": "a", "OTHER": "b"})
+        with trio.fail_after(5):
+            assert (await changes.__anext__()).kind == "secrets"
+    await store.set_secrets({"API_KEY": "c"})
+    assert await store.project_secrets() == {"API_KEY": "c", "OTHER": "b"}
+    assert await store.unset_secrets(["OTHER", "NOPE"]) == ["OTHER"]
+    assert await store.project_secrets() == {"API_KEY": "c"}
+    with pytest.raises(StoreError) as refused:
+        await store.set_secrets({"LD_PRELOAD": "x", "SUPABASE_URL": "y"})
+    assert "LD_PRELOAD" in str(refused.value)
+    assert "SUPABASE_" in str(refused.value)
+    assert refused.value.status == 400
+    assert await store.project_secrets() == {"API_KEY": "c"}

@@ -131,3 +131,18 @@ async def test_a_node_joining_with_a_single_nodes_deployments_contributes_them(n
     await b.ensure_local("hello", 2)
     assert (b.bundle_dir("hello", 2) / "hello" / "index.ts").read_text() == "Deno.serve(() => new Response('two'));\n"
     assert (await b.put("hello", bundle(body="three"))).version == 3
+
+
+async def test_project_secrets_reach_every_node_and_survive_a_flushall(nodes: Nodes, redis_server: RedisServer) -> None:
+    a = await nodes.start()
+    b = await nodes.start()
+    async with b.watch() as seen_by_b:
+        await a.set_secrets({"API_KEY": "k"})
+        await until(seen_by_b, "secrets")
+    assert await b.project_secrets() == {"API_KEY": "k"}
+    await flushall(redis_server)
+    assert await b.project_secrets() == {"API_KEY": "k"}  # given back from B's copy
+    assert await a.project_secrets() == {"API_KEY": "k"}
+    # Emptied on purpose is not "lost": nobody gives them back.
+    await a.unset_secrets(["API_KEY"])
+    assert await b.project_secrets() == {}

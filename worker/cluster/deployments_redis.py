@@ -14,6 +14,7 @@ What lives where:
     <p>dep:<slug>:archive:N the archive as uploaded
     <p>dep:<slug>:attempts  list: failed deploys (JSON), newest first
     <p>dep:epoch            change counter (one per announcement)
+    <p>dep:secrets          hash: project secrets, plus their revision     .secrets.json  their copy (0600)
     <p>dep:changes          pub/sub: msgpack {k, s, v, o, e} (kind, slug, version, origin node, change number)
 
 - Version numbers come from `INCR <slug>:seq`, taken under the distributed lock `deploy:<slug>` that every
@@ -49,7 +50,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -72,11 +73,12 @@ from mbworker.lib.redis import (
 from mbworker.worker.cluster.errors import ClusterStoreUnavailable, LockError
 from mbworker.worker.cluster.local_copies import LocalCopies, check_slug, check_version, rmtree
 from mbworker.worker.cluster.lock import Locks, RedisLocks
-from mbworker.worker.deployments import lifecycle
+from mbworker.worker.deployments import lifecycle, project_secrets
 from mbworker.worker.deployments.archive import BundleRejected, BundleTooLarge
 from mbworker.worker.deployments.changes import ChangeFeed, ChangeReader, StoreChange
 from mbworker.worker.deployments.manifest import SLUG_RE
 from mbworker.worker.deployments.model import ATTEMPTS_KEPT, Attempt, StorageFull, is_disk_full
+from mbworker.worker.deployments.project_secrets import REVISION_FIELD
 from mbworker.worker.deployments.store import (
     AttemptList,
     Deployment,
@@ -97,7 +99,7 @@ from mbworker.worker.deployments.store import (
 
 log = logging.getLogger("mbworker.cluster.deployments")
 
-_KINDS = frozenset({"put", "activate", "rollback", "delete", "failed"})
+_KINDS = frozenset({"put", "activate", "rollback", "delete", "failed", "secrets"})
 """Change kinds nodes announce to each other (`resync` is local: each node detects its own gaps)."""
 _RESTORE_RETRY_S = 15.0
 """How long a node keeps trying to give back its functions after Redis lost data, before the resync goes on."""
@@ -150,6 +152,15 @@ def _load_meta(raw: bytes) -> Deployment:
         return Deployment.model_validate_json(raw)
     except ValidationError as exc:
         raise StoreError(f"corrupt deployment metadata in Redis: {exc}") from exc
+
+
+def _decode_hash(flat: list[bytes]) -> dict[str, str]:
+    it = iter(flat)
+    return {k.decode(): v.decode() for k, v in zip(it, it, strict=True)}
+
+
+def _secret_values(stored: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in stored.items() if k != REVISION_FIELD}
 
 
 def _load_metas(flat: list[bytes]) -> dict[int, Deployment]:
@@ -214,6 +225,7 @@ class RedisDeploymentStore:
         self._resyncs = 0
         self._publish_failures = 0
         self._epoch_key = f"{prefix}dep:epoch"
+        self._secrets_key = f"{prefix}dep:secrets"
         self._restores = 0
         self._epoch: int | None = None
         """The highest change number seen (None until the first one)."""
@@ -291,7 +303,7 @@ class RedisDeploymentStore:
         commands.append(("EXEC",))
         await self._redis.execute_many(commands)
 
-    async def _announce(self, kind: str, slug: str, version: int | None) -> None:
+    async def _announce(self, kind: str, slug: str | None, version: int | None) -> None:
         """Tell this node's watchers now, then the other nodes. Each announcement takes the next number of the
         cluster's change counter (`<p>dep:epoch`), so a node that misses one (a failed publish here) notices a
         gap at the next message or at its periodic check and resyncs. A failed publish is logged, not raised:
@@ -425,6 +437,62 @@ class RedisDeploymentStore:
             except ValidationError:
                 continue  # only a record
         return out
+
+    # ---------------------------------------------------------------------------------- project secrets
+
+    async def project_secrets(self) -> dict[str, str]:
+        """From Redis (mirrored to this node's 0600 copy). Redis unreachable: the copy. Redis without any
+        revision (it lost its data) while the copy has one: the copy is given back first."""
+        try:
+            raw = await self._redis.execute("HGETALL", self._secrets_key)
+        except RedisError as exc:
+            mirror = await trio.to_thread.run_sync(self._copies.read_secrets)
+            if mirror is None:
+                raise ClusterStoreUnavailable(f"read the project secrets: Redis unreachable ({exc})") from exc
+            return _secret_values(mirror)
+        stored = _decode_hash(raw)
+        if REVISION_FIELD not in stored:
+            mirror = await trio.to_thread.run_sync(self._copies.read_secrets)
+            if mirror and REVISION_FIELD in mirror:
+                with self._redis_errors("restore the project secrets"):
+                    flat = [item for pair in mirror.items() for item in pair]
+                    await self._redis.execute("HSET", self._secrets_key, *flat)  # HSET only adds: a race is safe
+                log.warning("the store had no project secrets; restored %d from this node", len(mirror) - 1)
+                return _secret_values(mirror)
+        await trio.to_thread.run_sync(self._copies.write_secrets, stored)
+        return _secret_values(stored)
+
+    async def set_secrets(self, values: Mapping[str, str]) -> None:
+        current = await self.project_secrets()
+        project_secrets.validated(current, values)  # the whole set's rules, before anything is written
+        flat = [item for pair in values.items() for item in pair]
+        with self._redis_errors("set project secrets"):
+            await self._redis.execute_many(
+                [
+                    ("MULTI",),
+                    *([("HSET", self._secrets_key, *flat)] if flat else []),
+                    ("HINCRBY", self._secrets_key, REVISION_FIELD, 1),
+                    ("EXEC",),
+                ]
+            )
+        await self.project_secrets()  # refresh this node's copy
+        await self._announce("secrets", None, None)
+
+    async def unset_secrets(self, names: Sequence[str]) -> list[str]:
+        current = await self.project_secrets()
+        _, removed = project_secrets.without(current, names)
+        with self._redis_errors("unset project secrets"):
+            await self._redis.execute_many(
+                [
+                    ("MULTI",),
+                    *([("HDEL", self._secrets_key, *removed)] if removed else []),
+                    ("HINCRBY", self._secrets_key, REVISION_FIELD, 1),
+                    ("EXEC",),
+                ]
+            )
+        await self.project_secrets()
+        await self._announce("secrets", None, None)
+        return removed
 
     async def _transition(
         self, slug: str, what: str, decide: Callable[[lifecycle.SlugState], lifecycle.Transition]
@@ -773,6 +841,8 @@ class RedisDeploymentStore:
         epoch = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
         if origin == self.node_id or kind not in _KINDS:
             return None, epoch  # our own changes were delivered directly
+        if kind == "secrets":
+            return StoreChange("secrets", None, None), epoch
         if not (isinstance(slug, str) and SLUG_RE.match(slug)) or not (version is None or isinstance(version, int)):
             return None, epoch
         return StoreChange(cast(Any, kind), slug, version), epoch

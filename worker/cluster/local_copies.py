@@ -13,6 +13,7 @@ Layout under `root` (the local store's layout, plus `sha256`: a single node's da
     <slug>/v<N>/sha256      hex sha256 of the archive the files came from (written last: marks a complete copy)
     <slug>/.incoming-*/     unpacks in progress (renamed to v<N> when complete)
     <slug>/.stale-*/        replaced copies on their way out
+    .secrets.json           the project secrets as last read from Redis, with their revision (0600)
 
 A copy is only trusted if its `sha256` matches the version's digest in Redis, so a copy made under a number
 that Redis later reused (data loss) is replaced, never served. What a node holds (metadata, archive, live
@@ -168,6 +169,18 @@ class LocalCopies:
     def mark_complete(self, slug: str, version: int, sha256: str) -> None:
         """Write the `sha256` marker of a copy that lacks it (a single node's layout): it is trusted from now on."""
         (self.version_dir(slug, version) / "sha256").write_text(sha256)
+
+    def read_secrets(self) -> dict[str, str] | None:
+        """This node's copy of the project secrets (with their revision), or None if it has none."""
+        try:
+            raw = json.loads((self.root / ".secrets.json").read_bytes())
+        except (FileNotFoundError, ValueError):
+            return None
+        return {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)}
+
+    def write_secrets(self, stored: dict[str, str]) -> None:
+        if self.read_secrets() != stored:
+            write_atomic(self.root / ".secrets.json", json.dumps(stored).encode())
 
     def slugs(self) -> list[str]:
         return sorted(n for n in _names(self.root) if SLUG_RE.match(n) and (self.root / n).is_dir())

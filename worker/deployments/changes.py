@@ -17,9 +17,10 @@ import trio
 
 @dataclass(frozen=True, slots=True)
 class StoreChange:
-    """One change. `kind == "resync"` means this watcher fell behind and must reload everything."""
+    """One change. `kind == "resync"` means this watcher fell behind and must reload everything; `secrets`: the
+    project secrets changed (no slug)."""
 
-    kind: Literal["put", "activate", "rollback", "delete", "failed", "resync"]
+    kind: Literal["put", "activate", "rollback", "delete", "failed", "secrets", "resync"]
     slug: str | None
     version: int | None
 

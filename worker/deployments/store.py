@@ -30,7 +30,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +40,7 @@ import trio
 from pydantic import ValidationError
 
 from mbworker.runtimes.api import FunctionVersion
-from mbworker.worker.deployments import lifecycle
+from mbworker.worker.deployments import lifecycle, project_secrets
 from mbworker.worker.deployments.archive import (
     DEFAULT_MAX_ARCHIVE_BYTES,
     DEFAULT_MAX_FILES,
@@ -154,6 +154,18 @@ class DeploymentStore(Protocol):
 
     async def attempts(self, slug: str) -> AttemptList:
         """The newest failed attempts of `slug` (at most `ATTEMPTS_KEPT`), newest first."""
+        ...
+
+    async def project_secrets(self) -> dict[str, str]:
+        """The project secrets (every function's env besides its own). Never put these in listings or logs."""
+        ...
+
+    async def set_secrets(self, values: Mapping[str, str]) -> None:
+        """Set (add or replace) project secrets; `StoreError` (400) for a name or value the rules refuse."""
+        ...
+
+    async def unset_secrets(self, names: Sequence[str]) -> list[str]:
+        """Remove project secrets; returns the names that were set."""
         ...
 
     async def get(self, slug: str, version: int) -> Deployment | None: ...
@@ -485,6 +497,47 @@ class LocalDeploymentStore:
 
     async def attempts(self, slug: str) -> AttemptList:
         return await trio.to_thread.run_sync(self._read_attempts, self._slug_dir(slug) / "attempts.json")
+
+    # ---------------------------------------------------------------------------------- project secrets
+
+    @property
+    def _secrets_path(self) -> Path:
+        return self.root / ".secrets.json"  # a leading dot: never a slug
+
+    async def project_secrets(self) -> dict[str, str]:
+        return await trio.to_thread.run_sync(self._read_secrets_file)
+
+    def _read_secrets_file(self) -> dict[str, str]:
+        try:
+            raw = json.loads(self._secrets_path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except ValueError as exc:
+            raise StoreError(f"unreadable {self._secrets_path}: {exc}") from exc
+        return {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)}
+
+    async def set_secrets(self, values: Mapping[str, str]) -> None:
+        await self._change_secrets(lambda current: project_secrets.validated(current, values))
+
+    async def unset_secrets(self, names: Sequence[str]) -> list[str]:
+        removed: list[str] = []
+
+        def change(current: dict[str, str]) -> dict[str, str]:
+            kept, gone = project_secrets.without(current, names)
+            removed.extend(gone)
+            return kept
+
+        await self._change_secrets(change)
+        return removed
+
+    async def _change_secrets(self, change: Callable[[dict[str, str]], dict[str, str]]) -> None:
+        def run() -> None:
+            with _file_lock(self.root / ".secrets.lock"):
+                write_atomic(self._secrets_path, json.dumps(change(self._read_secrets_file())).encode())
+
+        async with self._lock:
+            await trio.to_thread.run_sync(run)
+        self._notify(StoreChange("secrets", None, None))
 
     @staticmethod
     def _read_attempts(path: Path) -> AttemptList:
