@@ -179,6 +179,8 @@ class Snapshot:
     redis_rss: int
     versions: dict[str, str]
     """Each node's Deno processes by function version (`slug-N ×count`), read from their command lines."""
+    client_cpu: float
+    """CPU seconds this process (the load: HTTP and realtime clients, deploys) has used."""
     load: float
     """The host's 1-minute load average (the machine may be shared: latencies depend on it)."""
 
@@ -208,7 +210,8 @@ async def snapshot(nodes: list[Node], redis: RedisServer) -> Snapshot:
         async with open_redis(redis.url) as client:
             keys = int(await client.execute("DBSIZE"))
     redis_rss = _or_gone(rss_bytes, redis.process.pid) if redis.process else -1
-    return Snapshot(rss, fds, deno, deno_rss, cpu, problems, keys, redis_rss, versions, os.getloadavg()[0])
+    client_cpu = cpu_seconds(os.getpid())
+    return Snapshot(rss, fds, deno, deno_rss, cpu, problems, keys, redis_rss, versions, client_cpu, os.getloadavg()[0])
 
 
 @dataclass
@@ -657,6 +660,7 @@ def report(
     rows += [
         ("Redis keys", f"{start.redis_keys}", f"{end.redis_keys}"),
         ("redis-server RSS (MB)", f"{start.redis_rss / mb:.1f}", f"{end.redis_rss / mb:.1f}"),
+        ("soak client CPU used (s)", f"{start.client_cpu:.1f}", f"{end.client_cpu:.1f}"),
         ("host load average (1 min)", f"{start.load:.1f}", f"{end.load:.1f}"),
     ]
     for label, *values in rows:
