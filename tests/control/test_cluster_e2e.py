@@ -97,6 +97,23 @@ base_port = {free_base()}
             assert code == 0, out
             assert re.search(r"hello\s+1\s+ACTIVE", out), out
 
+            # v2, then a rollback and the logs, cluster-wide; each command returns once both workers agree
+            (fn / "index.ts").write_text("Deno.serve(() => { console.log('served v2'); return new Response('v2'); })")
+            code, out = await _cli("deploy", str(fn), "--cluster", str(spec))
+            assert (code, "hello v2" in out, "live on 2/2 workers" in out) == (0, True, True), out
+            assert [await answers(p) for p in ports] == [(200, "v2"), (200, "v2")]
+            code, out = await _cli("functions", "logs", "hello", "--cluster", str(spec), "--json")
+            assert code == 0, out
+            lines = [json.loads(line) for line in out.splitlines()]
+            # (worker 1 also kept the broken version's boot error: it staged it)
+            assert {line["node"] for line in lines if line["msg"] == "served v2"} == {
+                f"demo-worker-{i:03d}" for i in (1, 2)
+            }
+            code, out = await _cli("functions", "rollback", "hello", "--cluster", str(spec))
+            assert code == 0, out
+            assert "now serving v1 on 2/2 workers" in out
+            assert [await answers(p) for p in ports] == [(200, "v1"), (200, "v1")]
+
             # Revoking a session: both JWT gates refuse its tokens, its realtime channel ends.
             user = jwt.encode(
                 {"role": "authenticated", "session_id": "sess-42", "exp": 4102444800}, secrets["jwt_secret"], "HS256"
