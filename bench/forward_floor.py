@@ -7,7 +7,8 @@ is forwarded first: one `q` frame (runtimes/deno/protocol.py) to ONE Deno child 
 with a hello function, and the canned answer goes out only when the child's response head frame comes back.
 What it leaves out is everything the daemon adds: HTTP parsing, routing, JWT, cache, metrics, limits, headers
 and bodies, error handling. What it keeps is the shape DESIGN.md fixes: trio, one task per connection, frames
-on the child's stdin/stdout multiplexed by request id, the connection's task parked until its response.
+on a unix socket of the child's own (the daemon listens, the bootstrap connects before the function loads)
+multiplexed by request id, the connection's task parked until its response.
 
 Two ways to write it: the plain one (each frame goes out with `send_all` under a lock, each parked task waits
 on a `trio.Event`) and `--lean`, with the daemon's own tricks: frames queued during one scheduler pass go out
@@ -20,8 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import struct
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -39,17 +40,14 @@ _PREFIX = struct.Struct(">II")
 
 
 class Child:
-    """The Deno child and the requests waiting on it (request id → Event, set when its head frame arrives)."""
+    """The Deno child's channel and the requests waiting on it (request id → Event, set when its head frame
+    arrives)."""
 
-    def __init__(self, proc: trio.Process, *, lean: bool) -> None:
+    def __init__(self, channel: trio.SocketStream, *, lean: bool) -> None:
         self.lean = lean
         self.queued = bytearray()
         self.parked: dict[int, trio.lowlevel.Task] = {}
-        self.proc = proc
-        assert isinstance(proc.stdin, trio.lowlevel.FdStream)  # pipes on Unix: --lean writes to its fd
-        assert proc.stdout is not None
-        self.stdin = proc.stdin
-        self.stdout = proc.stdout
+        self.channel = channel
         self.waiting: dict[int, trio.Event] = {}
         self.next_id = 1
         self.ready = trio.Event()
@@ -66,13 +64,13 @@ class Child:
             return
         done = self.waiting[rid] = trio.Event()
         async with self.lock:  # frames stay whole on the pipe
-            await self.stdin.send_all(_PREFIX.pack(len(j), 0) + j)
+            await self.channel.send_all(_PREFIX.pack(len(j), 0) + j)
         await done.wait()
 
     async def read_frames(self) -> None:
         buf = bytearray()
         while True:
-            data = await self.stdout.receive_some(256 * 1024)
+            data = await self.channel.receive_some(256 * 1024)
             if not data:
                 return
             buf += data
@@ -95,23 +93,26 @@ class Child:
 
 
 class _FlushEachPass(trio.abc.Instrument):
-    """--lean: writes what tasks queued for the child's stdin during one scheduler pass, in one syscall."""
+    """--lean: writes what tasks queued for the child's channel during one scheduler pass, in one syscall."""
 
     def __init__(self, child: Child) -> None:
         self.child = child
-        self.fd = child.stdin.fileno()
+        self.fd = child.channel.socket.fileno()
 
     def before_io_wait(self, timeout: float) -> None:
         q = self.child.queued
         if q:
-            n = os.write(self.fd, q)  # a hello request is ~80 bytes: the pipe's 64 KiB never fills here
+            n = os.write(self.fd, q)  # a hello request is ~80 bytes: the socket's ~200 KiB never fills here
             del q[:n]
 
 
 async def serve_forward_floor(host: str, port: int, lean: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="mbw-forward-floor-") as tmp:
-        entry = Path(tmp) / "index.ts"
+        fn_dir = Path(tmp) / "fn"  # not the channel's parent: the bootstrap revokes read on the channel's path,
+        fn_dir.mkdir()  # and Deno revokes a grant of any directory above it along with it
+        entry = fn_dir / "index.ts"
         entry.write_text(HELLO)
+        path = str(Path(tmp) / "ctl")
         argv = [
             _default_deno_bin(),
             "run",
@@ -120,24 +121,30 @@ async def serve_forward_floor(host: str, port: int, lean: bool) -> None:
             "--no-config",
             "--no-lock",
             "--allow-env",
-            f"--allow-read={tmp}",
+            f"--allow-read={fn_dir},{path}",
+            f"--allow-write={path}",
+            f"--allow-net=unix:{path}",
             str(ROOT / "runtimes" / "deno" / "bootstrap.ts"),
             entry.as_uri(),
             "",
             "",
+            path,
         ]
         env = {"DENO_DIR": str(Path(tmp) / "deno"), "NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1"}
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(1)
         async with trio.open_nursery() as nursery:
-            proc = await trio.lowlevel.open_process(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=tmp
-            )
+            proc = await trio.lowlevel.open_process(argv, env=env, cwd=tmp)
             # Stopped with SIGINT (bench/functions.py's Ready.stop): trio raises KeyboardInterrupt, this kills and
-            # reaps Deno, then the temp dir goes. Killed outright, Deno exits on its own (its stdin closes) and
+            # reaps Deno, then the temp dir goes. Killed outright, Deno exits on its own (its channel closes) and
             # the temp dir stays behind.
             try:
-                child = Child(proc, lean=lean)
+                with trio.fail_after(30):
+                    conn, _ = await listener.accept()
+                listener.close()
+                child = Child(trio.SocketStream(conn), lean=lean)
                 if lean:
-                    os.set_blocking(child.stdin.fileno(), False)
                     trio.lowlevel.add_instrument(_FlushEachPass(child))
                 nursery.start_soon(child.read_frames)
                 with trio.fail_after(30):
@@ -167,7 +174,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--lean", action="store_true", help="batch stdin writes per pass, park tasks directly")
+    parser.add_argument("--lean", action="store_true", help="batch channel writes per pass, park tasks directly")
     args = parser.parse_args()
     try:
         trio.run(serve_forward_floor, args.host, args.port, args.lean)

@@ -1,16 +1,18 @@
 // mbworker Deno bootstrap: runs ONE user function inside a supervised `deno run` process and answers framed
-// requests from the Python daemon on stdin/stdout. The wire format is documented in runtimes/deno/protocol.py
-// (keep both in step): each frame is [u32 json_len][u32 body_len][json][body], big-endian.
+// requests from the Python daemon on a unix socket of its own — never stdout: the function's stdout and stderr
+// are its log streams. The wire format is documented in runtimes/deno/protocol.py (keep both in step): each
+// frame is [u32 json_len][u32 body_len][json][body], big-endian.
 //
-// Order matters: the shims below (Deno.serve, EdgeRuntime, console, Deno.stdout) are installed BEFORE the user's
-// module is imported, so user code only ever sees the shimmed versions.
+// Order matters: the channel and the shims below (Deno.serve, EdgeRuntime, timers) are set up BEFORE the user's
+// module is imported, so user code only ever sees the shimmed versions and never the channel.
 //
-// argv: Deno.args = [entry file URL, node socket path, comma-separated env names to hide from the function]
+// argv: Deno.args = [entry file URL, node socket path, comma-separated env names to hide from the function,
+//                    frame channel (unix socket path)]
 
 type Handler = (req: Request, info: unknown) => Response | Promise<Response>;
 type ErrorHandler = (err: unknown) => Response | Promise<Response>;
 
-const [ENTRY_URL, NODE_SOCKET, HIDE_ENV] = Deno.args;
+const [ENTRY_URL, NODE_SOCKET, HIDE_ENV, CHANNEL] = Deno.args;
 const WINDOW = 16; // response chunks in flight per request before waiting for an ack (see protocol.py)
 const COALESCE_MAX = 64 * 1024; // body bytes that may ride in the head frame
 const NOT_YET = Symbol("not yet");
@@ -32,31 +34,15 @@ function concat(parts: Uint8Array[], len: number): Uint8Array | undefined {
   return out;
 }
 
-// fd 1 carries frames. Keep a private writer for it, then make every other path to fd 1 (Deno.stdout, and the
-// same object that node:process's process.stdout writes through) land on stderr instead.
-const realStdout = Deno.stdout;
-const stdoutProto = Object.getPrototypeOf(realStdout);
-const origWrite: (p: Uint8Array) => Promise<number> = stdoutProto.write;
-const writeFrames = (p: Uint8Array) => origWrite.call(realStdout, p);
-{
-  const origWriteSync: (p: Uint8Array) => number = stdoutProto.writeSync;
-  const origWritable = Object.getOwnPropertyDescriptor(stdoutProto, "writable")?.get;
-  const err = Deno.stderr;
-  stdoutProto.write = function (p: Uint8Array) {
-    return this === realStdout ? err.write(p) : origWrite.call(this, p);
-  };
-  stdoutProto.writeSync = function (p: Uint8Array) {
-    return this === realStdout ? err.writeSync(p) : origWriteSync.call(this, p);
-  };
-  if (origWritable) {
-    Object.defineProperty(stdoutProto, "writable", {
-      get() {
-        return this === realStdout ? err.writable : origWritable.call(this);
-      },
-      configurable: true,
-    });
-  }
-}
+// Frames travel on a unix socket of their own (CHANNEL: the daemon listens on it, accepts exactly one connection,
+// this one, then closes the listener). Connected before the user's module is imported, so its code can never reach
+// the framing; the function's stdout and stderr are plain log streams. The permissions that connecting needed
+// (read, write and net on that path) are revoked at once.
+const channel = await Deno.connect({ transport: "unix", path: CHANNEL });
+Deno.permissions.revokeSync({ name: "net", host: `unix:${CHANNEL}` });
+Deno.permissions.revokeSync({ name: "read", path: CHANNEL });
+Deno.permissions.revokeSync({ name: "write", path: CHANNEL });
+const writeFrames = (p: Uint8Array) => channel.write(p);
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 
@@ -95,26 +81,12 @@ async function flush(): Promise<void> {
       while (off < buf.byteLength) off += await writeFrames(buf.subarray(off));
     }
   } catch {
-    // The daemon is gone (stdout closed): nothing left to serve.
+    // The daemon is gone (channel closed): nothing left to serve.
     Deno.exit(1);
   } finally {
     flushing = false;
   }
 }
-
-// ---------------------------------------------------------------------------------------- console + stdout
-// console.log & co. would write to fd 1 and corrupt frames: send them as log frames instead. warn/error/trace
-// already go to stderr. Deno.stdout is swapped for Deno.stderr (above, its methods are redirected too); a user
-// who still reaches fd 1 corrupts the stream and the daemon kills the process (docs/deno-runtime.md).
-function formatArgs(args: unknown[]): string {
-  return args.map((a) => (typeof a === "string" ? a : Deno.inspect(a, { colors: false }))).join(" ");
-}
-const logToFrame = (...args: unknown[]) => frame({ t: "l" }, encoder.encode(formatArgs(args)));
-for (const name of ["log", "info", "debug", "dir", "dirxml"] as const) {
-  // deno-lint-ignore no-explicit-any
-  (console as any)[name] = logToFrame;
-}
-Object.defineProperty(Deno, "stdout", { value: Deno.stderr, configurable: true, writable: true });
 
 for (const name of (HIDE_ENV ?? "").split(",")) if (name) Deno.env.delete(name);
 
@@ -369,8 +341,8 @@ async function readLoop(): Promise<void> {
   const chunk = new Uint8Array(256 * 1024);
   let rest: Uint8Array | null = null; // an incomplete frame left from the previous read (copied)
   while (true) {
-    const n = await Deno.stdin.read(chunk);
-    if (n === null) break; // daemon closed stdin: we are done
+    const n = await channel.read(chunk);
+    if (n === null) break; // daemon closed the channel: we are done
     let buf: Uint8Array;
     if (rest) {
       buf = new Uint8Array(rest.byteLength + n);
@@ -392,7 +364,7 @@ async function readLoop(): Promise<void> {
     }
     rest = start < buf.byteLength ? buf.slice(start) : null;
   }
-  await shutdown("stdin closed");
+  await shutdown("channel closed");
 }
 
 // ------------------------------------------------------------------------------------------ boot

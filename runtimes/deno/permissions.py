@@ -173,7 +173,9 @@ class NetPolicy(BaseModel):
         out += [e for e in self.deny if e not in out]
         return out
 
-    def allow_entries(self, net_allow: Sequence[str] | None, node_socket: str = "") -> list[str] | None:
+    def allow_entries(
+        self, net_allow: Sequence[str] | None, node_socket: str = "", channel: str = ""
+    ) -> list[str] | None:
         """`--allow-net` entries for a function: None means any host (the public internet); an empty list means no
         network (only the bootstrap's node:http proxy name, which reaches nothing).
 
@@ -183,15 +185,18 @@ class NetPolicy(BaseModel):
         if net_allow is None:
             return None
         # node:http listens on its unix socket (DENO_SERVE_ADDRESS), which Deno checks as net `unix:<path>`
-        own = [NODE_PROXY_HOST, *([f"unix:{node_socket}"] if node_socket else [])]
+        # and the bootstrap connects its frame channel (process.py) the same way, then revokes that grant
+        own = [NODE_PROXY_HOST, *(f"unix:{s}" for s in (node_socket, channel) if s)]
         return list(dict.fromkeys([*(normalize_entry(e) for e in net_allow), *own]))
 
 
-def net_flags(net_allow: Sequence[str] | None, policy: NetPolicy | None = None, node_socket: str = "") -> list[str]:
+def net_flags(
+    net_allow: Sequence[str] | None, policy: NetPolicy | None = None, node_socket: str = "", channel: str = ""
+) -> list[str]:
     """The `--allow-net` / `--deny-net` flags of one Deno child. Never `--allow-all`; deny always present.
-    `node_socket`: the child's node:http unix socket, if it has one."""
+    `node_socket`: the child's node:http unix socket, if it has one; `channel`: its frame channel's socket."""
     policy = policy or NetPolicy()
-    allow = policy.allow_entries(net_allow, node_socket)
+    allow = policy.allow_entries(net_allow, node_socket, channel)
     flags: list[str] = []
     flags.append("--allow-net" if allow is None else "--allow-net=" + ",".join(allow))
     flags.append("--deny-net=" + ",".join(policy.deny_entries()))

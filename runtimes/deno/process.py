@@ -1,8 +1,13 @@
 """One supervised Deno process: boot, multiplexed requests over frames, limits, stop and reap.
 
-Ownership: a `DenoProcess` owns its child (spawn.ChildProcess) and the tasks that pump its pipes; `serve()` runs
-in the runtime's nursery and ALWAYS reaps the child on the way out (shielded terminate → grace → kill → wait).
-The pool (pool.py) owns the `DenoProcess` objects and decides which one serves a request.
+Frames travel on a unix socket of the process's own (`<socket_dir>/<seq>.ctl`): the daemon listens before the
+spawn, accepts exactly one connection (the bootstrap's, made before the user's module is imported), then closes
+the listener and removes the path, so nothing the function does can reach the framing. The child's stdout and
+stderr are its log streams (`on_log`), line by line.
+
+Ownership: a `DenoProcess` owns its child (spawn.ChildProcess), its frame channel and the tasks that pump them;
+`serve()` runs in the runtime's nursery and ALWAYS reaps the child on the way out (shielded terminate → grace →
+kill → wait). The pool (pool.py) owns the `DenoProcess` objects and decides which one serves a request.
 
 Limits enforced here (see docs/deno-runtime.md):
 - memory: V8 heap cap (flag) — V8's OOM abort exits with SIGTRAP (-5 / 133) → "memory"; plus an RSS watch.
@@ -16,10 +21,12 @@ Limits enforced here (see docs/deno-runtime.md):
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import os
 import signal
+import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,7 +55,7 @@ OnLog = Callable[[FunctionVersion, str, str, str], None]
 """on_log(fn, execution_id, stream, line): one line of function output; stream is "stdout" or "stderr"."""
 
 WRITE_HIGH = 1 << 20
-"""Bytes queued for a child's stdin above which writers wait (request bodies faster than the child reads)."""
+"""Bytes queued for a child's channel above which writers wait (request bodies faster than the child reads)."""
 MAX_LINE = 10_000
 TAIL_LINES = 40
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -153,6 +160,8 @@ class DenoProcess:
         self._net = net
         node_socket = str(socket_dir / f"{seq}.sock")
         self._node_socket = node_socket if len(node_socket) < 100 else ""  # sun_path is 108 bytes
+        self._channel_path = str(socket_dir / f"{seq}.ctl")
+        self._channel: trio.SocketStream | None = None
         self.child: ChildProcess | None = None
         self.pid = 0
         self.started_at = 0.0
@@ -168,16 +177,17 @@ class DenoProcess:
         self.served = 0
         self._reqs: dict[int, _Request] = {}
         self._next_rid = 1
-        self._wbuf = bytearray()  # frames the pipe had no room for; `_drain_stdin` writes them in order
+        self._wbuf = bytearray()  # frames the socket had no room for; `_drain_channel` writes them in order
         self._wwake = trio.Event()
         self._wdrained = Broadcast()  # `_wbuf` was written out (writers held back by WRITE_HIGH re-check it)
         self._wbroken = False
-        self._stdin_fd = -1
+        self._chan_fd = -1
         self._ready_event = trio.Event()
         self._boot_error: str | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._stderr_done = trio.Event()
         self._stdout_done = trio.Event()
+        self._frames_done = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._busy = trio.Event()
         self._cpu_ms = 0.0
@@ -208,46 +218,82 @@ class DenoProcess:
         Raises BootError before `started()` if the function does not come up. Always reaps the child.
         """
         try:
-            argv = build_argv(self._deno_bin, self._bootstrap, self.fn, self._paths, self._node_socket, self._net)
+            argv = build_argv(
+                self._deno_bin,
+                self._bootstrap,
+                self.fn,
+                self._paths,
+                self._node_socket,
+                self._net,
+                channel=self._channel_path,
+            )
         except BootError:
             self.dead.set()
             raise
         env = build_env(self.fn, self._paths, self.execution_id, self._node_socket)
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.child = child = await self._spawner.spawn(argv, env, cwd=self._paths.tmp)
-        except OSError as exc:
-            self.dead.set()
-            raise BootError(f"could not start deno: {exc}") from exc
-        self.pid = child.pid
-        self._stdin_fd = child.stdin.fileno()
-        self.started_at = self.last_used = trio.current_time()
-        boot_error: BootError | None = None
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._read_stdout)
-                nursery.start_soon(self._drain_stdin)
-                nursery.start_soon(self._read_stderr)
-                nursery.start_soon(self._wait_exit, nursery.cancel_scope)
-                nursery.start_soon(self._reap_idle)
-                try:
-                    await self._wait_boot()
-                except BootError as exc:  # raised outside the nursery: trio would wrap it in a group
-                    boot_error = exc
-                    nursery.cancel_scope.cancel()
-                else:
-                    self.ready = True
-                    log.info(
-                        "deno process booted",
-                        extra=self._event_extra(boot_ms=round((trio.current_time() - self.started_at) * 1000, 1)),
-                    )
-                    task_status.started()
-                    nursery.start_soon(self._monitor)
-            if boot_error is not None:
-                raise boot_error
+            try:
+                with contextlib.suppress(FileNotFoundError):  # a stale one (a killed daemon's); never ours
+                    os.unlink(self._channel_path)
+                await listener.bind(self._channel_path)
+                listener.listen(1)
+                self.child = child = await self._spawner.spawn(argv, env, cwd=self._paths.tmp)
+            except OSError as exc:
+                self.dead.set()
+                raise BootError(f"could not start deno: {exc}") from exc
+            self.pid = child.pid
+            self.started_at = self.last_used = trio.current_time()
+            boot_error: BootError | None = None
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._accept_channel, listener)
+                    nursery.start_soon(self._read_lines, child.stdout, "stdout", self._stdout_done)
+                    nursery.start_soon(self._read_lines, child.stderr, "stderr", self._stderr_done)
+                    nursery.start_soon(self._wait_exit, nursery.cancel_scope)
+                    nursery.start_soon(self._reap_idle)
+                    try:
+                        await self._wait_boot()
+                    except BootError as exc:  # raised outside the nursery: trio would wrap it in a group
+                        boot_error = exc
+                        nursery.cancel_scope.cancel()
+                    else:
+                        self.ready = True
+                        log.info(
+                            "deno process booted",
+                            extra=self._event_extra(boot_ms=round((trio.current_time() - self.started_at) * 1000, 1)),
+                        )
+                        task_status.started()
+                        nursery.start_soon(self._monitor)
+                if boot_error is not None:
+                    raise boot_error
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._reap()
         finally:
-            with trio.CancelScope(shield=True):
-                await self._reap()
+            self._close_listener(listener)
+
+    def _close_listener(self, listener: trio.socket.SocketType) -> None:
+        """After this no one can connect to the channel path again (it is gone, and so is the socket)."""
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self._channel_path)
+
+    async def _accept_channel(self, listener: trio.socket.SocketType) -> None:
+        """Accept the bootstrap's connection — the first one: it connects before importing the user's module, and
+        a listen backlog is served in order — then close the listener so no later connection can be made."""
+        try:
+            conn, _ = await listener.accept()
+        except OSError:
+            return  # the process died first: `_wait_boot` reports that
+        finally:
+            self._close_listener(listener)
+        self._channel = trio.SocketStream(conn)
+        self._chan_fd = conn.fileno()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._read_frames, self._channel)
+        self._nursery.start_soon(self._drain_channel)
 
     async def _wait_boot(self) -> None:
         with trio.move_on_after(self.limits.boot_timeout_s) as scope:
@@ -290,7 +336,9 @@ class DenoProcess:
         was_ready = self.ready
         self.dead.set()
         self.ready = False
-        with trio.move_on_after(0.5):  # drain both pipes: last frames, and the function's last words for errors
+        with trio.move_on_after(0.5):  # drain what is left: last frames, and the function's last words for errors
+            if self._channel is not None:
+                await self._frames_done.wait()
             await self._stdout_done.wait()
             await self._stderr_done.wait()
         cause = self.kill_cause
@@ -329,7 +377,9 @@ class DenoProcess:
         # may still hold this process until the end of the pass).
         self._wbroken = True
         self._wbuf.clear()
-        self._stdin_fd = -1
+        self._chan_fd = -1
+        if self._channel is not None:
+            await self._channel.aclose()
         await child.aclose_streams()
 
     def _kill(self, cause: str) -> None:
@@ -344,10 +394,13 @@ class DenoProcess:
         if self.dead.is_set():
             return
         self.stop_reason = self.stop_reason or reason
-        try:
-            await self._write(protocol.encode({"t": "s", "r": reason}))
-        except FunctionRuntimeError:
-            pass
+        if self._chan_fd < 0:  # still booting: nobody there to dispatch beforeunload
+            self._kill("stopped")
+        else:
+            try:
+                await self._write(protocol.encode({"t": "s", "r": reason}))
+            except FunctionRuntimeError:
+                pass
         with trio.move_on_after(grace):
             await self.dead.wait()
         if not self.dead.is_set():
@@ -357,9 +410,7 @@ class DenoProcess:
 
     # ------------------------------------------------------------------ pumps
 
-    async def _read_stdout(self) -> None:
-        assert self.child is not None
-        stream = self.child.stdout
+    async def _read_frames(self, stream: trio.SocketStream) -> None:
         decoder = protocol.FrameDecoder()
         try:
             while True:
@@ -370,15 +421,14 @@ class DenoProcess:
                     try:
                         self._on_frame(head, body)
                     except (KeyError, TypeError, ValueError, AttributeError, UnicodeError) as exc:
-                        # a well-formed frame with nonsense inside: user code forged bytes on fd 1
                         raise protocol.ProtocolError(f"malformed frame {str(head)[:200]}") from exc
-        except protocol.ProtocolError as exc:
+        except protocol.ProtocolError as exc:  # only the bootstrap writes here: a bug, not the function's doing
             self._log("stderr", f"mbworker: {exc} — killing the process")
             self._kill("protocol")
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
         finally:
-            self._stdout_done.set()
+            self._frames_done.set()
 
     def _on_frame(self, head: dict[str, Any], body: bytes) -> None:
         t = head["t"]
@@ -412,17 +462,13 @@ class DenoProcess:
                     InvalidResponse(output=msg) if head.get("k") == "invalid" else WorkerError(output=msg)
                 )
                 r.fail(exc)
-        elif t == "l":
-            for line in body.decode("utf-8", "replace").splitlines() or [""]:
-                self._log("stdout", line)
         elif t == "r":
             self._ready_event.set()
         elif t == "x":
             self._boot_error = str(head.get("m", ""))
 
-    async def _read_stderr(self) -> None:
-        assert self.child is not None
-        stream = self.child.stderr
+    async def _read_lines(self, stream: trio.lowlevel.FdStream, name: str, done: trio.Event) -> None:
+        """The function's stdout or stderr, line by line, into its log (`name` is the stream)."""
         pending = b""
         try:
             while True:
@@ -432,16 +478,16 @@ class DenoProcess:
                 pending += data
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
-                    self._log("stderr", line.decode("utf-8", "replace"))
+                    self._log(name, line.decode("utf-8", "replace"))
                 if len(pending) > MAX_LINE * 4:  # a huge line without newline: flush what we have
-                    self._log("stderr", pending.decode("utf-8", "replace"))
+                    self._log(name, pending.decode("utf-8", "replace"))
                     pending = b""
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             if pending:
-                self._log("stderr", pending.decode("utf-8", "replace"))
-            self._stderr_done.set()
+                self._log(name, pending.decode("utf-8", "replace"))
+            done.set()
 
     def _log(self, stream: str, line: str) -> None:
         if len(line) > MAX_LINE:
@@ -499,19 +545,20 @@ class DenoProcess:
     # ------------------------------------------------------------------ requests
 
     def _send_nowait(self, data: bytes) -> bool:
-        """Queue one frame for the child's stdin, writing it at once if the pipe has room.
+        """Queue one frame for the child's channel, writing it at once if the socket has room.
 
         Why not `send_all` under a lock: that costs two checkpoints per frame, a large share of the per-request
         budget; a direct non-blocking write needs none. Frames stay whole and in order because anything that
-        does not fit goes to `_wbuf`, which is written before any later frame. False: the pipe is broken.
+        does not fit goes to `_wbuf`, which is written before any later frame. False: the channel is broken (or
+        not connected yet).
         """
-        if self._wbroken:
+        if self._wbroken or self._chan_fd < 0:
             return False
         if self._wbuf:
             self._wbuf += data
             return True
         try:
-            n = os.write(self._stdin_fd, data)
+            n = os.write(self._chan_fd, data)
         except BlockingIOError:
             n = 0
         except OSError:  # EPIPE: the child is gone
@@ -533,13 +580,13 @@ class DenoProcess:
         self._wbuf += data
         return True
 
-    def flush_stdin(self) -> None:
-        """Write what is queued for stdin now, without waiting (the pass flusher calls this); what the pipe has
-        no room for is left to `_drain_stdin`. Never raises."""
+    def flush_channel(self) -> None:
+        """Write what is queued for the channel now, without waiting (the pass flusher calls this); what the
+        socket has no room for is left to `_drain_channel`. Never raises."""
         if not self._wbuf or self._wbroken:
             return
         try:
-            n = os.write(self._stdin_fd, self._wbuf)
+            n = os.write(self._chan_fd, self._wbuf)
         except BlockingIOError:
             n = 0
         except OSError:  # EPIPE: the child is gone (its reader reports why)
@@ -562,9 +609,9 @@ class DenoProcess:
         while len(self._wbuf) > WRITE_HIGH and not self._wbroken:
             await self._wdrained.wait()
 
-    async def _drain_stdin(self) -> None:
-        """Write `_wbuf`: what a full pipe did not take, and request heads batched by `_send_batched`."""
-        fd = self._stdin_fd
+    async def _drain_channel(self) -> None:
+        """Write `_wbuf`: what a full socket did not take, and request heads batched by `_send_batched`."""
+        fd = self._chan_fd
         while True:
             await self._wwake.wait()
             self._wwake = trio.Event()
@@ -738,7 +785,7 @@ class _Body:
 
 
 class _PassFlusher(trio.abc.Instrument):
-    """Writes the stdin bytes that processes queued during one scheduler pass, just before trio polls for I/O:
+    """Writes the channel bytes that processes queued during one scheduler pass, just before trio polls for I/O:
     one syscall per process per pass, and no task switch to a writer task. One per trio run (`_pass_flusher`),
     installed on first use; with nothing queued a pass costs it one method call."""
 
@@ -753,7 +800,7 @@ class _PassFlusher(trio.abc.Instrument):
         if queued:
             self._queued = []
             for proc in queued:
-                proc.flush_stdin()
+                proc.flush_channel()
 
 
 _FLUSHER: trio.lowlevel.RunVar[_PassFlusher] = trio.lowlevel.RunVar("mbworker_deno_pass_flusher")

@@ -1,6 +1,7 @@
 """The daemon ↔ Deno wire format: pure encoding and decoding, no I/O (bootstrap.ts is the other end).
 
-Frames travel on the child's stdin (daemon → Deno) and stdout (Deno → daemon)::
+Frames travel both ways on a unix socket of each child's own (process.py; never its stdout, which is the
+function's log stream)::
 
     [u32 json_len][u32 body_len][json_len bytes of UTF-8 JSON][body_len raw bytes]      (big-endian)
 
@@ -22,10 +23,9 @@ Deno → daemon
            queued chunks; up to 64 KiB); ``e: 1`` means that was all of it (one frame per small response)
     ``b``  response body chunk (raw)     ``e``  response end
     ``f``  request failed ``{i,k: "error"|"invalid",m}`` (uncaught handler throw, bad status, not a Response)
-    ``l``  a console.log/info/debug line from the function (raw UTF-8), stream "stdout"
 
 Flow control: Deno may have at most ``WINDOW`` response chunks of one request unacknowledged; the daemon acks
-as its consumer reads, so a slow client never stalls other requests on the same pipe. Request bodies are not
+as its consumer reads, so a slow client never stalls other requests on the same channel. Request bodies are not
 windowed: Deno queues them in the Request's stream (the front door caps their size).
 """
 
@@ -41,7 +41,7 @@ WINDOW = 16
 ACK_EVERY = WINDOW // 2
 """The daemon acks after its consumer has read this many chunks."""
 MAX_JSON = 1 << 20
-"""A frame head larger than this is garbage (e.g. user code wrote to fd 1): the stream is corrupt."""
+"""A frame head larger than this is garbage: the stream is corrupt."""
 
 _PREFIX = struct.Struct(">II")
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
@@ -87,7 +87,7 @@ class FrameDecoder:
         while n - pos >= 8:
             jlen, blen = _PREFIX.unpack_from(buf, pos)
             if jlen > MAX_JSON or jlen == 0:
-                raise ProtocolError(f"bad frame prefix (json_len={jlen}): stdout corrupted?")
+                raise ProtocolError(f"bad frame prefix (json_len={jlen})")
             end = pos + 8 + jlen + blen
             if end > n:
                 break
@@ -95,9 +95,9 @@ class FrameDecoder:
                 text = buf[pos + 8 : pos + 8 + jlen].decode()
                 head, used = _raw_decode(text)
             except (UnicodeDecodeError, ValueError) as exc:
-                raise ProtocolError("frame head is not JSON: stdout corrupted?") from exc
+                raise ProtocolError("frame head is not JSON") from exc
             if used != len(text) and text[used:].strip():
-                raise ProtocolError("frame head is not JSON: stdout corrupted?")
+                raise ProtocolError("frame head is not JSON")
             if not isinstance(head, dict):
                 raise ProtocolError("frame head is not an object")
             out.append((head, bytes(buf[pos + 8 + jlen : end])))

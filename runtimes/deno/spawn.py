@@ -10,7 +10,10 @@ parent-death signal (SIGKILL), so a SIGKILLed daemon takes its children with it.
 `setpriv --pdeathsig KILL` exec'd in front of deno when it is installed: without a `preexec_fn`, CPython spawns
 with vfork, which costs ~3 ms instead of the 8–14 ms a fork of the (large) daemon costs (measured, cold starts).
 Without setpriv, `preexec_fn` sets it. setpriv has no "did the parent die before prctl" check; a child orphaned
-in that window still exits, because its stdin (the daemon's pipe) reaches EOF and the bootstrap then shuts down.
+in that window still exits, because its frame channel (a unix socket to the daemon, process.py) reaches EOF or
+never connects, and the bootstrap then shuts down.
+
+The child's stdin is /dev/null; its stdout and stderr are pipes the daemon reads as the function's log streams.
 """
 
 from __future__ import annotations
@@ -62,10 +65,10 @@ def _setpriv_prefix() -> list[str]:
 
 @dataclass(slots=True)
 class ChildProcess:
-    """A started child: its pipes as trio streams and a pidfd to wait on and signal without pid-reuse races."""
+    """A started child: its output pipes as trio streams and a pidfd to wait on and signal without pid-reuse
+    races."""
 
     popen: subprocess.Popen[bytes]
-    stdin: trio.lowlevel.FdStream
     stdout: trio.lowlevel.FdStream
     stderr: trio.lowlevel.FdStream
     pidfd: int
@@ -97,7 +100,7 @@ class ChildProcess:
             pass
 
     async def aclose_streams(self) -> None:
-        for s in (self.stdin, self.stdout, self.stderr):
+        for s in (self.stdout, self.stderr):
             await s.aclose()
 
     def close_pidfd(self) -> None:
@@ -117,8 +120,6 @@ class Spawner:
     async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path | None = None) -> ChildProcess:
         fds: list[int] = []
         try:
-            in_r, in_w = os.pipe2(os.O_CLOEXEC)
-            fds += [in_r, in_w]
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
             fds += [out_r, out_w]
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -128,7 +129,7 @@ class Spawner:
                 prefix = self._prefix.result()
                 return subprocess.Popen(
                     [*prefix, *argv],
-                    stdin=in_r,
+                    stdin=subprocess.DEVNULL,
                     stdout=out_w,
                     stderr=err_w,
                     env=dict(env),
@@ -144,19 +145,18 @@ class Spawner:
             for fd in fds:
                 os.close(fd)
             raise
-        for fd in (in_r, out_w, err_w):
+        for fd in (out_w, err_w):
             os.close(fd)
         try:
             pidfd = os.pidfd_open(popen.pid)
         except OSError:
             popen.kill()
             popen.wait()
-            for fd in (in_w, out_r, err_r):
+            for fd in (out_r, err_r):
                 os.close(fd)
             raise
         return ChildProcess(
             popen,
-            trio.lowlevel.FdStream(in_w),
             trio.lowlevel.FdStream(out_r),
             trio.lowlevel.FdStream(err_r),
             pidfd,
@@ -193,8 +193,11 @@ def build_argv(
     paths: VersionPaths,
     node_socket: str,
     net: NetPolicy | None = None,
+    *,
+    channel: str = "",
 ) -> list[str]:
-    """The child's command line. Network flags come from permissions.py (`net`: the operator's policy)."""
+    """The child's command line. Network flags come from permissions.py (`net`: the operator's policy).
+    `channel`: the unix socket the daemon listens on for this child's frames (process.py)."""
     bundle = fn.bundle_dir.resolve()
     entry = (bundle / fn.entrypoint).resolve()
     hide = [n for n in DENO_ENV if n not in fn.env]
@@ -210,14 +213,15 @@ def build_argv(
         "--no-lock",
         f"--import-map={paths.import_map}",
         f"--v8-flags=--max-old-space-size={fn.limits.memory_mb}",
-        *net_flags(fn.net_allow, net, node_socket),
+        *net_flags(fn.net_allow, net, node_socket, channel),
         "--allow-env",
-        "--allow-read=" + path_list(bundle, paths.tmp, node_socket),
-        "--allow-write=" + path_list(paths.tmp, node_socket),
+        "--allow-read=" + path_list(bundle, paths.tmp, node_socket, channel),
+        "--allow-write=" + path_list(paths.tmp, node_socket, channel),
         str(bootstrap),
         entry.as_uri(),
         node_socket,
         ",".join(hide),
+        channel,
     ]
 
 

@@ -190,6 +190,59 @@ async def test_sse_example_streams_events(tmp_path: Path) -> None:
         assert [json.loads(e.split("data: ")[1])["n"] for e in events] == [1, 2, 3]
 
 
+async def test_timers_are_numbers_and_a_leaked_interval_hurts_no_other_request(tmp_path: Path) -> None:
+    """Written as edge-runtime functions are: `typeof id === "number"` before clearing, and a stream whose interval
+    is never cleared (it throws on the closed stream once the client leaves). node:timers stays Node's."""
+    src = """
+        import { setTimeout as nodeSetTimeout } from "node:timers";
+        Deno.serve((req) => {
+          const path = new URL(req.url).pathname;
+          if (path.endsWith("/types")) {
+            const t = setTimeout(() => {}, 1000);
+            const i = setInterval(() => {}, 1000);
+            const n = nodeSetTimeout(() => {}, 1000);
+            const out = { timeout: typeof t, interval: typeof i, node: typeof n };
+            if (typeof t === "number") clearTimeout(t);
+            if (typeof i === "number") clearInterval(i);
+            clearTimeout(n);
+            return Response.json(out);
+          }
+          if (path.endsWith("/cleared")) {
+            return new Promise((resolve) => {
+              const t = setTimeout(() => resolve(new Response("fired")), 50);
+              clearTimeout(t);
+              setTimeout(() => resolve(new Response("not fired")), 100);
+            });
+          }
+          const enc = new TextEncoder();
+          const slow = path.endsWith("/leak");
+          let n = 0;
+          const body = new ReadableStream({
+            start(c) {
+              // never cleared: after the client leaves, enqueue throws in the timer callback
+              setInterval(() => { c.enqueue(enc.encode(`data: ${n++}\\n\\n`)); if (!slow && n === 20) c.close(); }, 5);
+            },
+          });
+          return new Response(body, { headers: { "content-type": "text/event-stream" } });
+        });
+    """
+    logs = LogSink()
+    fn = version(write_fn(tmp_path, src), max_processes=1)
+    async with deno_runtime(tmp_path, logs) as rt:
+        assert await call_json(rt, fn, "GET", "/fn/types") == {"timeout": "number", "interval": "number", "node": "object"}
+        assert (await call(rt, fn, "GET", "/fn/cleared"))[2] == b"not fired"
+        async with rt.invoke(fn, inv("GET", "/fn/leak")) as leak:
+            async for _ in leak.body:
+                break  # the client leaves after one event; the interval goes on and throws
+        # other requests on the same process, while the leaked interval throws every 5 ms
+        for _ in range(3):
+            status, _, body = await call(rt, fn, "GET", "/fn/stream")
+            assert status == 200
+            assert body.count(b"data: ") == 20
+        assert rt.statistics().cold_starts == 1
+    assert any("Uncaught" in line or "TypeError" in line for _, _, stream, line in logs.lines if stream == "stderr")
+
+
 async def test_env_is_exactly_the_functions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MBWORKER_SECRET", "host-only")
     src = "Deno.serve(() => Response.json(Deno.env.toObject()));"
@@ -228,13 +281,19 @@ async def test_logs_are_captured_per_stream_with_execution_id(tmp_path: Path) ->
     assert len(long[0]) < 10_100
 
 
-async def test_writing_to_stdout_does_not_corrupt_frames(tmp_path: Path) -> None:
+async def test_anything_written_to_stdout_is_a_log_line_and_frames_are_untouched(tmp_path: Path) -> None:
+    """Every path Deno 2.9 has to fd 1 (console.time/count/table write to it directly): the function's stdout is
+    its log stream, the frames travel elsewhere, and the process keeps serving."""
     src = """
         import process from "node:process";
         Deno.serve(async () => {
+          console.time("t"); console.timeLog("t"); console.timeEnd("t");
+          console.count("hits");
+          console.table([{ a: 1 }]);
           await Deno.stdout.write(new TextEncoder().encode("raw bytes\\n"));
           Deno.stdout.writeSync(new TextEncoder().encode("sync bytes\\n"));
           process.stdout.write("node stdout\\n");
+          console.warn("a warning");
           return new Response("still fine");
         });
     """
@@ -244,9 +303,39 @@ async def test_writing_to_stdout_does_not_corrupt_frames(tmp_path: Path) -> None
         assert (await call(rt, fn, "GET", "/fn"))[2] == b"still fine"
         assert (await call(rt, fn, "GET", "/fn"))[2] == b"still fine"
         assert rt.statistics().cold_starts == 1
+    stdout = [line for _, _, stream, line in logs.lines if stream == "stdout"]
     stderr = [line for _, _, stream, line in logs.lines if stream == "stderr"]
     for text in ("raw bytes", "sync bytes", "node stdout"):
-        assert stderr.count(text) == 2
+        assert stdout.count(text) == 2
+    assert "hits: 1" in stdout
+    assert "hits: 2" in stdout
+    assert sum(line.startswith("t: ") for line in stdout) == 4  # timeLog and timeEnd, twice
+    assert any("│" in line for line in stdout)  # the table's rows
+    assert stderr.count("a warning") == 2
+
+
+async def test_the_function_cannot_reach_the_frame_channel(tmp_path: Path) -> None:
+    """The channel's path is in Deno.args; the bootstrap revoked what connecting needs and the daemon closed the
+    listener, so a function (with `--allow-net`) that tries gets an error and the process serves on."""
+    src = """
+        Deno.serve(async () => {
+          const path = Deno.args[3];
+          try {
+            const c = await Deno.connect({ transport: "unix", path });
+            await c.write(new TextEncoder().encode("\\x00\\x00\\x00\\x02{}"));
+            return new Response("connected");
+          } catch (e) {
+            return new Response(`refused: ${(e as Error).name}`);
+          }
+        });
+    """
+    fn = version(write_fn(tmp_path, src))
+    async with deno_runtime(tmp_path) as rt:
+        for _ in range(2):
+            status, _, body = await call(rt, fn, "GET", "/fn")
+            assert status == 200
+            assert body.startswith(b"refused: "), body
+        assert rt.statistics().cold_starts == 1
 
 
 async def test_type_only_jsr_import_and_function_import_map(tmp_path: Path) -> None:
