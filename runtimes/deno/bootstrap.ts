@@ -88,6 +88,35 @@ async function flush(): Promise<void> {
   }
 }
 
+// ------------------------------------------------------------------------------------------ timers, errors
+// Supabase's edge-runtime gives global setTimeout/setInterval numeric ids, and functions written for it check
+// `typeof id === "number"` before clearing. Deno 2.9's globals are node:timers' (Timeout objects); their numeric
+// id clears them too. node:timers itself stays Node's (reassigning the globals does not change its exports).
+{
+  const nodeSetTimeout = globalThis.setTimeout;
+  const nodeSetInterval = globalThis.setInterval;
+  // deno-lint-ignore no-explicit-any
+  (globalThis as any).setTimeout = function setTimeout(cb: unknown, ms?: number, ...args: unknown[]): number {
+    // deno-lint-ignore no-explicit-any
+    return Number((nodeSetTimeout as any)(cb, ms, ...args));
+  };
+  // deno-lint-ignore no-explicit-any
+  (globalThis as any).setInterval = function setInterval(cb: unknown, ms?: number, ...args: unknown[]): number {
+    // deno-lint-ignore no-explicit-any
+    return Number((nodeSetInterval as any)(cb, ms, ...args));
+  };
+}
+// One request's stray callback (a timer writing to a stream its client left, a rejected promise nobody awaits)
+// must not take the process, and every other request on it, down: it goes to the function's log instead.
+globalThis.addEventListener("error", (ev) => {
+  ev.preventDefault();
+  console.error("Uncaught", (ev as ErrorEvent).error ?? (ev as ErrorEvent).message);
+});
+globalThis.addEventListener("unhandledrejection", (ev) => {
+  ev.preventDefault();
+  console.error("Uncaught (in promise)", ev.reason);
+});
+
 for (const name of (HIDE_ENV ?? "").split(",")) if (name) Deno.env.delete(name);
 
 // ------------------------------------------------------------------------------------------ the user's server

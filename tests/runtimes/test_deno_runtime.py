@@ -229,7 +229,8 @@ async def test_timers_are_numbers_and_a_leaked_interval_hurts_no_other_request(t
     logs = LogSink()
     fn = version(write_fn(tmp_path, src), max_processes=1)
     async with deno_runtime(tmp_path, logs) as rt:
-        assert await call_json(rt, fn, "GET", "/fn/types") == {"timeout": "number", "interval": "number", "node": "object"}
+        types = await call_json(rt, fn, "GET", "/fn/types")
+        assert types == {"timeout": "number", "interval": "number", "node": "object"}
         assert (await call(rt, fn, "GET", "/fn/cleared"))[2] == b"not fired"
         async with rt.invoke(fn, inv("GET", "/fn/leak")) as leak:
             async for _ in leak.body:
