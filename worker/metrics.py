@@ -127,6 +127,12 @@ RUNTIME_STATS = StatsSpec(
             "limit_kills",
             key_label="kind",
         ),
+        Stat(
+            "runtime_log_lines_dropped_total",
+            "counter",
+            "Deno function output lines dropped over the per-function log rate limit",
+            "log_lines_dropped",
+        ),
         Stat("runtime_compiles_total", "counter", "Wasm modules compiled to native code", "compiles"),
         Stat("runtime_cache_loads_total", "counter", "Wasm modules loaded from the on-disk cache", "cache_loads"),
     ),

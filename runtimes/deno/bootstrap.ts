@@ -399,13 +399,23 @@ async function readLoop(): Promise<void> {
 // ------------------------------------------------------------------------------------------ boot
 // Let node:http / Express `listen()` work: the daemon sets DENO_SERVE_ADDRESS=unix:<NODE_SOCKET>, which Deno's
 // node:http honours; if the module started no Deno.serve and exported no fetch, wait for that socket and proxy.
+// A function that registers nothing at all within NO_HANDLER_MS of loading is reported as a boot error then,
+// not at the boot timeout.
+const NO_HANDLER_MS = 1500;
 async function nodeServerFallback(): Promise<void> {
+  const giveUp = Date.now() + NO_HANDLER_MS;
   for (let i = 0; !handler; i++) {
     try {
       const st = await Deno.stat(NODE_SOCKET);
       if (st.isSocket) break;
     } catch {
       /* not yet */
+    }
+    if (Date.now() > giveUp) {
+      const m = "no handler registered: call Deno.serve(handler), export default { fetch }, or listen() a node:http server";
+      frame({ t: "x", k: "no_handler", m });
+      console.error(`mbworker: ${m}`);
+      await flushAndExit(1);
     }
     await new Promise((r) => setTimeout(r, Math.min(50, 2 + i)));
   }

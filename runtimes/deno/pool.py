@@ -18,6 +18,7 @@ import trio
 from mbworker.runtimes.api import FunctionVersion
 from mbworker.runtimes.deno.broadcast import Broadcast
 from mbworker.runtimes.deno.importmap import write_import_map
+from mbworker.runtimes.deno.loglimit import LogBudget, LogDrops
 from mbworker.runtimes.deno.permissions import NetPolicy
 from mbworker.runtimes.deno.process import DenoProcess, OnLog
 from mbworker.runtimes.deno.spawn import Spawner, VersionPaths
@@ -31,6 +32,7 @@ class Counters:
     cold_starts: int = 0
     boot_failures: int = 0
     limit_kills: Counter[str] = field(default_factory=Counter)
+    log_drops: LogDrops = field(default_factory=LogDrops)
 
 
 @dataclass(slots=True)
@@ -74,6 +76,8 @@ class VersionPool:
         self._boot_fail_streak = 0
         self._retry_boot_at = 0.0
         self._last_boot_error: BootError | None = None
+        self.log_budget = LogBudget(total=shared.counters.log_drops)
+        """The version's log lines per second, shared by its processes (loglimit.py)."""
         limit = fn.limits.max_processes or os.cpu_count() or 1
         self.max_processes = max(1, limit)
 
@@ -166,6 +170,7 @@ class VersionPool:
                 on_exit=self._on_exit,
                 on_idle=self._on_idle,
                 net=self._shared.net,
+                log_budget=self.log_budget,
             )
             try:
                 await self._shared.nursery.start(proc.serve)

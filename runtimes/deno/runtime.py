@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -50,6 +51,13 @@ def _default_deno_bin() -> str:
         return str(deno.find_deno_bin())
     except (ImportError, FileNotFoundError, RuntimeError):
         return "deno"
+
+
+@dataclass(frozen=True, slots=True)
+class DenoStatistics(RuntimeStatistics):
+    """RuntimeStatistics plus `log_lines_dropped`: function output lines over the log rate limit (loglimit.py)."""
+
+    log_lines_dropped: int = 0
 
 
 class DenoSettings(BaseModel):
@@ -200,11 +208,11 @@ class DenoRuntime:
                 await pool.cleanup()
                 await trio.to_thread.run_sync(lambda: shutil.rmtree(bundle, ignore_errors=True))
 
-    def statistics(self) -> RuntimeStatistics:
+    def statistics(self) -> DenoStatistics:
         pools = [*self._pools.values(), *self._retired]
         procs = [p for pool in pools for p in pool.processes if not p.dead.is_set()]
         c = self._shared.counters
-        return RuntimeStatistics(
+        return DenoStatistics(
             versions=sum(1 for pool in pools if pool.processes),
             processes=len(procs),
             busy=sum(1 for p in procs if p.load > 0),
@@ -212,6 +220,7 @@ class DenoRuntime:
             cold_starts=c.cold_starts,
             boot_failures=c.boot_failures,
             limit_kills=dict(c.limit_kills),
+            log_lines_dropped=c.log_drops.lines,
         )
 
     async def _aclose(self, grace: float) -> None:

@@ -17,6 +17,7 @@ from mbworker.lib.redis import PubSubStatistics, RedisStatistics
 from mbworker.lib.redis.client import RedisState
 from mbworker.realtime.service import RealtimeStatistics
 from mbworker.runtimes.api import RuntimeStatistics
+from mbworker.runtimes.deno.runtime import DenoStatistics
 from mbworker.runtimes.wasm.runtime import WasmStatistics
 from mbworker.worker.cache.store import CacheStatistics
 from mbworker.worker.metrics import (
@@ -175,7 +176,7 @@ def test_every_component_snapshot_maps() -> None:
 def test_spec_fields_exist_on_the_snapshot_types() -> None:
     """A renamed statistics field would silently drop a metric: every spec field must exist somewhere."""
     targets: list[tuple[StatsSpec, tuple[type, ...]]] = [
-        (RUNTIME_STATS, (RuntimeStatistics, WasmStatistics)),
+        (RUNTIME_STATS, (RuntimeStatistics, WasmStatistics, DenoStatistics)),
         (CACHE_STATS, (CacheStatistics,)),
         (REALTIME_STATS, (RealtimeStatistics,)),
         (REDIS_STATS, (RedisStatistics,)),

@@ -14,19 +14,57 @@ PID = "Deno.serve(() => new Response(String(Deno.pid)));"
 
 
 async def test_top_level_throw_is_a_boot_error_with_its_output(tmp_path: Path) -> None:
+    logs = LogSink()
     fn = version(write_fn(tmp_path, 'throw new Error("config missing: FOO");'))
-    async with deno_runtime(tmp_path) as rt:
+    async with deno_runtime(tmp_path, logs) as rt:
         with pytest.raises(BootError) as info:
             await call(rt, fn, "GET", "/fn")
         assert info.value.status == 503
-        assert "config missing: FOO" in info.value.message
-        assert "config missing: FOO" in info.value.output
+        # callers get a short reason: no error text, stack, source line or path
+        assert info.value.message == "Worker failed to boot: the function threw while loading (see its log)"
+        assert "config missing: FOO" in info.value.output  # the deployer's detail
+        assert any("config missing: FOO" in line for *_, line in logs.lines)  # and the function's log
         # while backing off, the next request fails fast with the same error instead of forking again
-        with pytest.raises(BootError, match="config missing"):
+        with pytest.raises(BootError, match="threw while loading"):
             await rt.warm(fn)
         stats = rt.statistics()
         assert stats.boot_failures == 1
         assert stats.processes == 0
+
+
+async def test_top_level_infinite_loop_is_killed_at_the_cpu_limit(tmp_path: Path) -> None:
+    fn = version(write_fn(tmp_path, "while (true) {}\nDeno.serve(() => new Response('x'));"), cpu_time_ms=300)
+    async with deno_runtime(tmp_path) as rt:
+        with trio.fail_after(60), pytest.raises(BootError) as info:
+            await rt.warm(fn)  # the boot timeout (15 s) is not what ends it
+    assert "more than 300 ms of CPU while booting" in info.value.message
+
+
+async def test_a_function_that_registers_no_handler_is_reported_before_the_boot_timeout(tmp_path: Path) -> None:
+    fn = version(write_fn(tmp_path, 'console.log("I forgot Deno.serve");'), boot_timeout_s=60)
+    async with deno_runtime(tmp_path) as rt:
+        with trio.fail_after(30), pytest.raises(BootError) as info:
+            await rt.warm(fn)
+    assert "registered no handler" in info.value.message
+
+
+async def test_work_spinning_after_the_response_is_blamed_not_the_next_request(tmp_path: Path) -> None:
+    src = """
+        Deno.serve((req) => {
+          if (new URL(req.url).pathname === "/fn/leave-spinning") setTimeout(() => { while (true) {} }, 20);
+          return new Response(String(Deno.pid));
+        });
+    """
+    logs = LogSink()
+    fn = version(write_fn(tmp_path, src), cpu_time_ms=300, max_processes=1)
+    async with deno_runtime(tmp_path, logs) as rt:
+        assert (await call(rt, fn, "GET", "/fn/leave-spinning"))[0] == 200
+        with trio.fail_after(30):
+            await rt.wait_stopped(fn)  # killed with nothing in flight, nobody's request failed
+        assert rt.statistics().limit_kills == {"cpu": 1}
+        status, _, _ = await call(rt, fn, "GET", "/fn")
+        assert status == 200
+    assert any("no request in flight" in line for *_, line in logs.lines)
 
 
 async def test_remote_import_is_a_boot_error_that_says_why(tmp_path: Path) -> None:
