@@ -169,8 +169,34 @@ class Spawner:
 # ------------------------------------------------------------------------------------------ command line
 
 DENO_ENV = ("DENO_DIR", "NO_COLOR", "DENO_NO_UPDATE_CHECK", "DENO_NO_PROMPT", "PATH", "DENO_NODE_SHIM_ACTIVE")
-"""Variables set for (or by) Deno itself; the bootstrap deletes them unless the function's env has them.
+"""Variables set for (or by) Deno itself; the bootstrap deletes them before the function loads.
 (Deno adds PATH and DENO_NODE_SHIM_ACTIVE to its own environment at startup.)"""
+
+RESERVED_ENV_PREFIXES = ("LD_", "DENO_", "NODE_", "RUST_", "MALLOC_", "GLIBC_", "V8_")
+"""Variables with these prefixes change how the dynamic loader, Deno, its Node layer, Rust's runtime or the
+allocator start (LD_PRELOAD runs native code outside the sandbox before Deno does)."""
+RESERVED_ENV_NAMES = frozenset(
+    {
+        "PATH", "HOME", "TMPDIR", "NO_COLOR", "SB_EXECUTION_ID", "SSL_CERT_FILE", "SSL_CERT_DIR",
+        # a proxy would be dialled instead of the target, around the deny list of private ranges
+        "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
+    }
+)  # fmt: skip
+"""Names the runtime sets itself, or that change where Deno connects or what it trusts."""
+
+
+PLATFORM_ENV = frozenset({"DENO_DEPLOYMENT_ID"})
+"""Supabase's platform variables under a reserved prefix: set by the deployer, changing nothing in how Deno
+starts."""
+
+
+def reserved_env(name: str) -> bool:
+    """True for a variable a function's env may never set (the runtime's own, or one that changes how the process
+    starts). Case-insensitive: the proxy variables are honoured in lower case too."""
+    upper = name.upper()
+    if upper in PLATFORM_ENV:
+        return False
+    return upper in RESERVED_ENV_NAMES or upper.startswith(RESERVED_ENV_PREFIXES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,8 +226,8 @@ def build_argv(
     `channel`: the unix socket the daemon listens on for this child's frames (process.py)."""
     bundle = fn.bundle_dir.resolve()
     entry = (bundle / fn.entrypoint).resolve()
-    hide = [n for n in DENO_ENV if n not in fn.env]
-    if "DENO_SERVE_ADDRESS" not in fn.env and not node_socket:
+    hide = list(DENO_ENV)
+    if not node_socket:
         hide.append("DENO_SERVE_ADDRESS")
     return [
         deno_bin,
@@ -236,10 +262,12 @@ def path_list(*paths: Path | str) -> str:
 
 
 def build_env(fn: FunctionVersion, paths: VersionPaths, execution_id: str, node_socket: str) -> dict[str, str]:
-    """Exactly the function's env, plus SB_EXECUTION_ID, TMPDIR and what Deno itself needs (hidden later)."""
-    env = dict(fn.env)
+    """The function's env minus what it may not set (`reserved_env`: deploys refuse those, and this guards the
+    spawn whatever reached it), then SB_EXECUTION_ID, TMPDIR and what Deno itself needs (hidden later): nothing a
+    function sets can override the runtime's own."""
+    env = {k: v for k, v in fn.env.items() if not reserved_env(k)}
     env["SB_EXECUTION_ID"] = execution_id
-    env.setdefault("TMPDIR", str(paths.tmp))
+    env["TMPDIR"] = str(paths.tmp)
     env["DENO_DIR"] = str(paths.deno_dir)
     env["NO_COLOR"] = "1"
     env["DENO_NO_UPDATE_CHECK"] = "1"

@@ -259,6 +259,31 @@ async def test_env_is_exactly_the_functions(tmp_path: Path, monkeypatch: pytest.
     assert set(env) - {"SUPABASE_URL", "MY_SECRET"} <= {"TMPDIR", "DENO_SERVE_ADDRESS"}
 
 
+async def test_a_functions_env_never_overrides_the_runtimes_own(tmp_path: Path) -> None:
+    """Deploys refuse these names; the spawn side drops them whatever reached it (a loader preload, Deno's and
+    Node's knobs, a proxy around the deny list, the runtime's own TMPDIR and execution id)."""
+    src = "Deno.serve(() => Response.json({ env: Deno.env.toObject(), tmp: Deno.env.get('TMPDIR') }));"
+    hostile = {
+        "LD_PRELOAD": "/nonexistent/evil.so",
+        "DENO_V8_FLAGS": "--max-old-space-size=100000",
+        "DENO_DIR": "/",
+        "NODE_OPTIONS": "--require /nonexistent/evil.js",
+        "PATH": "/evil",
+        "TMPDIR": "/",
+        "https_proxy": "http://10.0.0.1:3128",
+        "SB_EXECUTION_ID": "forged",
+    }
+    fn = version(write_fn(tmp_path, src), env={**hostile, "MY_VAR": "kept"})
+    async with deno_runtime(tmp_path) as rt:
+        got = await call_json(rt, fn, "GET", "/fn")
+    env = got["env"]
+    assert env["MY_VAR"] == "kept"
+    for name in ("LD_PRELOAD", "DENO_V8_FLAGS", "DENO_DIR", "NODE_OPTIONS", "PATH", "https_proxy"):
+        assert name not in env
+    assert env["SB_EXECUTION_ID"] != "forged"
+    assert got["tmp"] != "/"
+
+
 async def test_logs_are_captured_per_stream_with_execution_id(tmp_path: Path) -> None:
     src = """
         console.log("booting", { a: 1 });
@@ -280,6 +305,37 @@ async def test_logs_are_captured_per_stream_with_execution_id(tmp_path: Path) ->
     long = [line for *_, line in logs.lines if line.startswith("xxx")]
     assert len(long) == 1
     assert len(long[0]) < 10_100
+
+
+async def test_a_log_flood_is_cut_to_the_functions_budget_and_counted(tmp_path: Path) -> None:
+    flood = """
+        Deno.serve((req) => {
+          if (new URL(req.url).pathname.endsWith("/after")) {
+            console.log("after the flood");
+            return new Response("ok");
+          }
+          for (let i = 0; i < 100000; i++) console.log(`flood ${i}`);
+          return new Response("done");
+        });
+    """
+    logs = LogSink()
+    noisy = version(write_fn(tmp_path, flood, name="noisy"), slug="noisy", max_processes=1)
+    quiet = version(write_fn(tmp_path, "Deno.serve(() => new Response('quiet'));", name="quiet"), slug="quiet")
+    async with deno_runtime(tmp_path, logs) as rt:
+        await rt.warm(quiet)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, rt, noisy, "GET", "/noisy")
+            for _ in range(5):  # another function answers while the flood is read
+                assert (await call(rt, quiet, "GET", "/quiet"))[2] == b"quiet"
+        assert (await call(rt, noisy, "GET", "/noisy/after"))[2] == b"ok"
+        dropped = rt.statistics().log_lines_dropped
+    flood_lines = [line for slug, _, _, line in logs.lines if slug == "noisy" and line.startswith("flood ")]
+    assert dropped > 0
+    assert len(flood_lines) + dropped == 100000  # every line either logged or counted
+    assert len(flood_lines) < 100000
+    notes = [line for slug, _, _, line in logs.lines if slug == "noisy" and "log lines dropped" in line]
+    assert notes  # said once lines flowed again
+    assert any(slug == "noisy" and line == "after the flood" for slug, _, _, line in logs.lines)
 
 
 async def test_anything_written_to_stdout_is_a_log_line_and_frames_are_untouched(tmp_path: Path) -> None:
