@@ -6,8 +6,8 @@ the listener and removes the path, so nothing the function does can reach the fr
 stderr are its log streams (`on_log`), line by line.
 
 What is not here: the requests in flight and what each frame does to them (mux.py, sans I/O), the limits as a
-decision on samples (watchdog.py, sans I/O), the write path's tricks (writer.py: `NonBlockingWriter`,
-`PassFlusher`), the command line and environment (spawn.py).
+decision on samples (watchdog.py, sans I/O), the write path (writer.py: `NonBlockingWriter`, on
+`lib.nonblocking`), the command line and environment (spawn.py).
 
 Ownership: a `DenoProcess` owns its child (spawn.ChildProcess), its frame channel and writer, and the tasks that
 pump them; `serve()` runs in the runtime's nursery and ALWAYS reaps the child on the way out (shielded terminate →

@@ -1,12 +1,11 @@
-"""`NonBlockingWriter` and `PassFlusher`: the two tricks the daemon's writes to a Deno child rest on.
+"""`NonBlockingWriter`: ordered, whole frames to a Deno child's channel without a lock or a checkpoint.
 
-- `NonBlockingWriter` owns the outgoing bytes of ONE non-blocking fd (a child's frame channel). A frame is written
-  at once with a plain `os.write` when nothing is queued (no task switch, no checkpoint: `send_all` under a lock
-  cost two checkpoints per frame, a large share of a forwarded request); what the fd has no room for is queued and
-  written, in order, by the writer's `drain` task. Frames therefore stay whole and ordered without a lock.
-- `PassFlusher` (a trio Instrument, one per trio run) writes what writers queued with `send_batched` during one
-  scheduler pass just before trio polls for I/O: the request heads of every task that ran in that pass reach the
-  child in one `write` (and one read on its side) instead of one each.
+It owns the outgoing bytes of ONE non-blocking fd (a child's frame channel), on the two primitives of
+`mbworker.lib.nonblocking`: a frame is written at once with `write_some` when nothing is queued (no task switch,
+no checkpoint: `send_all` under a lock cost two checkpoints per frame, a large share of a forwarded request);
+what the fd has no room for is queued and written, in order, by the writer's `drain` task. `send_batched` queues
+for the end-of-pass flusher instead: the request heads of every task that ran in one scheduler pass reach the
+child in one `write` (and one read on its side) instead of one each.
 
 Who owns what: the `DenoProcess` (process.py) owns its writer and runs `drain` in its nursery; the flusher only
 holds a writer until the end of the pass and never writes once the writer is `close`d (the fd number may name
@@ -15,10 +14,9 @@ another file by then).
 
 from __future__ import annotations
 
-import os
-
 import trio
 
+from mbworker.lib.nonblocking import pass_flusher, write_some
 from mbworker.runtimes.deno.broadcast import Broadcast
 
 WRITE_HIGH = 1 << 20
@@ -61,9 +59,7 @@ class NonBlockingWriter:
             self._buf += data
             return True
         try:
-            n = os.write(self._fd, data)
-        except BlockingIOError:
-            n = 0
+            n = write_some(self._fd, data)
         except OSError:  # EPIPE / ECONNRESET: the other end is gone
             self.broken = True
             return False
@@ -73,8 +69,8 @@ class NonBlockingWriter:
         return True
 
     def send_batched(self, data: bytes) -> bool:
-        """Queue `data` for the end of this scheduler pass (`PassFlusher`). Order is kept: `send_now` appends
-        while anything is queued. False: broken or not attached."""
+        """Queue `data` for the end of this scheduler pass (`lib.nonblocking.pass_flusher`). Order is kept:
+        `send_now` appends while anything is queued. False: broken or not attached."""
         if self.broken or self._fd < 0:
             return False
         if not self._buf:
@@ -88,9 +84,7 @@ class NonBlockingWriter:
         if not self._buf or self.broken:
             return
         try:
-            n = os.write(self._fd, self._buf)
-        except BlockingIOError:
-            n = 0
+            n = write_some(self._fd, self._buf)
         except OSError:
             self._fail()
             return
@@ -113,10 +107,7 @@ class NonBlockingWriter:
             while self._buf and not self.broken:
                 fd = self._fd
                 try:
-                    n = os.write(fd, self._buf)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(fd)
-                    continue
+                    n = write_some(fd, self._buf)
                 except OSError:
                     self._fail()
                     break
@@ -135,36 +126,3 @@ class NonBlockingWriter:
         self._buf.clear()
         self._wake.set()
         self._drained.notify()
-
-
-class PassFlusher(trio.abc.Instrument):
-    """Flushes, just before trio polls for I/O, every writer that queued bytes during the scheduler pass: one
-    syscall per writer per pass and no task switch to a writer task. One per trio run (`pass_flusher`), installed
-    on first use; with nothing queued a pass costs it one method call."""
-
-    def __init__(self) -> None:
-        self._queued: list[NonBlockingWriter] = []
-
-    def add(self, writer: NonBlockingWriter) -> None:
-        self._queued.append(writer)
-
-    def before_io_wait(self, timeout: float) -> None:
-        queued = self._queued
-        if queued:
-            self._queued = []
-            for writer in queued:
-                writer.flush()
-
-
-_FLUSHER: trio.lowlevel.RunVar[PassFlusher] = trio.lowlevel.RunVar("mbworker_deno_pass_flusher")
-
-
-def pass_flusher() -> PassFlusher:
-    """This trio run's flusher (installed as an instrument on first use)."""
-    try:
-        return _FLUSHER.get()
-    except LookupError:
-        flusher = PassFlusher()
-        trio.lowlevel.add_instrument(flusher)
-        _FLUSHER.set(flusher)
-        return flusher
