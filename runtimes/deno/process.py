@@ -438,7 +438,8 @@ class DenoProcess:
             if sample is None:
                 return
             booting = not self.ready
-            verdict = dog.sample(now, sample[0], sample[1], self._mux.reqs.values(), booting=booting)
+            cpu_ms, rss, runnable = sample
+            verdict = dog.sample(now, cpu_ms, rss, self._mux.reqs.values(), booting=booting, runnable=runnable)
             if isinstance(verdict, Kill):
                 self._log("stderr", f"mbworker: {verdict.message} — killing")
                 self._kill(verdict.cause)

@@ -6,9 +6,9 @@
   - per request: CPU used since the request started; over `cpu_time_ms` the process is killed and every request
     in flight on it fails with 546 (CPU is per process: concurrent requests are all charged with it).
   - with no request in flight: `background_ms`, the CPU used since the process was last quiet (a sample where it
-    used under `QUIET` of the wall time). Work left spinning after a response (a Worker, a timer) is blamed
-    here: past `RETIRE_BACKGROUND` of the budget the process is retired, so no new request lands on it, and
-    past the budget it is killed. The next innocent request is never the one charged.
+    used under `QUIET` of the wall time and its JS thread was asleep). Work left spinning after a response (a
+    Worker, a timer) is blamed here: past `RETIRE_BACKGROUND` of the budget the process is retired, so no new
+    request lands on it, and past the budget it is killed. The next innocent request is never the one charged.
 - wall clock: retired (no new requests) at half, killed at full.
 
 `Watchdog` holds no I/O and no clock: tests feed it samples. Owned by the `DenoProcess` it watches.
@@ -32,8 +32,9 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def read_proc(pid: int) -> tuple[float, int] | None:
-    """(CPU ms, RSS bytes) of `pid`, or None if it is gone.
+def read_proc(pid: int) -> tuple[float, int, bool] | None:
+    """(CPU ms, RSS bytes, runnable) of `pid`, or None if it is gone. Runnable: its main thread (the JS thread) is
+    running or waiting for a core, not sleeping.
 
     procfs reads never block on disk, so this runs on the trio thread (a worker thread would cost more than it).
     """
@@ -47,7 +48,7 @@ def read_proc(pid: int) -> tuple[float, int] | None:
     fields = stat[stat.rindex(b")") + 2 :].split()
     cpu_ms = (int(fields[11]) + int(fields[12])) * 1000.0 / _CLK_TCK
     rss = int(statm.split()[1]) * _PAGE
-    return cpu_ms, rss
+    return cpu_ms, rss, fields[0] == b"R"
 
 
 class Charged(Protocol):
@@ -88,8 +89,17 @@ class Watchdog:
         self._retired = False
 
     def sample(
-        self, now: float, cpu_ms: float, rss: int, requests: Iterable[Charged], *, booting: bool = False
+        self,
+        now: float,
+        cpu_ms: float,
+        rss: int,
+        requests: Iterable[Charged],
+        *,
+        booting: bool = False,
+        runnable: bool = False,
     ) -> Verdict:
+        """One sample. `runnable`: the process was running or waiting for a core (a starved spinner uses little
+        CPU per interval on a loaded machine, but is not quiet)."""
         lim = self.limits
         last = self._last
         self._last = (now, cpu_ms)
@@ -109,7 +119,7 @@ class Watchdog:
                 return Kill("cpu", f"CPU time over {lim.cpu_time_ms} ms in a request")
         if not in_flight and last is not None:
             used = cpu_ms - last[1]
-            if used < QUIET * (now - last[0]) * 1000:
+            if used < QUIET * (now - last[0]) * 1000 and not runnable:
                 self.background_ms = 0.0
             else:
                 self.background_ms += used

@@ -117,6 +117,8 @@ def test_quiet_samples_forgive_short_background_work() -> None:
     dog.sample(1.0, 100.0, 0, [])
     dog.sample(1.1, 140.0, 0, [])  # a waitUntil task doing 40 ms of work
     assert dog.background
+    dog.sample(1.2, 141.0, 0, [], runnable=True)  # starved by a loaded machine, not quiet
+    assert dog.background
     dog.sample(2.1, 141.0, 0, [])  # then a quiet second
     assert not dog.background
     for t in range(3, 30):  # a little work now and then never adds up
