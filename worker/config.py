@@ -51,6 +51,11 @@ class WorkerSettings(BaseSettings):
     admin_token: SecretStr | None = Field(None, description="Bearer token of the admin API; generated if unset")
     redis_url: str | None = Field(None, description="Redis of the state pillar; unset means single node")
     public_url: str | None = Field(None, description="SUPABASE_URL given to functions; default the public listener")
+    db_url: SecretStr | None = Field(
+        None,
+        description="SUPABASE_DB_URL given to functions: the cluster's Postgres as functions should reach it "
+        "(the state pillar's pooler); unset: functions get none",
+    )
     node_id: str | None = Field(None, description="Name of this node in a cluster; default hostname-port")
     advertise_host: str | None = Field(
         None, description="Address proxies and the control plane reach this node at; default the listener's"

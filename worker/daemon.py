@@ -53,7 +53,7 @@ from mbworker.worker.cluster.heartbeat import NodeIdentity, NodeLoad, NodeState,
 from mbworker.worker.config import WorkerSettings
 from mbworker.worker.data_dir import secure_data_dir
 from mbworker.worker.deploy_local import deploy_path
-from mbworker.worker.deployer import Deployer, PlatformEnv
+from mbworker.worker.deployer import EMPTY_JWKS, Deployer, PlatformEnv, public_jwks
 from mbworker.worker.deployments.store import DeploymentStore, LocalDeploymentStore
 from mbworker.worker.errors import ConfigError
 from mbworker.worker.function_logs import FunctionLogs
@@ -223,7 +223,13 @@ async def serve_worker(
             store,
             runtimes,
             table,
-            PlatformEnv(settings.public_base_url, keys.anon_key, keys.service_role_key),
+            PlatformEnv(
+                settings.public_base_url,
+                keys.anon_key,
+                keys.service_role_key,
+                db_url=settings.db_url.get_secret_value() if settings.db_url else None,
+                jwks=await _functions_jwks(settings.jwks),
+            ),
             scratch_root=data_dir / "scratch" / "functions",
             on_change=on_change,
             default_limits=settings.limits,
@@ -384,6 +390,17 @@ class _SharedRealtimeLimiter:
 
     async def allow(self, key: str, per_second: int) -> bool:
         return (await self._limiter.hit(key, Rate(per_second))).allowed
+
+
+async def _functions_jwks(jwks: str | None) -> str:
+    """SUPABASE_JWKS for functions: the public part of the `jwks` setting when it is a file (the verifier has
+    already read it, and refused the start if it could not). For a URL functions get none: they can fetch it."""
+    if not jwks or jwks.startswith(("http://", "https://")):
+        return EMPTY_JWKS
+    try:
+        return public_jwks(await trio.Path(jwks).read_text())
+    except (OSError, UnicodeDecodeError):
+        return EMPTY_JWKS
 
 
 def _make_cache(settings: WorkerSettings) -> ResultCache | None:

@@ -8,6 +8,7 @@ serving. Old versions are retired (in-flight requests finish) after the switch.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -31,23 +32,55 @@ back to an older version (whose earlier cached results must go everywhere)."""
 """Called with a slug after its live version changed (activate, rollback, delete): e.g. a cache purge."""
 
 
+EMPTY_JWKS = '{"keys":[]}'
+
+
 @dataclass(frozen=True)
 class PlatformEnv:
-    """Variables every function sees besides its own secrets."""
+    """Variables every function sees besides its own secrets (Supabase's defaults: reference/edge-functions.md)."""
 
     supabase_url: str
     anon_key: str
     service_role_key: str
     region: str = "local"
+    db_url: str | None = None
+    """SUPABASE_DB_URL: the cluster's Postgres, when the node knows it (setting `db_url`)."""
+    jwks: str = EMPTY_JWKS
+    """SUPABASE_JWKS: the public part of the project's signing keys (`public_jwks`)."""
 
     def for_version(self, slug: str, version: int) -> dict[str, str]:
-        return {
+        env = {
             "SUPABASE_URL": self.supabase_url,
             "SUPABASE_ANON_KEY": self.anon_key,
             "SUPABASE_SERVICE_ROLE_KEY": self.service_role_key,
+            # the newer functions read key dictionaries; this project's keys are its anon and service-role JWTs
+            "SUPABASE_PUBLISHABLE_KEYS": json.dumps({"default": self.anon_key}),
+            "SUPABASE_SECRET_KEYS": json.dumps({"default": self.service_role_key}),
+            "SUPABASE_JWKS": self.jwks,
             "SB_REGION": self.region,
             "DENO_DEPLOYMENT_ID": f"mbworker_{slug}_{version}",
         }
+        if self.db_url:
+            env["SUPABASE_DB_URL"] = self.db_url
+        return env
+
+
+_PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+
+
+def public_jwks(document: str) -> str:
+    """The public keys of a JWKS document as compact JSON: private members dropped, symmetric (`oct`) keys left
+    out (their only member is the secret). Anything unreadable gives an empty key set."""
+    try:
+        keys = json.loads(document).get("keys", [])
+    except (ValueError, AttributeError):
+        return EMPTY_JWKS
+    public = [
+        {k: v for k, v in key.items() if k not in _PRIVATE_JWK_MEMBERS}
+        for key in keys
+        if isinstance(key, dict) and key.get("kty") != "oct"
+    ]
+    return json.dumps({"keys": public}, separators=(",", ":"))
 
 
 class DeployFailed(Exception):

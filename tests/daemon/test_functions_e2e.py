@@ -105,6 +105,8 @@ async def test_function_sees_its_path_and_env_only(
     assert env["FROM_FILE"] == "yes"
     assert env["SUPABASE_URL"].startswith("http")
     assert env["SUPABASE_ANON_KEY"] == worker.anon_key
+    assert json.loads(env["SUPABASE_PUBLISHABLE_KEYS"]) == {"default": worker.anon_key}
+    assert json.loads(env["SUPABASE_JWKS"]) == {"keys": []}
     assert env["SUPABASE_SERVICE_ROLE_KEY"] == worker.service_role_key
     assert env["DENO_DEPLOYMENT_ID"].endswith("_envy_1")
     assert env.get("SB_EXECUTION_ID")
