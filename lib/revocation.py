@@ -28,12 +28,23 @@ from typing import Protocol
 import trio
 
 from mbworker.lib.nursery import open_owned_nursery
-from mbworker.lib.redis import PubSubMessage, PubSubResubscribed, RedisClient, RedisError
+from mbworker.lib.redis import (
+    PubSub,
+    PubSubBus,
+    PubSubDisconnected,
+    PubSubMessage,
+    PubSubResubscribed,
+    RedisClient,
+    RedisError,
+)
 
 log = logging.getLogger("mbworker.revocation")
 
 Listener = Callable[[str], Awaitable[None]]
 """Called with a session id when it becomes revoked on this node."""
+
+QUEUE_SIZE = 256
+"""Announcements waiting for the follower; past that it reloads the whole list from Redis instead."""
 
 LISTENER_TIMEOUT_S = 5.0
 """A listener that takes longer is cancelled: the next revocation must not wait behind it."""
@@ -106,13 +117,19 @@ class MemoryRevocationList:
 
 
 class RedisRevocationList:
-    """The cluster's deny-list; get one from `open_redis_revocations`. Checks answer from the local copy."""
+    """The cluster's deny-list; get one from `open_redis_revocations`. Checks answer from the local copy.
+
+    Announcements arrive on the node's pub/sub bus (a `BusMember`: callbacks only queue, the follower task does
+    the work) or, without a bus (the control plane), on a connection of its own."""
 
     def __init__(self, redis: RedisClient, prefix: str = "mbw:") -> None:
         self._redis = redis
         self.key = f"{prefix}revoked"
         self.channel = f"{prefix}revoked:changes"
         self.local = MemoryRevocationList()
+        self._send, self._receive = trio.open_memory_channel[tuple[str, float] | None](QUEUE_SIZE)
+        """Announcements (session id, until) for the follower; None asks for a reload from Redis."""
+        self._reload_asked = False
 
     def is_revoked(self, session_id: object) -> bool:
         return self.local.is_revoked(session_id)
@@ -141,25 +158,63 @@ class RedisRevocationList:
         for session_id, until in (await self.listed()).items():
             await self.local.apply(session_id, until)
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Follow announcements until cancelled; `started()` once subscribed (or degraded: then it catches up)."""
-        async with self._redis.pubsub(buffer=256) as pubsub:
+    # BusMember: called on the pub/sub reader's task; they only queue --------------------------------------------
+
+    def on_message(self, message: PubSubMessage) -> None:
+        try:
+            doc = json.loads(message.data)
+            item: tuple[str, float] | None = (str(doc["session_id"]), float(doc["until"]))
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignored a malformed revocation announcement")
+            return
+        self._queue(item)
+
+    def on_disconnected(self, event: PubSubDisconnected) -> None:
+        pass  # the local copy keeps answering; the reload after reconnecting brings what was missed
+
+    def on_resubscribed(self, event: PubSubResubscribed) -> None:
+        self._queue(None)
+
+    def _queue(self, item: tuple[str, float] | None) -> None:
+        try:
+            self._send.send_nowait(item)
+        except trio.WouldBlock:
+            self._reload_asked = True  # too many at once: read them all back from Redis instead
+
+    # the follower ---------------------------------------------------------------------------------------------
+
+    async def serve(
+        self, bus: PubSubBus | None = None, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Follow announcements until cancelled; `started()` once loaded (or Redis is away: then it catches up
+        after reconnecting)."""
+        try:
+            await self.reload()
+        except RedisError as exc:
+            log.warning("revocations not loaded yet (%s): loaded after reconnecting", exc)
+        async with trio.open_nursery() as nursery:
+            if bus is None:
+                pubsub = await nursery.start(self._own_connection)
+            else:
+                bus.register(self.channel, self)
+                pubsub = bus.pubsub
             pubsub.subscribe_nowait(self.channel)
-            try:
-                await pubsub.wait_connected(5)
-                await self.reload()
-            except RedisError as exc:
-                log.warning("revocations not loaded yet (%s): retried after reconnecting", exc)
             task_status.started()
+            async for item in self._receive:
+                if item is None or self._reload_asked:
+                    self._reload_asked = False
+                    await self._reload_until_done()
+                if item is not None:
+                    await self.local.apply(*item)
+
+    async def _own_connection(self, *, task_status: trio.TaskStatus[PubSub] = trio.TASK_STATUS_IGNORED) -> None:
+        async with self._redis.pubsub(buffer=QUEUE_SIZE) as pubsub:
+            task_status.started(pubsub)
             async for event in pubsub.messages:
                 if isinstance(event, PubSubMessage):
-                    try:
-                        doc = json.loads(event.data)
-                        await self.local.apply(str(doc["session_id"]), float(doc["until"]))
-                    except (ValueError, KeyError, TypeError):
-                        log.warning("ignored a malformed revocation announcement")
+                    self.on_message(event)
                 elif isinstance(event, PubSubResubscribed):
-                    await self._reload_until_done()
+                    self.on_resubscribed(event)
 
     async def _reload_until_done(self) -> None:
         delay = 0.1
@@ -174,11 +229,14 @@ class RedisRevocationList:
 
 
 @asynccontextmanager
-async def open_redis_revocations(redis: RedisClient, *, prefix: str = "mbw:") -> AsyncIterator[RedisRevocationList]:
-    """The cluster deny-list on `redis` (owned by the caller); the block owns the follower task."""
+async def open_redis_revocations(
+    redis: RedisClient, *, bus: PubSubBus | None = None, prefix: str = "mbw:"
+) -> AsyncIterator[RedisRevocationList]:
+    """The cluster deny-list on `redis` (owned by the caller, as `bus` is: a node passes its cluster bus); the
+    block owns the follower task."""
     revocations = RedisRevocationList(redis, prefix)
     async with open_owned_nursery() as nursery:
-        await nursery.start(revocations.serve)
+        await nursery.start(revocations.serve, bus)
         try:
             yield revocations
         finally:

@@ -152,7 +152,7 @@ async def serve_worker(
             bus = await stack.enter_async_context(open_pubsub_bus(redis.settings))
             metrics.add_statistics(PUBSUB_STATS, bus.pubsub.statistics)
             # Sessions the control plane revoked: the verifier refuses their tokens on every node.
-            revocations = await stack.enter_async_context(open_redis_revocations(redis))
+            revocations = await stack.enter_async_context(open_redis_revocations(redis, bus=bus))
             # Entered before realtime, so they close after it: clients' last untracks still reach Redis.
             broker = await stack.enter_async_context(open_redis_broker(redis, redis.settings, node_id=node_id, bus=bus))
             presence = await stack.enter_async_context(

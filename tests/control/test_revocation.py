@@ -6,11 +6,14 @@ from __future__ import annotations
 import time
 
 import pytest
+import trio
 
 from mbworker.lib.jwt import JwtVerifier
-from mbworker.lib.revocation import MemoryRevocationList
+from mbworker.lib.redis import open_pubsub_bus, open_redis
+from mbworker.lib.revocation import MemoryRevocationList, open_redis_revocations
 from mbworker.worker.jwt_gate import JwtGate, JwtRejected
 from tests.realtime.helpers import SECRET, make_jwt, phx_client, running_realtime
+from tests.redis_server import RedisServer
 
 REVOKED = "InvalidJWTToken: Session has been revoked"  # Supabase Realtime's wording (lib/jwt.py)
 
@@ -70,3 +73,29 @@ async def test_realtime_ends_the_channels_of_a_revoked_session_and_refuses_new_j
         await bystander.send(None, ref, "phoenix", "heartbeat", {})
         await bystander.reply_to(ref)
         assert not [m for m in bystander.seen if isinstance(m, tuple) and m[3] == "system"]
+
+
+async def test_a_node_on_the_cluster_bus_catches_up_after_a_pubsub_gap(redis_server: RedisServer) -> None:
+    async with (
+        open_redis(redis_server.url) as redis,
+        open_pubsub_bus(redis.settings) as bus,
+        open_redis_revocations(redis, bus=bus) as node,
+    ):
+        heard: dict[str, trio.Event] = {"s-live": trio.Event(), "s-gap": trio.Event()}
+
+        async def listener(session_id: str) -> None:
+            heard[session_id].set()
+
+        node.add_listener(listener)
+        await bus.pubsub.wait_connected(5)
+        async with open_redis_revocations(redis) as control:  # the control plane's own connection
+            await control.revoke("s-live", time.time() + 60)
+        with trio.fail_after(5):
+            await heard["s-live"].wait()
+        # Revoked while the node's pub/sub was away (stored, the announcement lost): the reload after the bus
+        # resubscribes brings it.
+        await redis.zadd(node.key, {"s-gap": time.time() + 60})
+        await redis.execute("CLIENT", "KILL", "TYPE", "pubsub")
+        with trio.fail_after(10):
+            await heard["s-gap"].wait()
+        assert node.is_revoked("s-gap")
