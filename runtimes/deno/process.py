@@ -114,6 +114,8 @@ class DenoProcess:
         self._frames_done = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._busy = trio.Event()
+        self._begun = 0
+        """Requests begun on this process: the watchdog's samples tell request CPU from background CPU by it."""
         self._reaper_idle = True
         self._reaper_wake = trio.Event()
 
@@ -432,6 +434,7 @@ class DenoProcess:
         lim = self.limits
         dog = self._watchdog
         assert dog is not None
+        begun = self._begun
         while not self.dead.is_set():
             now = trio.current_time()
             sample = read_proc(self.pid)
@@ -439,7 +442,10 @@ class DenoProcess:
                 return
             booting = not self.ready
             cpu_ms, rss, runnable = sample
-            verdict = dog.sample(now, cpu_ms, rss, self._mux.reqs.values(), booting=booting, runnable=runnable)
+            served, begun = self._begun != begun, self._begun
+            verdict = dog.sample(
+                now, cpu_ms, rss, self._mux.reqs.values(), booting=booting, runnable=runnable, served=served
+            )
             if isinstance(verdict, Kill):
                 self._log("stderr", f"mbworker: {verdict.message} — killing")
                 self._kill(verdict.cause)
@@ -492,6 +498,7 @@ class DenoProcess:
             raise self._death_error()
         rid = r.rid
         self._mux.add(r)
+        self._begun += 1
         self._busy.set()
         method = inv.method.upper()
         no_body = method in ("GET", "HEAD")

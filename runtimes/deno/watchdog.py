@@ -97,9 +97,11 @@ class Watchdog:
         *,
         booting: bool = False,
         runnable: bool = False,
+        served: bool = False,
     ) -> Verdict:
         """One sample. `runnable`: the process was running or waiting for a core (a starved spinner uses little
-        CPU per interval on a loaded machine, but is not quiet)."""
+        CPU per interval on a loaded machine, but is not quiet). `served`: a request ran on it at some point since
+        the previous sample (its CPU in the interval is the requests', even if none is in flight right now)."""
         lim = self.limits
         last = self._last
         self._last = (now, cpu_ms)
@@ -117,7 +119,7 @@ class Watchdog:
                 r.cpu_start = cpu_ms
             elif cpu_ms - r.cpu_start > lim.cpu_time_ms:
                 return Kill("cpu", f"CPU time over {lim.cpu_time_ms} ms in a request")
-        if not in_flight and last is not None:
+        if not in_flight and not served and last is not None:
             used = cpu_ms - last[1]
             if used < QUIET * (now - last[0]) * 1000 and not runnable:
                 self.background_ms = 0.0

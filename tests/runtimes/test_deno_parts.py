@@ -112,6 +112,14 @@ def test_work_left_spinning_after_a_response_is_retired_then_killed() -> None:
     assert "no request in flight" in verdict.message
 
 
+def test_cpu_of_requests_that_came_and_went_between_samples_is_not_background() -> None:
+    dog = Watchdog(LIMITS, started_at=0.0)
+    dog.sample(1.0, 100.0, 0, [])
+    for i in range(1, 20):  # a busy process, nothing in flight at the instant of each sample
+        assert dog.sample(1.0 + i / 10, 100.0 + 90 * i, 0, [], served=True) is None
+    assert not dog.background
+
+
 def test_quiet_samples_forgive_short_background_work() -> None:
     dog = Watchdog(LIMITS, started_at=0.0)
     dog.sample(1.0, 100.0, 0, [])
