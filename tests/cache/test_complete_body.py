@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import trio
 import trio.testing
@@ -43,8 +44,16 @@ async def test_followers_of_a_complete_body_share_it() -> None:
     async with trio.open_nursery() as nursery:
         for r in answers:
             nursery.start_soon(
-                lambda r=r: respond_through_cache(
-                    cache, Req(), r, fn.invoke, slug="s", version=1, timeout=5, config=FunctionCacheConfig(ttl=60)
+                partial(
+                    respond_through_cache,
+                    cache,
+                    Req(),
+                    r,
+                    fn.invoke,
+                    slug="s",
+                    version=1,
+                    timeout=5,
+                    config=FunctionCacheConfig(ttl=60),
                 )
             )
         await trio.testing.wait_all_tasks_blocked()
@@ -74,7 +83,7 @@ async def test_after_an_unstorable_response_requests_for_the_key_stop_coalescing
     async with trio.open_nursery() as nursery:
         for r in answers:
             nursery.start_soon(
-                lambda r=r: respond_through_cache(cache, Req(), r, fn.invoke, slug="s", version=1, timeout=5)
+                partial(respond_through_cache, cache, Req(), r, fn.invoke, slug="s", version=1, timeout=5)
             )
         await trio.testing.wait_all_tasks_blocked()
         assert fn.runs == 4  # all three are inside the function together

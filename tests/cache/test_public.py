@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from mbworker import worker
+from mbworker.worker import cache
 
 
 def test_public_names() -> None:
-    assert sorted(worker.cache.__all__) == sorted(
+    assert sorted(cache.__all__) == sorted(
         [
             "BYPASS",
             "CACHE_HEADER",
@@ -31,7 +31,7 @@ def test_public_names() -> None:
             "respond_through_cache",
         ]
     )
-    for name in worker.cache.__all__:
-        assert getattr(worker.cache, name) is not None
-    assert issubclass(worker.cache.FlightFailed, worker.cache.CacheError)
-    assert issubclass(worker.cache.FlightTimeout, worker.cache.CacheError)
+    for name in cache.__all__:
+        assert getattr(cache, name) is not None
+    assert issubclass(cache.FlightFailed, cache.CacheError)
+    assert issubclass(cache.FlightTimeout, cache.CacheError)

@@ -59,7 +59,7 @@ def check(rest: str, strict: bool) -> str | None:
     """None when `mbworker REST` parses as far as the docs show it; else what is wrong."""
     parser = build_parser()
     words = rest.split()
-    path = []
+    path: list[str] = []
     while words and (subs := _subcommands(parser)):
         word = words[0].strip("[]")
         names = word.split("|")  # `provision plan|apply|scale|destroy`

@@ -13,13 +13,13 @@ import trio.testing
 from mbworker.lib.redis import open_redis
 from mbworker.worker.cluster.deployments_redis import open_redis_deployment_store
 from mbworker.worker.deployments.archive import BundleRejected, BundleTooLarge, pack_files
+from mbworker.worker.deployments.changes import StoreChange
 from mbworker.worker.deployments.manifest import Manifest
 from mbworker.worker.deployments.store import (
     DeploymentNotFound,
     DeploymentStatus,
     DeploymentStore,
     LocalDeploymentStore,
-    StoreChange,
     StoreError,
     UnpackLimits,
     VersionConflict,

@@ -110,9 +110,10 @@ async def test_nodes_report_by_heartbeat_and_a_silent_node_is_down(redis_server:
         assert nodes[0]["functions"] == {"hello": 2}
         assert nodes[0]["load"] == {"requests_per_s": 0.0, "websockets": 2, "deno_processes": 3}
         # A node whose last beat is older than 15 s is down (written as it would have been 20 s ago).
-        old = {**nodes[0], "name": "w2", "sent_at": time.time() - 20, "ready": True, "admin_port": 8001}
+        sent_at = time.time() - 20
+        old = {**nodes[0], "name": "w2", "sent_at": sent_at, "ready": True, "admin_port": 8001}
         await redis.set("mbw:node:w2", json.dumps(old))
-        await redis.zadd("mbw:nodes", {"w2": old["sent_at"]})
+        await redis.zadd("mbw:nodes", {"w2": sent_at})
         nodes = await _wait_nodes(http, 2)
         by_name = {n["name"]: n for n in nodes}
         assert by_name["w2"]["state"] == "down"

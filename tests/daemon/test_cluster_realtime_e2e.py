@@ -27,8 +27,8 @@ async def test_realtime_across_workers_and_a_killed_worker(tmp_path: Path) -> No
     async with redis_server_running(tmp_path) as redis:
         env = {**ENV, "MBWORKER_REDIS_URL": redis.url}
         async with run_worker(tmp_path / "a", env=env) as a, run_worker(tmp_path / "b", env=env) as b:
-            ws = lambda w: w.public_url.replace("http", "ws", 1) + "/realtime/v1"  # noqa: E731
-            driver_env = {"RT_URL_A": ws(a), "RT_URL_B": ws(b), "RT_APIKEY": ANON}
+            ws = {name: w.public_url.replace("http", "ws", 1) + "/realtime/v1" for name, w in (("A", a), ("B", b))}
+            driver_env = {"RT_URL_A": ws["A"], "RT_URL_B": ws["B"], "RT_APIKEY": ANON}
             async with run_node_driver("cluster.mjs", driver_env) as driver:
                 events = driver.events
                 both = ["alice", "bob"]

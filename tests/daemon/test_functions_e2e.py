@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -286,7 +287,7 @@ async def test_streaming_both_ways(worker: RunningWorker, http: httpx.AsyncClien
     )
     await worker.deploy(echo)
 
-    async def body() -> object:
+    async def body() -> AsyncIterator[bytes]:
         for _ in range(50):
             yield b"x" * 10_000
 

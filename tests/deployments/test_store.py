@@ -11,12 +11,12 @@ import trio
 import trio.testing
 
 from mbworker.worker.deployments.archive import BundleRejected, BundleTooLarge, pack_files
+from mbworker.worker.deployments.changes import StoreChange
 from mbworker.worker.deployments.manifest import Manifest
 from mbworker.worker.deployments.store import (
     DeploymentNotFound,
     DeploymentStatus,
     LocalDeploymentStore,
-    StoreChange,
     StoreError,
     UnpackLimits,
     VersionConflict,

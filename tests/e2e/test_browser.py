@@ -10,6 +10,7 @@ import json
 import subprocess
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -22,7 +23,7 @@ from tests.realtime.helpers import ANON, SECRET
 
 
 class PageApp(RealtimeApp):
-    def __init__(self, service, bundle: bytes, results: trio.MemorySendChannel[dict]) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, service, bundle: bytes, results: trio.MemorySendChannel[dict[str, Any]]) -> None:  # type: ignore[no-untyped-def]
         super().__init__(service)
         self.bundle = bundle
         self.results = results
@@ -56,7 +57,7 @@ async def test_browser_presence_and_broadcast(tmp_path: Path) -> None:
     chromium = require_binary("chromium", "/usr/bin/chromium")
     ensure_node_modules(node)
     bundle = await trio.to_thread.run_sync(build_bundle, node, tmp_path / "bundle.js")
-    send, recv = trio.open_memory_channel[dict](1)
+    send, recv = trio.open_memory_channel[dict[str, Any]](1)
     async with open_realtime(RealtimeSettings(), jwt_secret=SECRET, node_id="browser") as service:  # noqa: SIM117
         async with trio.open_nursery() as nursery:
             server = await nursery.start(serve_http, PageApp(service, bundle, send), "127.0.0.1", 0)

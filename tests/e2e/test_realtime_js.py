@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import trio
 
@@ -15,7 +16,7 @@ from tests.lib_jwt.keys import SigningKey
 from tests.realtime.helpers import ANON, SECRET, make_jwt
 
 
-async def run_node(script: str, env: dict[str, str], timeout: float = 60) -> dict:
+async def run_node(script: str, env: dict[str, str], timeout: float = 60) -> dict[str, Any]:
     node = require_binary("node")
     ensure_node_modules(node)
     with trio.fail_after(timeout):
@@ -24,7 +25,7 @@ async def run_node(script: str, env: dict[str, str], timeout: float = 60) -> dic
         )
     lines = proc.stdout.decode().strip().splitlines()
     assert lines, f"no output; stderr: {proc.stderr.decode()[-2000:]}"
-    result = json.loads(lines[-1])
+    result: dict[str, Any] = json.loads(lines[-1])
     assert result["errors"] == [], result["errors"]
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import EllipsisType
 from typing import Any
 
 import jwt
@@ -22,6 +23,6 @@ class SigningKey:
         self.jwk = {**algorithm.to_jwk(self.private.public_key(), as_dict=True), "kid": kid, "alg": alg,
                     "use": "sig"}  # fmt: skip
 
-    def sign(self, claims: dict[str, Any], *, kid: str | None = ...) -> str:  # type: ignore[assignment]
+    def sign(self, claims: dict[str, Any], *, kid: str | EllipsisType | None = ...) -> str:
         headers = {"kid": self.kid if kid is ... else kid} if kid is not None else {}
         return jwt.encode(claims, self.private, algorithm=self.alg, headers=headers)

@@ -75,7 +75,7 @@ def test_one_algorithm_policy(es: SigningKey) -> None:
     for alg in ("HS384", "HS512"):  # the old realtime verifier took these; Supabase's keys never use them
         with pytest.raises(UnsupportedAlgorithm):
             v.verify(jwt.encode(claims(), SECRET * 2, algorithm=alg))
-    unsigned = jwt.encode(claims(), None, algorithm="none")
+    unsigned = jwt.encode(claims(), "", algorithm="none")
     with pytest.raises(UnsupportedAlgorithm):
         v.verify(unsigned)
     # Algorithm confusion: an HMAC token naming the ES256 key's kid is never checked against that key.
@@ -178,7 +178,7 @@ async def _serve_jwks(docs: list[dict[str, Any]], served: list[int], stream: tri
 
 async def test_jwks_url_refreshes_off_the_loop_on_an_unknown_kid(es: SigningKey) -> None:
     rotated = SigningKey("ES256", "es-2")
-    docs, served = [jwks(es)], []
+    docs, served = [jwks(es)], list[int]()
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, partial(_serve_jwks, docs, served), 0,
                                                 host="127.0.0.1"))  # fmt: skip

@@ -110,7 +110,7 @@ class Phx:
             assert "join_ref" not in doc, "v1 server frames carry no join_ref"
             msg = (None, doc["ref"], doc["topic"], doc["event"], doc["payload"])
         self.seen.append(msg)
-        return msg  # type: ignore[return-value]
+        return msg
 
     async def expect(self, event: str, topic: str | None = None, timeout: float = 5) -> tuple[Any, ...]:
         """Skip frames until one with `event` (and `topic`) arrives."""

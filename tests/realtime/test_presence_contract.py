@@ -60,6 +60,7 @@ async def test_track_publishes_join_and_lists(presence: tuple[Presence, Sink]) -
     p, sink = presence
     stored = await p.track(T, "m1", "alice", {"n": 1})
     assert stored is not None
+    assert stored is not None
     assert stored["phx_ref"]
     await sink.wait_count(1)
     assert sink.diffs[0] == (T, PresenceDiff(joins={"alice": [stored]}))
@@ -69,7 +70,9 @@ async def test_track_publishes_join_and_lists(presence: tuple[Presence, Sink]) -
 async def test_update_carries_phx_ref_prev_and_leaves_old_meta(presence: tuple[Presence, Sink]) -> None:
     p, sink = presence
     first = await p.track(T, "m1", "alice", {"n": 1})
+    assert first is not None
     second = await p.track(T, "m1", "alice", {"n": 2})
+    assert second is not None
     assert first is not None
     assert second is not None
     assert second["phx_ref_prev"] == first["phx_ref"] != second["phx_ref"]
@@ -81,7 +84,9 @@ async def test_update_carries_phx_ref_prev_and_leaves_old_meta(presence: tuple[P
 async def test_two_members_one_key_and_untrack_removes_only_one(presence: tuple[Presence, Sink]) -> None:
     p, sink = presence
     a = await p.track(T, "m1", "alice", {"tab": 1})
+    assert a is not None
     b = await p.track(T, "m2", "alice", {"tab": 2})
+    assert b is not None
     assert await p.list(T) == {"alice": [a, b]}
     await p.untrack(T, "m1")
     await sink.wait_count(3)
@@ -96,7 +101,9 @@ async def test_entries_expire_unless_refreshed(
     # the clock must be a test argument for pytest-trio to run the test on it
     p, sink = presence
     kept = await p.track(T, "m1", "alice", {})
+    assert kept is not None
     gone = await p.track(T, "m2", "bob", {})
+    assert gone is not None
     await trio.sleep(TTL * 0.6)
     await p.refresh(T, ["m1"])
     await trio.sleep(TTL * 0.6)
@@ -121,9 +128,11 @@ async def test_cross_node_state_diffs_and_dead_node_expiry(
     """Checklist 29: a track on node A is seen on node B; a dead node's entries expire with leave diffs."""
     (a, sink_a), (b, sink_b) = await node(make_presence), await node(make_presence)
     meta_a = await a.track(T, "a1", "alice", {"on": "A"})
+    assert meta_a is not None
     await sink_b.wait_count(1)
     assert sink_b.diffs[0][1] == PresenceDiff(joins={"alice": [meta_a]})
     meta_b = await b.track(T, "b1", "bob", {"on": "B"})
+    assert meta_b is not None
     assert await b.list(T) == await a.list(T) == {"alice": [meta_a], "bob": [meta_b]}
     # node A dies: it stops refreshing. B keeps refreshing its own members and sweeps.
     for _ in range(3):

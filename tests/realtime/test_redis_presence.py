@@ -163,6 +163,7 @@ async def test_concurrent_sweepers_publish_one_leave(redis: RedisClient) -> None
             await node.subscribe(KEY)
             nodes.append(node)
         meta = await nodes[0].track(KEY, "m", "alice", {})
+        assert meta is not None
         now[0] += 11
         async with trio.open_nursery() as sweepers:
             for node in nodes * 3:
@@ -187,6 +188,7 @@ async def test_entries_lost_by_redis_come_back_and_replacements_carry_the_leave(
             await nursery.start(node.serve)
             await node.subscribe(KEY)
         first = await a.track(KEY, "m", "alice", {"n": 1})
+        assert first is not None
         await sinks[1].wait_count(1)
         await redis.execute("FLUSHALL")
         assert await b.list(KEY) == {}
@@ -195,6 +197,7 @@ async def test_entries_lost_by_redis_come_back_and_replacements_carry_the_leave(
         assert a.statistics().restored == 1
         await redis.execute("FLUSHALL")
         second = await a.track(KEY, "m", "alice", {"n": 2})  # Redis has no old entry: it publishes a join only
+        assert second is not None
         await sinks[1].wait_count(3)
         assert sinks[1].diffs[2] == PresenceDiff(joins={"alice": [second]}, leaves={"alice": [first]})
         nursery.cancel_scope.cancel()

@@ -32,7 +32,7 @@ def version(tmp_path: Path, wat: str, *, slug: str = "fn", v: int = 1, **limits:
         bundle_dir=bundle,
         entrypoint="fn.wat",
         env={"GREETING": "hello", "REQUEST_METHOD": "overridden"},
-        limits=Limits(**limits),  # type: ignore[arg-type]
+        limits=Limits(**limits),
     )
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import operator
 import threading
+from functools import partial
 
 import pytest
 import trio
@@ -95,6 +97,6 @@ async def test_sync_wait_and_async_calls_interleave() -> None:
         for i in range(60):
             wait = 0.005 if i % 2 else 0.0
             value = await threads.run(
-                lambda i=i: i * i, on_done=lambda: None, on_abandon=lambda: None, sync_wait_s=wait
+                partial(operator.mul, i, i), on_done=lambda: None, on_abandon=lambda: None, sync_wait_s=wait
             )
             assert value == i * i
