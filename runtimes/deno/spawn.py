@@ -33,6 +33,7 @@ import trio
 from mbworker.runtimes.api import FunctionVersion
 from mbworker.runtimes.deno.permissions import NetPolicy, net_flags
 from mbworker.runtimes.errors import BootError
+from mbworker.runtimes.startup_env import forbidden_env_reason
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -172,31 +173,15 @@ DENO_ENV = ("DENO_DIR", "NO_COLOR", "DENO_NO_UPDATE_CHECK", "DENO_NO_PROMPT", "P
 """Variables set for (or by) Deno itself; the bootstrap deletes them before the function loads.
 (Deno adds PATH and DENO_NODE_SHIM_ACTIVE to its own environment at startup.)"""
 
-RESERVED_ENV_PREFIXES = ("LD_", "DENO_", "NODE_", "RUST_", "MALLOC_", "GLIBC_", "V8_")
-"""Variables with these prefixes change how the dynamic loader, Deno, its Node layer, Rust's runtime or the
-allocator start (LD_PRELOAD runs native code outside the sandbox before Deno does)."""
-RESERVED_ENV_NAMES = frozenset(
-    {
-        "PATH", "HOME", "TMPDIR", "NO_COLOR", "SB_EXECUTION_ID", "SSL_CERT_FILE", "SSL_CERT_DIR",
-        # a proxy would be dialled instead of the target, around the deny list of private ranges
-        "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
-    }
-)  # fmt: skip
-"""Names the runtime sets itself, or that change where Deno connects or what it trusts."""
-
-
 PLATFORM_ENV = frozenset({"DENO_DEPLOYMENT_ID"})
 """Supabase's platform variables under a reserved prefix: set by the deployer, changing nothing in how Deno
 starts."""
 
 
 def reserved_env(name: str) -> bool:
-    """True for a variable a function's env may never set (the runtime's own, or one that changes how the process
-    starts). Case-insensitive: the proxy variables are honoured in lower case too."""
-    upper = name.upper()
-    if upper in PLATFORM_ENV:
-        return False
-    return upper in RESERVED_ENV_NAMES or upper.startswith(RESERVED_ENV_PREFIXES)
+    """True for a variable a function's env may never set: the one list deploys refuse (`runtimes.startup_env`),
+    less Supabase's platform variables the deployer sets itself. Case-insensitive, as the list is."""
+    return name.upper() not in PLATFORM_ENV and forbidden_env_reason(name) is not None
 
 
 @dataclass(frozen=True, slots=True)
