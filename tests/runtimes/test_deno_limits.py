@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -186,7 +187,7 @@ async def test_no_free_process_within_queue_timeout_is_busy(tmp_path: Path) -> N
     fn = version(write_fn(tmp_path, src), max_processes=1, max_concurrency=1, queue_timeout_s=0.3)
     hold_send, hold_recv = trio.open_memory_channel[bytes](0)
 
-    async def held_body():  # type: ignore[no-untyped-def]
+    async def held_body() -> AsyncIterator[bytes]:
         async with hold_recv:
             async for c in hold_recv:
                 yield c
