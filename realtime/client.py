@@ -116,6 +116,7 @@ class Client:
         "channels",
         "ctx",
         "id",
+        "joins",
         "messages_in",
         "transport",
         "vsn",
@@ -139,6 +140,8 @@ class Client:
             else None
         )
         self.messages_in = 0
+        self.joins = 0
+        """Channel joins this connection had accepted."""
 
     # output ----------------------------------------------------------------------------------------
 
@@ -266,6 +269,7 @@ class Client:
             presence_calls=WindowLimit(ctx.settings.presence_max_calls, ctx.settings.presence_window),
         )
         self.channels[msg.topic] = channel
+        self.joins += 1
         await ctx.hub.add_channel(channel)
         self.reply(msg, "ok", {"postgres_changes": pg_changes}, join_ref=channel.join_ref)
         if pg_changes:

@@ -66,6 +66,10 @@ class RealtimeStatistics:
     """Connections closed because their outbound queue overflowed."""
     rejected_handshakes: int
     """WebSocket upgrades refused (bad path, vsn or apikey)."""
+    joins: int
+    """Channel joins accepted since start (closed connections included)."""
+    presence_entries: int
+    """Presence entries this node's channels track now (one per channel that tracked)."""
 
 
 class _Conn:
@@ -112,6 +116,7 @@ class RealtimeService:
         self._all_closed = trio.Event()
         self._all_closed.set()
         self._messages_in_closed = 0
+        self._joins_closed = 0
         self._slow = 0
         self._rejected = 0
         self._closing = False
@@ -140,6 +145,8 @@ class RealtimeService:
             deliveries=self._hub.deliveries,
             slow_consumer_disconnects=self._slow,
             rejected_handshakes=self._rejected,
+            joins=self._joins_closed + sum(c.client.joins for c in conns),
+            presence_entries=sum(ch.tracked for c in conns for ch in c.client.channels.values()),
         )
 
     # WebSocket -------------------------------------------------------------------------------------
@@ -230,6 +237,7 @@ class RealtimeService:
                     await client.teardown()
                 self._hub.remove_client(client)
                 self._messages_in_closed += client.messages_in
+                self._joins_closed += client.joins
                 if transport.overflowed:
                     self._slow += 1
                 del self._conns[client.id]

@@ -3,8 +3,8 @@
 Two sources, one registry (`Metrics.registry`, never prometheus_client's global one):
 
 - **Instruments** the hot path calls: `with observe_request(function, responder) as responder:` around each
-  function request (or `observe_invocation(function, status, seconds)` directly), `realtime_joined()`,
-  `rate_limited(scope)`, `observe_pubsub_lag(seconds)`, `set_presence_entries(n)`. The per-request pair
+  function request (or `observe_invocation(function, status, seconds)` directly), `rate_limited(scope)`,
+  `set_draining()`, the function lifecycle setters. The per-request pair
   (requests by status, latency histogram) is plain numbers turned into families at scrape (`RequestInstruments`,
   ~0.5 µs a request, see bench/metrics.py); the rest are prometheus_client instruments.
 - **Statistics sources** read at scrape time: `add_statistics(SPEC, component.statistics, **labels)`. Components
@@ -73,8 +73,6 @@ OVERFLOW = "_other"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 150.0, 400.0)
 """Seconds. Up to the request idle timeout (150 s) and a Deno process's wall clock (400 s)."""
-
-PUBSUB_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 # -- statistics specs -------------------------------------------------------------------------------------------
@@ -186,10 +184,13 @@ REALTIME_STATS = StatsSpec(
             "slow_consumer_disconnects",
         ),
         Stat("realtime_rejected_handshakes_total", "counter", "WebSocket upgrades refused", "rejected_handshakes"),
+        Stat("realtime_joins_total", "counter", "Channel joins accepted", "joins"),
+        Stat(
+            "realtime_presence_entries", "gauge", "Presence entries tracked by this node's channels", "presence_entries"
+        ),
     ),
 )
-"""For `realtime.service.RealtimeStatistics`. Joins and presence entries are not in that snapshot: they are
-instruments (`Metrics.realtime_joined`, `Metrics.presence_entries`)."""
+"""For `realtime.service.RealtimeStatistics` (joins and presence entries included: realtime counts them itself)."""
 
 REDIS_STATS = StatsSpec(
     "redis",
@@ -470,25 +471,6 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
-        self.realtime_joins = Counter(
-            "realtime_joins",
-            "Channel joins accepted",
-            namespace=NAMESPACE,
-            registry=r,
-        )
-        self.presence_entries = Gauge(
-            "realtime_presence_entries",
-            "Presence entries tracked by this node (set, or `presence_entries.set_function(count)` at scrape time)",
-            namespace=NAMESPACE,
-            registry=r,
-        )
-        self.pubsub_lag = Histogram(
-            "redis_pubsub_lag_seconds",
-            "Time from publish (origin node clock) to local delivery of a broker message",
-            namespace=NAMESPACE,
-            buckets=PUBSUB_LAG_BUCKETS,
-            registry=r,
-        )
         self.draining = Gauge(
             "draining", "1 once the node is draining (no new work accepted)", namespace=NAMESPACE, registry=r
         )
@@ -521,16 +503,6 @@ class Metrics:
     def rate_limited(self, scope: str) -> None:
         """A rate limit refused something. `scope` is one of a fixed few names (function, realtime, admin...)."""
         self.rate_limit_rejections.labels(scope).inc()
-
-    def realtime_joined(self) -> None:
-        self.realtime_joins.inc()
-
-    def set_presence_entries(self, n: int) -> None:
-        self.presence_entries.set(n)
-
-    def observe_pubsub_lag(self, seconds: float) -> None:
-        """Publish-to-delivery delay of one broker message (negative clock skew counts as 0)."""
-        self.pubsub_lag.observe(max(0.0, seconds))
 
     def set_draining(self, draining: bool = True) -> None:
         self.draining.set(1 if draining else 0)

@@ -95,13 +95,14 @@ async def test_join_reply_presence_state_and_errors() -> None:  # checklist 6, 7
 
 
 async def test_rejoin_and_duplicate_join() -> None:  # checklist 7, 10
-    async with running_realtime() as (_, port), phx_client(port) as a, phx_client(port) as b:
+    async with running_realtime() as (svc, port), phx_client(port) as a, phx_client(port) as b:
         await b.join(T, {"presence": {"key": "b", "enabled": True}})
         await b.expect("presence_state")
         jr1, _ = await a.join(T, {"presence": {"key": "a", "enabled": True}})
         await a.expect("presence_state")
         await a.send(jr1, a.next_ref(), T, "presence", {"type": "presence", "event": "track", "payload": {"v": 1}})
         diff = await b.expect("presence_diff")
+        assert (svc.statistics().joins, svc.statistics().presence_entries) == (2, 1)
         old_meta = diff[4]["joins"]["a"]["metas"][0]
         jr2 = a.next_ref()
         await a.send(jr2, jr2, T, "phx_join", {"config": {"presence": {"key": "a", "enabled": True}}})
@@ -110,6 +111,7 @@ async def test_rejoin_and_duplicate_join() -> None:  # checklist 7, 10
         assert await a.expect("presence_state") == (jr2, None, T, "presence_state", {})  # old presence dropped
         leave = await b.expect("presence_diff")
         assert leave[4] == {"joins": {}, "leaves": {"a": {"metas": [old_meta]}}}
+        assert (svc.statistics().joins, svc.statistics().presence_entries) == (3, 0)  # the rejoin tracked nothing
 
 
 async def test_leave_unmatched_and_stale() -> None:  # checklist 11, 12, 13
