@@ -28,7 +28,7 @@ from mbworker.realtime.auth import Authenticator
 from mbworker.realtime.broker import Broker, Envelope, broker_key
 from mbworker.realtime.broker_memory import MemoryBroker
 from mbworker.realtime.client import TOPIC_PREFIX, Client, NodeContext
-from mbworker.realtime.errors import AuthError
+from mbworker.realtime.errors import AuthError, PresenceError
 from mbworker.realtime.hub import Hub
 from mbworker.realtime.limits import SharedLimiter
 from mbworker.realtime.presence import Presence
@@ -424,6 +424,8 @@ class RealtimeService:
                 for key, members in tracked.items():
                     await self._presence.refresh(key, members)
                 await self._presence.sweep()
+            except PresenceError as exc:  # the store is away (a Redis outage): expected, and it recovers
+                log.warning("presence upkeep failed (%s); retrying next period", exc)
             except Exception:
                 log.exception("presence upkeep failed; retrying next period")
 
