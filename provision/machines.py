@@ -84,6 +84,7 @@ from .wheels import Wheelhouse
 STOP_GRACE = 30.0  # a clean shutdown of a booted Debian takes a few seconds
 LINK_TIMEOUT = 20.0  # nspawn creates the machine's veths right after it starts
 PRIVATE_IF = "ens10"
+IMAGE = "debian-12"  # what machines_image builds
 PUBLIC_IF = "eth0"
 
 #: nspawn processes started by this Python process, by PID, so whichever provider instance stops them reaps them.
@@ -213,8 +214,13 @@ class MachinesProvider:
     # --- plans ---------------------------------------------------------------------------------------------------
 
     def _validate(self) -> None:
+        problems = []
+        if self.spec.image != IMAGE:
+            problems.append(f"image: the machines provider boots {IMAGE} only, the spec asks for {self.spec.image!r}")
         if self.spec.load_balancer is not None:
-            raise SpecError("the machines provider does not emulate a load balancer: remove [load_balancer]")
+            problems.append("load_balancer: the machines provider does not emulate one (remove [load_balancer])")
+        if problems:
+            raise SpecError("invalid cluster spec for the machines provider:\n  " + "\n  ".join(problems))
 
     def plan(self, *, drain: bool = True) -> Plan:
         self._validate()
@@ -551,6 +557,22 @@ class MachinesProvider:
             )  # fmt: skip
         except subprocess.TimeoutExpired as exc:
             raise ProviderError(f"{' '.join(argv)} in {name} did not finish within {timeout:.0f}s") from exc
+
+    def wait_booted(self, name: str, timeout: float) -> str:
+        """Block until machine `name` has finished booting (cloud-final included); its state, e.g. `degraded`.
+
+        `systemctl is-system-running --wait` waits for the boot's end, but only once the machine's systemd is up:
+        asked earlier, it answers at once (offline, unknown), so it is asked again until the deadline.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ProviderError(f"machine {name} did not finish booting within {timeout:.0f}s")
+            state = self.exec(name, ["systemctl", "is-system-running", "--wait"], timeout=left).stdout.strip()
+            if state in ("running", "degraded", "maintenance", "stopping"):
+                return state
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
     # --- firewalls, floating IPs ------------------------------------------------------------------------------
 

@@ -203,6 +203,9 @@ class MachinesNet:
             "    type filter hook forward priority 0; policy accept;",
             "    ct state established,related accept",
             f'    oifname "{PRIV_BRIDGE}" iifname != "{PRIV_BRIDGE}" drop',
+            # only the public range leaves for the host (a private source would be answered to the host's LAN);
+            # rejected rather than dropped, so a node behind a NAT that does not masquerade fails fast
+            f'    oifname "{p.ns_if}" ip saddr != {p.public_net} reject with icmp type admin-prohibited',
         ]
         for addr, rules in sorted(public.items()):
             for rule in rules:
@@ -223,6 +226,7 @@ class MachinesNet:
   }}
   chain forward {{
     type filter hook forward priority 0; policy accept;
+    iifname "{p.host_if}" ip saddr != {{ {p.public_net}, {p.link_ns} }} drop
     iifname "{p.host_if}" ct status dnat accept
     iifname "{p.host_if}" ip daddr {{ 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10 }} drop
     iifname "{p.host_if}" tcp dport {{ 80, 443 }} accept
@@ -270,5 +274,5 @@ def _nft_rule(addr: str, rule: Rule) -> str:
     src = "" if "0.0.0.0/0" in sources else f"ip saddr {{ {', '.join(sources) or '0.0.0.0/32'} }} "
     if rule.protocol == "icmp":
         return f"ip daddr {addr} {src}ip protocol icmp"
-    port = f" {rule.protocol} dport {rule.port.replace('-', '-')}" if rule.port else f" meta l4proto {rule.protocol}"
+    port = f" {rule.protocol} dport {rule.port}" if rule.port else f" meta l4proto {rule.protocol}"
     return f"ip daddr {addr} {src}{port.strip()}"

@@ -98,7 +98,9 @@ class Cluster:
 
     def wait_cloud_init(self, name: str, timeout: float = READY_TIMEOUT) -> str:
         """Block until cloud-init has finished in `name`; its status line (`status: done` or `status: error`)."""
-        done = self.provider.exec(name, ["cloud-init", "status", "--wait"], timeout=timeout)
+        # the boot (cloud-final included) is over; `cloud-init status --wait` returns at an early stage's error
+        self.provider.wait_booted(name, timeout)
+        done = self.provider.exec(name, ["cloud-init", "status"])
         status = (done.stdout.strip().splitlines() or [""])[-1]
         self.cloud_init[name] = status
         record = self.server(name)

@@ -37,7 +37,8 @@ def test_one_machine_boots_from_the_rendered_user_data(tmp_path: Path) -> None:
     try:
         provider.apply(_only(provider.plan(), nat), ApplyOptions())
         record = provider.load()["servers"][nat]
-        done = provider.exec(nat, ["cloud-init", "status", "--wait"], timeout=300)
+        provider.wait_booted(nat, 300)
+        done = provider.exec(nat, ["cloud-init", "status"])
         assert "status: done" in done.stdout or "status: error" in done.stdout, done.stdout + done.stderr
 
         # cloud-init ran exactly what the Hetzner provider sends for this server
