@@ -242,6 +242,12 @@ class MachinesProvider:
         report = ApplyReport()
         kept: set[str] = set()
         changes = plan.changes
+        if changes and all(s.action == "delete" for s in changes):
+            # a destroy: every machine starts its shutdown now, so they go down side by side, not one by one
+            servers = self.load()["servers"]
+            for step in changes:
+                if isinstance(step.op, DeleteServer) and (s := servers.get(step.op.name)) and self._alive(s):
+                    _signal(s["pid"], signal.SIGTERM)
         for i, step in enumerate(changes, 1):
             label = f"{step.action} {step.kind} {step.name}"
             progress(f"[{i}/{len(changes)}] {label}{f' ({step.detail})' if step.detail else ''}")
