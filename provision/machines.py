@@ -507,9 +507,20 @@ class MachinesProvider:
         try:
             for host_side, _, bridge in self._links(server):
                 self._attach(net, proc, host_side, bridge)
+            self._wait_leader(server, proc)
         except ProviderError:
             self._stop(server)
             raise
+
+    def _wait_leader(self, server: dict[str, Any], proc: subprocess.Popen[bytes]) -> None:
+        """Until the machine's systemd runs: from then on exec() and nsenter reach the machine itself."""
+        deadline = time.monotonic() + LINK_TIMEOUT
+        while self.leader(server) is None:
+            if proc.poll() is not None:
+                raise ProviderError(f"systemd-nspawn exited with status {proc.returncode} while booting")
+            if time.monotonic() > deadline:
+                raise ProviderError(f"{server['name']}: no systemd within {LINK_TIMEOUT:.0f}s of the start")
+            time.sleep(0.1)
 
     def _attach(self, net: MachinesNet, proc: subprocess.Popen[bytes], link: str, bridge: str) -> None:
         deadline = time.monotonic() + LINK_TIMEOUT
@@ -547,7 +558,14 @@ class MachinesProvider:
             children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         except OSError:
             return None
-        return int(children[0]) if children else None
+        for child in children:
+            # right after start, nspawn's child is a helper that forks the machine's init and exits
+            try:
+                if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
+                    return int(child)
+            except OSError:
+                continue
+        return None
 
     def exec(
         self, name: str, argv: list[str], *, input: str | None = None, timeout: float = 60.0
