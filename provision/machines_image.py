@@ -44,7 +44,8 @@ def template_packages() -> tuple[str, ...]:
             continue
         m = re.search(r"(?m)^packages:\n((?:[ ]+- .*\n)+)", entry.read_text())
         if m:
-            names |= {line.strip()[2:].strip() for line in m.group(1).splitlines() if "{{" not in line}
+            items = (line.split("#", 1)[0].strip()[2:].strip() for line in m.group(1).splitlines())
+            names |= {item for item in items if item and "{{" not in item}
     return tuple(sorted(names | set(EXTRA_PACKAGES)))
 
 

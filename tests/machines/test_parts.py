@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mbworker.provision.facts import Rule
 from mbworker.provision.machines import _selects
+from mbworker.provision.machines_image import template_packages
 from mbworker.provision.machines_net import _nft_rule
 
 
@@ -23,3 +24,10 @@ def test_cloud_rules_become_nftables_matches() -> None:
     ssh = Rule("in", "tcp", "22", ("203.0.113.0/24", "2001:db8::/32"))
     assert _nft_rule("198.18.0.3", ssh) == "ip daddr 198.18.0.3 ip saddr { 203.0.113.0/24 } tcp dport 22"
     assert _nft_rule("198.18.0.3", Rule("in", "tcp", "8000-8010", anywhere)).endswith("tcp dport 8000-8010")
+
+
+def test_the_image_follows_the_templates_packages() -> None:
+    packages = template_packages()
+    assert "prometheus-node-exporter" in packages  # listed with a trailing comment in nat.yaml
+    assert {"postgresql", "patroni", "etcd-server", "redis-sentinel", "haproxy", "nftables"} <= set(packages)
+    assert not [p for p in packages if not p or " " in p or "#" in p]
