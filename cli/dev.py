@@ -336,7 +336,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print_banner(handle)
             if args.watch:
                 loop.say(f"watching {', '.join(str(r) for r in loop.watch_roots())} (Ctrl-C to stop)")
-                nursery.start_soon(_watch_until_drained, loop, handle.draining)
+                nursery.start_soon(_watch_until_drained, loop, handle.drain_control.started)
 
     try:
         trio.run(run)

@@ -1,9 +1,11 @@
 """`serve_worker`: the start order of one worker node, top to bottom.
 
-secrets → deployment store → runtimes → realtime → live table → admin listener → public listener → examples
-→ ready. Drain (SIGTERM, or POST /admin/v1/drain) stops accepting, closes WebSockets with 1012, lets in-flight
-requests finish within the grace period, then closes everything in reverse order; every child is reaped by the
-runtime that owns it.
+data dir and secrets → cluster backends (with Redis: client, deployment store, rate limits, L2, the pub/sub bus,
+revocations, broker, presence; else the local store) → runtimes → JWT verifier → front door → live table (restored
+from the store) → realtime → admin listener → public listener → heartbeat (cluster) → examples → ready.
+Drain (`worker.drain.Drain`: a signal, POST /admin/v1/drain, the control plane) stops accepting, closes
+WebSockets with 1012, lets in-flight requests finish within the grace period, then closes everything in reverse
+order; every child is reaped by the runtime that owns it.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from mbworker.worker.data_dir import secure_data_dir
 from mbworker.worker.deploy_local import deploy_path
 from mbworker.worker.deployer import EMPTY_JWKS, Deployer, PlatformEnv, public_jwks
 from mbworker.worker.deployments.store import DeploymentStore, LocalDeploymentStore
+from mbworker.worker.drain import Drain
 from mbworker.worker.errors import ConfigError
 from mbworker.worker.function_logs import FunctionLogs
 from mbworker.worker.functions import FunctionsFrontDoor, FunctionTable, TrustedProxies
@@ -89,7 +92,7 @@ class WorkerHandle:
     public: HttpServer
     admin: HttpServer
     deployer: Deployer
-    draining: trio.Event = field(default_factory=trio.Event)
+    drain_control: Drain = field(default_factory=Drain)
 
     @property
     def public_url(self) -> str:
@@ -100,7 +103,7 @@ class WorkerHandle:
         return f"http://{_display_host(self.settings.admin_host)}:{self.admin.port}"
 
     def drain(self) -> None:
-        self.draining.set()
+        self.drain_control.start()
 
 
 def _display_host(host: str) -> str:
@@ -123,7 +126,7 @@ async def serve_worker(
     keys = await trio.to_thread.run_sync(load_project_keys, settings)
     node_id = default_node_id(settings)
     table = FunctionTable()
-    draining = trio.Event()
+    drain = Drain()
     metrics = Metrics(node_id=node_id)
     function_logs = FunctionLogs()
     readiness = Readiness()
@@ -253,7 +256,7 @@ async def serve_worker(
         async def ready() -> tuple[bool, dict[str, Any]]:
             """Not draining and every dependency up (readiness.py); else 503 with the reasons."""
             problems = await readiness.check()
-            detail: dict[str, Any] = {"functions": len(table), "draining": draining.is_set()}
+            detail: dict[str, Any] = {"functions": len(table), "draining": drain.draining}
             if problems:
                 detail["problems"] = problems
             quarantined = await store.quarantined()
@@ -261,11 +264,11 @@ async def serve_worker(
                 detail["quarantined"] = [
                     {"slug": q.slug, "version": q.version, "reason": q.reason} for q in quarantined
                 ]
-            return (not draining.is_set() and not problems, detail)
+            return (not drain.draining and not problems, detail)
 
         def health() -> dict[str, Any]:
             return {
-                "status": "draining" if draining.is_set() else "ok",
+                "status": "draining" if drain.draining else "ok",
                 "node": node_id,
                 "functions": table.slugs(),
                 # what this node serves now: the control plane waits on it before a deploy returns
@@ -273,30 +276,18 @@ async def serve_worker(
                 "runtimes": {name: _stats(rt) for name, rt in runtimes.items()},
             }
 
-        drained = trio.Event()  # public work finished (set during drain)
-        drain_requested = trio.Event()  # the drain came through the admin API
-        drain_reported = trio.Event()  # an admin caller has been told drained: true
-
-        def drain() -> bool:
-            """Start draining (idempotent); True once in-flight public work has finished."""
-            drain_requested.set()
-            draining.set()
-            if drained.is_set():
-                drain_reported.set()
-            return drained.is_set()
-
         public_app = PublicApp(functions, realtime, ready)
         admin_app = AdminApp(
             deployer,
             keys.admin_token,
             max_bundle_bytes=settings.max_bundle_mb * 1024 * 1024,
             health=health,
-            drain=drain,
+            drain=drain.request,
             purge_cache=purge_cache,
             public_url=settings.public_base_url,
             metrics=metrics,
             function_logs=function_logs,
-            draining=draining,
+            draining=drain.started,
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(deployer.serve_store_changes)
@@ -316,17 +307,17 @@ async def serve_worker(
                         realtime.statistics().connections,
                         deno.statistics().processes,
                     )
-                    why = "draining" if draining.is_set() else None
-                    return NodeState(why is None, why, draining.is_set(), load, live)
+                    why = "draining" if drain.draining else None
+                    return NodeState(why is None, why, drain.draining, load, live)
 
                 host = await trio.to_thread.run_sync(advertised_host, settings)  # may resolve the host name
                 identity = NodeIdentity("worker", node_id, host, public.port, admin.port, __version__)
-                nursery.start_soon(partial(serve_heartbeat, redis, identity, node_state, draining.set))
+                nursery.start_soon(partial(serve_heartbeat, redis, identity, node_state, drain.start))
             for path in deploy_paths:
                 await deploy_path(deployer, path)
-            handle = WorkerHandle(settings, keys, public, admin, deployer, draining)
+            handle = WorkerHandle(settings, keys, public, admin, deployer, drain)
             if handle_signals:
-                nursery.start_soon(_serve_signals, draining, nursery.cancel_scope)
+                nursery.start_soon(_serve_signals, drain, nursery.cancel_scope)
                 if reload_settings is not None:
 
                     async def apply(new: WorkerSettings) -> None:
@@ -346,7 +337,7 @@ async def serve_worker(
                 restored,
             )
             task_status.started(handle)
-            await draining.wait()
+            await drain.wait_started()
             metrics.set_draining(True)
             log.info("draining: grace %.0fs", settings.drain_grace_s)
             with trio.move_on_after(settings.drain_grace_s + 5):
@@ -354,12 +345,10 @@ async def serve_worker(
                     # 1012 "service restart": realtime-js reconnects, through the proxy, to another worker.
                     drains.start_soon(partial(realtime.close_all, 1012, timeout=settings.drain_grace_s))
                     drains.start_soon(public.drain, settings.drain_grace_s)
-            drained.set()
-            if drain_requested.is_set():
-                # Whoever asked over the admin API (the provisioner's scale-in) polls until it reads
-                # drained: true; stay reachable until it has (bounded), then close the admin listener.
-                with trio.move_on_after(DRAIN_REPORT_LINGER_S):
-                    await drain_reported.wait()
+            drain.finish()
+            # Whoever asked over the admin API (the provisioner's scale-in) polls until it reads drained: true;
+            # stay reachable until it has (bounded), then close the admin listener.
+            await drain.wait_told(DRAIN_REPORT_LINGER_S)
             with trio.move_on_after(5):
                 await admin.drain(5)
             nursery.cancel_scope.cancel()
@@ -428,15 +417,15 @@ def _stats(runtime: Runtime) -> dict[str, Any]:
     return {"processes": s.processes, "busy": s.busy, "in_flight": s.in_flight, "versions": s.versions}
 
 
-async def _serve_signals(draining: trio.Event, scope: trio.CancelScope) -> None:
+async def _serve_signals(drain: Drain, scope: trio.CancelScope) -> None:
     """First SIGTERM/SIGINT drains; a second one ends at once (children are still reaped by their owners)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for _ in signals:
-            if draining.is_set():
+            if drain.draining:
                 log.warning("second signal: stopping now")
                 scope.cancel()
                 return
-            draining.set()
+            drain.start()
 
 
 def function_net_policy(settings: WorkerSettings) -> NetPolicy:
