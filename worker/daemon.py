@@ -28,35 +28,23 @@ from mbworker import __version__
 from mbworker.lib.http.server import HttpServer, serve_http
 from mbworker.lib.http.settings import HttpSettings
 from mbworker.lib.jwt import JwksError, open_jwt_verifier
-from mbworker.lib.redis import RedisClient, open_pubsub_bus, open_redis
-from mbworker.lib.revocation import MemoryRevocationList, RevocationList, open_redis_revocations
 from mbworker.realtime import open_realtime
-from mbworker.realtime.broker import Broker
-from mbworker.realtime.broker_redis import open_redis_broker
-from mbworker.realtime.presence import Presence
-from mbworker.realtime.presence_redis import open_redis_presence
 from mbworker.runtimes import Runtime
 from mbworker.runtimes.deno import DenoSettings, open_deno_runtime
 from mbworker.runtimes.deno.permissions import NetPolicy, node_addresses, resolve_hosts
 from mbworker.runtimes.wasm import WasmSettings, open_wasm_runtime
 from mbworker.worker.admin import AdminApp
+from mbworker.worker.backends import open_backends
 from mbworker.worker.cache import CacheSettings, ResultCache
 from mbworker.worker.cluster import (
-    L2Cache,
-    MemoryRateLimiter,
     Rate,
     RateLimiter,
-    RedisL2Cache,
-    RedisLocks,
-    RedisRateLimiter,
-    open_redis_deployment_store,
 )
 from mbworker.worker.cluster.heartbeat import NodeIdentity, NodeLoad, NodeState, serve_heartbeat
 from mbworker.worker.config import WorkerSettings
 from mbworker.worker.data_dir import secure_data_dir
 from mbworker.worker.deploy_local import deploy_path
 from mbworker.worker.deployer import EMPTY_JWKS, Deployer, PlatformEnv, public_jwks
-from mbworker.worker.deployments.store import DeploymentStore, LocalDeploymentStore
 from mbworker.worker.drain import Drain
 from mbworker.worker.errors import ConfigError
 from mbworker.worker.function_logs import FunctionLogs
@@ -67,14 +55,12 @@ from mbworker.worker.logs import configure_logging
 from mbworker.worker.metrics import (
     CACHE_STATS,
     HTTP_STATS,
-    PUBSUB_STATS,
     REALTIME_STATS,
-    REDIS_STATS,
     RUNTIME_STATS,
     Metrics,
 )
 from mbworker.worker.public_app import PublicApp
-from mbworker.worker.readiness import Readiness, executable_check, redis_check
+from mbworker.worker.readiness import Readiness, executable_check
 
 log = logging.getLogger("mbworker.daemon")
 
@@ -132,37 +118,10 @@ async def serve_worker(
     readiness = Readiness()
 
     async with AsyncExitStack() as stack:
-        store: DeploymentStore
-        broker: Broker | None = None
-        presence: Presence | None = None
-        limiter: RateLimiter = MemoryRateLimiter()
-        l2: L2Cache | None = None
-        revocations: RevocationList = MemoryRevocationList()
-        redis: RedisClient | None = None
-        if settings.redis_url:
-            # Cluster mode: deployments, realtime and rate limits are shared through the state pillar's Redis.
-            redis = await stack.enter_async_context(open_redis(settings.redis_url))
-            readiness.add("redis", redis_check(redis))
-            metrics.add_statistics(REDIS_STATS, redis.statistics)
-            store = await stack.enter_async_context(
-                open_redis_deployment_store(redis, data_dir / "deployments", node_id=node_id, locks=RedisLocks(redis))
-            )
-            # Cluster-wide request rates; while Redis is away each node enforces them alone.
-            limiter = RedisRateLimiter(redis, fallback=MemoryRateLimiter())
-            l2 = RedisL2Cache(redis)  # functions opt in with [cache] l2 = true
-            # One pub/sub connection for the node (the cluster bus): broker and presence register on it, and its
-            # gap detection (lost, then resubscribed) is the one they react to.
-            bus = await stack.enter_async_context(open_pubsub_bus(redis.settings))
-            metrics.add_statistics(PUBSUB_STATS, bus.pubsub.statistics)
-            # Sessions the control plane revoked: the verifier refuses their tokens on every node.
-            revocations = await stack.enter_async_context(open_redis_revocations(redis, bus=bus))
-            # Entered before realtime, so they close after it: clients' last untracks still reach Redis.
-            broker = await stack.enter_async_context(open_redis_broker(redis, redis.settings, node_id=node_id, bus=bus))
-            presence = await stack.enter_async_context(
-                open_redis_presence(redis, redis.settings, node_id=node_id, ttl=settings.realtime.presence_ttl, bus=bus)
-            )
-        else:
-            store = LocalDeploymentStore(data_dir / "deployments")
+        backends = await stack.enter_async_context(
+            open_backends(settings, data_dir, node_id=node_id, metrics=metrics, readiness=readiness)
+        )
+        l2 = backends.l2
         net_policy = await trio.to_thread.run_sync(function_net_policy, settings)
         deno_settings = DenoSettings(scratch_dir=data_dir / "scratch" / "deno", net=net_policy)
         if settings.deno is not None:
@@ -185,14 +144,16 @@ async def serve_worker(
             verifier = await stack.enter_async_context(open_jwt_verifier(keys.jwt_secret, jwks=settings.jwks))
         except JwksError as exc:
             raise ConfigError(f"jwks: {exc}") from None
-        verifier.revocations = revocations  # a revoked session's tokens are refused by the gate and by realtime
+        verifier.revocations = (
+            backends.revocations
+        )  # a revoked session's tokens are refused by the gate and by realtime
         functions = FunctionsFrontDoor(
             table,
             runtimes,
             JwtGate(verifier),
             cache=_make_cache(settings),
             metrics=metrics,
-            limiter=limiter,
+            limiter=backends.limiter,
             l2=l2,
             background=background,
             trusted_proxies=TrustedProxies(settings.trusted_proxies),
@@ -223,7 +184,7 @@ async def serve_worker(
             follow(slug)
 
         deployer = Deployer(
-            store,
+            backends.store,
             runtimes,
             table,
             PlatformEnv(
@@ -245,12 +206,12 @@ async def serve_worker(
                 settings.realtime,
                 verifier=verifier,
                 node_id=node_id,
-                broker=broker,
-                presence=presence,
-                shared_limiter=_SharedRealtimeLimiter(limiter),
+                broker=backends.broker,
+                presence=backends.presence,
+                shared_limiter=_SharedRealtimeLimiter(backends.limiter),
             )
         )
-        revocations.add_listener(realtime.end_session)  # channels joined with a revoked session end at once
+        backends.revocations.add_listener(realtime.end_session)  # channels joined with a revoked session end at once
         metrics.add_statistics(REALTIME_STATS, realtime.statistics)
 
         async def ready() -> tuple[bool, dict[str, Any]]:
@@ -259,7 +220,7 @@ async def serve_worker(
             detail: dict[str, Any] = {"functions": len(table), "draining": drain.draining}
             if problems:
                 detail["problems"] = problems
-            quarantined = await store.quarantined()
+            quarantined = await backends.store.quarantined()
             if quarantined:  # served without them: ready, but the operator must see what was set aside
                 detail["quarantined"] = [
                     {"slug": q.slug, "version": q.version, "reason": q.reason} for q in quarantined
@@ -297,7 +258,7 @@ async def serve_worker(
             )
             metrics.add_statistics(HTTP_STATS, public.statistics, listener="public")
             metrics.add_statistics(HTTP_STATS, admin.statistics, listener="admin")
-            if redis is not None:
+            if backends.redis is not None:
                 # The control plane's registry: this node's health, load and live versions, once a second.
 
                 def node_state() -> NodeState:
@@ -312,7 +273,7 @@ async def serve_worker(
 
                 host = await trio.to_thread.run_sync(advertised_host, settings)  # may resolve the host name
                 identity = NodeIdentity("worker", node_id, host, public.port, admin.port, __version__)
-                nursery.start_soon(partial(serve_heartbeat, redis, identity, node_state, drain.start))
+                nursery.start_soon(partial(serve_heartbeat, backends.redis, identity, node_state, drain.start))
             for path in deploy_paths:
                 await deploy_path(deployer, path)
             handle = WorkerHandle(settings, keys, public, admin, deployer, drain)
