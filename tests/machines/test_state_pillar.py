@@ -91,6 +91,6 @@ def test_state_pillar_serves_and_keeps_its_internals_to_itself(cluster: Cluster)
         6432: "closed",
     }
     for port, want in expected.items():
-        got = provider.exec(worker, ["python3", "-c", PROBE, ips[0], str(port)]).stdout.split()
-        assert got[:1] == [want], (port, got)
+        answer = provider.exec(worker, ["python3", "-c", PROBE, ips[0], str(port)]).stdout.split()
+        assert answer[:1] == [want], (port, answer)
     print("state pillar ready after:", {n: round(cluster.ready_seconds.get(n, -1)) for n in states})

@@ -21,7 +21,7 @@ import re
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, urlparse
 
 NOW = "2026-11-29T00:00:00+00:00"
@@ -38,6 +38,9 @@ SERVER_TYPES = ["cx23", "cx33", "cx43", "cx53", "cpx12", "cpx22", "cpx32", "cpx4
                 "cax11", "cax21", "cax31", "cax41", "ccx13", "ccx23", "ccx33", "ccx43", "ccx53", "ccx63",
                 "cx22"]  # fmt: skip
 DEPRECATED_TYPES = {"cx22"}
+
+Reply = tuple[int, Any]
+"""A route's answer: the HTTP status and the JSON body."""
 
 
 class ApiError(Exception):
@@ -248,7 +251,7 @@ class FakeHcloud:
         if n == 1 and m == "GET":
             return self._list(res, req)
         if n == 1 and m == "POST":
-            return getattr(self, f"_create_{res}")(req.body)
+            return cast(Reply, getattr(self, f"_create_{res}")(req.body))
         obj = self._get(res, int(parts[1]))
         if n == 2 and m == "GET":
             return 200, {_singular(res): self._view(res, obj)}
@@ -260,7 +263,7 @@ class FakeHcloud:
             self._refresh_firewalls()
             return 200, {_singular(res): self._view(res, obj)}
         if n == 2 and m == "DELETE":
-            return getattr(self, f"_delete_{res}")(obj)
+            return cast(Reply, getattr(self, f"_delete_{res}")(obj))
         if n == 3 and parts[2] == "members" and res == "networks":
             members = [{"id": s["id"], "type": "server", "ip": pn["ip"], "alias_ips": pn["alias_ips"],
                         "subnet": None, "status": "attached"}
@@ -268,7 +271,7 @@ class FakeHcloud:
                        if pn["network"] == obj["id"]]  # fmt: skip
             return 200, {"members": members, "meta": _meta(1, 50, len(members))}
         if n == 4 and parts[2] == "actions" and m == "POST":
-            return getattr(self, f"_act_{res}_{parts[3]}")(obj, req.body or {})
+            return cast(Reply, getattr(self, f"_act_{res}_{parts[3]}")(obj, req.body or {}))
         raise ApiError(404, "not_found", f"no such path {req.path}")
 
     # --- generic pieces -----------------------------------------------------------------------------------------
@@ -329,7 +332,8 @@ class FakeHcloud:
                            {"fields": [{"name": "name", "messages": ["is already used"]}]})  # fmt: skip
 
     def _view(self, res: str, obj: dict[str, Any]) -> dict[str, Any]:
-        return json.loads(json.dumps(obj))
+        copy: dict[str, Any] = json.loads(json.dumps(obj))
+        return copy
 
     # --- ssh keys -------------------------------------------------------------------------------------------------
 
@@ -572,7 +576,7 @@ class FakeHcloud:
         return self._ud
 
     def user_data(self, name: str) -> str | None:
-        return self._user_data.get(self.server_by_name(name)["id"])  # type: ignore[no-any-return]
+        return self._user_data.get(self.server_by_name(name)["id"])
 
     def _attach(self, server: dict[str, Any], net: dict[str, Any], ip: str | None) -> None:
         if any(pn["network"] == net["id"] for pn in server["private_net"]):

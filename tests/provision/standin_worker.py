@@ -79,6 +79,7 @@ def main() -> None:
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             self.rfile.read(length)
+            body: dict[str, object]
             if self.headers.get("Authorization") != f"Bearer {token}":
                 status, body = 401, {"code": "unauthorized"}
             elif self.path != "/admin/v1/drain":

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import time
 
 import pytest
 
 from mbworker.provision import desired as d
 from mbworker.provision.errors import SpecError, StepFailed
-from mbworker.provision.hetzner import HetznerProvider
+from mbworker.provision.hetzner import POLL_MAX, HetznerProvider
 from mbworker.provision.provider import ApplyOptions, ApplyReport
 from mbworker.provision.spec import ClusterSpec
 
@@ -329,17 +330,15 @@ def test_a_plan_with_other_secrets_is_refused(fake: FakeHcloud, make_provider: M
 def test_action_polling_backs_off(
     fake: FakeHcloud, make_provider: MakeProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mbworker.provision import hetzner
-
     sleeps: list[float] = []
-    monkeypatch.setattr(hetzner.time, "sleep", sleeps.append)
+    monkeypatch.setattr(time, "sleep", sleeps.append)  # the module hetzner's polling sleeps through
     fake.action_polls = 12
     p = make_provider()
     p._poll = 1.0
     p.apply(p.plan(), ApplyOptions())
     one_action = sleeps[:12]
     assert one_action[:4] == [1.0, 1.5, 2.25, 3.375]
-    assert max(sleeps) == hetzner.POLL_MAX
+    assert max(sleeps) == POLL_MAX
     # 12 polls each at 1 s would be 12 s; backing off covers ~80 s of a slow action with the same 12 requests
     assert sum(one_action) > 60
 
