@@ -218,15 +218,19 @@ from mbworker.runtimes.limits import Limits
 
 async def main():
     fn = FunctionVersion("fn", 1, "deno", Path({bundle!r}), "index.ts", limits=Limits(cpu_time_ms=600_000))
-    async with open_deno_runtime(DenoSettings(deno_bin={deno!r}, scratch_dir=Path({scratch!r}))) as rt:
+    spinning = trio.Event()  # the function logs as it enters its busy loop
+    def on_log(fn, execution_id, stream, line):
+        if "spinning" in line:
+            spinning.set()
+    settings = DenoSettings(deno_bin={deno!r}, scratch_dir=Path({scratch!r}))
+    async with open_deno_runtime(settings, on_log=on_log) as rt:
         async def spin():
             async with rt.invoke(fn, Invocation("GET", "/fn", [], empty_body(), "r")):
                 pass
         async with trio.open_nursery() as nursery:
             nursery.start_soon(spin)
-            while rt.statistics().in_flight == 0:
-                await trio.sleep(0.01)
-            await trio.sleep(0.1)  # let the request reach the busy loop
+            with trio.fail_after(30):
+                await spinning.wait()
             pid = next(p.pid for pool in rt._pools.values() for p in pool.processes)
             print(pid, rt._shared.socket_dir, flush=True)
 
@@ -237,7 +241,7 @@ trio.run(main)
 async def test_sigkilled_daemon_leaves_no_orphans(tmp_path: Path) -> None:
     # The function is stuck in a busy loop, so it cannot notice its stdin closing: only the parent-death
     # signal can take it down.
-    bundle = write_fn(tmp_path, "Deno.serve(() => { while (true) {} });")
+    bundle = write_fn(tmp_path, "Deno.serve(() => { console.log('spinning'); while (true) {} });")
     script = tmp_path / "daemon.py"
     script.write_text(
         textwrap.dedent(SCRIPT).format(root=str(ROOT), bundle=str(bundle), deno=deno_bin(), scratch=str(tmp_path / "s"))
