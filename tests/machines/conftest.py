@@ -1,6 +1,6 @@
 """Real machines: the cluster spec applied with the machines provider (systemd-nspawn machines on this host).
 
-`cluster` (session scope) applies the issue's spec once: 1 system, 1 proxy, 2 workers, 3 state, 1 NAT, and
+`cluster` (package scope) applies the issue's spec once: 1 system, 1 proxy, 2 workers, 3 state, 1 NAT, and
 destroys it at the end, checking the host is left as it was. Tests share it, so add assertions as tests that use
 `cluster` rather than applying again. Traffic goes only to this cluster's namespace: to public addresses through
 the host route the provider adds, or from inside the namespace / a machine.
@@ -138,7 +138,7 @@ def make_provider(tmp: Path, toml: str) -> tuple[MachinesProvider, Path, Path]:
     return MachinesProvider(spec, load_or_create_secrets(state_dir), state_dir), spec_path, state_dir
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # destroyed once tests/machines is done: the rest of the suite runs without it
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     require_machines()
     provider, spec_path, state_dir = make_provider(tmp_path_factory.mktemp("cluster"), spec_toml(cluster_name("mbt")))
