@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import httpx
@@ -15,38 +14,18 @@ import jwt
 import trio
 
 from mbworker import __version__
-from tests.conftest import require_binary
 from tests.daemon.fixtures import write_function
-from tests.provision.conftest import SPEC_TOML
-from tests.provision.test_local import free_base
+from tests.provision.local_cluster import run_cli, write_local_spec
 from tests.realtime.helpers import phx_client
-
-ROOT = Path(__file__).resolve().parents[2]
-CLI = [sys.executable, "-m", "mbworker.cli.main"]
 
 
 async def _cli(*args: str, timeout: float = 180) -> tuple[int, str]:
-    with trio.fail_after(timeout):
-        done = await trio.run_process(
-            [*CLI, *args], capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT,
-            env={"PATH": "/usr/bin:/bin"},
-        )  # fmt: skip
-    return done.returncode, done.stdout.decode() + done.stderr.decode()
+    """`mbworker <args>` with a PATH that holds no venv: the commands must find their own interpreter."""
+    return await run_cli(*args, env={"PATH": "/usr/bin:/bin"}, timeout=timeout)
 
 
 async def test_deploy_and_revoke_through_the_control_plane_of_a_two_worker_cluster(tmp_path: Path) -> None:
-    redis_server = require_binary("redis-server")
-    require_binary("deno", str(ROOT / ".venv" / "bin" / "deno"))
-    spec = tmp_path / "local.toml"
-    spec.write_text(
-        SPEC_TOML
-        + f"""
-[local]
-worker_command = {json.dumps(CLI)}
-redis_server = "{redis_server}"
-base_port = {free_base()}
-"""
-    )
+    spec = write_local_spec(tmp_path)
     code, up = await _cli("up", "-c", str(spec), "--workers", "2")
     try:
         assert code == 0, up

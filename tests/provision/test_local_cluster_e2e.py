@@ -9,48 +9,20 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import jwt
-import trio
 
-from tests.conftest import require_binary
 from tests.daemon.fixtures import write_function
 from tests.e2e.node_driver import run_node_driver
-
-from .conftest import SPEC_TOML
-from .test_local import free_base
-
-ROOT = Path(__file__).resolve().parents[2]
-CLI = [sys.executable, "-m", "mbworker.cli.main"]
-
-
-async def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> tuple[int, str]:
-    """Run `mbworker <args>`; (exit code, stdout + stderr)."""
-    with trio.fail_after(timeout):
-        done = await trio.run_process(
-            [*CLI, *args], capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT, env=env
-        )
-    return done.returncode, done.stdout.decode() + done.stderr.decode()
+from tests.provision.local_cluster import run_cli, write_local_spec
 
 
 async def test_up_serves_functions_and_realtime_across_workers_then_down(tmp_path: Path) -> None:
-    redis_server = require_binary("redis-server")
-    require_binary("deno", str(ROOT / ".venv" / "bin" / "deno"))
-    spec = tmp_path / "local.toml"
-    spec.write_text(
-        SPEC_TOML
-        + f"""
-[local]
-worker_command = {json.dumps(CLI)}
-redis_server = "{redis_server}"
-base_port = {free_base()}
-"""
-    )
-    code, up = await _cli("up", "-c", str(spec), "--workers", "2")
+    spec = write_local_spec(tmp_path)
+    code, up = await run_cli("up", "-c", str(spec), "--workers", "2")
     try:
         assert code == 0, up
         gateway = re.search(r"gateway: (http://127\.0\.0\.1:\d+)", up)
@@ -66,7 +38,7 @@ base_port = {free_base()}
             "MBWORKER_ADMIN_TOKEN": secrets["admin_token"],
             "PATH": "/usr/bin:/bin",
         }
-        code, deployed = await _cli("deploy", str(fn), env=env)
+        code, deployed = await run_cli("deploy", str(fn), env=env)
         assert code == 0, deployed
         async with httpx.AsyncClient(timeout=30, trust_env=False) as http:
             for _ in range(6):  # the gateway takes turns: both workers answer
@@ -85,7 +57,7 @@ base_port = {free_base()}
             await events.wait(lambda e: e.get("on") == "bob" and e.get("broadcast") == {"from": "alice"}, 20)
             await events.wait(lambda e: e.get("on") == "alice" and e.get("broadcast") == {"from": "bob"}, 20)
     finally:
-        code, down = await _cli("down", "-c", str(spec))
+        code, down = await run_cli("down", "-c", str(spec))
     assert code == 0, down
     records = json.loads((tmp_path / ".mbcluster-demo" / "local" / "processes.json").read_text())
     assert records == {}
