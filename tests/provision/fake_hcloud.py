@@ -38,6 +38,9 @@ SERVER_TYPES = ["cx23", "cx33", "cx43", "cx53", "cpx12", "cpx22", "cpx32", "cpx4
                 "cax11", "cax21", "cax31", "cax41", "ccx13", "ccx23", "ccx33", "ccx43", "ccx53", "ccx63",
                 "cx22"]  # fmt: skip
 DEPRECATED_TYPES = {"cx22"}
+SOLD_OUT = {("cx53", "nbg1")}
+"""(server type, location) pairs the API lists but reports `available: false` for, as it does for a sold-out
+type in one location; creating one there fails with 412 resource_unavailable."""
 
 Reply = tuple[int, Any]
 """A route's answer: the HTTP status and the JSON body."""
@@ -76,7 +79,8 @@ def server_type_json(i: int, name: str) -> dict[str, Any]:
         "disk": 40, "prices": [], "storage_type": "local", "cpu_type": "shared",
         "architecture": "arm" if name.startswith("cax") else "x86", "deprecated": name in DEPRECATED_TYPES,
         "deprecation": deprecation,
-        "locations": [{"id": v[0], "name": k, "deprecation": deprecation, "available": True, "recommended": True}
+        "locations": [{"id": v[0], "name": k, "deprecation": deprecation, "available": (name, k) not in SOLD_OUT,
+                       "recommended": True}
                       for k, v in LOCATIONS.items()
                       if not (name.startswith(("cx", "cax")) and v[3] != "eu-central")],
     }  # fmt: skip
@@ -514,6 +518,8 @@ class FakeHcloud:
         loc = body.get("location") or "fsn1"
         if loc not in LOCATIONS:
             raise ApiError(400, "invalid_input", f"location {loc} not found")
+        if (st, loc) in SOLD_OUT:
+            raise ApiError(412, "resource_unavailable", f"server type {st} is currently unavailable in {loc}")
         pub = body.get("public_net") or {"enable_ipv4": True, "enable_ipv6": True}
         networks = body.get("networks") or []
         if (

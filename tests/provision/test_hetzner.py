@@ -270,6 +270,16 @@ def test_types_the_api_does_not_offer_are_rejected(
     assert fake.mutations() == []
 
 
+def test_a_type_sold_out_in_the_spec_location_is_refused_before_any_change(
+    fake: FakeHcloud, make_provider: MakeProvider
+) -> None:
+    spec = make_spec(location="nbg1", worker={"type": "cx53", "count": 3})
+    with pytest.raises(SpecError) as info:
+        make_provider(spec).plan()
+    assert "worker.type: 'cx53' is not offered in nbg1" in str(info.value)
+    assert fake.mutations() == []
+
+
 def test_user_data_per_pillar(fake: FakeHcloud, make_provider: MakeProvider, secrets: object) -> None:
     converge(make_provider(FULL))
     worker = fake.user_data("demo-worker-001") or ""
