@@ -424,7 +424,7 @@ async def test_slow_version_is_not_waited_for_synchronously(tmp_path: Path) -> N
         data='  (data (i32.const 512) "Content-Type: text/plain\\n\\n")',
     )
     slow, quick = version(tmp_path, busy, slug="slow"), version(tmp_path, wm.printing(b"Content-Type: a/b\n\nok"))
-    async with open_wasm_runtime(WasmSettings(cache_dir=tmp_path / "cache", sync_wait_us=1000)) as runtime:
+    async with open_wasm_runtime(WasmSettings(cache_dir=tmp_path / "cache", sync_wait_us=5000)) as runtime:
         assert (await call(runtime, slow))[0] == 200
         assert (await call(runtime, quick))[0] == 200
         assert runtime._versions[slow.key].async_calls == ASYNC_STREAK
