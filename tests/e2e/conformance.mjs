@@ -1,41 +1,10 @@
 // Drives the real @supabase/realtime-js (Node 20: `ws` as transport) against an mbworker realtime endpoint.
 // Env: RT_URL (e.g. ws://127.0.0.1:PORT/realtime/v1), RT_APIKEY, RT_TOKEN, RT_TOKEN2, RT_BAD_TOKEN.
 // Prints one JSON object with what each client observed; tests/e2e/test_realtime_js.py asserts on it.
-import { RealtimeClient } from '@supabase/realtime-js'
-import WebSocket from 'ws'
-
-const URL_ = process.env.RT_URL
-const APIKEY = process.env.RT_APIKEY
-const out = { errors: [] }
-const clients = []
+import { client as realtimeClient, run, subscribe, waitFor } from './realtime_client.mjs'
 
 function client(vsn, extra = {}) {
-  const c = new RealtimeClient(URL_, {
-    params: { apikey: APIKEY },
-    transport: WebSocket,
-    vsn,
-    heartbeatIntervalMs: 1000, // exercise the heartbeat quickly
-    ...extra,
-  })
-  clients.push(c)
-  return c
-}
-
-async function waitFor(what, pred, ms = 5000) {
-  const start = Date.now()
-  while (!pred()) {
-    if (Date.now() - start > ms) throw new Error(`timeout waiting for ${what}`)
-    await new Promise((r) => setTimeout(r, 10))
-  }
-}
-
-function subscribe(ch) {
-  return new Promise((resolve) => {
-    ch.subscribe((status, err) => {
-      if (status !== 'SUBSCRIBED' && status !== 'CHANNEL_ERROR' && status !== 'TIMED_OUT') return
-      resolve({ status, error: err ? String(err.message || err) : null })
-    })
-  })
+  return realtimeClient({ vsn, heartbeatIntervalMs: 1000, ...extra }) // exercise the heartbeat quickly
 }
 
 function recorder(ch, sink) {
@@ -46,7 +15,7 @@ function recorder(ch, sink) {
   })
 }
 
-async function main() {
+async function main(out) {
   // --- v2 client A (self + ack) and v1 client B on one topic, plus v2 client C --------------------------
   const a = client('2.0.0')
   const b = client('1.0.0')
@@ -139,11 +108,4 @@ async function main() {
   out.removedA = a.getChannels().length
 }
 
-const timer = setTimeout(() => { out.errors.push('global timeout'); finish(1) }, 40000)
-function finish(code) {
-  clearTimeout(timer)
-  for (const c of clients) { try { c.disconnect() } catch {} }
-  process.stdout.write(JSON.stringify(out) + '\n')
-  setTimeout(() => process.exit(code), 50)
-}
-main().then(() => finish(0), (err) => { out.errors.push(String(err && err.stack || err)); finish(1) })
+run(main)

@@ -2,36 +2,9 @@
 // a postgres_changes channel, the error texts apps match on, an ES256 user token, presence poisoning.
 // Env: RT_URL, RT_APIKEY, RT_MALFORMED_TOKEN, RT_NO_EXP_TOKEN, RT_ES256_TOKEN.
 // Prints one JSON object; tests/e2e/test_realtime_js.py asserts on it.
-import { RealtimeClient } from '@supabase/realtime-js'
-import WebSocket from 'ws'
+import { client, run, subscribe, waitFor } from './realtime_client.mjs'
 
-const out = { errors: [] }
-const clients = []
-
-function client(extra = {}) {
-  const c = new RealtimeClient(process.env.RT_URL, { params: { apikey: process.env.RT_APIKEY }, transport: WebSocket, ...extra })
-  clients.push(c)
-  return c
-}
-
-async function waitFor(what, pred, ms = 5000) {
-  const start = Date.now()
-  while (!pred()) {
-    if (Date.now() - start > ms) throw new Error(`timeout waiting for ${what}`)
-    await new Promise((r) => setTimeout(r, 10))
-  }
-}
-
-function subscribe(ch) {
-  return new Promise((resolve) => {
-    ch.subscribe((status, err) => {
-      if (status !== 'SUBSCRIBED' && status !== 'CHANNEL_ERROR' && status !== 'TIMED_OUT') return
-      resolve({ status, error: err ? String(err.message || err) : null })
-    })
-  })
-}
-
-async function main() {
+async function main(out) {
   // --- a channel listening to database changes still joins; broadcast and presence work on it ----------
   const a = client()
   const system = []
@@ -86,11 +59,4 @@ async function main() {
   out.joinerConnected = p2.isConnected()
 }
 
-const timer = setTimeout(() => { out.errors.push('global timeout'); finish(1) }, 40000)
-function finish(code) {
-  clearTimeout(timer)
-  for (const c of clients) { try { c.disconnect() } catch {} }
-  process.stdout.write(JSON.stringify(out) + '\n')
-  setTimeout(() => process.exit(code), 50)
-}
-main().then(() => finish(0), (err) => { out.errors.push(String(err && err.stack || err)); finish(1) })
+run(main)
