@@ -8,6 +8,7 @@ from ._queue import EventQueue
 from .api import Redis
 from .bus import BusMember, PubSubBus, open_pubsub_bus
 from .client import RedisClient, RedisState, RedisStatistics, open_redis, serve_redis
+from .commands import Command, RedisCommands
 from .config import RedisSettings, RedisUrlError, parse_redis_url
 from .errors import (
     RedisAuthError,
@@ -17,7 +18,7 @@ from .errors import (
     RedisResponseError,
     RedisTimeout,
 )
-from .pipeline import Pipeline
+from .pipeline import Pipeline, Slot
 from .pubsub import (
     PubSub,
     PubSubDisconnected,
@@ -33,6 +34,7 @@ from .scripts import Script
 
 __all__ = [
     "BusMember",
+    "Command",
     "EventQueue",
     "Pipeline",
     "PubSub",
@@ -46,6 +48,7 @@ __all__ = [
     "Redis",
     "RedisAuthError",
     "RedisClient",
+    "RedisCommands",
     "RedisConnectionError",
     "RedisError",
     "RedisProtocolError",
@@ -56,6 +59,7 @@ __all__ = [
     "RedisTimeout",
     "RedisUrlError",
     "Script",
+    "Slot",
     "open_pubsub",
     "open_pubsub_bus",
     "open_redis",

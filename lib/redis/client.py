@@ -13,7 +13,7 @@ connection's outbox and waits for its reply in FIFO order, so one `send` carries
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -24,9 +24,8 @@ import trio
 
 from mbworker.lib.nursery import open_owned_nursery
 
-from . import commands as c
 from .backoff import backoff_delay
-from .commands import Command, Key, Value
+from .commands import Command, Key, RedisCommands, T, Value
 from .config import RedisSettings, parse_redis_url
 from .connection import Connection, connect, pack_command
 from .errors import RedisConnectionError, RedisError, RedisResponseError, RedisTimeout
@@ -72,8 +71,9 @@ def _check(reply: Any) -> Any:
     return reply
 
 
-class RedisClient:
-    """Typed Redis commands over a pool; get one from `open_redis()`. Safe to share between tasks."""
+class RedisClient(RedisCommands):
+    """Typed Redis commands (`RedisCommands`) over a pool; get one from `open_redis()`. Safe to share between
+    tasks."""
 
     def __init__(self, settings: RedisSettings, nursery: trio.Nursery) -> None:
         self.settings = settings
@@ -231,12 +231,16 @@ class RedisClient:
                     conn.abort(RedisConnectionError(f"server became a replica: {reply}"))
         return batch.replies
 
-    async def run_command(self, command: Command) -> Any:
+    async def execute_command(self, command: Command[T]) -> T:
+        """Send one command and return its decoded reply (the seam every `RedisCommands` method goes through)."""
         reply = (await self._roundtrip(pack_command(command.args), 1))[0]
         _check(reply)
-        return command.convert(reply) if command.convert is not None else reply
+        if command.convert is not None:
+            return command.convert(reply)
+        result: T = reply  # hiredis's reply is already the declared type (bytes, int, list, None)
+        return result
 
-    async def run_commands(self, commands: Sequence[Command], *, raise_on_error: bool = True) -> list[Any]:
+    async def run_commands(self, commands: Sequence[Command[Any]], *, raise_on_error: bool = True) -> list[Any]:
         """Send `commands` back to back on one connection and return their results in order.
 
         With `raise_on_error`, the first error reply raises `RedisResponseError` (all commands were still
@@ -258,14 +262,16 @@ class RedisClient:
 
     async def execute(self, *args: Value) -> Any:
         """Any command, reply unconverted: `await client.execute("XADD", "s", "*", "f", "v")`."""
-        return await self.run_command(Command(args))
+        command: Command[Any] = Command(args)
+        return await self.execute_command(command)
 
     async def execute_many(self, commands: Sequence[Sequence[Value]], *, raise_on_error: bool = True) -> list[Any]:
         """Several raw commands pipelined on one connection: `[("PUBLISH", "c", b"m"), ...]`."""
-        return await self.run_commands([Command(tuple(args)) for args in commands], raise_on_error=raise_on_error)
+        queued: list[Command[Any]] = [Command(tuple(args)) for args in commands]
+        return await self.run_commands(queued, raise_on_error=raise_on_error)
 
     def pipeline(self) -> Pipeline:
-        """`async with client.pipeline() as p: p.publish(...); p.incr(...); results = await p.execute()`."""
+        """`async with client.pipeline() as p: n = p.incr(...); p.publish(...); await p.execute(); await n`."""
         return Pipeline(self)
 
     def pubsub(self, *, buffer: int = 4096, keepalive: float = 15.0) -> AbstractAsyncContextManager[PubSub]:
@@ -273,100 +279,11 @@ class RedisClient:
         (see `open_pubsub`); the block owns it."""
         return open_pubsub(self.settings, buffer=buffer, keepalive=keepalive)
 
-    # -- typed commands -----------------------------------------------------------------------------------------
-
-    async def ping(self) -> bytes:
-        result: bytes = await self.run_command(c.ping())
-        return result
-
-    async def get(self, key: Key) -> bytes | None:
-        result: bytes | None = await self.run_command(c.get(key))
-        return result
-
-    async def set(
-        self,
-        key: Key,
-        value: Value,
-        *,
-        ex: int | None = None,
-        px: int | None = None,
-        nx: bool = False,
-        xx: bool = False,
-    ) -> bool:
-        """True if the value was set (False when `nx`/`xx` prevented it)."""
-        result: bool = await self.run_command(c.set_(key, value, ex=ex, px=px, nx=nx, xx=xx))
-        return result
-
-    async def delete(self, *keys: Key) -> int:
-        result: int = await self.run_command(c.delete(*keys))
-        return result
-
-    async def incr(self, key: Key) -> int:
-        result: int = await self.run_command(c.incr(key))
-        return result
-
-    async def incrby(self, key: Key, amount: int) -> int:
-        result: int = await self.run_command(c.incrby(key, amount))
-        return result
-
-    async def expire(self, key: Key, seconds: int) -> bool:
-        result: bool = await self.run_command(c.expire(key, seconds))
-        return result
-
-    async def pexpire(self, key: Key, milliseconds: int) -> bool:
-        result: bool = await self.run_command(c.pexpire(key, milliseconds))
-        return result
-
-    async def hset(self, key: Key, mapping: Mapping[Key, Value]) -> int:
-        result: int = await self.run_command(c.hset(key, mapping))
-        return result
-
-    async def hget(self, key: Key, field: Key) -> bytes | None:
-        result: bytes | None = await self.run_command(c.hget(key, field))
-        return result
-
-    async def hgetall(self, key: Key) -> dict[bytes, bytes]:
-        result: dict[bytes, bytes] = await self.run_command(c.hgetall(key))
-        return result
-
-    async def hdel(self, key: Key, *fields: Key) -> int:
-        result: int = await self.run_command(c.hdel(key, *fields))
-        return result
-
-    async def zadd(self, key: Key, mapping: Mapping[Key, float], *, nx: bool = False, xx: bool = False) -> int:
-        result: int = await self.run_command(c.zadd(key, mapping, nx=nx, xx=xx))
-        return result
-
-    async def zrangebyscore(
-        self,
-        key: Key,
-        minimum: float | str,
-        maximum: float | str,
-        *,
-        withscores: bool = False,
-        offset: int | None = None,
-        count: int | None = None,
-    ) -> list[Any]:
-        """Members (bytes), or (member, score) pairs with `withscores`."""
-        result: list[Any] = await self.run_command(
-            c.zrangebyscore(key, minimum, maximum, withscores=withscores, offset=offset, count=count)
-        )
-        return result
-
-    async def zrem(self, key: Key, *members: Key) -> int:
-        result: int = await self.run_command(c.zrem(key, *members))
-        return result
-
-    async def publish(self, channel: Key, message: Value) -> int:
-        """Number of subscribers that received the message (on this server)."""
-        result: int = await self.run_command(c.publish(channel, message))
-        return result
-
     async def scan_iter(self, *, match: Key | None = None, count: int | None = None) -> AsyncIterator[bytes]:
         """Every key (matching `match`), via SCAN; a key may be yielded twice if the keyspace is rehashed."""
         cursor = 0
         while True:
-            cursor, keys = await self.run_command(c.scan(cursor, match=match, count=count))
+            cursor, keys = await self.scan(cursor, match=match, count=count)
             for key in keys:
                 yield key
             if cursor == 0:
@@ -375,13 +292,12 @@ class RedisClient:
     async def eval_script(self, script: Script, keys: Sequence[Key] = (), args: Sequence[Value] = ()) -> Any:
         """Run `script` by SHA; if the server does not have it (NOSCRIPT: restart, SCRIPT FLUSH), EVAL it,
         which also caches it."""
-        script.check(len(keys))
         try:
-            return await self.run_command(c.evalsha(script.sha, tuple(keys), tuple(args)))
+            return await self.evalsha(script, tuple(keys), tuple(args))
         except RedisResponseError as exc:
             if exc.code != "NOSCRIPT":
                 raise
-        return await self.run_command(c.eval_(script.source, tuple(keys), tuple(args)))
+        return await self.eval(script, tuple(keys), tuple(args))
 
     async def load_script(self, script: Script) -> None:
         """SCRIPT LOAD ahead of use (for pipelines, which cannot fall back on NOSCRIPT)."""
@@ -422,4 +338,4 @@ async def serve_redis(
         await trio.sleep_forever()
 
 
-from .pipeline import Pipeline  # noqa: E402  (the pipeline builds on the client's methods)
+from .pipeline import Pipeline  # noqa: E402  (the pipeline queues into the client: imported after it)

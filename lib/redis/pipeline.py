@@ -6,28 +6,55 @@ commands run in order and its results come back in order. Owned by the task that
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Generator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic
 
-from . import commands as c
-from .commands import Command, Key, Value
-from .scripts import Script
+from .commands import Command, RedisCommands, T
+from .errors import RedisResponseError
 
 if TYPE_CHECKING:
     from .client import RedisClient
 
 
-class Pipeline:
-    """`async with client.pipeline() as p: p.set("a", 1).incr("n"); results = await p.execute()`.
+class Slot(Generic[T]):
+    """The result of one queued command: `await slot` once the pipeline has executed (it never suspends)."""
 
-    Each queuing method returns the pipeline so calls can chain. Leaving the block without `execute()`
-    discards what was queued.
+    __slots__ = ("_done", "_value", "command")
+
+    def __init__(self, command: Command[T]) -> None:
+        self.command = command
+        self._done = False
+        self._value: Any = None
+
+    def _fill(self, value: Any) -> None:
+        self._value = value
+        self._done = True
+
+    def result(self) -> T:
+        """The decoded reply; `RedisResponseError` if the server answered this command with an error."""
+        if not self._done:
+            raise RuntimeError(f"{self.command.args[0]!r} is queued: execute the pipeline first")
+        if isinstance(self._value, RedisResponseError):
+            raise self._value
+        value: T = self._value
+        return value
+
+    def __await__(self) -> Generator[Any, None, T]:
+        yield from ()
+        return self.result()
+
+
+class Pipeline(RedisCommands):
+    """`async with client.pipeline() as p: n = p.incr("n"); p.set("a", 1); await p.execute(); await n`.
+
+    Every command of `RedisCommands` queues here and returns its `Slot`; `execute()` also returns all results in
+    order. Leaving the block without `execute()` discards what was queued.
     """
 
     def __init__(self, client: RedisClient) -> None:
         self._client = client
-        self._commands: list[Command] = []
+        self._slots: list[Slot[Any]] = []
 
     async def __aenter__(self) -> Pipeline:
         return self
@@ -35,94 +62,30 @@ class Pipeline:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._commands.clear()
+        self._slots.clear()
 
     def __len__(self) -> int:
-        return len(self._commands)
+        return len(self._slots)
+
+    def execute_command(self, command: Command[T]) -> Slot[T]:
+        """Queue `command`; its slot holds the result once `execute()` has run."""
+        slot = Slot(command)
+        self._slots.append(slot)
+        return slot
 
     async def execute(self, *, raise_on_error: bool = True) -> list[Any]:
         """Send everything queued and return the results in order; the pipeline is empty afterwards.
 
         With `raise_on_error` the first error reply raises `RedisResponseError` (the others still ran);
-        otherwise error replies are returned in place as `RedisResponseError` instances.
+        otherwise error replies are returned in place as `RedisResponseError` instances. Either way every slot
+        is filled (an error reply's slot raises it when awaited).
         """
-        queued, self._commands = self._commands, []
-        return await self._client.run_commands(queued, raise_on_error=raise_on_error)
-
-    def command(self, command: Command) -> Pipeline:
-        self._commands.append(command)
-        return self
-
-    def execute_command(self, *args: Value) -> Pipeline:
-        return self.command(Command(args))
-
-    def ping(self) -> Pipeline:
-        return self.command(c.ping())
-
-    def get(self, key: Key) -> Pipeline:
-        return self.command(c.get(key))
-
-    def set(
-        self,
-        key: Key,
-        value: Value,
-        *,
-        ex: int | None = None,
-        px: int | None = None,
-        nx: bool = False,
-        xx: bool = False,
-    ) -> Pipeline:
-        return self.command(c.set_(key, value, ex=ex, px=px, nx=nx, xx=xx))
-
-    def delete(self, *keys: Key) -> Pipeline:
-        return self.command(c.delete(*keys))
-
-    def incr(self, key: Key) -> Pipeline:
-        return self.command(c.incr(key))
-
-    def incrby(self, key: Key, amount: int) -> Pipeline:
-        return self.command(c.incrby(key, amount))
-
-    def expire(self, key: Key, seconds: int) -> Pipeline:
-        return self.command(c.expire(key, seconds))
-
-    def pexpire(self, key: Key, milliseconds: int) -> Pipeline:
-        return self.command(c.pexpire(key, milliseconds))
-
-    def hset(self, key: Key, mapping: Mapping[Key, Value]) -> Pipeline:
-        return self.command(c.hset(key, mapping))
-
-    def hget(self, key: Key, field: Key) -> Pipeline:
-        return self.command(c.hget(key, field))
-
-    def hgetall(self, key: Key) -> Pipeline:
-        return self.command(c.hgetall(key))
-
-    def hdel(self, key: Key, *fields: Key) -> Pipeline:
-        return self.command(c.hdel(key, *fields))
-
-    def zadd(self, key: Key, mapping: Mapping[Key, float], *, nx: bool = False, xx: bool = False) -> Pipeline:
-        return self.command(c.zadd(key, mapping, nx=nx, xx=xx))
-
-    def zrangebyscore(
-        self,
-        key: Key,
-        minimum: float | str,
-        maximum: float | str,
-        *,
-        withscores: bool = False,
-        offset: int | None = None,
-        count: int | None = None,
-    ) -> Pipeline:
-        return self.command(c.zrangebyscore(key, minimum, maximum, withscores=withscores, offset=offset, count=count))
-
-    def zrem(self, key: Key, *members: Key) -> Pipeline:
-        return self.command(c.zrem(key, *members))
-
-    def publish(self, channel: Key, message: Value) -> Pipeline:
-        return self.command(c.publish(channel, message))
-
-    def evalsha(self, script: Script, keys: tuple[Key, ...] = (), args: tuple[Value, ...] = ()) -> Pipeline:
-        """EVALSHA only: call `client.load_script(script)` first (a pipeline cannot retry on NOSCRIPT)."""
-        script.check(len(keys))
-        return self.command(c.evalsha(script.sha, keys, args))
+        slots, self._slots = self._slots, []
+        results = await self._client.run_commands([slot.command for slot in slots], raise_on_error=False)
+        for slot, result in zip(slots, results, strict=True):
+            slot._fill(result)
+        if raise_on_error:
+            for result in results:
+                if isinstance(result, RedisResponseError):
+                    raise result
+        return results

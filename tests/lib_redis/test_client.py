@@ -57,13 +57,18 @@ async def test_scan_iter_yields_every_matching_key(redis_server: RedisServer) ->
 async def test_pipeline_results_in_order(redis_server: RedisServer) -> None:
     async with open_redis(redis_server.url) as r:
         async with r.pipeline() as p:
-            p.set("a", 1).incr("a").get("a").hset("h", {"f": "v"}).hgetall("h").delete("a")
-            for _ in range(100):
-                p.incr("counter")
+            was_set, incremented, got = p.set("a", 1), p.incr("a"), p.get("a")
+            p.hset("h", {"f": "v"})
+            fields = p.hgetall("h")
+            p.delete("a")
+            counts = [p.incr("counter") for _ in range(100)]
             assert len(p) == 106
             results = await p.execute()
         assert results[:6] == [True, 2, b"2", 1, {b"f": b"v"}, 1]
         assert results[6:] == list(range(1, 101))
+        # Each queued command's slot holds its own typed result.
+        assert (await was_set, await incremented, await got, await fields) == (True, 2, b"2", {b"f": b"v"})
+        assert [await c for c in counts] == list(range(1, 101))
         assert await r.execute_many([("PING",), ("ECHO", "x"), ("GET", "counter")]) == [b"PONG", b"x", b"100"]
 
 
@@ -71,10 +76,13 @@ async def test_pipeline_error_reply_raises_or_is_returned(redis_server: RedisSer
     async with open_redis(redis_server.url) as r:
         await r.set("str", "x")
         async with r.pipeline() as p:
-            p.incr("n").hset("str", {"f": 1}).incr("n")
+            first, wrong, last = p.incr("n"), p.hset("str", {"f": 1}), p.incr("n")
             with pytest.raises(RedisResponseError) as info:
                 await p.execute()
         assert info.value.code == "WRONGTYPE"
+        assert (await first, await last) == (1, 2)
+        with pytest.raises(RedisResponseError, match="WRONGTYPE"):
+            await wrong
         assert await r.get("n") == b"2"  # the commands around the error still ran
         results = await r.execute_many([("INCR", "n"), ("HSET", "str", "f", 1)], raise_on_error=False)
         assert results[0] == 3

@@ -59,5 +59,6 @@ async def test_pipeline_evalsha_after_load(redis_server: RedisServer) -> None:
     async with open_redis(redis_server.url) as r:
         await r.load_script(script)
         async with r.pipeline() as p:
-            p.evalsha(script, ("a",), (1, 1000)).evalsha(script, ("a",), (1, 1000))
+            p.evalsha(script, ("a",), (1, 1000))
+            p.evalsha(script, ("a",), (1, 1000))
             assert await p.execute() == [[1, 1], [2, 1]]
