@@ -66,6 +66,10 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     _spec(upstreams)
     upstreams.set_defaults(func=cmd_upstreams)
 
+    from mbworker.cli.upgrade_cmds import add_upgrade_commands
+
+    add_upgrade_commands(ksub)
+
 
 _FLAGS = {"redis_url": "redis-url", "admin_token": "admin-token-file", "host": "host", "port": "port"}
 

@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -34,8 +34,13 @@ SMALL_BODY = 64 * 1024
 JSON_HEADERS = [(b"content-type", b"application/json")]
 NODE_TOKEN_NAME = "node"
 NODE_ROUTES = frozenset({("GET", "/control/v1/upstreams"), ("GET", "/control/v1/scrape-targets")})
+NODE_READABLE = re.compile(r"^/control/v1/wheels/[^/]+(/[^/]+)?$")
+"""Also open to the node token (GET): the wheels a worker's upgrade helper installs (control/upgrade_routes.py)."""
 
 Route = Callable[[HttpRequest, list[str]], Awaitable[tuple[int, Any]]]
+ExtraRoute = tuple[str, re.Pattern[str], Route, bool]
+"""(method, path pattern, handler, mutating): routes other modules register (a handler answering bytes sends them
+as they are)."""
 
 
 class ControlApp:
@@ -53,6 +58,7 @@ class ControlApp:
         audit: AuditLog,
         session_lifetime_s: float,
         max_bundle_bytes: int,
+        extra_routes: Sequence[ExtraRoute] = (),
     ) -> None:
         self._tokens: list[tuple[bytes, str]] = [(token.encode(), token_name)]
         if node_token:
@@ -79,6 +85,7 @@ class ControlApp:
             ("POST", re.compile(rf"^{v1}/functions/([^/]+)/deploy$"), self._deploy, True),
             ("POST", re.compile(rf"^{v1}/functions/([^/]+)/rollback$"), self._rollback, True),
             ("DELETE", re.compile(rf"^{v1}/functions/([^/]+)$"), self._delete, True),
+            *extra_routes,
         ]
 
     def websocket_handler(self, request: HttpRequest) -> WebSocketHandler | None:
@@ -97,7 +104,7 @@ class ControlApp:
 
     async def handle_http(self, request: HttpRequest, responder: Responder) -> None:
         caller = self._caller(request)
-        if caller is None or (caller == NODE_TOKEN_NAME and (request.method, request.path) not in NODE_ROUTES):
+        if caller is None or (caller == NODE_TOKEN_NAME and not _node_may(request)):
             await responder.send(401, [(b"www-authenticate", b"Bearer")])
             return
         matched = False
@@ -111,7 +118,10 @@ class ControlApp:
             status, value = await self._run(route, request, list(m.groups()))
             if mutating:
                 self.audit.record(caller, f"{request.method} {request.path}", status, _summary(value))
-            await responder.send(status, JSON_HEADERS, json.dumps(value).encode())
+            if isinstance(value, bytes):
+                await responder.send(status, [(b"content-type", b"application/octet-stream")], value)
+            else:
+                await responder.send(status, JSON_HEADERS, json.dumps(value).encode())
             return
         if matched:
             await _error(responder, 405, "METHOD_NOT_ALLOWED", f"{request.method} not allowed here")
@@ -132,16 +142,7 @@ class ControlApp:
             return 413, {"code": "PAYLOAD_TOO_LARGE", "message": "Request body too large"}
 
     async def _json_body(self, request: HttpRequest) -> dict[str, Any]:
-        raw = await request.body.read_all(SMALL_BODY)
-        if not raw.strip():
-            return {}
-        try:
-            value = json.loads(raw)
-        except ValueError as exc:
-            raise ControlError(f"Invalid JSON body: {exc}") from None
-        if not isinstance(value, dict):
-            raise ControlError("Invalid JSON body: expected an object")
-        return value
+        return await read_json(request)
 
     # nodes -------------------------------------------------------------------------------------------------
 
@@ -214,6 +215,26 @@ class ControlApp:
     async def _logs(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
         since = parse_qs(request.query).get("since", [None])[-1]
         return 200, await self.functions.logs(_slug(args[0]), since, _int_param(request, "limit"))
+
+
+async def read_json(request: HttpRequest) -> dict[str, Any]:
+    """A small JSON object body ({} when empty); `ControlError` (400) otherwise."""
+    raw = await request.body.read_all(SMALL_BODY)
+    if not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ControlError(f"Invalid JSON body: {exc}") from None
+    if not isinstance(value, dict):
+        raise ControlError("Invalid JSON body: expected an object")
+    return value
+
+
+def _node_may(request: HttpRequest) -> bool:
+    return (request.method, request.path) in NODE_ROUTES or (
+        request.method == "GET" and NODE_READABLE.match(request.path) is not None
+    )
 
 
 def _slug(slug: str) -> str:

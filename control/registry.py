@@ -168,6 +168,14 @@ class NodeRegistry:
             raise StateUnavailable(f"the cluster's Redis is unreachable: {exc}") from exc
         return view.model_copy(update={"drain_asked": True})
 
+    async def clear_drain(self, name: str) -> None:
+        """Withdraw `ask_drain` (a rolling upgrade's worker restarts): it is back in the upstreams once it reports
+        ready again."""
+        try:
+            await self._redis.delete(f"{self._p}node:{name}:drain")
+        except RedisError as exc:
+            raise StateUnavailable(f"the cluster's Redis is unreachable: {exc}") from exc
+
     async def record_pull(self, role: str, name: str, private_ip: str, version: str) -> None:
         """A proxy pulling its upstreams is its heartbeat: record it as a node (the same record workers write)."""
         record = NodeRecord(

@@ -17,6 +17,9 @@ from mbworker.control.functions import ClusterFunctions
 from mbworker.control.registry import NodeRegistry
 from mbworker.control.settings import ControlSettings
 from mbworker.control.token import TOKEN_NAME, load_or_create_token
+from mbworker.control.upgrade import Rollout
+from mbworker.control.upgrade_routes import UpgradeRoutes
+from mbworker.control.wheel_store import WheelStore
 from mbworker.control.workers import open_worker_admin
 from mbworker.lib.http.server import HttpServer, serve_http
 from mbworker.lib.redis import open_redis
@@ -51,6 +54,11 @@ async def serve_control(
         open_worker_admin(settings.admin_token.get_secret_value()) as admin,
     ):
         registry = NodeRegistry(redis, down_after_s=settings.down_after_s)
+        audit = MemoryAuditLog(settings.audit_size)
+        wheels = WheelStore(settings.wheels_dir)
+        upgrades = UpgradeRoutes(
+            Rollout(registry, admin, wheels, audit, token_name=TOKEN_NAME), wheels, registry, admin
+        )
         app = ControlApp(
             token,
             token_name=TOKEN_NAME,
@@ -58,9 +66,10 @@ async def serve_control(
             registry=registry,
             functions=ClusterFunctions(registry, admin, timeout=settings.deploy_timeout_s),
             revocations=revocations,
-            audit=MemoryAuditLog(settings.audit_size),
+            audit=audit,
             session_lifetime_s=settings.session_lifetime_s,
             max_bundle_bytes=settings.max_bundle_mb * 1024 * 1024,
+            extra_routes=upgrades.routes(),
         )
         async with trio.open_nursery() as nursery:
             server: HttpServer = await nursery.start(serve_http, app, settings.host, settings.port)

@@ -23,6 +23,9 @@ class ControlSettings(BaseSettings):
         None, description="Read-only token for proxies and metrics: upstreams and scrape targets (created 0600)"
     )
     admin_token: SecretStr = Field(description="The workers' admin token: how the control plane reaches them")
+    wheels_dir: Path = Field(
+        Path(".mbcontrol/wheels"), description="The mbworker wheels held per version (what upgrades install)"
+    )
     down_after_s: float = Field(15.0, gt=0, description="A node silent this long is shown as down")
     session_lifetime_s: float = Field(
         3600.0, gt=0, description="Longest access-token lifetime: a revoked session stays denied this long"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -315,6 +316,18 @@ class LocalProvider:
         argv = [*command, "serve", "--host", self.host,
                 "--port", str(self.port("worker", index)), "--admin-port", str(self.admin_port(index)),
                 "--data-dir", str(data_dir)]  # fmt: skip
+        if self.spec.local.worker_venv is not None:
+            # its own copy of the venv, under the supervisor that installs upgrades into it (as root does on a cloud
+            # worker); the supervisor is this checkout's, the worker the venv's
+            venv = self.dir / f"worker-{index}.venv"
+            if not venv.exists():
+                shutil.copytree(self.spec.local.worker_venv, venv, symlinks=True)
+            root = str(Path(__file__).resolve().parent.parent)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+            argv = [sys.executable, "-m", "mbworker.provision.local_supervisor", "--venv", str(venv),
+                    "--data-dir", str(data_dir), "--control-url", self.control_url(),
+                    "--token-file", str(node_token_path(self.dir.parent)), "--", "-m", "mbworker.cli.main",
+                    *argv[len(command):]]  # fmt: skip
         env |= {
             "MBWORKER_REDIS_URL": self.redis_url(),
             "MBWORKER_JWT_SECRET": self._secrets.jwt_secret.get_secret_value(),

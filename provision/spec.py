@@ -190,6 +190,9 @@ class LocalSpec(_Model):
     base_port: Annotated[int, Field(ge=1024, le=65000)] = 54300
     #: Run the gateway proxy in front of the workers.
     gateway: bool = True
+    #: A venv holding mbworker (installed from wheels) that each worker runs from a copy of, under the upgrade
+    #: supervisor (provision/local_supervisor.py): then `mbworker cluster upgrade` works here as on a cloud worker.
+    worker_venv: Path | None = None
 
 
 class ClusterSpec(_Model):

@@ -23,6 +23,7 @@ from mbworker.worker.deployments.store import Deployment, Quarantined, StoreErro
 from mbworker.worker.function_logs import FunctionLogs, serve_logs
 from mbworker.worker.metrics import Metrics, serve_metrics
 from mbworker.worker.responses import send_error, send_json
+from mbworker.worker.upgrade_request import UpgradeRequests, UpgradeUnavailable
 
 log = logging.getLogger("mbworker.admin")
 
@@ -68,7 +69,9 @@ class AdminApp:
         metrics: Metrics | None = None,
         function_logs: FunctionLogs | None = None,
         draining: trio.Event | None = None,
+        upgrade: UpgradeRequests | None = None,
     ) -> None:
+        self.upgrade = upgrade
         self.public_url = public_url
         self.metrics = metrics
         self.function_logs = function_logs
@@ -99,6 +102,7 @@ class AdminApp:
             ("POST", re.compile(r"^/admin/v1/secrets$"), self._secrets_set),
             ("POST", re.compile(r"^/admin/v1/secrets/unset$"), self._secrets_unset),
             ("POST", re.compile(r"^/admin/v1/drain$"), self._drain),
+            ("POST", re.compile(r"^/admin/v1/upgrade$"), self._upgrade),
             ("POST", re.compile(r"^/admin/v1/cache/purge$"), self._purge),
         ]
 
@@ -300,6 +304,25 @@ class AdminApp:
         drained = self.drain()
         # Poll until "drained" is true (in-flight requests finished); then the node exits. 202 while it drains.
         await send_json(responder, 200 if drained else 202, {"draining": True, "drained": drained})
+
+    async def _upgrade(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
+        """Body {"version"}: the control plane's rolling upgrade (worker/upgrade_request.py). 202: the request is
+        left for the node's upgrade helper and the node drains; it comes back on the new version."""
+        try:
+            version = (await self._json_body(request)).get("version")
+            if self.upgrade is None:
+                raise UpgradeUnavailable("upgrades are not enabled on this node")
+            if not isinstance(version, str):
+                raise ValueError('expected {"version": "X.Y.Z"}')
+            await trio.to_thread.run_sync(self.upgrade.request, version)
+        except ValueError as exc:
+            await send_error(responder, 400, "BAD_REQUEST", str(exc))
+            return
+        except UpgradeUnavailable as exc:
+            await send_error(responder, 501, "NOT_IMPLEMENTED", str(exc))
+            return
+        log.info("upgrade to %s requested: draining for the upgrade helper", version)
+        await send_json(responder, 202, {"version": version, "draining": True})
 
     async def _purge(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
         if self.purge_cache is None:

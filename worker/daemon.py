@@ -61,6 +61,7 @@ from mbworker.worker.metrics import (
 )
 from mbworker.worker.public_app import PublicApp
 from mbworker.worker.readiness import Readiness, executable_check
+from mbworker.worker.upgrade_request import UpgradeRequests
 
 log = logging.getLogger("mbworker.daemon")
 
@@ -249,6 +250,7 @@ async def serve_worker(
             metrics=metrics,
             function_logs=function_logs,
             draining=drain.started,
+            upgrade=UpgradeRequests(data_dir, drain.start),
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(deployer.serve_store_changes)

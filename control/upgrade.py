@@ -1,0 +1,225 @@
+"""A rolling upgrade of mbworker on the workers, one at a time, with the cluster serving throughout.
+
+For each worker not already on the version (sorted by name):
+1. **leave**: ask its drain in the registry (out of the upstreams at once), then wait until every proxy has pulled
+   its upstreams since (so none still sends new requests to it);
+2. **request**: `POST /admin/v1/upgrade {"version"}` on the worker: the daemon leaves the request for its node's
+   root-owned upgrade helper and drains (in-flight requests finish, WebSockets are closed with 1012), then exits;
+3. **drained**: once the node's own record says it is draining, the registry's ask is withdrawn (the process that
+   comes back must not drain again);
+4. **install + restart**: the helper (provision/upgrade_helper.py) downloads the version's wheels from this
+   control plane, installs them with `pip --no-index --require-hashes`, and starts the daemon again;
+5. **ready**: a record from the new process (started after the request), ready — which puts it back in the
+   upstreams — and on the version asked for; then wait until every proxy has pulled it back.
+
+The first failure stops the rollout; the workers not yet reached are untouched and keep serving. A worker that
+failed does not serve a half-upgraded state: its helper restores the previous install when the new one does not
+install or import (it comes back on its previous version, serving: the cluster keeps its capacity), and a worker
+that does not come back ready is simply not in the upstreams (only ready workers are). A version whose wheels the
+control plane does not hold is refused before any worker is touched, as is a cluster that would be left with no
+serving worker.
+
+Every step is an audit entry (`upgrade <node> <step>`). Owner: `Rollout` owns a lock (one rollout at a time).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from mbworker.control.audit import AuditLog
+from mbworker.control.errors import ControlError, WorkerCallFailed
+from mbworker.control.registry import NodeView
+from mbworker.control.wheel_store import HeldWheel, check_version
+
+log = logging.getLogger("mbworker.control.upgrade")
+
+POLL_S = 0.1
+
+
+class Registry(Protocol):
+    async def nodes(self) -> list[NodeView]: ...
+
+    async def ask_drain(self, name: str) -> NodeView: ...
+
+    async def clear_drain(self, name: str) -> None: ...
+
+
+class Admin(Protocol):
+    async def call(self, node: NodeView, method: str, path: str, *, timeout: float | None = None, **kw: Any) -> Any: ...
+
+
+class Wheels(Protocol):
+    async def manifest(self, version: str) -> list[HeldWheel]: ...
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    proxies_s: float = 10.0
+    """Proxies pull every second; one that has not pulled within this is not waited for (it is down)."""
+    drain_s: float = 60.0
+    """Until the worker's record says it is draining (a beat a second)."""
+    restart_s: float = 300.0
+    """From the drain to the new process ready: drain grace (30 s) + download + install + boot."""
+
+
+class UpgradeFailed(ControlError):
+    status = 502
+    code = "UPGRADE_FAILED"
+
+
+@dataclass
+class Report:
+    version: str
+    upgraded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    """Already on the version."""
+    failed: dict[str, str] | None = None
+    """{"node", "step", "reason"} of the first failure."""
+    started: float = field(default_factory=time.monotonic)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "version": self.version,
+            "upgraded": self.upgraded,
+            "skipped": self.skipped,
+            "seconds": round(time.monotonic() - self.started, 1),
+        }
+        if self.failed:
+            out |= {"code": UpgradeFailed.code, "failed": self.failed}
+            out["message"] = f"{self.failed['node']}: {self.failed['step']}: {self.failed['reason']}"
+        return out
+
+
+class _StepFailed(Exception):
+    def __init__(self, step: str, reason: str) -> None:
+        super().__init__(reason)
+        self.step = step
+        self.reason = reason
+
+
+class Rollout:
+    def __init__(
+        self,
+        registry: Registry,
+        admin: Admin,
+        wheels: Wheels,
+        audit: AuditLog,
+        *,
+        token_name: str,
+        timeouts: Timeouts = Timeouts(),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._registry = registry
+        self._admin = admin
+        self._wheels = wheels
+        self._audit = audit
+        self._token = token_name
+        self._t = timeouts
+        self._clock = clock
+        self._lock = trio.Lock()
+
+    def _record(self, node: str, step: str, ok: bool, result: str) -> None:
+        self._audit.record(self._token, f"upgrade {node} {step}", 200 if ok else 502, result)
+
+    async def upgrade(self, version: str) -> tuple[int, dict[str, Any]]:
+        """Roll `version` out; (status, report). Refusals before any worker is touched raise `ControlError`."""
+        check_version(version)
+        if self._lock.locked():
+            raise ControlError("an upgrade is already running", status=409, code="UPGRADE_RUNNING")
+        async with self._lock:
+            await self._wheels.manifest(version)  # NotFound (404) when not held: nothing touched yet
+            # a worker silent for longer than `down_after_s` (stopped, or scaled in) is not part of the rollout
+            workers = [v for v in await self._registry.nodes() if v.record.role == "worker" and v.up]
+            plan = plan_rollout(workers, version)
+            report = Report(version, skipped=[v.record.name for v in workers if v.record.version == version])
+            log.info("upgrade to %s: %s", version, ", ".join(v.record.name for v in plan) or "nothing to do")
+            for node in plan:
+                try:
+                    await self._one(node, version)
+                except _StepFailed as exc:
+                    report.failed = {"node": node.record.name, "step": exc.step, "reason": exc.reason}
+                    self._record(node.record.name, exc.step, False, exc.reason)
+                    log.warning("upgrade to %s stopped at %s (%s): %s", version, node.record.name, exc.step, exc.reason)
+                    return 502, report.to_json()
+                report.upgraded.append(node.record.name)
+            return 200, report.to_json()
+
+    async def _one(self, node: NodeView, version: str) -> None:
+        name = node.record.name
+        # 1. leave the upstreams
+        await self._registry.ask_drain(name)
+        await self._proxies_pulled(self._clock())
+        self._record(name, "leave", True, "out of the upstreams; every proxy pulled")
+        # 2. hand the request to the worker; it drains and its helper installs
+        asked_at = self._clock()
+        try:
+            await self._admin.call(node, "POST", "/admin/v1/upgrade", json={"version": version}, timeout=30.0)
+        except WorkerCallFailed as exc:
+            await self._registry.clear_drain(name)  # it never drained: back in the upstreams as it was
+            raise _StepFailed("request", f"{exc.message} (left serving {node.record.version})") from None
+        self._record(name, "request", True, f"{node.record.version} -> {version}; draining")
+        # 3. drained: withdraw the ask, so the new process does not drain at its first beat
+        await self._wait(name, "drain", self._t.drain_s, lambda v: v is None or v.record.draining or not v.up)
+        await self._registry.clear_drain(name)
+        self._record(name, "drain", True, "draining; drain ask withdrawn")
+        # 4-5. the helper installs and restarts; the new process reports ready (and so is back in the upstreams)
+        back = await self._wait(
+            name, "restart", self._t.restart_s, lambda v: v is not None and v.record.started_at > asked_at and v.serving
+        )
+        assert back is not None
+        if back.record.version != version:
+            raise _StepFailed(
+                "install",
+                f"came back on {back.record.version}, not {version}: the install failed and was rolled back "
+                "(journalctl -u mbworker-upgrade on the node)",
+            )
+        await self._proxies_pulled(self._clock())
+        self._record(name, "ready", True, f"serving {version}; back in the upstreams")
+
+    async def _wait(
+        self, name: str, step: str, timeout: float, done: Callable[[NodeView | None], bool]
+    ) -> NodeView | None:
+        with trio.move_on_after(timeout):
+            while True:
+                view = next((v for v in await self._registry.nodes() if v.record.name == name), None)
+                if done(view):
+                    return view
+                await trio.sleep(POLL_S)
+        raise _StepFailed(step, f"not done within {timeout:.0f}s; a worker that is not ready is not in the upstreams")
+
+    async def _proxies_pulled(self, since: float) -> None:
+        """Until every proxy that is up has pulled its upstreams after `since` (bounded: a proxy that stopped
+        pulling is down, and its upstreams no longer matter)."""
+        with trio.move_on_after(self._t.proxies_s):
+            while True:
+                proxies = [v for v in await self._registry.nodes() if v.record.role == "proxy" and v.up]
+                if all(v.record.sent_at > since for v in proxies):
+                    return
+                await trio.sleep(POLL_S)
+        log.warning("a proxy did not pull its upstreams within %.0fs", self._t.proxies_s)
+
+
+def plan_rollout(workers: Sequence[NodeView], version: str) -> list[NodeView]:
+    """The workers to upgrade, in order; `ControlError` (409) when taking one out at a time would leave none
+    serving, or when a worker is not serving now (an upgrade starts from a healthy cluster)."""
+    todo = sorted((v for v in workers if v.record.version != version), key=lambda v: v.record.name)
+    if not todo:
+        return []
+    unwell = [v.record.name for v in workers if not v.serving]
+    if unwell:
+        raise ControlError(
+            f"not every worker is serving ({', '.join(unwell)}): an upgrade starts from a healthy cluster",
+            status=409,
+            code="CLUSTER_NOT_READY",
+        )
+    if len(workers) < 2:
+        raise ControlError(
+            "a rolling upgrade needs a second serving worker while one is upgraded", status=409, code="TOO_FEW_WORKERS"
+        )
+    return todo

@@ -1,0 +1,234 @@
+"""The upgrade helper: installs the mbworker version a worker was asked for, then starts the daemon again.
+
+It runs with the rights to write the install (root on a cloud worker: `mbworker-upgrade.service`, started by the
+path unit `mbworker-upgrade.path` when the daemon leaves `<data dir>/upgrade/request`; on one machine the local
+provider's supervisor calls `upgrade` itself). The daemon, which is unprivileged and runs user code, chooses only a
+version number; what gets installed is decided here:
+
+1. the request is read (a regular file of a few bytes; it is removed first, so it is handled once);
+2. the version's wheel list and sha256 come from the control plane, with this node's own read-only node token
+   (root-only file), and the wheels are downloaded into a root-owned directory and checked against them;
+3. once the daemon has drained and exited (it drains itself on the request; waited for, bounded, then stopped),
+   the install is snapshotted and `pip install --no-index --require-hashes` installs exactly those files;
+4. the new install must import and report the version asked for, else the snapshot is put back (the worker
+   comes back on its previous version, still serving);
+5. the daemon is started again, either way.
+
+Standard library only, and run by the system's python3: it must work while the install it replaces is half
+written. Every step is a line on stdout (the journal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+# The same pattern as mbworker.worker.upgrade_request.VERSION (this file runs without mbworker importable).
+VERSION = re.compile(r"^[0-9][0-9A-Za-z.+!_-]{0,63}$")
+WHEEL_FILE = re.compile(r"^[A-Za-z0-9_.+!-]+\.whl$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MAX_REQUEST_BYTES = 256
+HTTP_TIMEOUT_S = 120.0
+
+
+class UpgradeError(Exception):
+    pass
+
+
+class Service(Protocol):
+    """The daemon's service: systemd's unit on a cloud worker, the supervisor's child on one machine."""
+
+    def is_active(self) -> bool: ...
+
+    def stop(self) -> None: ...
+
+    def start(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Config:
+    control_url: str
+    """The control plane on the private network (`http://<system ip>:<port>`)."""
+    token: str
+    """The node token: reads wheels (and upstreams), nothing else."""
+    venv: Path
+    work_dir: Path
+    """Root-owned: downloads and the snapshot of the install."""
+    drain_timeout_s: float = 120.0
+
+
+def take_request(path: Path) -> str | None:
+    """The version asked for, or None when there is no usable request (it is removed either way)."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    try:
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_REQUEST_BYTES:
+            raise UpgradeError(f"{path} is not a small regular file: ignored")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_REQUEST_BYTES)
+        version = json.loads(raw).get("version")
+        if not isinstance(version, str) or not VERSION.match(version):
+            raise UpgradeError(f"{path}: no valid version in the request")
+        return version
+    except (UpgradeError, ValueError, AttributeError, OSError) as exc:
+        say(f"request refused: {exc}")
+        return None
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def say(line: str) -> None:
+    print(f"mbworker-upgrade: {line}", flush=True)
+
+
+def _get(cfg: Config, path: str) -> bytes:
+    req = urllib.request.Request(cfg.control_url.rstrip("/") + path, headers={"authorization": f"Bearer {cfg.token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
+            data: bytes = resp.read()
+            return data
+    except OSError as exc:  # URLError and HTTPError are OSErrors
+        raise UpgradeError(f"GET {path}: {exc}") from None
+
+
+def fetch(cfg: Config, version: str, into: Path) -> str:
+    """Download `version`'s wheels into `into`, each checked against the control plane's sha256; the pip
+    requirements pinning them (name==version --hash=sha256:...)."""
+    listing = json.loads(_get(cfg, f"/control/v1/wheels/{version}"))
+    if not isinstance(listing, list) or not listing:
+        raise UpgradeError(f"the control plane lists no wheels for {version}")
+    lines: list[str] = []
+    for item in listing:
+        filename, sha = str(item.get("filename", "")), str(item.get("sha256", ""))
+        if not WHEEL_FILE.match(filename) or not SHA256.match(sha):
+            raise UpgradeError(f"bad wheel entry {item!r}")
+        data = _get(cfg, f"/control/v1/wheels/{version}/{filename}")
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise UpgradeError(f"{filename}: sha256 does not match the control plane's")
+        (into / filename).write_bytes(data)
+        name, wheel_version = filename.split("-")[:2]
+        lines.append(f"{name.lower().replace('_', '-')}=={wheel_version} --hash=sha256:{sha}")
+    if not any(line.startswith(f"mbworker=={version} ") for line in lines):
+        raise UpgradeError(f"no mbworker {version} wheel among {len(lines)}")
+    return "\n".join(sorted(lines)) + "\n"
+
+
+def installed_version(venv: Path) -> str:
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import mbworker.cli.main, mbworker; print(mbworker.__version__)"],
+        capture_output=True, text=True, timeout=120, env=_clean_env(),
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise UpgradeError(f"the install does not import: {done.stderr.strip()[-300:]}")
+    return done.stdout.strip()
+
+
+def _clean_env() -> dict[str, str]:
+    """No PYTHONPATH or venv of whoever started us: the install is judged on its own."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+
+
+def _wait_stopped(service: Service, timeout: float, clock: Callable[[], float] = time.monotonic) -> None:
+    deadline = clock() + timeout
+    while service.is_active() and clock() < deadline:
+        time.sleep(0.2)  # a process we do not own: polled (systemd has no blocking wait for another unit)
+    service.stop()  # an exited unit: a no-op that also cancels an automatic restart; else ends the drain
+
+
+def upgrade(version: str, cfg: Config, service: Service) -> bool:
+    """Install `version` and restart the daemon; True when it now runs `version`."""
+    work = cfg.work_dir / "download"
+    snapshot = cfg.work_dir / "previous"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(mode=0o700, parents=True)
+    try:
+        try:
+            say(f"fetching mbworker {version} from the control plane")
+            requirements = fetch(cfg, version, work)
+        except (UpgradeError, ValueError) as exc:
+            say(f"not upgraded: {exc}")
+            return False
+        finally:
+            say("waiting for the daemon to drain and exit")
+            _wait_stopped(service, cfg.drain_timeout_s)
+        before = installed_version(cfg.venv)
+        shutil.rmtree(snapshot, ignore_errors=True)
+        shutil.copytree(cfg.venv, snapshot, symlinks=True)
+        (work / "requirements.txt").write_text(requirements)
+        pip = [str(cfg.venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+               "--no-index", "--require-hashes", "--find-links", str(work),
+               "-r", str(work / "requirements.txt")]  # fmt: skip
+        try:
+            done = subprocess.run(pip, capture_output=True, text=True, timeout=600, env=_clean_env())
+            if done.returncode != 0:
+                raise UpgradeError(f"pip failed: {done.stderr.strip()[-500:]}")
+            now = installed_version(cfg.venv)
+            if now != version:
+                raise UpgradeError(f"installed, but it reports {now}")
+        except (UpgradeError, OSError, subprocess.TimeoutExpired) as exc:
+            say(f"install of {version} failed, putting {before} back: {exc}")
+            shutil.rmtree(cfg.venv, ignore_errors=True)
+            snapshot.rename(cfg.venv)
+            return False
+        say(f"installed mbworker {version} (was {before})")
+        return True
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(snapshot, ignore_errors=True)
+        say("starting the daemon")
+        service.start()
+
+
+class SystemdService:
+    def __init__(self, unit: str) -> None:
+        self.unit = unit
+
+    def _ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["systemctl", *args, self.unit], capture_output=True, text=True, timeout=180)
+
+    def is_active(self) -> bool:
+        return self._ctl("is-active", "--quiet").returncode == 0
+
+    def stop(self) -> None:
+        self._ctl("stop")
+
+    def start(self) -> None:
+        self._ctl("reset-failed")
+        done = self._ctl("start")
+        if done.returncode != 0:
+            say(f"systemctl start {self.unit} failed: {done.stderr.strip()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="install the mbworker version a worker was asked for")
+    p.add_argument("--request", type=Path, required=True)
+    p.add_argument("--control-url", required=True)
+    p.add_argument("--token-file", type=Path, required=True)
+    p.add_argument("--venv", type=Path, default=Path("/opt/mbworker"))
+    p.add_argument("--work-dir", type=Path, default=Path("/var/cache/mbworker-upgrade"))
+    p.add_argument("--unit", default="mbworker.service")
+    args = p.parse_args(argv)
+    version = take_request(args.request)
+    if version is None:
+        return 0
+    cfg = Config(args.control_url, args.token_file.read_text().strip(), args.venv, args.work_dir)
+    return 0 if upgrade(version, cfg, SystemdService(args.unit)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

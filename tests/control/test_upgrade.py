@@ -1,0 +1,269 @@
+"""The rolling upgrade's orchestration against a stand-in cluster (control/upgrade.py): one worker at a time, out of
+the upstreams before its drain, back only when the new process is ready; the first failure stops the rollout with
+the cluster serving; a version the control plane does not hold is refused before any worker is touched. The wheel
+store's checks, and the worker's request file."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mbworker.control.audit import MemoryAuditLog
+from mbworker.control.errors import ControlError, NotFound, WorkerCallFailed
+from mbworker.control.registry import NodeRecord, NodeView
+from mbworker.control.upgrade import Rollout, Timeouts, plan_rollout
+from mbworker.control.wheel_store import HeldWheel, WheelStore
+from mbworker.provision.upgrade_helper import take_request
+from mbworker.worker.upgrade_request import UpgradeRequests, UpgradeUnavailable
+
+
+@dataclass
+class Node:
+    """A stand-in worker: serving → draining (asked) → gone → back on `comes_back_on`, one phase per registry read."""
+
+    name: str
+    version: str = "1.0"
+    role: str = "worker"
+    phase: str = "serving"
+    ticks: int = 0
+    started_at: float = 0.0
+    sent_at: float = 0.0
+    comes_back_on: str | None = None
+    drain_asked: bool = False
+
+
+class Cluster:
+    """Registry + admin API + wheels, over stand-in nodes. Every registry read is a tick of a fake clock."""
+
+    def __init__(self, *nodes: Node, held: tuple[str, ...] = ("2.0",), refuse: str | None = None) -> None:
+        self.nodes_ = {n.name: n for n in nodes}
+        self.now = 1.0
+        self.held = held
+        self.refuse = refuse
+        self.calls: list[str] = []
+        self.serving_seen: list[int] = []
+        """How many workers were in the upstreams at each read (never 0)."""
+
+    def clock(self) -> float:
+        return self.now
+
+    def _tick(self) -> None:
+        self.now += 1
+        for n in self.nodes_.values():
+            if n.role == "proxy":
+                n.sent_at = self.now  # proxies pull every tick
+                continue
+            n.sent_at = self.now
+            if n.phase == "draining":
+                n.ticks += 1
+                if n.ticks > 2:
+                    n.phase = "gone"
+            elif n.phase == "gone":
+                n.ticks += 1
+                if n.ticks > 5:
+                    n.phase, n.started_at = "serving", self.now
+                    n.version = n.comes_back_on or n.version
+
+    def _view(self, n: Node) -> NodeView:
+        record = NodeRecord(
+            role=n.role, name=n.name, private_ip="10.0.1.1", port=1, admin_port=2, version=n.version,
+            ready=n.phase != "draining", draining=n.phase != "serving", started_at=n.started_at, sent_at=n.sent_at,
+        )  # fmt: skip
+        return NodeView(record=record, up=True, last_seen_s=0, drain_asked=n.drain_asked)
+
+    async def nodes(self) -> list[NodeView]:
+        self._tick()
+        views = [self._view(n) for n in self.nodes_.values()]
+        self.serving_seen.append(sum(v.serving for v in views if v.record.role == "worker"))
+        return views
+
+    async def ask_drain(self, name: str) -> NodeView:
+        self.calls.append(f"ask_drain {name}")
+        self.nodes_[name].drain_asked = True
+        return self._view(self.nodes_[name])
+
+    async def clear_drain(self, name: str) -> None:
+        self.calls.append(f"clear_drain {name}")
+        self.nodes_[name].drain_asked = False
+
+    async def call(self, node: NodeView, method: str, path: str, *, timeout: float | None = None, **kw: Any) -> Any:
+        name = node.record.name
+        self.calls.append(f"{method} {path} {name}")
+        if name == self.refuse:
+            raise WorkerCallFailed(name, 501, "NOT_IMPLEMENTED", "no upgrade helper watches this node")
+        n = self.nodes_[name]
+        assert n.drain_asked, "asked to upgrade before it left the upstreams"
+        n.phase, n.ticks = "draining", 0
+        n.comes_back_on = n.comes_back_on or kw["json"]["version"]
+        return {"version": kw["json"]["version"], "draining": True}
+
+    async def manifest(self, version: str) -> list[HeldWheel]:
+        if version not in self.held:
+            raise NotFound(f"the control plane holds no wheels for mbworker {version}", code="NO_SUCH_WHEELS")
+        return [HeldWheel(f"mbworker-{version}-py3-none-any.whl", "0" * 64, 1)]
+
+
+def _rollout(cluster: Cluster, audit: MemoryAuditLog) -> Rollout:
+    return Rollout(
+        cluster, cluster, cluster, audit, token_name="control", timeouts=Timeouts(5, 5, 5), clock=cluster.clock
+    )
+
+
+async def test_workers_are_upgraded_one_at_a_time_and_the_cluster_serves_throughout(autojump_clock: object) -> None:
+    cluster = Cluster(Node("w1"), Node("w2"), Node("p1", role="proxy", version="proxy"))
+    audit = MemoryAuditLog()
+    status, report = await _rollout(cluster, audit).upgrade("2.0")
+    assert status == 200, report
+    assert (report["upgraded"], report["skipped"]) == (["w1", "w2"], [])
+    assert [n.version for n in cluster.nodes_.values() if n.role == "worker"] == ["2.0", "2.0"]
+    # out of the upstreams before the request, the ask withdrawn once it drains, one worker after the other
+    assert cluster.calls == [
+        "ask_drain w1", "POST /admin/v1/upgrade w1", "clear_drain w1",
+        "ask_drain w2", "POST /admin/v1/upgrade w2", "clear_drain w2",
+    ]  # fmt: skip
+    assert min(cluster.serving_seen) >= 1
+    assert [e.action for e in audit.entries()] == [
+        f"upgrade {w} {step}" for w in ("w1", "w2") for step in ("leave", "request", "drain", "ready")
+    ]
+    # run again: nothing to do
+    status, again = await _rollout(cluster, audit).upgrade("2.0")
+    assert (status, again["upgraded"], again["skipped"]) == (200, [], ["w1", "w2"])
+
+
+async def test_a_version_not_held_is_refused_before_any_worker_is_touched() -> None:
+    cluster = Cluster(Node("w1"), Node("w2"))
+    with pytest.raises(NotFound, match=r"holds no wheels for mbworker 3\.0"):
+        await _rollout(cluster, MemoryAuditLog()).upgrade("3.0")
+    with pytest.raises(ControlError, match="must match"):
+        await _rollout(cluster, MemoryAuditLog()).upgrade("../etc")
+    assert cluster.calls == []
+
+
+async def test_a_failed_install_stops_the_rollout_with_the_worker_back_on_its_version(autojump_clock: object) -> None:
+    cluster = Cluster(Node("w1", comes_back_on="1.0"), Node("w2"))  # w1's helper put the previous install back
+    audit = MemoryAuditLog()
+    status, report = await _rollout(cluster, audit).upgrade("2.0")
+    assert status == 502
+    assert report["failed"]["node"] == "w1"
+    assert report["failed"]["step"] == "install"
+    assert "came back on 1.0" in report["message"]
+    assert report["upgraded"] == []
+    assert [c for c in cluster.calls if "w2" in c] == []  # w2 untouched
+    assert cluster.nodes_["w1"].phase == "serving"
+    assert not cluster.nodes_["w1"].drain_asked
+    assert (audit.entries()[-1].action, audit.entries()[-1].status) == ("upgrade w1 install", 502)
+
+
+async def test_a_worker_that_refuses_the_request_goes_back_in_the_upstreams(autojump_clock: object) -> None:
+    cluster = Cluster(Node("w1"), Node("w2"), refuse="w1")
+    status, report = await _rollout(cluster, MemoryAuditLog()).upgrade("2.0")
+    assert status == 502
+    assert report["failed"]["step"] == "request"
+    assert "no upgrade helper" in report["message"]
+    assert cluster.calls == ["ask_drain w1", "POST /admin/v1/upgrade w1", "clear_drain w1"]
+
+
+async def test_a_worker_that_never_comes_back_is_left_out_of_the_upstreams(autojump_clock: object) -> None:
+    cluster = Cluster(Node("w1"), Node("w2"))
+    cluster.nodes_["w1"].comes_back_on = "2.0"
+    rollout = _rollout(cluster, MemoryAuditLog())
+    original = cluster._tick
+
+    def never_back() -> None:
+        original()
+        w1 = cluster.nodes_["w1"]
+        if w1.phase == "gone":
+            w1.ticks = 0  # stays gone
+
+    cluster._tick = never_back  # type: ignore[method-assign]
+    status, report = await rollout.upgrade("2.0")
+    assert (status, report["failed"]["step"]) == (502, "restart")
+    assert "not in the upstreams" in report["message"]
+    assert cluster.nodes_["w2"].version == "1.0"
+    assert cluster.nodes_["w2"].phase == "serving"
+
+
+def test_an_upgrade_starts_only_from_a_healthy_cluster_of_two_or_more() -> None:
+    def view(name: str, version: str = "1.0", ready: bool = True) -> NodeView:
+        r = NodeRecord(
+            role="worker", name=name, private_ip="x", port=1, admin_port=2, version=version, ready=ready, sent_at=0
+        )
+        return NodeView(record=r, up=True, last_seen_s=0, drain_asked=False)
+
+    assert [v.record.name for v in plan_rollout([view("b"), view("a"), view("c", "2.0")], "2.0")] == ["a", "b"]
+    assert plan_rollout([view("a", "2.0")], "2.0") == []
+    with pytest.raises(ControlError, match="second serving worker") as one:
+        plan_rollout([view("a")], "2.0")
+    assert one.value.status == 409
+    with pytest.raises(ControlError, match=r"not every worker is serving \(b\)"):
+        plan_rollout([view("a"), view("b", ready=False)], "2.0")
+
+
+def _tar(files: dict[str, bytes], *, link: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if link:
+            info = tarfile.TarInfo(link)
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+async def test_the_wheel_store_holds_a_version_whole_or_not_at_all(tmp_path: Path) -> None:
+    store = WheelStore(tmp_path / "wheels")
+    good = {"mbworker-2.0-py3-none-any.whl": b"own", "trio-0.30-py3-none-any.whl": b"dep"}
+    held = await store.put("2.0", _tar(good))
+    assert [(w.filename, w.size) for w in held] == [
+        ("mbworker-2.0-py3-none-any.whl", 3),
+        ("trio-0.30-py3-none-any.whl", 3),
+    ]
+    assert await store.read("2.0", "trio-0.30-py3-none-any.whl") == b"dep"
+    assert await store.versions() == [{"version": "2.0", "wheels": 2, "bytes": 6}]
+    for archive, why in (
+        (_tar({"mbworker-2.1-py3-none-any.whl": b"x"}), "is not mbworker 2.0"),
+        (_tar({"trio-0.30-py3-none-any.whl": b"x"}), "exactly one mbworker wheel"),
+        (_tar({"../mbworker-2.0-py3-none-any.whl": b"x"}), "only wheel files"),
+        (_tar({"mbworker-2.0-py3-none-any.whl": b"x"}, link="evil.whl"), "only wheel files"),
+        (b"not a tar", "not a tar of wheels"),
+    ):
+        with pytest.raises(ControlError, match=why):
+            await store.put("2.0", archive)
+    assert await store.read("2.0", "mbworker-2.0-py3-none-any.whl") == b"own"  # the held version is intact
+    with pytest.raises(NotFound, match=r"held: 2\.0"):
+        await store.manifest("2.1")
+    with pytest.raises(NotFound):
+        await store.read("2.0", "../../secrets.json")
+    assert not list((tmp_path / "wheels").glob(".push-*"))
+
+
+def test_the_worker_leaves_only_a_version_and_the_helper_takes_it_once(tmp_path: Path) -> None:
+    drained: list[bool] = []
+    requests = UpgradeRequests(tmp_path, lambda: drained.append(True))
+    with pytest.raises(UpgradeUnavailable):
+        requests.request("2.0")  # no helper watches: the node is not drained for nothing
+    assert drained == []
+    (tmp_path / "upgrade").mkdir()
+    with pytest.raises(ValueError, match="must match"):
+        requests.request("2.0 --index-url http://evil")
+    requests.request("2.0")
+    assert drained == [True]
+    path = tmp_path / "upgrade" / "request"
+    assert json.loads(path.read_text()) == {"version": "2.0"}
+    assert take_request(path) == "2.0"
+    assert take_request(path) is None  # taken away
+    path.write_text(json.dumps({"version": "2.0; rm -rf /"}))
+    assert take_request(path) is None
+    path.symlink_to(tmp_path / "elsewhere")
+    assert take_request(path) is None
+    assert not path.is_symlink()
