@@ -1,6 +1,7 @@
 """`mbworker secrets set K=V … | list | unset K …`: project secrets, seen by every function as env from its next
-process on, kept across deploys. Through a node's admin API; in a cluster the node keeps them in the shared
-store, so every node's functions see them. `list` shows names and sha256 digests, never values."""
+process on, kept across deploys. Through a node's admin API (`--url/--token`), or the cluster's control plane
+(`--cluster cluster.toml`); in a cluster they live in the shared store, so every node's functions see them.
+`list` shows names and sha256 digests, never values."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ def _admin_options(p: argparse.ArgumentParser) -> None:
     """A node's admin API (in a cluster any node will do: the secrets live in the shared store)."""
     p.add_argument("--url", help="admin API URL (env MBWORKER_ADMIN_URL; default http://127.0.0.1:8001)")
     p.add_argument("--token", help="admin token (env MBWORKER_ADMIN_TOKEN; default the local data dir's)")
+    p.add_argument("--cluster", type=Path, metavar="SPEC", help="the whole cluster, through its control plane")
 
 
 def add_secrets_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -46,7 +48,7 @@ def parse_pairs(pairs: list[str]) -> dict[str, str]:
 
 
 def cmd_set(args: argparse.Namespace) -> int:
-    from mbworker.cli.admin_client import AdminClient, resolve_admin
+    from mbworker.cli.control_client import function_client
     from mbworker.worker.deployments.manifest import ManifestError, parse_env_file
 
     values: dict[str, str] = {}
@@ -58,16 +60,16 @@ def cmd_set(args: argparse.Namespace) -> int:
     values.update(parse_pairs(args.pairs))
     if not values:
         raise ConfigError("nothing to set: give NAME=VALUE pairs or --env-file")
-    with AdminClient(*resolve_admin(args.url, args.token)) as client:
+    with function_client(args) as client:
         result = client.call("POST", "/secrets", json={"secrets": values})
     print(f"set {', '.join(result['set'])}: functions see them from their next process on")
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from mbworker.cli.admin_client import AdminClient, resolve_admin
+    from mbworker.cli.control_client import function_client
 
-    with AdminClient(*resolve_admin(args.url, args.token)) as client:
+    with function_client(args) as client:
         rows = client.call("GET", "/secrets")
     if args.output == "json":
         print(json.dumps(rows, indent=2))
@@ -80,9 +82,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_unset(args: argparse.Namespace) -> int:
-    from mbworker.cli.admin_client import AdminClient, resolve_admin
+    from mbworker.cli.control_client import function_client
 
-    with AdminClient(*resolve_admin(args.url, args.token)) as client:
+    with function_client(args) as client:
         result = client.call("POST", "/secrets/unset", json={"names": args.names})
     missing = [n for n in args.names if n not in result["unset"]]
     print(f"unset {', '.join(result['unset']) or 'nothing'}" + (f" (not set: {', '.join(missing)})" if missing else ""))
