@@ -133,7 +133,9 @@ def _provider(args: argparse.Namespace, spec: ClusterSpec, state_dir: Path) -> t
     secrets: ClusterSecrets = load_or_create_secrets(state_dir)
     injected: NodeOps | None = getattr(args, "node_ops", None)
     if args.provider == "local":
-        ops = injected or RemoteNodeOps(secrets.admin_token.get_secret_value(), spec.daemon.admin_port)
+        ops = injected or RemoteNodeOps(
+            secrets.admin_token.get_secret_value(), spec.daemon.admin_port, daemon_port=spec.daemon.port
+        )
         closer = getattr(ops, "close", lambda: None)
         return LocalProvider(spec, secrets, state_dir, node_ops=ops), closer
     if args.provider == "machines":
@@ -143,7 +145,9 @@ def _provider(args: argparse.Namespace, spec: ClusterSpec, state_dir: Path) -> t
         return machines, machines.close
     token = os.environ.get("HCLOUD_TOKEN", "")
     endpoint = args.endpoint or os.environ.get("HCLOUD_ENDPOINT") or None
-    ops = injected or RemoteNodeOps(secrets.admin_token.get_secret_value(), spec.daemon.admin_port)
+    ops = injected or RemoteNodeOps(
+        secrets.admin_token.get_secret_value(), spec.daemon.admin_port, daemon_port=spec.daemon.port
+    )
     shipment = Shipment(spec, state_dir, wheelhouse_override=getattr(args, "wheelhouse", None))
     provider = HetznerProvider(
         spec, secrets, shipment, token=token, endpoint=endpoint, node_ops=ops, poll_interval=args.poll_interval

@@ -26,3 +26,7 @@ class StepFailed(ProviderError):
 
 class DrainError(ProvisionError):
     """A node could not be drained (unreachable, refused, or not idle within the timeout)."""
+
+
+class HealthError(ProviderError):
+    """A node changed in place did not come back healthy in time: the apply stops before the next node."""

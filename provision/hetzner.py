@@ -58,6 +58,7 @@ from .plan import (
     AddSubnet,
     AssignFloatingIp,
     AttachFixedIp,
+    AwaitHealthy,
     ChangeServerType,
     CreateFirewall,
     CreateFloatingIp,
@@ -407,6 +408,13 @@ class HetznerProvider:
                     )
                 case DrainServer():
                     self._drain(op, ctx, options, report, progress)
+                case AwaitHealthy():
+                    if self._node_ops is None:
+                        raise ProviderError("no node transport configured for the health gate")
+                    system = ctx.servers.get(d.server_name(spec.name, "system", 0))
+                    via = self._node(ctx, system.name) if system is not None else None
+                    node = self._node(ctx, op.server_name)
+                    self._node_ops.wait_healthy(node, timeout=options.health_timeout, via=via)
                 case RefreshNode():
                     self._refresh(op, ctx)
                 case DeleteServer():

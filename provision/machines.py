@@ -40,12 +40,13 @@ from .facts import (
 )
 from .machines_image import ensure_image
 from .machines_net import PRIV_BRIDGE, PUB_BRIDGE, MachinesNet, NetPlan, free_slot, run
-from .nodeops import NodeOps, NodeRef
+from .nodeops import STATE_HEALTH_SCRIPT, NodeOps, NodeRef, poll_until, tcp_refused
 from .plan import (
     AddRoute,
     AddSubnet,
     AssignFloatingIp,
     AttachFixedIp,
+    AwaitHealthy,
     ChangeServerType,
     CreateFirewall,
     CreateFloatingIp,
@@ -355,6 +356,9 @@ class MachinesProvider:
                 )
             case DrainServer():
                 self._drain(op.name, state, options, report, kept, progress)
+            case AwaitHealthy():
+                node = self._ref(state["servers"][op.server_name])
+                self._node_ops.wait_healthy(node, timeout=options.health_timeout)
             case RefreshNode():
                 self._refresh(op, state, kept)
             case DeleteServer():
@@ -547,6 +551,19 @@ class MachinesProvider:
             child.wait(timeout=STOP_GRACE)
         server["pid"] = server["start"] = None
 
+    def shutdown(self, name: str) -> None:
+        """Shut machine `name` down as Hetzner's shutdown action does (cleanly, then hard after a grace); it stays
+        in the cluster's records, off, until `power_on`."""
+        state = self.load()
+        self._stop(state["servers"][name])
+        self._save(state)
+
+    def power_on(self, name: str) -> None:
+        """Boot a machine that was shut down, from its own disk (cloud-init has run on it already)."""
+        state = self.load()
+        self._boot(state["servers"][name], state)
+        self._save(state)
+
     def leader(self, server: dict[str, Any] | str) -> int | None:
         """The machine's PID 1 as seen from the host (nspawn's child running systemd), or None."""
         if isinstance(server, str):
@@ -717,6 +734,27 @@ class MachinesNodeOps:
             raise DrainError(f"{node.name}: drain failed: {type(exc).__name__}") from exc
         if done.returncode != 0:
             raise DrainError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+
+    def wait_healthy(self, node: NodeRef, *, timeout: float, via: NodeRef | None = None) -> None:
+        """The RemoteNodeOps checks, run inside the machine itself (`via` is not needed: nsenter reaches it)."""
+        poll_until(lambda: self._why_unhealthy(node), what=node.name, timeout=timeout)
+
+    def _why_unhealthy(self, node: NodeRef) -> str | None:
+        if node.role == "worker":
+            script = (
+                f"curl -fsS -o /dev/null --max-time 5 http://{node.private_ip}:{self._provider.spec.daemon.port}/ready"
+            )
+        elif node.role == "state":
+            script = STATE_HEALTH_SCRIPT
+        elif node.role == "proxy" and node.public_ip is not None:
+            return tcp_refused(node.public_ip, 443)
+        else:
+            script = "true"
+        try:
+            done = self._provider.exec(node.name, ["sh", "-c", script], timeout=60)
+        except ProviderError as exc:  # not running (yet)
+            return str(exc)
+        return None if done.returncode == 0 else (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
 
     def refresh(self, node: NodeRef, kind: str, content: str) -> None:
         from .nodeops import _REFRESH_SCRIPTS

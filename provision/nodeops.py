@@ -8,19 +8,24 @@
   still draining — the request is repeated (it is idempotent) until drained or the timeout.
 - refresh: writes the list over SSH to the node's public address (proxies and system are in the SSH safe-list
   zone) and runs the node's render/reload script.
+- wait_healthy (the gate between two nodes of a rolling type change): a worker's `/ready` over the private
+  network (as drain); a state node runs `STATE_HEALTH_SCRIPT` itself, over SSH jumping through the system node
+  (state nodes have no public address, and etcd/Patroni answer only state nodes); a proxy answers on 443.
 """
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
 import httpx
 
-from .errors import DrainError, ProviderError
+from .errors import DrainError, HealthError, ProviderError
 
 RefreshKind = Literal["workers", "targets"]
 
@@ -49,6 +54,11 @@ class NodeOps(Protocol):
         still be booting, so keep trying until `timeout`."""
         ...
 
+    def wait_healthy(self, node: NodeRef, *, timeout: float, via: NodeRef | None = None) -> None:
+        """Return once `node` (just powered on again) is healthy for its role; HealthError after `timeout`.
+        `via` is a node with a public address that reaches the private network (the system node)."""
+        ...
+
 
 _REFRESH_SCRIPTS: dict[RefreshKind, str] = {
     "workers": "cat > /etc/mbgateway/workers.new && mv /etc/mbgateway/workers.new /etc/mbgateway/workers"
@@ -65,6 +75,40 @@ PUBLISH_SCRIPT = (
     " if [ -d /var/lib/mbwheels ]; then mv /var/lib/mbwheels /var/lib/mbwheels.old; fi;"
     " mv /var/lib/mbwheels.new /var/lib/mbwheels; rm -rf /var/lib/mbwheels.old"
 )
+
+
+#: Run on a state node: exit 0 when etcd has every member healthy (quorum, and this member back), this node's
+#: PostgreSQL runs under Patroni, the Patroni cluster has a running leader, and the local Redis answers.
+STATE_HEALTH_SCRIPT = """set -u
+fail() { echo "$1" >&2; exit 1; }
+export ETCDCTL_API=3 ETCDCTL_ENDPOINTS=http://127.0.0.1:2379
+etcdctl --user "root:$(cat /etc/mbstate/etcd-root)" endpoint health --cluster >/dev/null 2>&1 \\
+  || fail "etcd: not every member is healthy"
+ip=$(sed -n 's|^ETCD_ADVERTISE_CLIENT_URLS=http://\\(.*\\):2379$|\\1|p' /etc/default/etcd)
+curl -fsS -o /dev/null --max-time 5 "http://$ip:8008/health" 2>/dev/null \\
+  || fail "patroni: this member's PostgreSQL is not running"
+curl -fsS --max-time 5 "http://$ip:8008/cluster" 2>/dev/null | python3 -c '
+import json, sys
+members = json.load(sys.stdin)["members"]
+sys.exit(0 if any(m["role"] == "leader" and m["state"] == "running" for m in members) else 1)' \\
+  || fail "patroni: the cluster has no running leader"
+# Redis rewrites its own config (failover): the password may come back quoted
+pw=$(sed -n 's/^requirepass //p' /etc/redis/redis.conf | tr -d '"')
+[ "$(REDISCLI_AUTH="$pw" redis-cli -h 127.0.0.1 ping 2>/dev/null)" = PONG ] || fail "redis: no PONG"
+"""
+
+
+def poll_until(check: Callable[[], str | None], *, what: str, timeout: float, interval: float = 2.0) -> None:
+    """Call `check` (None: healthy, else why not) until it passes; HealthError with the last reason after
+    `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        why = check()
+        if why is None:
+            return
+        if time.monotonic() + interval > deadline:
+            raise HealthError(f"{what} not healthy within {timeout:.0f}s: {why}")
+        time.sleep(interval)
 
 
 class RemoteNodeOps:
@@ -88,9 +132,11 @@ class RemoteNodeOps:
         ssh_user: str = "root",
         poll_interval: float = 1.0,
         request_timeout: float = 10.0,
+        daemon_port: int = 8080,
     ) -> None:
         self._token = admin_token
         self._port = admin_port
+        self._daemon_port = daemon_port
         self._ssh = ssh
         self._user = ssh_user
         self._poll = poll_interval
@@ -148,3 +194,40 @@ class RemoteNodeOps:
                 if time.monotonic() > deadline:
                     raise ProviderError(f"publishing wheels to {node.name} failed: {type(exc).__name__}") from exc
             time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))
+
+    def wait_healthy(self, node: NodeRef, *, timeout: float, via: NodeRef | None = None) -> None:
+        poll_until(lambda: self._why_unhealthy(node, via), what=node.name, timeout=timeout, interval=self._poll * 2)
+
+    def _why_unhealthy(self, node: NodeRef, via: NodeRef | None) -> str | None:
+        if node.role == "worker":
+            if node.private_ip is None:
+                return "no private IP"
+            try:
+                r = self._http.get(f"http://{node.private_ip}:{self._daemon_port}/ready", timeout=5.0)
+            except httpx.HTTPError as exc:
+                return f"/ready: {type(exc).__name__}"
+            return None if r.status_code == 200 else f"/ready answers {r.status_code}"
+        if node.role == "state":
+            if via is None or via.public_ip is None or node.private_ip is None:
+                raise HealthError(f"{node.name}: no node to reach it through (the system node's public address)")
+            jump = f"{self._user}@{via.public_ip}"
+            argv = [*self._ssh, "-J", jump, f"{self._user}@{node.private_ip}", STATE_HEALTH_SCRIPT]
+            try:
+                done = subprocess.run(argv, timeout=60, capture_output=True, text=True)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                return type(exc).__name__
+            return (
+                None if done.returncode == 0 else (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+            )
+        if node.role == "proxy" and node.public_ip is not None:
+            return tcp_refused(node.public_ip, 443)
+        return None  # system, NAT: powered on again is all the gate asks
+
+
+def tcp_refused(host: str, port: int, timeout: float = 5.0) -> str | None:
+    """None when `host:port` accepts a TCP connection, else why not."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or type(exc).__name__}"

@@ -12,7 +12,7 @@ from typing import Literal
 from .desired import DesiredServer
 from .facts import Rule
 
-Action = Literal["create", "change", "delete", "drain", "noop"]
+Action = Literal["create", "change", "delete", "drain", "check", "noop"]
 
 
 # --- operations (what to do); the provider owns how ------------------------------------------------------------
@@ -149,6 +149,15 @@ class DrainServer:
 
 
 @dataclass(frozen=True)
+class AwaitHealthy:
+    """A node changed in place (type change) is back and healthy before the apply touches the next one; if it is
+    not within the timeout the apply stops here, leaving the nodes after it as they were."""
+
+    server_name: str
+    role: str
+
+
+@dataclass(frozen=True)
 class RefreshNode:
     """Rewrite a proxy's worker list or the system node's scrape targets, then update its revision label."""
 
@@ -214,7 +223,7 @@ Op = (
     | CreateFirewall | SetFirewallRules | SetFirewallSelector | DeleteFirewall
     | CreatePlacementGroup | DeletePlacementGroup
     | CreateServer | AttachFixedIp | ChangeServerType | PowerOn | PowerOnServer | PublishWheels | DrainServer
-    | RefreshNode | DeleteServer
+    | AwaitHealthy | RefreshNode | DeleteServer
     | CreateLoadBalancer | FixLoadBalancer | DeleteLoadBalancer
     | CreateFloatingIp | AssignFloatingIp | DeleteFloatingIp | NoOp
 )  # fmt: skip
@@ -233,7 +242,7 @@ class Step:
         return (self.action, self.kind, self.name)
 
     def describe(self) -> str:
-        sign = {"create": "+", "change": "~", "delete": "-", "drain": "!", "noop": "="}[self.action]
+        sign = {"create": "+", "change": "~", "delete": "-", "drain": "!", "check": "?", "noop": "="}[self.action]
         word = "no change" if self.action == "noop" else self.action
         text = f"  {sign} {word:<9} {self.kind:<15} {self.name}"
         return f"{text}  ({self.detail})" if self.detail else text
@@ -264,7 +273,9 @@ class Plan:
         counts: dict[str, int] = {}
         for s in self.steps:
             counts[s.action] = counts.get(s.action, 0) + 1
-        order = ("create", "change", "drain", "delete", "noop")
+        # health gates are listed only when a plan has them (rolling type changes)
+        gates = ("check",) if counts.get("check") else ()
+        order = ("create", "change", "drain", *gates, "delete", "noop")
         tally = ", ".join(f"{counts.get(a, 0)} {'unchanged' if a == 'noop' else 'to ' + a}" for a in order)
         if self.empty:
             lines.append("  nothing to do: the cluster matches the spec")

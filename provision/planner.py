@@ -18,6 +18,7 @@ from .plan import (
     AddSubnet,
     AssignFloatingIp,
     AttachFixedIp,
+    AwaitHealthy,
     ChangeServerType,
     CreateFirewall,
     CreateFloatingIp,
@@ -47,6 +48,16 @@ from .plan import (
 from .spec import ClusterSpec
 
 PROVIDER = "hetzner"
+
+#: What "back and healthy" means for each role after its type change (NodeOps.wait_healthy checks it).
+HEALTH = {
+    "state": "back and healthy before the next node: etcd has every member healthy, its Patroni member runs "
+    "and the cluster has a leader",
+    "worker": "back in service before the next node: /ready answers 200",
+    "proxy": "back before the next node: HTTPS answers on its public address",
+    "system": "running again",
+    "nat": "running again",
+}
 
 
 def _rules_key(rules: tuple[Rule, ...]) -> set[tuple[str, str, str | None, tuple[str, ...]]]:
@@ -81,12 +92,6 @@ def _refuse_unsupported_edits(spec: ClusterSpec, facts: Facts, secrets_digest: s
             problems.append(
                 f"{have.name}: {have.server_type} → {want.server_type} changes the CPU architecture "
                 f"({_arch(have.server_type)} → {_arch(want.server_type)}); its disk cannot boot there"
-            )
-        elif have.server_type != want.server_type and want.role == "state":
-            problems.append(
-                f"{have.name}: changing the type of a state node ({have.server_type} → {want.server_type}) is not "
-                "done by apply: it would stop etcd, Patroni and Sentinel members one after another with no health "
-                "gate; resize state nodes by hand, one at a time, checking quorum in between"
             )
         port = have.labels.get("port")
         if want.role == "worker" and port is not None and port != str(spec.daemon.port):
@@ -363,6 +368,8 @@ def _server_steps(
             # the node leaves the proxies' rotation on its own (/ready answers 503 while draining)
             steps.append(Step("drain", "server", want.name, "before its type change", DrainServer(have.id, want.name)))
         steps.append(Step("change", "server", want.name, detail, ChangeServerType(have.id, want.server_type)))
+        # one node at a time: the next one is touched only once this one is back and healthy
+        steps.append(Step("check", "server", want.name, HEALTH[want.role], AwaitHealthy(want.name, want.role)))
         changed = True
     elif have.status == "off":
         # created stopped and not started yet, or a type change interrupted after shutdown: power on

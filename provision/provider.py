@@ -38,6 +38,8 @@ class ApplyOptions:
     #: Delete nodes even when their drain failed.
     force: bool = False
     drain_timeout: float = 120.0
+    #: How long a node changed in place (type change) may take to be back and healthy before the apply stops.
+    health_timeout: float = 600.0
 
 
 class Provider(Protocol):

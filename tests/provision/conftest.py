@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mbworker.provision.errors import DrainError
+from mbworker.provision.errors import DrainError, HealthError
 from mbworker.provision.hetzner import HetznerProvider
 from mbworker.provision.nodeops import NodeRef, RefreshKind
 from mbworker.provision.secrets import ClusterSecrets, load_or_create_secrets
@@ -67,8 +67,10 @@ def make_spec(**changes: object) -> ClusterSpec:
 class FakeNodeOps:
     """Records drains and refreshes instead of reaching nodes (their addresses are not ours to reach)."""
 
-    def __init__(self, undrainable: tuple[str, ...] = ()) -> None:
+    def __init__(self, undrainable: tuple[str, ...] = (), unhealthy: tuple[str, ...] = ()) -> None:
         self.undrainable = set(undrainable)
+        self.unhealthy = set(unhealthy)
+        self.gated: list[tuple[NodeRef, NodeRef | None]] = []
         self.drained: list[NodeRef] = []
         self.refreshed: list[tuple[str, RefreshKind, str]] = []
         self.published: list[tuple[str, list[str]]] = []
@@ -87,6 +89,12 @@ class FakeNodeOps:
     def publish_wheels(self, node: NodeRef, directory: Path, *, timeout: float) -> None:
         self.published.append((node.name, sorted(p.name for p in directory.glob("*.whl"))))
         self.events.append(("publish", node.name))
+
+    def wait_healthy(self, node: NodeRef, *, timeout: float, via: NodeRef | None = None) -> None:
+        self.gated.append((node, via))
+        self.events.append(("health", node.name))
+        if node.name in self.unhealthy:
+            raise HealthError(f"{node.name} not healthy within {timeout:.0f}s: etcd member unhealthy")
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 from mbworker.provision import desired as d
 from mbworker.provision.errors import SpecError, StepFailed
 from mbworker.provision.hetzner import POLL_MAX, HetznerProvider
+from mbworker.provision.nodeops import NodeRef
 from mbworker.provision.provider import ApplyOptions, ApplyReport
 from mbworker.provision.spec import ClusterSpec
 
@@ -232,6 +233,56 @@ def test_system_type_change_is_shutdown_change_poweron(fake: FakeHcloud, make_pr
     assert s["server_type"]["name"] == "cpx42"
     assert s["status"] == "running"
     assert make_provider(make_spec(system={"type": "cpx42"})).plan().empty
+
+
+class TypeWatchingOps(FakeNodeOps):
+    """Notes, at each health gate, which state nodes already run the new type (the rolling order)."""
+
+    def __init__(self, fake: FakeHcloud, unhealthy: tuple[str, ...] = ()) -> None:
+        super().__init__(unhealthy=unhealthy)
+        self.fake = fake
+        self.changed_at_gate: list[tuple[str, list[str]]] = []
+
+    def wait_healthy(self, node: NodeRef, *, timeout: float, via: NodeRef | None = None) -> None:
+        new = sorted(s["name"] for s in self.fake.servers() if s["server_type"]["name"] == "ccx23")
+        self.changed_at_gate.append((node.name, new))
+        super().wait_healthy(node, timeout=timeout, via=via)
+
+
+def test_state_type_change_rolls_one_node_at_a_time_behind_the_health_gate(
+    fake: FakeHcloud, make_provider: MakeProvider
+) -> None:
+    converge(make_provider())
+    ops = TypeWatchingOps(fake)
+    bigger = make_spec(state={"type": "ccx23", "count": 3})
+    converge(make_provider(bigger, ops))
+    # each node was changed, then found healthy, before the next one was touched
+    assert ops.changed_at_gate == [
+        ("demo-state-001", ["demo-state-001"]),
+        ("demo-state-002", ["demo-state-001", "demo-state-002"]),
+        ("demo-state-003", ["demo-state-001", "demo-state-002", "demo-state-003"]),
+    ]
+    # state nodes are private: the gate reaches them through the system node's public address
+    assert all(via is not None and via.name == "demo-system" and via.public_ip for _, via in ops.gated)
+    assert make_provider(bigger).plan().empty
+
+
+def test_the_rolling_type_change_stops_at_the_first_node_that_does_not_come_back(
+    fake: FakeHcloud, make_provider: MakeProvider
+) -> None:
+    converge(make_provider())
+    ops = TypeWatchingOps(fake, unhealthy=("demo-state-002",))
+    bigger = make_spec(state={"type": "ccx23", "count": 3})
+    with pytest.raises(StepFailed) as info:
+        converge(make_provider(bigger, ops))
+    assert info.value.step == "check server demo-state-002"
+    assert "not healthy" in str(info.value)
+    types = {s["name"]: s["server_type"]["name"] for s in fake.servers() if s["labels"]["role"] == "state"}
+    assert types == {"demo-state-001": "ccx23", "demo-state-002": "ccx23", "demo-state-003": "ccx13"}
+    # once the node is healthy again, a re-apply gates it (its type is done) and goes on with the next one
+    ops = TypeWatchingOps(fake)
+    converge(make_provider(bigger, ops))
+    assert [n for n, _ in ops.changed_at_gate] == ["demo-state-003"]
 
 
 def test_destroy_removes_everything_labelled(fake: FakeHcloud, make_provider: MakeProvider) -> None:

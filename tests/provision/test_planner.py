@@ -17,7 +17,7 @@ from mbworker.provision.facts import (
     SshKeyFact,
     ssh_fingerprint,
 )
-from mbworker.provision.plan import Plan
+from mbworker.provision.plan import AwaitHealthy, Plan
 from mbworker.provision.planner import plan_cluster, plan_destroy
 from mbworker.provision.spec import ClusterSpec
 
@@ -101,7 +101,7 @@ CASES = [
     ),
     pytest.param(
         make_spec(system={"type": "cpx42"}), converged(make_spec()),
-        [("change", "server", "demo-system")],
+        [("change", "server", "demo-system"), ("check", "server", "demo-system")],
         id="vertical-scale-system",
     ),
     pytest.param(
@@ -199,7 +199,6 @@ def test_worker_list_revision_covers_addresses_and_port() -> None:
 REFUSED = [
     pytest.param(dict(image="debian-12"), "ubuntu-24.04", None, None, "changing the image", id="image"),
     pytest.param(dict(worker={"type": "cax21", "count": 3}), None, None, None, "CPU architecture", id="cx-to-cax"),
-    pytest.param(dict(state={"type": "ccx23", "count": 3}), None, None, None, "type of a state node", id="state-type"),
     pytest.param(dict(daemon={"port": 9090}), None, None, None, "daemon.port = 9090", id="daemon-port"),
     pytest.param({}, None, "someone-elses", None, "other secrets", id="secrets-mismatch"),
     pytest.param({}, None, None, "10.0.1.150", "address layout gives it", id="foreign-address"),
@@ -228,3 +227,20 @@ def test_worker_type_change_drains_first() -> None:
     plan = plan_cluster(spec, converged(make_spec()))
     first = [s.summary() for s in plan.changes][:2]
     assert first == [("drain", "server", "demo-worker-001"), ("change", "server", "demo-worker-001")]
+
+
+def test_type_changes_go_one_node_at_a_time_each_gated_on_its_health() -> None:
+    spec = make_spec(state={"type": "ccx23", "count": 3}, worker={"type": "cx43", "count": 3})
+    plan = plan_cluster(spec, converged(make_spec()))
+    states = [f"demo-state-00{i}" for i in (1, 2, 3)]
+    workers = [f"demo-worker-00{i}" for i in (1, 2, 3)]
+    expected = [("change", "server", n) for n in states for _ in range(2)]
+    expected[1::2] = [("check", "server", n) for n in states]
+    for w in workers:
+        expected += [("drain", "server", w), ("change", "server", w), ("check", "server", w)]
+    assert plan.summaries() == expected
+    gate = plan.changes[1]
+    assert "etcd" in gate.detail
+    assert "Patroni" in gate.detail
+    assert gate.op == AwaitHealthy("demo-state-001", "state")
+    assert "3 to drain, 6 to check, 0 to delete" in plan.render()
