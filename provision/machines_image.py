@@ -33,7 +33,7 @@ BASE_PACKAGES = (
     "python3", "curl", "procps", "locales",
 )  # fmt: skip
 #: Installed by templates at runtime rather than listed under `packages:` (e.g. a runcmd's apt-get install).
-EXTRA_PACKAGES = ("postgresql-client", "victoria-metrics", "loki", "caddy", "python3-venv")
+EXTRA_PACKAGES = ("postgresql-client", "victoria-metrics", "caddy", "python3-venv")
 
 
 def template_packages() -> tuple[str, ...]:

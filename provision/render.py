@@ -35,6 +35,8 @@ STATE_PORTS = (22, 5000, 5001, 6379, 9100, d.SENTINEL_PORT)
 #: ... and what only the other state nodes may reach: etcd, PostgreSQL and PgBouncer (replication, HAProxy's
 #: backends) and Patroni's REST API. A worker that is compromised cannot force a failover or rewrite etcd.
 STATE_PEER_PORTS = (2379, 2380, 5432, 6432, 8008)
+#: systemd-journal-remote on the system node's private address: every other node uploads its journal there.
+JOURNAL_PORT = 19532
 
 
 class RenderError(ValueError):
@@ -113,7 +115,12 @@ def wheel_url(spec: ClusterSpec) -> str:
 
 
 def _common(spec: ClusterSpec, hostname: str) -> dict[str, str]:
-    return {"hostname": hostname, "rsyslog": render("rsyslog-loki.tmpl", {"system_ip": d.system_ip(spec)})}
+    return {"hostname": hostname, "journal_upload": _journal("journal-upload.yaml", spec)}
+
+
+def _journal(fragment: str, spec: ClusterSpec) -> str:
+    """The write_files entries that ship a node's journal to the system node (or, there, receive them)."""
+    return render(fragment, {"system_ip": d.system_ip(spec), "journal_port": str(JOURNAL_PORT)})
 
 
 def _private(
@@ -186,7 +193,9 @@ def user_data(
         }
         return render("proxy.yaml", values)
     if server.role == "system":
+        del values["journal_upload"]
         values |= {
+            "journal_remote": _journal("journal-remote.yaml", spec),
             "system_ip": d.system_ip(spec),
             "targets": scrape_targets(spec, ctx.nodes),
             "admin_token": secrets.admin_token.get_secret_value(),
@@ -195,7 +204,8 @@ def user_data(
         }
         return render("system.yaml", values)
     if server.role == "nat":
-        return render("nat.yaml", {"hostname": server.name, "nat_ip": d.nat_ip(spec), "network": str(spec.network)})
+        values |= {"nat_ip": d.nat_ip(spec), "network": str(spec.network)}
+        return render("nat.yaml", values)
     raise RenderError(f"no template for role {server.role!r}")
 
 
