@@ -35,6 +35,16 @@ class DesiredServer:
         return labels
 
 
+def architecture(server_type: str) -> str:
+    """Hetzner's name for a server type's CPU architecture: cax types are Ampere (arm64), the rest x86."""
+    return "arm64" if server_type.startswith("cax") else "x86_64"
+
+
+def architectures(spec: ClusterSpec) -> tuple[str, ...]:
+    """Every CPU architecture the spec's servers run on (what the shipped wheels must cover)."""
+    return tuple(sorted({architecture(s.server_type) for s in desired_servers(spec)}))
+
+
 def base_labels(spec: ClusterSpec, role: str | None = None) -> dict[str, str]:
     labels = {"cluster": spec.name, "managed-by": MANAGED_BY}
     if role is not None:

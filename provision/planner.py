@@ -64,10 +64,6 @@ def _rules_key(rules: tuple[Rule, ...]) -> set[tuple[str, str, str | None, tuple
     return {r.key() for r in rules}
 
 
-def _arch(server_type: str) -> str:
-    return "arm64" if server_type.startswith("cax") else "x86_64"
-
-
 def _refuse_unsupported_edits(spec: ClusterSpec, facts: Facts, secrets_digest: str | None) -> None:
     """Edits a re-apply cannot carry out safely are refused before anything is planned, each with the reason."""
     problems: list[str] = []
@@ -88,10 +84,10 @@ def _refuse_unsupported_edits(spec: ClusterSpec, facts: Facts, secrets_digest: s
                 f"{have.name} runs image {have.image} and the spec says {spec.image}: changing the image of existing "
                 "servers is not supported (scale the pillar in and out, or destroy and re-create)"
             )
-        if _arch(have.server_type) != _arch(want.server_type):
+        if d.architecture(have.server_type) != d.architecture(want.server_type):
             problems.append(
                 f"{have.name}: {have.server_type} → {want.server_type} changes the CPU architecture "
-                f"({_arch(have.server_type)} → {_arch(want.server_type)}); its disk cannot boot there"
+                f"({d.architecture(have.server_type)} → {d.architecture(want.server_type)}); its disk cannot boot there"
             )
         port = have.labels.get("port")
         if want.role == "worker" and port is not None and port != str(spec.daemon.port):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import desired as d
 from .spec import ClusterSpec
 from .tls import LocalCa, load_or_create_ca
 from .wheels import Wheelhouse, build_wheelhouse
@@ -19,7 +20,8 @@ from .wheels import Wheelhouse, build_wheelhouse
 class Shipment:
     spec: ClusterSpec
     state_dir: Path
-    #: A prebuilt wheelhouse (tests); None builds the running mbworker's into the state dir on first use.
+    #: A prebuilt wheelhouse (tests); None builds the running mbworker's into the state dir on first use, for
+    #: every CPU architecture the spec's servers run on.
     wheelhouse_override: Wheelhouse | None = None
     _wheels: Wheelhouse | None = field(default=None, init=False, repr=False)
     _pem: dict[tuple[str, ...], str] = field(default_factory=dict, init=False, repr=False)
@@ -40,5 +42,5 @@ class Shipment:
 
     def wheels(self) -> Wheelhouse:
         if self._wheels is None:
-            self._wheels = self.wheelhouse_override or build_wheelhouse(self.state_dir)
+            self._wheels = self.wheelhouse_override or build_wheelhouse(self.state_dir, d.architectures(self.spec))
         return self._wheels

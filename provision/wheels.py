@@ -1,5 +1,8 @@
 """The worker wheelhouse: the running mbworker as a wheel plus the wheels of its dependencies, pinned to the
-versions installed here, built into the operator's state directory.
+versions installed here, for the nodes' platform (Debian 12: CPython 3.11, glibc 2.36, x86_64 and/or aarch64 as
+the spec's server types need), built into the operator's state directory. The operator's own machine may be
+anything pip runs on (a Mac, an arm64 laptop, another Python): dependency wheels are downloaded for the nodes,
+never taken from what is installed here.
 
 Nothing is fetched by name from a public index at a node's boot: the system node serves this directory on the
 private network and workers install from it with `pip --no-index --require-hashes` against `requirements()`,
@@ -12,12 +15,13 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 from .errors import ProvisionError
@@ -26,6 +30,11 @@ WHEELHOUSE = "wheelhouse"
 PROJECT = "mbworker"
 #: The port the system node serves the wheelhouse on (private network only; not in any Cloud Firewall rule).
 WHEEL_PORT = 8404
+#: The nodes' interpreter and C library: Debian 12, the one image validation accepts.
+NODE_PYTHON = "3.11"
+NODE_GLIBC = (2, 36)
+#: Hetzner's architecture names (desired.architecture) as wheel platform suffixes.
+WHEEL_ARCH = {"x86_64": "x86_64", "arm64": "aarch64"}
 
 
 @dataclass(frozen=True)
@@ -52,12 +61,26 @@ class Wheelhouse:
         return next(w.version for w in self.wheels if w.name == PROJECT)
 
     def requirements(self) -> str:
-        """A pip requirements file pinning every wheel by version and hash (what `--require-hashes` wants)."""
-        return "\n".join(f"{w.name}=={w.version} --hash=sha256:{w.sha256}" for w in sorted(self.wheels, key=_key))
+        """A pip requirements file pinning every project by version and the hashes of its wheels (one per
+        architecture for compiled ones: pip accepts a file matching any of them), as `--require-hashes` wants."""
+        lines = []
+        for name, group in groupby(sorted(self.wheels, key=_key), key=lambda w: w.name):
+            wheels = list(group)
+            hashes = " ".join(f"--hash=sha256:{w.sha256}" for w in wheels)
+            lines.append(f"{name}=={wheels[0].version} {hashes}")
+        return "\n".join(lines)
 
 
-def _key(w: Wheel) -> str:
-    return w.name
+def _key(w: Wheel) -> tuple[str, str]:
+    return w.name, w.filename
+
+
+def node_platforms(arch: str) -> list[str]:
+    """The wheel platform tags a Debian 12 node of Hetzner architecture `arch` installs (pip's `--platform` takes
+    each manylinux level literally, so all of them are listed)."""
+    machine = WHEEL_ARCH[arch]
+    major, newest = NODE_GLIBC
+    return [f"manylinux_{major}_{minor}_{machine}" for minor in range(newest, 16, -1)] + [f"manylinux2014_{machine}"]
 
 
 def read_wheelhouse(directory: Path) -> Wheelhouse:
@@ -103,16 +126,26 @@ def _pip(*args: str, timeout: float) -> None:
         raise ProvisionError(f"pip {args[0]} did not finish within {timeout:.0f}s") from None
 
 
-def build_wheelhouse(state_dir: Path, *, timeout: float = 600.0) -> Wheelhouse:
+def build_wheelhouse(
+    state_dir: Path, architectures: Iterable[str] = ("x86_64",), *, timeout: float = 600.0
+) -> Wheelhouse:
     """Build (or reuse) `<state_dir>/wheelhouse`: mbworker from source plus its dependencies at the versions
-    installed here."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        raise ProvisionError(
-            f"worker wheels are built for this machine's architecture ({platform.machine()}): x86_64 only"
-        )
+    installed here, as wheels for Debian 12 nodes on each of `architectures` (Hetzner's names)."""
+    arches = sorted(set(architectures))
+    unknown = [a for a in arches if a not in WHEEL_ARCH]
+    if unknown:
+        raise ProvisionError(f"no wheels for architecture {', '.join(unknown)} (known: {', '.join(WHEEL_ARCH)})")
     root = source_root()
     out = state_dir / WHEELHOUSE
-    digest = _source_digest(root)
+    pins = "\n".join(
+        sorted(
+            f"{d.metadata['Name']}=={d.version}"
+            for d in importlib.metadata.distributions()
+            if d.metadata["Name"] and d.metadata["Name"].lower() != PROJECT
+        )
+    )
+    # what the wheelhouse is made of: the source, the pinned versions and the node platforms
+    digest = hashlib.sha256(f"{_source_digest(root)}\n{pins}\n{arches}\n{NODE_PYTHON}".encode()).hexdigest()
     stamp = out / ".source-digest"
     if stamp.is_file() and stamp.read_text() == digest:
         return read_wheelhouse(out)
@@ -121,15 +154,18 @@ def build_wheelhouse(state_dir: Path, *, timeout: float = 600.0) -> Wheelhouse:
         build = Path(tmp) / "whl"
         _pip("wheel", "--quiet", "--no-deps", "--wheel-dir", str(build), str(root), timeout=timeout)
         own = next(build.glob(f"{PROJECT}-*.whl"))
-        pins = Path(tmp) / "pins.txt"
-        pins.write_text(
-            "\n".join(
-                f"{d.metadata['Name']}=={d.version}"
-                for d in importlib.metadata.distributions()
-                if d.metadata["Name"] and d.metadata["Name"].lower() != PROJECT
-            )
-        )
-        _pip("wheel", "--quiet", "--wheel-dir", str(build), "-c", str(pins), str(own), timeout=timeout)
+        constraints = Path(tmp) / "pins.txt"
+        constraints.write_text(pins)
+        for arch in arches:
+            platforms = [arg for tag in node_platforms(arch) for arg in ("--platform", tag)]
+            try:
+                _pip(
+                    "download", "--quiet", "--only-binary=:all:", *platforms, "--python-version", NODE_PYTHON,
+                    "--implementation", "cp", "--abi", f"cp{NODE_PYTHON.replace('.', '')}", "--abi", "abi3",
+                    "--abi", "none", "--dest", str(build), "-c", str(constraints), str(own), timeout=timeout,
+                )  # fmt: skip
+            except ProvisionError as exc:
+                raise ProvisionError(f"wheels for Debian 12 on {arch} (Python {NODE_PYTHON}): {exc}") from None
         if out.exists():
             shutil.rmtree(out)
         build.rename(out)

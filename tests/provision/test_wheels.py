@@ -1,5 +1,6 @@
-"""The worker wheelhouse: built from the running mbworker, served over HTTP the way the system node serves it,
-and installed the way a worker installs it (`--no-index --require-hashes`): the daemon's entry point runs."""
+"""The worker wheelhouse: built from the running mbworker for the nodes' platforms (x86_64 and arm64 here),
+served over HTTP the way the system node serves it, and installed the way a worker installs it (`--no-index
+--require-hashes`, one hash per architecture for compiled projects): the daemon's entry point runs."""
 
 from __future__ import annotations
 
@@ -47,11 +48,19 @@ def serve() -> Iterator[functools.partial[str]]:
 def test_workers_install_the_shipped_wheels_with_hashes_and_no_index(
     tmp_path: Path, serve: functools.partial[str]
 ) -> None:
-    house = build_wheelhouse(tmp_path / "state")
+    house = build_wheelhouse(tmp_path / "state", ("x86_64", "arm64"))
     assert house.version == "0.1.0"
     names = {w.name for w in house.wheels}
     assert {"mbworker", "trio", "pydantic-core", "wasmtime", "deno"} <= names
-    assert build_wheelhouse(tmp_path / "state") == house  # same source: reused, same hashes
+    # compiled projects come for both architectures, each pinned by both hashes; pure ones once
+    for compiled in ("pydantic-core", "wasmtime", "deno", "hiredis"):
+        files = [w.filename for w in house.wheels if w.name == compiled]
+        assert any("x86_64" in f for f in files) and any("aarch64" in f for f in files), files
+        (line,) = [r for r in house.requirements().splitlines() if r.startswith(f"{compiled}==")]
+        assert line.count("--hash=sha256:") == 2, line
+    assert [w.filename for w in house.wheels if w.name == "trio"][0].endswith("-none-any.whl")
+    assert not any("cp312" in w.filename or "cp313" in w.filename for w in house.wheels)  # the nodes' Python 3.11
+    assert build_wheelhouse(tmp_path / "state", ("arm64", "x86_64")) == house  # same source: reused, same hashes
     spec = make_spec(worker={"type": "cx33", "count": 1})
     worker = next(s for s in d.desired_servers(spec) if s.role == "worker")
     doc = user_data(spec, worker, ClusterSecrets.generate(), NodeContext(wheels=house))
