@@ -55,10 +55,11 @@ def test_workers_install_the_shipped_wheels_with_hashes_and_no_index(
     # compiled projects come for both architectures, each pinned by both hashes; pure ones once
     for compiled in ("pydantic-core", "wasmtime", "deno", "hiredis"):
         files = [w.filename for w in house.wheels if w.name == compiled]
-        assert any("x86_64" in f for f in files) and any("aarch64" in f for f in files), files
+        assert any("x86_64" in f for f in files), files
+        assert any("aarch64" in f for f in files), files
         (line,) = [r for r in house.requirements().splitlines() if r.startswith(f"{compiled}==")]
         assert line.count("--hash=sha256:") == 2, line
-    assert [w.filename for w in house.wheels if w.name == "trio"][0].endswith("-none-any.whl")
+    assert next(w.filename for w in house.wheels if w.name == "trio").endswith("-none-any.whl")
     assert not any("cp312" in w.filename or "cp313" in w.filename for w in house.wheels)  # the nodes' Python 3.11
     assert build_wheelhouse(tmp_path / "state", ("arm64", "x86_64")) == house  # same source: reused, same hashes
     spec = make_spec(worker={"type": "cx33", "count": 1})
