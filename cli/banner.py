@@ -26,7 +26,7 @@ def admin_token_source(settings: Any) -> str:
 
 
 def banner_lines(handle: Any, *, tty: bool) -> list[str]:
-    """The banner for a running worker (`WorkerHandle`); `tty` decides whether keys are printed."""
+    """The banner for a running worker (the daemon's `Node`); `tty` decides whether keys are printed."""
     keys = handle.keys
     slugs: list[str] = handle.deployer.table.slugs()
     keys_file = secrets_dir(Path(handle.settings.data_dir).resolve()) / "keys.env"

@@ -302,7 +302,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mbworker.cli.output import config_error_in
     from mbworker.cli.progress import bundling_progress
     from mbworker.worker.config import load_settings
-    from mbworker.worker.daemon import WorkerHandle, serve_worker
+    from mbworker.worker.daemon import Node, serve_worker
     from mbworker.worker.logs import configure_logging
 
     path: Path = args.path or default_path()
@@ -320,7 +320,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            handle: WorkerHandle = await nursery.start(serve_worker, settings)
+            handle: Node = await nursery.start(serve_worker, settings)
             loop = DevLoop(
                 handle.deployer,
                 path,
@@ -336,7 +336,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print_banner(handle)
             if args.watch:
                 loop.say(f"watching {', '.join(str(r) for r in loop.watch_roots())} (Ctrl-C to stop)")
-                nursery.start_soon(_watch_until_drained, loop, handle.drain_control.started)
+                nursery.start_soon(_watch_until_drained, loop, handle.drain.started)
 
     try:
         trio.run(run)

@@ -142,7 +142,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from mbworker.cli.banner import print_banner
     from mbworker.cli.output import config_error_in
-    from mbworker.worker.daemon import WorkerHandle, serve_worker
+    from mbworker.worker.daemon import Node, serve_worker
     from mbworker.worker.logs import configure_logging
 
     settings = _settings_from(args)
@@ -150,7 +150,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            handle: WorkerHandle = await nursery.start(
+            handle: Node = await nursery.start(
                 partial(serve_worker, settings, args.deploy, reload_settings=lambda: _settings_from(args))
             )
             print_banner(handle)

@@ -11,7 +11,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -53,35 +53,50 @@ def quarantine_json(q: Quarantined) -> dict[str, Any]:
     }
 
 
-class AdminApp:
-    """HttpApp for the admin listener. Owns nothing: the deployer and hooks belong to the daemon."""
+class AdminNode(Protocol):
+    """What the admin API asks of the node it serves (the daemon's `Node`): the app reaches the node only
+    through this seam, and owns none of it."""
 
-    def __init__(
-        self,
-        deployer: Deployer,
-        token: str,
-        *,
-        max_bundle_bytes: int,
-        health: Callable[[], dict[str, Any]],
-        drain: Callable[[], bool] | None = None,
-        purge_cache: Callable[[str | None], Awaitable[int]] | None = None,
-        public_url: str = "",
-        metrics: Metrics | None = None,
-        function_logs: FunctionLogs | None = None,
-        draining: trio.Event | None = None,
-        upgrade: UpgradeRequests | None = None,
-    ) -> None:
-        self.upgrade = upgrade
+    @property
+    def deployer(self) -> Deployer: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def function_logs(self) -> FunctionLogs: ...
+
+    @property
+    def drain_started(self) -> trio.Event:
+        """Set when the node starts draining: a log follower ends then."""
+        ...
+
+    def health(self) -> dict[str, Any]: ...
+
+    def request_drain(self) -> bool:
+        """Start draining (idempotent); True once public work has finished, which the asker polls for."""
+        ...
+
+    async def purge_cache(self, slug: str | None) -> int:
+        """Drop cached results of `slug` (or all): this node's and, in a cluster, the shared ones."""
+        ...
+
+    @property
+    def upgrade(self) -> UpgradeRequests | None:
+        """Where a rolling upgrade's request is left (None: upgrades are not enabled on this node)."""
+        ...
+
+
+class AdminApp:
+    """HttpApp for the admin listener. Owns nothing: the node and its parts belong to the daemon."""
+
+    def __init__(self, node: AdminNode, token: str, *, max_bundle_bytes: int, public_url: str = "") -> None:
+        self.node = node
+        self.deployer = node.deployer
+        self.upgrade = node.upgrade
         self.public_url = public_url
-        self.metrics = metrics
-        self.function_logs = function_logs
-        self.draining = draining
-        self.deployer = deployer
         self._token = token.encode()
         self.max_bundle_bytes = max_bundle_bytes
-        self.health = health
-        self.drain = drain
-        self.purge_cache = purge_cache
         self._routes: list[tuple[str, re.Pattern[str], Route]] = [
             ("GET", re.compile(r"^/admin/v1/health$"), self._health),
             ("GET", re.compile(r"^/metrics$"), self._metrics),
@@ -152,25 +167,19 @@ class AdminApp:
         return value
 
     async def _health(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
-        await send_json(responder, 200, self.health())
+        await send_json(responder, 200, self.node.health())
 
     async def _metrics(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
-        if self.metrics is None:
-            await send_error(responder, 404, "NOT_FOUND", "Metrics are not enabled")
-            return
-        await serve_metrics(request, responder, self.metrics)
+        await serve_metrics(request, responder, self.node.metrics)
 
     async def _logs(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
-        if self.function_logs is None:
-            await send_error(responder, 404, "NOT_FOUND", "Function logs are not enabled")
-            return
         await serve_logs(
             request,
             responder,
             args[0],
-            self.function_logs,
+            self.node.function_logs,
             exists=lambda slug: self.deployer.table.get(slug) is not None,
-            until=self.draining,
+            until=self.node.drain_started,
         )
 
     async def _list(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
@@ -298,10 +307,7 @@ class AdminApp:
         await send_json(responder, 200, {"unset": removed})
 
     async def _drain(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
-        if self.drain is None:
-            await send_error(responder, 501, "NOT_IMPLEMENTED", "Drain is not available")
-            return
-        drained = self.drain()
+        drained = self.node.request_drain()
         # Poll until "drained" is true (in-flight requests finished); then the node exits. 202 while it drains.
         await send_json(responder, 200 if drained else 202, {"draining": True, "drained": drained})
 
@@ -325,14 +331,11 @@ class AdminApp:
         await send_json(responder, 202, {"version": version, "draining": True})
 
     async def _purge(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
-        if self.purge_cache is None:
-            await send_json(responder, 200, {"purged": 0})
-            return
         try:
             body = await self._json_body(request)
         except ValueError as exc:
             await send_error(responder, 400, "BAD_REQUEST", f"Invalid JSON body: {exc}")
             return
         slug = body.get("slug")
-        purged = await self.purge_cache(slug if isinstance(slug, str) else None)
+        purged = await self.node.purge_cache(slug if isinstance(slug, str) else None)
         await send_json(responder, 200, {"purged": purged})

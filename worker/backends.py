@@ -1,7 +1,7 @@
 """`open_backends`: what a node shares with its cluster, or keeps to itself.
 
 Without a Redis URL (the embedded default) every backend is a memory twin or the local directory store; with one,
-the same seams are served by the state pillar's Redis. Owner: `serve_worker` enters this context once; it owns the
+the same seams are served by the state pillar's Redis. Owner: the daemon's `Node` enters this context once; it owns the
 Redis client, the node's one pub/sub connection (the cluster bus) and everything registered on it, and closes them
 in reverse order (broker and presence last in, first out: clients' last untracks still reach Redis).
 """

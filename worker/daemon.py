@@ -1,11 +1,12 @@
-"""`serve_worker`: the start order of one worker node, top to bottom.
+"""`Node`: one worker node, the composition root. `serve_worker` runs one until it is drained.
 
-data dir and secrets → cluster backends (with Redis: client, deployment store, rate limits, L2, the pub/sub bus,
-revocations, broker, presence; else the local store) → runtimes → JWT verifier → front door → live table (restored
-from the store) → realtime → admin listener → public listener → heartbeat (cluster) → examples → ready.
-Drain (`worker.drain.Drain`: a signal, POST /admin/v1/drain, the control plane) stops accepting, closes
-WebSockets with 1012, lets in-flight requests finish within the grace period, then closes everything in reverse
-order; every child is reaped by the runtime that owns it.
+`Node.serve` is the start order, top to bottom (docs/architecture.md, "Start order"): data dir and secrets →
+cluster backends (with Redis: client, deployment store, rate limits, L2, the pub/sub bus, revocations, broker,
+presence; else the local store) → runtimes → JWT verifier and front door → live table (restored from the store)
+→ realtime → the store's change feed, admin listener, public listener, heartbeat (cluster) → `--deploy`
+paths → ready. Drain (`worker.drain.Drain`: a signal, POST /admin/v1/drain, the control plane) stops accepting,
+closes WebSockets with 1012, lets in-flight requests finish within the grace period, then closes everything in
+reverse order; every child is reaped by the runtime that owns it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,14 +27,14 @@ import trio
 from mbworker import __version__
 from mbworker.lib.http.server import HttpServer, serve_http
 from mbworker.lib.http.settings import HttpSettings
-from mbworker.lib.jwt import JwksError, open_jwt_verifier
-from mbworker.realtime import open_realtime
+from mbworker.lib.jwt import JwksError, JwtVerifier, open_jwt_verifier
+from mbworker.realtime import RealtimeService, open_realtime
 from mbworker.runtimes import Runtime
 from mbworker.runtimes.deno import DenoSettings, open_deno_runtime
 from mbworker.runtimes.deno.permissions import NetPolicy, node_addresses, resolve_hosts
 from mbworker.runtimes.wasm import WasmSettings, open_wasm_runtime
 from mbworker.worker.admin import AdminApp
-from mbworker.worker.backends import open_backends
+from mbworker.worker.backends import Backends, open_backends
 from mbworker.worker.cache import CacheSettings, ResultCache
 from mbworker.worker.cluster import (
     Rate,
@@ -70,16 +70,35 @@ DRAIN_REPORT_LINGER_S = 10.0
 and read `drained: true` before the process exits."""
 
 
-@dataclass
-class WorkerHandle:
-    """What `serve_worker` hands to `task_status.started`: addresses, keys, and the drain trigger."""
+class Node:
+    """One worker node. It owns its parts: `serve` opens them in the start order (one method a step) and
+    closes them in reverse. The admin app reaches it through `admin.AdminNode` (health, drain, cache purge,
+    metrics, logs); the heartbeat reads `state`; the CLI gets it from `serve_worker`'s `started`."""
 
-    settings: WorkerSettings
+    # Opened by `serve`, each before anything that uses it.
     keys: ProjectKeys
-    public: HttpServer
-    admin: HttpServer
+    backends: Backends
+    runtimes: dict[str, Runtime]
+    verifier: JwtVerifier
+    functions: FunctionsFrontDoor
     deployer: Deployer
-    drain_control: Drain = field(default_factory=Drain)
+    realtime: RealtimeService
+    admin: HttpServer
+    public: HttpServer
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.data_dir = settings.data_dir.resolve()
+        self.node_id = default_node_id(settings)
+        self.table = FunctionTable()
+        self.drain = Drain()
+        self.metrics = Metrics(node_id=self.node_id)
+        self.function_logs = FunctionLogs()
+        self.readiness = Readiness()
+        # Its request is written from a worker thread (file work): the drain it starts is handed back to trio.
+        self.upgrade: UpgradeRequests | None = UpgradeRequests(
+            self.data_dir, partial(trio.from_thread.run_sync, self.drain.start)
+        )
 
     @property
     def public_url(self) -> str:
@@ -89,8 +108,261 @@ class WorkerHandle:
     def admin_url(self) -> str:
         return f"http://{_display_host(self.settings.admin_host)}:{self.admin.port}"
 
-    def drain(self) -> None:
-        self.drain_control.start()
+    # -- the start order ----------------------------------------------------------------------------------------
+
+    async def serve(
+        self,
+        deploy_paths: Sequence[Path] = (),
+        *,
+        handle_signals: bool = True,
+        reload_settings: Callable[[], WorkerSettings] | None = None,
+        task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run until drained. `started(self)` once both listeners accept and the `--deploy` paths are live."""
+        await self._open_data_dir()
+        async with AsyncExitStack() as stack:
+            await self._open_backends(stack)
+            await self._open_runtimes(stack)
+            await self._open_front_door(stack)
+            restored = await self._restore_table()
+            await self._open_realtime(stack)
+            async with trio.open_nursery() as nursery:
+                await self._listen(nursery)
+                for path in deploy_paths:
+                    await deploy_path(self.deployer, path)
+                if handle_signals:
+                    nursery.start_soon(_serve_signals, self.drain, nursery.cancel_scope)
+                    if reload_settings is not None:
+                        nursery.start_soon(_serve_reload, reload_settings, self.apply_settings)
+                log.info(
+                    "ready: %s (admin %s), %d functions live (%d restored from the store)",
+                    self.public_url,
+                    self.admin_url,
+                    len(self.table),
+                    restored,
+                )
+                task_status.started(self)
+                await self._drain_when_asked()
+                nursery.cancel_scope.cancel()
+        log.info("worker stopped")
+
+    async def _open_data_dir(self) -> None:
+        """Step 2: the data dir made private, and the project's secrets (from settings or kept there)."""
+        tightened = await trio.to_thread.run_sync(secure_data_dir, self.data_dir)
+        for what in tightened:
+            log.warning("readable by others, tightened: %s", what)
+        self.keys = await trio.to_thread.run_sync(load_project_keys, self.settings)
+
+    async def _open_backends(self, stack: AsyncExitStack) -> None:
+        """Step 3: what the node shares with its cluster (Redis) or keeps to itself (memory, local store)."""
+        self.backends = await stack.enter_async_context(
+            open_backends(
+                self.settings, self.data_dir, node_id=self.node_id, metrics=self.metrics, readiness=self.readiness
+            )
+        )
+
+    async def _open_runtimes(self, stack: AsyncExitStack) -> None:
+        """Step 4: Deno and Wasm, each owning its processes / Stores."""
+        settings = self.settings
+        net_policy = await trio.to_thread.run_sync(function_net_policy, settings)
+        deno_settings = DenoSettings(scratch_dir=self.data_dir / "scratch" / "deno", net=net_policy)
+        if settings.deno is not None:
+            deno_settings = deno_settings.model_copy(update={"deno_bin": str(settings.deno)})
+        deno = await stack.enter_async_context(open_deno_runtime(deno_settings, on_log=self.function_logs.on_log))
+        self.readiness.add("runtime deno", executable_check(deno_settings.deno_bin))
+        wasm = await stack.enter_async_context(
+            open_wasm_runtime(
+                WasmSettings(cache_dir=self.data_dir / "cache" / "wasm", sync_wait_us=settings.wasm_sync_wait_us),
+                on_log=self.function_logs.on_log,
+            )
+        )
+        self.runtimes = {"deno": deno, "wasm": wasm}
+        for name, runtime in self.runtimes.items():
+            self.metrics.add_statistics(RUNTIME_STATS, runtime.statistics, runtime=name)
+
+    async def _open_front_door(self, stack: AsyncExitStack) -> None:
+        """Step 5: the JWT verifier (one algorithm policy and memo, for the functions' gate and realtime) and
+        the functions front door."""
+        # Closed before the stores and Redis (the exit stack unwinds in reverse): its L2 writes still reach Redis.
+        background = await stack.enter_async_context(trio.open_nursery())
+        try:
+            verifier = await stack.enter_async_context(open_jwt_verifier(self.keys.jwt_secret, jwks=self.settings.jwks))
+        except JwksError as exc:
+            raise ConfigError(f"jwks: {exc}") from None
+        verifier.revocations = self.backends.revocations  # a revoked session's tokens are refused by both
+        self.verifier = verifier
+        self.functions = FunctionsFrontDoor(
+            self.table,
+            self.runtimes,
+            JwtGate(verifier),
+            cache=_make_cache(self.settings),
+            metrics=self.metrics,
+            limiter=self.backends.limiter,
+            l2=self.backends.l2,
+            background=background,
+            trusted_proxies=TrustedProxies(self.settings.trusted_proxies),
+        )
+        self.metrics.add_statistics(
+            CACHE_STATS, lambda: self.functions.cache.statistics() if self.functions.cache else None
+        )
+
+    async def _restore_table(self) -> int:
+        """Step 6: the live table, restored from the store's active versions (booted lazily on first
+        request). Returns how many were restored."""
+        settings = self.settings
+        self.deployer = Deployer(
+            self.backends.store,
+            self.runtimes,
+            self.table,
+            PlatformEnv(
+                settings.public_base_url,
+                self.keys.anon_key,
+                self.keys.service_role_key,
+                db_url=settings.db_url.get_secret_value() if settings.db_url else None,
+                jwks=await _functions_jwks(settings.jwks),
+            ),
+            scratch_root=self.data_dir / "scratch" / "functions",
+            on_change=self._on_change,
+            default_limits=settings.limits,
+        )
+        restored = await self.deployer.restore()
+        for slug in self.table.slugs():  # nothing is in this L1 yet; what other nodes cached for these versions holds
+            self._follow(slug)
+        return restored
+
+    async def _open_realtime(self, stack: AsyncExitStack) -> None:
+        """Step 7: realtime, on the cluster's broker and presence when there is one."""
+        self.realtime = await stack.enter_async_context(
+            open_realtime(
+                self.settings.realtime,
+                verifier=self.verifier,
+                node_id=self.node_id,
+                broker=self.backends.broker,
+                presence=self.backends.presence,
+                shared_limiter=_SharedRealtimeLimiter(self.backends.limiter),
+            )
+        )
+        # Channels joined with a revoked session end at once.
+        self.backends.revocations.add_listener(self.realtime.end_session)
+        self.metrics.add_statistics(REALTIME_STATS, self.realtime.statistics)
+
+    async def _listen(self, nursery: trio.Nursery) -> None:
+        """Step 8: the store's change feed followed, the admin listener, the public listener, and in a cluster
+        the heartbeat to the control plane's registry."""
+        settings = self.settings
+        await nursery.start(self.deployer.serve_store_changes)
+        admin_app = AdminApp(
+            self,
+            self.keys.admin_token,
+            max_bundle_bytes=settings.max_bundle_mb * 1024 * 1024,
+            public_url=settings.public_base_url,
+        )
+        self.admin = await _listen(nursery, admin_app, settings.admin_host, settings.admin_port, "admin")
+        public_app = PublicApp(self.functions, self.realtime, self.ready)
+        self.public = await _listen(nursery, public_app, settings.host, settings.port, "public", settings=settings.http)
+        self.metrics.add_statistics(HTTP_STATS, self.public.statistics, listener="public")
+        self.metrics.add_statistics(HTTP_STATS, self.admin.statistics, listener="admin")
+        if self.backends.redis is not None:
+            # The control plane's registry: this node's health, load and live versions, once a second.
+            host = await trio.to_thread.run_sync(advertised_host, settings)  # may resolve the host name
+            identity = NodeIdentity("worker", self.node_id, host, self.public.port, self.admin.port, __version__)
+            nursery.start_soon(partial(serve_heartbeat, self.backends.redis, identity, self.state, self.drain.start))
+
+    async def _drain_when_asked(self) -> None:
+        """Wait for the drain, then: stop accepting, finish in-flight work within the grace period, tell whoever
+        asked over the admin API, close the admin listener. The caller then closes everything else."""
+        await self.drain.wait_started()
+        grace = self.settings.drain_grace_s
+        self.metrics.set_draining(True)
+        log.info("draining: grace %.0fs", grace)
+        with trio.move_on_after(grace + 5):
+            async with trio.open_nursery() as drains:
+                # 1012 "service restart": realtime-js reconnects, through the proxy, to another worker.
+                drains.start_soon(partial(self.realtime.close_all, 1012, timeout=grace))
+                drains.start_soon(self.public.drain, grace)
+        self.drain.finish()
+        # Whoever asked over the admin API (the provisioner's scale-in) polls until it reads drained: true;
+        # stay reachable until it has (bounded), then close the admin listener.
+        await self.drain.wait_told(DRAIN_REPORT_LINGER_S)
+        with trio.move_on_after(5):
+            await self.admin.drain(5)
+
+    # -- what the apps, the deployer and the heartbeat ask -------------------------------------------------------
+
+    @property
+    def drain_started(self) -> trio.Event:
+        return self.drain.started
+
+    def request_drain(self) -> bool:
+        return self.drain.request()
+
+    async def purge_cache(self, slug: str | None, shared: bool = True) -> int:
+        """Drop cached results of `slug` (or all): this node's L1 and, with `shared` in a cluster, the L2."""
+        l2 = self.backends.l2
+        if shared and l2 is not None:
+            for each in [slug] if slug else self.table.slugs():
+                await l2.purge_prefix(each)
+        cache = self.functions.cache
+        return cache.purge(slug) if cache is not None else 0
+
+    def _follow(self, slug: str) -> None:
+        """Metrics and logs follow the slug's live version."""
+        active = self.table.get(slug)
+        if active is None:
+            self.metrics.forget_function(slug)
+            self.function_logs.forget(slug)
+        else:
+            self.metrics.set_function_version(slug, active.fn.version)
+
+    async def _on_change(self, slug: str, rolled_back: bool) -> None:
+        """A slug's live version changed on this node: drop its results from this node's L1 (they are keyed by
+        version: this only frees memory, unless an older version came back). The shared L2 is purged only by the
+        node that rolled back — every other change brings a version whose keys were never used."""
+        await self.purge_cache(slug, shared=rolled_back)
+        self._follow(slug)
+
+    def _live(self) -> dict[str, int]:
+        return {slug: a.fn.version for slug in self.table.slugs() if (a := self.table.get(slug)) is not None}
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Not draining and every dependency up (readiness.py); else 503 with the reasons."""
+        draining = self.drain.draining
+        problems = await self.readiness.check()
+        detail: dict[str, Any] = {"functions": len(self.table), "draining": draining}
+        if problems:
+            detail["problems"] = problems
+        quarantined = await self.backends.store.quarantined()
+        if quarantined:  # served without them: ready, but the operator must see what was set aside
+            detail["quarantined"] = [{"slug": q.slug, "version": q.version, "reason": q.reason} for q in quarantined]
+        return (not draining and not problems, detail)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "draining" if self.drain.draining else "ok",
+            "node": self.node_id,
+            "functions": self.table.slugs(),
+            # what this node serves now: the control plane waits on it before a deploy returns
+            "live": self._live(),
+            "runtimes": {name: _stats(rt) for name, rt in self.runtimes.items()},
+        }
+
+    def state(self) -> NodeState:
+        """What the heartbeat reports: health, load and live versions."""
+        load = NodeLoad(
+            self.public.statistics().requests_served,
+            self.realtime.statistics().connections,
+            self.runtimes["deno"].statistics().processes,
+        )
+        why = "draining" if self.drain.draining else None
+        return NodeState(why is None, why, self.drain.draining, load, self._live())
+
+    async def apply_settings(self, new: WorkerSettings) -> None:
+        """SIGHUP: what can change live (log level, limits, cache size)."""
+        configure_logging(new.log_level)
+        await self.deployer.set_default_limits(new.limits)
+        if new.cache_mb != self.settings.cache_mb:
+            self.functions.cache = _make_cache(new)  # a new size starts an empty cache
+        self.settings = new
 
 
 def _display_host(host: str) -> str:
@@ -103,219 +375,13 @@ async def serve_worker(
     *,
     handle_signals: bool = True,
     reload_settings: Callable[[], WorkerSettings] | None = None,
-    task_status: trio.TaskStatus[WorkerHandle] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run one worker node until drained. `started(handle)` once both listeners accept and examples are live."""
-    data_dir = settings.data_dir.resolve()
-    tightened = await trio.to_thread.run_sync(secure_data_dir, data_dir)
-    for what in tightened:
-        log.warning("readable by others, tightened: %s", what)
-    keys = await trio.to_thread.run_sync(load_project_keys, settings)
-    node_id = default_node_id(settings)
-    table = FunctionTable()
-    drain = Drain()
-    metrics = Metrics(node_id=node_id)
-    function_logs = FunctionLogs()
-    readiness = Readiness()
-
-    async with AsyncExitStack() as stack:
-        backends = await stack.enter_async_context(
-            open_backends(settings, data_dir, node_id=node_id, metrics=metrics, readiness=readiness)
-        )
-        l2 = backends.l2
-        net_policy = await trio.to_thread.run_sync(function_net_policy, settings)
-        deno_settings = DenoSettings(scratch_dir=data_dir / "scratch" / "deno", net=net_policy)
-        if settings.deno is not None:
-            deno_settings = deno_settings.model_copy(update={"deno_bin": str(settings.deno)})
-        deno = await stack.enter_async_context(open_deno_runtime(deno_settings, on_log=function_logs.on_log))
-        readiness.add("runtime deno", executable_check(deno_settings.deno_bin))
-        wasm = await stack.enter_async_context(
-            open_wasm_runtime(
-                WasmSettings(cache_dir=data_dir / "cache" / "wasm", sync_wait_us=settings.wasm_sync_wait_us),
-                on_log=function_logs.on_log,
-            )
-        )
-        runtimes: dict[str, Runtime] = {"deno": deno, "wasm": wasm}
-        metrics.add_statistics(RUNTIME_STATS, deno.statistics, runtime="deno")
-        metrics.add_statistics(RUNTIME_STATS, wasm.statistics, runtime="wasm")
-        # Closed before the stores and Redis (the exit stack unwinds in reverse): its L2 writes still reach Redis.
-        background = await stack.enter_async_context(trio.open_nursery())
-        # One verifier (one algorithm policy, one memo) for the functions' gate and realtime.
-        try:
-            verifier = await stack.enter_async_context(open_jwt_verifier(keys.jwt_secret, jwks=settings.jwks))
-        except JwksError as exc:
-            raise ConfigError(f"jwks: {exc}") from None
-        verifier.revocations = (
-            backends.revocations
-        )  # a revoked session's tokens are refused by the gate and by realtime
-        functions = FunctionsFrontDoor(
-            table,
-            runtimes,
-            JwtGate(verifier),
-            cache=_make_cache(settings),
-            metrics=metrics,
-            limiter=backends.limiter,
-            l2=l2,
-            background=background,
-            trusted_proxies=TrustedProxies(settings.trusted_proxies),
-        )
-        metrics.add_statistics(CACHE_STATS, lambda: functions.cache.statistics() if functions.cache else None)
-
-        async def purge_cache(slug: str | None, shared: bool = True) -> int:
-            """Drop cached results of `slug` (or all): this node's L1 and, with `shared` in a cluster, the L2."""
-            if shared and l2 is not None:
-                for each in [slug] if slug else table.slugs():
-                    await l2.purge_prefix(each)
-            return functions.cache.purge(slug) if functions.cache is not None else 0
-
-        def follow(slug: str) -> None:
-            """Metrics and logs follow the slug's live version."""
-            active = table.get(slug)
-            if active is None:
-                metrics.forget_function(slug)
-                function_logs.forget(slug)
-            else:
-                metrics.set_function_version(slug, active.fn.version)
-
-        async def on_change(slug: str, rolled_back: bool) -> None:
-            """A slug's live version changed on this node: drop its results from this node's L1 (they are keyed
-            by version: this only frees memory, unless an older version came back). The shared L2 is purged only
-            by the node that rolled back — every other change brings a version whose keys were never used."""
-            await purge_cache(slug, shared=rolled_back)
-            follow(slug)
-
-        deployer = Deployer(
-            backends.store,
-            runtimes,
-            table,
-            PlatformEnv(
-                settings.public_base_url,
-                keys.anon_key,
-                keys.service_role_key,
-                db_url=settings.db_url.get_secret_value() if settings.db_url else None,
-                jwks=await _functions_jwks(settings.jwks),
-            ),
-            scratch_root=data_dir / "scratch" / "functions",
-            on_change=on_change,
-            default_limits=settings.limits,
-        )
-        restored = await deployer.restore()
-        for slug in table.slugs():  # nothing is in this L1 yet; what other nodes cached for these versions holds
-            follow(slug)
-        realtime = await stack.enter_async_context(
-            open_realtime(
-                settings.realtime,
-                verifier=verifier,
-                node_id=node_id,
-                broker=backends.broker,
-                presence=backends.presence,
-                shared_limiter=_SharedRealtimeLimiter(backends.limiter),
-            )
-        )
-        backends.revocations.add_listener(realtime.end_session)  # channels joined with a revoked session end at once
-        metrics.add_statistics(REALTIME_STATS, realtime.statistics)
-
-        async def ready() -> tuple[bool, dict[str, Any]]:
-            """Not draining and every dependency up (readiness.py); else 503 with the reasons."""
-            problems = await readiness.check()
-            detail: dict[str, Any] = {"functions": len(table), "draining": drain.draining}
-            if problems:
-                detail["problems"] = problems
-            quarantined = await backends.store.quarantined()
-            if quarantined:  # served without them: ready, but the operator must see what was set aside
-                detail["quarantined"] = [
-                    {"slug": q.slug, "version": q.version, "reason": q.reason} for q in quarantined
-                ]
-            return (not drain.draining and not problems, detail)
-
-        def health() -> dict[str, Any]:
-            return {
-                "status": "draining" if drain.draining else "ok",
-                "node": node_id,
-                "functions": table.slugs(),
-                # what this node serves now: the control plane waits on it before a deploy returns
-                "live": {slug: a.fn.version for slug in table.slugs() if (a := table.get(slug)) is not None},
-                "runtimes": {name: _stats(rt) for name, rt in runtimes.items()},
-            }
-
-        public_app = PublicApp(functions, realtime, ready)
-        admin_app = AdminApp(
-            deployer,
-            keys.admin_token,
-            max_bundle_bytes=settings.max_bundle_mb * 1024 * 1024,
-            health=health,
-            drain=drain.request,
-            purge_cache=purge_cache,
-            public_url=settings.public_base_url,
-            metrics=metrics,
-            function_logs=function_logs,
-            draining=drain.started,
-            upgrade=UpgradeRequests(data_dir, drain.start),
-        )
-        async with trio.open_nursery() as nursery:
-            await nursery.start(deployer.serve_store_changes)
-            admin: HttpServer = await _listen(nursery, admin_app, settings.admin_host, settings.admin_port, "admin")
-            public: HttpServer = await _listen(
-                nursery, public_app, settings.host, settings.port, "public", settings=settings.http
-            )
-            metrics.add_statistics(HTTP_STATS, public.statistics, listener="public")
-            metrics.add_statistics(HTTP_STATS, admin.statistics, listener="admin")
-            if backends.redis is not None:
-                # The control plane's registry: this node's health, load and live versions, once a second.
-
-                def node_state() -> NodeState:
-                    live = {slug: a.fn.version for slug in table.slugs() if (a := table.get(slug)) is not None}
-                    load = NodeLoad(
-                        public.statistics().requests_served,
-                        realtime.statistics().connections,
-                        deno.statistics().processes,
-                    )
-                    why = "draining" if drain.draining else None
-                    return NodeState(why is None, why, drain.draining, load, live)
-
-                host = await trio.to_thread.run_sync(advertised_host, settings)  # may resolve the host name
-                identity = NodeIdentity("worker", node_id, host, public.port, admin.port, __version__)
-                nursery.start_soon(partial(serve_heartbeat, backends.redis, identity, node_state, drain.start))
-            for path in deploy_paths:
-                await deploy_path(deployer, path)
-            handle = WorkerHandle(settings, keys, public, admin, deployer, drain)
-            if handle_signals:
-                nursery.start_soon(_serve_signals, drain, nursery.cancel_scope)
-                if reload_settings is not None:
-
-                    async def apply(new: WorkerSettings) -> None:
-                        nonlocal settings
-                        configure_logging(new.log_level)
-                        await deployer.set_default_limits(new.limits)
-                        if new.cache_mb != settings.cache_mb:
-                            functions.cache = _make_cache(new)  # a new size starts an empty cache
-                        settings = new
-
-                    nursery.start_soon(_serve_reload, reload_settings, apply)
-            log.info(
-                "ready: %s (admin %s), %d functions live (%d restored from the store)",
-                handle.public_url,
-                handle.admin_url,
-                len(table),
-                restored,
-            )
-            task_status.started(handle)
-            await drain.wait_started()
-            metrics.set_draining(True)
-            log.info("draining: grace %.0fs", settings.drain_grace_s)
-            with trio.move_on_after(settings.drain_grace_s + 5):
-                async with trio.open_nursery() as drains:
-                    # 1012 "service restart": realtime-js reconnects, through the proxy, to another worker.
-                    drains.start_soon(partial(realtime.close_all, 1012, timeout=settings.drain_grace_s))
-                    drains.start_soon(public.drain, settings.drain_grace_s)
-            drain.finish()
-            # Whoever asked over the admin API (the provisioner's scale-in) polls until it reads drained: true;
-            # stay reachable until it has (bounded), then close the admin listener.
-            await drain.wait_told(DRAIN_REPORT_LINGER_S)
-            with trio.move_on_after(5):
-                await admin.drain(5)
-            nursery.cancel_scope.cancel()
-    log.info("worker stopped")
+    """Run one worker node until drained. `started(node)` once both listeners accept and examples are live."""
+    node = Node(settings)
+    await node.serve(
+        deploy_paths, handle_signals=handle_signals, reload_settings=reload_settings, task_status=task_status
+    )
 
 
 async def _listen(

@@ -1,8 +1,8 @@
 """`Drain`: the node's one drain state, serving → draining → drained.
 
-Owner: `serve_worker` creates it and is the only one that finishes it (once public work is done). Anyone may
+Owner: the daemon's `Node` creates it and is the only one that finishes it (once public work is done). Anyone may
 start it: a signal, the admin API (the provisioner's scale-in, which then polls until it reads drained: true),
-the control plane through the heartbeat, or a test through `WorkerHandle.drain`. Readers ask `draining`, wait
+the control plane through the heartbeat, or a test through `Node.drain`. Readers ask `draining`, wait
 with `wait_started`, or hand `started` to a wait that must end when the drain begins (a log follower).
 """
 
