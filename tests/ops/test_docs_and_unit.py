@@ -1,8 +1,11 @@
-"""docs_gen covers every setting and metric, docs/operations.md is current, the systemd unit is valid."""
+"""docs_gen covers every setting and metric, docs/operations.md is current, docs/architecture.md gives the
+daemon's start order as the code has it, the systemd unit is valid."""
 
 from __future__ import annotations
 
 import configparser
+import inspect
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,6 +16,7 @@ from pydantic import BaseModel
 from mbworker.cli import docs_gen
 from mbworker.runtimes.limits import Limits
 from mbworker.worker.config import WorkerSettings
+from mbworker.worker.daemon import Node
 from mbworker.worker.metrics import Metrics, RequestInstruments
 from mbworker.worker.systemd import UNIT_NAME, unit_text
 from tests.conftest import require_binary
@@ -58,6 +62,17 @@ def test_operations_doc_is_current() -> None:
     text = doc.read_text(encoding="utf-8")
     assert docs_gen.replace_sections(text) == text, "run: python -m mbworker.cli.docs_gen --write docs/operations.md"
     assert docs_gen.main(["--check", str(doc)]) == 0
+
+
+def test_architecture_start_order_is_the_codes() -> None:
+    """The numbered steps of docs/architecture.md's "Start order" name `Node`'s step methods in the order
+    `Node.serve` calls them."""
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    section = doc.split("## Start order", 1)[1].split("\n## ", 1)[0]
+    documented = re.findall(r"^\d+\. `(_\w+)`", section, flags=re.MULTILINE)
+    called = re.findall(r"await self\.(_\w+)\(", inspect.getsource(Node.serve))
+    assert called == [*documented, "_drain_when_asked"]  # then it serves until drained
+    assert len(documented) >= 6
 
 
 def test_replace_sections_needs_markers() -> None:
