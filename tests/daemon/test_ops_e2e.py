@@ -106,3 +106,23 @@ async def test_drain_under_load_loses_no_accepted_request(tmp_path: Path, http: 
         with trio.fail_after(40):
             assert await worker.process.wait() == 0
     assert not deno_processes(worker.data_dir)
+
+
+async def test_an_upgrade_request_is_left_for_the_helper_and_drains_the_node(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """The admin app's upgrade route through the node: refused while no helper watches; with one, the request
+    file is left (from a worker thread) and the drain it starts runs in trio until the process exits."""
+    data = tmp_path / "data"
+    async with run_worker(data) as worker:
+        admin = {"authorization": f"Bearer {worker.admin_token}"}
+        url = f"{worker.admin_url}/admin/v1/upgrade"
+        refused = await http.post(url, headers=admin, json={"version": "9.9.9"})
+        assert (refused.status_code, refused.json()["code"]) == (501, "NOT_IMPLEMENTED")
+        (data / "upgrade").mkdir()  # what the helper makes when it watches this node
+        r = await http.post(url, headers=admin, json={"version": "9.9.9"})
+        assert (r.status_code, r.json()) == (202, {"version": "9.9.9", "draining": True})
+        assert (data / "upgrade" / "request").read_text() == '{"version": "9.9.9"}'
+        await worker.wait_for_output("draining: grace")
+        with trio.fail_after(60):
+            assert await worker.process.wait() == 0
