@@ -1,4 +1,4 @@
-"""Progress on stderr while `mbworker deploy` waits on something slow (resolving and bundling npm packages).
+"""Progress on stderr while `mbworker deploy` waits on something slow (resolving npm packages, bundling jsr: modules).
 
 On a terminal an elapsed-seconds counter ticks in place (a thread: the CLI has no event loop); elsewhere (CI
 logs) one line when it starts and one when it ends.
@@ -21,7 +21,7 @@ def bundling_progress(slug: str, out: TextIO | None = None) -> Iterator[None]:
     stream = out or sys.stderr
     tty = stream.isatty()
     started = time.monotonic()
-    print(f"… {slug}: resolving and bundling its packages (deno bundle, on this machine)", file=stream, flush=True)
+    print(f"… {slug}: resolving its packages (on this machine)", file=stream, flush=True)
     stop = threading.Event()
 
     def tick() -> None:
@@ -35,7 +35,7 @@ def bundling_progress(slug: str, out: TextIO | None = None) -> Iterator[None]:
     outcome = "failed after"
     try:
         yield
-        outcome = "bundled in"
+        outcome = "resolved in"
     finally:
         stop.set()
         if ticker is not None:

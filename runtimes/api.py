@@ -51,6 +51,9 @@ class FunctionVersion:
     net_allow: tuple[str, ...] | None = None
     """Hosts (`host` or `host:port`) the function may connect to; None means the public internet. Private and
     cluster addresses stay denied either way (runtimes/deno/permissions.py, docs/security.md)."""
+    deno_config: str | None = None
+    """Path (relative to `bundle_dir`) of the Deno config to run with: set when the bundle ships its npm packages
+    in a `node_modules` folder beside it, with a frozen lockfile; it holds the imports too (`import_map` unused)."""
 
     @property
     def key(self) -> str:

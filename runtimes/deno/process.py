@@ -264,8 +264,8 @@ class DenoProcess:
         detail = failed.detail if failed is not None else ""
         if any(h in detail or h in out for h in _NETWORK_HINTS):
             reason += (
-                " (the worker has no network and no module cache: remote, jsr: and npm: imports must be "
-                "inlined with `deno bundle` before deploying)"
+                " (the worker has no network and no module cache: npm:, jsr: and remote imports are resolved "
+                "where you deploy from: deploy with `mbworker deploy`)"
             )
         if detail and detail not in out:
             out = f"{out}\n{detail}" if out else detail

@@ -169,9 +169,21 @@ class Spawner:
 
 # ------------------------------------------------------------------------------------------ command line
 
-DENO_ENV = ("DENO_DIR", "NO_COLOR", "DENO_NO_UPDATE_CHECK", "DENO_NO_PROMPT", "PATH", "DENO_NODE_SHIM_ACTIVE")
+DENO_ENV = (
+    "DENO_DIR",
+    "NO_COLOR",
+    "DENO_NO_UPDATE_CHECK",
+    "DENO_NO_PROMPT",
+    "NPM_CONFIG_REGISTRY",
+    "PATH",
+    "DENO_NODE_SHIM_ACTIVE",
+)
 """Variables set for (or by) Deno itself; the bootstrap deletes them before the function loads.
 (Deno adds PATH and DENO_NODE_SHIM_ACTIVE to its own environment at startup.)"""
+
+NO_NPM_REGISTRY = "http://npm-registry.invalid/"
+"""The npm registry a function's Deno is pointed at: a name that never resolves (RFC 6761). Its packages were
+resolved where it was deployed; should anything still ask for one at run time, it fails rather than fetch."""
 
 PLATFORM_ENV = frozenset({"DENO_DEPLOYMENT_ID"})
 """Supabase's platform variables under a reserved prefix: set by the deployer, changing nothing in how Deno
@@ -214,15 +226,20 @@ def build_argv(
     hide = list(DENO_ENV)
     if not node_socket:
         hide.append("DENO_SERVE_ADDRESS")
+    if fn.deno_config:
+        # npm packages shipped as packages: the config beside the bundle's node_modules, with its frozen lockfile
+        # and the imports (stubs included) it was resolved with. Nothing is fetched: --cached-only, and the npm
+        # registry Deno would ask does not resolve (build_env).
+        config = [f"--config={(bundle / fn.deno_config).resolve()}"]
+    else:
+        config = ["--no-config", "--no-lock", f"--import-map={paths.import_map}"]
     return [
         deno_bin,
         "run",
         "--no-remote",
         "--cached-only",
         "--no-prompt",
-        "--no-config",
-        "--no-lock",
-        f"--import-map={paths.import_map}",
+        *config,
         f"--v8-flags=--max-old-space-size={fn.limits.memory_mb}",
         *net_flags(fn.net_allow, net, node_socket, channel),
         "--allow-env",
@@ -257,6 +274,7 @@ def build_env(fn: FunctionVersion, paths: VersionPaths, execution_id: str, node_
     env["NO_COLOR"] = "1"
     env["DENO_NO_UPDATE_CHECK"] = "1"
     env["DENO_NO_PROMPT"] = "1"
+    env["NPM_CONFIG_REGISTRY"] = NO_NPM_REGISTRY
     if node_socket:
         # Deno's node:http (and so Express) listens here instead of the port the code asks for
         env["DENO_SERVE_ADDRESS"] = f"unix:{node_socket}"

@@ -52,10 +52,10 @@ async def test_banner_off_a_terminal_and_tables(tmp_path: Path, http: httpx.Asyn
         assert "1 functions live (0 restored from the store)" in banner
 
         await w.deploy(HELLO)
-        # npm: packages are resolved and bundled here, before the upload: the deploy says so while it waits
+        # npm: packages are resolved here, before the upload: the deploy says so while it waits
         npm = await w.cli("deploy", str(REPO / "examples" / "functions" / "npm-dep"), check=True)
-        assert b"npm-dep: resolving and bundling its packages" in npm.stderr
-        assert b"npm-dep: bundled in " in npm.stderr
+        assert b"npm-dep: resolving its packages" in npm.stderr
+        assert b"npm-dep: resolved in " in npm.stderr
         assert b"npm-dep v1" in npm.stdout
         listing = (await w.cli("functions", "list", check=True)).stdout.decode().splitlines()
         assert listing[0].split() == ["NAME", "VERSION", "STATUS", "RUNTIME", "VERIFY_JWT", "UPDATED"]

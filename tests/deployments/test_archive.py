@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import tarfile
 import zlib
 from collections.abc import Callable
@@ -12,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from mbworker.worker.deployments.archive import BundleRejected, BundleTooLarge, pack_files, sha256_hex, unpack_bundle
+from mbworker.worker.deployments.archive import (
+    ArchiveFile,
+    BundleRejected,
+    BundleTooLarge,
+    Symlink,
+    pack_files,
+    sha256_hex,
+    unpack_bundle,
+)
 from mbworker.worker.deployments.manifest import Manifest
 
 MANIFEST = Manifest(slug="evil", runtime="deno", entrypoint="evil/index.ts")
@@ -87,9 +96,22 @@ def test_escaping_paths(area: Path, name: str, match: str) -> None:
     assert not (area / "escaped.ts").exists()
 
 
-def test_symlink(area: Path) -> None:
-    data = tar_gz(lambda tar: add_special(tar, "evil/link", tarfile.SYMTYPE, "/etc/passwd"))
-    assert_refused(area, data, "symlinks are not allowed: 'evil/link'")
+@pytest.mark.parametrize(
+    ("name", "target"),
+    [
+        ("evil/link", "/etc/passwd"),  # absolute
+        ("evil/link", "../../etc"),  # climbs above the bundle
+        ("evil/link", "../.."),
+        ("link", "../x"),
+        ("evil/link", "."),  # a link to its own folder lets a later `..` climb out
+        ("evil/link", "a/../../.."),  # `..` after a name
+        ("evil/link", "a//b"),
+        ("evil/link", ""),
+    ],
+)
+def test_symlinks_outside_or_unclear_are_refused(area: Path, name: str, target: str) -> None:
+    data = tar_gz(lambda tar: add_special(tar, name, tarfile.SYMTYPE, target))
+    assert_refused(area, data, "only relative links inside the bundle are allowed")
 
 
 def test_symlink_then_write_through_it(area: Path) -> None:
@@ -97,8 +119,45 @@ def test_symlink_then_write_through_it(area: Path) -> None:
         add_special(tar, "evil/out", tarfile.SYMTYPE, str(area))
         add_file(tar, "evil/out/pwned.ts", b"x")
 
-    assert_refused(area, tar_gz(build), "symlinks are not allowed")
+    assert_refused(area, tar_gz(build), "only relative links inside the bundle")
     assert not (area / "pwned.ts").exists()
+
+
+def test_nothing_goes_under_a_link(area: Path) -> None:
+    # each link is fine alone; a member under one would be written (or resolved) through it
+    def build(tar: tarfile.TarFile) -> None:
+        add_special(tar, "evil/up", tarfile.SYMTYPE, "../evil")
+        add_file(tar, "evil/up/pwned.ts", b"x")
+
+    assert_refused(area, tar_gz(build), "'evil/up/pwned.ts' is inside the link 'evil/up'")
+
+    def chain(tar: tarfile.TarFile) -> None:
+        add_special(tar, "evil/a", tarfile.SYMTYPE, "b")
+        add_special(tar, "evil/a/c", tarfile.SYMTYPE, "../x")
+
+    assert_refused(area, tar_gz(chain), "inside the link 'evil/a'")
+
+
+def test_links_inside_the_bundle_unpack_as_links(area: Path) -> None:
+    """A vendored node_modules in Deno's layout: each package once, linked where it is depended on."""
+    pkg = "evil/node_modules/.deno/ms@2.1.3/node_modules/ms"
+    files: dict[str, ArchiveFile] = {
+        "evil/index.ts": b"export {};\n",
+        f"{pkg}/index.js": b"module.exports = 1;\n",
+        "evil/node_modules/ms": Symlink(".deno/ms@2.1.3/node_modules/ms"),
+        "evil/node_modules/.deno/debug@2.6.9/node_modules/ms": Symlink("../../ms@2.1.3/node_modules/ms"),
+    }
+    packed = pack_files(files, MANIFEST)
+    dest = area / "store" / "v1"
+    unpack_bundle(packed.data, dest)
+    top = dest / "evil" / "node_modules" / "ms"
+    assert top.is_symlink()
+    assert os.readlink(top) == ".deno/ms@2.1.3/node_modules/ms"
+    assert (top / "index.js").read_bytes() == b"module.exports = 1;\n"
+    nested = dest / "evil/node_modules/.deno/debug@2.6.9/node_modules/ms/index.js"
+    assert nested.resolve() == (dest / pkg / "index.js").resolve()
+    with pytest.raises(BundleRejected, match="only relative links inside the bundle"):
+        pack_files({**files, "evil/x": Symlink("/etc")}, MANIFEST)
 
 
 def test_hardlink(area: Path) -> None:

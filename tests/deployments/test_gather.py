@@ -218,7 +218,8 @@ def test_pack_refuses_oversize(project: Path) -> None:
 
 @pytest.mark.slow
 def test_npm_graph_is_bundled_with_deno(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Real `deno bundle` (fetches esbuild and the package from the npm registry on first use)."""
+    """Real `deno bundle` (fetches esbuild and the package from the npm registry on first use): how jsr: and
+    https: modules ship, and npm packages with `bundle_npm` (they ship as packages otherwise: test_npm_packages)."""
     deno = require_binary("deno", find_deno())
     monkeypatch.setenv("MBWORKER_DENO_DIR", str(tmp_path.parent / "mbworker-deno-cache"))
     fns = tmp_path / "supabase" / "functions"
@@ -231,7 +232,7 @@ def test_npm_graph_is_bundled_with_deno(tmp_path: Path, monkeypatch: pytest.Monk
         'import { greet } from "shared/greet.ts";\n'
         "Deno.serve(() => new Response(greet('hello edge world')));\n",
     )
-    spec = gather_function(fns / "npmfn")
+    spec = gather_function(fns / "npmfn", bundle_npm=True)
     out = f"npmfn/{BUNDLE_OUTPUT_NAME}"
     assert spec.manifest.entrypoint == out
     assert spec.manifest.source_entrypoint == "npmfn/index.ts"

@@ -444,7 +444,7 @@ async def test_npm_example_runs_bundled_without_network(tmp_path: Path) -> None:
         # the unbundled source needs npm: at boot, which the worker cannot fetch
         with pytest.raises(BootError) as info:
             await rt.warm(version(EXAMPLES / "npm-dep", slug="npm-src"))
-        assert "deno bundle" in info.value.message
+        assert "deploy with `mbworker deploy`" in info.value.message
 
 
 async def test_express_app_listen_bundled(tmp_path: Path) -> None:

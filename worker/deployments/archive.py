@@ -6,6 +6,10 @@ lie; zip's central directory repeats sizes that can disagree with the local head
 entry bombs. tar.gz also compresses across files (many small sources), is in the standard library on both
 sides, and with mtime/owner zeroed it is byte-for-byte reproducible, so the same sources give the same sha256.
 
+Symlinks: a vendored node_modules (Deno's layout: each package once, linked where it is depended on) needs them.
+Only relative links that stay inside the bundle by construction are taken (see `check_symlink`); they are created
+after every regular file is written, so no write ever goes through one, and each is checked once more on disk.
+
 `pack_files` runs on the deploying machine; `unpack_bundle` runs on the worker (in a thread: it is blocking
 and CPU-bound) and owns nothing after it returns: the unpacked directory belongs to whoever passed `dest`.
 """
@@ -60,6 +64,36 @@ class BundleTooLarge(BundleRejected):
 
 
 @dataclass(frozen=True, slots=True)
+class Symlink:
+    """An archive member that is a symbolic link to `target` (relative, inside the bundle: `check_symlink`)."""
+
+    target: str
+
+
+ArchiveFile = Path | bytes | Symlink
+"""What a member is made from: a file to read, its contents, or a link."""
+
+
+def check_symlink(name: str, target: str) -> str:
+    """`target` if a link at archive path `name` may point there, else ValueError.
+
+    The rule keeps every link inside the bundle without looking at the disk: a relative target made of leading
+    `..` (no more of them than `name` has folders above it) then plain names, never `.`/`..` after a name. With
+    links never nested under other links (checked on the whole archive), resolving one can't climb out.
+    """
+    if not target or target.startswith("/") or "\\" in target or "\x00" in target:
+        raise ValueError(f"link {name!r} → {target!r}: only relative links inside the bundle are allowed")
+    parts = target.split("/")
+    ups = 0
+    while ups < len(parts) and parts[ups] == "..":
+        ups += 1
+    rest = parts[ups:]
+    if not rest or any(p in ("", ".", "..") for p in rest) or ups > name.count("/"):
+        raise ValueError(f"link {name!r} → {target!r}: only relative links inside the bundle are allowed")
+    return target
+
+
+@dataclass(frozen=True, slots=True)
 class PackedBundle:
     """An archive ready to upload."""
 
@@ -79,9 +113,9 @@ def sha256_hex(data: bytes) -> str:
 
 
 def pack_files(
-    files: Mapping[str, Path | bytes], manifest: Manifest, *, max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES
+    files: Mapping[str, ArchiveFile], manifest: Manifest, *, max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES
 ) -> PackedBundle:
-    """A reproducible tar.gz of `files` (archive path → source file or contents) plus `mbworker.json`.
+    """A reproducible tar.gz of `files` (archive path → source file, contents or link) plus `mbworker.json`.
 
     Raises `BundleTooLarge` when the archive exceeds `max_bytes` and `BundleRejected` for a bad archive path.
     """
@@ -91,6 +125,9 @@ def pack_files(
             raise BundleRejected(f"{MANIFEST_NAME} is reserved for the bundle manifest; rename that file")
         try:
             check_relative_path(name)
+            src = files[name]
+            if isinstance(src, Symlink):
+                check_symlink(name, src.target)
         except ValueError as exc:
             raise BundleRejected(str(exc)) from exc
     buf = io.BytesIO()
@@ -103,7 +140,10 @@ def pack_files(
         _add(tar, MANIFEST_NAME, manifest_bytes)
         for name in names:
             src = files[name]
-            _add(tar, name, src if isinstance(src, bytes) else src.read_bytes())
+            if isinstance(src, Symlink):
+                _add_link(tar, name, src.target)
+            else:
+                _add(tar, name, src if isinstance(src, bytes) else src.read_bytes())
             if buf.tell() > max_bytes:
                 break  # already too big: stop compressing, the check below reports it
     data = buf.getvalue()
@@ -122,6 +162,17 @@ def _add(tar: tarfile.TarFile, name: str, content: bytes) -> None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(content))
+
+
+def _add_link(tar: tarfile.TarFile, name: str, target: str) -> None:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.SYMTYPE
+    info.linkname = target
+    info.mode = 0o777
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info)
 
 
 class _Inflater(io.RawIOBase):
@@ -195,10 +246,11 @@ def unpack_bundle(
 ) -> Manifest:
     """Unpack a bundle into `dest` (which must not exist) and return its validated manifest. Blocking.
 
-    Refuses (with `BundleRejected`, nothing left behind): a sha256 mismatch, absolute or `..` paths, symlinks,
-    hard links, devices, fifos, duplicate names, members over `max_member_bytes`, more than `max_files` members,
-    more than `max_bytes` decompressed (counted while streaming, headers included) or a compression ratio over
-    `max_ratio`, and a missing or invalid manifest. Files land in a temp dir beside `dest` and are renamed into
+    Refuses (with `BundleRejected`, nothing left behind): a sha256 mismatch, absolute or `..` paths, symlinks
+    other than `check_symlink` allows (or under another link, or resolving outside `dest` on disk), hard links,
+    devices, fifos, duplicate names, members over `max_member_bytes`, more than `max_files` members, more than
+    `max_bytes` decompressed (counted while streaming, headers included) or a compression ratio over `max_ratio`,
+    and a missing or invalid manifest. Files land in a temp dir beside `dest` and are renamed into
     place at the end, so `dest` either appears complete or not at all. The caller owns `dest` afterwards.
     """
     if max_archive_bytes is not None and len(data) > max_archive_bytes:
@@ -227,6 +279,7 @@ def _unpack_into(
     inflater = _Inflater(data, max_bytes=max_bytes, max_ratio=max_ratio)
     seen_files: set[str] = set()
     seen_dirs: set[str] = set()
+    links: dict[str, str] = {}
     manifest_bytes: bytes | None = None
     count = 0
     try:
@@ -240,10 +293,14 @@ def _unpack_into(
                     check_relative_path(name)
                 except ValueError as exc:
                     raise BundleRejected(f"unsafe path in archive: {exc}") from exc
-                if name in seen_files or name in seen_dirs:
+                if name in seen_files or name in seen_dirs or name in links:
                     raise BundleRejected(f"duplicate name in archive: {name!r}")
                 if member.issym():
-                    raise BundleRejected(f"symlinks are not allowed: {name!r}")
+                    try:
+                        links[name] = check_symlink(name, member.linkname)
+                    except ValueError as exc:
+                        raise BundleRejected(str(exc)) from exc
+                    continue  # made once every regular file is written: no write ever goes through a link
                 if member.islnk():
                     raise BundleRejected(f"hard links are not allowed: {name!r}")
                 if member.ischr() or member.isblk() or member.isfifo():
@@ -266,6 +323,8 @@ def _unpack_into(
         inflater.finish()
     except (tarfile.TarError, EOFError) as exc:
         raise BundleRejected(f"archive is not a valid tar.gz: {exc}") from exc
+    if links:
+        _make_links(root, links, seen_files | seen_dirs)
     if manifest_bytes is None:
         raise BundleRejected(f"bundle has no {MANIFEST_NAME}")
     try:
@@ -278,7 +337,31 @@ def _unpack_into(
         raise BundleRejected(f"entrypoint {manifest.entrypoint!r} is not in the bundle")
     if manifest.import_map is not None and manifest.import_map not in seen_files:
         raise BundleRejected(f"import map {manifest.import_map!r} is not in the bundle")
+    if manifest.deno_config is not None and manifest.deno_config not in seen_files:
+        raise BundleRejected(f"Deno config {manifest.deno_config!r} is not in the bundle")
     return manifest
+
+
+def _make_links(root: Path, links: Mapping[str, str], others: set[str]) -> None:
+    """Create `links` (name → target) under `root`; none may sit under another link, nor resolve outside root."""
+    for name in sorted({*others, *links}):
+        parent = name
+        while "/" in parent:
+            parent = parent.rsplit("/", 1)[0]
+            if parent in links:
+                raise BundleRejected(f"{name!r} is inside the link {parent!r}: links may not hold other members")
+    real_root = root.resolve()
+    for name, target in links.items():
+        parent, _, base = name.rpartition("/")
+        folder = _mkdirs(root, parent) if parent else root
+        try:
+            os.symlink(target, folder / base)
+        except FileExistsError as exc:
+            raise BundleRejected(f"path conflict in archive: {name!r}") from exc
+    for name in links:  # defence in depth: the rule above already keeps them inside
+        resolved = Path(os.path.realpath(root.joinpath(*name.split("/"))))
+        if not resolved.is_relative_to(real_root):  # pragma: no cover
+            raise BundleRejected(f"link {name!r} resolves outside the bundle")
 
 
 def _mkdirs(root: Path, rel: str) -> Path:

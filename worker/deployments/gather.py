@@ -4,9 +4,13 @@
 then command-line overrides), picks the entrypoint, follows relative imports (import maps included) across
 `.ts/.js/.mjs/.tsx/.jsx`, and adds the import map, static globs, `.npmrc` and `package.json`. Archive paths are
 relative to the functions root (or a common ancestor if something lives above it), so `../_shared/cors.ts` keeps
-resolving inside the bundle. When the graph uses `npm:`, `jsr:` or `https:` modules (or package.json
-dependencies), `deno bundle` runs here, on the deploying machine, so that a worker never fetches anything: its
-single-file output becomes the entrypoint and the sources travel along unchanged.
+resolving inside the bundle. Packages are resolved here, on the deploying machine, so that a worker never fetches
+anything. When the graph uses `npm:` packages (or package.json dependencies), `deno install` puts them in a
+`node_modules` folder beside the entry (Deno's own layout: each package once, linked where it is depended on), and
+they ship as they are, with a frozen `deno.lock` and the `deno.json` they were resolved with: a package's `.wasm`
+and data files come along, and the user's modules run unbundled, so stack traces name their files and lines. When
+it uses `jsr:` or `https:` modules, `deno bundle` runs instead: its single-file output becomes the entrypoint and
+the sources travel along unchanged.
 
 Everything here is blocking (file reads, one subprocess): call it from a thread in async code.
 """
@@ -28,7 +32,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mbworker.worker.deployments.archive import DEFAULT_MAX_ARCHIVE_BYTES, PackedBundle, pack_files
+from mbworker.runtimes.deno.importmap import EMPTY_MODULE, STUBS
+from mbworker.worker.deployments.archive import (
+    DEFAULT_MAX_ARCHIVE_BYTES,
+    DEFAULT_MAX_UNPACKED_BYTES,
+    ArchiveFile,
+    PackedBundle,
+    Symlink,
+    pack_files,
+)
 from mbworker.worker.deployments.manifest import (
     DENO_ENTRY_NAMES,
     SLUG_RE,
@@ -53,6 +65,9 @@ EXTRA_FILES = (".npmrc", "package.json", "deno.lock")
 BUNDLE_OUTPUT_NAME = "mbworker.bundle.js"
 """`deno bundle` output, written beside the entry so `import.meta.url`-relative reads still find static files."""
 DEFAULT_BUNDLE_TIMEOUT_S = 300.0
+PACKAGES_DIR = "node_modules"
+SKIPPED_PACKAGE_DIRS = frozenset({".bin"})
+"""node_modules/.bin holds the packages' command-line scripts: a function never runs them."""
 
 # import x from "s" / import {a,\n b} from 's' / import "s" / export * from "s" / export {a} from "s"
 _STATIC_RE = re.compile(
@@ -75,8 +90,9 @@ class BundleSpec:
     """One function ready to pack: its manifest and its files by archive path."""
 
     manifest: Manifest
-    files: Mapping[str, Path | bytes]
-    """Archive path (POSIX, relative to `root`) → source file, or generated content (the `deno bundle` output)."""
+    files: Mapping[str, ArchiveFile]
+    """Archive path (POSIX, relative to `root`) → source file, generated content (the `deno bundle` output, the
+    `deno.json` packages were resolved with) or a link (inside the vendored node_modules)."""
     function_dir: Path
     root: Path
     """The folder archive paths are relative to (normally `supabase/functions`)."""
@@ -241,6 +257,7 @@ def gather_function(
     functions_root: Path | None = None,
     config_toml: Path | None = None,
     bundle_deps: bool = True,
+    bundle_npm: bool = False,
     deno_bin: str | None = None,
     bundle_timeout_s: float = DEFAULT_BUNDLE_TIMEOUT_S,
     bundling: Callable[[str], AbstractContextManager[object]] | None = None,
@@ -250,8 +267,10 @@ def gather_function(
     `slug` defaults to the folder name. Settings: config.toml `[functions.<slug>]` (found as the sibling of the
     `functions/` folder unless `config_toml` is given), overridden by the folder's function.toml, overridden by
     `verify_jwt_override` (the `--no-verify-jwt` flag); secrets from function.toml `[env]`, overridden by
-    `env_file`. `bundle_deps=False` skips `deno bundle` (the worker would then have to fetch packages itself).
-    `bundling(slug)`, when given, is entered around `deno bundle` (the CLI shows progress while it runs).
+    `env_file`. `bundle_deps=False` skips resolving packages (the worker would then have to fetch them itself);
+    `bundle_npm=True` inlines npm packages with `deno bundle` as jsr:/https: modules are (the format before npm
+    packages shipped as packages). `bundling(slug)`, when given, is entered around `deno install`/`deno bundle`
+    (the CLI shows progress while it runs).
     An entry file instead of a folder deploys that file (slug: its stem unless given).
     Raises `GatherError` or `ManifestError` (both with user-facing messages).
     """
@@ -280,7 +299,7 @@ def gather_function(
 
     files: dict[Path, None] = {entrypoint: None}  # ordered set
     import_map: Path | None = None
-    needs_bundle = False
+    needs_bundle = remote = False
     stub_specifiers: set[str] = set()
     if runtime == "deno":
         import_map = _pick_import_map(folder, root, local, entry_cfg, supabase_dir)
@@ -291,6 +310,7 @@ def gather_function(
         files.update(dict.fromkeys(graph.files))
         # npm:, jsr: and https: modules are resolved here, never on a worker (which fetches nothing).
         needs_bundle = graph.uses_npm or bool(graph.remote) or _declares_npm_deps(folder / "package.json")
+        remote = bool(graph.remote)
         stub_specifiers = graph.edge_runtime_types
         for name in EXTRA_FILES:
             if (folder / name).is_file():
@@ -326,11 +346,21 @@ def gather_function(
             f"{slug}: files outside the project folder {project} would be deployed: {', '.join(outside[:5])}"
         )
     base = Path(os.path.commonpath([root, *(p.parent for p in files)]))
-    rel: dict[str, Path | bytes] = {_rel(p, base): p for p in files}
+    rel: dict[str, ArchiveFile] = {_rel(p, base): p for p in files}
     static_rel = [os.path.relpath(p, base).replace(os.sep, "/") for p in static_patterns]
     entry_rel = _rel(entrypoint, base)
     manifest_entry, source_entry, manifest_map = entry_rel, None, (_rel(import_map, base) if import_map else None)
-    if needs_bundle and bundle_deps:
+    deno_config: str | None = None
+    if needs_bundle and bundle_deps and not remote and not bundle_npm:
+        with (bundling or _quietly)(slug):  # seconds to minutes: the CLI shows progress meanwhile
+            vendored = _deno_install(
+                rel, base, entry_rel, manifest_map, stub_specifiers, deno_bin or find_deno(), bundle_timeout_s
+            )
+        rel.update(vendored)
+        # The generated deno.json holds the import map (with our stubs): the worker runs with it as the config.
+        deno_config = _rel(entrypoint.parent / "deno.json", base)
+        manifest_map = None
+    elif needs_bundle and bundle_deps:
         out_rel = _rel(entrypoint.parent / BUNDLE_OUTPUT_NAME, base)
         if out_rel in rel:
             raise GatherError(f"{out_rel} is reserved for the bundled output; rename that file")
@@ -357,6 +387,7 @@ def gather_function(
             cache=local.cache,
             net=local.net,
             source_entrypoint=source_entry,
+            deno_config=deno_config,
         )
     except ValidationError as exc:
         raise format_validation_error(slug, exc) from exc
@@ -613,8 +644,130 @@ def _resolve(spec: str, importer: Path, imap: _ImportMap, graph: _Graph) -> Path
 # ---------------------------------------------------------------------------------------------------- bundling
 
 
+def _stage(files: Mapping[str, ArchiveFile], stage: Path) -> None:
+    """Copy the gathered files into `stage` (same archive layout) for deno to work on."""
+    for name, src in files.items():
+        target = stage / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(src, bytes):
+            target.write_bytes(src)
+        elif isinstance(src, Path):
+            shutil.copyfile(src, target)
+
+
+def _run_deno(cmd: list[str], cwd: Path, what: str, entry_rel: str, timeout_s: float) -> None:
+    env = {**os.environ, "DENO_DIR": str(deno_cache_dir()), "NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1"}
+    deno_cache_dir().mkdir(parents=True, exist_ok=True)
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise GatherError(f"{what} took longer than {timeout_s:g} s") from exc
+    except OSError as exc:
+        raise GatherError(f"can't run deno ({cmd[0]}): {exc}") from exc
+    if proc.returncode != 0:
+        stderr = _ANSI_RE.sub("", proc.stderr.decode(errors="replace"))
+        tail = stderr.split("Stack backtrace:", 1)[0].strip()[-4000:]
+        if "jsr:" in tail:
+            tail += "\n(jsr: packages are fetched from jsr.io while bundling: is it reachable from here?)"
+        raise GatherError(f"{what} failed for {entry_rel} (exit {proc.returncode}):\n{tail}")
+
+
+def _relative_target(target: str, imap: _ImportMap, folder: Path) -> str:
+    """An import-map target rebased from the map's folder to `folder` (where the generated deno.json goes)."""
+    if not target.startswith(("./", "../", "/")):
+        return target
+    moved = os.path.relpath(imap.base / target, folder).replace(os.sep, "/")
+    moved = moved if moved.startswith("../") else f"./{moved}"
+    return moved + "/" if target.endswith("/") and not moved.endswith("/") else moved
+
+
+def _deno_install(
+    files: Mapping[str, ArchiveFile],
+    base: Path,
+    entry_rel: str,
+    import_map_rel: str | None,
+    stub_specifiers: set[str],
+    deno_bin: str,
+    timeout_s: float,
+) -> dict[str, ArchiveFile]:
+    """Resolve the graph's npm packages into a node_modules folder beside the entry, as `deno install` lays it
+    out, and return what ships besides the sources: that folder (links included), the frozen `deno.lock` and the
+    `deno.json` both were made with (the function's imports, rebased beside it, our stubs, its compilerOptions).
+
+    The generated `deno.json` replaces one the function has in that folder (it holds its imports): Deno takes a
+    `package.json` beside a config only when that config is called deno.json. A `deno.lock` there is the start.
+    """
+    with tempfile.TemporaryDirectory(prefix="mbworker-install-") as tmp:
+        stage = Path(tmp)
+        _stage(files, stage)
+        entry = stage / entry_rel
+        folder = entry.parent
+        imap = _ImportMap.load(stage / import_map_rel) if import_map_rel else _ImportMap.empty()
+        imports = {k: _relative_target(v, imap, folder) for k, v in imap.imports.items()}
+        # Type-only imports of the Supabase templates point at jsr.io, which nothing may fetch: no module at all.
+        for spec in sorted({*STUBS, *stub_specifiers}):  # sorted: the same sources give the same archive
+            imports[spec] = EMPTY_MODULE
+        scopes = {
+            _relative_target(scope, imap, folder): {k: _relative_target(str(v), imap, folder) for k, v in m.items()}
+            for scope, m in imap.scopes.items()
+            if isinstance(m, dict)
+        }
+        config: dict[str, Any] = {}
+        if isinstance(imap.config.get("compilerOptions"), dict):
+            config["compilerOptions"] = imap.config["compilerOptions"]
+        config.update({"imports": imports, "nodeModulesDir": "auto", "lock": {"path": "./deno.lock"}})
+        if scopes:
+            config["scopes"] = scopes
+        config_path = folder / "deno.json"
+        config_path.write_text(json.dumps(config, indent=2))
+        cmd = [deno_bin, "install", "--quiet", f"--config={config_path}", "--entrypoint", str(entry)]
+        _run_deno(cmd, folder, "deno install", entry_rel, timeout_s)
+        # Frozen on the worker: it resolves nothing anew (and could fetch nothing anyway).
+        config["lock"] = {"path": "./deno.lock", "frozen": True}
+        folder_rel = _rel(folder, stage)
+        prefix = f"{folder_rel}/" if folder_rel != "." else ""
+        out: dict[str, ArchiveFile] = {f"{prefix}deno.json": json.dumps(config, indent=2).encode() + b"\n"}
+        lock = folder / "deno.lock"
+        if lock.is_file():
+            out[f"{prefix}deno.lock"] = lock.read_bytes()
+        out.update(_vendored_packages(folder / PACKAGES_DIR, prefix + PACKAGES_DIR))
+        return out
+
+
+def _vendored_packages(packages: Path, rel: str) -> dict[str, ArchiveFile]:
+    """Every file and link under the node_modules folder `packages`, by archive path under `rel`. Read into memory
+    (the staging folder goes away); refused past the unpacked-size limit a worker would refuse anyway."""
+    out: dict[str, ArchiveFile] = {}
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(packages):
+        here = Path(dirpath)
+        sub = here.relative_to(packages).as_posix()
+        at = rel if sub == "." else f"{rel}/{sub}"
+        keep = []
+        for name in sorted(dirnames):
+            if here == packages and name in SKIPPED_PACKAGE_DIRS:
+                continue
+            if (here / name).is_symlink():
+                out[f"{at}/{name}"] = Symlink(os.readlink(here / name))
+            else:
+                keep.append(name)
+        dirnames[:] = keep
+        for name in sorted(filenames):
+            path = here / name
+            if path.is_symlink():
+                out[f"{at}/{name}"] = Symlink(os.readlink(path))
+                continue
+            data = path.read_bytes()
+            total += len(data)
+            if total > DEFAULT_MAX_UNPACKED_BYTES:
+                limit = DEFAULT_MAX_UNPACKED_BYTES // 2**20
+                raise GatherError(f"the npm packages are over {limit} MB unpacked, more than a worker takes")
+            out[f"{at}/{name}"] = data
+    return out
+
+
 def _deno_bundle(
-    files: Mapping[str, Path | bytes],
+    files: Mapping[str, ArchiveFile],
     base: Path,
     entry_rel: str,
     import_map_rel: str | None,
@@ -625,13 +778,7 @@ def _deno_bundle(
     """Run `deno bundle` over a staged copy of the gathered files and return the single-file output."""
     with tempfile.TemporaryDirectory(prefix="mbworker-bundle-") as tmp:
         stage = Path(tmp)
-        for name, src in files.items():
-            target = stage / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(src, bytes):
-                target.write_bytes(src)
-            else:
-                shutil.copyfile(src, target)
+        _stage(files, stage)
         entry = stage / entry_rel
         imap = _ImportMap.load(stage / import_map_rel) if import_map_rel else _ImportMap.empty()
         stub = entry.parent / ".mbworker-empty.js"
@@ -649,25 +796,13 @@ def _deno_bundle(
         config_path = entry.parent / ".mbworker-deno.json"
         config_path.write_text(json.dumps(config, indent=2))
         out = entry.parent / BUNDLE_OUTPUT_NAME
-        cache = deno_cache_dir()
-        cache.mkdir(parents=True, exist_ok=True)
         cmd = [
             deno_bin, "bundle", "--quiet", "--no-lock", "--platform=deno",
             f"--config={config_path}", f"--output={out}", str(entry),
         ]  # fmt: skip
-        env = {**os.environ, "DENO_DIR": str(cache), "NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1"}
-        try:
-            proc = subprocess.run(cmd, cwd=entry.parent, env=env, capture_output=True, timeout=timeout_s, check=False)
-        except subprocess.TimeoutExpired as exc:
-            raise GatherError(f"deno bundle took longer than {timeout_s:g} s") from exc
-        except OSError as exc:
-            raise GatherError(f"can't run deno ({deno_bin}): {exc}") from exc
-        if proc.returncode != 0 or not out.is_file():
-            stderr = _ANSI_RE.sub("", proc.stderr.decode(errors="replace"))
-            tail = stderr.split("Stack backtrace:", 1)[0].strip()[-4000:]
-            if "jsr:" in tail:
-                tail += "\n(jsr: packages are fetched from jsr.io while bundling: is it reachable from here?)"
-            raise GatherError(f"deno bundle failed for {entry_rel} (exit {proc.returncode}):\n{tail}")
+        _run_deno(cmd, entry.parent, "deno bundle", entry_rel, timeout_s)
+        if not out.is_file():
+            raise GatherError(f"deno bundle wrote no output for {entry_rel}")
         return out.read_bytes()
 
 

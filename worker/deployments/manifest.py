@@ -239,6 +239,9 @@ class Manifest(BaseModel):
     net: NetSettings = Field(default_factory=NetSettings)
     source_entrypoint: str | None = None
     """The entry module the developer wrote when `entrypoint` is a `deno bundle` output, else None."""
+    deno_config: str | None = None
+    """The Deno config the function runs with when its npm packages ship as packages (a `node_modules` folder and
+    a frozen `deno.lock` beside it, resolved on the deploying machine); None: `--no-config` and `import_map`."""
 
     @field_validator("slug")
     @classmethod
@@ -247,7 +250,7 @@ class Manifest(BaseModel):
             raise ValueError(f"must match {SLUG_RE.pattern}")
         return v
 
-    @field_validator("entrypoint", "import_map", "source_entrypoint")
+    @field_validator("entrypoint", "import_map", "source_entrypoint", "deno_config")
     @classmethod
     def _relpath(cls, v: str | None) -> str | None:
         if v is not None:

@@ -44,6 +44,8 @@ class Deployment(BaseModel):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     net: NetSettings = Field(default_factory=NetSettings)
     source_entrypoint: str | None = None
+    deno_config: str | None = None
+    """Set when the npm packages ship as packages (manifest.py: `Manifest.deno_config`)."""
     created_at: int
     """Epoch milliseconds."""
     updated_at: int

@@ -1,5 +1,5 @@
-// An npm dependency. The worker has no network and no module cache, so deploy the bundled form:
-//   deno bundle examples/functions/npm-dep/index.ts -o bundle.js     (the deploy CLI does this for you)
+// An npm dependency. The worker has no network and no module cache: `mbworker deploy` resolves the package on
+// the deploying machine and ships it (node_modules + deno.lock) with the function.
 // GET /npm-dep?d=2%20days → {"ms": 172800000, "pretty": "2d"}
 import ms from "npm:ms@2.1.3";
 
