@@ -36,7 +36,9 @@ fn_log = logging.getLogger("mbworker.runtimes.deno.function")
 
 WARM_UP_SLUG = "_mbworker_warm_up"
 """The throwaway function `open_deno_runtime` boots (no deployed slug can start with `_`)."""
-_WARM_UP_SOURCE = 'Deno.serve(() => new Response(""));\n'
+_WARM_UP_SOURCE = 'import "node:module";\nimport "node:process";\nDeno.serve(() => new Response(""));\n'
+"""Also loads what running an npm package from node_modules needs (the CommonJS loader, node:process), so their
+compiled code is in the template too: a CommonJS package's first request came ~200-300 ms sooner (measured, ms@2)."""
 DENO_DIR_NAME = "_deno_dir"
 """Under the scratch dir, beside the per-version dirs (`<slug>-<version>-<hex>`: a slug starts with a letter)."""
 
