@@ -36,6 +36,7 @@ from mbworker.lib.nursery import open_owned_nursery
 
 __all__ = [
     "ALGORITHMS",
+    "EMPTY_JWKS",
     "ExpiredJwt",
     "JwksError",
     "JwksSource",
@@ -49,6 +50,7 @@ __all__ = [
     "UnsupportedAlgorithm",
     "open_jwt_verifier",
     "parse_jwks",
+    "public_jwks",
 ]
 
 log = logging.getLogger("mbworker.jwt")
@@ -57,6 +59,8 @@ ALGORITHMS: Final = ("HS256", "ES256", "RS256")
 """The policy: HS256 with the shared secret, ES256/RS256 with JWKS keys (what Supabase's signing keys use)."""
 _ASYMMETRIC: Final = frozenset(("ES256", "RS256"))
 MAX_JWKS_BYTES: Final = 1 << 20
+EMPTY_JWKS: Final = '{"keys":[]}'
+_PRIVATE_JWK_MEMBERS: Final = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 
 class JwtError(Exception):
@@ -115,6 +119,22 @@ class RevocationCheck(Protocol):
 def parse_jwks(doc: bytes | str | Mapping[str, Any]) -> dict[str, jwt.PyJWK]:
     """Usable verification keys of a JWKS document, by `kid` ("" for a key without one). Keys of algorithms
     outside the policy, private parts aside, are skipped; raises `JwksError` when none is left."""
+    return _parse_jwks(doc)[0]
+
+
+def public_jwks(keys: list[dict[str, Any]]) -> str:
+    """The public part of JWKS entries as a compact JWKS document: private members dropped, symmetric (`oct`)
+    keys left out (their only member is the secret)."""
+    public = [
+        {k: v for k, v in key.items() if k not in _PRIVATE_JWK_MEMBERS}
+        for key in keys
+        if isinstance(key, dict) and key.get("kty") != "oct"
+    ]
+    return json.dumps({"keys": public}, separators=(",", ":"))
+
+
+def _parse_jwks(doc: bytes | str | Mapping[str, Any]) -> tuple[dict[str, jwt.PyJWK], str]:
+    """`parse_jwks`, and the `public_jwks` of the entries it kept."""
     try:
         raw = json.loads(doc) if isinstance(doc, (bytes, str)) else doc
         entries = raw["keys"]
@@ -123,6 +143,7 @@ def parse_jwks(doc: bytes | str | Mapping[str, Any]) -> dict[str, jwt.PyJWK]:
     except (ValueError, KeyError, TypeError) as exc:
         raise JwksError(f"not a JWKS document ({exc})") from None
     keys: dict[str, jwt.PyJWK] = {}
+    kept: list[dict[str, Any]] = []
     for entry in entries:
         if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
             continue
@@ -135,9 +156,10 @@ def parse_jwks(doc: bytes | str | Mapping[str, Any]) -> dict[str, jwt.PyJWK]:
             log.warning("JWKS key %r skipped: algorithm %s is not accepted", entry.get("kid"), key.algorithm_name)
             continue
         keys[str(entry.get("kid") or "")] = key
+        kept.append(entry)
     if not keys:
         raise JwksError("the JWKS holds no ES256, RS256 or HS256 signing key")
-    return keys
+    return keys, public_jwks(kept)
 
 
 class JwtVerifier:
@@ -154,6 +176,9 @@ class JwtVerifier:
     ) -> None:
         self._secret = secret.encode() if secret else None
         self._jwks: dict[str, jwt.PyJWK] = dict(jwks or {})
+        self.public_jwks = EMPTY_JWKS
+        """The public part of the JWKS the keys came from (compact JSON; no symmetric key), as `set_jwks` got it:
+        what may be shown to others (functions' SUPABASE_JWKS)."""
         self.revocations = revocations
         """The revocation seam; may be set after construction (the deny-list may start later)."""
         self._memo: OrderedDict[str | bytes, dict[str, Any]] = OrderedDict()
@@ -168,9 +193,11 @@ class JwtVerifier:
     def key_ids(self) -> list[str]:
         return sorted(self._jwks)
 
-    def set_jwks(self, keys: Mapping[str, jwt.PyJWK]) -> None:
-        """Replace the JWKS keys. Remembered tokens are forgotten: a key removed from the set must stop working."""
+    def set_jwks(self, keys: Mapping[str, jwt.PyJWK], public: str = EMPTY_JWKS) -> None:
+        """Replace the JWKS keys (`public`: their public JWKS document). Remembered tokens are forgotten: a key
+        removed from the set must stop working."""
         self._jwks = dict(keys)
+        self.public_jwks = public
         self._memo.clear()
         self.on_jwks()
 
@@ -246,14 +273,19 @@ class JwksSource:
     def __init__(self, location: str, *, timeout: float = 5.0) -> None:
         self.location = location
         self.is_url = location.startswith(("http://", "https://"))
-        self._timeout = timeout
+        self.timeout = timeout
+        """Per network operation; a whole fetch is abandoned after twice this (`_fetch`)."""
 
     def load(self) -> dict[str, jwt.PyJWK]:
         """Read and parse the JWKS; raises `JwksError`. Blocking."""
+        return self.fetch()[0]
+
+    def fetch(self) -> tuple[dict[str, jwt.PyJWK], str]:
+        """The JWKS's keys and the public JWKS document of them (`public_jwks`); raises `JwksError`. Blocking."""
         try:
             if self.is_url:
                 request = urllib.request.Request(self.location, headers={"accept": "application/json"})
-                with urllib.request.urlopen(request, timeout=self._timeout) as response:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     body: bytes = response.read(MAX_JWKS_BYTES + 1)
             else:
                 with Path(self.location).open("rb") as f:
@@ -263,9 +295,17 @@ class JwksSource:
         if len(body) > MAX_JWKS_BYTES:
             raise JwksError(f"JWKS {self.location}: larger than {MAX_JWKS_BYTES} bytes")
         try:
-            return parse_jwks(body)
+            return _parse_jwks(body)
         except JwksError as exc:
             raise JwksError(f"JWKS {self.location}: {exc}") from None
+
+
+async def _fetch(source: JwksSource) -> tuple[dict[str, jwt.PyJWK], str]:
+    """`source.fetch()` in a worker thread, given up (the thread abandoned) after `2 × source.timeout`: a server
+    answering a byte at a time keeps each read within urllib's timeout, not the whole fetch."""
+    with trio.move_on_after(2 * source.timeout):
+        return await trio.to_thread.run_sync(source.fetch, abandon_on_cancel=True)
+    raise JwksError(f"JWKS {source.location}: no complete answer within {2 * source.timeout:g} s")
 
 
 @asynccontextmanager
@@ -287,7 +327,7 @@ async def open_jwt_verifier(
         return
     source = JwksSource(jwks)
     try:
-        verifier.set_jwks(await trio.to_thread.run_sync(source.load, abandon_on_cancel=True))
+        verifier.set_jwks(*await _fetch(source))
         loaded = True
     except JwksError as exc:
         if not source.is_url:
@@ -328,13 +368,13 @@ class _JwksRefresher:
             self._verifier.on_unknown_kid = self._poked.set
             last = trio.current_time()
             try:
-                keys = await trio.to_thread.run_sync(self._source.load, abandon_on_cancel=True)
+                keys, public = await _fetch(self._source)
             except JwksError as exc:
                 log.warning("%s; keeping the keys we have", exc)
                 wait = min(max(wait, min_refetch) * 2, interval)
                 continue
             if sorted(keys) != self._verifier.key_ids:
                 log.info("JWKS %s: keys %s", self._source.location, ", ".join(sorted(keys)))
-            self._verifier.set_jwks(keys)  # always: a key may change under the same kid
+            self._verifier.set_jwks(keys, public)  # always: a key may change under the same kid
             self._loaded = True
             wait = interval

@@ -46,8 +46,6 @@ class FunctionVersion:
     env: Mapping[str, str] = field(default_factory=dict)
     """The complete environment the function sees (platform variables + its own secrets). Nothing else."""
     limits: Limits = field(default_factory=Limits)
-    scratch_dir: Path | None = None
-    """Writable temp dir for this function (its /tmp); None means the runtime makes one."""
     net_allow: tuple[str, ...] | None = None
     """Hosts (`host` or `host:port`) the function may connect to; None means the public internet. Private and
     cluster addresses stay denied either way (runtimes/deno/permissions.py, docs/security.md)."""

@@ -42,14 +42,14 @@ class InvalidResponse(WorkerError):
 
 
 class ResourceLimit(FunctionRuntimeError):
-    """Killed at a CPU, memory, wall-clock or fuel limit while serving this request."""
+    """Killed at a CPU, memory, wall-clock, temp-dir or fuel limit while serving this request."""
 
     status = 546
     code = "WORKER_LIMIT"
     default_message = "Function failed due to not having enough compute resources (please check logs)"
 
     def __init__(self, kind: str, message: str | None = None, *, output: str = "") -> None:
-        self.kind = kind  # "cpu" | "memory" | "wall_clock" | "fuel"
+        self.kind = kind  # "cpu" | "memory" | "wall_clock" | "disk" | "fuel"
         super().__init__(message or f"{self.default_message} [{kind}]", output=output)
 
 

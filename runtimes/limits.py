@@ -31,6 +31,12 @@ class Limits(BaseModel):
     idle_shutdown_s: float = Field(default=300, gt=0, description="Stop a process with no request for this long")
     max_request_bytes: int = Field(default=20 * 1024 * 1024, ge=0, description="Request body cap (413)")
     max_response_bytes: int = Field(default=64 * 1024 * 1024, ge=0, description="Response body cap (500 on overflow)")
+    tmp_mb: int = Field(
+        default=64,
+        ge=1,
+        description="Disk a Deno process's own temp dir (TMPDIR) may use; over it the process is killed (546). "
+        "At most the node's `max_tmp_mb`",
+    )
     requests_per_second: int | None = Field(
         default=None,
         ge=1,

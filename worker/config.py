@@ -46,7 +46,14 @@ class WorkerSettings(BaseSettings):
     jwks: str | None = Field(
         None,
         description="JWKS of the project's asymmetric signing keys (ES256/RS256), a file path or an http(s) URL: "
-        "tokens they sign are accepted besides HS256 ones (refreshed every 10 minutes and on an unknown kid)",
+        "tokens they sign are accepted besides HS256 ones (refreshed every `jwks_refresh_s` and on an unknown kid); "
+        "functions get its public keys as SUPABASE_JWKS",
+    )
+    jwks_refresh_s: float = Field(
+        600,
+        ge=1,
+        description="How often the JWKS is read again; a token naming an unknown kid makes it sooner, at most once "
+        "per this or 30 s, whichever is less",
     )
     admin_token: SecretStr | None = Field(None, description="Bearer token of the admin API; generated if unset")
     redis_url: str | None = Field(None, description="Redis of the state pillar; unset means single node")
@@ -73,6 +80,12 @@ class WorkerSettings(BaseSettings):
     drain_grace_s: float = Field(30, gt=0, description="How long in-flight work may finish on drain/SIGTERM")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged")
     limits: Limits = Field(default_factory=Limits, description="Default limits of every function")
+    max_tmp_mb: int = Field(
+        1024,
+        ge=1,
+        description="Largest temp dir a function may ask for (`limits.tmp_mb` in its function.toml); a larger "
+        "request is lowered to this",
+    )
     realtime: RealtimeSettings = Field(default_factory=RealtimeSettings, description="Realtime channels and limits")
     admin_allow_public: bool = Field(
         False, description="Allow admin_host to be a public address (0.0.0.0 and :: count as public)"

@@ -42,9 +42,9 @@ from mbworker.worker.cluster import (
 )
 from mbworker.worker.cluster.heartbeat import NodeIdentity, NodeLoad, NodeState, serve_heartbeat
 from mbworker.worker.config import WorkerSettings
-from mbworker.worker.data_dir import secure_data_dir
+from mbworker.worker.data_dir import remove_legacy_scratch, secure_data_dir
 from mbworker.worker.deploy_local import deploy_path
-from mbworker.worker.deployer import EMPTY_JWKS, Deployer, PlatformEnv, public_jwks
+from mbworker.worker.deployer import Deployer, PlatformEnv
 from mbworker.worker.drain import Drain
 from mbworker.worker.errors import ConfigError
 from mbworker.worker.function_logs import FunctionLogs
@@ -80,6 +80,7 @@ class Node:
     backends: Backends
     runtimes: dict[str, Runtime]
     verifier: JwtVerifier
+    background: trio.Nursery
     functions: FunctionsFrontDoor
     deployer: Deployer
     realtime: RealtimeService
@@ -151,6 +152,8 @@ class Node:
         tightened = await trio.to_thread.run_sync(secure_data_dir, self.data_dir)
         for what in tightened:
             log.warning("readable by others, tightened: %s", what)
+        for what in await trio.to_thread.run_sync(remove_legacy_scratch, self.data_dir):
+            log.info("removed the temp files of an earlier release: %s", what)
         self.keys = await trio.to_thread.run_sync(load_project_keys, self.settings)
 
     async def _open_backends(self, stack: AsyncExitStack) -> None:
@@ -184,9 +187,17 @@ class Node:
         """Step 5: the JWT verifier (one algorithm policy and memo, for the functions' gate and realtime) and
         the functions front door."""
         # Closed before the stores and Redis (the exit stack unwinds in reverse): its L2 writes still reach Redis.
-        background = await stack.enter_async_context(trio.open_nursery())
+        self.background = background = await stack.enter_async_context(trio.open_nursery())
+        settings = self.settings
         try:
-            verifier = await stack.enter_async_context(open_jwt_verifier(self.keys.jwt_secret, jwks=self.settings.jwks))
+            verifier = await stack.enter_async_context(
+                open_jwt_verifier(
+                    self.keys.jwt_secret,
+                    jwks=settings.jwks,
+                    refresh_interval=settings.jwks_refresh_s,
+                    min_refetch=min(30.0, settings.jwks_refresh_s),
+                )
+            )
         except JwksError as exc:
             raise ConfigError(f"jwks: {exc}") from None
         verifier.revocations = self.backends.revocations  # a revoked session's tokens are refused by both
@@ -219,12 +230,15 @@ class Node:
                 self.keys.anon_key,
                 self.keys.service_role_key,
                 db_url=settings.db_url.get_secret_value() if settings.db_url else None,
-                jwks=await _functions_jwks(settings.jwks),
+                jwks=self.verifier.public_jwks,
             ),
-            scratch_root=self.data_dir / "scratch" / "functions",
             on_change=self._on_change,
             default_limits=settings.limits,
+            max_tmp_mb=settings.max_tmp_mb,
         )
+        # SUPABASE_JWKS follows the verifier's refreshes of a JWKS URL (or file): see Deployer.set_jwks.
+        deployer, verifier = self.deployer, self.verifier
+        verifier.on_jwks = lambda: self.background.start_soon(deployer.set_jwks, verifier.public_jwks)
         restored = await self.deployer.restore()
         for slug in self.table.slugs():  # nothing is in this L1 yet; what other nodes cached for these versions holds
             self._follow(slug)
@@ -408,17 +422,6 @@ class _SharedRealtimeLimiter:
 
     async def allow(self, key: str, per_second: int) -> bool:
         return (await self._limiter.hit(key, Rate(per_second))).allowed
-
-
-async def _functions_jwks(jwks: str | None) -> str:
-    """SUPABASE_JWKS for functions: the public part of the `jwks` setting when it is a file (the verifier has
-    already read it, and refused the start if it could not). For a URL functions get none: they can fetch it."""
-    if not jwks or jwks.startswith(("http://", "https://")):
-        return EMPTY_JWKS
-    try:
-        return public_jwks(await trio.Path(jwks).read_text())
-    except (OSError, UnicodeDecodeError):
-        return EMPTY_JWKS
 
 
 def _make_cache(settings: WorkerSettings) -> ResultCache | None:

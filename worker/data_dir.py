@@ -3,12 +3,14 @@
 Owner: `serve_worker` calls `secure_data_dir` once at start, before anything else is written. It creates the dir
 0700, or tightens an existing one, and makes every file that holds secrets owner-only: the project's keys
 (`secrets/*`, 0600), each version's uploaded archive (0600) and its bundle manifest (`mbworker.json`, which
-carries the function's env: 0400). What it had to tighten is returned, so the daemon can log it.
+carries the function's env: 0400). What it had to tighten is returned, so the daemon can log it. Then
+`remove_legacy_scratch` removes the temp files of earlier releases that nothing else would remove.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -58,3 +60,22 @@ def _at_most(path: Path, mode: int, fixed: list[str]) -> None:
     if current & ~mode:
         os.chmod(path, current & mode)
         fixed.append(f"{path} {oct(current)} → {oct(current & mode)}")
+
+
+def remove_legacy_scratch(data_dir: Path) -> list[str]:
+    """Remove the temp files earlier releases kept where nothing removes them any more: `scratch/functions/`
+    (one temp dir per function, shared by its processes and kept across restarts) and, in `scratch/deno/`,
+    anything but the Deno runtime's run dirs (`run-*`, which it sweeps itself). Returns what was removed.
+    Blocking: run it in a thread, at start, before the runtimes open."""
+    removed: list[str] = []
+    scratch = data_dir / "scratch"
+    legacy = [scratch / "functions"]
+    try:
+        legacy += [Path(e.path) for e in os.scandir(scratch / "deno") if not e.name.startswith(("run-", ".run-"))]
+    except FileNotFoundError:
+        pass
+    for path in legacy:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
+    return removed

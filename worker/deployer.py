@@ -12,10 +12,10 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import trio
 
+from mbworker.lib.jwt import EMPTY_JWKS
 from mbworker.runtimes import BootError, FunctionVersion, Limits, Runtime
 from mbworker.worker.cache import FunctionCacheConfig
 from mbworker.worker.deployments.archive import sha256_hex
@@ -32,9 +32,6 @@ back to an older version (whose earlier cached results must go everywhere)."""
 """Called with a slug after its live version changed (activate, rollback, delete): e.g. a cache purge."""
 
 
-EMPTY_JWKS = '{"keys":[]}'
-
-
 @dataclass(frozen=True)
 class PlatformEnv:
     """Variables every function sees besides its own secrets (Supabase's defaults: reference/edge-functions.md)."""
@@ -46,7 +43,8 @@ class PlatformEnv:
     db_url: str | None = None
     """SUPABASE_DB_URL: the cluster's Postgres, when the node knows it (setting `db_url`)."""
     jwks: str = EMPTY_JWKS
-    """SUPABASE_JWKS: the public part of the project's signing keys (`public_jwks`)."""
+    """SUPABASE_JWKS: the public part of the project's signing keys, as the node's verifier holds them
+    (`JwtVerifier.public_jwks`; `Deployer.set_jwks` follows its refreshes)."""
 
     def for_version(self, slug: str, version: int) -> dict[str, str]:
         env = {
@@ -65,24 +63,6 @@ class PlatformEnv:
         return env
 
 
-_PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
-
-
-def public_jwks(document: str) -> str:
-    """The public keys of a JWKS document as compact JSON: private members dropped, symmetric (`oct`) keys left
-    out (their only member is the secret). Anything unreadable gives an empty key set."""
-    try:
-        keys = json.loads(document).get("keys", [])
-    except (ValueError, AttributeError):
-        return EMPTY_JWKS
-    public = [
-        {k: v for k, v in key.items() if k not in _PRIVATE_JWK_MEMBERS}
-        for key in keys
-        if isinstance(key, dict) and key.get("kty") != "oct"
-    ]
-    return json.dumps({"keys": public}, separators=(",", ":"))
-
-
 class DeployFailed(Exception):
     """A deploy was stored but its version could not boot; the previous version stays live."""
 
@@ -99,16 +79,17 @@ class Deployer:
         runtimes: Mapping[str, Runtime],
         table: FunctionTable,
         platform_env: PlatformEnv,
-        scratch_root: Path,
         on_change: ChangeHook | None = None,
         default_limits: Limits | None = None,
+        max_tmp_mb: int | None = None,
     ) -> None:
         self.default_limits = default_limits or Limits.model_validate({})
+        self.max_tmp_mb = max_tmp_mb
+        """The node's ceiling on `Limits.tmp_mb` (None: none): a function's temp dir never gets more."""
         self.store = store
         self.runtimes = runtimes
         self.table = table
         self.platform_env = platform_env
-        self.scratch_root = scratch_root
         self._on_change = on_change
         self._slug_locks: dict[str, trio.Lock] = {}
         self._project_secrets: dict[str, str] | None = None
@@ -125,21 +106,39 @@ class Deployer:
         secrets = await self.store.secrets(dep.slug, dep.version)
         env = {**self._project_secrets, **secrets, **self.platform_env.for_version(dep.slug, dep.version)}
         fn = function_version(dep, self.store.bundle_dir(dep.slug, dep.version), env)
-        return dataclasses.replace(fn, scratch_dir=self.scratch_root / dep.slug, limits=self.limits_for(dep))
+        return dataclasses.replace(fn, limits=self.limits_for(dep))
 
     def limits_for(self, dep: Deployment) -> Limits:
-        """The operator's default limits, overridden by what the function's own function.toml changed.
+        """The operator's default limits, overridden by what the function's own function.toml changed, within
+        the node's ceilings (`max_tmp_mb`).
 
         A function field equal to the built-in default counts as unset: the manifest keeps no other trace of it.
         """
         builtin = _BUILTIN_LIMITS.model_dump()
         changed = {k: v for k, v in dep.limits.model_dump().items() if v != builtin[k]}
-        return self.default_limits.model_copy(update=changed)
+        limits = self.default_limits.model_copy(update=changed)
+        if self.max_tmp_mb is not None and limits.tmp_mb > self.max_tmp_mb:
+            limits = limits.model_copy(update={"tmp_mb": self.max_tmp_mb})
+        return limits
 
     async def set_default_limits(self, limits: Limits) -> None:
         """New operator defaults (SIGHUP): live versions pick them up; the front door's limits apply at once, a
         sandbox's own (memory, CPU) with its next process."""
         self.default_limits = limits
+        await self._refresh_live()
+
+    async def set_jwks(self, jwks: str) -> None:
+        """The node's verifier has a new JWKS (a refresh found other keys): functions' SUPABASE_JWKS follows.
+        An env is set when a process starts, so processes started from now on see it; running ones keep theirs
+        until they are retired, at the latest at half their `wall_clock_s` (Wasm calls see it at once)."""
+        if jwks == self.platform_env.jwks:
+            return
+        self.platform_env = dataclasses.replace(self.platform_env, jwks=jwks)
+        await self._refresh_live()
+        log.info("SUPABASE_JWKS changed: processes started from now on get the new keys")
+
+    async def _refresh_live(self) -> None:
+        """Rebuild every live version's `FunctionVersion` (limits, env) from the current settings."""
         for slug in self.table.slugs():
             async with self._lock(slug):
                 dep = await self.store.get_active(slug)

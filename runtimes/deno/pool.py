@@ -22,9 +22,10 @@ from mbworker.runtimes.deno.loglimit import LogBudget, LogDrops
 from mbworker.runtimes.deno.permissions import NetPolicy
 from mbworker.runtimes.deno.process import DenoProcess, OnLog
 from mbworker.runtimes.deno.spawn import Spawner, VersionPaths
+from mbworker.runtimes.deno.tmpquota import TmpQuota
 from mbworker.runtimes.errors import BootError, WorkerBusy
 
-_LIMIT_KINDS = ("cpu", "memory", "wall_clock")
+_LIMIT_KINDS = ("cpu", "memory", "wall_clock", "disk")
 
 
 @dataclass(slots=True)
@@ -50,6 +51,8 @@ class Shared:
     """Short-path dir for node:http unix sockets (sun_path is 108 bytes; scratch paths can be long)."""
     stop_grace_s: float
     on_log: OnLog
+    tmp_quota: TmpQuota
+    """Measures every process's temp dir (tmpquota.py)."""
     counters: Counters
     process_seq: int = 0
     net: NetPolicy | None = None
@@ -130,16 +133,15 @@ class VersionPool:
         async with self._prepare_lock:
             if self._paths is None:
                 base = self._shared.scratch_dir / f"{self.fn.slug}-{self.fn.version}-{os.urandom(3).hex()}"
-                tmp = self.fn.scratch_dir or base / "tmp"
                 template = self._shared.deno_dir
                 deno_dir = template if self._warm_up else base / "deno"
-                paths = VersionPaths(base, deno_dir, tmp, base / "import_map.json")
+                paths = VersionPaths(base, deno_dir, base / "tmp", base / "import_map.json")
 
                 def make() -> None:
                     paths.base.mkdir(parents=True, exist_ok=True)
                     if deno_dir != template:  # seeded with the compiled bootstrap (~1 MB): see open_deno_runtime
                         shutil.copytree(template, deno_dir, symlinks=True)
-                    paths.tmp.mkdir(parents=True, exist_ok=True)
+                    paths.tmps.mkdir(mode=0o700, exist_ok=True)
                     write_import_map(self.fn, paths.import_map)
 
                 await trio.to_thread.run_sync(make)
@@ -166,6 +168,7 @@ class VersionPool:
                 paths=paths,
                 socket_dir=self._shared.socket_dir,
                 spawner=self._shared.spawner,
+                tmp_quota=self._shared.tmp_quota,
                 on_log=self._shared.on_log,
                 on_exit=self._on_exit,
                 on_idle=self._on_idle,

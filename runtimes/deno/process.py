@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import uuid
@@ -34,7 +35,8 @@ from mbworker.runtimes.deno import protocol
 from mbworker.runtimes.deno.loglimit import LogBudget
 from mbworker.runtimes.deno.mux import BootFailed, MalformedFrame, Multiplexer, Ready, Request, complete_body
 from mbworker.runtimes.deno.permissions import NetPolicy
-from mbworker.runtimes.deno.spawn import ChildProcess, Spawner, VersionPaths, build_argv, build_env
+from mbworker.runtimes.deno.spawn import ChildProcess, Spawner, VersionPaths, build_argv, build_env, process_tmp
+from mbworker.runtimes.deno.tmpquota import TmpQuota
 from mbworker.runtimes.deno.watchdog import Kill, Retire, Watchdog, read_proc
 from mbworker.runtimes.deno.writer import NonBlockingWriter
 from mbworker.runtimes.errors import (
@@ -68,6 +70,7 @@ class DenoProcess:
         paths: VersionPaths,
         socket_dir: Path,
         spawner: Spawner,
+        tmp_quota: TmpQuota,
         on_log: OnLog,
         on_exit: Callable[[DenoProcess], None],
         on_idle: Callable[[DenoProcess], None],
@@ -81,6 +84,10 @@ class DenoProcess:
         self._bootstrap = bootstrap
         self._paths = paths
         self._spawner = spawner
+        self._seq = seq
+        self._tmp_quota = tmp_quota
+        self.tmp = process_tmp(paths, seq)
+        """This process's own temp dir: made before the spawn, removed after the reap (`serve`)."""
         self._on_log = on_log
         self._on_exit = on_exit
         self._on_idle = on_idle
@@ -150,12 +157,13 @@ class DenoProcess:
                 self._paths,
                 self._node_socket,
                 self._net,
+                tmp=self.tmp,
                 channel=self._channel_path,
             )
         except BootError:
             self.dead.set()
             raise
-        env = build_env(self.fn, self._paths, self.execution_id, self._node_socket)
+        env = build_env(self.fn, self._paths, self.execution_id, self._node_socket, tmp=self.tmp)
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             try:
@@ -163,11 +171,14 @@ class DenoProcess:
                     os.unlink(self._channel_path)
                 await listener.bind(self._channel_path)
                 listener.listen(1)
-                self.child = child = await self._spawner.spawn(argv, env, cwd=self._paths.tmp)
+                await trio.to_thread.run_sync(self._make_tmp)
+                self.child = child = await self._spawner.spawn(argv, env, cwd=self.tmp)
             except OSError as exc:
                 self.dead.set()
                 raise BootError(f"could not start deno: {exc}") from exc
             self.pid = child.pid
+            limit = self.limits.tmp_mb * 1024 * 1024
+            self._tmp_quota.watch(self._seq, str(self.tmp), self.pid, limit, self._over_tmp)
             self.started_at = self.last_used = trio.current_time()
             self._watchdog = Watchdog(self.limits, self.started_at)
             boot_error: BootError | None = None
@@ -200,6 +211,22 @@ class DenoProcess:
                     await self._reap()
         finally:
             self._close_listener(listener)
+            self._tmp_quota.unwatch(self._seq)
+            with trio.CancelScope(shield=True):  # the process is gone (or never started): so goes its temp dir
+                await trio.to_thread.run_sync(lambda: shutil.rmtree(self.tmp, ignore_errors=True))
+
+    def _make_tmp(self) -> None:
+        self.tmp.mkdir(mode=0o700)  # blocking; the version's dir is new to this runtime, so this one is too
+
+    def _over_tmp(self, used: int) -> None:
+        """The temp dir measured over `tmp_mb` (tmpquota.py, on the trio thread): kill the process (546 `disk`);
+        its dir goes with it."""
+        if self.dead.is_set():
+            return
+        mb = self.limits.tmp_mb
+        self._log("stderr", f"mbworker: temp dir uses {used / 1048576:.1f} MiB, over the {mb} MiB limit — killing")
+        log.warning("deno process over its temp dir limit", extra=self._event_extra(used=used, limit_mb=mb))
+        self._kill("disk")
 
     def _close_listener(self, listener: trio.socket.SocketType) -> None:
         """After this no one can connect to the channel path again (it is gone, and so is the socket)."""
@@ -249,6 +276,8 @@ class DenoProcess:
             reason = f"the function used more than {self.limits.cpu_time_ms} ms of CPU while booting"
         elif self.kill_cause == "memory":
             reason = "the function ran out of memory while booting"
+        elif self.kill_cause == "disk":
+            reason = f"the function wrote more than {self.limits.tmp_mb} MiB to its temp dir while booting"
         elif failed is not None and failed.no_handler:
             reason = (
                 "the function registered no handler (Deno.serve, export default { fetch }, or a node:http "
@@ -482,7 +511,7 @@ class DenoProcess:
 
     def _death_error(self) -> FunctionRuntimeError:
         cause = self.kill_cause
-        if cause in ("cpu", "memory", "wall_clock"):
+        if cause in ("cpu", "memory", "wall_clock", "disk"):
             return ResourceLimit(cause, output=self.output_tail())
         return WorkerError(output=self.output_tail())
 

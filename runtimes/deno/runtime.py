@@ -1,13 +1,21 @@
 """`DenoRuntime`: Supabase-style functions in supervised Deno subprocesses, behind `runtimes.api.Runtime`.
 
 Ownership: `open_deno_runtime()` owns a nursery in which every Deno process is supervised, the spawner thread,
-and one `VersionPool` per live (slug, version). Leaving the context stops every process (planned shutdown with
-`beforeunload`, then kill after `close_grace_s`) and reaps them all; nothing outlives it, not even when the
-daemon is SIGKILLed (see spawn.py).
+the temp-dir quota thread (tmpquota.py), its run dir and one `VersionPool` per live (slug, version). Leaving the
+context stops every process (planned shutdown with `beforeunload`, then kill after `close_grace_s`) and reaps
+them all; nothing outlives it, not even when the daemon is SIGKILLed (see spawn.py).
+
+Files: each open runtime works in a run dir of its own, `<scratch_dir>/run-<hex>/` (the template DENO_DIR, one
+dir per version, one temp dir per process), held by an flock on `run-<hex>.lock` for as long as it is open. A
+runtime that did not close (a killed daemon) leaves its run dir behind unlocked: the next one to open on the same
+scratch dir removes it (`sweep_runs`), while runs still open there (several runtimes may share the default
+scratch dir) keep theirs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -27,6 +35,7 @@ from mbworker.runtimes.deno.permissions import NetPolicy
 from mbworker.runtimes.deno.pool import Counters, Shared, VersionPool
 from mbworker.runtimes.deno.process import OnLog
 from mbworker.runtimes.deno.spawn import Spawner
+from mbworker.runtimes.deno.tmpquota import open_tmp_quota
 from mbworker.runtimes.errors import FunctionRuntimeError
 from mbworker.runtimes.limits import Limits
 
@@ -40,7 +49,9 @@ _WARM_UP_SOURCE = 'import "node:module";\nimport "node:process";\nDeno.serve(() 
 """Also loads what running an npm package from node_modules needs (the CommonJS loader, node:process), so their
 compiled code is in the template too: a CommonJS package's first request came ~200-300 ms sooner (measured, ms@2)."""
 DENO_DIR_NAME = "_deno_dir"
-"""Under the scratch dir, beside the per-version dirs (`<slug>-<version>-<hex>`: a slug starts with a letter)."""
+"""Under the run dir, beside the per-version dirs (`<slug>-<version>-<hex>`: a slug starts with a letter)."""
+RUN_PREFIX = "run-"
+LOCK_SUFFIX = ".lock"
 
 
 def _default_deno_bin() -> str:
@@ -73,7 +84,7 @@ class DenoSettings(BaseModel):
     )
     scratch_dir: Path = Field(
         default_factory=lambda: Path(os.environ.get("TMPDIR", "/tmp")) / "mbworker-deno",
-        description="Base for the runtime's DENO_DIR and per-version dirs (import map, the function's temp dir)",
+        description="Base for the runtime's run dir: DENO_DIR, per-version dirs (import map), per-process temp dirs",
     )
     limits: Limits = Field(
         default_factory=lambda: Limits.model_validate({}), description="Defaults for callers building FunctionVersions"
@@ -145,6 +156,10 @@ class DenoRuntime:
         pool = self._pools.get(fn.key)
         if pool is None:
             pool = self._pools[fn.key] = VersionPool(fn, self._shared)
+        elif pool.fn is not fn:
+            # The same version with newer settings (an operator's limits, the platform's env such as a refreshed
+            # SUPABASE_JWKS): processes started from now on run with them; running ones keep what they started with.
+            pool.fn = fn
         return pool
 
     async def warm(self, fn: FunctionVersion) -> None:
@@ -245,31 +260,31 @@ async def open_deno_runtime(
     (default: the `runtimes.deno.function` logger with slug/version/execution_id/stream as `extra`)."""
     settings = settings or DenoSettings.model_validate({})
     bootstrap = Path(str(resources.files("mbworker.runtimes.deno").joinpath("bootstrap.ts")))
-    # The template DENO_DIR, emptied at each start and compiled into once (`DenoRuntime._compile_bootstrap`):
+    # The template DENO_DIR, made at each start and compiled into once (`DenoRuntime._compile_bootstrap`):
     # each version's own DENO_DIR starts as a copy of it, so the bootstrap is transpiled and compiled once, not
     # per version (a cold start ~15 ms sooner, docs/benchmarks.md), and goes with the version's scratch dir.
-    scratch_dir = settings.scratch_dir.resolve()
-    deno_dir = scratch_dir / DENO_DIR_NAME
-
-    def fresh_scratch() -> None:
-        shutil.rmtree(deno_dir, ignore_errors=True)
-        deno_dir.mkdir(parents=True)
-
-    await trio.to_thread.run_sync(fresh_scratch)
-    socket_dir = Path(await trio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="mbwd-", dir="/tmp")))
+    run_dir, lock_fd = await trio.to_thread.run_sync(open_run_dir, settings.scratch_dir.resolve())
+    deno_dir = run_dir / DENO_DIR_NAME
+    try:
+        await trio.to_thread.run_sync(deno_dir.mkdir)
+        socket_dir = Path(await trio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="mbwd-", dir="/tmp")))
+    except BaseException:
+        await trio.to_thread.run_sync(close_run_dir, run_dir, lock_fd)
+        raise
     spawner = Spawner()
     try:
-        async with trio.open_nursery() as nursery:
+        async with open_tmp_quota() as tmp_quota, trio.open_nursery() as nursery:
             shared = Shared(
                 nursery=nursery,
                 spawner=spawner,
                 deno_bin=settings.deno_bin,
                 bootstrap=bootstrap,
-                scratch_dir=scratch_dir,
+                scratch_dir=run_dir,
                 deno_dir=deno_dir,
                 socket_dir=socket_dir,
                 stop_grace_s=settings.stop_grace_s,
                 on_log=on_log or _default_on_log,
+                tmp_quota=tmp_quota,
                 counters=Counters(),
                 net=settings.net,
             )
@@ -285,3 +300,64 @@ async def open_deno_runtime(
         spawner.shutdown()
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(lambda: shutil.rmtree(socket_dir, ignore_errors=True))
+            await trio.to_thread.run_sync(close_run_dir, run_dir, lock_fd)
+
+
+def open_run_dir(scratch_dir: Path) -> tuple[Path, int]:
+    """A new run dir under `scratch_dir` and the fd holding its lock (see the module docstring), after removing
+    the run dirs nobody holds any more. Blocking: run it in a thread.
+
+    The lock file is locked before it gets its name (made under a dot-name `sweep_runs` ignores, then renamed), so
+    another runtime's sweep can never find it unlocked."""
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    swept = sweep_runs(scratch_dir)
+    if swept:
+        log.info("removed %d run dirs left by runtimes that did not close", swept)
+    name = RUN_PREFIX + os.urandom(6).hex()
+    pending = scratch_dir / f".{name}{LOCK_SUFFIX}"
+    fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(pending, scratch_dir / f"{name}{LOCK_SUFFIX}")
+        run_dir = scratch_dir / name
+        run_dir.mkdir(mode=0o700)
+    except BaseException:
+        os.close(fd)
+        raise
+    return run_dir, fd
+
+
+def close_run_dir(run_dir: Path, lock_fd: int) -> None:
+    """Remove the run dir, then its lock file, then let go of the lock. Blocking."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(run_dir.with_name(run_dir.name + LOCK_SUFFIX))
+    os.close(lock_fd)
+
+
+def sweep_runs(scratch_dir: Path) -> int:
+    """Remove every run dir under `scratch_dir` whose lock nobody holds (its runtime is gone). Returns how many.
+    Blocking."""
+    swept = 0
+    for entry in os.scandir(scratch_dir):
+        if not entry.name.startswith(RUN_PREFIX) or entry.name.endswith(LOCK_SUFFIX):
+            continue
+        lock = scratch_dir / (entry.name + LOCK_SUFFIX)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = -1  # its runtime removed the lock file last, after the dir: this one was being removed
+        try:
+            if fd >= 0:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live runtime's
+            shutil.rmtree(entry.path, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+            swept += 1
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    return swept

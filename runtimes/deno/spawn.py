@@ -204,9 +204,15 @@ class VersionPaths:
     deno_dir: Path
     """DENO_DIR of this version's processes: transpiled and compiled code only, seeded from the runtime's template
     (`Shared.deno_dir`, where the bootstrap is compiled)."""
-    tmp: Path
-    """The function's writable temp dir (TMPDIR); FunctionVersion.scratch_dir if given."""
+    tmps: Path
+    """Where the version's processes get their own temp dirs (`process_tmp`)."""
     import_map: Path
+
+
+def process_tmp(paths: VersionPaths, seq: int) -> Path:
+    """The temp dir of process `seq` (TMPDIR, TMP, TEMP, its cwd and all it may write): created before its spawn,
+    removed when it has been reaped, limited to `Limits.tmp_mb` (tmpquota.py)."""
+    return paths.tmps / f"p{seq}"
 
 
 def build_argv(
@@ -217,10 +223,12 @@ def build_argv(
     node_socket: str,
     net: NetPolicy | None = None,
     *,
+    tmp: Path,
     channel: str = "",
 ) -> list[str]:
     """The child's command line. Network flags come from permissions.py (`net`: the operator's policy).
-    `channel`: the unix socket the daemon listens on for this child's frames (process.py)."""
+    `tmp`: the process's own temp dir (`process_tmp`), the only place it may write; `channel`: the unix socket
+    the daemon listens on for this child's frames (process.py)."""
     bundle = fn.bundle_dir.resolve()
     entry = (bundle / fn.entrypoint).resolve()
     hide = list(DENO_ENV)
@@ -243,8 +251,8 @@ def build_argv(
         f"--v8-flags=--max-old-space-size={fn.limits.memory_mb}",
         *net_flags(fn.net_allow, net, node_socket, channel),
         "--allow-env",
-        "--allow-read=" + path_list(bundle, paths.tmp, node_socket, channel),
-        "--allow-write=" + path_list(paths.tmp, node_socket, channel),
+        "--allow-read=" + path_list(bundle, tmp, node_socket, channel),
+        "--allow-write=" + path_list(tmp, node_socket, channel),
         str(bootstrap),
         entry.as_uri(),
         node_socket,
@@ -263,13 +271,16 @@ def path_list(*paths: Path | str) -> str:
     return ",".join(str(p) for p in paths if p)
 
 
-def build_env(fn: FunctionVersion, paths: VersionPaths, execution_id: str, node_socket: str) -> dict[str, str]:
+def build_env(
+    fn: FunctionVersion, paths: VersionPaths, execution_id: str, node_socket: str, *, tmp: Path
+) -> dict[str, str]:
     """The function's env minus what it may not set (`reserved_env`: deploys refuse those, and this guards the
-    spawn whatever reached it), then SB_EXECUTION_ID, TMPDIR and what Deno itself needs (hidden later): nothing a
-    function sets can override the runtime's own."""
+    spawn whatever reached it), then SB_EXECUTION_ID, the process's temp dir (TMPDIR, and TMP and TEMP that some
+    libraries read instead) and what Deno itself needs (hidden later): nothing a function sets can override the
+    runtime's own."""
     env = {k: v for k, v in fn.env.items() if not reserved_env(k)}
     env["SB_EXECUTION_ID"] = execution_id
-    env["TMPDIR"] = str(paths.tmp)
+    env["TMPDIR"] = env["TMP"] = env["TEMP"] = str(tmp)
     env["DENO_DIR"] = str(paths.deno_dir)
     env["NO_COLOR"] = "1"
     env["DENO_NO_UPDATE_CHECK"] = "1"

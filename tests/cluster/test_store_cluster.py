@@ -206,7 +206,7 @@ async def test_the_deployer_of_a_new_node_restores_from_the_cluster(nodes: Nodes
     await a.activate("hello", 1)
     b = await nodes.start()
     table = FunctionTable()
-    deployer = Deployer(b, {}, table, PlatformEnv("http://x", "anon", "service"), scratch_root=tmp_path / "scratch")
+    deployer = Deployer(b, {}, table, PlatformEnv("http://x", "anon", "service"))
     assert await deployer.restore() == 1
     live = table.get("hello")
     assert live is not None

@@ -24,7 +24,7 @@ async def test_only_a_rollback_here_is_reported_as_rolled_back(tmp_path: Path) -
 
     table = FunctionTable()
     env = PlatformEnv("http://x", "anon", "service")
-    deployer = Deployer(store, {}, table, env, scratch_root=tmp_path / "scratch", on_change=on_change)
+    deployer = Deployer(store, {}, table, env, on_change=on_change)
     assert await deployer.restore() == 1
     assert changes == []  # restoring is not a change
 

@@ -21,7 +21,7 @@ from mbworker.runtimes.deno.permissions import (
     node_addresses,
     resolve_hosts,
 )
-from mbworker.runtimes.deno.spawn import VersionPaths, build_argv
+from mbworker.runtimes.deno.spawn import VersionPaths, build_argv, process_tmp
 from tests.hardening.deno_probe import CONNECT, QUERY, deno_bin, run_script
 
 MUST_DENY = [
@@ -133,16 +133,22 @@ def test_command_line_is_narrow(tmp_path: Path) -> None:
     bundle.mkdir(parents=True)
     paths = VersionPaths(tmp_path / "v", tmp_path / "v" / "deno", tmp_path / "v" / "tmp", tmp_path / "v" / "map.json")
     fn = FunctionVersion("fn", 1, "deno", bundle, "index.ts", env={"A": "1"})
-    argv = build_argv("deno", tmp_path / "bootstrap.ts", fn, paths, "/tmp/mbwd-x/1.sock")
+    tmp = process_tmp(paths, 7)
+    argv = build_argv("deno", tmp_path / "bootstrap.ts", fn, paths, "/tmp/mbwd-x/1.sock", tmp=tmp)
     flags = [a for a in argv if a.startswith("-")]
     for forbidden in ("-A", "--allow-all", "--allow-run", "--allow-ffi", "--allow-sys", "--allow-import"):
         assert not any(f == forbidden or f.startswith(forbidden + "=") for f in flags), forbidden
-    assert f"--allow-read={bundle.resolve()},{paths.tmp},/tmp/mbwd-x/1.sock" in flags
-    assert f"--allow-write={paths.tmp},/tmp/mbwd-x/1.sock" in flags
+    assert f"--allow-read={bundle.resolve()},{tmp},/tmp/mbwd-x/1.sock" in flags
+    assert f"--allow-write={tmp},/tmp/mbwd-x/1.sock" in flags  # the process's own temp dir, not the version's
     assert "--no-prompt" in flags
     assert any(f.startswith("--deny-net=") for f in flags)
     narrowed = build_argv(
-        "deno", tmp_path / "b.ts", FunctionVersion("fn", 1, "deno", bundle, "index.ts", net_allow=()), paths, ""
+        "deno",
+        tmp_path / "b.ts",
+        FunctionVersion("fn", 1, "deno", bundle, "index.ts", net_allow=()),
+        paths,
+        "",
+        tmp=tmp,
     )
     assert [f for f in narrowed if f.startswith("--allow-net")] == [f"--allow-net={NODE_PROXY_HOST}"]
 

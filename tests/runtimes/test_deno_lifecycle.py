@@ -132,25 +132,29 @@ def emitted_dir(deno_dir: Path, source_dir: Path) -> Path:
 
 
 async def test_versions_start_from_the_compiled_template_and_take_their_code_with_them(tmp_path: Path) -> None:
-    """The runtime's template DENO_DIR, emptied at start, where the bootstrap is compiled once before the runtime
-    serves (not per version); each version's DENO_DIR starts from it, and a retired version's transpiled code
-    leaves with it while the others' stays."""
+    """The runtime's template DENO_DIR, made in its own run dir at start, where the bootstrap is compiled once
+    before the runtime serves (not per version); each version's DENO_DIR starts from it, and a retired version's
+    transpiled code leaves with it while the others' stays. A run dir nobody holds (a runtime that did not close)
+    is swept at start."""
     scratch = tmp_path / "scratch"
-    deno_dir = scratch / DENO_DIR_NAME
-    deno_dir.mkdir(parents=True)
-    (deno_dir / "left-from-last-run").write_text("x")
+    stale = scratch / "run-0123456789ab"
+    (stale / DENO_DIR_NAME).mkdir(parents=True)
+    (stale / DENO_DIR_NAME / "left-from-last-run").write_text("x")
+    (scratch / "run-0123456789ab.lock").write_text("")
     v1 = version(write_fn(tmp_path, 'Deno.serve(() => new Response("v1"));', name="v1"), ver=1)
     v2 = version(write_fn(tmp_path, 'Deno.serve(() => new Response("v2"));', name="v2"), ver=2)
-    bootstrap_js = emitted_dir(deno_dir, BOOTSTRAP_DIR) / "bootstrap.ts.js"
     async with deno_runtime(tmp_path) as rt:
-        assert not (deno_dir / "left-from-last-run").exists()
+        assert not stale.exists()
+        (run,) = [p for p in scratch.iterdir() if p.is_dir()]
+        deno_dir = run / DENO_DIR_NAME
+        bootstrap_js = emitted_dir(deno_dir, BOOTSTRAP_DIR) / "bootstrap.ts.js"
         # compiled at start by a throwaway process, which left nothing else behind and counts as no cold start
         assert bootstrap_js.is_file()
-        assert [p.name for p in scratch.iterdir()] == [DENO_DIR_NAME]
+        assert [p.name for p in run.iterdir()] == [DENO_DIR_NAME]
         assert (rt.statistics().processes, rt.statistics().cold_starts) == (0, 0)
         assert (await call(rt, v1, "GET", "/fn"))[2] == b"v1"
         assert (await call(rt, v2, "GET", "/fn"))[2] == b"v2"
-        own = {v.version: next(scratch.glob(f"fn-{v.version}-*")) / "deno" for v in (v1, v2)}
+        own = {v.version: next(run.glob(f"fn-{v.version}-*")) / "deno" for v in (v1, v2)}
         emitted = {v.version: emitted_dir(own[v.version], v.bundle_dir) for v in (v1, v2)}
         for ver in (1, 2):
             assert (emitted[ver] / "index.ts.js").is_file()

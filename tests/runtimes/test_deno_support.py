@@ -40,7 +40,6 @@ def version(
     entry: str = "index.ts",
     env: dict[str, str] | None = None,
     import_map: str | None = None,
-    scratch: Path | None = None,
     **limits: Any,
 ) -> FunctionVersion:
     return FunctionVersion(
@@ -52,7 +51,6 @@ def version(
         import_map=import_map,
         env=env or {},
         limits=Limits(**{"request_idle_timeout_s": 20, **limits}),
-        scratch_dir=scratch,
     )
 
 
