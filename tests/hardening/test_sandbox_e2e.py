@@ -70,9 +70,9 @@ async def test_hostile_function_can_reach_nothing_of_ours(
         narrow_toml = '[net]\nallow = ["api.example.com:443", "127.0.0.1:' + str(service.port) + '"]\n'
         await worker.deploy(write_function(tmp_path, "narrow", HOSTILE, toml=narrow_toml))
         (victim_bundle,) = (data / "deployments").glob("victim/**/bundle")
-        victim_tmp = data / "scratch" / "functions" / "victim"
         r = await http.get(f"{worker.public_url}/functions/v1/victim", headers=worker.auth())
         assert r.text == "victim"  # its process runs and its temp dir exists
+        (victim_tmp,) = (data / "scratch" / "deno").glob("run-*/victim-*/tmp/p*")  # that process's own
         (victim_tmp / "planted.txt").write_text("victim's file")
         admin_port = worker.admin_url.rsplit(":", 1)[1]
         params = {
