@@ -157,7 +157,7 @@ def main() -> None:
     print(f"  bare `deno run` (same node_modules, fresh DENO_DIR): {bare_ms:.1f} ms")
     for name, (sizes, cold) in rows.items():
         size = (
-            f"{sizes['compressed'] / 1e6:.2f} MB compressed, {sizes['unpacked'] / 1e6:.2f} MB unpacked, "
+            f"{sizes['compressed'] / 1e3:.0f} kB compressed, {sizes['unpacked'] / 1e3:.0f} kB unpacked, "
             f"{sizes['files']:.0f} files ({sizes['links']:.0f} links)"
         )
         if isinstance(cold, str):
