@@ -2,7 +2,8 @@
 
 Nodes write their heartbeat (worker/cluster/heartbeat.py documents the keys; this module reads them); a node
 whose last beat is older than `down_after_s` is down. The registry adds the control plane's own knowledge: a drain
-it asked for takes the node out of the upstreams at once, before the node starts draining.
+it asked for takes the node out of the upstreams at once, before the node starts draining; a hold (a rolling
+upgrade's, `<p>node:<name>:hold`, read only here) keeps a node out of them without asking it to drain.
 
 Owner: `NodeRegistry` owns nothing but reads; the Redis client belongs to `serve_control`. Redis failures become
 `StateUnavailable` (503).
@@ -24,6 +25,8 @@ from mbworker.lib.redis import Redis, RedisError
 log = logging.getLogger("mbworker.control.registry")
 
 DRAIN_TTL_S = 3600
+HOLD_TTL_S = 900
+"""A hold outlives any one upgrade step; a control plane that died mid-upgrade does not keep a node out forever."""
 RECORD_TTL_S = 3600
 """As the workers' heartbeat (worker/cluster/heartbeat.py): a node silent for an hour disappears."""
 NODE_EXPORTER_PORT = 9100
@@ -66,11 +69,13 @@ class NodeView(BaseModel):
     up: bool
     last_seen_s: float
     drain_asked: bool
+    held: bool = False
+    """Out of the upstreams for a rolling upgrade (control/upgrade.py), whatever the node reports."""
 
     @property
     def serving(self) -> bool:
         """Up, ready, and not leaving: what proxies may send to and a deploy must reach."""
-        return self.up and self.record.ready and not self.record.draining and not self.drain_asked
+        return self.up and self.record.ready and not self.record.draining and not self.drain_asked and not self.held
 
     @property
     def state(self) -> str:
@@ -78,6 +83,8 @@ class NodeView(BaseModel):
             return "down"
         if self.record.draining or self.drain_asked:
             return "draining"
+        if self.held:
+            return "held"
         return "ready" if self.record.ready else "not ready"
 
     @property
@@ -125,6 +132,7 @@ class NodeRegistry:
                 [
                     ("MGET", *(f"{self._p}node:{n}" for n in names)),
                     ("MGET", *(f"{self._p}node:{n}:drain" for n in names)),
+                    ("MGET", *(f"{self._p}node:{n}:hold" for n in names)),
                 ]
             )
         except RedisError as exc:
@@ -132,7 +140,7 @@ class NodeRegistry:
         now = self._clock()
         views: list[NodeView] = []
         gone: list[str] = []
-        for name, raw, drain in zip(names, replies[0], replies[1], strict=True):
+        for name, raw, drain, hold in zip(names, replies[0], replies[1], replies[2], strict=True):
             if raw is None:
                 gone.append(name)  # the record expired: silent for longer than the heartbeat's lifetime
                 continue
@@ -142,7 +150,8 @@ class NodeRegistry:
                 log.warning("ignored a malformed heartbeat from %s", name)
                 continue
             age = max(0.0, now - record.sent_at)
-            views.append(NodeView(record=record, up=age <= self.down_after_s, last_seen_s=age, drain_asked=bool(drain)))
+            up = age <= self.down_after_s
+            views.append(NodeView(record=record, up=up, last_seen_s=age, drain_asked=bool(drain), held=bool(hold)))
         if gone:
             try:
                 await self._redis.zrem(f"{self._p}nodes", *gone)
@@ -168,11 +177,17 @@ class NodeRegistry:
             raise StateUnavailable(f"the cluster's Redis is unreachable: {exc}") from exc
         return view.model_copy(update={"drain_asked": True})
 
-    async def clear_drain(self, name: str) -> None:
-        """Withdraw `ask_drain` (a rolling upgrade's worker restarts): it is back in the upstreams once it reports
-        ready again."""
+    async def hold(self, name: str, ttl_s: int = HOLD_TTL_S) -> None:
+        """Keep `name` out of the upstreams (the node is not told: it keeps serving what reaches it)."""
         try:
-            await self._redis.delete(f"{self._p}node:{name}:drain")
+            await self._redis.set(f"{self._p}node:{name}:hold", str(self._clock()), ex=ttl_s)
+        except RedisError as exc:
+            raise StateUnavailable(f"the cluster's Redis is unreachable: {exc}") from exc
+
+    async def release(self, name: str) -> None:
+        """Undo `hold`: the node is in the upstreams again whenever it reports ready."""
+        try:
+            await self._redis.delete(f"{self._p}node:{name}:hold")
         except RedisError as exc:
             raise StateUnavailable(f"the cluster's Redis is unreachable: {exc}") from exc
 

@@ -1,16 +1,16 @@
 """A rolling upgrade of mbworker on the workers, one at a time, with the cluster serving throughout.
 
 For each worker not already on the version (sorted by name):
-1. **leave**: ask its drain in the registry (out of the upstreams at once), then wait until every proxy has pulled
-   its upstreams since (so none still sends new requests to it);
+1. **leave**: a hold in the registry takes it out of the upstreams (the node is not told), then wait until every
+   proxy has pulled its upstreams since, so none sends it new requests. (Not the registry's drain ask: the node
+   acts on that at its next beat, whether or not the proxies have pulled.)
 2. **request**: `POST /admin/v1/upgrade {"version"}` on the worker: the daemon leaves the request for its node's
    root-owned upgrade helper and drains (in-flight requests finish, WebSockets are closed with 1012), then exits;
-3. **drained**: once the node's own record says it is draining, the registry's ask is withdrawn (the process that
-   comes back must not drain again);
+3. **drain**: its own record says it is draining;
 4. **install + restart**: the helper (provision/upgrade_helper.py) downloads the version's wheels from this
    control plane, installs them with `pip --no-index --require-hashes`, and starts the daemon again;
-5. **ready**: a record from the new process (started after the request), ready — which puts it back in the
-   upstreams — and on the version asked for; then wait until every proxy has pulled it back.
+5. **ready**: a record from the new process (started after the request), ready: the hold is released, which puts
+   it back in the upstreams; it must run the version asked for; then wait until every proxy has pulled it back.
 
 The first failure stops the rollout; the workers not yet reached are untouched and keep serving. A worker that
 failed does not serve a half-upgraded state: its helper restores the previous install when the new one does not
@@ -40,14 +40,16 @@ from mbworker.control.wheel_store import HeldWheel, check_version
 log = logging.getLogger("mbworker.control.upgrade")
 
 POLL_S = 0.1
+SILENT_S = 3.0
+"""Three missed beats (one a second): the process has exited."""
 
 
 class Registry(Protocol):
     async def nodes(self) -> list[NodeView]: ...
 
-    async def ask_drain(self, name: str) -> NodeView: ...
+    async def hold(self, name: str) -> None: ...
 
-    async def clear_drain(self, name: str) -> None: ...
+    async def release(self, name: str) -> None: ...
 
 
 class Admin(Protocol):
@@ -153,7 +155,7 @@ class Rollout:
     async def _one(self, node: NodeView, version: str) -> None:
         name = node.record.name
         # 1. leave the upstreams
-        await self._registry.ask_drain(name)
+        await self._registry.hold(name)
         await self._proxies_pulled(self._clock())
         self._record(name, "leave", True, "out of the upstreams; every proxy pulled")
         # 2. hand the request to the worker; it drains and its helper installs
@@ -161,17 +163,29 @@ class Rollout:
         try:
             await self._admin.call(node, "POST", "/admin/v1/upgrade", json={"version": version}, timeout=30.0)
         except WorkerCallFailed as exc:
-            await self._registry.clear_drain(name)  # it never drained: back in the upstreams as it was
+            await self._registry.release(name)  # it never drained: back in the upstreams as it was
             raise _StepFailed("request", f"{exc.message} (left serving {node.record.version})") from None
         self._record(name, "request", True, f"{node.record.version} -> {version}; draining")
-        # 3. drained: withdraw the ask, so the new process does not drain at its first beat
-        await self._wait(name, "drain", self._t.drain_s, lambda v: v is None or v.record.draining or not v.up)
-        await self._registry.clear_drain(name)
-        self._record(name, "drain", True, "draining; drain ask withdrawn")
-        # 4-5. the helper installs and restarts; the new process reports ready (and so is back in the upstreams)
-        back = await self._wait(
-            name, "restart", self._t.restart_s, lambda v: v is not None and v.record.started_at > asked_at and v.serving
-        )
+        try:
+            # 3. draining
+            await self._wait(name, "drain", self._t.drain_s, lambda v: self._left(v, asked_at))
+            self._record(name, "drain", True, "draining")
+            # 4-5. the helper installs and restarts; the new process reports ready
+            back = await self._wait(
+                name,
+                "restart",
+                self._t.restart_s,
+                lambda v: (
+                    v is not None
+                    and v.record.started_at > asked_at
+                    and v.up
+                    and v.record.ready
+                    and not v.record.draining
+                ),
+            )
+        finally:
+            # back in the upstreams: the new process, or whatever comes back late (only a ready one is served)
+            await self._registry.release(name)
         assert back is not None
         if back.record.version != version:
             raise _StepFailed(
@@ -182,6 +196,13 @@ class Rollout:
         await self._proxies_pulled(self._clock())
         self._record(name, "ready", True, f"serving {version}; back in the upstreams")
 
+    def _left(self, view: NodeView | None, asked_at: float) -> bool:
+        """The old process is draining, or gone: silent for a few beats (an idle one may exit before its next
+        beat says it drains), or already replaced."""
+        if view is None or view.record.draining or view.record.started_at > asked_at:
+            return True
+        return view.record.sent_at < self._clock() - SILENT_S
+
     async def _wait(
         self, name: str, step: str, timeout: float, done: Callable[[NodeView | None], bool]
     ) -> NodeView | None:
@@ -191,7 +212,7 @@ class Rollout:
                 if done(view):
                     return view
                 await trio.sleep(POLL_S)
-        raise _StepFailed(step, f"not done within {timeout:.0f}s; a worker that is not ready is not in the upstreams")
+        raise _StepFailed(step, f"not done within {timeout:.0f}s (a worker that is not ready is not in the upstreams)")
 
     async def _proxies_pulled(self, since: float) -> None:
         """Until every proxy that is up has pulled its upstreams after `since` (bounded: a proxy that stopped

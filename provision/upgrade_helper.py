@@ -138,6 +138,11 @@ def installed_version(venv: Path) -> str:
     return done.stdout.strip()
 
 
+def _dist_version(venv: Path) -> str:
+    found = sorted(venv.glob("lib/python*/site-packages/mbworker-*.dist-info"))
+    return found[0].name.removesuffix(".dist-info").split("-")[1] if found else "none"
+
+
 def _clean_env() -> dict[str, str]:
     """No PYTHONPATH or venv of whoever started us: the install is judged on its own."""
     return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
@@ -166,9 +171,11 @@ def upgrade(version: str, cfg: Config, service: Service) -> bool:
         finally:
             say("waiting for the daemon to drain and exit")
             _wait_stopped(service, cfg.drain_timeout_s)
-        before = installed_version(cfg.venv)
+        before = _dist_version(cfg.venv)
         shutil.rmtree(snapshot, ignore_errors=True)
-        shutil.copytree(cfg.venv, snapshot, symlinks=True)
+        # hard links: quick, and pip never writes into an installed file (it removes and creates), so the snapshot
+        # keeps the previous files whole
+        shutil.copytree(cfg.venv, snapshot, symlinks=True, copy_function=os.link)
         (work / "requirements.txt").write_text(requirements)
         pip = [str(cfg.venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                "--no-index", "--require-hashes", "--find-links", str(work),

@@ -320,7 +320,7 @@ class AdminApp:
                 raise UpgradeUnavailable("upgrades are not enabled on this node")
             if not isinstance(version, str):
                 raise ValueError('expected {"version": "X.Y.Z"}')
-            await trio.to_thread.run_sync(self.upgrade.request, version)
+            await self.upgrade.request(version)
         except ValueError as exc:
             await send_error(responder, 400, "BAD_REQUEST", str(exc))
             return

@@ -19,6 +19,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import trio
+
 VERSION = re.compile(r"^[0-9][0-9A-Za-z.+!_-]{0,63}$")
 """A version as pip writes it in a wheel's name (and nothing a path could be made of)."""
 UPGRADE_DIR = "upgrade"
@@ -36,9 +38,13 @@ class UpgradeRequests:
         self.directory = data_dir / UPGRADE_DIR
         self._drain = drain
 
-    def request(self, version: str) -> None:
-        """Leave the request (blocking file work: call from a thread), then drain. `ValueError` for a bad version,
-        `UpgradeUnavailable` when no helper watches."""
+    async def request(self, version: str) -> None:
+        """Leave the request, then drain. `ValueError` for a bad version, `UpgradeUnavailable` when no helper
+        watches."""
+        await trio.to_thread.run_sync(self._write, version)
+        self._drain()  # in the loop: the drain wakes its waiters
+
+    def _write(self, version: str) -> None:
         if not VERSION.match(version):
             raise ValueError(f"version {version!r} must match {VERSION.pattern}")
         if not self.directory.is_dir():
@@ -48,4 +54,3 @@ class UpgradeRequests:
         with os.fdopen(fd, "w") as f:
             json.dump({"version": version}, f)
         os.replace(tmp, self.directory / REQUEST_FILE)
-        self._drain()

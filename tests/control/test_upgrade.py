@@ -35,7 +35,7 @@ class Node:
     started_at: float = 0.0
     sent_at: float = 0.0
     comes_back_on: str | None = None
-    drain_asked: bool = False
+    held: bool = False
 
 
 class Cluster:
@@ -75,7 +75,7 @@ class Cluster:
             role=n.role, name=n.name, private_ip="10.0.1.1", port=1, admin_port=2, version=n.version,
             ready=n.phase != "draining", draining=n.phase != "serving", started_at=n.started_at, sent_at=n.sent_at,
         )  # fmt: skip
-        return NodeView(record=record, up=True, last_seen_s=0, drain_asked=n.drain_asked)
+        return NodeView(record=record, up=True, last_seen_s=0, drain_asked=False, held=n.held)
 
     async def nodes(self) -> list[NodeView]:
         self._tick()
@@ -83,14 +83,13 @@ class Cluster:
         self.serving_seen.append(sum(v.serving for v in views if v.record.role == "worker"))
         return views
 
-    async def ask_drain(self, name: str) -> NodeView:
-        self.calls.append(f"ask_drain {name}")
-        self.nodes_[name].drain_asked = True
-        return self._view(self.nodes_[name])
+    async def hold(self, name: str) -> None:
+        self.calls.append(f"hold {name}")
+        self.nodes_[name].held = True
 
-    async def clear_drain(self, name: str) -> None:
-        self.calls.append(f"clear_drain {name}")
-        self.nodes_[name].drain_asked = False
+    async def release(self, name: str) -> None:
+        self.calls.append(f"release {name}")
+        self.nodes_[name].held = False
 
     async def call(self, node: NodeView, method: str, path: str, *, timeout: float | None = None, **kw: Any) -> Any:
         name = node.record.name
@@ -98,7 +97,7 @@ class Cluster:
         if name == self.refuse:
             raise WorkerCallFailed(name, 501, "NOT_IMPLEMENTED", "no upgrade helper watches this node")
         n = self.nodes_[name]
-        assert n.drain_asked, "asked to upgrade before it left the upstreams"
+        assert n.held, "asked to upgrade before it left the upstreams"
         n.phase, n.ticks = "draining", 0
         n.comes_back_on = n.comes_back_on or kw["json"]["version"]
         return {"version": kw["json"]["version"], "draining": True}
@@ -124,8 +123,8 @@ async def test_workers_are_upgraded_one_at_a_time_and_the_cluster_serves_through
     assert [n.version for n in cluster.nodes_.values() if n.role == "worker"] == ["2.0", "2.0"]
     # out of the upstreams before the request, the ask withdrawn once it drains, one worker after the other
     assert cluster.calls == [
-        "ask_drain w1", "POST /admin/v1/upgrade w1", "clear_drain w1",
-        "ask_drain w2", "POST /admin/v1/upgrade w2", "clear_drain w2",
+        "hold w1", "POST /admin/v1/upgrade w1", "release w1",
+        "hold w2", "POST /admin/v1/upgrade w2", "release w2",
     ]  # fmt: skip
     assert min(cluster.serving_seen) >= 1
     assert [e.action for e in audit.entries()] == [
@@ -156,7 +155,7 @@ async def test_a_failed_install_stops_the_rollout_with_the_worker_back_on_its_ve
     assert report["upgraded"] == []
     assert [c for c in cluster.calls if "w2" in c] == []  # w2 untouched
     assert cluster.nodes_["w1"].phase == "serving"
-    assert not cluster.nodes_["w1"].drain_asked
+    assert not cluster.nodes_["w1"].held
     assert (audit.entries()[-1].action, audit.entries()[-1].status) == ("upgrade w1 install", 502)
 
 
@@ -166,7 +165,7 @@ async def test_a_worker_that_refuses_the_request_goes_back_in_the_upstreams(auto
     assert status == 502
     assert report["failed"]["step"] == "request"
     assert "no upgrade helper" in report["message"]
-    assert cluster.calls == ["ask_drain w1", "POST /admin/v1/upgrade w1", "clear_drain w1"]
+    assert cluster.calls == ["hold w1", "POST /admin/v1/upgrade w1", "release w1"]
 
 
 async def test_a_worker_that_never_comes_back_is_left_out_of_the_upstreams(autojump_clock: object) -> None:
@@ -247,16 +246,16 @@ async def test_the_wheel_store_holds_a_version_whole_or_not_at_all(tmp_path: Pat
     assert not list((tmp_path / "wheels").glob(".push-*"))
 
 
-def test_the_worker_leaves_only_a_version_and_the_helper_takes_it_once(tmp_path: Path) -> None:
+async def test_the_worker_leaves_only_a_version_and_the_helper_takes_it_once(tmp_path: Path) -> None:
     drained: list[bool] = []
     requests = UpgradeRequests(tmp_path, lambda: drained.append(True))
     with pytest.raises(UpgradeUnavailable):
-        requests.request("2.0")  # no helper watches: the node is not drained for nothing
+        await requests.request("2.0")  # no helper watches: the node is not drained for nothing
     assert drained == []
     (tmp_path / "upgrade").mkdir()
     with pytest.raises(ValueError, match="must match"):
-        requests.request("2.0 --index-url http://evil")
-    requests.request("2.0")
+        await requests.request("2.0 --index-url http://evil")
+    await requests.request("2.0")
     assert drained == [True]
     path = tmp_path / "upgrade" / "request"
     assert json.loads(path.read_text()) == {"version": "2.0"}
