@@ -2,15 +2,15 @@
 
 For each worker not already on the version (sorted by name):
 1. **leave**: a hold in the registry takes it out of the upstreams (the node is not told), then wait until every
-   proxy has pulled its upstreams since, so none sends it new requests. (Not the registry's drain ask: the node
-   acts on that at its next beat, whether or not the proxies have pulled.)
+   proxy has pulled its upstreams since and applied them (two pulls), so none sends it new requests. (Not the
+   registry's drain ask: the node acts on that at its next beat, whether or not the proxies have pulled.)
 2. **request**: `POST /admin/v1/upgrade {"version"}` on the worker: the daemon leaves the request for its node's
    root-owned upgrade helper and drains (in-flight requests finish, WebSockets are closed with 1012), then exits;
-3. **drain**: its own record says it is draining;
+3. **drain**: its own record says it is draining (or it went silent: an idle node may exit before its next beat);
 4. **install + restart**: the helper (provision/upgrade_helper.py) downloads the version's wheels from this
    control plane, installs them with `pip --no-index --require-hashes`, and starts the daemon again;
 5. **ready**: a record from the new process (started after the request), ready: the hold is released, which puts
-   it back in the upstreams; it must run the version asked for; then wait until every proxy has pulled it back.
+   it back in the upstreams; it must run the version asked for; then wait until every proxy has applied that.
 
 The first failure stops the rollout; the workers not yet reached are untouched and keep serving. A worker that
 failed does not serve a half-upgraded state: its helper restores the previous install when the new one does not
@@ -156,7 +156,7 @@ class Rollout:
         name = node.record.name
         # 1. leave the upstreams
         await self._registry.hold(name)
-        await self._proxies_pulled(self._clock())
+        await self._proxies_caught_up()
         self._record(name, "leave", True, "out of the upstreams; every proxy pulled")
         # 2. hand the request to the worker; it drains and its helper installs
         asked_at = self._clock()
@@ -193,7 +193,7 @@ class Rollout:
                 f"came back on {back.record.version}, not {version}: the install failed and was rolled back "
                 "(journalctl -u mbworker-upgrade on the node)",
             )
-        await self._proxies_pulled(self._clock())
+        await self._proxies_caught_up()
         self._record(name, "ready", True, f"serving {version}; back in the upstreams")
 
     def _left(self, view: NodeView | None, asked_at: float) -> bool:
@@ -213,6 +213,12 @@ class Rollout:
                     return view
                 await trio.sleep(POLL_S)
         raise _StepFailed(step, f"not done within {timeout:.0f}s (a worker that is not ready is not in the upstreams)")
+
+    async def _proxies_caught_up(self) -> None:
+        """Every proxy has pulled the upstreams as they are now, and applied them: a proxy pulls again only once
+        it has applied the previous pull (a reload), so two pulls since now mean the first one is in force."""
+        await self._proxies_pulled(self._clock())
+        await self._proxies_pulled(self._clock())
 
     async def _proxies_pulled(self, since: float) -> None:
         """Until every proxy that is up has pulled its upstreams after `since` (bounded: a proxy that stopped
