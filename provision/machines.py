@@ -40,7 +40,7 @@ from .facts import (
 )
 from .machines_image import ensure_image
 from .machines_net import PRIV_BRIDGE, PUB_BRIDGE, MachinesNet, NetPlan, free_slot, run
-from .nodeops import STATE_HEALTH_SCRIPT, NodeOps, NodeRef, poll_until, tcp_refused
+from .nodeops import STATE_HEALTH_SCRIPT, ControlDrainOps, NodeOps, NodeRef, poll_until, tcp_refused
 from .plan import (
     AddRoute,
     AddSubnet,
@@ -119,7 +119,9 @@ class MachinesProvider:
         self.dir = state_dir / "machines"
         #: The proxies' certificates come from the cluster CA (tls = "local-ca": clients trust <state dir>/ca.pem).
         self._shipment = Shipment(spec, state_dir, wheelhouse_override=wheelhouse)
-        self._node_ops = node_ops or MachinesNodeOps(self, secrets.admin_token.get_secret_value())
+        self._node_ops = node_ops or ControlDrainOps(
+            MachinesNodeOps(self, secrets.admin_token.get_secret_value()), state_dir
+        )
 
     # --- state ----------------------------------------------------------------------------------------------------
 
@@ -551,15 +553,14 @@ class MachinesProvider:
             child.wait(timeout=STOP_GRACE)
         server["pid"] = server["start"] = None
 
-    def shutdown(self, name: str) -> None:
-        """Shut machine `name` down as Hetzner's shutdown action does (cleanly, then hard after a grace); it stays
-        in the cluster's records, off, until `power_on`."""
+    def stop_machine(self, name: str) -> None:
+        """Shut machine `name` down cleanly (as a power-off from the console would); `start_machine` boots it again."""
         state = self.load()
         self._stop(state["servers"][name])
         self._save(state)
 
-    def power_on(self, name: str) -> None:
-        """Boot a machine that was shut down, from its own disk (cloud-init has run on it already)."""
+    def start_machine(self, name: str) -> None:
+        """Boot a stopped machine again with its disk (overlay) as it was: cloud-init does not run twice."""
         state = self.load()
         self._boot(state["servers"][name], state)
         self._save(state)

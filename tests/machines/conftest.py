@@ -118,6 +118,19 @@ class Cluster:
         return subprocess.run(net.plan.in_ns(*argv), capture_output=True, text=True, timeout=timeout)
 
 
+def deploy_function(cluster: Cluster, name: str, source: str) -> None:
+    """Deploy `source` as function `name` through the first worker's admin API, from inside that worker (its own
+    loopback and admin token); the version lives in the state pillar's Redis, so every worker serves it."""
+    fn = f"/var/tmp/{name}"
+    port = cluster.spec.daemon.admin_port
+    script = (
+        f"mkdir -p {fn} && cat > {fn}/index.ts && set -a && . /etc/mbworker/env && set +a && "
+        f"/opt/mbworker/bin/mbworker deploy {fn} --no-verify-jwt --url http://127.0.0.1:{port}"
+    )
+    done = cluster.provider.exec(cluster.names("worker")[0], ["sh", "-c", script], input=source, timeout=300)
+    assert f"✓ {name} v" in done.stdout + done.stderr, done.stdout + done.stderr
+
+
 def apply_cluster(provider: MachinesProvider) -> float:
     started = time.monotonic()
     report = provider.apply(provider.plan(), ApplyOptions())

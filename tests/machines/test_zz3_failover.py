@@ -28,7 +28,7 @@ from mbworker.provision import desired as d
 from mbworker.provision.nodeops import STATE_HEALTH_SCRIPT
 from tests.e2e.node_driver import run_node_driver
 
-from .conftest import Cluster
+from .conftest import Cluster, deploy_function
 from .test_serving import _sh, _wait_serving, _workers_stats
 
 pytestmark = pytest.mark.slow
@@ -119,7 +119,7 @@ def _write(cluster: Cluster, via: str, value: str) -> bool:
 def _wait_rejoined(cluster: Cluster, name: str, timeout: float = 300.0) -> float:
     """Power `name` on again and wait until it is a healthy member again; seconds it took."""
     started = time.monotonic()
-    cluster.provider.power_on(name)
+    cluster.provider.start_machine(name)
     secrets = json.loads((cluster.state_dir / "secrets.json").read_text())
     replica = (
         f"REDISCLI_AUTH='{secrets['redis_password']}' redis-cli -h 127.0.0.1 info replication "
@@ -138,17 +138,6 @@ def _wait_rejoined(cluster: Cluster, name: str, timeout: float = 300.0) -> float
         time.sleep(2)
 
 
-def _deploy_probe(cluster: Cluster) -> None:
-    spec = cluster.spec
-    fn = f"/var/tmp/{FUNCTION}"
-    deploy = (
-        f"mkdir -p {fn} && cat > {fn}/index.ts && set -a && . /etc/mbworker/env && set +a && "
-        f"/opt/mbworker/bin/mbworker deploy {fn} --no-verify-jwt --url http://127.0.0.1:{spec.daemon.admin_port}"
-    )
-    out = _sh(cluster, cluster.names("worker")[0], deploy, input=PROBE, timeout=300)
-    assert f"✓ {FUNCTION} v" in out, out
-
-
 async def _wait_probes_ok(probes: Probes, timeout: float) -> None:
     """Until every target answered 200 at least twice in a row."""
     with trio.fail_after(timeout):
@@ -163,7 +152,7 @@ async def test_losing_a_state_machine_is_survived_by_workers_and_postgres(cluste
     proxy = cluster.names("proxy")[0]
     states = cluster.names("state")
     public = await trio.to_thread.run_sync(_wait_serving, cluster, proxy)
-    await trio.to_thread.run_sync(_deploy_probe, cluster)
+    await trio.to_thread.run_sync(deploy_function, cluster, FUNCTION, PROBE)
     master = await trio.to_thread.run_sync(_redis_master, cluster, states[-1])
     leader = await trio.to_thread.run_sync(_patroni_leader, cluster, states[-1])
     assert leader is not None
@@ -208,7 +197,7 @@ async def test_losing_a_state_machine_is_survived_by_workers_and_postgres(cluste
 
                 # 1. the Redis master's machine goes down (with the Patroni leader, when it holds both)
                 t0 = time.monotonic()
-                await trio.to_thread.run_sync(cluster.provider.shutdown, master)
+                await trio.to_thread.run_sync(cluster.provider.stop_machine, master)
                 report["shutdown_seconds"] = round(time.monotonic() - t0, 1)
                 pg_back: float | None = None
                 if master == leader:
@@ -246,7 +235,7 @@ async def test_losing_a_state_machine_is_survived_by_workers_and_postgres(cluste
     # 2. the Patroni leader's machine goes down, when it was not the one above
     if master != leader:
         t0 = time.monotonic()
-        await trio.to_thread.run_sync(cluster.provider.shutdown, leader)
+        await trio.to_thread.run_sync(cluster.provider.stop_machine, leader)
         survivor = next(s for s in states if s != leader)
         while not await trio.to_thread.run_sync(_write, cluster, survivor, "after-leader-loss"):
             assert time.monotonic() - t0 < FAILOVER_BOUND, "Postgres not writable again in time"
