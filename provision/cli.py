@@ -21,7 +21,7 @@ from .errors import ProvisionError
 from .hetzner import HetznerProvider
 from .local import LocalProvider
 from .machines import MachinesProvider
-from .nodeops import NodeOps, RemoteNodeOps
+from .nodeops import ControlDrainOps, NodeOps, RemoteNodeOps
 from .plan import Plan
 from .provider import ApplyOptions, Provider
 from .secrets import SECRETS_FILE, ClusterSecrets, default_state_dir, load_or_create_secrets
@@ -145,8 +145,9 @@ def _provider(args: argparse.Namespace, spec: ClusterSpec, state_dir: Path) -> t
         return machines, machines.close
     token = os.environ.get("HCLOUD_TOKEN", "")
     endpoint = args.endpoint or os.environ.get("HCLOUD_ENDPOINT") or None
-    ops = injected or RemoteNodeOps(
-        secrets.admin_token.get_secret_value(), spec.daemon.admin_port, daemon_port=spec.daemon.port
+    ops = injected or ControlDrainOps(
+        RemoteNodeOps(secrets.admin_token.get_secret_value(), spec.daemon.admin_port, daemon_port=spec.daemon.port),
+        state_dir,
     )
     shipment = Shipment(spec, state_dir, wheelhouse_override=getattr(args, "wheelhouse", None))
     provider = HetznerProvider(

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable
@@ -96,6 +97,40 @@ sys.exit(0 if any(m["role"] == "leader" and m["state"] == "running" for m in mem
 pw=$(sed -n 's/^requirepass //p' /etc/redis/redis.conf | tr -d '"')
 [ "$(REDISCLI_AUTH="$pw" redis-cli -h 127.0.0.1 ping 2>/dev/null)" = PONG ] || fail "redis: no PONG"
 """
+
+
+def drain_through_control(
+    http: httpx.Client, url: str, token: str, name: str, *, timeout: float, poll: float = 1.0
+) -> None:
+    """Scale-in's drain, asked of the control plane (`url`, its token) instead of the node itself.
+
+    `POST /control/v1/nodes/<name>/drain` takes the node out of the upstreams the proxies pull at once; the node
+    starts draining at its next heartbeat (WebSockets closed with 1012, requests in flight finished) and stops
+    beating when it is done. Done when the control plane reports it down (or no longer knows it); DrainError if it
+    is still there after `timeout` seconds or the control plane refuses."""
+    headers = {"Authorization": f"Bearer {token}"}
+    base = f"{url.rstrip('/')}/control/v1/nodes"
+    deadline = time.monotonic() + timeout
+    try:
+        r = http.post(f"{base}/{name}/drain", headers=headers)
+        if r.status_code == 404:
+            return  # never beat, or long gone: no proxy sends to it
+        if r.status_code >= 300:
+            raise DrainError(f"{name}: the control plane refused the drain with HTTP {r.status_code}: {r.text[:200]}")
+        while True:
+            r = http.get(base, headers=headers)
+            if r.status_code >= 300:
+                raise DrainError(f"{name}: the control plane answered HTTP {r.status_code} to GET /nodes")
+            node = next((n for n in r.json() if n.get("name") == name), None)
+            if node is None or node.get("state") == "down":
+                return
+            if time.monotonic() + poll > deadline:
+                raise DrainError(f"{name} still {node.get('state')} after {timeout:.0f}s of draining")
+            time.sleep(poll)
+    except httpx.HTTPError as exc:
+        raise DrainError(f"{name}: drain through the control plane failed: {type(exc).__name__}: {exc}") from exc
+    except ValueError as exc:
+        raise DrainError(f"{name}: the control plane's node list is not JSON") from exc
 
 
 def poll_until(check: Callable[[], str | None], *, what: str, timeout: float, interval: float = 2.0) -> None:
@@ -231,3 +266,53 @@ def tcp_refused(host: str, port: int, timeout: float = 5.0) -> str | None:
             return None
     except OSError as exc:
         return f"{host}:{port}: {exc.strerror or type(exc).__name__}"
+
+
+class ControlDrainOps:
+    """NodeOps whose drain goes through the cluster's control plane when the cluster has one (its endpoint is
+    recorded in the state dir): the control plane takes the node out of the upstreams the proxies pull, and the
+    node drains at its next heartbeat; the provisioner never reaches the node itself. Everything else, and the
+    drains of a cluster without a control plane, go to `inner`. Owns `inner`: close() closes it."""
+
+    def __init__(
+        self,
+        inner: NodeOps,
+        state_dir: Path,
+        *,
+        poll_interval: float = 1.0,
+        transport: httpx.BaseTransport | None = None,  # tests: a stand-in control plane
+    ) -> None:
+        self._inner = inner
+        self._state_dir = state_dir
+        self._poll = poll_interval
+        self._transport = transport
+
+    def drain(self, node: NodeRef, *, timeout: float) -> None:
+        from mbworker.control.endpoint import ENDPOINT_FILE, read_endpoint
+        from mbworker.control.errors import ControlError
+
+        if not (self._state_dir / ENDPOINT_FILE).exists():
+            self._inner.drain(node, timeout=timeout)
+            return
+        try:
+            url, token = read_endpoint(self._state_dir)
+        except ControlError as exc:
+            raise DrainError(f"{node.name}: {exc}") from exc
+        ca = self._state_dir / "ca.pem"
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca)) if ca.exists() else True
+        with httpx.Client(verify=verify, timeout=10.0, trust_env=False, transport=self._transport) as http:
+            drain_through_control(http, url, token, node.name, timeout=timeout, poll=self._poll)
+
+    def refresh(self, node: NodeRef, kind: RefreshKind, content: str) -> None:
+        self._inner.refresh(node, kind, content)
+
+    def publish_wheels(self, node: NodeRef, directory: Path, *, timeout: float) -> None:
+        self._inner.publish_wheels(node, directory, timeout=timeout)
+
+    def wait_healthy(self, node: NodeRef, *, timeout: float, via: NodeRef | None = None) -> None:
+        self._inner.wait_healthy(node, timeout=timeout, via=via)
+
+    def close(self) -> None:
+        closer = getattr(self._inner, "close", None)
+        if callable(closer):
+            closer()

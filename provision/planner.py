@@ -306,9 +306,8 @@ def plan_cluster(spec: ClusterSpec, facts: Facts, *, drain: bool = True, secrets
     steps.extend(refresh)
     for s in leaving:
         if s.role == "worker" and drain:
-            steps.append(
-                Step("drain", "server", s.name, "admin drain over the private network", DrainServer(s.id, s.name))
-            )
+            how = "through the control plane (or the node's admin API)"
+            steps.append(Step("drain", "server", s.name, how, DrainServer(s.id, s.name)))
     for s in leaving:
         steps.append(
             Step(
