@@ -1,8 +1,23 @@
-"""Raw HTTP/1.1 over a real socket: for requests no client library will send (bad framing, odd hosts)."""
+"""Raw HTTP/1.1 over a real socket: for requests no client library will send (bad framing, odd hosts); and raw
+bundles, for archives the CLI would refuse to build."""
 
 from __future__ import annotations
 
+import io
+import tarfile
+
 import trio
+
+
+def gzip_bundle(members: dict[str, bytes]) -> bytes:
+    """A .tar.gz of `members` (name → content) as the admin API's deploy takes it."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
 
 
 async def exchange(port: int, request: bytes, *, timeout: float = 30) -> tuple[int, bytes, bytes]:

@@ -6,15 +6,13 @@ library would send them.
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import httpx
 
 from tests.daemon.fixtures import write_function
-from tests.faults._raw import exchange
+from tests.faults._raw import exchange, gzip_bundle
 from tests.worker_process import RunningWorker
 
 ECHO = """Deno.serve(async (req) => {
@@ -84,16 +82,6 @@ async def test_forwarded_headers_from_an_untrusted_peer_are_replaced(
     assert seen["x-forwarded-host"] == worker.public_url.removeprefix("http://")
 
 
-def _bundle(members: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
-
-
 async def test_admin_and_bundle_faults_are_400_without_traceback(
     worker: RunningWorker, http: httpx.AsyncClient
 ) -> None:
@@ -112,7 +100,7 @@ async def test_admin_and_bundle_faults_are_400_without_traceback(
         r = await http.post(
             f"{worker.admin_url}/admin/v1/functions/deep/deploy",
             headers={**admin, "content-type": "application/gzip"},
-            content=_bundle(members),
+            content=gzip_bundle(members),
         )
         assert r.status_code == 400, r.text
     _no_traceback(worker)
