@@ -373,6 +373,7 @@ class Node:
     async def apply_settings(self, new: WorkerSettings) -> None:
         """SIGHUP: what can change live (log level, limits, cache size)."""
         configure_logging(new.log_level)
+        self.deployer.max_tmp_mb = new.max_tmp_mb
         await self.deployer.set_default_limits(new.limits)
         if new.cache_mb != self.settings.cache_mb:
             self.functions.cache = _make_cache(new)  # a new size starts an empty cache

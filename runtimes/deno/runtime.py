@@ -335,12 +335,34 @@ def close_run_dir(run_dir: Path, lock_fd: int) -> None:
     os.close(lock_fd)
 
 
+def _drop_orphan_lock(lock: Path) -> None:
+    """Remove a run's lock file whose run dir is gone, unless a live runtime holds it (one between naming its
+    lock and making its dir does). Blocking."""
+    if lock.with_name(lock.name.removesuffix(LOCK_SUFFIX)).exists():
+        return  # its dir's turn decides
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return
+    finally:
+        os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(lock)
+
+
 def sweep_runs(scratch_dir: Path) -> int:
     """Remove every run dir under `scratch_dir` whose lock nobody holds (its runtime is gone). Returns how many.
     Blocking."""
     swept = 0
     for entry in os.scandir(scratch_dir):
-        if not entry.name.startswith(RUN_PREFIX) or entry.name.endswith(LOCK_SUFFIX):
+        if not entry.name.startswith(RUN_PREFIX):
+            continue
+        if entry.name.endswith(LOCK_SUFFIX):
+            _drop_orphan_lock(Path(entry.path))
             continue
         lock = scratch_dir / (entry.name + LOCK_SUFFIX)
         try:

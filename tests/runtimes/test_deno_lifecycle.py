@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 import mbworker.runtimes.deno.runtime
-from mbworker.runtimes.deno.runtime import DENO_DIR_NAME
+from mbworker.runtimes.deno.runtime import DENO_DIR_NAME, close_run_dir, open_run_dir
 from tests.runtimes.test_deno_support import (
     call,
     call_json,
@@ -293,3 +293,27 @@ async def test_statistics_while_serving(tmp_path: Path) -> None:
         s = rt.statistics()
         assert (s.busy, s.in_flight) == (0, 0)
         assert json.dumps(s.limit_kills) == "{}"
+
+
+def test_a_sweep_keeps_the_runs_of_live_runtimes(tmp_path: Path) -> None:
+    """Runtimes may share a scratch dir (the default one): each sweeps only what no live runtime holds."""
+    scratch = tmp_path / "scratch"
+    live, live_lock = open_run_dir(scratch)
+    stale = scratch / "run-0123456789ab"
+    stale.mkdir()
+    (scratch / "run-0123456789ab.lock").write_text("")
+    orphan = scratch / "run-ba9876543210.lock"  # its dir already gone
+    orphan.write_text("")
+    other, other_lock = open_run_dir(scratch)
+    try:
+        assert live.is_dir()
+        assert live.with_name(live.name + ".lock").exists()
+        assert not stale.exists()
+        assert not orphan.exists()
+        assert sorted(p.name for p in scratch.iterdir()) == sorted(
+            [live.name, live.name + ".lock", other.name, other.name + ".lock"]
+        )
+    finally:
+        close_run_dir(other, other_lock)
+        close_run_dir(live, live_lock)
+    assert list(scratch.iterdir()) == []
