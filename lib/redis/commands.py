@@ -24,9 +24,10 @@ Value = str | bytes | int | float
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs twice as much, on every command
 class Command(Generic[T]):
-    """One command: its arguments and how to turn the raw reply into the typed result (None: as it came)."""
+    """One command: its arguments and how to turn the raw reply into the typed result (None: as it came).
+    Never changed once built."""
 
     args: tuple[Value, ...]
     convert: Callable[[Any], T] | None = None

@@ -17,27 +17,26 @@ if TYPE_CHECKING:
     from .client import RedisClient
 
 
+_PENDING: Any = object()
+
+
 class Slot(Generic[T]):
     """The result of one queued command: `await slot` once the pipeline has executed (it never suspends)."""
 
-    __slots__ = ("_done", "_value", "command")
+    __slots__ = ("command", "value")
 
     def __init__(self, command: Command[T]) -> None:
         self.command = command
-        self._done = False
-        self._value: Any = None
-
-    def _fill(self, value: Any) -> None:
-        self._value = value
-        self._done = True
+        self.value: Any = _PENDING
+        """The decoded reply or its `RedisResponseError`, set by the pipeline's `execute()`."""
 
     def result(self) -> T:
         """The decoded reply; `RedisResponseError` if the server answered this command with an error."""
-        if not self._done:
+        if self.value is _PENDING:
             raise RuntimeError(f"{self.command.args[0]!r} is queued: execute the pipeline first")
-        if isinstance(self._value, RedisResponseError):
-            raise self._value
-        value: T = self._value
+        if isinstance(self.value, RedisResponseError):
+            raise self.value
+        value: T = self.value
         return value
 
     def __await__(self) -> Generator[Any, None, T]:
@@ -82,10 +81,11 @@ class Pipeline(RedisCommands):
         """
         slots, self._slots = self._slots, []
         results = await self._client.run_commands([slot.command for slot in slots], raise_on_error=False)
+        error: RedisResponseError | None = None
         for slot, result in zip(slots, results, strict=True):
-            slot._fill(result)
-        if raise_on_error:
-            for result in results:
-                if isinstance(result, RedisResponseError):
-                    raise result
+            slot.value = result
+            if error is None and isinstance(result, RedisResponseError):
+                error = result
+        if raise_on_error and error is not None:
+            raise error
         return results
