@@ -96,10 +96,7 @@ class Node:
         self.metrics = Metrics(node_id=self.node_id)
         self.function_logs = FunctionLogs()
         self.readiness = Readiness()
-        # Its request is written from a worker thread (file work): the drain it starts is handed back to trio.
-        self.upgrade: UpgradeRequests | None = UpgradeRequests(
-            self.data_dir, partial(trio.from_thread.run_sync, self.drain.start)
-        )
+        self.upgrade: UpgradeRequests | None = UpgradeRequests(self.data_dir, self.drain.start)
 
     @property
     def public_url(self) -> str:
