@@ -128,17 +128,17 @@ class Deployer:
         await self._refresh_live()
 
     async def set_jwks(self, jwks: str) -> None:
-        """The node's verifier has a new JWKS (a refresh found other keys): functions' SUPABASE_JWKS follows.
-        An env is set when a process starts, so processes started from now on see it; running ones keep theirs
-        until they are retired, at the latest at half their `wall_clock_s` (Wasm calls see it at once)."""
+        """The node's verifier has a new JWKS (a refresh found other keys): functions' SUPABASE_JWKS follows, as
+        project secrets do (`_restart_live`: an env is fixed when a process starts)."""
         if jwks == self.platform_env.jwks:
             return
         self.platform_env = dataclasses.replace(self.platform_env, jwks=jwks)
-        await self._refresh_live()
-        log.info("SUPABASE_JWKS changed: processes started from now on get the new keys")
+        await self._restart_live()
+        log.info("SUPABASE_JWKS changed: %d functions restart with it", len(self.table))
 
     async def _refresh_live(self) -> None:
-        """Rebuild every live version's `FunctionVersion` (limits, env) from the current settings."""
+        """Rebuild every live version's `FunctionVersion` (limits) from the current settings: running processes
+        keep what they started with."""
         for slug in self.table.slugs():
             async with self._lock(slug):
                 dep = await self.store.get_active(slug)
@@ -281,6 +281,12 @@ class Deployer:
         if secrets == self._project_secrets:
             return
         self._project_secrets = secrets
+        await self._restart_live()
+        log.info("project secrets changed: %d functions restart with them", len(self.table))
+
+    async def _restart_live(self) -> None:
+        """Rebuild every live version with the current env; their processes are retired (in-flight requests
+        finish, the next request starts new ones with the new env)."""
         for slug in self.table.slugs():
             async with self._lock(slug):
                 dep = await self.store.get_active(slug)
@@ -289,7 +295,6 @@ class Deployer:
                 previous = self.table.set(await self._active(dep))
                 if previous is not None:
                     await self._retire(previous.fn)  # same version: only its processes go, with the old env
-        log.info("project secrets changed: %d functions restart with them", len(self.table))
 
     async def reconcile(self) -> None:
         """Bring every slug's live version in line with the store."""

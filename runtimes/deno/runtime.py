@@ -157,8 +157,8 @@ class DenoRuntime:
         if pool is None:
             pool = self._pools[fn.key] = VersionPool(fn, self._shared)
         elif pool.fn is not fn:
-            # The same version with newer settings (an operator's limits, the platform's env such as a refreshed
-            # SUPABASE_JWKS): processes started from now on run with them; running ones keep what they started with.
+            # The same version with newer settings (an operator's limits after SIGHUP): processes started from
+            # now on run with them; running ones keep what they started with.
             pool.fn = fn
         return pool
 
