@@ -7,13 +7,15 @@ then the local data dir's token file (`./.mbworker/secrets/admin_token`, or `MBW
 from __future__ import annotations
 
 import os
+import ssl
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
+from mbworker.control.endpoint import tls_name_hook
 from mbworker.worker.errors import AdminApiError, ConfigError
 from mbworker.worker.keys import admin_token_file
 
@@ -42,13 +44,28 @@ class AdminClient:
 
     prefix = "/admin/v1"
 
-    def __init__(self, url: str, token: str, *, timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        timeout: float = 120.0,
+        verify: ssl.SSLContext | bool = True,
+        server_name: str | None = None,
+    ) -> None:
+        """`verify`: how to trust an https URL (the cluster CA for a control plane); `server_name`: the TLS name to
+        verify instead of the URL's host (a certificate issued for a name, reached by address)."""
         self.url = url
         self._http = httpx.Client(
-            base_url=url, headers={"authorization": f"Bearer {token}"}, timeout=timeout, trust_env=False
+            base_url=url,
+            headers={"authorization": f"Bearer {token}"},
+            timeout=timeout,
+            trust_env=False,
+            verify=verify,
+            event_hooks={"request": [tls_name_hook(server_name)]},
         )
 
-    def __enter__(self) -> AdminClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

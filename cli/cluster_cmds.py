@@ -34,6 +34,7 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
         type=Path,
         help="file holding the workers' admin token (or env MBWORKER_CONTROL_ADMIN_TOKEN)",
     )
+    serve.add_argument("--node-name", help="list this node (role system) among the nodes (env …_NODE_NAME)")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.set_defaults(func=cmd_control_serve)
 
@@ -82,7 +83,7 @@ def _spec(p: argparse.ArgumentParser) -> None:
 def _client(args: argparse.Namespace) -> Any:
     from mbworker.cli.control_client import ControlClient, resolve_control
 
-    return ControlClient(*resolve_control(args.cluster, args.state_dir))
+    return ControlClient.connect(resolve_control(args.cluster, args.state_dir))
 
 
 def cmd_control_serve(args: argparse.Namespace) -> int:
@@ -103,6 +104,7 @@ def cmd_control_serve(args: argparse.Namespace) -> int:
             "redis_url": args.redis_url,
             "token_file": args.token_file,
             "node_token_file": args.node_token_file,
+            "node_name": args.node_name,
         }.items()
         if v is not None
     }

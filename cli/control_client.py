@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from mbworker.cli.admin_client import AdminClient
-from mbworker.control.endpoint import read_endpoint
+from mbworker.control.endpoint import ControlEndpoint, read_endpoint
 from mbworker.control.errors import ControlError
 from mbworker.worker.errors import ConfigError
 
 
-def resolve_control(spec_path: Path, state_dir: Path | None = None) -> tuple[str, str]:
-    """(URL, token) of the control plane of the cluster described by `spec_path`."""
+def resolve_control(spec_path: Path, state_dir: Path | None = None) -> ControlEndpoint:
+    """Where the control plane of the cluster described by `spec_path` is, its token and how to trust it."""
     from mbworker.provision.errors import ProvisionError
     from mbworker.provision.secrets import default_state_dir
     from mbworker.provision.spec import load_spec
@@ -31,7 +31,7 @@ def function_client(args: argparse.Namespace) -> AdminClient:
     """For the function commands: the control plane's client with `--cluster SPEC`, else one worker's admin
     client (`--url/--token`, env, the local data dir)."""
     if getattr(args, "cluster", None) is not None:
-        return ControlClient(*resolve_control(args.cluster))
+        return ControlClient.connect(resolve_control(args.cluster))
     from mbworker.cli.admin_client import resolve_admin
 
     return AdminClient(*resolve_admin(args.url, args.token))
@@ -39,6 +39,15 @@ def function_client(args: argparse.Namespace) -> AdminClient:
 
 class ControlClient(AdminClient):
     prefix = "/control/v1"
+
+    @classmethod
+    def connect(cls, endpoint: ControlEndpoint, *, timeout: float = 120.0) -> ControlClient:
+        """A client of `endpoint`, verifying its certificate with the cluster CA when it has one."""
+        try:
+            verify = endpoint.verify()
+        except ControlError as exc:
+            raise ConfigError(exc.message) from None
+        return cls(endpoint.url, endpoint.token, timeout=timeout, verify=verify, server_name=endpoint.server_name)
 
     def nodes(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._call("GET", f"{self.prefix}/nodes")

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import trio
 
+from mbworker import __version__
 from mbworker.control.app import ControlApp
 from mbworker.control.audit import MemoryAuditLog
+from mbworker.control.errors import StateUnavailable
 from mbworker.control.functions import ClusterFunctions
 from mbworker.control.registry import NodeRegistry
 from mbworker.control.settings import ControlSettings
@@ -75,4 +77,19 @@ async def serve_control(
             server: HttpServer = await nursery.start(serve_http, app, settings.host, settings.port)
             handle = ControlHandle(settings, server, app)
             log.info("control plane on %s", handle.url)
+            if settings.node_name:
+                nursery.start_soon(_beat_self, registry, settings.node_name, settings.host)
             task_status.started(handle)
+
+
+SELF_BEAT_S = 1.0
+
+
+async def _beat_self(registry: NodeRegistry, name: str, host: str) -> None:
+    """The control plane's own node in the registry (role system), written like a proxy's pull."""
+    while True:
+        try:
+            await registry.record_pull("system", name, host, __version__)
+        except StateUnavailable:
+            pass  # the nodes API answers 503 meanwhile; the next beat retries
+        await trio.sleep(SELF_BEAT_S)

@@ -26,6 +26,9 @@ class ControlSettings(BaseSettings):
     wheels_dir: Path = Field(
         Path(".mbcontrol/wheels"), description="The mbworker wheels held per version (what upgrades install)"
     )
+    node_name: str | None = Field(
+        None, description="This node's name: the control plane then lists itself (role system) among the nodes"
+    )
     down_after_s: float = Field(15.0, gt=0, description="A node silent this long is shown as down")
     session_lifetime_s: float = Field(
         3600.0, gt=0, description="Longest access-token lifetime: a revoked session stays denied this long"

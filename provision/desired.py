@@ -198,13 +198,40 @@ def _anywhere() -> tuple[str, ...]:
     return ("0.0.0.0/0", "::/0")
 
 
+def system_firewall_name(spec: ClusterSpec) -> str:
+    return f"{spec.name}-system"
+
+
+#: The control plane: HTTPS on the system node's public address (HAProxy there terminates TLS) ...
+CONTROL_PUBLIC_PORT = 443
+#: ... in front of `mbworker control serve` on the system node's private address, where proxies pull upstreams.
+CONTROL_PORT = 8002
+
+
+def control_private_url(spec: ClusterSpec) -> str:
+    return f"http://{system_ip(spec)}:{CONTROL_PORT}"
+
+
 def public_firewall_rules(spec: ClusterSpec) -> tuple[Rule, ...]:
-    """Proxy and system nodes: 80/443 from anywhere, SSH only from the safe-list, ICMP. Outbound stays open."""
+    """Proxy nodes: 80/443 from anywhere, SSH only from the safe-list, ICMP. Outbound stays open."""
     rules = [
         Rule("in", "tcp", "443", _anywhere(), "https"),
         Rule("in", "tcp", "80", _anywhere(), "http (ACME, redirect)"),
         Rule("in", "icmp", None, _anywhere(), "ping"),
     ]
+    if spec.ssh_allow:
+        rules.append(Rule("in", "tcp", "22", tuple(str(c) for c in spec.ssh_allow), "ssh safe-list"))
+    return tuple(rules)
+
+
+def system_firewall_rules(spec: ClusterSpec) -> tuple[Rule, ...]:
+    """The system node: the control plane's HTTPS only from `control_allow` (no rule at all when it is empty: then
+    nothing public reaches it), SSH from the safe-list, ICMP."""
+    rules = [Rule("in", "icmp", None, _anywhere(), "ping")]
+    if spec.control_allow:
+        rules.append(
+            Rule("in", "tcp", str(CONTROL_PUBLIC_PORT), tuple(str(c) for c in spec.control_allow), "control plane")
+        )
     if spec.ssh_allow:
         rules.append(Rule("in", "tcp", "22", tuple(str(c) for c in spec.ssh_allow), "ssh safe-list"))
     return tuple(rules)
@@ -219,7 +246,11 @@ def nat_firewall_rules(spec: ClusterSpec) -> tuple[Rule, ...]:
 
 
 def public_selector(spec: ClusterSpec) -> str:
-    return f"cluster={spec.name},role in (proxy,system)"
+    return f"cluster={spec.name},role=proxy"
+
+
+def system_selector(spec: ClusterSpec) -> str:
+    return f"cluster={spec.name},role=system"
 
 
 def nat_selector(spec: ClusterSpec) -> str:

@@ -88,7 +88,7 @@ from .plan import (
 )
 from .planner import plan_cluster, plan_destroy
 from .provider import ApplyOptions, ApplyReport, Progress, no_progress
-from .render import NodeAddr, NodeContext, scrape_targets, user_data, worker_lines
+from .render import NodeAddr, scrape_targets, user_data, worker_lines
 from .secrets import ClusterSecrets
 from .shipment import Shipment
 from .spec import ClusterSpec
@@ -316,6 +316,8 @@ class HetznerProvider:
             progress(f"      done in {time.monotonic() - started:.1f}s")
             report.done.append(label)
         self._facts = None
+        system = ctx.servers.get(d.server_name(self.spec.name, "system", 0))
+        self._shipment.record_control(system.ipv4 if system is not None and system.ipv4 else None)
         return report
 
     def _execute(self, step: Step, ctx: _Ctx, options: ApplyOptions, report: ApplyReport, progress: Progress) -> None:
@@ -507,11 +509,10 @@ class HetznerProvider:
         spec = self.spec
         wanted = {s.name: s for s in d.desired_servers(spec)}
         live = [s for s in ctx.servers.values() if s.name in wanted]
-        node_ctx = NodeContext(
+        node_ctx = self._shipment.node_context(
+            want,
             workers=tuple(NodeAddr(s.name, s.role, wanted[s.name].fixed_ip) for s in live if s.role == "worker"),
             nodes=tuple(NodeAddr(s.name, s.role, wanted[s.name].fixed_ip) for s in live),
-            tls_pem=self._shipment.proxy_pem() if want.role == "proxy" else "",
-            wheels=self._shipment.wheels() if want.role == "worker" else None,
         )
         ud = user_data(spec, want, self._secrets, node_ctx)
         resp = self.client.servers.create(

@@ -261,6 +261,8 @@ class MachinesProvider:
                 raise StepFailed(label, str(exc)) from exc
             progress(f"      done in {time.monotonic() - started:.1f}s")
             report.done.append(label)
+        system = self.load()["servers"].get(d.server_name(self.spec.name, "system", 0))
+        self._shipment.record_control(system["public_ip"] if system else None)
         return report
 
     def _execute(
@@ -426,11 +428,8 @@ class MachinesProvider:
         wanted = {s.name for s in d.desired_servers(self.spec)}
         live = [s for s in state["servers"].values() if s["name"] in wanted and s["private_ip"]]
         addrs = [NodeAddr(s["name"], s["role"], _addr(s)) for s in live]
-        return NodeContext(
-            workers=tuple(a for a in addrs if a.role == "worker"),
-            nodes=tuple(addrs),
-            tls_pem=self._shipment.proxy_pem((public_ip,) if public_ip else ()) if want.role == "proxy" else "",
-            wheels=self._shipment.wheels() if want.role == "worker" else None,
+        return self._shipment.node_context(
+            want, workers=tuple(a for a in addrs if a.role == "worker"), nodes=tuple(addrs), public_ip=public_ip
         )
 
     def _create_server(self, op: CreateServer, state: dict[str, Any], progress: Progress) -> None:

@@ -12,7 +12,8 @@ Inside namespace `mbw-<cluster>` (owned by MachinesNet; created by `up`, removed
   would; nothing on the host routes to the private range.
 
 Firewalls (nftables, table `inet mbw` inside the namespace): the internet side may never open a connection into
-the private bridge, and the cloud firewall rules apply to routed traffic towards each public node's address.
+the private bridge, and the cloud firewall rules apply to traffic towards each public node's address, routed
+(from the host) or sent by the namespace itself.
 Egress (package installs): the host masquerades the namespace's traffic (table `inet mbw_<slot>` on the host),
 only TCP 80/443 are forwarded, and DNS to any resolver is sent to the host's own resolver instead.
 """
@@ -197,6 +198,11 @@ class MachinesNet:
         entry is open, as a Hetzner server without a firewall is.
         """
         p = self.plan
+        cloud: list[str] = []
+        for addr, rules in sorted(public.items()):
+            for rule in rules:
+                cloud.append(f"    {_nft_rule(addr, rule)} accept")
+            cloud.append(f"    ip daddr {addr} drop")
         lines = [
             "table inet mbw {",
             "  chain forward {",
@@ -206,12 +212,17 @@ class MachinesNet:
             # only the public range leaves for the host (a private source would be answered to the host's LAN);
             # rejected rather than dropped, so a node behind a NAT that does not masquerade fails fast
             f'    oifname "{p.ns_if}" ip saddr != {p.public_net} reject with icmp type admin-prohibited',
+            *cloud,
+            "  }",
+            # the namespace is the internet too: what it sends itself (from its public gateway address) meets the
+            # same cloud firewall, so a test can be an internet client that is not the host
+            "  chain output {",
+            "    type filter hook output priority 0; policy accept;",
+            "    ct state established,related accept",
+            *cloud,
+            "  }",
+            "}",
         ]
-        for addr, rules in sorted(public.items()):
-            for rule in rules:
-                lines.append(f"    {_nft_rule(addr, rule)} accept")
-            lines.append(f"    ip daddr {addr} drop")
-        lines += ["  }", "}"]
         script = "\n".join(lines) + "\n"
         run(p.in_ns("nft", "delete", "table", "inet", "mbw"), check=False)
         run(p.in_ns("nft", "-f", "-"), input=script)

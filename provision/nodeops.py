@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import socket
-import ssl
 import subprocess
 import time
 from collections.abc import Callable
@@ -288,20 +287,22 @@ class ControlDrainOps:
         self._transport = transport
 
     def drain(self, node: NodeRef, *, timeout: float) -> None:
-        from mbworker.control.endpoint import ENDPOINT_FILE, read_endpoint
+        from mbworker.control.endpoint import ENDPOINT_FILE, read_endpoint, tls_name_hook
         from mbworker.control.errors import ControlError
 
         if not (self._state_dir / ENDPOINT_FILE).exists():
             self._inner.drain(node, timeout=timeout)
             return
         try:
-            url, token = read_endpoint(self._state_dir)
+            endpoint = read_endpoint(self._state_dir)
+            verify = endpoint.verify()
         except ControlError as exc:
             raise DrainError(f"{node.name}: {exc}") from exc
-        ca = self._state_dir / "ca.pem"
-        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca)) if ca.exists() else True
-        with httpx.Client(verify=verify, timeout=10.0, trust_env=False, transport=self._transport) as http:
-            drain_through_control(http, url, token, node.name, timeout=timeout, poll=self._poll)
+        with httpx.Client(
+            verify=verify, timeout=10.0, trust_env=False, transport=self._transport,
+            event_hooks={"request": [tls_name_hook(endpoint.server_name)]},
+        ) as http:  # fmt: skip
+            drain_through_control(http, endpoint.url, endpoint.token, node.name, timeout=timeout, poll=self._poll)
 
     def refresh(self, node: NodeRef, kind: RefreshKind, content: str) -> None:
         self._inner.refresh(node, kind, content)

@@ -168,7 +168,10 @@ def plan_cluster(spec: ClusterSpec, facts: Facts, *, drain: bool = True, secrets
             steps.append(Step("noop", "network", net.name, f"{net.ip_range}"))
 
     # Firewalls by label selector: they follow scale-out on their own.
-    wanted_fw = {d.public_firewall_name(spec): (d.public_firewall_rules(spec), d.public_selector(spec))}
+    wanted_fw = {
+        d.public_firewall_name(spec): (d.public_firewall_rules(spec), d.public_selector(spec)),
+        d.system_firewall_name(spec): (d.system_firewall_rules(spec), d.system_selector(spec)),
+    }
     if spec.nat is not None:
         wanted_fw[d.nat_firewall_name(spec)] = (d.nat_firewall_rules(spec), d.nat_selector(spec))
     for name, (rules, selector) in wanted_fw.items():

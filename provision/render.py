@@ -10,6 +10,8 @@ value can break out of its YAML scalar.
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 import re
 from dataclasses import dataclass
@@ -86,8 +88,13 @@ class NodeContext:
     nodes: tuple[NodeAddr, ...] = ()
     #: The proxy's TLS certificate chain + key (PEM), issued by the cluster CA (provision/tls.py). Needed for proxies.
     tls_pem: str = ""
-    #: The wheels workers install (provision/wheels.py), served by the system node. Needed for workers.
+    #: The wheels workers and the system node install (provision/wheels.py), served by the system node.
     wheels: Wheelhouse | None = None
+    #: The control plane's certificate chain + key (cluster CA). Needed for the system node.
+    control_pem: str = ""
+    #: The control token (system node) and the read-only node token (system node, proxies).
+    control_token: str = ""
+    node_token: str = ""
 
 
 def worker_lines(spec: ClusterSpec, workers: tuple[NodeAddr, ...]) -> str:
@@ -109,9 +116,25 @@ def scrape_targets(spec: ClusterSpec, nodes: tuple[NodeAddr, ...]) -> str:
     return json.dumps(groups, indent=2)
 
 
+def _gz_b64(text: str) -> str:
+    """For a write_files entry with `encoding: gz+b64` (deterministic: no timestamp in the gzip header)."""
+    return base64.b64encode(gzip.compress(text.encode(), mtime=0)).decode()
+
+
 def wheel_url(spec: ClusterSpec) -> str:
     """Where workers find the wheelhouse: the system node, on the private network."""
     return f"http://{d.system_ip(spec)}:{WHEEL_PORT}/"
+
+
+def _install(spec: ClusterSpec, server: d.DesiredServer, wheels: Wheelhouse | None) -> dict[str, str]:
+    """mbworker from the system node's wheelhouse, pinned by version and hash (workers and the system node)."""
+    if wheels is None:
+        raise RenderError(f"{server.name}: needs the wheelhouse it installs from (NodeContext.wheels)")
+    return {
+        "version": wheels.version,
+        "requirements": wheels.requirements(),
+        "install": render("mbworker-install.sh", {"wheel_url": wheel_url(spec), "wheel_host": d.system_ip(spec)}),
+    }
 
 
 def _common(spec: ClusterSpec, hostname: str) -> dict[str, str]:
@@ -157,8 +180,6 @@ def user_data(
     ctx = ctx or NodeContext()
     values = _common(spec, server.name)
     if server.role == "worker":
-        if ctx.wheels is None:
-            raise RenderError(f"{server.name}: a worker needs the wheelhouse it installs from (NodeContext.wheels)")
         ports = (*WORKER_PORTS, spec.daemon.port, spec.daemon.admin_port)
         values |= _private(spec, ports)
         values |= {
@@ -171,11 +192,8 @@ def user_data(
             "unit": render(
                 "mbworker.service", {"port": str(spec.daemon.port), "admin_port": str(spec.daemon.admin_port)}
             ),
-            "version": ctx.wheels.version,
-            "requirements": ctx.wheels.requirements(),
-            "wheel_url": wheel_url(spec),
-            "wheel_host": d.system_ip(spec),
         }
+        values |= _install(spec, server, ctx.wheels)
         return render("worker.yaml", values)
     if server.role == "state":
         values |= _private(spec, STATE_PORTS, tuple(d.state_ips(spec)), STATE_PEER_PORTS)
@@ -184,8 +202,12 @@ def user_data(
     if server.role == "proxy":
         if "PRIVATE KEY" not in ctx.tls_pem:
             raise RenderError(f"{server.name}: a proxy needs its TLS certificate and key (NodeContext.tls_pem)")
+        if not ctx.node_token:
+            raise RenderError(f"{server.name}: a proxy needs the node token it pulls its upstreams with")
         acme = spec.proxy.tls_source == "acme"
         values |= {
+            "control_url": d.control_private_url(spec),
+            "node_token": ctx.node_token,
             "workers": worker_lines(spec, ctx.workers) or "# no workers yet",
             "tls_pem": ctx.tls_pem,
             "acme_domain": (spec.proxy.domain or "") if acme else "",
@@ -194,10 +216,25 @@ def user_data(
         return render("proxy.yaml", values)
     if server.role == "system":
         del values["journal_upload"]
+        if "PRIVATE KEY" not in ctx.control_pem or not ctx.control_token or not ctx.node_token:
+            raise RenderError(f"{server.name}: the control plane needs its certificate and tokens (NodeContext)")
+        values |= _install(spec, server, ctx.wheels)
         values |= {
             "journal_remote": _journal("journal-remote.yaml", spec),
+            "redis_url": d.redis_url(
+                spec, secrets.redis_password.get_secret_value(), secrets.sentinel_password.get_secret_value()
+            ),
+            "control_token": ctx.control_token,
+            "node_token": ctx.node_token,
+            "control_pem": ctx.control_pem,
+            "control_unit": render(
+                "mbcontrol.service",
+                {"host": d.system_ip(spec), "port": str(d.CONTROL_PORT), "node_name": server.name},
+            ),
+            "control_port": str(d.CONTROL_PORT),
+            "control_public_port": str(d.CONTROL_PUBLIC_PORT),
             "system_ip": d.system_ip(spec),
-            "targets": scrape_targets(spec, ctx.nodes),
+            "targets_gz": _gz_b64(scrape_targets(spec, ctx.nodes) + "\n"),
             "admin_token": secrets.admin_token.get_secret_value(),
             "wheel_port": str(WHEEL_PORT),
             "grafana_password": secrets.grafana_password.get_secret_value(),

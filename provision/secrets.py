@@ -1,5 +1,9 @@
 """Cluster secrets: generated once, kept in a local state directory (mode 0700, file mode 0600), never printed.
 
+The control plane's two tokens (the operators' control token and the read-only node token proxies use) are made
+at the same moment, in their own files of the state dir (`mbworker.control.endpoint`), where the CLI reads them;
+they are not part of `secrets.json`, so adding them changed no existing cluster's secrets digest.
+
 `load_or_create_secrets` owns the file. Values are `SecretStr`, so printing the model, an exception or a
 plan shows `**********`; code that needs a value calls `.get_secret_value()` at the last moment (rendering
 cloud-init, building an environment).
@@ -14,6 +18,9 @@ import secrets
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+
+from mbworker.control.endpoint import control_token, node_token
+from mbworker.control.errors import ControlError
 
 from .errors import ProvisionError
 
@@ -57,7 +64,25 @@ def default_state_dir(spec_path: Path, cluster: str) -> Path:
 
 
 def load_or_create_secrets(state_dir: Path) -> ClusterSecrets:
-    """Read the cluster's secrets, creating them (atomically, mode 0600) on first use."""
+    """Read the cluster's secrets, creating them (atomically, mode 0600) on first use, and the control tokens."""
+    loaded = _load_or_create(state_dir)
+    try:
+        control_token(state_dir)
+        node_token(state_dir)
+    except ControlError as exc:
+        raise ProvisionError(exc.message) from None
+    return loaded
+
+
+def control_tokens(state_dir: Path) -> tuple[str, str]:
+    """(control token, node token) of the cluster, created on first use."""
+    try:
+        return control_token(state_dir), node_token(state_dir)
+    except ControlError as exc:
+        raise ProvisionError(exc.message) from None
+
+
+def _load_or_create(state_dir: Path) -> ClusterSecrets:
     path = state_dir / SECRETS_FILE
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

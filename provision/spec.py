@@ -205,6 +205,9 @@ class ClusterSpec(_Model):
     image: str = "debian-12"
     ssh_keys: list[str] = []
     ssh_allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    #: Who may open the control plane (HTTPS on the system node's public address): the operators' CIDRs. Empty (the
+    #: default) opens it to no public address at all: list your own before `mbworker deploy --cluster` can reach it.
+    control_allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     #: DNS resolvers of private-only nodes (no DHCP there): Hetzner's by default; another provider sets its own.
     resolvers: list[ipaddress.IPv4Address] = [
         ipaddress.IPv4Address("185.12.64.1"),
@@ -294,13 +297,14 @@ class ClusterSpec(_Model):
                 f"worker count {self.worker.count} does not fit subnet {subnet} "
                 f"(at most {subnet.num_addresses - 1 - WORKER_BASE}: use a larger subnet)"
             )
-        problems.extend(_overlaps(self.ssh_allow, "ssh_allow"))
-        for cidr in self.ssh_allow:
-            if isinstance(cidr, ipaddress.IPv4Network) and cidr.overlaps(self.network):
-                problems.append(
-                    f"ssh_allow {cidr} overlaps the cluster network {self.network}: Cloud Firewalls only see public "
-                    "traffic, list public addresses"
-                )
+        for what, cidrs in (("ssh_allow", self.ssh_allow), ("control_allow", self.control_allow)):
+            problems.extend(_overlaps(cidrs, what))
+            for cidr in cidrs:
+                if isinstance(cidr, ipaddress.IPv4Network) and cidr.overlaps(self.network):
+                    problems.append(
+                        f"{what} {cidr} overlaps the cluster network {self.network}: Cloud Firewalls only see public "
+                        "traffic, list public addresses"
+                    )
         if problems:
             raise ValueError("; ".join(problems))
         return self

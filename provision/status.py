@@ -46,12 +46,12 @@ def status_local(provider: LocalProvider) -> dict[str, Any]:
     host = provider.host
     nodes = []
     for key in sorted(alive):
-        role = "state" if key == "redis" else "proxy" if key == "gateway" else "worker"
+        role = {"redis": "state", "gateway": "proxy", "control": "system"}.get(key, "worker")
         nodes.append({"name": key, "role": role, "public_ip": None, "private_ip": host, "state": "running"})
     gateway = alive.get("gateway")
     return {
         "public_url": f"http://{host}:{gateway['port']}" if gateway else None,
-        "control_url": None,
+        "control_url": provider.control_url() if "control" in alive else None,
         "nodes": nodes,
     }
 

@@ -24,12 +24,14 @@ import pytest
 
 from mbworker.provision.machines import MachinesProvider
 from mbworker.provision.provider import ApplyOptions
-from mbworker.provision.secrets import load_or_create_secrets
+from mbworker.provision.secrets import default_state_dir, load_or_create_secrets
 from mbworker.provision.spec import ClusterSpec, load_spec
 from tests.conftest import IN_CI, require_binary
 
 #: How long one machine may take from boot until cloud-init has finished (package installs from the image's cache).
 READY_TIMEOUT = 600.0
+#: Every host-side veth address the machines provider gives a cluster (machines_net.LINK_RANGE).
+CONTROL_ALLOW = "198.19.0.0/16"
 
 
 def spec_toml(name: str, *, proxies: int = 1, workers: int = 2, state: int = 3, nat: bool = True) -> str:
@@ -39,6 +41,9 @@ name = "{name}"
 location = "fsn1"
 network = "10.0.0.0/16"
 image = "debian-12"
+# the host reaches the public zone from its end of the namespace's veth (198.19.<slot>.1): the control plane is
+# open to it, and not to the namespace's own public address (198.18.<slot>.1), the test's client from outside
+control_allow = ["{CONTROL_ALLOW}"]
 
 [system]
 type = "cx23"
@@ -146,8 +151,8 @@ def destroy_cluster(provider: MachinesProvider) -> None:
 def make_provider(tmp: Path, toml: str) -> tuple[MachinesProvider, Path, Path]:
     spec_path = tmp / "cluster.toml"
     spec_path.write_text(toml)
-    state_dir = tmp / "state"
     spec = load_spec(spec_path)
+    state_dir = default_state_dir(spec_path, spec.name)  # where the CLI looks (`--cluster cluster.toml`)
     return MachinesProvider(spec, load_or_create_secrets(state_dir), state_dir), spec_path, state_dir
 
 

@@ -2,10 +2,10 @@
 address only, over TLS verified with the cluster CA (`<state dir>/ca.pem`; that :80 only redirects is asserted
 in test_pillars_serve.py), on the shared `cluster` fixture.
 
-1. A function deployed to the cluster answers 200 through the proxy, from both workers. The deploy goes to one
-   worker's admin API from inside that worker (the cluster has no control plane on its system node yet); the
-   version lives in the state pillar's Redis, so the other worker serves it too. Which worker answered is what
-   HAProxy counts per server (its stats listener, inside the proxy machine).
+1. A function deployed from the host through the control plane (`mbworker deploy --cluster cluster.toml`: HTTPS
+   to the system node's public address, verified with the cluster CA) answers 200 through the proxy, from both
+   workers: the command returns once both serve it. Which worker answered is what HAProxy counts per server (its
+   stats listener, inside the proxy machine).
 2. Two stock realtime-js clients (wss through the proxy) that HAProxy sends to different workers see each other's
    presence and broadcasts: the workers share them through the state pillar's Redis.
 """
@@ -16,7 +16,10 @@ import csv
 import io
 import json
 import ssl
+import tempfile
 import time
+from functools import partial
+from pathlib import Path
 
 import httpx
 import jwt
@@ -24,6 +27,7 @@ import pytest
 import trio
 
 from tests.e2e.node_driver import run_node_driver
+from tests.provision.local_cluster import run_cli
 
 from .conftest import Cluster
 
@@ -66,20 +70,22 @@ def _wait_serving(cluster: Cluster, proxy: str) -> str:
 
 
 def test_a_function_deployed_to_the_cluster_answers_from_both_workers_through_the_proxy(cluster: Cluster) -> None:
-    spec = cluster.spec
     workers = cluster.names("worker")
     proxy = cluster.names("proxy")[0]
     public = _wait_serving(cluster, proxy)
     tls = ssl.create_default_context(cafile=str(cluster.state_dir / "ca.pem"))
     with httpx.Client(verify=tls, timeout=10, trust_env=False) as client:
-        # 1: deploy through one worker's admin API (its own loopback, its own admin token), from inside it
-        fn = "/var/tmp/serving-probe"
-        deploy = (
-            f"mkdir -p {fn} && cat > {fn}/index.ts && set -a && . /etc/mbworker/env && set +a && "
-            f"/opt/mbworker/bin/mbworker deploy {fn} --no-verify-jwt --url http://127.0.0.1:{spec.daemon.admin_port}"
-        )
-        out = _sh(cluster, workers[0], deploy, input=PROBE, timeout=300)
+        # 1: deploy from the host through the control plane
+        with tempfile.TemporaryDirectory() as tmp:
+            fn = Path(tmp) / "serving-probe"
+            fn.mkdir()
+            (fn / "index.ts").write_text(PROBE)
+            code, out = trio.run(
+                partial(run_cli, "deploy", str(fn), "--no-verify-jwt", "--cluster", str(cluster.spec_path), timeout=300)
+            )
+        assert code == 0, out
         assert "✓ serving-probe v1" in out, out
+        assert "live on 2/2 workers" in out, out
 
         before = _answered_2xx(cluster, proxy)
         deadline = time.monotonic() + 120

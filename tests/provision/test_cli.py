@@ -49,12 +49,12 @@ def test_plan_apply_reapply_scale_destroy(
     assert run(spec_file, "plan") == 0
     out = capsys.readouterr().out
     assert "+ create    server          demo-worker-003" in out
-    assert "Summary: 22 to create, 10 to change" in out
+    assert "Summary: 23 to create, 10 to change" in out
 
     assert run(spec_file, "apply", "--yes") == 0
     out = capsys.readouterr().out
-    assert "[32/32] change wheelhouse demo-system" in out
-    assert "done: 32 step(s)" in out
+    assert "[33/33] change wheelhouse demo-system" in out
+    assert "done: 33 step(s)" in out
 
     cli_env.clear_log()
     assert run(spec_file, "apply", "--yes") == 0

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import ipaddress
 import json
 import time
 
 import pytest
 
+from mbworker.control.endpoint import read_endpoint
 from mbworker.provision import desired as d
 from mbworker.provision.errors import SpecError, StepFailed
 from mbworker.provision.hetzner import POLL_MAX, HetznerProvider
@@ -48,6 +51,11 @@ def test_apply_builds_everything_then_reapply_sends_nothing_mutating(
     assert net["routes"] == [{"destination": "0.0.0.0/0", "gateway": "10.0.1.2"}]
     assert fake.server_by_name("demo-nat")["private_net"][0]["ip"] == "10.0.1.2"
     assert fake.server_by_name("demo-system")["private_net"][0]["ip"] == "10.0.1.3"
+    # the CLI finds the control plane: the system node's public address, the cluster CA and the certificate's name
+    endpoint = read_endpoint(p._shipment.state_dir)
+    assert endpoint.url == f"https://{fake.server_by_name('demo-system')['public_net']['ipv4']['ip']}"
+    assert endpoint.ca_file == p._shipment.ca().cert_path
+    assert endpoint.server_name == "control.demo.cluster.internal"
     # every node sits at the address the layout gives it, whatever the cloud's allocator would have picked
     layout = {s.name: s.fixed_ip for s in d.desired_servers(FULL)}
     assert {s["name"]: s["private_net"][0]["ip"] for s in fake.servers()} == layout
@@ -107,7 +115,11 @@ def test_firewall_rules_and_selectors_match_the_right_servers(fake: FakeHcloud, 
     }
     by_id = {s["id"]: s["name"] for s in fake.servers()}
     applied = sorted(by_id[r["server"]["id"]] for r in public["applied_to"][0]["applied_to_resources"])
-    assert applied == ["demo-proxy-001", "demo-proxy-002", "demo-system"]
+    assert applied == ["demo-proxy-001", "demo-proxy-002"]
+    # the system node: the control plane's HTTPS only from control_allow (FULL lists none: no public address)
+    system = fws["demo-system"]
+    assert {(r["protocol"], r["port"]) for r in system["rules"]} == {("tcp", "22"), ("icmp", None)}
+    assert [by_id[r["server"]["id"]] for r in system["applied_to"][0]["applied_to_resources"]] == ["demo-system"]
     nat_applied = [by_id[r["server"]["id"]] for r in fws["demo-nat"]["applied_to"][0]["applied_to_resources"]]
     assert nat_applied == ["demo-nat"]
     assert {(r["protocol"], r["port"]) for r in fws["demo-nat"]["rules"]} == {("tcp", "22"), ("icmp", None)}
@@ -354,8 +366,10 @@ def test_user_data_per_pillar(fake: FakeHcloud, make_provider: MakeProvider, sec
     for name, ip in workers.items():
         assert f"{name} {ip}:8080" in proxy
     system = fake.user_data("demo-system") or ""
+    packed = system.split("path: /etc/mbsystem/targets.json", 1)[1].split("content: ", 1)[1].split("\n", 1)[0]
+    targets = gzip.decompress(base64.b64decode(packed)).decode()
     for ip in workers.values():
-        assert f'"{ip}:9100"' in system
+        assert f'"{ip}:9100"' in targets
     assert "listen postgres_master" in (fake.user_data("demo-state-002") or "")
     assert "masquerade" in (fake.user_data("demo-nat") or "")
 

@@ -40,7 +40,8 @@ def converged(spec: ClusterSpec) -> Facts:
             )
         )  # fmt: skip
     firewalls = [
-        FirewallFact(1, d.public_firewall_name(spec), d.public_firewall_rules(spec), (d.public_selector(spec),))
+        FirewallFact(1, d.public_firewall_name(spec), d.public_firewall_rules(spec), (d.public_selector(spec),)),
+        FirewallFact(4, d.system_firewall_name(spec), d.system_firewall_rules(spec), (d.system_selector(spec),)),
     ]
     if spec.nat:
         firewalls.append(
@@ -63,7 +64,7 @@ CASES = [
     pytest.param(
         SMALL, Facts(),
         [("create", "ssh_key", "demo-key-1"), ("create", "network", "demo-net"), ("create", "firewall", "demo-public"),
-         ("create", "placement_group", "demo-state"),
+         ("create", "firewall", "demo-system"), ("create", "placement_group", "demo-state"),
          *[(a, k, n) for n in ("demo-state-001", "demo-worker-001", "demo-proxy-001", "demo-system")
            for a, k in (("create", "server"), ("create", "private_ip"), ("change", "server"))],
          ("change", "wheelhouse", "demo-system")],
@@ -106,8 +107,13 @@ CASES = [
     ),
     pytest.param(
         make_spec(ssh_allow=["198.51.100.0/24"]), converged(make_spec()),
-        [("change", "firewall", "demo-public")],
+        [("change", "firewall", "demo-public"), ("change", "firewall", "demo-system")],
         id="ssh-safe-list-changed",
+    ),
+    pytest.param(
+        make_spec(control_allow=["203.0.113.0/24"]), converged(make_spec()),
+        [("change", "firewall", "demo-system")],
+        id="control-allow-opens-the-control-plane-on-the-system-node-only",
     ),
     pytest.param(
         make_spec(load_balancer={"type": "lb11"}, floating_ip=True), converged(make_spec()),
@@ -159,7 +165,7 @@ def test_destroy_deletes_servers_before_what_they_use() -> None:
 def test_render_is_readable() -> None:
     text = plan_cluster(SMALL, Facts()).render()
     assert "+ create    server          demo-worker-001  (worker, cx33, private only, 10.0.1.128)" in text
-    assert text.splitlines()[-1] == "Summary: 12 to create, 5 to change, 0 to drain, 0 to delete, 0 unchanged"
+    assert text.splitlines()[-1] == "Summary: 13 to create, 5 to change, 0 to drain, 0 to delete, 0 unchanged"
     assert "nothing to do" in Plan("demo", "hetzner", ()).render()
 
 
@@ -168,7 +174,7 @@ def test_planning_a_large_cluster_is_fast_enough_to_be_pure() -> None:
                      state={"type": "ccx13", "count": 5})  # fmt: skip
     plan = plan_cluster(spec, converged(spec))
     assert plan.empty
-    assert len(plan.steps) == 1 + 1 + 1 + 1 + 1 + 20 + 50 + 5
+    assert len(plan.steps) == 1 + 1 + 2 + 1 + 1 + 20 + 50 + 5
 
 
 def test_resizing_the_state_pillar_in_place_is_refused() -> None:

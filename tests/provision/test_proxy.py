@@ -4,7 +4,9 @@ everything else is a 404; `haproxy -c` has nothing to say about it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import socket
 import ssl
 import subprocess
 import threading
@@ -12,18 +14,22 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from mbworker.cli.control_client import ControlClient
+from mbworker.control.endpoint import ControlEndpoint, server_name
 from mbworker.provision import desired as d
 from mbworker.provision.render import NodeAddr, NodeContext, user_data
 from mbworker.provision.secrets import ClusterSecrets
 from mbworker.provision.shipment import Shipment
+from mbworker.worker.errors import AdminApiError
 from tests.conftest import free_port, require_binary
 
 from .conftest import make_spec
-from .test_render import block
+from .test_render import CTX, block
 
 
 class _Worker(BaseHTTPRequestHandler):
@@ -71,7 +77,9 @@ def proxy_config(tmp_path: Path, worker_port: int, http: int, https: int) -> tup
     spec = make_spec(proxy={"type": "cx23", "count": 1})
     shipment = Shipment(spec, tmp_path / "state")
     ctx = NodeContext(
-        workers=(NodeAddr("demo-worker-001", "worker", "127.0.0.1"),), tls_pem=shipment.proxy_pem(("127.0.0.1",))
+        workers=(NodeAddr("demo-worker-001", "worker", "127.0.0.1"),),
+        tls_pem=shipment.proxy_pem(("127.0.0.1",)),
+        node_token="n" * 64,
     )
     proxy = next(s for s in d.desired_servers(spec) if s.role == "proxy")
     doc = user_data(spec, proxy, ClusterSecrets.generate(), ctx)
@@ -133,3 +141,63 @@ def test_proxy_terminates_tls_redirects_http_and_routes(tmp_path: Path, worker: 
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_the_control_planes_tls_is_verified_by_name_with_the_cluster_ca(tmp_path: Path, worker: int) -> None:
+    """The system node's HAProxy (its rendered config, on loopback) in front of a stand-in control plane: the CLI's
+    client verifies the certificate with the cluster CA against the control plane's name (sent as the TLS server
+    name), so an address the certificate does not list still verifies; another name does not."""
+    haproxy = require_binary("haproxy", "/usr/sbin/haproxy")
+    require_binary("openssl")
+    spec = make_spec()
+    shipment = Shipment(spec, tmp_path / "state")
+    ctx = dataclasses.replace(
+        CTX, control_pem=shipment.control_pem(), control_token="c" * 64, node_token="n" * 64
+    )  # issued for the name only, as on Hetzner (the address is not known before the server exists)
+    system = next(s for s in d.desired_servers(spec) if s.role == "system")
+    doc = user_data(spec, system, ClusterSecrets.generate(), ctx)
+    pem = tmp_path / "tls.pem"
+    pem.write_text(block(doc, "/etc/mbcontrol/tls.pem"))
+    chroot = tmp_path / "chroot"
+    chroot.mkdir()
+    https = free_port()
+    cfg = (
+        block(doc, "/etc/mbcontrol/haproxy.cfg")
+        .replace(
+            f"bind :{d.CONTROL_PUBLIC_PORT} ssl crt /etc/mbcontrol/tls.pem", f"bind 127.0.0.1:{https} ssl crt {pem}"
+        )
+        .replace(f"server control {d.system_ip(spec)}:{d.CONTROL_PORT}", f"server control 127.0.0.1:{worker}")
+        .replace("chroot /var/lib/haproxy", f"chroot {chroot}")
+        .replace("/run/haproxy/admin.sock", str(tmp_path / "admin.sock"))
+        .replace("log /dev/log local0", f"log 127.0.0.1:{free_port()} local0")
+    )
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(cfg)
+    check = subprocess.run([haproxy, "-c", "-f", str(path)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "WARNING" not in check.stdout + check.stderr
+    proc = subprocess.Popen([haproxy, "-db", "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"https://127.0.0.1:{https}"
+        endpoint = ControlEndpoint(url, "t" * 64, shipment.ca().cert_path, server_name(spec.name))
+        deadline = time.monotonic() + 30
+        while not tcp_open(https):  # HAProxy still starting
+            assert time.monotonic() < deadline
+            threading.Event().wait(0.1)
+        with ControlClient.connect(endpoint, timeout=5) as client:
+            answer: Any = client.nodes()
+        assert answer["path"] == "/control/v1/nodes"
+        wrong = dataclasses.replace(endpoint, server_name="evil.example")
+        with pytest.raises(AdminApiError, match="certificate verify failed"), ControlClient.connect(wrong) as c:
+            c.nodes()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def tcp_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False

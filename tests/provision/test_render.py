@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import gzip
 import json
 import subprocess
 from pathlib import Path
@@ -29,6 +32,9 @@ CTX = NodeContext(
     nodes=(NodeAddr("demo-worker-001", "worker", "10.0.1.128"), NodeAddr("demo-state-001", "state", "10.0.1.11")),
     tls_pem=PEM,
     wheels=WHEELS,
+    control_pem=PEM,
+    control_token="c" * 64,
+    node_token="n" * 64,
 )
 
 
@@ -66,10 +72,10 @@ def test_every_pillar_passes_cloud_init_schema(tmp_path: Path) -> None:
 
 def test_documents_fit_the_api_limit() -> None:
     spec = make_spec(state={"type": "ccx13", "count": 5}, proxy={"type": "cx23", "count": 100})
-    big = NodeContext(workers=tuple(NodeAddr(f"demo-worker-{i:03d}", "worker", f"10.0.{i // 250}.{i % 250}")
-                                    for i in range(300)), tls_pem=PEM, wheels=WHEELS)  # fmt: skip
+    workers = tuple(NodeAddr(f"demo-worker-{i:03d}", "worker", f"10.0.{i // 250}.{i % 250}") for i in range(300))
+    big = dataclasses.replace(CTX, workers=workers, nodes=workers)
     for s in d.desired_servers(spec):
-        if s.role in ("state", "proxy") and s.index in (0, 1):
+        if s.role in ("state", "proxy", "system") and s.index in (0, 1):
             assert len(user_data(spec, s, SECRETS, big).encode()) < USER_DATA_LIMIT, s.name
 
 
@@ -142,7 +148,8 @@ def test_proxy_lists_the_workers_and_system_scrapes_every_node() -> None:
     assert "acl is_realtime path_beg /realtime/v1/" in proxy
     assert "acl is_functions path_beg /functions/v1/" in proxy
     system = all_docs["demo-system"]
-    targets = json.loads(block(system, "/etc/mbsystem/targets.json"))
+    packed = system.split("path: /etc/mbsystem/targets.json", 1)[1].split("content: ", 1)[1].split("\n", 1)[0]
+    targets = json.loads(gzip.decompress(base64.b64decode(packed)))
     assert {t["targets"][0] for t in targets} == {"10.0.1.128:9100", "10.0.1.11:9100", "10.0.1.128:8081"}
     # mbworker's /metrics is behind the admin token: the mbworker job sends it
     scrape = block(system, "/etc/mbsystem/scrape.yml")
