@@ -1,6 +1,7 @@
 """What one function does to a node, through a real `mbworker serve` with real Deno: a log flood stays within its
 budget while other functions serve; CPU left burning after a response is blamed on the work that burned it, not
-on the next request; an `[env]` that would change how the process starts is refused at deploy."""
+on the next request; an `[env]` that would change how the process starts is refused at deploy; a boot error tells
+callers its code and a short reason, and only the function's log the rest."""
 
 from __future__ import annotations
 
@@ -100,3 +101,30 @@ async def test_cpu_after_a_response_is_blamed_on_it_and_env_that_changes_startup
         cli = await w.cli("deploy", str(write_function(tmp_path, "preload", CALM, toml='[env]\nLD_PRELOAD = "/x"\n')))
         assert cli.returncode != 0
         assert "LD_PRELOAD" in cli.stderr.decode()
+
+
+BREAKS = """
+if (Deno.env.get("BREAK") === "1") {
+  throw new Error(`deliberately broken, read from ${Deno.env.get("TMPDIR")}/secret-path.json`);
+}
+Deno.serve(() => new Response("fine"));
+"""
+
+
+async def test_a_boot_error_shows_callers_a_code_and_a_short_message_only(tmp_path: Path) -> None:
+    """A version that booted at deploy fails to boot later (here: a project secret it reads changed); anonymous
+    callers get 503 BOOT_ERROR with a short reason, the stack, source line and paths go to the function's log."""
+    require_binary("deno", BUNDLED_DENO)
+    async with run_worker(tmp_path / "data") as w, httpx.AsyncClient(timeout=60, trust_env=False) as http:
+        await w.deploy(write_function(tmp_path, "breaks", BREAKS))
+        assert (await _get(http, w, "breaks")).text == "fine"
+        await w.cli("secrets", "set", "BREAK=1", check=True)  # its processes restart with it
+        r = await _get(http, w, "breaks")
+        assert r.status_code == 503, r.text
+        body = r.json()
+        assert body["code"] == "BOOT_ERROR"
+        assert body["message"] == "Worker failed to boot: the function threw while loading (see its log)"
+        for leak in ("deliberately", "secret-path", "index.ts", "    at ", str(w.data_dir), "/tmp"):
+            assert leak not in r.text, leak
+        line = await w.wait_for_output("deliberately broken")  # the detail is in the function's log
+        assert json.loads(line)["function"] == "breaks"
