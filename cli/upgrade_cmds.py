@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 from mbworker.worker.errors import ConfigError
 
-UPGRADE_TIMEOUT_S = 3600.0
+FOLLOW_TIMEOUT_S = 3600.0
+FOLLOW_POLL_S = 1.0
 
 
 def add_upgrade_commands(ksub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -86,13 +89,29 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
+    """Start the rollout (a refusal is an error here), then follow it until it ends, printing each step."""
     from mbworker.cli.cluster_cmds import _client
 
     with _client(args) as client:
-        result = client.call("POST", "/upgrade", json={"version": args.version}, timeout=UPGRADE_TIMEOUT_S)
-    for name in result["skipped"]:
-        print(f"  {name}: already on {result['version']}")
+        result = client.call("POST", "/upgrade", json={"version": args.version})
+        for name in result["skipped"]:
+            print(f"  {name}: already on {result['version']}", flush=True)
+        shown = 0
+        deadline = time.monotonic() + FOLLOW_TIMEOUT_S
+        while True:
+            for step in result["steps"][shown:]:
+                print(f"  {step}", flush=True)
+            shown = len(result["steps"])
+            if result["state"] != "running":
+                break
+            if time.monotonic() > deadline:
+                raise ConfigError(f"still running after {FOLLOW_TIMEOUT_S:.0f}s: follow it with `cluster audit`")
+            time.sleep(FOLLOW_POLL_S)  # a CLI waiting on a remote job: polled
+            result = client.call("GET", "/upgrade")
     for name in result["upgraded"]:
         print(f"✓ {name}: {result['version']}")
+    if result.get("failed"):
+        print(f"✗ stopped: {result['message']}", file=sys.stderr)
+        return 1
     print(f"{len(result['upgraded'])} workers upgraded to {result['version']} in {result['seconds']}s")
     return 0

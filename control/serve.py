@@ -58,9 +58,8 @@ async def serve_control(
         registry = NodeRegistry(redis, down_after_s=settings.down_after_s)
         audit = MemoryAuditLog(settings.audit_size)
         wheels = WheelStore(settings.wheels_dir)
-        upgrades = UpgradeRoutes(
-            Rollout(registry, admin, wheels, audit, token_name=TOKEN_NAME), wheels, registry, admin
-        )
+        rollout = Rollout(registry, admin, wheels, audit, token_name=TOKEN_NAME)
+        upgrades = UpgradeRoutes(rollout, wheels, registry, admin)
         app = ControlApp(
             token,
             token_name=TOKEN_NAME,
@@ -74,6 +73,7 @@ async def serve_control(
             extra_routes=upgrades.routes(),
         )
         async with trio.open_nursery() as nursery:
+            await nursery.start(rollout.serve)
             server: HttpServer = await nursery.start(serve_http, app, settings.host, settings.port)
             handle = ControlHandle(settings, server, app)
             log.info("control plane on %s", handle.url)

@@ -19,7 +19,9 @@ that does not come back ready is simply not in the upstreams (only ready workers
 control plane does not hold is refused before any worker is touched, as is a cluster that would be left with no
 serving worker.
 
-Every step is an audit entry (`upgrade <node> <step>`). Owner: `Rollout` owns a lock (one rollout at a time).
+Every step is an audit entry (`upgrade <node> <step>`). Through the API a rollout runs in the background
+(`POST /upgrade` answers once it is planned; `GET /upgrade` follows it): it outlasts any proxy's request timeout.
+Owner: `Rollout.serve` owns the nursery rollouts run in; one rollout at a time.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any, Protocol
 import trio
 
 from mbworker.control.audit import AuditLog
-from mbworker.control.errors import ControlError, WorkerCallFailed
+from mbworker.control.errors import ControlError, NotFound, WorkerCallFailed
 from mbworker.control.registry import NodeView
 from mbworker.control.wheel_store import HeldWheel, check_version
 
@@ -77,20 +79,31 @@ class UpgradeFailed(ControlError):
 
 @dataclass
 class Report:
+    """One rollout, as `GET /upgrade` shows it while it runs and after."""
+
     version: str
     upgraded: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     """Already on the version."""
+    pending: list[str] = field(default_factory=list)
     failed: dict[str, str] | None = None
     """{"node", "step", "reason"} of the first failure."""
+    steps: list[str] = field(default_factory=list)
+    """"<node> <step>: <result>", as the audit ring has them."""
+    state: str = "running"
+    """running, done or failed."""
     started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "version": self.version,
+            "state": self.state,
             "upgraded": self.upgraded,
             "skipped": self.skipped,
-            "seconds": round(time.monotonic() - self.started, 1),
+            "pending": self.pending,
+            "steps": self.steps,
+            "seconds": round((self.ended or time.monotonic()) - self.started, 1),
         }
         if self.failed:
             out |= {"code": UpgradeFailed.code, "failed": self.failed}
@@ -124,40 +137,86 @@ class Rollout:
         self._token = token_name
         self._t = timeouts
         self._clock = clock
-        self._lock = trio.Lock()
+        self._busy = False
+        self._last: Report | None = None
+        self._nursery: trio.Nursery | None = None
 
-    def _record(self, node: str, step: str, ok: bool, result: str) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the nursery rollouts started through the API run in (they outlive the request that started them)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _record(self, report: Report, node: str, step: str, ok: bool, result: str) -> None:
+        report.steps.append(f"{node} {step}: {result}")
         self._audit.record(self._token, f"upgrade {node} {step}", 200 if ok else 502, result)
 
+    def last(self) -> dict[str, Any]:
+        if self._last is None:
+            raise NotFound("no upgrade has run since the control plane started")
+        return self._last.to_json()
+
+    async def start(self, version: str) -> dict[str, Any]:
+        """Check and plan `version` (refusals raise `ControlError` before any worker is touched), then roll it out
+        in the background: `last()` follows it."""
+        assert self._nursery is not None, "Rollout.serve is not running"
+        plan, report = await self._prepare(version)
+        self._nursery.start_soon(self._roll, plan, report)
+        return report.to_json()
+
     async def upgrade(self, version: str) -> tuple[int, dict[str, Any]]:
-        """Roll `version` out; (status, report). Refusals before any worker is touched raise `ControlError`."""
+        """Check, plan and roll `version` out to the end; (200 or 502, report)."""
+        plan, report = await self._prepare(version)
+        await self._roll(plan, report)
+        return (502 if report.failed else 200), report.to_json()
+
+    async def _prepare(self, version: str) -> tuple[list[NodeView], Report]:
         check_version(version)
-        if self._lock.locked():
+        if self._busy:
             raise ControlError("an upgrade is already running", status=409, code="UPGRADE_RUNNING")
-        async with self._lock:
+        self._busy = True
+        try:
             await self._wheels.manifest(version)  # NotFound (404) when not held: nothing touched yet
             # a worker silent for longer than `down_after_s` (stopped, or scaled in) is not part of the rollout
             workers = [v for v in await self._registry.nodes() if v.record.role == "worker" and v.up]
             plan = plan_rollout(workers, version)
-            report = Report(version, skipped=[v.record.name for v in workers if v.record.version == version])
-            log.info("upgrade to %s: %s", version, ", ".join(v.record.name for v in plan) or "nothing to do")
-            for node in plan:
-                try:
-                    await self._one(node, version)
-                except _StepFailed as exc:
-                    report.failed = {"node": node.record.name, "step": exc.step, "reason": exc.reason}
-                    self._record(node.record.name, exc.step, False, exc.reason)
-                    log.warning("upgrade to %s stopped at %s (%s): %s", version, node.record.name, exc.step, exc.reason)
-                    return 502, report.to_json()
-                report.upgraded.append(node.record.name)
-            return 200, report.to_json()
+        except BaseException:
+            self._busy = False
+            raise
+        report = Report(
+            version,
+            skipped=[v.record.name for v in workers if v.record.version == version],
+            pending=[v.record.name for v in plan],
+        )
+        self._last = report
+        log.info("upgrade to %s: %s", version, ", ".join(report.pending) or "nothing to do")
+        return plan, report
 
-    async def _one(self, node: NodeView, version: str) -> None:
-        name = node.record.name
+    async def _roll(self, plan: list[NodeView], report: Report) -> None:
+        try:
+            for node in plan:
+                name = node.record.name
+                try:
+                    await self._one(node, report)
+                except _StepFailed as exc:
+                    report.failed = {"node": name, "step": exc.step, "reason": exc.reason}
+                    self._record(report, name, exc.step, False, exc.reason)
+                    log.warning("upgrade to %s stopped at %s (%s): %s", report.version, name, exc.step, exc.reason)
+                    return
+                report.pending.remove(name)
+                report.upgraded.append(name)
+        finally:
+            report.state = "failed" if report.failed or report.pending else "done"
+            report.ended = time.monotonic()
+            self._busy = False
+
+    async def _one(self, node: NodeView, report: Report) -> None:
+        name, version = node.record.name, report.version
         # 1. leave the upstreams
         await self._registry.hold(name)
         await self._proxies_caught_up()
-        self._record(name, "leave", True, "out of the upstreams; every proxy pulled")
+        self._record(report, name, "leave", True, "out of the upstreams; every proxy pulled")
         # 2. hand the request to the worker; it drains and its helper installs
         asked_at = self._clock()
         try:
@@ -165,11 +224,11 @@ class Rollout:
         except WorkerCallFailed as exc:
             await self._registry.release(name)  # it never drained: back in the upstreams as it was
             raise _StepFailed("request", f"{exc.message} (left serving {node.record.version})") from None
-        self._record(name, "request", True, f"{node.record.version} -> {version}; draining")
+        self._record(report, name, "request", True, f"{node.record.version} -> {version}; draining")
         try:
             # 3. draining
             await self._wait(name, "drain", self._t.drain_s, lambda v: self._left(v, asked_at))
-            self._record(name, "drain", True, "draining")
+            self._record(report, name, "drain", True, "draining")
             # 4-5. the helper installs and restarts; the new process reports ready
             back = await self._wait(
                 name,
@@ -194,7 +253,7 @@ class Rollout:
                 "(journalctl -u mbworker-upgrade on the node)",
             )
         await self._proxies_caught_up()
-        self._record(name, "ready", True, f"serving {version}; back in the upstreams")
+        self._record(report, name, "ready", True, f"serving {version}; back in the upstreams")
 
     def _left(self, view: NodeView | None, asked_at: float) -> bool:
         """The old process is draining, or gone: silent for a few beats (an idle one may exit before its next

@@ -1,6 +1,7 @@
 """The control plane's routes for mbworker upgrades, the wheels they install, and project secrets.
 
-    POST /control/v1/upgrade                  {"version"}: a rolling upgrade (control/upgrade.py), answered at the end
+    POST /control/v1/upgrade                  {"version"}: 202 once planned, a rolling upgrade (control/upgrade.py) runs
+    GET  /control/v1/upgrade                  the running or last rollout: state, upgraded, pending, steps, failed
     GET  /control/v1/wheels                   versions held
     PUT  /control/v1/wheels/<version>         body: a tar of *.whl (the wheelhouse `provision` builds)
     GET  /control/v1/wheels/<version>         [{"filename", "sha256", "size"}]   (node token too: workers' helpers)
@@ -37,6 +38,7 @@ class UpgradeRoutes:
     def routes(self) -> list[ExtraRoute]:
         return [
             ("POST", re.compile(rf"^{V1}/upgrade$"), self._upgrade, True),
+            ("GET", re.compile(rf"^{V1}/upgrade$"), self._upgrade_status, False),
             ("GET", re.compile(rf"^{V1}/wheels$"), self._versions, False),
             ("PUT", re.compile(rf"^{V1}/wheels/([^/]+)$"), self._push, True),
             ("GET", re.compile(rf"^{V1}/wheels/([^/]+)$"), self._manifest, False),
@@ -50,7 +52,10 @@ class UpgradeRoutes:
         version = (await read_json(request)).get("version")
         if not isinstance(version, str):
             raise ControlError('expected {"version": "X.Y.Z"}')
-        return await self._rollout.upgrade(version)
+        return 202, await self._rollout.start(version)
+
+    async def _upgrade_status(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
+        return 200, self._rollout.last()
 
     async def _versions(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
         return 200, await self._wheels.versions()
