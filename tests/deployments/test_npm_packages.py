@@ -133,3 +133,36 @@ async def test_errors_name_the_users_file_and_line(tmp_path: Path) -> None:
     lines = [line for slug, _, _, line in logs.lines if slug == "oops"]
     assert any("oops/index.ts:8:56" in line for line in lines), lines
     assert not any(BUNDLE_OUTPUT_NAME in line for _, _, _, line in logs.lines)
+
+
+def test_deno_config_is_written_only_when_set() -> None:
+    """Records and manifests from before the field load unchanged, and one that doesn't use it carries no key a
+    worker from before it would refuse (they forbid unknown keys) during a rolling upgrade."""
+    from mbworker.worker.deployments.manifest import Manifest
+    from mbworker.worker.deployments.model import Deployment
+
+    old = {"slug": "a", "runtime": "deno", "entrypoint": "a/mbworker.bundle.js", "source_entrypoint": "a/index.ts"}
+    assert Manifest.model_validate(old).deno_config is None
+    assert "deno_config" not in Manifest.model_validate(old).model_dump_json()
+    record = {**old, "version": 1, "status": "ACTIVE", "sha256": "0" * 64, "size_bytes": 1, "created_at": 1}
+    dep = Deployment.model_validate({**record, "updated_at": 1})
+    assert dep.deno_config is None
+    assert "deno_config" not in dep.model_dump_json()
+    packaged = Manifest.model_validate({**old, "entrypoint": "a/index.ts", "deno_config": "a/deno.json"})
+    assert json.loads(packaged.model_dump_json())["deno_config"] == "a/deno.json"
+
+
+@pytest.mark.slow
+async def test_the_bundled_form_still_runs(tmp_path: Path) -> None:
+    """Versions deployed as one `deno bundle` file (npm before it shipped as packages; jsr:/https: still) keep
+    serving: the worker runs them as before (no config, the generated import map)."""
+    src = write(
+        tmp_path / "fns" / "old" / "index.ts",
+        'import ms from "npm:ms@2.1.3";\nDeno.serve(() => new Response(String(ms("1m"))));\n',
+    )
+    spec = gather_function(src.parent, bundle_npm=True)
+    assert spec.manifest.entrypoint == f"old/{BUNDLE_OUTPUT_NAME}"
+    assert spec.manifest.deno_config is None
+    fn = deploy_here(spec, tmp_path / "worker" / "old")
+    async with deno_runtime(tmp_path / "worker") as rt:
+        assert (await call(rt, fn, "GET", "/old"))[2] == b"60000"

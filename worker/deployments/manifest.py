@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dotenv.parser import parse_stream
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 from mbworker.runtimes.limits import Limits
 from mbworker.runtimes.startup_env import forbidden_env_reason
@@ -250,6 +258,10 @@ class Manifest(BaseModel):
             raise ValueError(f"must match {SLUG_RE.pattern}")
         return v
 
+    @model_serializer(mode="wrap")
+    def _without_unset_deno_config(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return drop_none(handler(self), "deno_config")
+
     @field_validator("entrypoint", "import_map", "source_entrypoint", "deno_config")
     @classmethod
     def _relpath(cls, v: str | None) -> str | None:
@@ -264,6 +276,16 @@ class Manifest(BaseModel):
         if problems:
             raise ValueError("; ".join(p.removeprefix("env: ") for p in problems))
         return v
+
+
+def drop_none(data: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """`data` without `keys` whose value is None. Fields added later are written only when set, so a manifest or
+    record that doesn't use them stays readable by a worker from before them (they refuse unknown keys) during a
+    rolling upgrade."""
+    for key in keys:
+        if data.get(key, 0) is None:
+            del data[key]
+    return data
 
 
 def check_relative_path(path: str) -> str:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import enum
 import errno
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from mbworker.runtimes.limits import Limits
-from mbworker.worker.deployments.manifest import CacheSettings, NetSettings, Runtime, default_limits
+from mbworker.worker.deployments.manifest import CacheSettings, NetSettings, Runtime, default_limits, drop_none
 
 
 class DeploymentStatus(enum.StrEnum):
@@ -55,6 +56,10 @@ class Deployment(BaseModel):
     @property
     def key(self) -> str:
         return f"{self.slug}@{self.version}"
+
+    @model_serializer(mode="wrap")
+    def _without_unset_deno_config(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return drop_none(handler(self), "deno_config")
 
 
 DeploymentList = list[Deployment]
