@@ -109,9 +109,10 @@ async def test_errors_name_the_users_file_and_line(tmp_path: Path) -> None:
         'import ms from "npm:ms@2.1.3";\n\ntype T = { a: number };\nconst t: T = { a: ms("1s") };\n'
         'if (t.a > 0) {\n  throw new Error("boom while loading");\n}\nDeno.serve(() => new Response("x"));\n',
     )
+    write(fns / "oops" / "package.json", '{"dependencies": {"ms": "2.1.3"}}\n')  # a bare import, as Node has it
     write(
         fns / "oops" / "index.ts",
-        'import ms from "npm:ms@2.1.3";\n\ninterface Shape {\n  n: number;\n}\n'
+        'import ms from "ms";\n\ninterface Shape {\n  n: number;\n}\n'
         "Deno.serve((req: Request): Response => {\n"
         '  const s: Shape = { n: ms("2s") };\n'
         '  if (new URL(req.url).searchParams.has("fail")) throw new TypeError(`oops ${s.n}`);\n'
