@@ -165,5 +165,14 @@ async def test_the_bundled_form_still_runs(tmp_path: Path) -> None:
     assert spec.manifest.entrypoint == f"old/{BUNDLE_OUTPUT_NAME}"
     assert spec.manifest.deno_config is None
     fn = deploy_here(spec, tmp_path / "worker" / "old")
+    thrower = write(
+        tmp_path / "fns" / "thrower" / "index.ts",
+        'import ms from "npm:ms@2.1.3";\n\nif (ms("1s")) {\n  throw new Error("bundled boom");\n}\n',
+    )
+    bad = deploy_here(gather_function(thrower.parent, bundle_npm=True), tmp_path / "worker" / "thrower")
     async with deno_runtime(tmp_path / "worker") as rt:
         assert (await call(rt, fn, "GET", "/old"))[2] == b"60000"
+        with pytest.raises(BootError) as info:
+            await rt.warm(bad)
+        # the bundle's inline source map: the user's module and line, not mbworker.bundle.js
+        assert "thrower/index.ts:4:9" in (info.value.output or "")

@@ -362,10 +362,11 @@ def gather_function(
         manifest_map = None
     elif needs_bundle and bundle_deps:
         out_rel = _rel(entrypoint.parent / BUNDLE_OUTPUT_NAME, base)
-        if out_rel in rel:
-            raise GatherError(f"{out_rel} is reserved for the bundled output; rename that file")
+        for reserved in (out_rel, out_rel + ".map"):
+            if reserved in rel:
+                raise GatherError(f"{reserved} is reserved for the bundled output; rename that file")
         with (bundling or _quietly)(slug):  # seconds to minutes: the CLI shows progress meanwhile
-            rel[out_rel] = _deno_bundle(
+            rel[out_rel], rel[out_rel + ".map"] = _deno_bundle(
                 rel, base, entry_rel, manifest_map, stub_specifiers, deno_bin or find_deno(), bundle_timeout_s
             )
         # The bundle is self-contained: no import map at run time (it would make Deno resolve npm: again).
@@ -774,8 +775,11 @@ def _deno_bundle(
     stub_specifiers: set[str],
     deno_bin: str,
     timeout_s: float,
-) -> bytes:
-    """Run `deno bundle` over a staged copy of the gathered files and return the single-file output."""
+) -> tuple[bytes, bytes]:
+    """Run `deno bundle` over a staged copy of the gathered files; return the single-file output and its source
+    map. The map is linked (a file beside it, not inline: the bundle V8 parses stays its size) with paths relative
+    to the output beside the entry: Deno applies it, so a stack trace names the user's module and line in the
+    unpacked bundle, as for unbundled functions."""
     with tempfile.TemporaryDirectory(prefix="mbworker-bundle-") as tmp:
         stage = Path(tmp)
         _stage(files, stage)
@@ -797,13 +801,14 @@ def _deno_bundle(
         config_path.write_text(json.dumps(config, indent=2))
         out = entry.parent / BUNDLE_OUTPUT_NAME
         cmd = [
-            deno_bin, "bundle", "--quiet", "--no-lock", "--platform=deno",
+            deno_bin, "bundle", "--quiet", "--no-lock", "--platform=deno", "--sourcemap=linked",
             f"--config={config_path}", f"--output={out}", str(entry),
         ]  # fmt: skip
         _run_deno(cmd, entry.parent, "deno bundle", entry_rel, timeout_s)
-        if not out.is_file():
+        source_map = out.with_name(out.name + ".map")
+        if not out.is_file() or not source_map.is_file():
             raise GatherError(f"deno bundle wrote no output for {entry_rel}")
-        return out.read_bytes()
+        return out.read_bytes(), source_map.read_bytes()
 
 
 __all__ = [
