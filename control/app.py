@@ -37,6 +37,9 @@ NODE_ROUTES = frozenset({("GET", "/control/v1/upstreams"), ("GET", "/control/v1/
 NODE_READABLE = re.compile(r"^/control/v1/wheels/[^/]+(/[^/]+)?$")
 """Also open to the node token (GET): the wheels a worker's upgrade helper installs (control/upgrade_routes.py)."""
 
+#: How long a drain waits for each proxy's next pull (they pull every second; one that does not is down).
+PROXY_CATCH_UP_S = 10.0
+
 Route = Callable[[HttpRequest, list[str]], Awaitable[tuple[int, Any]]]
 ExtraRoute = tuple[str, re.Pattern[str], Route, bool]
 """(method, path pattern, handler, mutating): routes other modules register (a handler answering bytes sends them
@@ -150,7 +153,12 @@ class ControlApp:
         return 200, [view.to_json() for view in await self.registry.nodes()]
 
     async def _drain(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
-        view = await self.registry.ask_drain(args[0])
+        # Out of the upstreams first (a hold: the node is not told) and every proxy has applied that, then the
+        # drain ask, which the node acts on at its next beat: no proxy sends it a request once it stops accepting.
+        name = (await self.registry.get(args[0])).record.name
+        await self.registry.hold(name)
+        await self.registry.wait_proxies_caught_up(PROXY_CATCH_UP_S)
+        view = await self.registry.ask_drain(name)
         return 202, {"name": view.record.name, "draining": True, "left_upstreams": True}
 
     async def _upstreams(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:

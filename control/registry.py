@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mbworker.control.errors import NotFound, StateUnavailable
@@ -183,6 +184,24 @@ class NodeRegistry:
             await self._redis.set(f"{self._p}node:{name}:hold", str(self._clock()), ex=ttl_s)
         except RedisError as exc:
             raise StateUnavailable(f"the cluster's Redis is unreachable: {exc}") from exc
+
+    async def wait_proxies_caught_up(self, timeout_s: float, poll_s: float = 0.1) -> bool:
+        """Until every proxy that is up has pulled the upstreams as they are now and applied them: a proxy pulls
+        again only once it has applied the previous pull (a reload), so two pulls since now mean the first is in
+        force. False when one did not pull within `timeout_s` (it stopped pulling: down, so its list no longer
+        matters)."""
+        for _ in range(2):
+            since = self._clock()
+            with trio.move_on_after(timeout_s):
+                while True:
+                    proxies = [v for v in await self.nodes() if v.record.role == "proxy" and v.up]
+                    if all(v.record.sent_at > since for v in proxies):
+                        break
+                    await trio.sleep(poll_s)
+                continue
+            log.warning("a proxy did not pull its upstreams within %.0fs", timeout_s)
+            return False
+        return True
 
     async def release(self, name: str) -> None:
         """Undo `hold`: the node is in the upstreams again whenever it reports ready."""
