@@ -2,8 +2,8 @@
 
 Order of steps is the order of apply: SSH keys, network (+ subnet), firewalls, placement group, servers in
 creation order (NAT and its route first, then state, workers, proxies, system), type changes, load balancer,
-floating IP; then drains of servers that go away, refreshes of proxies' worker lists and the system node's scrape
-targets, and finally deletes (servers first, then what they used).
+floating IP; then the system node's scrape targets, drains of servers that go away (through the control plane,
+which proxies pull their upstreams from), and finally deletes (servers first, then what they used).
 """
 
 from __future__ import annotations
@@ -223,10 +223,10 @@ def plan_cluster(spec: ClusterSpec, facts: Facts, *, drain: bool = True, secrets
         steps.append(Step("noop", "placement_group", pg_name))
 
     # Servers.
-    workers = [(s.name, s.fixed_ip) for s in servers_wanted if s.role == "worker"]
+    # Proxies are not refreshed: they pull their upstreams (ready workers only) from the control plane, which a
+    # list pushed here would override with workers that are not ready yet.
     all_names = [s.name for s in servers_wanted]
     revs = {
-        "proxy": {"workers-rev": d.workers_revision(spec, workers)},
         "system": {"targets-rev": d.targets_revision(all_names)},
         "worker": {"port": str(spec.daemon.port)},
     }
@@ -299,9 +299,8 @@ def plan_cluster(spec: ClusterSpec, facts: Facts, *, drain: bool = True, secrets
         else:
             steps.append(Step("noop", "floating_ip", fip_name, fip.ip))
 
-    # Servers that go away: first the proxies stop sending to them (their worker lists are refreshed without the
-    # leaving workers; this is the seam where proxies that pull their upstreams will be waited for instead), then
-    # workers drain (highest number first), then the servers are deleted.
+    # Servers that go away: workers drain (highest number first) through the control plane, which first takes each
+    # out of the upstreams and waits until every proxy has applied that; then the servers are deleted.
     leaving = sorted(
         (s for s in facts.servers if s.name not in wanted_names),
         key=lambda s: (s.role != "worker", -s.index, s.name),
