@@ -9,6 +9,8 @@
 // argv: Deno.args = [entry file URL, node socket path, comma-separated env names to hide from the function,
 //                    frame channel (unix socket path)]
 
+import { makeRequest, wholeStaticResponse } from "./fastpath.ts";
+
 type Handler = (req: Request, info: unknown) => Response | Promise<Response>;
 type ErrorHandler = (err: unknown) => Response | Promise<Response>;
 
@@ -210,14 +212,7 @@ async function serveRequest(id: number, head: any): Promise<void> {
   let done: () => void = () => {};
   const completed = new Promise<void>((r) => (done = r));
   try {
-    const request = new Request(head.u, {
-      method: head.m,
-      headers: head.h,
-      body,
-      signal: abort.signal,
-      // deno-lint-ignore no-explicit-any
-      ...({ duplex: "half" } as any),
-    });
+    const request = makeRequest(head.u, head.m, head.h, body, abort.signal);
     let res: Response;
     try {
       res = await handler!(request, { remoteAddr: fakeAddr, completed });
@@ -232,6 +227,12 @@ async function serveRequest(id: number, head: any): Promise<void> {
     }
     if (res.status !== 101 && (res.status < 200 || res.status > 599)) {
       frame({ t: "f", i: id, k: "invalid", m: `invalid response status ${res.status}` });
+      return;
+    }
+    // A string or bytes body: no Headers, stream or reader (fastpath.ts); the same head frame as below.
+    const whole = wholeStaticResponse(res, COALESCE_MAX);
+    if (whole !== null) {
+      frame({ t: "h", i: id, s: whole.status, h: whole.headers, e: 1 }, whole.body);
       return;
     }
     const headers: [string, string][] = [];
