@@ -85,3 +85,18 @@ def test_request_head_is_exactly_what_the_json_encoder_would_write() -> None:
             value["e"] = 1
         expected = json.dumps(value, separators=(",", ":")).encode()
         assert frame == struct.pack(">II", len(expected), 0) + expected
+
+
+def test_header_fragments_give_the_same_text_and_stay_bounded() -> None:
+    """The memo of header pairs writes what the quoting would, keeps short values only, and starts over when
+    full (a stream of unique values never grows it past `max_entries`)."""
+    frags = protocol.HeaderFragments(max_entries=4, max_value=8)
+    headers = [(b"host", b"h:1"), (b"x-a", b'caf\xe9"\\'), (b"cookie", b"a" * 9)]
+    as_json = [json.dumps([k.decode("latin-1"), v.decode("latin-1")], separators=(",", ":")) for k, v in headers]
+    expected = ",".join(as_json)
+    assert frags.join(headers) == expected
+    assert frags.join(headers) == expected  # from the memo this time
+    assert len(frags) == 2  # the long cookie value was not kept
+    for i in range(10):
+        assert frags.join([(b"x-id", str(i).encode())]) == f'["x-id","{i}"]'
+        assert len(frags) <= 4
