@@ -587,9 +587,10 @@ class DenoProcess:
     async def _pump_body(self, r: Request, inv: Invocation) -> None:
         """Runs in the process nursery (not a per-request one: trio would wrap the request's errors in groups)."""
         assert r.pump_scope is not None
+        chunks = aiter(inv.body)
         with r.pump_scope:
             try:
-                async for chunk in inv.body:
+                async for chunk in chunks:
                     if r.error is not None or r.ended:
                         return
                     if chunk:
@@ -600,6 +601,13 @@ class DenoProcess:
             except Exception as exc:  # the caller's body stream failed (client gone): fail this request only
                 log.debug("request body stream failed", exc_info=True)
                 r.fail(WorkerError(f"reading the request body failed: {exc!r}"))
+            finally:
+                # A function may answer before it reads its body: close the stream here, not in the garbage
+                # collector (an async generator left suspended warns there, out of its task).
+                aclose = getattr(chunks, "aclose", None)
+                if aclose is not None:
+                    with contextlib.suppress(Exception):
+                        await aclose()
 
 
 class _Body:

@@ -522,3 +522,28 @@ async def test_response_over_the_cap_is_a_worker_error(tmp_path: Path) -> None:
         with pytest.raises(WorkerError, match="exceeded"):
             await call(rt, fn, "GET", "/fn")
         assert rt.statistics().processes == 1
+
+
+async def test_a_body_the_function_never_read_is_closed_when_its_response_is_done(tmp_path: Path) -> None:
+    """A function that answers before reading its request body: the daemon stops sending it and closes the body
+    stream itself (not the garbage collector, where an async generator left suspended warns out of its task)."""
+    import trio.testing
+
+    fn = version(write_fn(tmp_path, "Deno.serve(() => new Response('early'));"))
+    released = trio.Event()
+    closed = False
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal closed
+        try:
+            await released.wait()
+            yield b"data"
+            yield b"more"
+        finally:
+            closed = True
+
+    async with deno_runtime(tmp_path) as rt, rt.invoke(fn, inv("POST", "/fn", body())) as res:
+        assert b"".join([c async for c in res.body]) == b"early"
+        released.set()  # the body's first chunk comes after the response ended
+        await trio.testing.wait_all_tasks_blocked()
+        assert closed
