@@ -20,8 +20,10 @@ What it does (loopback only, temp data dir, free ports; stops by itself, ~2 minu
    first request to each never-run `coldN` through mbworker and a bare `deno run` of the direct server from spawn
    to its first HTTP response (fresh DENO_DIR each, like a new version's), medians.
 
-Targets (issue 2): daemon CPU per forwarded request ≤ 2× the floor's; req/s ≥ 0.15× Deno direct; cold start
-≤ 1.3× bare deno. Issue 4: cache-hit req/s ≥ 0.7× the floor.
+Targets (issue 17, after issue 2's): hello req/s ≥ 0.15× Deno direct; daemon CPU per forwarded request ≤ 2.5× the
+floor's; the Deno child's CPU per forwarded request ≤ 2× Deno direct's own; cold start ≤ 1.3× bare deno. Issue 4:
+cache-hit req/s ≥ 0.7× the floor. On a shared machine, read the CPU ratios first: req/s follows whatever share of
+the cores each process gets in its round, CPU per request much less.
 """
 
 from __future__ import annotations
@@ -52,6 +54,12 @@ FUNCTION = f"Deno.serve({HANDLER});\n"
 DIRECT = f'Deno.serve({{ hostname: "127.0.0.1", port: Number(Deno.args[0]), onListen() {{}} }}, {HANDLER});\n'
 ONE_PROCESS = "[limits]\nmax_processes = 1\n"
 START_TIMEOUT = 60
+
+
+def loadavg() -> str:
+    """The machine's load average (1, 5, 15 min): how much else ran on it during a measurement."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 def children_of(pid: int) -> list[int]:
@@ -277,6 +285,7 @@ def main() -> None:
     ap.add_argument("--cold", type=int, default=7, help="cold starts to time (each a never-run function)")
     ap.add_argument("--tool", choices=("auto", "wrk", "python"), default="auto")
     args = ap.parse_args()
+    load_start = loadavg()
 
     with tempfile.TemporaryDirectory(prefix="mbw-bench-fn-") as tmp:
         work = Path(tmp)
@@ -334,6 +343,7 @@ def main() -> None:
 
     floor_t, direct_t, _plain_t, lean_t, hello_t, jwt_t, hit_t, _health_t = targets
     tool = floor_t.rounds[0][0].tool
+    print(f"load average (1/5/15 min) at start: {load_start}; at the end: {loadavg()}")
     print(
         f"function path through `mbworker serve` — {os.cpu_count()} CPUs, load: {tool}, {args.connections} keep-alive"
         f" connections, GET, loopback; {args.rounds} alternating rounds × {args.duration:g} s, medians"
@@ -358,11 +368,12 @@ def main() -> None:
     print("  bare:    " + " ".join(f"{x * 1e3:.1f}" for x in bare))
     print("  mbworker: " + " ".join(f"{x * 1e3:.1f}" for x in through))
     verdict = [
-        ("front-door CPU/request ≤ 2× floor (hello, no JWT)", hello_t.cpu / floor_t.cpu, 2.0, "≤"),
-        ("front-door CPU/request ≤ 2× floor (hello + JWT)", jwt_t.cpu / floor_t.cpu, 2.0, "≤"),
         ("hello req/s ≥ 0.15× Deno direct", hello_t.rps / direct_t.rps, 0.15, "≥"),
-        ("cold start ≤ 1.3× bare deno", ct / cb, 1.3, "≤"),
+        ("daemon CPU per forwarded request ≤ 2.5× floor (hello, no JWT)", hello_t.cpu / floor_t.cpu, 2.5, "≤"),
+        ("daemon CPU per forwarded request ≤ 2.5× floor (hello + JWT)", jwt_t.cpu / floor_t.cpu, 2.5, "≤"),
+        ("Deno child CPU per forwarded request ≤ 2× Deno direct's (hello)", hello_t.side / direct_t.cpu, 2.0, "≤"),
         ("cache-hit req/s ≥ 0.7× floor (issue 4)", hit_t.rps / floor_t.rps, 0.7, "≥"),
+        ("cold start ≤ 1.3× bare deno", ct / cb, 1.3, "≤"),
     ]
     for name, value, goal, op in verdict:
         ok = value <= goal if op == "≤" else value >= goal

@@ -30,11 +30,6 @@ import functions  # noqa: E402
 from _load import run_load  # noqa: E402
 
 
-def loadavg() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
-
-
 def start(root: Path, work: Path, name: str) -> functions.Daemon:
     functions.ROOT = root  # Daemon and its CLI calls run `python -m mbworker...` with this as cwd
     (work / name).mkdir()
@@ -71,7 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     trees = {"before": args.before.resolve(), "after": args.after.resolve()}
     rows: dict[str, list[tuple[float, float, float]]] = {k: [] for k in trees}
-    loads = [loadavg()]
+    loads = [functions.loadavg()]
     with tempfile.TemporaryDirectory(prefix="mbw-bench-ab-") as tmp:
         daemons: dict[str, functions.Daemon] = {}
         try:
@@ -83,7 +78,7 @@ def main() -> None:
                 order = list(daemons.items()) if i % 2 == 0 else list(reversed(daemons.items()))
                 for name, d in order:
                     rows[name].append(measure(d, args, args.duration))
-                loads.append(loadavg())
+                loads.append(functions.loadavg())
         finally:
             for d in daemons.values():
                 d.stop()
