@@ -129,7 +129,11 @@ class TmpQuota:
             with self._lock:
                 watched = list(self._watched.items())
             for key, w in watched:
-                used = usage(w.path, w.pid if rounds % FD_EVERY == 0 else 0)
+                try:
+                    used = usage(w.path, w.pid if rounds % FD_EVERY == 0 else 0)
+                except Exception:  # a surprise must not end the thread: every other dir would go unmeasured
+                    log.exception("measuring %s failed", w.path)
+                    continue
                 self.measures += 1
                 if used > w.limit:
                     self.unwatch(key)
