@@ -7,6 +7,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from mbworker.lib.redis import open_redis
 from tests.daemon.fixtures import write_function
 from tests.redis_server import redis_server_running
 from tests.worker_process import run_worker
@@ -90,6 +91,14 @@ async def test_l2_cache_shares_results_between_workers(tmp_path: Path, http: htt
             auth = a.auth()  # the same key on both nodes: Authorization is part of the cache key
             first = await http.get(f"{a.public_url}/functions/v1/shared-cache", headers=auth)
             assert first.headers["x-mbworker-cache"] == "MISS"
+            # A writes to L2 after its client has the answer: wait for the write to reach Redis.
+            async with open_redis(redis.url) as client:
+                for _ in range(500):  # looked for every 20 ms, at most ~10 s
+                    if [k async for k in client.scan_iter(match="mbw:l2:shared-cache:*")]:
+                        break
+                    await trio.sleep(0.02)
+                else:
+                    raise AssertionError("node A's result never reached the shared cache")
             # Node B never ran the function: the result comes from the shared second level.
             second = await http.get(f"{b.public_url}/functions/v1/shared-cache", headers=auth)
             assert second.headers["x-mbworker-cache"] == "HIT"
