@@ -137,6 +137,17 @@ def _install(spec: ClusterSpec, server: d.DesiredServer, wheels: Wheelhouse | No
     }
 
 
+def _upgrade(spec: ClusterSpec, server: d.DesiredServer, node_token: str) -> dict[str, str]:
+    """A worker's upgrade helper (provision/upgrade_helper.py) and the read-only node token it fetches wheels with."""
+    if not node_token:
+        raise RenderError(f"{server.name}: a worker needs the node token its upgrade helper fetches wheels with")
+    return {
+        "node_token": node_token,
+        "control_url": d.control_private_url(spec),
+        "upgrade_helper": _gz_b64(resources.files("mbworker.provision").joinpath("upgrade_helper.py").read_text()),
+    }
+
+
 def _common(spec: ClusterSpec, hostname: str) -> dict[str, str]:
     return {"hostname": hostname, "journal_upload": _journal("journal-upload.yaml", spec)}
 
@@ -194,6 +205,7 @@ def user_data(
             ),
         }
         values |= _install(spec, server, ctx.wheels)
+        values |= _upgrade(spec, server, ctx.node_token)
         return render("worker.yaml", values)
     if server.role == "state":
         values |= _private(spec, STATE_PORTS, tuple(d.state_ips(spec)), STATE_PEER_PORTS)

@@ -82,7 +82,7 @@ class Shipment:
     ) -> NodeContext:
         """What `render.user_data` needs for `want`: only what its role uses is produced (certificates, wheels)."""
         ips = (public_ip,) if public_ip else ()
-        control, node = self.control_tokens() if want.role in ("system", "proxy") else ("", "")
+        control, node = self.control_tokens() if want.role in ("system", "proxy", "worker") else ("", "")
         return NodeContext(
             workers=workers,
             nodes=nodes,
