@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,13 @@ import pytest
 
 from mbworker.control.audit import MemoryAuditLog
 from mbworker.control.errors import ControlError, NotFound, WorkerCallFailed
-from mbworker.control.registry import NodeRecord, NodeView
+from mbworker.control.registry import NodeRecord, NodeRegistry, NodeView
 from mbworker.control.upgrade import Rollout, Timeouts, plan_rollout
 from mbworker.control.wheel_store import HeldWheel, WheelStore
+from mbworker.lib.redis import open_redis
 from mbworker.provision.upgrade_helper import take_request
 from mbworker.worker.upgrade_request import UpgradeRequests, UpgradeUnavailable
+from tests.redis_server import RedisServer
 
 
 @dataclass
@@ -266,3 +269,22 @@ async def test_the_worker_leaves_only_a_version_and_the_helper_takes_it_once(tmp
     path.symlink_to(tmp_path / "elsewhere")
     assert take_request(path) is None
     assert not path.is_symlink()
+
+
+async def test_a_hold_keeps_a_ready_worker_out_of_the_upstreams_without_telling_it(redis_server: RedisServer) -> None:
+    async with open_redis(redis_server.url) as redis:
+        registry = NodeRegistry(redis)
+        record = NodeRecord(
+            role="worker", name="w1", private_ip="10.0.1.5", port=8000, admin_port=8001, version="1", ready=True,
+            sent_at=time.time(),
+        )  # fmt: skip
+        await redis.set("mbw:node:w1", record.model_dump_json())
+        await redis.zadd("mbw:nodes", {"w1": record.sent_at})
+        assert await registry.upstreams() == [{"name": "w1", "address": "10.0.1.5:8000"}]
+        await registry.hold("w1")
+        (view,) = await registry.nodes()
+        assert (view.held, view.serving, view.state, view.drain_asked) == (True, False, "held", False)
+        assert await registry.upstreams() == []
+        assert await redis.get("mbw:node:w1:drain") is None  # the node's heartbeat reads this one: untouched
+        await registry.release("w1")
+        assert await registry.upstreams() == [{"name": "w1", "address": "10.0.1.5:8000"}]
