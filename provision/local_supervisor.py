@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if not child.is_active():
             assert child.proc is not None
             return child.proc.returncode or 0
-        time.sleep(POLL_S)  # a file another process writes, and a child: polled, like systemd's path unit
+        time.sleep(POLL_S)  # a file another process writes, and a child: polled
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The upgrade helper: installs the mbworker version a worker was asked for, then starts the daemon again.
 
-It runs with the rights to write the install (root on a cloud worker: `mbworker-upgrade.service`, started by the
-path unit `mbworker-upgrade.path` when the daemon leaves `<data dir>/upgrade/request`; on one machine the local
-provider's supervisor calls `upgrade` itself). The daemon, which is unprivileged and runs user code, chooses only a
-version number; what gets installed is decided here:
+It runs with the rights to write the install (root on a cloud worker: `mbworker-upgrade.service`, started by
+mbworker.service's ExecStopPost when the daemon has exited with `<data dir>/upgrade/request` left; on one machine
+the local provider's supervisor calls `upgrade` itself). The daemon, which is unprivileged and runs user code,
+chooses only a version number; what gets installed is decided here:
 
 1. the request is read (a regular file of a few bytes; it is removed first, so it is handled once);
 2. the version's wheel list and sha256 come from the control plane, with this node's own read-only node token

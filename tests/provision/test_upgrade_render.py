@@ -1,5 +1,6 @@
 """A worker's cloud-init carries its rolling-upgrade helper: the helper's own source (decoded from the user data),
-a path unit on the daemon's request file, a root-only node token, and the control plane's private URL."""
+started by mbworker.service once a daemon that left a request has exited, a root-only node token, and the control
+plane's private URL."""
 
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ def test_a_worker_gets_the_upgrade_helper_its_units_and_the_node_token() -> None
     assert gzip.decompress(base64.b64decode(packed[1])).decode() == source
     assert block(text, "/etc/mbworker/control-node-token") == "n" * 64 + "\n"
     assert 'path: /etc/mbworker/control-node-token\n    permissions: "0600"' in text
-    assert "PathExists=/var/lib/mbworker/upgrade/request" in block(text, "/etc/systemd/system/mbworker-upgrade.path")
+    unit = block(text, "/etc/systemd/system/mbworker.service")
+    assert "ExecStopPost=+/bin/sh -c 'test ! -f /var/lib/mbworker/upgrade/request || systemctl start" in unit
     service = block(text, "/etc/systemd/system/mbworker-upgrade.service")
     assert "--control-url http://10.0.1.3:8002 --token-file /etc/mbworker/control-node-token" in service
     assert "User=" not in service  # root: it writes /opt/mbworker, which the daemon cannot
     assert '[install, -d, -o, mbworker, -g, mbworker, -m, "0700", /var/lib/mbworker/upgrade]' in text
-    assert "[systemctl, enable, --now, mbworker-upgrade.path]" in text
     with pytest.raises(RenderError, match="node token"):
         docs(make_spec(), dataclasses.replace(CTX, node_token=""))
