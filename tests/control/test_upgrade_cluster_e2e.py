@@ -2,7 +2,7 @@
 workers, each running from its own venv under the upgrade supervisor, as a cloud worker runs from /opt/mbworker
 under systemd): a version the control plane holds no wheels for is refused before any worker changes; once pushed,
 `cluster upgrade` moves both workers to it, one at a time, while a request every 50 ms through the gateway never
-fails.
+fails. Project secrets set, listed and unset through the control plane (`secrets … --cluster`).
 
 The second version is this checkout's wheel under a new number (tests/provision/rewheel.py): built once, retagged.
 The workers' venvs are copies of the test venv with the built wheel installed in place of the source checkout, so
@@ -127,6 +127,15 @@ async def test_a_rolling_upgrade_of_two_workers_under_load_loses_no_request(tmp_
         for i in (1, 2):
             for step in ("leave", "request", "drain", "ready"):
                 assert f"upgrade demo-worker-{i:03d} {step}" in out, out
+
+        # project secrets through the control plane: the store is the cluster's
+        code, out = await _cli("secrets", "set", "UPGRADED=yes", "--cluster", str(spec))
+        assert (code, "set UPGRADED" in out) == (0, True), out
+        code, out = await _cli("secrets", "list", "-o", "json", "--cluster", str(spec))
+        assert code == 0, out
+        assert [r["name"] for r in json.loads(out)] == ["UPGRADED"]
+        code, out = await _cli("secrets", "unset", "UPGRADED", "--cluster", str(spec))
+        assert (code, "unset UPGRADED" in out) == (0, True), out
     finally:
         code, down = await _cli("down", "-c", str(spec))
     assert code == 0, down
