@@ -277,7 +277,8 @@ class Node:
             # The control plane's registry: this node's health, load and live versions, once a second.
             host = await trio.to_thread.run_sync(advertised_host, settings)  # may resolve the host name
             identity = NodeIdentity("worker", self.node_id, host, self.public.port, self.admin.port, __version__)
-            nursery.start_soon(partial(serve_heartbeat, self.backends.redis, identity, self.state, self.drain.start))
+            beat = partial(serve_heartbeat, drain_started=self.drain.wait_started)
+            nursery.start_soon(beat, self.backends.redis, identity, self.state, self.drain.start)
 
     async def _drain_when_asked(self) -> None:
         """Wait for the drain, then: stop accepting, finish in-flight work within the grace period, tell whoever

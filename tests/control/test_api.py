@@ -224,3 +224,36 @@ async def test_losing_redis_answers_503_with_the_reason_and_recovers(redis_serve
                 await trio.sleep(0.1)
         r = await http.get("/control/v1/functions")
         assert (r.status_code, r.json()["code"]) == (503, "NO_READY_WORKERS")
+
+
+async def test_a_node_that_starts_draining_beats_at_once_and_leaves_the_upstreams(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A drain that did not come through the control plane (SIGTERM at a machine's shutdown) is reported by the
+    next beat at once, not an interval later: the beat interval here is an hour, so only the wake-up can say it."""
+    draining = trio.Event()
+
+    def state() -> NodeState:
+        return NodeState(not draining.is_set(), "draining" if draining.is_set() else None, draining.is_set(),
+                         NodeLoad(0, 0, 0), {})  # fmt: skip
+
+    async def started() -> None:
+        await draining.wait()
+
+    async with (
+        control_plane(redis_server, tmp_path) as (_, http),
+        open_redis(redis_server.url) as redis,
+        trio.open_nursery() as nursery,
+    ):
+        w1 = NodeIdentity("worker", "w1", "10.0.1.5", 8000, 8001, "1")
+        beat = partial(serve_heartbeat, redis, w1, state, lambda: None, drain_started=started, interval=3600)
+        nursery.start_soon(beat)
+        assert (await _wait_nodes(http, 1))[0]["state"] == "ready"
+        draining.set()
+        with trio.fail_after(10):
+            while True:
+                if (await http.get("/control/v1/nodes")).json()[0]["state"] == "draining":
+                    break
+                await trio.sleep(0.05)
+        assert (await http.get("/control/v1/upstreams")).json() == []
+        nursery.cancel_scope.cancel()

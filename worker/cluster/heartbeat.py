@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,12 +95,15 @@ async def serve_heartbeat(
     state: Callable[[], NodeState],
     on_drain: Callable[[], object],
     *,
+    drain_started: Callable[[], Awaitable[object]] | None = None,
     prefix: str = "mbw:",
     interval: float = INTERVAL_S,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Beat every `interval` until cancelled; `started()` at once. A drain asked for by the control plane calls
-    `on_drain` (the daemon's drain trigger, idempotent)."""
+    `on_drain` (the daemon's drain trigger, idempotent). When `drain_started` returns (however the drain began: a
+    SIGTERM at shutdown too) the next beat goes at once, so the node leaves the proxies' upstreams while it drains
+    rather than when it falls silent."""
     key = f"{prefix}node:{identity.name}"
     drain_key = f"{key}:drain"
     started_at = time.time()
@@ -134,4 +137,8 @@ async def serve_heartbeat(
             if replies[2] is not None and not snapshot.draining:
                 log.info("drain asked for by the control plane")
                 on_drain()
-        await trio.sleep(interval)
+        with trio.move_on_after(interval):
+            if drain_started is not None and not snapshot.draining:
+                await drain_started()
+            else:
+                await trio.sleep_forever()
