@@ -34,6 +34,9 @@ LINK_RANGE = ipaddress.ip_network("198.19.0.0/16")  # host <-> namespace veths: 
 PRIV_BRIDGE = "br-priv"
 PUB_BRIDGE = "br-pub"
 NAT_TABLE = 100  # the routing table private nodes' gateway traffic is looked up in
+INOTIFY_INSTANCES = "/proc/sys/fs/inotify/max_user_instances"
+#: Raised to this when lower, never lowered again (other clusters of the host may be using it).
+MIN_INOTIFY_INSTANCES = 1024
 #: Present while the host forwards only because a cluster needs it (it did not before the first `up`).
 FORWARD_MARKER = Path("/run/mbworker-machines-ip-forward")
 
@@ -172,6 +175,10 @@ class MachinesNet:
         run(ns("ip", "route", "replace", "unreachable", "default", "metric", "1000", "table", str(NAT_TABLE)))
         if f"lookup {NAT_TABLE}" not in run(ns("ip", "rule", "show")):
             run(ns("ip", "rule", "add", "iif", PRIV_BRIDGE, "lookup", str(NAT_TABLE), "priority", "100"))
+        # every machine's systemd takes inotify instances from the host's per-user budget (128 by default): a few
+        # clusters side by side exhaust it and a new machine's PID 1 exits at once ("Too many open files")
+        if int(Path(INOTIFY_INSTANCES).read_text()) < MIN_INOTIFY_INSTANCES:
+            run(["sysctl", "-q", "-w", f"fs.inotify.max_user_instances={MIN_INOTIFY_INSTANCES}"])
         if Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "0":
             FORWARD_MARKER.touch()  # the last cluster's `down` puts the host back as it was
             run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
