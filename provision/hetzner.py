@@ -123,7 +123,8 @@ class _Ctx:
     firewalls: dict[str, FirewallFact]
     placement_group_id: int | None
     servers: dict[str, ServerFact]
-    floating_ip_id: int | None = None
+    #: The cluster's floating IP (id, address) once it exists: proxies are rendered with its address.
+    floating_ip: tuple[int, str] | None = None
     kept: set[str] = field(default_factory=set)
     deleted: set[str] = field(default_factory=set)
 
@@ -300,7 +301,9 @@ class HetznerProvider:
                 (p.id for p in facts.placement_groups if p.name == d.placement_group_name(self.spec)), None
             ),
             servers={s.name: s for s in facts.servers},
-            floating_ip_id=next((f.id for f in facts.floating_ips), None),
+            floating_ip=next(
+                ((f.id, f.ip) for f in facts.floating_ips if f.name == d.floating_ip_name(self.spec)), None
+            ),
         )
         report = ApplyReport()
         changes = plan.changes
@@ -452,15 +455,18 @@ class HetznerProvider:
                     # not load_balancers.delete(): hcloud 2.27 reads an "action" from the 204 it gets (reference §1.5)
                     c.request(method="DELETE", url=f"/load_balancers/{op.id}")
                 case CreateFloatingIp():
-                    target = ctx.servers[op.server_name]
                     fip_resp = c.floating_ips.create(
-                        type="ipv4", name=op.name, labels=op.labels, server=Server(id=target.id)
+                        type="ipv4", name=op.name, labels=op.labels, home_location=Location(name=op.home_location)
                     )
-                    if fip_resp.action is not None:
-                        self._wait(fip_resp.action)
+                    created = fip_resp.floating_ip
+                    assert created.id is not None  # the API always sends both
+                    assert created.ip is not None
+                    ctx.floating_ip = (created.id, created.ip)
                 case AssignFloatingIp():
                     target = ctx.servers[op.server_name]
-                    self._wait(c.floating_ips.assign(FloatingIP(id=op.id), Server(id=target.id)))
+                    if ctx.floating_ip is None:
+                        raise ProviderError(f"floating IP {op.name} does not exist")
+                    self._wait(c.floating_ips.assign(FloatingIP(id=ctx.floating_ip[0]), Server(id=target.id)))
                 case DeleteFloatingIp():
                     c.floating_ips.delete(FloatingIP(id=op.id))
                 case _:
@@ -513,6 +519,7 @@ class HetznerProvider:
             want,
             workers=tuple(NodeAddr(s.name, s.role, wanted[s.name].fixed_ip) for s in live if s.role == "worker"),
             nodes=tuple(NodeAddr(s.name, s.role, wanted[s.name].fixed_ip) for s in live),
+            floating_ip=ctx.floating_ip[1] if ctx.floating_ip else "",
         )
         ud = user_data(spec, want, self._secrets, node_ctx)
         resp = self.client.servers.create(

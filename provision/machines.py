@@ -379,9 +379,10 @@ class MachinesProvider:
                     "id": self._new_id(state), "ip": self._free_public(state, floating=True), "server_id": None,
                     "labels": op.labels,
                 }  # fmt: skip
-                self._assign_fip(state, state["floating_ips"][op.name], op.server_name)
             case AssignFloatingIp():
-                self._assign_fip(state, _by_id(state["floating_ips"], op.id), op.server_name)
+                if op.name not in state["floating_ips"]:
+                    raise ProviderError(f"floating IP {op.name} does not exist")
+                self._assign_fip(state, state["floating_ips"][op.name], op.server_name)
             case DeleteFloatingIp():
                 fip = _by_id(state["floating_ips"], op.id)
                 if (fip_net := self.net(state)) is not None:
@@ -428,8 +429,13 @@ class MachinesProvider:
         wanted = {s.name for s in d.desired_servers(self.spec)}
         live = [s for s in state["servers"].values() if s["name"] in wanted and s["private_ip"]]
         addrs = [NodeAddr(s["name"], s["role"], _addr(s)) for s in live]
+        fip = state["floating_ips"].get(d.floating_ip_name(self.spec))
         return self._shipment.node_context(
-            want, workers=tuple(a for a in addrs if a.role == "worker"), nodes=tuple(addrs), public_ip=public_ip
+            want,
+            workers=tuple(a for a in addrs if a.role == "worker"),
+            nodes=tuple(addrs),
+            public_ip=public_ip,
+            floating_ip=fip["ip"] if fip else "",
         )
 
     def _create_server(self, op: CreateServer, state: dict[str, Any], progress: Progress) -> None:

@@ -197,14 +197,18 @@ class DeleteLoadBalancer:
 
 @dataclass(frozen=True)
 class CreateFloatingIp:
+    """Created unassigned in the spec's location before the proxies, so their user-data can carry its address."""
+
     name: str
     labels: dict[str, str]
-    server_name: str
+    home_location: str
 
 
 @dataclass(frozen=True)
 class AssignFloatingIp:
-    id: int
+    """By name: when the floating IP is created in the same apply, its id is not known at plan time."""
+
+    name: str
     server_name: str
 
 

@@ -1,9 +1,10 @@
 """The cloud planner: facts + spec → plan. Pure (no I/O), so its test cases are data.
 
-Order of steps is the order of apply: SSH keys, network (+ subnet), firewalls, placement group, servers in
-creation order (NAT and its route first, then state, workers, proxies, system), type changes, load balancer,
-floating IP; then the system node's scrape targets, drains of servers that go away (through the control plane,
-which proxies pull their upstreams from), and finally deletes (servers first, then what they used).
+Order of steps is the order of apply: SSH keys, network (+ subnet), firewalls, placement group, floating IP
+(created unassigned, so proxies are rendered with its address), servers in creation order (NAT and its route first,
+then state, workers, proxies, system), type changes, load balancer, the floating IP routed to proxy 1; then the
+system node's scrape targets, drains of servers that go away (through the control plane, which proxies pull their
+upstreams from), and finally deletes (servers first, then what they used).
 """
 
 from __future__ import annotations
@@ -222,6 +223,15 @@ def plan_cluster(spec: ClusterSpec, facts: Facts, *, drain: bool = True, secrets
     else:
         steps.append(Step("noop", "placement_group", pg_name))
 
+    # Floating IP, created before the servers: proxies are rendered with its address (the OS must own it).
+    fip_name = d.floating_ip_name(spec)
+    fip = facts.floating_ip(fip_name)
+    if spec.floating_ip and fip is None:
+        steps.append(
+            Step("create", "floating_ip", fip_name, f"ipv4 in {spec.location}",
+                 CreateFloatingIp(fip_name, d.base_labels(spec), spec.location))
+        )  # fmt: skip
+
     # Servers.
     # Proxies are not refreshed: they pull their upstreams (ready workers only) from the control plane, which a
     # list pushed here would override with workers that are not ready yet.
@@ -274,28 +284,15 @@ def plan_cluster(spec: ClusterSpec, facts: Facts, *, drain: bool = True, secrets
             else:
                 steps.append(Step("noop", "load_balancer", lb_name))
 
-    # Floating IP on the first proxy.
-    fip_name = d.floating_ip_name(spec)
-    fip = facts.floating_ip(fip_name)
+    # The floating IP routed to the first proxy.
     first_proxy = d.server_name(spec.name, "proxy", 1)
     if spec.floating_ip:
         proxy = facts.server(first_proxy)
-        if fip is None:
+        if fip is None or proxy is None or fip.server_id != proxy.id:
             steps.append(
-                Step(
-                    "create",
-                    "floating_ip",
-                    fip_name,
-                    f"ipv4 → {first_proxy}",
-                    CreateFloatingIp(fip_name, d.base_labels(spec), first_proxy),
-                )
-            )
-        elif proxy is None or fip.server_id != proxy.id:
-            steps.append(
-                Step(
-                    "change", "floating_ip", fip_name, f"assign to {first_proxy}", AssignFloatingIp(fip.id, first_proxy)
-                )
-            )
+                Step("change", "floating_ip", fip_name, f"assign to {first_proxy}",
+                     AssignFloatingIp(fip_name, first_proxy))
+            )  # fmt: skip
         else:
             steps.append(Step("noop", "floating_ip", fip_name, fip.ip))
 

@@ -95,6 +95,8 @@ class NodeContext:
     #: The control token (system node) and the read-only node token (system node, proxies).
     control_token: str = ""
     node_token: str = ""
+    #: The cluster's floating IP when the spec has one: proxies add it to their public interface.
+    floating_ip: str = ""
 
 
 def worker_lines(spec: ClusterSpec, workers: tuple[NodeAddr, ...]) -> str:
@@ -225,6 +227,7 @@ def user_data(
             "acme_domain": (spec.proxy.domain or "") if acme else "",
             "acme_email": (spec.proxy.acme_email or "") if acme else "",
         }
+        values |= _floating_ip(spec, ctx.floating_ip, server.name)
         return render("proxy.yaml", values)
     if server.role == "system":
         del values["journal_upload"]
@@ -256,6 +259,19 @@ def user_data(
         values |= {"nat_ip": d.nat_ip(spec), "network": str(spec.network)}
         return render("nat.yaml", values)
     raise RenderError(f"no template for role {server.role!r}")
+
+
+def _floating_ip(spec: ClusterSpec, address: str, name: str) -> dict[str, str]:
+    """Hetzner routes a floating IP to the server it is assigned to, but the server's OS must own the address to
+    answer on it. Every proxy owns it, so re-assigning it to another proxy needs no change on the nodes."""
+    if not spec.floating_ip:
+        return {"floating_ip_files": "# no floating IP", "floating_ip_start": "# no floating IP"}
+    if not address:
+        raise RenderError(f"{name}: the spec has a floating IP but its address is not known (NodeContext.floating_ip)")
+    return {
+        "floating_ip_files": render("floating-ip.yaml", {"floating_ip": address}),
+        "floating_ip_start": "- [systemctl, enable, --now, mbfloating-ip.service]",
+    }
 
 
 def _state_values(spec: ClusterSpec, server: d.DesiredServer, secrets: ClusterSecrets) -> dict[str, str]:

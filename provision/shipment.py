@@ -79,9 +79,11 @@ class Shipment:
         workers: tuple[NodeAddr, ...],
         nodes: tuple[NodeAddr, ...],
         public_ip: str | None = None,
+        floating_ip: str = "",
     ) -> NodeContext:
-        """What `render.user_data` needs for `want`: only what its role uses is produced (certificates, wheels)."""
-        ips = (public_ip,) if public_ip else ()
+        """What `render.user_data` needs for `want`: only what its role uses is produced (certificates, wheels).
+        Proxies' certificates name their public address and the floating IP, which every proxy owns."""
+        ips = tuple(ip for ip in (public_ip, floating_ip if want.role == "proxy" else "") if ip)
         control, node = self.control_tokens() if want.role in ("system", "proxy", "worker") else ("", "")
         return NodeContext(
             workers=workers,
@@ -91,4 +93,5 @@ class Shipment:
             control_pem=self.control_pem(ips) if want.role == "system" else "",
             control_token=control if want.role == "system" else "",
             node_token=node,
+            floating_ip=floating_ip if want.role == "proxy" else "",
         )

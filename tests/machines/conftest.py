@@ -44,6 +44,7 @@ image = "debian-12"
 # the host reaches the public zone from its end of the namespace's veth (198.19.<slot>.1): the control plane is
 # open to it, and not to the namespace's own public address (198.18.<slot>.1), the test's client from outside
 control_allow = ["{CONTROL_ALLOW}"]
+floating_ip = true
 
 [system]
 type = "cx23"

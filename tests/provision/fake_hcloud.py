@@ -721,6 +721,8 @@ class FakeHcloud:
     # --- floating IPs -------------------------------------------------------------------------------------------------
 
     def _create_floating_ips(self, body: dict[str, Any]) -> tuple[int, Any]:
+        if not body.get("server") and not body.get("home_location"):
+            raise ApiError(400, "invalid_input", "either server or home_location must be given")
         if body.get("name"):
             self._unique("floating_ips", body["name"])
         fip = {"id": next(self._ids), "name": body.get("name"), "description": body.get("description"),

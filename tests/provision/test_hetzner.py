@@ -68,6 +68,8 @@ def test_apply_builds_everything_then_reapply_sends_nothing_mutating(
     assert {(s["listen_port"], s["destination_port"]) for s in lb["services"]} == {(80, 80), (443, 443)}
     fip = next(iter(fake.resources["floating_ips"].values()))
     assert fip["server"] == fake.server_by_name("demo-proxy-001")["id"]
+    # created before the proxies, so they own its address (the cloud only routes it to them)
+    assert f"ip addr replace {fip['ip']}/32" in (fake.user_data("demo-proxy-001") or "")
 
     # every action the provider started was polled to completion, next_actions included
     polled = {int(r.path.split("/")[-1]) for r in fake.requests if r.path.startswith("/actions/")}

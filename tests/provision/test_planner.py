@@ -115,7 +115,12 @@ CASES = [
     ),
     pytest.param(
         make_spec(load_balancer={"type": "lb11"}, floating_ip=True), converged(make_spec()),
-        [("create", "load_balancer", "demo-lb"), ("create", "floating_ip", "demo-ip")],
+        # the floating IP exists before the proxies (they own its address), and is routed to proxy 1 at the end
+        [
+            ("create", "floating_ip", "demo-ip"),
+            ("create", "load_balancer", "demo-lb"),
+            ("change", "floating_ip", "demo-ip"),
+        ],
         id="lb-and-floating-ip",
     ),
 ]  # fmt: skip
