@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from mbworker.provision import desired as d
 from mbworker.provision.cli import main as provision_main
 from mbworker.provision.machines_net import PUB_BRIDGE, run
 
@@ -117,8 +118,9 @@ def test_status_lists_every_node(cluster: Cluster, capsys: pytest.CaptureFixture
     status = json.loads(capsys.readouterr().out)
     assert {n["name"] for n in status["nodes"]} == set(cluster.names())
     assert all(n["state"] == "running" for n in status["nodes"])
-    proxy = cluster.server(cluster.names("proxy")[0])
-    assert status["public_url"] == f"https://{proxy['public_ip']}"
+    # clients go to the floating IP (the spec has one), routed to proxy 1
+    fip = cluster.provider.load()["floating_ips"][d.floating_ip_name(cluster.spec)]
+    assert status["public_url"] == f"https://{fip['ip']}"
 
 
 def test_reapply_of_the_unchanged_spec_changes_nothing(cluster: Cluster) -> None:
