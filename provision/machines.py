@@ -594,16 +594,37 @@ class MachinesProvider:
         self, name: str, argv: list[str], *, input: str | None = None, timeout: float = 60.0
     ) -> subprocess.CompletedProcess[str]:
         """Run `argv` inside machine `name` (all its namespaces), as root; the result is returned, not checked."""
-        leader = self.leader(name)
-        if leader is None:
-            raise ProviderError(f"machine {name} is not running")
-        try:
-            return subprocess.run(
-                ["nsenter", "-t", str(leader), "-a", *argv], input=input, capture_output=True, text=True,
-                timeout=timeout,
-            )  # fmt: skip
-        except subprocess.TimeoutExpired as exc:
-            raise ProviderError(f"{' '.join(argv)} in {name} did not finish within {timeout:.0f}s") from exc
+        done = self.nsenter(name, argv, input=None if input is None else input.encode(), timeout=timeout)
+        return subprocess.CompletedProcess(
+            done.args, done.returncode, done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")
+        )
+
+    def nsenter(
+        self, name: str, argv: list[str], *, input: bytes | None = None, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[bytes]:
+        """`argv` run in every namespace of machine `name`'s init, as root; the result is returned, not checked.
+
+        The init found may be gone by the time nsenter looks (seen on a loaded host, with the machine still
+        running): then nsenter fails before running anything ("stat of /proc/N/ns/… failed"), so it is safe to
+        look for the init again and retry, until `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            leader = self.leader(name)
+            if leader is None:
+                raise ProviderError(f"machine {name} is not running")
+            try:
+                done = subprocess.run(
+                    ["nsenter", "-t", str(leader), "-a", *argv], input=input, capture_output=True,
+                    timeout=max(1.0, deadline - time.monotonic()),
+                )  # fmt: skip
+            except subprocess.TimeoutExpired as exc:
+                raise ProviderError(f"{' '.join(argv)} in {name} did not finish within {timeout:.0f}s") from exc
+            vanished = (
+                done.returncode != 0 and done.stderr.startswith(b"nsenter: ") and not Path(f"/proc/{leader}").exists()
+            )
+            if not vanished or time.monotonic() > deadline:
+                return done
+            time.sleep(0.2)  # the machine's init is being replaced: look again
 
     def wait_booted(self, name: str, timeout: float) -> str:
         """Block until machine `name` has finished booting (cloud-final included); its state, e.g. `degraded`.
@@ -773,15 +794,9 @@ class MachinesNodeOps:
         """The wheels into the system machine's /var/lib/mbwheels (the same swap RemoteNodeOps does over SSH)."""
         from .nodeops import PUBLISH_SCRIPT
 
-        leader = self._provider.leader(node.name)
-        if leader is None:
-            raise ProviderError(f"machine {node.name} is not running")
         files = sorted(p.name for p in directory.glob("*.whl"))
         tar = subprocess.run(["tar", "-c", "-C", str(directory), *files], capture_output=True, check=True)
-        done = subprocess.run(
-            ["nsenter", "-t", str(leader), "-a", "sh", "-c", PUBLISH_SCRIPT], input=tar.stdout, capture_output=True,
-            timeout=timeout,
-        )  # fmt: skip
+        done = self._provider.nsenter(node.name, ["sh", "-c", PUBLISH_SCRIPT], input=tar.stdout, timeout=timeout)
         if done.returncode != 0:
             raise ProviderError(
                 f"publishing wheels to {node.name} failed: {done.stderr.decode(errors='replace')[-300:]}"
