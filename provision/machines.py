@@ -611,7 +611,11 @@ class MachinesProvider:
         while True:
             leader = self.leader(name)
             if leader is None:
-                raise ProviderError(f"machine {name} is not running")
+                server = self.load()["servers"].get(name)
+                if server is None or not self._alive(server) or time.monotonic() > deadline:
+                    raise ProviderError(f"machine {name} is not running{self._console_tail(name)}")
+                time.sleep(0.2)  # systemd-nspawn runs but its init is not (yet, again) there: look again
+                continue
             try:
                 done = subprocess.run(
                     ["nsenter", "-t", str(leader), "-a", *argv], input=input, capture_output=True,
@@ -625,6 +629,14 @@ class MachinesProvider:
             if not vanished or time.monotonic() > deadline:
                 return done
             time.sleep(0.2)  # the machine's init is being replaced: look again
+
+    def _console_tail(self, name: str, lines: int = 15) -> str:
+        """The end of the machine's console, for an error that says it is not running (empty when there is none)."""
+        try:
+            tail = (self.dir / name / "console.log").read_bytes()[-4000:].decode(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return ("; its console ends:\n  " + "\n  ".join(tail[-lines:])) if tail else ""
 
     def wait_booted(self, name: str, timeout: float) -> str:
         """Block until machine `name` has finished booting (cloud-final included); its state, e.g. `degraded`.
