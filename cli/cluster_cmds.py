@@ -1,4 +1,4 @@
-"""`mbworker control serve` and `mbworker cluster {status,drain,sessions,audit,upstreams}`.
+"""`mbworker control serve` and `mbworker cluster {status,drain,undrain,sessions,audit,upstreams}`.
 
 `control serve` runs the control plane (flags > `MBWORKER_CONTROL_*` env). The `cluster` commands talk to a
 running one, found from the cluster spec (`-c cluster.toml`: URL and token in its state dir).
@@ -49,6 +49,10 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     drain.add_argument("node")
     _spec(drain)
     drain.set_defaults(func=cmd_drain)
+    undrain = ksub.add_parser("undrain", help="cancel a drain: the node serves again once it is ready")
+    undrain.add_argument("node")
+    _spec(undrain)
+    undrain.set_defaults(func=cmd_undrain)
 
     sessions = ksub.add_parser("sessions", help="shared auth sessions")
     ssub = sessions.add_subparsers(dest="sessions_command", required=True)
@@ -161,6 +165,13 @@ def cmd_drain(args: argparse.Namespace) -> int:
     with _client(args) as client:
         client.drain_node(args.node)
     print(f"{args.node}: out of the upstreams; draining")
+    return 0
+
+
+def cmd_undrain(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.undrain_node(args.node)
+    print(f"{args.node}: drain cancelled; back in the upstreams once it reports ready")
     return 0
 
 

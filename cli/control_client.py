@@ -57,6 +57,10 @@ class ControlClient(AdminClient):
         result: dict[str, Any] = self._call("POST", f"{self.prefix}/nodes/{name}/drain")
         return result
 
+    def undrain_node(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("DELETE", f"{self.prefix}/nodes/{name}/drain")
+        return result
+
     def upstreams(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._call("GET", f"{self.prefix}/upstreams")
         return result

@@ -77,6 +77,7 @@ class ControlApp:
         self._routes: list[tuple[str, re.Pattern[str], Route, bool]] = [
             ("GET", re.compile(rf"^{v1}/nodes$"), self._nodes, False),
             ("POST", re.compile(rf"^{v1}/nodes/([^/]+)/drain$"), self._drain, True),
+            ("DELETE", re.compile(rf"^{v1}/nodes/([^/]+)/drain$"), self._undrain, True),
             ("GET", re.compile(rf"^{v1}/upstreams$"), self._upstreams, False),
             ("GET", re.compile(rf"^{v1}/scrape-targets$"), self._scrape_targets, False),
             ("GET", re.compile(rf"^{v1}/audit$"), self._audit, False),
@@ -160,6 +161,10 @@ class ControlApp:
         await self.registry.wait_proxies_caught_up(PROXY_CATCH_UP_S)
         view = await self.registry.ask_drain(name)
         return 202, {"name": view.record.name, "draining": True, "left_upstreams": True}
+
+    async def _undrain(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
+        view = await self.registry.cancel_drain(args[0])
+        return 200, {"name": view.record.name, "draining": view.record.draining, "drain_asked": False}
 
     async def _upstreams(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
         # A proxy names itself (x-mbworker-node, x-mbworker-version): its pull is its heartbeat.

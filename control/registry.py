@@ -210,6 +210,16 @@ class NodeRegistry:
         except RedisError as exc:
             raise StateUnavailable(f"the cluster's Redis is unreachable: {exc}") from exc
 
+    async def cancel_drain(self, name: str) -> NodeView:
+        """Undo `ask_drain` (and its hold): a drained node stays out of the upstreams, and drains again whenever it
+        restarts, until this; then it serves again as soon as it reports ready (systemd restarts a drained worker)."""
+        view = await self.get(name)
+        try:
+            await self._redis.delete(f"{self._p}node:{name}:drain", f"{self._p}node:{name}:hold")
+        except RedisError as exc:
+            raise StateUnavailable(f"the cluster's Redis is unreachable: {exc}") from exc
+        return view.model_copy(update={"drain_asked": False, "held": False})
+
     async def record_pull(self, role: str, name: str, private_ip: str, version: str) -> None:
         """A proxy pulling its upstreams is its heartbeat: record it as a node (the same record workers write)."""
         record = NodeRecord(

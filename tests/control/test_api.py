@@ -160,11 +160,21 @@ async def test_a_drained_node_leaves_the_upstreams_before_it_drains(redis_server
                 await drained["w1"].wait()
             assert not drained["w2"].is_set()
             assert (await http.post("/control/v1/nodes/nobody/drain")).status_code == 404
+            # the drain holds (a restarted node would drain again) until it is cancelled: then w1 serves again
+            assert await redis.get("mbw:node:w1:drain") is not None
+            r = await http.delete("/control/v1/nodes/w1/drain")
+            assert r.status_code == 200
+            assert r.json()["drain_asked"] is False
+            assert await redis.get("mbw:node:w1:drain") is None
+            assert [u["name"] for u in (await http.get("/control/v1/upstreams")).json()] == ["w1", "w2"]
+            assert (await http.delete("/control/v1/nodes/nobody/drain")).status_code == 404
             nursery.cancel_scope.cancel()
         audit = (await http.get("/control/v1/audit")).json()
         assert [(a["token"], a["action"], a["status"]) for a in audit] == [
             ("control", "POST /control/v1/nodes/w1/drain", 202),
             ("control", "POST /control/v1/nodes/nobody/drain", 404),
+            ("control", "DELETE /control/v1/nodes/w1/drain", 200),
+            ("control", "DELETE /control/v1/nodes/nobody/drain", 404),
         ]
 
 
