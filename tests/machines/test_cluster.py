@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from mbworker.control.endpoint import read_endpoint
 from mbworker.provision import desired as d
 from mbworker.provision.cli import main as provision_main
 from mbworker.provision.machines_net import PUB_BRIDGE, run
@@ -121,6 +122,8 @@ def test_status_lists_every_node(cluster: Cluster, capsys: pytest.CaptureFixture
     # clients go to the floating IP (the spec has one), routed to proxy 1
     fip = cluster.provider.load()["floating_ips"][d.floating_ip_name(cluster.spec)]
     assert status["public_url"] == f"https://{fip['ip']}"
+    # the control plane's URL: what the CLI reads from the state dir (`--cluster cluster.toml`)
+    assert status["control_url"] == read_endpoint(cluster.state_dir).url
 
 
 def test_reapply_of_the_unchanged_spec_changes_nothing(cluster: Cluster) -> None:
