@@ -72,6 +72,15 @@ def _status(client: httpx.Client, url: str) -> int:
         return 0
 
 
+def _swap(text: str, *pairs: tuple[str, str]) -> str:
+    """The rendered config with this host's paths and ports: each part must be there (a template change that
+    renames one fails here, instead of leaving a node's path in a config checked on this host)."""
+    for old, new in pairs:
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
 def proxy_config(tmp_path: Path, worker_port: int, http: int, https: int) -> tuple[str, Path]:
     """The proxy's rendered haproxy.cfg (head + server lines as mbgateway-render writes them), moved to loopback."""
     spec = make_spec(proxy={"type": "cx23", "count": 1})
@@ -91,14 +100,15 @@ def proxy_config(tmp_path: Path, worker_port: int, http: int, https: int) -> tup
     head = block(doc, "/etc/mbgateway/haproxy.head.cfg")
     assert "user haproxy" in head
     assert "chroot /var/lib/haproxy" in head
-    cfg = (
-        head.replace("bind :80\n", f"bind 127.0.0.1:{http}\n")
-        .replace("bind :443 ssl crt /etc/haproxy/certs/", f"bind 127.0.0.1:{https} ssl crt {certs}/")
-        .replace("chroot /var/lib/haproxy", f"chroot {chroot}")
-        .replace("/run/haproxy/admin.sock", str(tmp_path / "admin.sock"))
-        .replace("bind 127.0.0.1:7000", f"bind 127.0.0.1:{free_port()}")
-        .replace("maxconn 100000", "maxconn 1000")  # this host's fd limit, not the node's
-        .replace("log /dev/log local0", f"log 127.0.0.1:{free_port()} local0")
+    cfg = _swap(
+        head,
+        ("bind :::80 v4v6\n", f"bind 127.0.0.1:{http}\n"),
+        ("bind :::443 v4v6 ssl crt /etc/haproxy/certs/", f"bind 127.0.0.1:{https} ssl crt {certs}/"),
+        ("chroot /var/lib/haproxy", f"chroot {chroot}"),
+        ("/run/haproxy/admin.sock", str(tmp_path / "admin.sock")),
+        ("bind 127.0.0.1:7000", f"bind 127.0.0.1:{free_port()}"),
+        ("maxconn 100000", "maxconn 1000"),  # this host's fd limit, not the node's
+        ("log /dev/log local0", f"log 127.0.0.1:{free_port()} local0"),
     )
     lines = block(doc, "/etc/mbgateway/workers").replace("127.0.0.1:8080", f"127.0.0.1:{worker_port}")
     cfg += "".join(f"    server {n} {a}\n" for n, a in (line.split() for line in lines.splitlines() if line.strip()))
@@ -161,15 +171,13 @@ def test_the_control_planes_tls_is_verified_by_name_with_the_cluster_ca(tmp_path
     chroot = tmp_path / "chroot"
     chroot.mkdir()
     https = free_port()
-    cfg = (
-        block(doc, "/etc/mbcontrol/haproxy.cfg")
-        .replace(
-            f"bind :{d.CONTROL_PUBLIC_PORT} ssl crt /etc/mbcontrol/tls.pem", f"bind 127.0.0.1:{https} ssl crt {pem}"
-        )
-        .replace(f"server control {d.system_ip(spec)}:{d.CONTROL_PORT}", f"server control 127.0.0.1:{worker}")
-        .replace("chroot /var/lib/haproxy", f"chroot {chroot}")
-        .replace("/run/haproxy/admin.sock", str(tmp_path / "admin.sock"))
-        .replace("log /dev/log local0", f"log 127.0.0.1:{free_port()} local0")
+    cfg = _swap(
+        block(doc, "/etc/mbcontrol/haproxy.cfg"),
+        (f"bind :{d.CONTROL_PUBLIC_PORT} ssl crt /etc/mbcontrol/tls.pem", f"bind 127.0.0.1:{https} ssl crt {pem}"),
+        (f"server control {d.system_ip(spec)}:{d.CONTROL_PORT}", f"server control 127.0.0.1:{worker}"),
+        ("chroot /var/lib/haproxy", f"chroot {chroot}"),
+        ("/run/haproxy/admin.sock", str(tmp_path / "admin.sock")),
+        ("log /dev/log local0", f"log 127.0.0.1:{free_port()} local0"),
     )
     path = tmp_path / "haproxy.cfg"
     path.write_text(cfg)
