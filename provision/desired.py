@@ -279,11 +279,6 @@ def revision(names: list[str], *salt: object) -> str:
 SECRETS_LABEL = "secrets-digest"
 
 
-def workers_revision(spec: ClusterSpec, workers: list[tuple[str, str]]) -> str:
-    """Covers every worker's name and address and the port: any of them changing makes proxies stale."""
-    return revision([f"{name} {ip}" for name, ip in workers], spec.daemon.port)
-
-
 def targets_revision(node_names: list[str]) -> str:
     return revision(node_names)
 

@@ -88,7 +88,7 @@ from .plan import (
 )
 from .planner import plan_cluster, plan_destroy
 from .provider import ApplyOptions, ApplyReport, Progress, no_progress
-from .render import NodeAddr, scrape_targets, user_data, worker_lines
+from .render import NodeAddr, scrape_targets, user_data
 from .secrets import ClusterSecrets
 from .shipment import Shipment
 from .spec import ClusterSpec
@@ -596,15 +596,9 @@ class HetznerProvider:
         node = ctx.servers[op.server_name]
         wanted = {s.name for s in d.desired_servers(self.spec)} | ctx.kept
         live = [s for s in ctx.servers.values() if s.name in wanted and s.name not in ctx.deleted]
-        if op.kind == "workers":
-            workers = tuple(NodeAddr(s.name, s.role, _addr(s)) for s in live if s.role == "worker")
-            content = worker_lines(self.spec, workers) + "\n"
-            pairs = [(w.name, w.private_ip) for w in workers]
-            labels = node.labels | {"workers-rev": d.workers_revision(self.spec, pairs)}
-        else:
-            nodes = tuple(NodeAddr(s.name, s.role, _addr(s)) for s in live)
-            content = scrape_targets(self.spec, nodes) + "\n"
-            labels = node.labels | {"targets-rev": d.targets_revision([n.name for n in nodes])}
+        nodes = tuple(NodeAddr(s.name, s.role, _addr(s)) for s in live)
+        content = scrape_targets(self.spec, nodes) + "\n"
+        labels = node.labels | {"targets-rev": d.targets_revision([n.name for n in nodes])}
         self._node_ops.refresh(self._node(ctx, op.server_name), op.kind, content)
         self.client.servers.update(Server(id=node.id), labels=labels)
         ctx.servers[node.name] = dataclasses.replace(node, labels=labels)

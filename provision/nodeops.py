@@ -27,7 +27,8 @@ import httpx
 
 from .errors import DrainError, HealthError, ProviderError
 
-RefreshKind = Literal["workers", "targets"]
+#: What the provisioner pushes to a node: only the system node's scrape targets (proxies pull their upstreams).
+RefreshKind = Literal["targets"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class NodeOps(Protocol):
         ...
 
     def refresh(self, node: NodeRef, kind: RefreshKind, content: str) -> None:
-        """Install `content` as the node's worker list (proxy) or scrape targets (system) and reload."""
+        """Install `content` as the system node's scrape targets (VictoriaMetrics re-reads them)."""
         ...
 
     def publish_wheels(self, node: NodeRef, directory: Path, *, timeout: float) -> None:
@@ -61,8 +62,6 @@ class NodeOps(Protocol):
 
 
 _REFRESH_SCRIPTS: dict[RefreshKind, str] = {
-    "workers": "cat > /etc/mbgateway/workers.new && mv /etc/mbgateway/workers.new /etc/mbgateway/workers"
-    " && /usr/local/sbin/mbgateway-render",
     # VictoriaMetrics re-reads file_sd files on its own (-promscrape.configCheckInterval)
     "targets": "cat > /etc/mbsystem/targets.json.new && mv /etc/mbsystem/targets.json.new /etc/mbsystem/targets.json",
 }

@@ -159,10 +159,10 @@ class AwaitHealthy:
 
 @dataclass(frozen=True)
 class RefreshNode:
-    """Rewrite a proxy's worker list or the system node's scrape targets, then update its revision label."""
+    """Rewrite the system node's scrape targets, then update its revision label (proxies pull their upstreams)."""
 
     server_name: str
-    kind: Literal["workers", "targets"]
+    kind: Literal["targets"]
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,6 @@ upstreams from), and finally deletes (servers first, then what they used).
 
 from __future__ import annotations
 
-from typing import Literal
-
 from . import desired as d
 from .errors import SpecError
 from .facts import Facts, Rule, ServerFact, ssh_fingerprint
@@ -373,9 +371,9 @@ def _server_steps(
         if key == "port":
             continue  # a worker's port is checked (and a change refused) by _refuse_unsupported_edits
         if have.labels.get(key) != value:
-            kind: Literal["workers", "targets"] = "workers" if want.role == "proxy" else "targets"
-            what = "worker list" if kind == "workers" else "scrape targets"
-            refresh.append(Step("change", "server", want.name, f"refresh {what}", RefreshNode(want.name, kind)))
+            refresh.append(
+                Step("change", "server", want.name, "refresh scrape targets", RefreshNode(want.name, "targets"))
+            )
             changed = True
     if not changed:
         steps.append(Step("noop", "server", want.name, f"{want.role}, {have.server_type}"))

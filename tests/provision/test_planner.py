@@ -27,11 +27,9 @@ from .conftest import KEY, make_spec
 def converged(spec: ClusterSpec) -> Facts:
     """The facts of a cluster that matches `spec` exactly."""
     servers = []
-    workers = [(s.name, s.fixed_ip) for s in d.desired_servers(spec) if s.role == "worker"]
     names = [s.name for s in d.desired_servers(spec)]
     for i, s in enumerate(d.desired_servers(spec)):
-        extra = {"proxy": {"workers-rev": d.workers_revision(spec, workers)},
-                 "system": {"targets-rev": d.targets_revision(names)},
+        extra = {"system": {"targets-rev": d.targets_revision(names)},
                  "worker": {"port": str(spec.daemon.port)}}.get(s.role, {})  # fmt: skip
         servers.append(
             ServerFact(
@@ -196,13 +194,6 @@ def test_every_node_gets_its_address_from_the_layout_not_the_allocator() -> None
     }  # fmt: skip
     attach = [s.op for s in plan_cluster(spec, Facts()).steps if s.kind == "private_ip"]
     assert {a.server_name: a.ip for a in attach} == ips  # type: ignore[attr-defined]
-
-
-def test_worker_list_revision_covers_addresses_and_port() -> None:
-    spec = make_spec()
-    base = d.workers_revision(spec, [("demo-worker-001", "10.0.1.128")])
-    assert d.workers_revision(spec, [("demo-worker-001", "10.0.1.99")]) != base
-    assert d.workers_revision(make_spec(daemon={"port": 9090}), [("demo-worker-001", "10.0.1.128")]) != base
 
 
 REFUSED = [
