@@ -677,7 +677,9 @@ class MachinesProvider:
 
     def _assign_fip(self, state: dict[str, Any], fip: dict[str, Any], server_name: str) -> None:
         """Route the floating address to the server's public address, as Hetzner's network does."""
-        target = state["servers"][server_name]
+        target = state["servers"].get(server_name)
+        if target is None:
+            raise ProviderError(f"cannot assign floating IP {fip['ip']}: no server {server_name}")
         net = self._require_net(state)
         run(net.plan.in_ns("ip", "route", "replace", f"{fip['ip']}/32", "via", target["public_ip"], "dev", PUB_BRIDGE))
         fip["server_id"] = target["id"]

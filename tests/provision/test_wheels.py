@@ -64,7 +64,7 @@ def test_workers_install_the_shipped_wheels_with_hashes_and_no_index(
     assert build_wheelhouse(tmp_path / "state", ("arm64", "x86_64")) == house  # same source: reused, same hashes
     spec = make_spec(worker={"type": "cx33", "count": 1})
     worker = next(s for s in d.desired_servers(spec) if s.role == "worker")
-    doc = user_data(spec, worker, ClusterSecrets.generate(), NodeContext(wheels=house))
+    doc = user_data(spec, worker, ClusterSecrets.generate(), NodeContext(wheels=house, node_token="n" * 64))
     reqs = tmp_path / "requirements.txt"
     reqs.write_text(block(doc, "/etc/mbworker/requirements.txt"))
     url = serve(house.directory)
