@@ -4,11 +4,9 @@ loopback, a real Deno function reading it."""
 
 from __future__ import annotations
 
-import json
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import httpx
 import jwt
@@ -17,25 +15,10 @@ import trio
 from tests.conftest import require_binary
 from tests.daemon.conftest import BUNDLED_DENO
 from tests.daemon.fixtures import write_function
-from tests.lib_jwt.keys import SigningKey
+from tests.lib_jwt.keys import SigningKey, serve_jwks
 from tests.worker_process import RunningWorker, run_worker
 
 SHOW = 'Deno.serve(() => new Response(Deno.env.get("SUPABASE_JWKS")));\n'
-
-
-async def _serve(docs: list[dict[str, Any]], stream: trio.SocketStream) -> None:
-    """A JWKS endpoint: answers each request with the last document of `docs`."""
-    with trio.move_on_after(5):
-        request = b""
-        while b"\r\n\r\n" not in request:
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                return
-            request += chunk
-        body = json.dumps(docs[-1]).encode()
-        head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
-        await stream.send_all(head.encode() + body)
-    await stream.aclose()
 
 
 async def _kids(http: httpx.AsyncClient, w: RunningWorker) -> list[str]:
@@ -54,7 +37,7 @@ async def test_supabase_jwks_from_a_url_and_its_refreshes(tmp_path: Path) -> Non
     assert "d" in private_d
     docs = [{"keys": [private_d, {"kty": "oct", "kid": "hs", "k": "c2VjcmV0", "alg": "HS256"}]}]
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, partial(_serve, docs), 0, host="127.0.0.1"))
+        listeners = await nursery.start(partial(trio.serve_tcp, partial(serve_jwks, docs, []), 0, host="127.0.0.1"))
         url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/auth/v1/.well-known/jwks.json"
         env = {"MBWORKER_JWKS": url, "MBWORKER_JWKS_REFRESH_S": "1"}
         async with run_worker(tmp_path / "data", env=env) as w, httpx.AsyncClient(timeout=60, trust_env=False) as http:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from types import EllipsisType
 from typing import Any
 
 import jwt
+import trio
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 
@@ -26,3 +28,20 @@ class SigningKey:
     def sign(self, claims: dict[str, Any], *, kid: str | EllipsisType | None = ...) -> str:
         headers = {"kid": self.kid if kid is ... else kid} if kid is not None else {}
         return jwt.encode(claims, self.private, algorithm=self.alg, headers=headers)
+
+
+async def serve_jwks(docs: list[dict[str, Any]], served: list[int], stream: trio.SocketStream) -> None:
+    """A JWKS endpoint on loopback (for `trio.serve_tcp`): answers each GET with the last document of `docs` and
+    counts it in `served`."""
+    with trio.move_on_after(5):
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                return
+            request += chunk
+        body = json.dumps(docs[-1]).encode()
+        head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        await stream.send_all(head.encode() + body)
+        served.append(1)
+    await stream.aclose()

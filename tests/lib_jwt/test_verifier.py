@@ -26,7 +26,7 @@ from mbworker.lib.jwt import (
     parse_jwks,
 )
 from mbworker.worker.jwt_gate import JwtGate, JwtRejected
-from tests.lib_jwt.keys import SigningKey
+from tests.lib_jwt.keys import SigningKey, serve_jwks
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
 
@@ -160,27 +160,11 @@ async def test_jwks_file_is_loaded_and_a_bad_one_is_refused(tmp_path: Path, es: 
             pass
 
 
-async def _serve_jwks(docs: list[dict[str, Any]], served: list[int], stream: trio.SocketStream) -> None:
-    """A JWKS endpoint on loopback: answers each GET with the last document of `docs`."""
-    with trio.move_on_after(5):
-        request = b""
-        while b"\r\n\r\n" not in request:
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                return
-            request += chunk
-        body = json.dumps(docs[-1]).encode()
-        head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
-        await stream.send_all(head.encode() + body)
-        served.append(1)
-    await stream.aclose()
-
-
 async def test_jwks_url_refreshes_off_the_loop_on_an_unknown_kid(es: SigningKey) -> None:
     rotated = SigningKey("ES256", "es-2")
     docs, served = [jwks(es)], list[int]()
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, partial(_serve_jwks, docs, served), 0,
+        listeners = await nursery.start(partial(trio.serve_tcp, partial(serve_jwks, docs, served), 0,
                                                 host="127.0.0.1"))  # fmt: skip
         url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/auth/v1/.well-known/jwks.json"
         async with open_jwt_verifier(SECRET, jwks=url, min_refetch=0.05) as v:

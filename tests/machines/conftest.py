@@ -10,6 +10,7 @@ Needs root, systemd-nspawn and mmdebstrap (make system-deps); under CI=true a mi
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jwt
 import pytest
 
 from mbworker.provision.machines import MachinesProvider
@@ -117,6 +119,12 @@ class Cluster:
         if isinstance(booted, float) and marker.exists():
             self.ready_seconds[name] = marker.stat().st_mtime - booted
         return status
+
+    def anon_key(self) -> str:
+        """A Supabase-style anon JWT signed with the cluster's secret (an hour), as a browser client holds one."""
+        secrets = json.loads((self.state_dir / "secrets.json").read_text())
+        claims = {"role": "anon", "exp": int(time.time()) + 3600}
+        return str(jwt.encode(claims, secrets["jwt_secret"], algorithm="HS256"))
 
     def in_ns(self, *argv: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         net = self.provider.net()

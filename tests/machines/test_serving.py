@@ -22,7 +22,6 @@ from functools import partial
 from pathlib import Path
 
 import httpx
-import jwt
 import pytest
 import trio
 
@@ -106,8 +105,7 @@ def test_a_function_deployed_to_the_cluster_answers_from_both_workers_through_th
 async def test_realtime_clients_on_different_workers_see_each_other_through_the_proxy(cluster: Cluster) -> None:
     proxy = cluster.names("proxy")[0]
     public = await trio.to_thread.run_sync(_wait_serving, cluster, proxy)
-    secrets = json.loads((cluster.state_dir / "secrets.json").read_text())
-    anon = jwt.encode({"role": "anon", "exp": int(time.time()) + 3600}, secrets["jwt_secret"], algorithm="HS256")
+    anon = cluster.anon_key()
     env = {
         "RT_URL_A": f"wss://{public}/realtime/v1",
         "RT_URL_B": f"wss://{public}/realtime/v1",

@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import jwt
 import pytest
 import trio
 
@@ -158,8 +157,7 @@ async def test_losing_a_state_machine_is_survived_by_workers_and_postgres(cluste
     assert leader is not None
     survivor = next(s for s in states if s not in (master, leader))
 
-    secrets = json.loads((cluster.state_dir / "secrets.json").read_text())
-    anon = jwt.encode({"role": "anon", "exp": int(time.time()) + 3600}, secrets["jwt_secret"], algorithm="HS256")
+    anon = cluster.anon_key()
     env = {
         "RT_URL_A": f"wss://{public}/realtime/v1",
         "RT_URL_B": f"wss://{public}/realtime/v1",

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
-import jwt
 import pytest
 import trio
 from websockets.exceptions import ConnectionClosed
@@ -119,8 +118,7 @@ async def test_scale_out_and_in_under_traffic_loses_nothing(cluster: Cluster) ->
     public = await trio.to_thread.run_sync(_wait_serving, cluster, proxy)
     await trio.to_thread.run_sync(deploy_function, cluster, FUNCTION, PROBE)
     tls = ssl.create_default_context(cafile=str(cluster.state_dir / "ca.pem"))
-    secrets = json.loads((cluster.state_dir / "secrets.json").read_text())
-    anon = jwt.encode({"role": "anon", "exp": int(time.time()) + 3600}, secrets["jwt_secret"], algorithm="HS256")
+    anon = cluster.anon_key()
     ws_url = f"wss://{public}/realtime/v1/websocket?apikey={anon}&vsn=2.0.0"
 
     traffic = Traffic(f"https://{public}/functions/v1/{FUNCTION}", tls)
