@@ -337,3 +337,26 @@ async def test_a_version_coalesces_once_it_has_answered_something_storable() -> 
         fn.released.set()
     assert fn.runs == 1
     assert sorted(label for label, _ in results) == [b"HIT"] * 3 + [b"MISS"]
+
+
+async def test_a_miss_nobody_could_join_is_recorded_without_a_flight() -> None:
+    """`runs_alone` + `record_alone`: the bookkeeping of a flight nobody can follow, with none opened (the path
+    every request of a function that does not cache takes)."""
+    cache = make_cache()
+    plain = FunctionCacheConfig()
+    miss = cache.lookup(Req(), slug=SLUG, version=1, config=plain)
+    assert isinstance(miss, Miss)
+    assert cache.runs_alone(miss)
+    declared = cache.lookup(Req(), slug=SLUG, version=1, config=DECLARED)
+    assert isinstance(declared, Miss)
+    assert not cache.runs_alone(declared)  # a declared ttl: its requests coalesce from the first
+    not_storable = cache.record_alone(miss, 200, [(b"content-type", b"text/plain")], b"hi")
+    assert (not_storable.label, cache.statistics().stores, cache.statistics().flights) == (b"BYPASS", 0, 0)
+    assert cache.runs_alone(miss)  # its key is in the hit-for-miss window now, and the version is still unseen
+    stored = cache.record_alone(miss, 200, cacheable(60, b"hello"), b"hello")
+    assert (stored.label, cache.statistics().stores) == (b"MISS", 1)
+    other = cache.lookup(Req(path="/other"), slug=SLUG, version=1, config=plain)
+    assert isinstance(other, Miss)
+    assert not cache.runs_alone(other)
+    label, out = await respond(cache, Function(), config=plain)
+    assert (label, out.body) == (b"HIT", b"hello")

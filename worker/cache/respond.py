@@ -26,9 +26,9 @@ from mbworker.worker.cache.store import (
     HIT,
     Bypass,
     CachedResponse,
-    CacheFlight,
     Hit,
     Miss,
+    Recorder,
     RequestHead,
     ResultCache,
 )
@@ -71,15 +71,19 @@ async def respond_through_cache(
     if isinstance(decision, Bypass):
         await _stream(responder, invoke, BYPASS)
         return BYPASS
+    # The common case (a function that does not cache): nobody could join this flight, so none is opened.
+    if (l2 is None or not config.l2 or decision.revalidate) and cache.runs_alone(decision):
+        miss = decision
+        return await _lead(responder, invoke, lambda s, h, b: cache.record_alone(miss, s, h, b))
     async with cache.open_flight(decision, timeout=timeout) as flight:
         if flight.leader:
             if l2 is None or not config.l2 or decision.revalidate:
-                return await _lead(responder, invoke, flight)
+                return await _lead(responder, invoke, flight.record)
             key = key_bytes(decision.key)
             entry = decode_l2_entry(await l2.get(slug, key))
             if entry is not None:  # another node ran it: store it here too and answer as a hit
-                return await _lead(responder, lambda: _replay(entry), flight, label=HIT)
-            label = await _lead(responder, invoke, flight)
+                return await _lead(responder, lambda: _replay(entry), flight.record, label=HIT)
+            label = await _lead(responder, invoke, flight.record)
             shared_value = _l2_value(cache, request, slug=slug, version=version, config=config)
             if shared_value is not None:  # the client has its answer: the write to L2 need not hold it up
                 if background is not None:
@@ -114,13 +118,17 @@ async def _stream(responder: Responder, invoke: Invoke, label: bytes) -> None:
     await responder.end()
 
 
-async def _lead(responder: Responder, invoke: Invoke, flight: CacheFlight, *, label: bytes | None = None) -> bytes:
+Record = Callable[[int, Headers, bytes | None], Recorder]
+"""The leader's `CacheFlight.record` (or `ResultCache.record_alone` for a flight nobody can join)."""
+
+
+async def _lead(responder: Responder, invoke: Invoke, record: Record, *, label: bytes | None = None) -> bytes:
     """Run the function as the flight's leader: buffer a sized storable body (followers wait for it, not for
     this request's client), otherwise stream it to the client while the recorder tees it. `label` overrides
     the x-mbworker-cache value (a result replayed from L2 is a HIT)."""
     async with invoke() as result:
         whole = result.complete_body
-        recorder = flight.record(result.status, result.headers, whole)  # a whole body is stored right here
+        recorder = record(result.status, result.headers, whole)  # a whole body is stored right here
         label = label or recorder.label
         if whole is not None:  # the runtime holds it all: answer in one write with Content-Length
             framed = [(k, v) for k, v in result.headers if k.lower() not in _FRAMING]  # send() frames the body

@@ -349,6 +349,20 @@ class ResultCache:
         flight, leader = self._flights.join(miss.key)
         return CacheFlight(self, miss, flight, leader, timeout)
 
+    def runs_alone(self, miss: Miss) -> bool:
+        """Whether `open_flight(miss)` would make this request the leader of a flight nobody can join (nothing of
+        its version was storable yet, or its key is in its hit-for-miss window). Then `record_alone` does the same
+        bookkeeping with no flight to open, enter or settle: the common case of a function that does not cache."""
+        key = miss.key
+        if miss.config.ttl is None and (key[0], key[1]) not in self._shareable:
+            return True
+        until = self._solo.get(key)
+        return until is not None and until > self._clock()
+
+    def record_alone(self, miss: Miss, status: int, headers: Headers, body: bytes | None = None) -> Recorder:
+        """`CacheFlight.record` for a miss that `runs_alone`. If the body then fails, `abandon()` the recorder."""
+        return _record(self, miss, Flight(miss.key, _unlisted), status, headers, body)
+
     def store(self, miss: Miss, status: int, headers: Headers, body: bytes) -> CachedResponse | None:
         """Store a complete response for `miss` if the rules allow it (no flight involved). Returns the entry."""
         verdict = self._classify(miss, status, headers)
@@ -575,27 +589,34 @@ class CacheFlight:
         recorded and finished here: followers get the entry at once, even without a declared length."""
         if not self.leader:
             raise RuntimeError("only the leader records")
-        cache = self._cache
-        verdict = cache._classify(self._miss, status, headers)
-        if isinstance(verdict, Storable):
-            cache._solo.pop(self._miss.key, None)
-            key = self._miss.key
-            if (key[0], key[1]) not in cache._shareable:
-                if len(cache._shareable) >= _SHAREABLE_MAX:
-                    cache._shareable.clear()
-                cache._shareable.add((key[0], key[1]))
-        else:
-            if len(cache._solo) >= _SOLO_MAX:
-                cache._solo.clear()
-            cache._solo[self._miss.key] = cache._clock() + _SOLO_S
-        recorder = Recorder(cache, self._miss, self._flight, verdict, status, headers)
-        if body is not None and recorder.storable:
-            recorder.write(body)
-            recorder.finish()  # publishes the entry (or None when it is not stored)
-        elif not recorder.buffered:
-            self._flight.publish(None)  # nothing to share, or a body of unknown length: don't keep them
+        recorder = _record(self._cache, self._miss, self._flight, status, headers, body)
         self._recorder = recorder
         return recorder
+
+
+def _record(
+    cache: ResultCache, miss: Miss, flight: Flight[CachedResponse], status: int, headers: Headers, body: bytes | None
+) -> Recorder:
+    """The leader's bookkeeping for a response head (see `CacheFlight.record`), on `flight` listed or not."""
+    verdict = cache._classify(miss, status, headers)
+    if isinstance(verdict, Storable):
+        cache._solo.pop(miss.key, None)
+        key = miss.key
+        if (key[0], key[1]) not in cache._shareable:
+            if len(cache._shareable) >= _SHAREABLE_MAX:
+                cache._shareable.clear()
+            cache._shareable.add((key[0], key[1]))
+    else:
+        if len(cache._solo) >= _SOLO_MAX:
+            cache._solo.clear()
+        cache._solo[miss.key] = cache._clock() + _SOLO_S
+    recorder = Recorder(cache, miss, flight, verdict, status, headers)
+    if body is not None and recorder.storable:
+        recorder.write(body)
+        recorder.finish()  # publishes the entry (or None when it is not stored)
+    elif not recorder.buffered:
+        flight.publish(None)  # nothing to share, or a body of unknown length: don't keep them
+    return recorder
 
 
 class Recorder:
