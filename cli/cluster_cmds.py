@@ -35,6 +35,11 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
         help="file holding the workers' admin token (or env MBWORKER_CONTROL_ADMIN_TOKEN)",
     )
     serve.add_argument("--node-name", help="list this node (role system) among the nodes (env …_NODE_NAME)")
+    serve.add_argument(
+        "--layout-file",
+        type=Path,
+        help="the cluster's layout (provisioner's targets.json): list and probe every node (env …_LAYOUT_FILE)",
+    )
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.set_defaults(func=cmd_control_serve)
 
@@ -109,6 +114,7 @@ def cmd_control_serve(args: argparse.Namespace) -> int:
             "token_file": args.token_file,
             "node_token_file": args.node_token_file,
             "node_name": args.node_name,
+            "layout_file": args.layout_file,
         }.items()
         if v is not None
     }
@@ -149,14 +155,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(nodes, indent=2))
         return 0
-    print(f"{'ROLE':<8} {'NAME':<28} {'ADDRESS':<21} {'VERSION':<10} {'STATE':<10} {'REQ/S':>7} {'WS':>5} "
-          f"{'DENO':>5} {'SEEN':>6}  WHY NOT")  # fmt: skip
+    print(f"{'ROLE':<7} {'NAME':<28} {'ADDRESS':<21} {'VERSION':<16} {'STATE':<10} {'REQ/S':>7} {'WS':>5} "
+          f"{'DENO':>5} {'SEEN':>7}  WHY NOT")  # fmt: skip
     for n in nodes:
         load = n.get("load", {})
+        address = n["private_ip"] + (f":{n['port']}" if n.get("port") else "")
+        seen = "never" if n.get("last_seen_s") is None else f"{n['last_seen_s']}s"
         print(
-            f"{n['role']:<8} {n['name']:<28} {n['private_ip'] + ':' + str(n['port']):<21} {n['version']:<10} "
+            f"{n['role']:<7} {n['name']:<28} {address:<21} {n['version']:<16} "
             f"{n['state']:<10} {load.get('requests_per_s', 0):>7} {load.get('websockets', 0):>5} "
-            f"{load.get('deno_processes', 0):>5} {str(n['last_seen_s']) + 's':>6}  {n.get('why_not') or ''}"
+            f"{load.get('deno_processes', 0):>5} {seen:>7}  {n.get('why_not') or ''}"
         )
     return 0
 

@@ -1,7 +1,11 @@
-"""The node registry: what every node last said about itself, read from the cluster's Redis.
+"""The node registry: what every node last said about itself, read from the cluster's Redis, and every node of
+the cluster's layout, whether it reports or not.
 
 Nodes write their heartbeat (worker/cluster/heartbeat.py documents the keys; this module reads them); a node
-whose last beat is older than `down_after_s` is down. The registry adds the control plane's own knowledge: a drain
+whose last beat is older than `down_after_s` is down. With a `LayoutSource` (control/probes.py: the layout the
+provisioner wrote, and probes of the nodes that send no heartbeat) every node of the layout is listed: a state or
+NAT node as its probes last saw it, a worker, proxy or system node that never reported (or whose record expired)
+as down with the reason. The registry adds the control plane's own knowledge: a drain
 it asked for takes the node out of the upstreams at once, before the node starts draining; a hold (a rolling
 upgrade's, `<p>node:<name>:hold`, read only here) keeps a node out of them without asking it to drain.
 
@@ -15,12 +19,13 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mbworker.control.errors import NotFound, StateUnavailable
+from mbworker.control.layout import NODE_EXPORTER_PORT, LayoutNode
 from mbworker.lib.redis import Redis, RedisError
 
 log = logging.getLogger("mbworker.control.registry")
@@ -30,7 +35,9 @@ HOLD_TTL_S = 900
 """A hold outlives any one upgrade step; a control plane that died mid-upgrade does not keep a node out forever."""
 RECORD_TTL_S = 3600
 """As the workers' heartbeat (worker/cluster/heartbeat.py): a node silent for an hour disappears."""
-NODE_EXPORTER_PORT = 9100
+HEARTBEAT_ROLES = frozenset({"system", "proxy", "worker"})
+"""Roles that report by themselves (a heartbeat, a proxy's pull, the control plane's own beat); the others are
+probed."""
 
 
 class NodeLoad(BaseModel):
@@ -72,6 +79,8 @@ class NodeView(BaseModel):
     drain_asked: bool
     held: bool = False
     """Out of the upstreams for a rolling upgrade (control/upgrade.py), whatever the node reports."""
+    reports: Literal["heartbeat", "probe"] = "heartbeat"
+    """How the control plane knows the node: its own reports, or probes of it (state, NAT)."""
 
     @property
     def serving(self) -> bool:
@@ -96,8 +105,24 @@ class NodeView(BaseModel):
     def admin_url(self) -> str:
         return f"http://{self.record.private_ip}:{self.record.admin_port}"
 
+    @property
+    def why_not(self) -> str | None:
+        """Why the node is not ready, in words (None when it is)."""
+        if self.serving:
+            return None
+        r = self.record
+        if self.up:
+            return r.why_not or ("drain asked" if self.drain_asked else self.state)
+        if self.reports == "probe":
+            silent = f"no answer for {self.last_seen_s:.0f}s" if r.sent_at else "never answered"
+            return f"{silent}: {r.why_not}" if r.why_not else silent
+        if not r.sent_at:
+            return "no heartbeat on record (never reported, or silent for over an hour)"
+        return f"no heartbeat for {self.last_seen_s:.0f}s"
+
     def to_json(self) -> dict[str, Any]:
         r = self.record
+        seen = r.sent_at > 0
         return {
             "role": r.role,
             "name": r.name,
@@ -106,25 +131,67 @@ class NodeView(BaseModel):
             "version": r.version,
             "state": self.state,
             "ready": self.serving,
-            "why_not": None if self.serving else (r.why_not or ("drain asked" if self.drain_asked else self.state)),
+            "why_not": self.why_not,
+            "reports": self.reports,
             "load": r.load.model_dump(),
             "functions": r.functions,
-            "last_seen": r.sent_at,
-            "last_seen_s": round(self.last_seen_s, 1),
+            "last_seen": r.sent_at if seen else None,
+            "last_seen_s": round(self.last_seen_s, 1) if seen else None,
         }
+
+
+class LayoutSource(Protocol):
+    """The cluster's layout and what probes learned of the nodes that send no heartbeat (control/probes.py)."""
+
+    def layout(self) -> tuple[LayoutNode, ...]: ...
+
+    def record(self, node: LayoutNode) -> NodeRecord | None:
+        """`node` as its probes last saw it; None for a node that reports by itself."""
+        ...
 
 
 class NodeRegistry:
     def __init__(
-        self, redis: Redis, *, prefix: str = "mbw:", down_after_s: float = 15.0, clock: Callable[[], float] = time.time
+        self,
+        redis: Redis,
+        *,
+        prefix: str = "mbw:",
+        down_after_s: float = 15.0,
+        clock: Callable[[], float] = time.time,
+        layout: LayoutSource | None = None,
     ) -> None:
         self._redis = redis
         self._p = prefix
         self.down_after_s = down_after_s
         self._clock = clock
+        self._layout = layout
+
+    def layout(self) -> tuple[LayoutNode, ...]:
+        return self._layout.layout() if self._layout is not None else ()
 
     async def nodes(self) -> list[NodeView]:
-        """Every node that reported within the record's lifetime, sorted by role and name."""
+        """Every node of the layout and every node that reported within the record's lifetime, sorted by role
+        and name."""
+        views = {v.record.name: v for v in await self._reported()}
+        now = self._clock()
+        for node in self.layout():
+            if node.name in views:
+                continue
+            probed = self._layout.record(node) if self._layout is not None else None
+            if probed is None:  # a node that reports by itself and has no record: never did, or long ago
+                record = NodeRecord(
+                    role=node.role, name=node.name, private_ip=node.private_ip, port=0, admin_port=node.admin_port,
+                    version="-", ready=False, sent_at=0.0,
+                )  # fmt: skip
+                views[node.name] = NodeView(record=record, up=False, last_seen_s=0.0, drain_asked=False)
+                continue
+            age = max(0.0, now - probed.sent_at)
+            up = probed.sent_at > 0 and age <= self.down_after_s
+            views[node.name] = NodeView(record=probed, up=up, last_seen_s=age, drain_asked=False, reports="probe")
+        return sorted(views.values(), key=lambda v: (v.record.role, v.record.name))
+
+    async def _reported(self) -> list[NodeView]:
+        """Every node that reported within the record's lifetime."""
         try:
             names = [n.decode() for n in await self._redis.zrangebyscore(f"{self._p}nodes", "-inf", "+inf")]
             if not names:
@@ -158,7 +225,7 @@ class NodeRegistry:
                 await self._redis.zrem(f"{self._p}nodes", *gone)
             except RedisError:
                 pass  # tidied at the next read
-        return sorted(views, key=lambda v: (v.record.role, v.record.name))
+        return views
 
     async def get(self, name: str) -> NodeView:
         for view in await self.nodes():
@@ -241,24 +308,34 @@ class NodeRegistry:
         return [{"name": v.record.name, "address": v.address} for v in await self.serving_workers()]
 
     async def scrape_targets(self) -> list[dict[str, Any]]:
-        """Prometheus/VictoriaMetrics `http_sd` groups: every up node's mbworker metrics (the admin listener's
-        `/metrics`, bearer: the workers' admin token) and its node-exporter."""
+        """Prometheus/VictoriaMetrics `http_sd` groups, in the layout file's form (control/layout.py): the
+        node-exporter of every node of the layout, reporting or not (a down one is scraped as down), and every
+        worker's mbworker `/metrics` (its admin listener: scrape it with the workers' admin token); a node that
+        reports but is not in the layout (a local cluster) while it is up. Without Redis the layout alone."""
+        layout = self.layout()
+        try:
+            views = await self.nodes()
+        except StateUnavailable:
+            if not layout:
+                raise
+            views = []
+        reported = {v.record.name: v for v in views if v.reports == "heartbeat" and v.record.sent_at}
         groups: list[dict[str, Any]] = []
-        for v in await self.nodes():
-            if not v.up:
-                continue
-            labels = {"node": v.record.name, "role": v.record.role}
-            if v.record.admin_port:  # proxies report no mbworker listener of their own
-                groups.append(
-                    {
-                        "targets": [f"{v.record.private_ip}:{v.record.admin_port}"],
-                        "labels": {**labels, "job": "mbworker", "__metrics_path__": "/metrics"},
-                    }
-                )
-            groups.append(
-                {
-                    "targets": [f"{v.record.private_ip}:{NODE_EXPORTER_PORT}"],
-                    "labels": {**labels, "job": "node-exporter"},
-                }
-            )
+        for node in layout:
+            seen = reported.get(node.name)
+            admin_port = (seen.record.admin_port if seen else 0) or node.admin_port
+            groups += _targets(node.name, node.role, node.private_ip, node.exporter_port, admin_port)
+        in_layout = {n.name for n in layout}
+        for v in views:
+            if v.up and v.record.name not in in_layout:
+                r = v.record
+                groups += _targets(r.name, r.role, r.private_ip, NODE_EXPORTER_PORT, r.admin_port)
         return groups
+
+
+def _targets(name: str, role: str, ip: str, exporter_port: int, admin_port: int) -> list[dict[str, Any]]:
+    labels = {"node": name, "role": role}
+    groups: list[dict[str, Any]] = [{"targets": [f"{ip}:{exporter_port}"], "labels": {**labels, "kind": "node"}}]
+    if role == "worker" and admin_port:  # proxies and the system node have no mbworker listener of their own
+        groups.append({"targets": [f"{ip}:{admin_port}"], "labels": {**labels, "kind": "mbworker"}})
+    return groups

@@ -1,4 +1,5 @@
-"""`serve_control`: the control plane's start order — token, Redis, revocations, worker client, listener.
+"""`serve_control`: the control plane's start order — token, Redis, revocations, worker client, the layout and
+its probes (a background task of this nursery), listener.
 
 Redis is opened without requiring a connection: a control plane started before (or cut off from) the state
 pillar answers 503 with the reason and recovers when Redis comes back, like the workers.
@@ -16,6 +17,7 @@ from mbworker.control.app import ControlApp
 from mbworker.control.audit import MemoryAuditLog
 from mbworker.control.errors import StateUnavailable
 from mbworker.control.functions import ClusterFunctions
+from mbworker.control.probes import NodeProber
 from mbworker.control.registry import NodeRegistry
 from mbworker.control.settings import ControlSettings
 from mbworker.control.token import TOKEN_NAME, load_or_create_token
@@ -55,7 +57,12 @@ async def serve_control(
         open_redis_revocations(redis) as revocations,
         open_worker_admin(settings.admin_token.get_secret_value()) as admin,
     ):
-        registry = NodeRegistry(redis, down_after_s=settings.down_after_s)
+        prober = None
+        if settings.layout_file is not None:
+            prober = NodeProber(
+                settings.layout_file, interval_s=settings.probe_interval_s, patroni_port=settings.patroni_port
+            )
+        registry = NodeRegistry(redis, down_after_s=settings.down_after_s, layout=prober)
         audit = MemoryAuditLog(settings.audit_size)
         wheels = WheelStore(settings.wheels_dir)
         rollout = Rollout(registry, admin, wheels, audit, token_name=TOKEN_NAME)
@@ -73,6 +80,8 @@ async def serve_control(
             extra_routes=upgrades.routes(),
         )
         async with trio.open_nursery() as nursery:
+            if prober is not None:
+                await nursery.start(prober.serve)  # the layout is read before the first request
             await nursery.start(rollout.serve)
             server: HttpServer = await nursery.start(serve_http, app, settings.host, settings.port)
             handle = ControlHandle(settings, server, app)

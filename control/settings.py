@@ -29,7 +29,14 @@ class ControlSettings(BaseSettings):
     node_name: str | None = Field(
         None, description="This node's name: the control plane then lists itself (role system) among the nodes"
     )
+    layout_file: Path | None = Field(
+        None,
+        description="The cluster's layout (the file_sd JSON the provisioner writes, /etc/mbsystem/targets.json on the"
+        " system node): every node in it is listed, and those that send no heartbeat (state, NAT) are probed",
+    )
     down_after_s: float = Field(15.0, gt=0, description="A node silent this long is shown as down")
+    probe_interval_s: float = Field(5.0, gt=0, description="How often nodes without a heartbeat are probed")
+    patroni_port: int = Field(8008, ge=1, le=65535, description="Patroni's REST API on state nodes (health probe)")
     session_lifetime_s: float = Field(
         3600.0, gt=0, description="Longest access-token lifetime: a revoked session stays denied this long"
     )

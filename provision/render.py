@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
+from mbworker.control.layout import LayoutNode, layout_json
+
 from . import desired as d
 from .secrets import ClusterSecrets
 from .spec import ClusterSpec
@@ -37,6 +39,8 @@ STATE_PORTS = (22, 5000, 5001, 6379, 9100, d.SENTINEL_PORT)
 #: ... and what only the other state nodes may reach: etcd, PostgreSQL and PgBouncer (replication, HAProxy's
 #: backends) and Patroni's REST API. A worker that is compromised cannot force a failover or rewrite etcd.
 STATE_PEER_PORTS = (2379, 2380, 5432, 6432, 8008)
+#: Patroni's REST API: also open to the system node, whose control plane probes `GET /health` (control/probes.py).
+PATRONI_REST_PORT = 8008
 #: systemd-journal-remote on the system node's private address: every other node uploads its journal there.
 JOURNAL_PORT = 19532
 
@@ -105,17 +109,10 @@ def worker_lines(spec: ClusterSpec, workers: tuple[NodeAddr, ...]) -> str:
 
 
 def scrape_targets(spec: ClusterSpec, nodes: tuple[NodeAddr, ...]) -> str:
-    """file_sd JSON: node-exporter on every node, plus mbworker's metrics on workers' admin port."""
-    groups = [
-        {"targets": [f"{n.private_ip}:9100"], "labels": {"node": n.name, "role": n.role, "kind": "node"}}
-        for n in sorted(nodes, key=lambda n: n.name)
-    ]
-    groups += [
-        {"targets": [f"{n.private_ip}:{spec.daemon.admin_port}"], "labels": {"node": n.name, "kind": "mbworker"}}
-        for n in sorted(nodes, key=lambda n: n.name)
-        if n.role == "worker"
-    ]
-    return json.dumps(groups, indent=2)
+    """The cluster's layout the control plane reads (control/layout.py: file_sd JSON, node-exporter on every node
+    plus mbworker's metrics on workers' admin port)."""
+    admin = spec.daemon.admin_port
+    return layout_json(LayoutNode(n.name, n.role, n.private_ip, admin if n.role == "worker" else 0) for n in nodes)
 
 
 def _gz_b64(text: str) -> str:
@@ -160,8 +157,20 @@ def _journal(fragment: str, spec: ClusterSpec) -> str:
 
 
 def _private(
-    spec: ClusterSpec, ports: tuple[int, ...], peers: tuple[str, ...] = (), peer_ports: tuple[int, ...] = ()
+    spec: ClusterSpec,
+    ports: tuple[int, ...],
+    peers: tuple[str, ...] = (),
+    peer_ports: tuple[int, ...] = (),
+    health_from: str = "",
 ) -> dict[str, str]:
+    """`health_from`: the system node, let in to Patroni's REST API (the control plane probes `GET /health`;
+    changes need Patroni's password)."""
+    rules = []
+    if peers:
+        ports_list = ", ".join(str(p) for p in peer_ports)
+        rules.append(f"ip saddr {{ {', '.join(peers)} }} tcp dport {{ {ports_list} }} accept")
+    if health_from:
+        rules.append(f"ip saddr {health_from} tcp dport {PATRONI_REST_PORT} accept")
     return {
         "private_bootcmd": render(
             "private-bootcmd.yaml",
@@ -176,11 +185,7 @@ def _private(
             {
                 "network": str(spec.network),
                 "tcp_ports": ", ".join(str(p) for p in sorted(set(ports))),
-                "peer_rule": (
-                    f"ip saddr {{ {', '.join(peers)} }} tcp dport {{ {', '.join(str(p) for p in peer_ports)} }} accept"
-                    if peers
-                    else "# no ports reserved to peers"
-                ),
+                "peer_rule": "\n".join(rules) or "# no ports reserved to peers",
             },
         ),
     }
@@ -210,7 +215,7 @@ def user_data(
         values |= _upgrade(spec, server, ctx.node_token)
         return render("worker.yaml", values)
     if server.role == "state":
-        values |= _private(spec, STATE_PORTS, tuple(d.state_ips(spec)), STATE_PEER_PORTS)
+        values |= _private(spec, STATE_PORTS, tuple(d.state_ips(spec)), STATE_PEER_PORTS, d.system_ip(spec))
         values |= _state_values(spec, server, secrets)
         return render("state.yaml", values)
     if server.role == "proxy":
@@ -249,7 +254,8 @@ def user_data(
             "control_port": str(d.CONTROL_PORT),
             "control_public_port": str(d.CONTROL_PUBLIC_PORT),
             "system_ip": d.system_ip(spec),
-            "targets_gz": _gz_b64(scrape_targets(spec, ctx.nodes) + "\n"),
+            # the system node is created last, so it is not among the nodes that exist yet: it lists itself
+            "targets_gz": _gz_b64(scrape_targets(spec, _with(ctx.nodes, server, d.system_ip(spec))) + "\n"),
             "admin_token": secrets.admin_token.get_secret_value(),
             "wheel_port": str(WHEEL_PORT),
             "grafana_password": secrets.grafana_password.get_secret_value(),
@@ -259,6 +265,12 @@ def user_data(
         values |= {"nat_ip": d.nat_ip(spec), "network": str(spec.network)}
         return render("nat.yaml", values)
     raise RenderError(f"no template for role {server.role!r}")
+
+
+def _with(nodes: tuple[NodeAddr, ...], server: d.DesiredServer, private_ip: str) -> tuple[NodeAddr, ...]:
+    if any(n.name == server.name for n in nodes):
+        return nodes
+    return (*nodes, NodeAddr(server.name, server.role, private_ip))
 
 
 def _floating_ip(spec: ClusterSpec, address: str, name: str) -> dict[str, str]:

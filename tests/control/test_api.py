@@ -150,7 +150,7 @@ async def test_a_drained_node_leaves_the_upstreams_before_it_drains(redis_server
                 {"name": "w2", "address": "127.0.0.1:9000"},
             ]
             targets = (await http.get("/control/v1/scrape-targets")).json()
-            assert {"127.0.0.1:9001"} == {t for g in targets if g["labels"]["job"] == "mbworker" for t in g["targets"]}
+            assert {"127.0.0.1:9001"} == {t for g in targets if g["labels"]["kind"] == "mbworker" for t in g["targets"]}
 
             r = await http.post("/control/v1/nodes/w1/drain")
             assert r.status_code == 202

@@ -2,8 +2,11 @@
 its HTTPS on the system node's public address, verified with the cluster CA, found by the CLI from the spec
 (`--cluster cluster.toml`: URL, token and CA in the state dir).
 
-1. `cluster status -o json` lists the workers, the proxy and the system node with their roles and mbworker
-   versions (the proxy reports its HAProxy's), all ready.
+1. `cluster status -o json` lists every node of the cluster's layout with its role: the workers, the proxy and
+   the system node (by their reports, with their mbworker versions; the proxy its HAProxy's), the state nodes
+   (probed: node-exporter and Patroni's health, PostgreSQL's version) and the NAT node (node-exporter), all
+   ready. VictoriaMetrics on the system node scrapes the targets the control plane lists (http_sd): every node's
+   node-exporter and both workers' mbworker metrics, all up.
 2. A wrong token gets 401; a source outside `control_allow` (the namespace's own public address) never connects,
    while the host (inside it) does.
 3. A session revoked through the control plane: the realtime channel joined with its token (through the proxy)
@@ -33,6 +36,7 @@ from websockets.trio.client import connect
 
 from mbworker.cli.control_client import ControlClient
 from mbworker.control.endpoint import read_endpoint
+from mbworker.provision import desired as d
 from mbworker.provision.wheels import read_wheelhouse
 from mbworker.worker.errors import AdminApiError
 from tests.provision.local_cluster import run_cli
@@ -98,23 +102,58 @@ def _anon(cluster: Cluster, **claims: Any) -> str:
     return jwt.encode(body, secret, algorithm="HS256")
 
 
+def _status(cluster: Cluster) -> dict[str, dict[str, Any]]:
+    code, out = trio.run(run_cli, "cluster", "status", "-c", str(cluster.spec_path), "-o", "json")
+    assert code == 0, out
+    return {n["name"]: n for n in json.loads(out)}
+
+
 def test_cluster_status_lists_every_node_with_its_role_and_version(cluster: Cluster) -> None:
     _control_ready(cluster)
     version = read_wheelhouse(cluster.state_dir / "wheelhouse").version
-    code, out = trio.run(run_cli, "cluster", "status", "-c", str(cluster.spec_path), "-o", "json")
-    assert code == 0, out
-    nodes = {n["name"]: n for n in json.loads(out)}
-    expected = {n: "worker" for n in cluster.names("worker")}
-    expected |= {n: "proxy" for n in cluster.names("proxy")} | {n: "system" for n in cluster.names("system")}
-    assert {name: n["role"] for name, n in nodes.items()} == expected
+    # the probed nodes (state, NAT) are seen within a probe round (5 s) of the control plane reading the layout
+    deadline = time.monotonic() + 60
+    while True:
+        nodes = _status(cluster)
+        if all(n["state"] == "ready" for n in nodes.values()):
+            break
+        assert time.monotonic() < deadline, nodes
+        time.sleep(1)
+    roles = ("system", "proxy", "worker", "state", "nat")
+    assert {name: n["role"] for name, n in nodes.items()} == {n: r for r in roles for n in cluster.names(r)}
     for name, n in nodes.items():
-        assert n["state"] == "ready", n
+        assert n["private_ip"] == cluster.server(name)["private_ip"], n
+        assert n["reports"] == ("probe" if n["role"] in ("state", "nat") else "heartbeat"), n
         if n["role"] == "proxy":
             assert n["version"].startswith("haproxy-"), n
+        elif n["role"] == "state":
+            assert n["version"].startswith("postgresql-15."), n
+        elif n["role"] == "nat":
+            assert n["version"] == "-", n
         else:
             assert n["version"] == version, n
-        assert n["private_ip"] == cluster.server(name)["private_ip"], n
     print(json.dumps({"system_node_ready_s": cluster.ready_seconds.get(cluster.names("system")[0])}))
+
+
+def test_victoria_metrics_scrapes_every_node_at_the_targets_the_control_plane_lists(cluster: Cluster) -> None:
+    _control_ready(cluster)
+    system = cluster.names("system")[0]
+    system_ip = d.system_ip(cluster.spec)
+    sd_url = f"http://{system_ip}:{d.CONTROL_PORT}/control/v1/scrape-targets"
+    want = {(n, "nodes") for n in cluster.names()} | {(n, "mbworker") for n in cluster.names("worker")}
+    # VictoriaMetrics asks the control plane every 15 s and scrapes every 15 s: each target is up within a minute
+    started = time.monotonic()
+    while True:
+        answer = json.loads(_sh(cluster, system, f"curl -fsS http://{system_ip}:8428/api/v1/targets"))
+        targets = answer["data"]["activeTargets"]
+        up = {(t["labels"]["node"], t["labels"]["job"]) for t in targets if t["health"] == "up"}
+        if want <= up:
+            break
+        assert time.monotonic() - started < 120, [(t["labels"], t["health"], t["lastError"]) for t in targets]
+        time.sleep(2)
+    # discovered through the control plane (http_sd), not a file
+    assert {t["discoveredLabels"].get("__meta_url") for t in targets} == {sd_url}
+    print(json.dumps({"vm_targets_up_s": round(time.monotonic() - started, 1), "targets": len(targets)}))
 
 
 def test_a_wrong_token_is_refused_and_a_source_outside_control_allow_never_connects(cluster: Cluster) -> None:

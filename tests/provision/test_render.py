@@ -135,6 +135,8 @@ def test_state_pillar_quorum_and_single_node() -> None:
     nft = block(three, "/etc/nftables.conf")
     assert "ip saddr { 10.0.1.11, 10.0.1.12, 10.0.1.13 } tcp dport { 2379, 2380, 5432, 6432, 8008 } accept" in nft
     assert "ip saddr 10.0.0.0/16 tcp dport { 22, 5000, 5001, 6379, 9100, 26379 } accept" in nft
+    # ... and the system node, to Patroni's health only (the control plane probes GET /health)
+    assert f"ip saddr {d.system_ip(make_spec())} tcp dport 8008 accept" in nft
     one = docs(make_spec(state={"type": "ccx13", "count": 1}))["demo-state-001"]
     assert "sentinel monitor" not in one
     assert "redis-sentinel.service || true" in one
@@ -150,11 +152,29 @@ def test_proxy_lists_the_workers_and_system_scrapes_every_node() -> None:
     system = all_docs["demo-system"]
     packed = system.split("path: /etc/mbsystem/targets.json", 1)[1].split("content: ", 1)[1].split("\n", 1)[0]
     targets = json.loads(gzip.decompress(base64.b64decode(packed)))
-    assert {t["targets"][0] for t in targets} == {"10.0.1.128:9100", "10.0.1.11:9100", "10.0.1.128:8081"}
+    # the layout the control plane reads: the nodes that exist, and the system node itself (created last)
+    system_ip = d.system_ip(make_spec())
+    assert {t["targets"][0] for t in targets} == {
+        "10.0.1.128:9100",
+        "10.0.1.11:9100",
+        "10.0.1.128:8081",
+        f"{system_ip}:9100",
+    }
+    roles = {t["labels"]["node"]: t["labels"]["role"] for t in targets if t["labels"]["kind"] == "node"}
+    assert roles["demo-system"] == "system"
+    assert "--layout-file /etc/mbsystem/targets.json" in block(system, "/etc/systemd/system/mbcontrol.service")
+    # VictoriaMetrics asks the control plane for its targets (http_sd with the node token, a file its group reads);
     # mbworker's /metrics is behind the admin token: the mbworker job sends it
     scrape = block(system, "/etc/mbsystem/scrape.yml")
+    sd = f"url: http://{system_ip}:{d.CONTROL_PORT}/control/v1/scrape-targets"
+    for job in scrape.split("- job_name: ")[1:]:
+        assert sd in job
+        assert "bearer_token_file: /etc/mbsystem/node-token" in job
+    assert "file_sd_configs" not in scrape
     assert "bearer_token_file: /etc/mbsystem/admin-token" in scrape.split("job_name: mbworker")[1]
     assert block(system, "/etc/mbsystem/admin-token").strip() == SECRETS.admin_token.get_secret_value()
+    assert block(system, "/etc/mbsystem/node-token").strip() == "n" * 64
+    assert "[chgrp, _victoria-metrics, /etc/mbsystem/admin-token, /etc/mbsystem/node-token]" in system
 
 
 def test_workers_install_the_shipped_wheels_pinned_with_hashes_from_the_system_node() -> None:
