@@ -155,18 +155,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(nodes, indent=2))
         return 0
-    print(f"{'ROLE':<7} {'NAME':<28} {'ADDRESS':<21} {'VERSION':<16} {'STATE':<10} {'REQ/S':>7} {'WS':>5} "
-          f"{'DENO':>5} {'SEEN':>7}  WHY NOT")  # fmt: skip
+    print("\n".join(status_table(nodes)))
+    return 0
+
+
+def status_table(nodes: list[dict[str, Any]]) -> list[str]:
+    """`cluster status`'s table: one line per node (`GET /nodes`' JSON), headed."""
+    lines = [f"{'ROLE':<7} {'NAME':<28} {'ADDRESS':<21} {'VERSION':<16} {'STATE':<10} {'REQ/S':>7} {'WS':>5} "
+             f"{'DENO':>5} {'SEEN':>7}  WHY NOT"]  # fmt: skip
     for n in nodes:
         load = n.get("load", {})
         address = n["private_ip"] + (f":{n['port']}" if n.get("port") else "")
         seen = "never" if n.get("last_seen_s") is None else f"{n['last_seen_s']}s"
-        print(
+        lines.append(
             f"{n['role']:<7} {n['name']:<28} {address:<21} {n['version']:<16} "
             f"{n['state']:<10} {load.get('requests_per_s', 0):>7} {load.get('websockets', 0):>5} "
             f"{load.get('deno_processes', 0):>5} {seen:>7}  {n.get('why_not') or ''}"
         )
-    return 0
+    return lines
 
 
 def cmd_drain(args: argparse.Namespace) -> int:

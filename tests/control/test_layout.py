@@ -16,6 +16,7 @@ import httpx
 import pytest
 import trio
 
+from mbworker.cli.cluster_cmds import status_table
 from mbworker.control.layout import LayoutError, LayoutNode, layout_json, parse_layout, read_layout
 from mbworker.control.serve import ControlHandle, serve_control
 from mbworker.control.settings import ControlSettings
@@ -167,6 +168,11 @@ async def test_every_node_of_the_layout_is_listed_and_a_silent_one_is_down_with_
                 assert listed[name]["state"] == "down"
                 assert listed[name]["why_not"].startswith("no heartbeat on record"), listed[name]
             assert [u["name"] for u in (await http.get("/control/v1/upstreams")).json()] == ["c-worker-001"]
+            # `cluster status`'s table: a node never seen says so, with its reason
+            table = {line.split()[1]: line for line in status_table(list(listed.values()))[1:]}
+            assert table["c-nat"].split()[:4] == ["nat", "c-nat", "127.0.0.4", "-"], table["c-nat"]
+            assert " never  never answered: node-exporter" in table["c-nat"], table["c-nat"]
+            assert table["c-state-001"].split()[2:5] == ["127.0.0.2", "postgresql-15.5", "ready"], table
 
             # VictoriaMetrics' targets: every layout node's node-exporter, reporting or not; every worker's metrics
             targets = (await http.get("/control/v1/scrape-targets")).json()
