@@ -61,7 +61,7 @@ async def open_backends(
         return
     async with AsyncExitStack() as stack:
         redis = await stack.enter_async_context(open_redis(settings.redis_url))
-        readiness.add("redis", redis_check(redis))
+        readiness.add("redis", redis_check(redis), cluster=True)
         metrics.add_statistics(REDIS_STATS, redis.statistics)
         store = await stack.enter_async_context(
             open_redis_deployment_store(redis, deployments, node_id=node_id, locks=RedisLocks(redis))

@@ -336,10 +336,11 @@ class Node:
     def _live(self) -> dict[str, int]:
         return {slug: a.fn.version for slug in self.table.slugs() if (a := self.table.get(slug)) is not None}
 
-    async def ready(self) -> tuple[bool, dict[str, Any]]:
-        """Not draining and every dependency up (readiness.py); else 503 with the reasons."""
+    async def ready(self, local: bool = False) -> tuple[bool, dict[str, Any]]:
+        """Not draining and every dependency up (readiness.py); else 503 with the reasons. `local`: this node's
+        own dependencies only, not the cluster's (`/ready/local`)."""
         draining = self.drain.draining
-        problems = await self.readiness.check()
+        problems = await self.readiness.check(local=local)
         detail: dict[str, Any] = {"functions": len(self.table), "draining": draining}
         if problems:
             detail["problems"] = problems

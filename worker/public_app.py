@@ -19,13 +19,14 @@ class RealtimeEndpoint(Protocol):
 
 
 class PublicApp:
-    """HttpApp for the public port. `ready()` says whether this node takes new work (listeners up, not draining)."""
+    """HttpApp for the public port. `ready(local)` says whether this node takes new work (listeners up, not
+    draining; `local`: leaving out what the whole cluster shares, worker/readiness.py)."""
 
     def __init__(
         self,
         functions: FunctionsFrontDoor,
         realtime: RealtimeEndpoint | None,
-        ready: Callable[[], Awaitable[tuple[bool, dict[str, object]]]],
+        ready: Callable[[bool], Awaitable[tuple[bool, dict[str, object]]]],
     ) -> None:
         self.functions = functions
         self.realtime = realtime
@@ -47,8 +48,8 @@ class PublicApp:
         path = request.path
         if path == "/health":
             await send_json(responder, 200, {"status": "ok"})
-        elif path == "/ready":
-            ok, detail = await self.ready()
+        elif path == "/ready" or path == "/ready/local":
+            ok, detail = await self.ready(path == "/ready/local")
             await send_json(responder, 200 if ok else 503, {"ready": ok, **detail})
         elif self.realtime is not None and await self.realtime.handle_http(request, responder):
             return

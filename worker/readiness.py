@@ -4,6 +4,10 @@ Owned by the daemon, which registers one check per dependency a request needs: t
 bounded), each runtime (can it start a process?), and the drain state. Each check answers None when fine or a
 short reason; `/ready` answers 503 with every reason while any check fails and 200 again once all pass, so a
 load balancer takes the node out while it cannot serve and back when it recovers.
+
+A check of something shared by the whole cluster (Redis) is marked `cluster`: when it fails, it fails on every
+node at once, and functions are still served from each node's own table. `/ready/local` leaves those out (the
+node's own checks and the drain only): the proxy sends to a node on it only while no node passes `/ready`.
 """
 
 from __future__ import annotations
@@ -28,14 +32,20 @@ class Readiness:
     """The named checks; `check()` runs them all, one after the other (each is bounded)."""
 
     checks: dict[str, Check] = field(default_factory=dict)
+    cluster: set[str] = field(default_factory=set)
+    """The names of checks of a dependency every node shares (left out of `check(local=True)`)."""
 
-    def add(self, name: str, check: Check) -> None:
+    def add(self, name: str, check: Check, *, cluster: bool = False) -> None:
         self.checks[name] = check
+        if cluster:
+            self.cluster.add(name)
 
-    async def check(self) -> dict[str, str]:
-        """Every failing check's name → reason (empty: ready)."""
+    async def check(self, *, local: bool = False) -> dict[str, str]:
+        """Every failing check's name → reason (empty: ready); `local`: this node's own checks only."""
         problems: dict[str, str] = {}
         for name, check in self.checks.items():
+            if local and name in self.cluster:
+                continue
             reason = await check()
             if reason is not None:
                 problems[name] = reason

@@ -68,11 +68,11 @@ async def test_sighup_with_broken_toml_keeps_the_node_running(tmp_path: Path) ->
         assert worker.process.returncode is None
 
 
-async def _ready(http: httpx.AsyncClient, url: str, status: int) -> dict[str, object]:
-    """Ask /ready until it answers `status` (a state change the node notices on its next check)."""
+async def _ready(http: httpx.AsyncClient, url: str, status: int, path: str = "/ready") -> dict[str, object]:
+    """Ask /ready (or `path`) until it answers `status` (a state change the node notices on its next check)."""
     with trio.fail_after(30):
         while True:
-            r = await http.get(f"{url}/ready")
+            r = await http.get(f"{url}{path}")
             if r.status_code == status:
                 body: dict[str, object] = r.json()
                 return body
@@ -92,11 +92,15 @@ async def test_ready_follows_redis_and_the_runtime(tmp_path: Path, redis_server:
         body = await _ready(http, worker.public_url, 503)
         assert body["ready"] is False
         assert "redis" in body["problems"]  # type: ignore[operator]
+        # the cluster's Redis is every node's: the node-local readiness (the proxy's fallback) leaves it out
+        assert (await _ready(http, worker.public_url, 200, "/ready/local"))["ready"] is True
         await redis_server.start()
         await _ready(http, worker.public_url, 200)
 
         deno.chmod(stat.S_IRUSR)
         body = await _ready(http, worker.public_url, 503)
         assert "runtime deno" in body["problems"]  # type: ignore[operator]
+        body = await _ready(http, worker.public_url, 503, "/ready/local")
+        assert list(body["problems"]) == ["runtime deno"]  # type: ignore[call-overload]
         deno.chmod(0o755)
         await _ready(http, worker.public_url, 200)

@@ -41,9 +41,10 @@ def _sh(cluster: Cluster, node: str, script: str, input: str | None = None, time
 
 
 def _workers_stats(cluster: Cluster, proxy: str) -> dict[str, dict[str, str]]:
-    """HAProxy's own rows for each worker of the `workers` backend (stats CSV on the proxy's loopback)."""
+    """HAProxy's own rows for each worker of the `workers` backend (stats CSV on the proxy's loopback): the
+    primaries (each worker is a backup there too, used only while no primary is up)."""
     rows = csv.DictReader(io.StringIO(_sh(cluster, proxy, "curl -fsS 'http://127.0.0.1:7000/;csv'").lstrip("# ")))
-    return {r["svname"]: r for r in rows if r["pxname"] == "workers" and r["svname"] != "BACKEND"}
+    return {r["svname"]: r for r in rows if r["pxname"] == "workers" and r["svname"] != "BACKEND" and r["bck"] == "0"}
 
 
 def _answered_2xx(cluster: Cluster, proxy: str) -> dict[str, int]:

@@ -4,7 +4,9 @@ everything else is a 404; `haproxy -c` has nothing to say about it."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import socket
 import ssl
@@ -81,8 +83,19 @@ def _swap(text: str, *pairs: tuple[str, str]) -> str:
     return text
 
 
-def proxy_config(tmp_path: Path, worker_port: int, http: int, https: int) -> tuple[str, Path]:
-    """The proxy's rendered haproxy.cfg (head + server lines as mbgateway-render writes them), moved to loopback."""
+@dataclasses.dataclass(frozen=True)
+class Proxy:
+    """A proxy's rendered configuration, moved to loopback."""
+
+    cfg: Path
+    ca: Path
+    stats: int
+    """The stats listener's port (`/;csv`)."""
+
+
+def proxy_config(tmp_path: Path, workers: dict[str, int], http: int, https: int) -> Proxy:
+    """The proxy's haproxy.cfg as `mbgateway-config` (from the rendered user-data) prints it for `workers`
+    (name → port on 127.0.0.1), moved to loopback."""
     spec = make_spec(proxy={"type": "cx23", "count": 1})
     shipment = Shipment(spec, tmp_path / "state")
     ctx = NodeContext(
@@ -92,6 +105,7 @@ def proxy_config(tmp_path: Path, worker_port: int, http: int, https: int) -> tup
     )
     proxy = next(s for s in d.desired_servers(spec) if s.role == "proxy")
     doc = user_data(spec, proxy, ClusterSecrets.generate(), ctx)
+    assert block(doc, "/etc/mbgateway/workers") == "demo-worker-001 127.0.0.1:8080\n"
     certs = tmp_path / "certs"
     certs.mkdir()
     (certs / "site.pem").write_text(block(doc, "/etc/haproxy/certs/site.pem"))
@@ -100,35 +114,47 @@ def proxy_config(tmp_path: Path, worker_port: int, http: int, https: int) -> tup
     head = block(doc, "/etc/mbgateway/haproxy.head.cfg")
     assert "user haproxy" in head
     assert "chroot /var/lib/haproxy" in head
-    cfg = _swap(
-        head,
-        ("bind :::80 v4v6\n", f"bind 127.0.0.1:{http}\n"),
-        ("bind :::443 v4v6 ssl crt /etc/haproxy/certs/", f"bind 127.0.0.1:{https} ssl crt {certs}/"),
-        ("chroot /var/lib/haproxy", f"chroot {chroot}"),
-        ("/run/haproxy/admin.sock", str(tmp_path / "admin.sock")),
-        ("bind 127.0.0.1:7000", f"bind 127.0.0.1:{free_port()}"),
-        ("maxconn 100000", "maxconn 1000"),  # this host's fd limit, not the node's
-        ("log /dev/log local0", f"log 127.0.0.1:{free_port()} local0"),
+    stats = free_port()
+    parts = tmp_path / "mbgateway"
+    parts.mkdir()
+    (parts / "haproxy.head.cfg").write_text(
+        _swap(
+            head,
+            ("bind :::80 v4v6\n", f"bind 127.0.0.1:{http}\n"),
+            ("bind :::443 v4v6 ssl crt /etc/haproxy/certs/", f"bind 127.0.0.1:{https} ssl crt {certs}/"),
+            ("chroot /var/lib/haproxy", f"chroot {chroot}"),
+            ("/run/haproxy/admin.sock", str(tmp_path / "admin.sock")),
+            ("bind 127.0.0.1:7000", f"bind 127.0.0.1:{stats}"),
+            ("maxconn 100000", "maxconn 1000"),  # this host's fd limit, not the node's
+            ("log /dev/log local0", f"log 127.0.0.1:{free_port()} local0"),
+        )
     )
-    lines = block(doc, "/etc/mbgateway/workers").replace("127.0.0.1:8080", f"127.0.0.1:{worker_port}")
-    cfg += "".join(f"    server {n} {a}\n" for n, a in (line.split() for line in lines.splitlines() if line.strip()))
+    (parts / "haproxy.local.cfg").write_text(block(doc, "/etc/mbgateway/haproxy.local.cfg"))
+    (parts / "workers").write_text("# name address\n" + "".join(f"{n} 127.0.0.1:{p}\n" for n, p in workers.items()))
+    script = tmp_path / "mbgateway-config"
+    script.write_text(block(doc, "/usr/local/sbin/mbgateway-config"))
+    printed = subprocess.run(["sh", str(script), str(parts)], capture_output=True, text=True, timeout=30, check=True)
     path = tmp_path / "haproxy.cfg"
-    path.write_text(cfg)
-    return cfg, shipment.ca().cert_path
+    path.write_text(printed.stdout)
+    return Proxy(path, shipment.ca().cert_path, stats)
 
 
-def test_proxy_terminates_tls_redirects_http_and_routes(tmp_path: Path, worker: int) -> None:
+def start_haproxy(cfg: Path) -> subprocess.Popen[bytes]:
+    """`haproxy -c` has nothing to say about `cfg` (no warning either); then HAProxy runs it in the foreground."""
     haproxy = require_binary("haproxy", "/usr/sbin/haproxy")
     require_binary("openssl")
-    http, https = free_port(), free_port()
-    _, ca = proxy_config(tmp_path, worker, http, https)
-    cfg = tmp_path / "haproxy.cfg"
     check = subprocess.run([haproxy, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "WARNING" not in check.stdout + check.stderr  # e.g. a rule that makes use_backend unreachable
-    proc = subprocess.Popen([haproxy, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen([haproxy, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_proxy_terminates_tls_redirects_http_and_routes(tmp_path: Path, worker: int) -> None:
+    http, https = free_port(), free_port()
+    proxy = proxy_config(tmp_path, {"demo-worker-001": worker}, http, https)
+    proc = start_haproxy(proxy.cfg)
     try:
-        tls = ssl.create_default_context(cafile=str(ca))
+        tls = ssl.create_default_context(cafile=str(proxy.ca))
         with httpx.Client(verify=tls, timeout=5) as client:
             base = f"https://127.0.0.1:{https}"
             # the worker joins the rotation once its /ready check passed twice (2 s apart): wait for that, bounded
@@ -151,6 +177,119 @@ def test_proxy_terminates_tls_redirects_http_and_routes(tmp_path: Path, worker: 
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+class _Standin(ThreadingHTTPServer):
+    """A stand-in worker whose `/ready` and `/ready/local` answer what the test sets; it counts the function
+    requests it answered."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _StandinHandler)
+        self.ready = 200
+        self.local = 200
+        self.answered = 0
+        self.lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+
+class _StandinHandler(BaseHTTPRequestHandler):
+    server: _Standin
+
+    def do_GET(self) -> None:
+        if self.path == "/ready":
+            status = self.server.ready
+        elif self.path == "/ready/local":
+            status = self.server.local
+        else:
+            status = 200
+            with self.server.lock:
+                self.server.answered += 1
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _servers(stats_port: int) -> dict[str, str]:
+    """HAProxy's `workers` backend: server name → status (UP, DOWN, ...); empty while HAProxy starts."""
+    try:
+        text = httpx.get(f"http://127.0.0.1:{stats_port}/;csv", timeout=5).text.lstrip("# ")
+    except httpx.TransportError:
+        return {}
+    rows = csv.DictReader(io.StringIO(text))
+    return {r["svname"]: r["status"] for r in rows if r["pxname"] == "workers" and r["svname"] != "BACKEND"}
+
+
+def test_while_no_worker_is_ready_the_proxy_sends_to_the_locally_ready_ones_never_to_a_draining_one(
+    tmp_path: Path,
+) -> None:
+    """The cluster's Redis away: every worker's /ready fails at once, /ready/local still passes (a draining
+    worker's fails too). Through real HAProxy with the config `mbgateway-config` prints: no request goes
+    unanswered while the primaries go down, the backups answer, the draining worker gets none, and once a worker
+    is ready again the backups are left alone."""
+    standins = {name: _Standin() for name in ("w-a", "w-b", "w-drain")}
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in standins.values()]
+    for thread in threads:
+        thread.start()
+    http, https = free_port(), free_port()
+    proxy = proxy_config(tmp_path, {name: s.port for name, s in standins.items()}, http, https)
+    proc = start_haproxy(proxy.cfg)
+    a, _, draining = standins.values()
+
+    def wait_for(want: dict[str, str]) -> None:
+        deadline = time.monotonic() + 30  # checks every 2 s, fall 2 / rise 2
+        while {k: v for k, v in _servers(proxy.stats).items() if k in want} != want:
+            assert time.monotonic() < deadline, _servers(proxy.stats)
+            threading.Event().wait(0.1)
+
+    try:
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(proxy.ca)), timeout=5) as client:
+            url = f"https://127.0.0.1:{https}/functions/v1/hello"
+            wait_for({name: "UP" for name in standins} | {f"{name}:backup": "UP" for name in standins})
+            assert _status(client, url) == 200
+
+            # Redis away: /ready fails everywhere; one worker also starts draining (its local check fails too)
+            for s in standins.values():
+                s.ready = 503
+            draining.local = 503
+            # every request is answered while HAProxy takes the primaries out and turns to the backups
+            deadline = time.monotonic() + 30
+            statuses: list[int] = []
+            want = {f"{name}{kind}": "DOWN" for name in standins for kind in ("", ":backup")}
+            want |= {"w-a:backup": "UP", "w-b:backup": "UP"}
+            while _servers(proxy.stats) != want:
+                assert time.monotonic() < deadline, _servers(proxy.stats)
+                statuses.append(_status(client, url))
+            assert set(statuses) == {200}, statuses
+
+            before = {name: s.answered for name, s in standins.items()}
+            assert [_status(client, url) for _ in range(40)] == [200] * 40
+            got = {name: s.answered - before[name] for name, s in standins.items()}
+            assert got["w-drain"] == 0, got
+            assert got["w-a"] + got["w-b"] == 40, got
+            assert min(got["w-a"], got["w-b"]) > 0, got  # every backup takes requests, not only the first
+
+            # one worker ready again: it takes everything, the backups none
+            a.ready = 200
+            wait_for({"w-a": "UP"})
+            before = {name: s.answered for name, s in standins.items()}
+            assert [_status(client, url) for _ in range(20)] == [200] * 20
+            assert {name: s.answered - before[name] for name, s in standins.items()} == {
+                "w-a": 20,
+                "w-b": 0,
+                "w-drain": 0,
+            }
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for s in standins.values():
+            s.shutdown()
+            s.server_close()
 
 
 def test_the_control_planes_tls_is_verified_by_name_with_the_cluster_ca(tmp_path: Path, worker: int) -> None:
