@@ -40,11 +40,12 @@ def _sh(cluster: Cluster, node: str, script: str, input: str | None = None, time
     return done.stdout + done.stderr
 
 
-def _workers_stats(cluster: Cluster, proxy: str) -> dict[str, dict[str, str]]:
+def _workers_stats(cluster: Cluster, proxy: str, *, backups: bool = False) -> dict[str, dict[str, str]]:
     """HAProxy's own rows for each worker of the `workers` backend (stats CSV on the proxy's loopback): the
-    primaries (each worker is a backup there too, used only while no primary is up)."""
+    primaries, or the backups (each worker is both; the backups are used only while no primary is up)."""
     rows = csv.DictReader(io.StringIO(_sh(cluster, proxy, "curl -fsS 'http://127.0.0.1:7000/;csv'").lstrip("# ")))
-    return {r["svname"]: r for r in rows if r["pxname"] == "workers" and r["svname"] != "BACKEND" and r["bck"] == "0"}
+    bck = "1" if backups else "0"
+    return {r["svname"]: r for r in rows if r["pxname"] == "workers" and r["svname"] != "BACKEND" and r["bck"] == bck}
 
 
 def _answered_2xx(cluster: Cluster, proxy: str) -> dict[str, int]:

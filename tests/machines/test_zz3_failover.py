@@ -3,7 +3,10 @@
 1. The machine holding the Redis master (asked of the Sentinels, inside the cluster) is shut down. The Sentinels
    promote a replica, and within 30 s of the shutdown every worker serves a deployed function again (asked of each
    worker on its private address, from the cluster's namespace) and two realtime-js clients on different workers
-   (wss through the proxy) get each other's broadcasts again; no worker is restarted.
+   (wss through the proxy) get each other's broadcasts again; no worker is restarted. Through the proxy,
+   functions keep answering meanwhile: every worker's /ready fails while Redis is away, and HAProxy sends to
+   them as backups (checked on /ready/local); the longest time without an answer is bounded by
+   `PROXY_GAP_BOUND` (measured: 0 failed requests, 0.6 s, which is the probes' own pace).
 2. Postgres stays or becomes writable through a surviving state node's HAProxy (5000) within 30 s of shutting
    down the Patroni leader (the same machine when it holds both; else a second round).
 Each machine shut down is powered on again and the test waits until it has rejoined (Redis replica with its link
@@ -34,28 +37,39 @@ pytestmark = pytest.mark.slow
 
 #: The must-hold's bound, from the start of the shutdown.
 FAILOVER_BOUND = 30.0
+#: The longest time without an answer through the proxy during the failover (without backups: ~11 s).
+PROXY_GAP_BOUND = 5.0
 PROBE = "Deno.serve(() => Response.json({ failover: true }));\n"
 FUNCTION = "failover-probe"
 
 
 @dataclass
 class Probes:
-    """Function requests every ~0.3 s from a thread, to each worker's private address (from the namespace) and
-    through the proxy's public address (as a client on the internet): (when, target, ok)."""
+    """Function requests every ~0.3 s from a thread per target, to each worker's private address (from the
+    namespace) and through the proxy's public address (as a client on the internet): (when, target, ok)."""
 
     cluster: Cluster
     urls: dict[str, str]
     seen: list[tuple[float, str, bool]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
 
-    def run(self) -> None:
+    def run(self, target: str) -> None:
         ca = str(self.cluster.state_dir / "ca.pem")
+        argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "2", "--cacert", ca, self.urls[target]]
         while not self.stop.is_set():
-            for target, url in self.urls.items():
-                argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "2", "--cacert", ca, url]
-                done = self.cluster.in_ns(*argv)
-                self.seen.append((time.monotonic(), target, done.stdout.strip() == "200"))
+            done = self.cluster.in_ns(*argv)
+            self.seen.append((time.monotonic(), target, done.stdout.strip() == "200"))
             self.stop.wait(0.3)
+
+    def outage(self, target: str, since: float) -> tuple[int, float]:
+        """`target`'s failed answers from `since` on, and the longest time without an answer: between two
+        answered requests (the first one counted from `since`)."""
+        answers = [(t, ok) for t, w, ok in self.seen if w == target and t >= since]
+        last, longest = since, 0.0
+        for t, ok in answers:
+            if ok:
+                longest, last = max(longest, t - last), t
+        return sum(not ok for _, ok in answers), longest
 
     def back_after(self, since: float) -> dict[str, float]:
         """Per target: seconds from `since` until its answers were all 200 again (0 when none failed)."""
@@ -76,13 +90,27 @@ def probing(cluster: Cluster, public: str) -> Iterator[Probes]:
     }
     urls["proxy"] = f"https://{public}/functions/v1/{FUNCTION}"
     probes = Probes(cluster, urls)
-    thread = threading.Thread(target=probes.run, daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=probes.run, args=(target,), daemon=True) for target in urls]
+    for thread in threads:
+        thread.start()
     try:
         yield probes
     finally:
         probes.stop.set()
-        thread.join(timeout=30)
+        for thread in threads:
+            thread.join(timeout=30)
+
+
+def _backups_answered(cluster: Cluster, proxy: str) -> int:
+    """2xx answers HAProxy got from the workers as backups (sent to only while no worker passes /ready)."""
+    return sum(int(row["hrsp_2xx"] or 0) for row in _workers_stats(cluster, proxy, backups=True).values())
+
+
+def _upstream_changes(cluster: Cluster, proxy: str, since: float) -> list[str]:
+    """The upstream lists the proxy applied since `since` (epoch seconds): none while the control plane answers
+    503 (its Redis away) or the same list."""
+    out = _sh(cluster, proxy, f"journalctl -u mbgateway-pull --since @{since:.0f} -o cat --no-pager")
+    return [line for line in out.splitlines() if line.startswith("upstreams now")]
 
 
 def _state_by_ip(cluster: Cluster) -> dict[str, str]:
@@ -194,6 +222,8 @@ async def test_losing_a_state_machine_is_survived_by_workers_and_postgres(cluste
                 await events.wait(events.got("a1", "b0"), 20)
 
                 # 1. the Redis master's machine goes down (with the Patroni leader, when it holds both)
+                backups_before = await trio.to_thread.run_sync(_backups_answered, cluster, proxy)
+                wall0 = time.time()
                 t0 = time.monotonic()
                 await trio.to_thread.run_sync(cluster.provider.stop_machine, master)
                 report["shutdown_seconds"] = round(time.monotonic() - t0, 1)
@@ -217,16 +247,24 @@ async def test_losing_a_state_machine_is_survived_by_workers_and_postgres(cluste
                 await events.wait(events.got("a1", f"b{later}"), 10)
                 nursery.cancel_scope.cancel()
             functions_back = probes.back_after(t0)
+            failed, gap = probes.outage("proxy", t0)
+            backups = await trio.to_thread.run_sync(_backups_answered, cluster, proxy) - backups_before
+            changes = await trio.to_thread.run_sync(_upstream_changes, cluster, proxy, wall0)
             promoted = await trio.to_thread.run_sync(_redis_master, cluster, survivor)
             assert promoted != master
             report |= {
                 "redis_promoted": promoted,
                 "functions_back_s": {w: round(v, 1) for w, v in functions_back.items()},
+                "proxy_failed_requests": failed,
+                "proxy_longest_gap_s": round(gap, 1),
+                "proxy_answered_by_backups": backups,
+                "proxy_upstream_changes": changes,
                 "realtime_back_s": round(rt_back, 1),
                 "postgres_back_s": None if pg_back is None else round(pg_back, 1),
             }
             print("failover:", json.dumps(report))
             assert max(functions_back.values()) <= FAILOVER_BOUND, report
+            assert gap <= PROXY_GAP_BOUND, report
             assert rt_back <= FAILOVER_BOUND, report
         report["rejoin_s"] = {master: round(await trio.to_thread.run_sync(_wait_rejoined, cluster, master), 1)}
 
