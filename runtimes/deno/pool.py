@@ -16,11 +16,13 @@ from pathlib import Path
 import trio
 
 from mbworker.runtimes.api import FunctionVersion
+from mbworker.runtimes.deno import spare
 from mbworker.runtimes.deno.broadcast import Broadcast
 from mbworker.runtimes.deno.importmap import write_import_map
 from mbworker.runtimes.deno.loglimit import LogBudget, LogDrops
 from mbworker.runtimes.deno.permissions import NetPolicy
 from mbworker.runtimes.deno.process import DenoProcess, OnLog
+from mbworker.runtimes.deno.spare import SpareDirs
 from mbworker.runtimes.deno.spawn import Spawner, VersionPaths
 from mbworker.runtimes.deno.tmpquota import TmpQuota
 from mbworker.runtimes.errors import BootError, WorkerBusy
@@ -46,7 +48,10 @@ class Shared:
     bootstrap: Path
     scratch_dir: Path
     deno_dir: Path
-    """The DENO_DIR of every process of the runtime (see `open_deno_runtime`)."""
+    """The template DENO_DIR, where the bootstrap is compiled: each version's own is a copy (see
+    `open_deno_runtime`)."""
+    spares: SpareDirs
+    """A version dir (with its copy of the template) made ahead of the next cold start."""
     socket_dir: Path
     """Short-path dir for node:http unix sockets (sun_path is 108 bytes; scratch paths can be long)."""
     stop_grace_s: float
@@ -57,6 +62,16 @@ class Shared:
     process_seq: int = 0
     net: NetPolicy | None = None
     """The operator's network policy (None: private ranges denied, nothing else)."""
+
+
+def _rename(src: Path, dest: Path) -> bool:
+    """Move a spare version dir into place; on failure remove it (the caller makes one). Blocking."""
+    try:
+        os.rename(src, dest)
+    except OSError:
+        shutil.rmtree(src, ignore_errors=True)
+        return False
+    return True
 
 
 class VersionPool:
@@ -134,14 +149,18 @@ class VersionPool:
             if self._paths is None:
                 base = self._shared.scratch_dir / f"{self.fn.slug}-{self.fn.version}-{os.urandom(3).hex()}"
                 template = self._shared.deno_dir
-                deno_dir = template if self._warm_up else base / "deno"
-                paths = VersionPaths(base, deno_dir, base / "tmp", base / "import_map.json")
+                # The warm-up compiles into the template itself; every other version gets a copy of it: the spare
+                # made ahead (spare.py) when there is one, else one made now.
+                deno_dir = template if self._warm_up else base / spare.DENO_DIR
+                paths = VersionPaths(base, deno_dir, base / spare.TMPS, base / "import_map.json")
+                ready = None if self._warm_up else self._shared.spares.take()
 
                 def make() -> None:
-                    paths.base.mkdir(parents=True, exist_ok=True)
-                    if deno_dir != template:  # seeded with the compiled bootstrap (~1 MB): see open_deno_runtime
-                        shutil.copytree(template, deno_dir, symlinks=True)
-                    paths.tmps.mkdir(mode=0o700, exist_ok=True)
+                    if self._warm_up:
+                        paths.base.mkdir(parents=True, exist_ok=True)
+                        paths.tmps.mkdir(mode=0o700, exist_ok=True)
+                    elif ready is None or not _rename(ready, base):
+                        spare.make_version_dir(template, base)
                     write_import_map(self.fn, paths.import_map)
 
                 await trio.to_thread.run_sync(make)

@@ -6,10 +6,10 @@ context stops every process (planned shutdown with `beforeunload`, then kill aft
 them all; nothing outlives it, not even when the daemon is SIGKILLed (see spawn.py).
 
 Files: each open runtime works in a run dir of its own, `<scratch_dir>/run-<hex>/` (the template DENO_DIR, one
-dir per version, one temp dir per process), held by an flock on `run-<hex>.lock` for as long as it is open. A
-runtime that did not close (a killed daemon) leaves its run dir behind unlocked: the next one to open on the same
-scratch dir removes it (`sweep_runs`), while runs still open there (several runtimes may share the default
-scratch dir) keep theirs.
+dir per version, one temp dir per process, one version dir made ahead: spare.py), held by an flock on
+`run-<hex>.lock` for as long as it is open. A runtime that did not close (a killed daemon) leaves its run dir
+behind unlocked: the next one to open on the same scratch dir removes it (`sweep_runs`), while runs still open
+there (several runtimes may share the default scratch dir) keep theirs.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from mbworker.runtimes.api import FunctionVersion, Invocation, InvocationResult,
 from mbworker.runtimes.deno.permissions import NetPolicy
 from mbworker.runtimes.deno.pool import Counters, Shared, VersionPool
 from mbworker.runtimes.deno.process import OnLog
+from mbworker.runtimes.deno.spare import SpareDirs
 from mbworker.runtimes.deno.spawn import Spawner
 from mbworker.runtimes.deno.tmpquota import open_tmp_quota
 from mbworker.runtimes.errors import FunctionRuntimeError
@@ -281,6 +282,7 @@ async def open_deno_runtime(
                 bootstrap=bootstrap,
                 scratch_dir=run_dir,
                 deno_dir=deno_dir,
+                spares=SpareDirs(deno_dir, run_dir, nursery),
                 socket_dir=socket_dir,
                 stop_grace_s=settings.stop_grace_s,
                 on_log=on_log or _default_on_log,
@@ -290,6 +292,7 @@ async def open_deno_runtime(
             )
             runtime = DenoRuntime(shared)
             await runtime._compile_bootstrap(settings.limits)
+            await shared.spares.fill()  # after: a copy of the compiled template
             try:
                 yield runtime
             finally:

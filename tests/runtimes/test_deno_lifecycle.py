@@ -148,11 +148,16 @@ async def test_versions_start_from_the_compiled_template_and_take_their_code_wit
         (run,) = [p for p in scratch.iterdir() if p.is_dir()]
         deno_dir = run / DENO_DIR_NAME
         bootstrap_js = emitted_dir(deno_dir, BOOTSTRAP_DIR) / "bootstrap.ts.js"
-        # compiled at start by a throwaway process, which left nothing else behind and counts as no cold start
+        # compiled at start by a throwaway process, which left nothing else behind and counts as no cold start;
+        # then one version dir made ahead, seeded with the compiled template (spare.py)
         assert bootstrap_js.is_file()
-        assert [p.name for p in run.iterdir()] == [DENO_DIR_NAME]
+        (spare,) = [p for p in run.iterdir() if p.name != DENO_DIR_NAME]
+        assert spare.name.startswith(".spare-")
+        assert (emitted_dir(spare / "deno", BOOTSTRAP_DIR) / "bootstrap.ts.js").is_file()
+        assert (spare / "tmp").stat().st_mode & 0o777 == 0o700
         assert (rt.statistics().processes, rt.statistics().cold_starts) == (0, 0)
         assert (await call(rt, v1, "GET", "/fn"))[2] == b"v1"
+        assert not spare.exists()  # it became v1's dir
         assert (await call(rt, v2, "GET", "/fn"))[2] == b"v2"
         own = {v.version: next(run.glob(f"fn-{v.version}-*")) / "deno" for v in (v1, v2)}
         emitted = {v.version: emitted_dir(own[v.version], v.bundle_dir) for v in (v1, v2)}
