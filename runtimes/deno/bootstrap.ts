@@ -94,18 +94,25 @@ async function flush(): Promise<void> {
 // Supabase's edge-runtime gives global setTimeout/setInterval numeric ids, and functions written for it check
 // `typeof id === "number"` before clearing. Deno 2.9's globals are node:timers' (Timeout objects); their numeric
 // id clears them too. node:timers itself stays Node's (reassigning the globals does not change its exports).
+// The globals are lazy getters that load node:timers (3.5–6 ms at boot, docs/benchmarks.md): the getters are kept
+// and called on the first timer, so a function that sets none never pays for that module.
 {
-  const nodeSetTimeout = globalThis.setTimeout;
-  const nodeSetInterval = globalThis.setInterval;
+  // deno-lint-ignore no-explicit-any
+  type Timer = (cb: unknown, ms?: number, ...args: unknown[]) => any;
+  const lazy = (name: "setTimeout" | "setInterval"): () => Timer => {
+    const get = Object.getOwnPropertyDescriptor(globalThis, name)?.get;
+    let fn: Timer | undefined = get ? undefined : (globalThis[name] as Timer);
+    return () => (fn ??= get!.call(globalThis) as Timer);
+  };
+  const nodeSetTimeout = lazy("setTimeout");
+  const nodeSetInterval = lazy("setInterval");
   // deno-lint-ignore no-explicit-any
   (globalThis as any).setTimeout = function setTimeout(cb: unknown, ms?: number, ...args: unknown[]): number {
-    // deno-lint-ignore no-explicit-any
-    return Number((nodeSetTimeout as any)(cb, ms, ...args));
+    return Number(nodeSetTimeout()(cb, ms, ...args));
   };
   // deno-lint-ignore no-explicit-any
   (globalThis as any).setInterval = function setInterval(cb: unknown, ms?: number, ...args: unknown[]): number {
-    // deno-lint-ignore no-explicit-any
-    return Number((nodeSetInterval as any)(cb, ms, ...args));
+    return Number(nodeSetInterval()(cb, ms, ...args));
   };
 }
 // One request's stray callback (a timer writing to a stream its client left, a rejected promise nobody awaits)
