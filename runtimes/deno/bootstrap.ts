@@ -9,7 +9,8 @@
 // argv: Deno.args = [entry file URL, node socket path, comma-separated env names to hide from the function,
 //                    frame channel (unix socket path)]
 
-import { makeRequest, wholeStaticResponse } from "./fastpath.ts";
+import { cancelRequest, makeRequest, wholeStaticResponse } from "./fastpath.ts";
+import { FrameQueue } from "./frames.ts";
 
 type Handler = (req: Request, info: unknown) => Response | Promise<Response>;
 type ErrorHandler = (err: unknown) => Response | Promise<Response>;
@@ -45,42 +46,45 @@ Deno.permissions.revokeSync({ name: "net", host: `unix:${CHANNEL}` });
 Deno.permissions.revokeSync({ name: "read", path: CHANNEL });
 Deno.permissions.revokeSync({ name: "write", path: CHANNEL });
 const writeFrames = (p: Uint8Array) => channel.write(p);
-const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 
 // ---------------------------------------------------------------------------------------------- output frames
-let outQueue: Uint8Array[] = [];
+// Frames made while JavaScript runs go out together, in one write once it is done (a microtask).
+const frames = new FrameQueue();
 let flushing = false;
 
-function frame(head: Record<string, unknown>, body?: Uint8Array): void {
-  const json = encoder.encode(JSON.stringify(head));
-  const blen = body ? body.byteLength : 0;
-  const jl = json.byteLength;
-  const hdr = new Uint8Array([jl >>> 24, (jl >>> 16) & 255, (jl >>> 8) & 255, jl & 255,
-    blen >>> 24, (blen >>> 16) & 255, (blen >>> 8) & 255, blen & 255]);
-  outQueue.push(hdr, json);
-  if (blen) outQueue.push(body!);
+function queued(): void {
   if (!flushing) {
     flushing = true;
     queueMicrotask(flush);
   }
 }
 
+function frame(head: Record<string, unknown>, body?: Uint8Array): void {
+  frames.push(JSON.stringify(head), body);
+  queued();
+}
+
+// The `h` array of a response head as JSON; most responses have no header or one content-type, a few kinds each.
+const typeHeads = new Map<string, string>();
+function headersJson(h: [string, string][]): string {
+  if (h.length === 0) return "[]";
+  if (h.length !== 1 || h[0][0] !== "content-type") return JSON.stringify(h);
+  let json = typeHeads.get(h[0][1]);
+  if (json === undefined) {
+    json = JSON.stringify(h);
+    if (typeHeads.size < 64) typeHeads.set(h[0][1], json);
+  }
+  return json;
+}
+
 async function flush(): Promise<void> {
   try {
-    while (outQueue.length) {
-      const parts = outQueue;
-      outQueue = [];
-      let total = 0;
-      for (const p of parts) total += p.byteLength;
-      const buf = new Uint8Array(total);
+    while (frames.length) {
+      const buf = frames.take();
       let off = 0;
-      for (const p of parts) {
-        buf.set(p, off);
-        off += p.byteLength;
-      }
-      off = 0;
       while (off < buf.byteLength) off += await writeFrames(buf.subarray(off));
+      frames.release(buf);
     }
   } catch {
     // The daemon is gone (channel closed): nothing left to serve.
@@ -195,7 +199,8 @@ const pending = new Set<Promise<unknown>>();
 // ------------------------------------------------------------------------------------------ requests
 type Req = {
   ctrl: ReadableStreamDefaultController<Uint8Array> | null;
-  abort: AbortController;
+  request: Request | null;
+  reader: ReadableStreamDefaultReader<Uint8Array> | null;
   credit: number;
   wake: (() => void) | null;
   done: boolean;
@@ -208,8 +213,7 @@ function errorText(e: unknown): string {
 }
 
 async function serveRequest(id: number, head: any): Promise<void> {
-  const abort = new AbortController();
-  const state: Req = { ctrl: null, abort, credit: WINDOW, wake: null, done: false };
+  const state: Req = { ctrl: null, request: null, reader: null, credit: WINDOW, wake: null, done: false };
   reqs.set(id, state);
   const hasBody = !head.e && head.m !== "GET" && head.m !== "HEAD";
   let body: ReadableStream<Uint8Array> | null = null;
@@ -219,7 +223,7 @@ async function serveRequest(id: number, head: any): Promise<void> {
   let done: () => void = () => {};
   const completed = new Promise<void>((r) => (done = r));
   try {
-    const request = makeRequest(head.u, head.m, head.h, body, abort.signal);
+    const request = state.request = makeRequest(head.u, head.m, head.h, body);
     let res: Response;
     try {
       res = await handler!(request, { remoteAddr: fakeAddr, completed });
@@ -239,7 +243,8 @@ async function serveRequest(id: number, head: any): Promise<void> {
     // A string or bytes body: no Headers, stream or reader (fastpath.ts); the same head frame as below.
     const whole = wholeStaticResponse(res, COALESCE_MAX);
     if (whole !== null) {
-      frame({ t: "h", i: id, s: whole.status, h: whole.headers, e: 1 }, whole.body);
+      frames.push(`{"t":"h","i":${id},"s":${whole.status},"h":${headersJson(whole.headers)},"e":1}`, whole.body);
+      queued();
       return;
     }
     const headers: [string, string][] = [];
@@ -270,7 +275,7 @@ async function serveRequest(id: number, head: any): Promise<void> {
     if (ended) out.e = 1;
     frame(out, first.length === 1 ? first[0] : concat(first, firstLen));
     if (reader && !ended) {
-      abort.signal.addEventListener("abort", () => reader.cancel().catch(() => {}));
+      state.reader = reader; // cancelled with the request
       while (true) {
         const { value, done: end } = await (next ?? reader.read());
         next = undefined;
@@ -339,7 +344,8 @@ function onFrame(head: any, body: Uint8Array): void {
         } catch {
           /* closed */
         }
-        r.abort.abort();
+        if (r.request !== null) cancelRequest(r.request);
+        r.reader?.cancel().catch(() => {});
         const w = r.wake;
         r.wake = null;
         w?.();
@@ -370,7 +376,7 @@ async function shutdown(reason: string): Promise<void> {
 }
 
 async function flushAndExit(code: number): Promise<never> {
-  while (flushing || outQueue.length) await new Promise((r) => setTimeout(r, 1));
+  while (flushing || frames.length) await new Promise((r) => setTimeout(r, 1));
   Deno.exit(code);
 }
 

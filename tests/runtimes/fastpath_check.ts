@@ -1,10 +1,11 @@
 // Run by tests/runtimes/test_deno_fastpath.py: each shortcut of runtimes/deno/fastpath.ts is on with this Deno,
 // and gives what the public path gives (or declines, and the public path runs). Prints one JSON line.
-import { fastPaths, makeRequest, wholeStaticResponse } from "../../runtimes/deno/fastpath.ts";
+import { cancelRequest, fastPaths, makeRequest, wholeStaticResponse } from "../../runtimes/deno/fastpath.ts";
 
 const failures: string[] = [];
 const check = (ok: boolean, what: string) => void (ok || failures.push(what));
 const dec = new TextDecoder();
+const enc = new TextEncoder();
 
 // The public path, as bootstrap.ts reads a response it cannot shortcut.
 async function publicWhole(res: Response) {
@@ -31,7 +32,8 @@ for (const [name, make] of statics) {
   if (whole === null) continue;
   check(whole.status === ref.status, `${name}: status ${whole.status} != ${ref.status}`);
   check(JSON.stringify(whole.headers) === JSON.stringify(ref.headers), `${name}: headers ${JSON.stringify(whole.headers)} != ${JSON.stringify(ref.headers)}`);
-  check(dec.decode(whole.body) === dec.decode(ref.body) && whole.body.byteLength === ref.body.byteLength, `${name}: body`);
+  const body = typeof whole.body === "string" ? enc.encode(whole.body) : whole.body; // encoded by the frame writer
+  check(dec.decode(body) === dec.decode(ref.body) && body.byteLength === ref.body.byteLength, `${name}: body`);
   check(res.bodyUsed, `${name}: body not marked used`);
 }
 
@@ -54,15 +56,17 @@ for (const [name, make] of declined) {
   check(name === "body read" || !res.bodyUsed, `${name}: body marked used though declined`);
 }
 
-// Requests: the same method, URL, headers (as iterated and as stored), body and signal as the public path.
+// Requests: the same method, URL, headers (as iterated and as stored), body and signal as the public path; the
+// signal aborted by `cancelRequest` whether the function asked for it before the cancel or only after.
+const CANCELLED = "The request has been cancelled."; // Deno.serve's reason
 async function same(name: string, method: string, headers: [string, string][], body: string | null) {
   const stream = () => body === null ? null : new ReadableStream<Uint8Array>({
     start: (c) => (c.enqueue(new TextEncoder().encode(body)), c.close()),
   });
-  const ours = new AbortController();
+  const url = "http://localhost/fn/x?q=1";
   let a: Request | Error, b: Request | Error;
   try {
-    a = makeRequest("http://localhost/fn/x?q=1", method, headers.map(([k, v]) => [k, v]), stream(), ours.signal);
+    a = makeRequest(url, method, headers.map(([k, v]) => [k, v]), stream());
   } catch (e) {
     a = e as Error;
   }
@@ -81,12 +85,23 @@ async function same(name: string, method: string, headers: [string, string][], b
   check(JSON.stringify([...a.headers]) === JSON.stringify([...b.headers]), `${name}: headers ${JSON.stringify([...a.headers])} vs ${JSON.stringify([...b.headers])}`);
   for (const [k] of headers) check(a.headers.get(k) === b.headers.get(k), `${name}: get(${k})`);
   const clone = a.clone();
+  const rewrapped = body === null ? new Request(a) : a.clone(); // new Request(a) would take a's body
   check(JSON.stringify([...clone.headers]) === JSON.stringify([...a.headers]), `${name}: clone`);
   check((await a.text()) === (await b.text()), `${name}: body`);
   check(!a.signal.aborted, `${name}: aborted early`);
-  ours.abort();
-  check(a.signal.aborted && (a.signal.reason as DOMException).name === "AbortError", `${name}: signal does not follow`);
-  check(clone.signal.aborted, `${name}: the clone's signal does not follow`);
+  check(a.redirect === b.redirect && a.mode === b.mode && a.cache === b.cache && a.referrer === b.referrer,
+    `${name}: defaults`);
+  check(rewrapped.url === b.url && rewrapped.method === b.method, `${name}: new Request(request)`);
+  cancelRequest(a);
+  const reason = a.signal.reason as DOMException;
+  check(a.signal.aborted && reason.name === "AbortError" && reason.message === CANCELLED, `${name}: signal does not follow`);
+  check(clone.signal.aborted && rewrapped.signal.aborted, `${name}: the clone's signal does not follow`);
+  // Cancelled before anyone asked for the signal: it is made aborted.
+  const late = makeRequest(url, method, headers.map(([k, v]) => [k, v]), stream());
+  if (late instanceof Request) {
+    cancelRequest(late);
+    check(late.signal.aborted && (late.signal.reason as DOMException).message === CANCELLED, `${name}: late signal`);
+  }
 }
 const plain: [string, string][] = [["host", "localhost"], ["accept", "*/*"], ["x-forwarded-for", "127.0.0.1"]];
 await same("GET", "GET", plain, null);
@@ -100,5 +115,10 @@ await same("bad name", "GET", [["bad name", "1"]], null);
 await same("bad value", "GET", [["x-a", "a\u0000b"]], null);
 await same("value past latin-1", "GET", [["x-a", "\u20ac"]], null);
 await same("no headers", "DELETE", [], null);
+await same("POST without body", "POST", plain, null);
+await same("HEAD", "HEAD", plain, null);
+await same("unusual method", "PROPFIND", plain, null);
+await same("lower-case method", "get", plain, null);
+await same("forbidden method", "TRACE", plain, null);
 
 console.log(JSON.stringify({ fastPaths, failures }));
