@@ -6,7 +6,7 @@
    (wss through the proxy) get each other's broadcasts again; no worker is restarted. Through the proxy,
    functions keep answering meanwhile: every worker's /ready fails while Redis is away, and HAProxy sends to
    them as backups (checked on /ready/local); the longest time without an answer is bounded by
-   `PROXY_GAP_BOUND` (measured: 0 failed requests, 0.6 s, which is the probes' own pace).
+   `PROXY_GAP_BOUND` (measured twice: 0 failed requests, 0.4-0.6 s, which is the probes' own pace).
 2. Postgres stays or becomes writable through a surviving state node's HAProxy (5000) within 30 s of shutting
    down the Patroni leader (the same machine when it holds both; else a second round).
 Each machine shut down is powered on again and the test waits until it has rejoined (Redis replica with its link
