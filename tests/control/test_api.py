@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -26,13 +27,18 @@ from tests.redis_server import RedisServer
 
 
 @asynccontextmanager
-async def control_plane(redis: RedisServer, tmp_path: Path) -> AsyncIterator[tuple[ControlHandle, httpx.AsyncClient]]:
+async def control_plane(
+    redis: RedisServer, tmp_path: Path, **settings_: Any
+) -> AsyncIterator[tuple[ControlHandle, httpx.AsyncClient]]:
+    """`serve_control` on a free port (tokens in `tmp_path`, more `ControlSettings` in `settings_`) and an HTTP
+    client holding the control token."""
     settings = ControlSettings(
         redis_url=redis.url,
         port=0,
         token_file=tmp_path / "control_token",
         node_token_file=tmp_path / "node_token",
         admin_token="worker-admin-token",
+        **settings_,
     )
     async with trio.open_nursery() as nursery:
         handle: ControlHandle = await nursery.start(serve_control, settings)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,12 +18,12 @@ import trio
 
 from mbworker.cli.cluster_cmds import status_table
 from mbworker.control.layout import LayoutError, LayoutNode, layout_json, parse_layout, read_layout
-from mbworker.control.serve import ControlHandle, serve_control
-from mbworker.control.settings import ControlSettings
+from mbworker.control.serve import ControlHandle
 from mbworker.lib.http.server import HttpServer, serve_http
 from mbworker.lib.http.types import HttpRequest, Responder, WebSocketHandler
 from mbworker.lib.redis import open_redis
 from mbworker.worker.cluster.heartbeat import NodeIdentity, NodeLoad, NodeState, serve_heartbeat
+from tests.control.test_api import control_plane as serve_control_plane
 from tests.redis_server import RedisServer
 
 DOWN_AFTER_S = 2.0
@@ -64,29 +64,19 @@ async def _listen(nursery: trio.Nursery, app: Answer, host: str, port: int = 0) 
     return server, scope
 
 
-@asynccontextmanager
-async def control_plane(
+def control_plane(
     redis: RedisServer, tmp_path: Path, layout: Path, patroni_port: int
-) -> AsyncIterator[tuple[ControlHandle, httpx.AsyncClient]]:
-    settings = ControlSettings(
-        redis_url=redis.url,
-        port=0,
-        token_file=tmp_path / "control_token",
-        node_token_file=tmp_path / "node_token",
-        admin_token="worker-admin-token",
+) -> AbstractAsyncContextManager[tuple[ControlHandle, httpx.AsyncClient]]:
+    """The control plane reading `layout` and probing fast (every 0.2 s)."""
+    return serve_control_plane(
+        redis,
+        tmp_path,
         node_name="c-system",
         layout_file=layout,
         down_after_s=DOWN_AFTER_S,
         probe_interval_s=0.2,
         patroni_port=patroni_port,
     )
-    async with trio.open_nursery() as nursery:
-        handle: ControlHandle = await nursery.start(serve_control, settings)
-        token = (tmp_path / "control_token").read_text().strip()
-        headers = {"authorization": f"Bearer {token}"}
-        async with httpx.AsyncClient(base_url=handle.url, headers=headers, timeout=10, trust_env=False) as http:
-            yield handle, http
-        nursery.cancel_scope.cancel()
 
 
 async def _until(
