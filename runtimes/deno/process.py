@@ -171,8 +171,7 @@ class DenoProcess:
                     os.unlink(self._channel_path)
                 await listener.bind(self._channel_path)
                 listener.listen(1)
-                await trio.to_thread.run_sync(self._make_tmp)
-                self.child = child = await self._spawner.spawn(argv, env, cwd=self.tmp)
+                self.child = child = await self._spawner.spawn(argv, env, cwd=self.tmp, before=self._make_tmp)
             except OSError as exc:
                 self.dead.set()
                 raise BootError(f"could not start deno: {exc}") from exc

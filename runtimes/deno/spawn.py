@@ -110,6 +110,17 @@ class ChildProcess:
             self.pidfd = -1
 
 
+async def _result(fut: concurrent.futures.Future[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    """The future's result, waited for on the trio thread (its done-callback wakes us: no worker thread in
+    between). Shielded: a started child must reach its owner."""
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+    fut.add_done_callback(lambda _: token.run_sync_soon(done.set))
+    with trio.CancelScope(shield=True):
+        await done.wait()
+    return fut.result()
+
+
 class Spawner:
     """Forks children from one long-lived thread (see module docstring). Close it with `shutdown()`."""
 
@@ -118,7 +129,16 @@ class Spawner:
         # Probed in the spawner thread, off the daemon's start; it runs before any spawn (one worker, FIFO).
         self._prefix = self._pool.submit(_setpriv_prefix)
 
-    async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path | None = None) -> ChildProcess:
+    async def spawn(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: Path | None = None,
+        before: Callable[[], None] | None = None,
+    ) -> ChildProcess:
+        """Start `argv`; `before` (blocking: e.g. making `cwd`) runs first in the spawner thread, so a cold start
+        waits for one thread hand-off, not one per step. Not cancellable once begun: the child it starts is
+        owned by the returned `ChildProcess`, never left behind."""
         fds: list[int] = []
         try:
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -128,6 +148,8 @@ class Spawner:
 
             def popen_fn() -> subprocess.Popen[bytes]:  # runs in the spawner thread
                 prefix = self._prefix.result()
+                if before is not None:
+                    before()
                 return subprocess.Popen(
                     [*prefix, *argv],
                     stdin=subprocess.DEVNULL,
@@ -140,8 +162,7 @@ class Spawner:
                     preexec_fn=None if prefix else _make_preexec(os.getpid()),
                 )
 
-            fut = self._pool.submit(popen_fn)
-            popen = await trio.to_thread.run_sync(fut.result)
+            popen = await _result(self._pool.submit(popen_fn))
         except BaseException:
             for fd in fds:
                 os.close(fd)
