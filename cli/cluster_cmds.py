@@ -152,9 +152,15 @@ def cmd_control_serve(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as client:
         nodes = client.nodes()
-    if args.output == "json":
-        print(json.dumps(nodes, indent=2))
-        return 0
+        if args.output == "json":
+            print(json.dumps(nodes, indent=2))  # the release and who is off it: GET /release
+            return 0
+        release = client.release()
+    rolling = f", rolling to {release['rolling_to']}" if release.get("rolling_to") else ""
+    print(f"release: mbworker {release['version']} ({release['source']}{rolling})")
+    for off in release.get("workers_off_release", []):
+        print(f"  ! {off['name']} runs {off['version']}, not the release: it installs it at its next start "
+              "(or run `cluster upgrade` again)")  # fmt: skip
     print("\n".join(status_table(nodes)))
     return 0
 

@@ -61,6 +61,11 @@ class ControlClient(AdminClient):
         result: dict[str, Any] = self._call("DELETE", f"{self.prefix}/nodes/{name}/drain")
         return result
 
+    def release(self) -> dict[str, Any]:
+        """The cluster's release and the workers running another version (control/release.py)."""
+        result: dict[str, Any] = self._call("GET", f"{self.prefix}/release")
+        return result
+
     def upstreams(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._call("GET", f"{self.prefix}/upstreams")
         return result

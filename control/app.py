@@ -2,7 +2,8 @@
 
 Every call needs `Authorization: Bearer <control token>` (compared in constant time); a missing or wrong one is
 a bare 401 with no detail. The optional node token (proxies, VictoriaMetrics) opens only what nodes read:
-`GET /upstreams` and `GET /scrape-targets`. Mutating calls are recorded in the audit ring with their result.
+`GET /upstreams`, `GET /scrape-targets` and `GET /release` (and wheels: control/upgrade_routes.py). Mutating calls
+are recorded in the audit ring with their result.
 Errors are JSON `{"code", "message"}`; the cluster's Redis unreachable is 503 REDIS_UNAVAILABLE with the reason.
 """
 
@@ -33,7 +34,9 @@ SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 SMALL_BODY = 64 * 1024
 JSON_HEADERS = [(b"content-type", b"application/json")]
 NODE_TOKEN_NAME = "node"
-NODE_ROUTES = frozenset({("GET", "/control/v1/upstreams"), ("GET", "/control/v1/scrape-targets")})
+NODE_ROUTES = frozenset(
+    {("GET", "/control/v1/upstreams"), ("GET", "/control/v1/scrape-targets"), ("GET", "/control/v1/release")}
+)
 NODE_READABLE = re.compile(r"^/control/v1/wheels/[^/]+(/[^/]+)?$")
 """Also open to the node token (GET): the wheels a worker's upgrade helper installs (control/upgrade_routes.py)."""
 

@@ -19,6 +19,7 @@ from mbworker.control.errors import StateUnavailable
 from mbworker.control.functions import ClusterFunctions
 from mbworker.control.probes import NodeProber
 from mbworker.control.registry import NodeRegistry
+from mbworker.control.release import RedisReleaseStore
 from mbworker.control.settings import ControlSettings
 from mbworker.control.token import TOKEN_NAME, load_or_create_token
 from mbworker.control.upgrade import Rollout
@@ -65,7 +66,8 @@ async def serve_control(
         registry = NodeRegistry(redis, down_after_s=settings.down_after_s, layout=prober)
         audit = MemoryAuditLog(settings.audit_size)
         wheels = WheelStore(settings.wheels_dir)
-        rollout = Rollout(registry, admin, wheels, audit, token_name=TOKEN_NAME)
+        release = RedisReleaseStore(redis, __version__)  # before any upgrade: the version shipped with the cluster
+        rollout = Rollout(registry, admin, wheels, audit, token_name=TOKEN_NAME, release=release)
         upgrades = UpgradeRoutes(rollout, wheels, registry, admin)
         app = ControlApp(
             token,

@@ -12,6 +12,11 @@ For each worker not already on the version (sorted by name):
 5. **ready**: a record from the new process (started after the request), ready: the hold is released, which puts
    it back in the upstreams; it must run the version asked for; then wait until every proxy has applied that.
 
+The cluster's release (control/release.py) says `rolling_to` the version while the rollout runs, so a worker that
+starts meanwhile (restarted, or added by a scale-out) is not turned back; workers that come up on another version
+during the rollout are upgraded after the planned ones. Once every up worker runs the version it is the release,
+which workers added or reinstalled later converge to. A rollout that fails leaves the release where it was.
+
 The first failure stops the rollout; the workers not yet reached are untouched and keep serving. A worker that
 failed does not serve a half-upgraded state: its helper restores the previous install when the new one does not
 install or import (it comes back on its previous version, serving: the cluster keeps its capacity), and a worker
@@ -34,9 +39,11 @@ from typing import Any, Protocol
 
 import trio
 
+from mbworker import __version__
 from mbworker.control.audit import AuditLog
-from mbworker.control.errors import ControlError, NotFound, WorkerCallFailed
+from mbworker.control.errors import ControlError, NotFound, StateUnavailable, WorkerCallFailed
 from mbworker.control.registry import NodeView
+from mbworker.control.release import MemoryReleaseStore, ReleaseStore
 from mbworker.control.wheel_store import HeldWheel, check_version
 
 log = logging.getLogger("mbworker.control.upgrade")
@@ -129,8 +136,10 @@ class Rollout:
         token_name: str,
         timeouts: Timeouts = Timeouts(),
         clock: Callable[[], float] = time.time,
+        release: ReleaseStore | None = None,
     ) -> None:
         self._registry = registry
+        self.release: ReleaseStore = release or MemoryReleaseStore(__version__)
         self._admin = admin
         self._wheels = wheels
         self._audit = audit
@@ -143,6 +152,11 @@ class Rollout:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the nursery rollouts started through the API run in (they outlive the request that started them)."""
+        try:
+            # a rollout runs inside this process: one that was running when it last stopped ended there
+            await self.release.rolling(None)
+        except StateUnavailable:
+            log.warning("could not clear a rollout left running by a previous start: Redis is unreachable")
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
@@ -194,19 +208,44 @@ class Rollout:
         return plan, report
 
     async def _roll(self, plan: list[NodeView], report: Report) -> None:
+        version = report.version
         try:
-            for node in plan:
-                name = node.record.name
-                try:
-                    await self._one(node, report)
-                except _StepFailed as exc:
-                    report.failed = {"node": name, "step": exc.step, "reason": exc.reason}
-                    self._record(report, name, exc.step, False, exc.reason)
-                    log.warning("upgrade to %s stopped at %s (%s): %s", report.version, name, exc.step, exc.reason)
-                    return
-                report.pending.remove(name)
-                report.upgraded.append(name)
+            if plan:
+                await self.release.rolling(version)
+            while plan:
+                for node in plan:
+                    name = node.record.name
+                    try:
+                        await self._one(node, report)
+                    except _StepFailed as exc:
+                        report.failed = {"node": name, "step": exc.step, "reason": exc.reason}
+                        self._record(report, name, exc.step, False, exc.reason)
+                        log.warning("upgrade to %s stopped at %s (%s): %s", version, name, exc.step, exc.reason)
+                        return
+                    report.pending.remove(name)
+                    report.upgraded.append(name)
+                # workers that came up on another version meanwhile (back from down, or added): upgraded too, so
+                # the version becomes the release only once every worker runs it
+                plan = sorted(
+                    (
+                        v for v in await self._registry.nodes()
+                        if v.record.role == "worker" and v.serving and v.record.version != version
+                        and v.record.name not in report.upgraded
+                    ),
+                    key=lambda v: v.record.name,
+                )  # fmt: skip
+                report.pending.extend(v.record.name for v in plan)
+            await self.release.settle(version)
+            self._audit.record(self._token, "release", 200, f"the cluster's release is {version}")
+        except StateUnavailable as exc:
+            report.failed = {"node": "-", "step": "redis", "reason": exc.message}
         finally:
+            if report.failed:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    try:
+                        await self.release.rolling(None)  # the release stays the version the others run
+                    except StateUnavailable:
+                        log.warning("could not end the rollout in the release record: Redis is unreachable")
             report.state = "failed" if report.failed or report.pending else "done"
             report.ended = time.monotonic()
             self._busy = False

@@ -2,6 +2,8 @@
 
     POST /control/v1/upgrade                  {"version"}: 202 once planned, a rolling upgrade (control/upgrade.py) runs
     GET  /control/v1/upgrade                  the running or last rollout: state, upgraded, pending, steps, failed
+    GET  /control/v1/release                  the cluster's release (control/release.py) and the workers off it
+                                              (node token too: a worker's helper converges to it at every start)
     GET  /control/v1/wheels                   versions held
     PUT  /control/v1/wheels/<version>         body: a tar of *.whl (the wheelhouse `provision` builds)
     GET  /control/v1/wheels/<version>         [{"filename", "sha256", "size"}]   (node token too: workers' helpers)
@@ -39,6 +41,7 @@ class UpgradeRoutes:
         return [
             ("POST", re.compile(rf"^{V1}/upgrade$"), self._upgrade, True),
             ("GET", re.compile(rf"^{V1}/upgrade$"), self._upgrade_status, False),
+            ("GET", re.compile(rf"^{V1}/release$"), self._release, False),
             ("GET", re.compile(rf"^{V1}/wheels$"), self._versions, False),
             ("PUT", re.compile(rf"^{V1}/wheels/([^/]+)$"), self._push, True),
             ("GET", re.compile(rf"^{V1}/wheels/([^/]+)$"), self._manifest, False),
@@ -56,6 +59,15 @@ class UpgradeRoutes:
 
     async def _upgrade_status(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
         return 200, self._rollout.last()
+
+    async def _release(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
+        release = await self._rollout.release.get()
+        off = [
+            {"name": v.record.name, "version": v.record.version}
+            for v in await self._registry.nodes()
+            if v.record.role == "worker" and v.up and not release.accepts(v.record.version)
+        ]
+        return 200, release.to_json() | {"workers_off_release": off}
 
     async def _versions(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
         return 200, await self._wheels.versions()

@@ -1,6 +1,7 @@
 """What systemd and the upgrade helper's units are to a cloud worker, for one local worker: run it from its own
-venv, and when it asks for an upgrade (`<data dir>/upgrade/request`), let `upgrade_helper.upgrade` install the
-version from the control plane into that venv and start it again.
+venv, converge it to the cluster's release before every start (`upgrade_helper.converge`, as mbworker.service's
+ExecStartPre), and when it asks for an upgrade (`<data dir>/upgrade/request`), let `upgrade_helper.upgrade` install
+the version from the control plane into that venv and start it again.
 
 Run by the local provider (`local.worker_venv`) as
 `python -m mbworker.provision.local_supervisor --venv V --data-dir D --control-url U --token-file T -- ARGV...`
@@ -18,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .upgrade_helper import Config, take_request, upgrade
+from .upgrade_helper import Config, converge, take_request, upgrade
 
 POLL_S = 0.1
 
@@ -26,8 +27,9 @@ POLL_S = 0.1
 class ChildService:
     """The worker process, as the helper's `Service`."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], cfg: Config) -> None:
         self.argv = argv
+        self.cfg = cfg
         self.proc: subprocess.Popen[bytes] | None = None
 
     def is_active(self) -> bool:
@@ -40,6 +42,7 @@ class ChildService:
             self.proc.wait(timeout=60)
 
     def start(self) -> None:
+        converge(self.cfg)
         # the child's own environment: not the PYTHONPATH that let this supervisor import mbworker from a checkout
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, env=env)
@@ -65,13 +68,13 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    child = ChildService([str(args.venv / "bin" / "python"), *worker])
+    work = args.data_dir.parent / f"{args.data_dir.name}.upgrade"  # beside the data dir, not in it
+    cfg = Config(args.control_url, args.token_file.read_text().strip(), args.venv, work)
+    child = ChildService([str(args.venv / "bin" / "python"), *worker], cfg)
     child.start()
     while True:
         version = None if stopping else take_request(request)
         if version is not None:
-            work = args.data_dir.parent / f"{args.data_dir.name}.upgrade"  # beside the data dir, not in it
-            cfg = Config(args.control_url, args.token_file.read_text().strip(), args.venv, work)
             upgrade(version, cfg, child)
             continue
         if not child.is_active():

@@ -208,7 +208,12 @@ def user_data(
             "admin_token": secrets.admin_token.get_secret_value(),
             "trusted_proxies": json.dumps(d.proxy_networks(spec)),
             "unit": render(
-                "mbworker.service", {"port": str(spec.daemon.port), "admin_port": str(spec.daemon.admin_port)}
+                "mbworker.service",
+                {
+                    "port": str(spec.daemon.port),
+                    "admin_port": str(spec.daemon.admin_port),
+                    "control_url": d.control_private_url(spec),
+                },
             ),
         }
         values |= _install(spec, server, ctx.wheels)

@@ -14,6 +14,13 @@ chooses only a version number; what gets installed is decided here:
    comes back on its previous version, still serving);
 5. the daemon is started again, either way.
 
+`--converge` is the same install run before every start of the daemon (mbworker.service's ExecStartPre; the local
+provider's supervisor before it starts its child): the control plane says the cluster's release (`GET /release`,
+control/release.py); a node on another version installs it first (steps 2 and 4), so a worker added by a
+scale-out after an upgrade, or reinstalled, starts on the cluster's version. It never keeps the daemon from
+starting: with the control plane unreachable (or a failed install) the daemon starts on what is installed, and the
+node converges at a later start (or the next `cluster upgrade`).
+
 Standard library only, and run by the system's python3: it must work while the install it replaces is half
 written. Every step is a line on stdout (the journal).
 """
@@ -42,6 +49,8 @@ WHEEL_FILE = re.compile(r"^[A-Za-z0-9_.+!-]+\.whl$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_REQUEST_BYTES = 256
 HTTP_TIMEOUT_S = 120.0
+ASK_TIMEOUT_S = 10.0
+"""How long a starting daemon waits for the control plane to say the release (a down system node costs this)."""
 
 
 class UpgradeError(Exception):
@@ -96,10 +105,10 @@ def say(line: str) -> None:
     print(f"mbworker-upgrade: {line}", flush=True)
 
 
-def _get(cfg: Config, path: str) -> bytes:
+def _get(cfg: Config, path: str, timeout: float = HTTP_TIMEOUT_S) -> bytes:
     req = urllib.request.Request(cfg.control_url.rstrip("/") + path, headers={"authorization": f"Bearer {cfg.token}"})
     try:
-        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             data: bytes = resp.read()
             return data
     except OSError as exc:  # URLError and HTTPError are OSErrors
@@ -130,7 +139,7 @@ def fetch(cfg: Config, version: str, into: Path) -> str:
 
 def installed_version(venv: Path) -> str:
     done = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import mbworker.cli.main, mbworker; print(mbworker.__version__)"],
+        [str(venv / "bin" / "python"), "-I", "-c", "import mbworker.cli.main, mbworker; print(mbworker.__version__)"],
         capture_output=True, text=True, timeout=120, env=_clean_env(),
     )  # fmt: skip
     if done.returncode != 0:
@@ -157,10 +166,7 @@ def _wait_stopped(service: Service, timeout: float, clock: Callable[[], float] =
 
 def upgrade(version: str, cfg: Config, service: Service) -> bool:
     """Install `version` and restart the daemon; True when it now runs `version`."""
-    work = cfg.work_dir / "download"
-    snapshot = cfg.work_dir / "previous"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(mode=0o700, parents=True)
+    work = _fresh(cfg.work_dir / "download")
     try:
         try:
             say(f"fetching mbworker {version} from the control plane")
@@ -171,8 +177,54 @@ def upgrade(version: str, cfg: Config, service: Service) -> bool:
         finally:
             say("waiting for the daemon to drain and exit")
             _wait_stopped(service, cfg.drain_timeout_s)
-        before = _dist_version(cfg.venv)
-        shutil.rmtree(snapshot, ignore_errors=True)
+        return _install(version, requirements, cfg, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        say("starting the daemon")
+        service.start()
+
+
+def converge(cfg: Config) -> str:
+    """Before the daemon starts: install the cluster's release if this node runs another version. The version
+    the daemon will start on; never raises (the daemon starts either way)."""
+    installed = _dist_version(cfg.venv)
+    try:
+        release = json.loads(_get(cfg, "/control/v1/release", timeout=ASK_TIMEOUT_S))
+        accepted = {release["version"], release.get("rolling_to")}
+        wanted = release.get("rolling_to") or release["version"]
+        if not isinstance(wanted, str) or not VERSION.match(wanted):
+            raise UpgradeError(f"no valid version in {release!r}")
+    except (UpgradeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        say(f"the control plane did not say the cluster's release ({exc}): starting {installed}, converging later")
+        return installed
+    if installed in accepted:
+        say(f"mbworker {installed} is the cluster's release")
+        return installed
+    say(f"this node has mbworker {installed}, the cluster runs {wanted}: installing it before the daemon starts")
+    work = _fresh(cfg.work_dir / "download")
+    try:
+        requirements = fetch(cfg, wanted, work)
+        return wanted if _install(wanted, requirements, cfg, work) else installed
+    except (UpgradeError, ValueError) as exc:
+        say(f"not converged, starting {installed}: {exc}")
+        return installed
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _fresh(work: Path) -> Path:
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(mode=0o700, parents=True)
+    return work
+
+
+def _install(version: str, requirements: str, cfg: Config, work: Path) -> bool:
+    """Install the fetched wheels (`requirements` pins them) with the daemon stopped; the previous install is put
+    back when the new one fails or does not report `version`."""
+    snapshot = cfg.work_dir / "previous"
+    before = _dist_version(cfg.venv)
+    shutil.rmtree(snapshot, ignore_errors=True)
+    try:
         # hard links: quick, and pip never writes into an installed file (it removes and creates), so the snapshot
         # keeps the previous files whole
         shutil.copytree(cfg.venv, snapshot, symlinks=True, copy_function=os.link)
@@ -195,10 +247,7 @@ def upgrade(version: str, cfg: Config, service: Service) -> bool:
         say(f"installed mbworker {version} (was {before})")
         return True
     finally:
-        shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(snapshot, ignore_errors=True)
-        say("starting the daemon")
-        service.start()
 
 
 class SystemdService:
@@ -223,17 +272,22 @@ class SystemdService:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="install the mbworker version a worker was asked for")
-    p.add_argument("--request", type=Path, required=True)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--request", type=Path, help="install the version the daemon asked for, then start it")
+    how.add_argument("--converge", action="store_true", help="before the daemon starts: install the cluster's release")
     p.add_argument("--control-url", required=True)
     p.add_argument("--token-file", type=Path, required=True)
     p.add_argument("--venv", type=Path, default=Path("/opt/mbworker"))
     p.add_argument("--work-dir", type=Path, default=Path("/var/cache/mbworker-upgrade"))
     p.add_argument("--unit", default="mbworker.service")
     args = p.parse_args(argv)
+    cfg = Config(args.control_url, args.token_file.read_text().strip(), args.venv, args.work_dir)
+    if args.converge:
+        converge(cfg)
+        return 0  # the daemon starts whatever happened
     version = take_request(args.request)
     if version is None:
         return 0
-    cfg = Config(args.control_url, args.token_file.read_text().strip(), args.venv, args.work_dir)
     return 0 if upgrade(version, cfg, SystemdService(args.unit)) else 1
 
 

@@ -132,7 +132,7 @@ async def test_workers_are_upgraded_one_at_a_time_and_the_cluster_serves_through
     assert min(cluster.serving_seen) >= 1
     assert [e.action for e in audit.entries()] == [
         f"upgrade {w} {step}" for w in ("w1", "w2") for step in ("leave", "request", "drain", "ready")
-    ]
+    ] + ["release"]
     # run again: nothing to do
     status, again = await _rollout(cluster, audit).upgrade("2.0")
     assert (status, again["upgraded"], again["skipped"]) == (200, [], ["w1", "w2"])

@@ -3,6 +3,11 @@
 50 ms and holds WebSockets through it. No request fails; a WebSocket on a leaving worker is closed with 1012
 (realtime-js reconnects on that) and one on the staying worker stays open. Scale-out to ready (the new worker
 answers through the proxy) and scale-in (the apply) are printed; docs/benchmarks.md records them.
+
+The new worker comes up on the cluster's release, not on the version the cluster was created with: after
+test_zz2_upgrade.py that is the upgraded version, which its daemon installs before it first starts (mbworker.service's
+ExecStartPre). Watched through the control plane from the apply on: every heartbeat of the new worker, before and
+after it enters the upstreams, reports the release.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from mbworker.provision.cli import main as provision_main
 
 from .conftest import Cluster, deploy_function
 from .test_serving import _wait_serving, _workers_stats
+from .test_zz1_control import _client
 
 pytestmark = pytest.mark.slow
 
@@ -102,6 +108,30 @@ def _scale(cluster: Cluster, count: int) -> float:
     return time.monotonic() - started
 
 
+@dataclass
+class NodeWatch:
+    """The control plane's view of workers not in `known`, twice a second, from a thread: (name, version, whether
+    it is in the upstreams) at each look, until `stop`."""
+
+    cluster: Cluster
+    known: set[str]
+    seen: list[tuple[str, str, bool]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        with _client(self.cluster) as client:
+            while not self.stop.wait(0.5):
+                upstreams = {u["name"] for u in client.upstreams()}
+                for n in client.nodes():
+                    if n["role"] == "worker" and n["name"] not in self.known:
+                        self.seen.append((n["name"], n["version"], n["name"] in upstreams))
+
+
+def control_nodes(cluster: Cluster) -> list[dict[str, object]]:
+    with _client(cluster) as client:
+        return client.nodes()
+
+
 def _in_rotation(cluster: Cluster, proxy: str, worker: str, timeout: float) -> None:
     """Until `worker` is UP in the proxy and has answered a 2xx through it."""
     deadline = time.monotonic() + timeout
@@ -146,12 +176,26 @@ async def test_scale_out_and_in_under_traffic_loses_nothing(cluster: Cluster) ->
                         await joined.wait()
 
             await open_sockets("before", 4)
+            with _client(cluster) as control:
+                release = control.release()
+            # the version every worker runs (test_zz2_upgrade.py upgraded them), which is the cluster's release
+            assert {n["version"] for n in control_nodes(cluster) if n["role"] == "worker"} == {release["version"]}
+            watch = NodeWatch(cluster, set(cluster.names("worker")))
+            watcher = threading.Thread(target=watch.run, daemon=True)
+            watcher.start()
             marks["scale out"] = time.monotonic()
             report["scale_out_apply_s"] = round(await trio.to_thread.run_sync(_scale, cluster, 3), 1)
             marks["scale out applied"] = time.monotonic()
             for worker in cluster.names("worker"):
                 await trio.to_thread.run_sync(_in_rotation, cluster, proxy, worker, 600.0)
             report["scale_out_to_ready_s"] = round(time.monotonic() - marks["scale out"], 1)
+            watch.stop.set()
+            await trio.to_thread.run_sync(watcher.join, 30)
+            report["release"] = release["version"]
+            report["new_workers_seen"] = sorted({(name, version) for name, version, _ in watch.seen})
+            # every look at a new worker, before and once in the upstreams: on the release
+            assert {version for _, version, _ in watch.seen} == {release["version"]}, report
+            assert {name for name, _, listed in watch.seen if listed} == set(cluster.names("worker")) - watch.known
             await open_sockets("after", 4)
             staying = cluster.names("worker")[0]
 

@@ -51,3 +51,25 @@ def retag_wheel(wheel: Path, version: str, out: Path) -> Path:
         for path, data in files.items():
             dst.writestr(zipfile.ZipInfo(path, date_time=(1980, 1, 1, 0, 0, 0)), data, zipfile.ZIP_DEFLATED)
     return target
+
+
+def tiny_wheel(version: str, out: Path) -> Path:
+    """A stand-in mbworker wheel, just enough for the upgrade helper's check (it imports `mbworker.cli.main` and
+    reports `mbworker.__version__`): installs in a second, with no dependencies."""
+    info = f"mbworker-{version}.dist-info/"
+    files = {
+        "mbworker/__init__.py": f"__version__ = {version!r}\n".encode(),
+        "mbworker/cli/__init__.py": b"",
+        "mbworker/cli/main.py": b"",
+        info + "METADATA": f"Metadata-Version: 2.1\nName: mbworker\nVersion: {version}\n".encode(),
+        info + "WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[info + "RECORD"] = (
+        "".join(f"{p},{_record_hash(d)},{len(d)}\n" for p, d in files.items()).encode() + f"{info}RECORD,,\n".encode()
+    )
+    target = out / f"mbworker-{version}-py3-none-any.whl"
+    out.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
+        for path, data in files.items():
+            dst.writestr(zipfile.ZipInfo(path, date_time=(1980, 1, 1, 0, 0, 0)), data, zipfile.ZIP_DEFLATED)
+    return target

@@ -1,6 +1,7 @@
 """The worker's upgrade helper (provision/upgrade_helper.py) against a stand-in control plane and service: wheels are
 fetched with the node token and checked against the control plane's sha256; a failed install puts the previous
-venv back; the daemon is started again whatever happened."""
+venv back; the daemon is started again whatever happened. Before a daemon starts, the helper converges its node to
+the cluster's release (a real pip install of a stand-in wheel), and never keeps it from starting."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from mbworker.provision.upgrade_helper import Config, upgrade
+from mbworker.provision.upgrade_helper import Config, converge, upgrade
+from tests.provision.rewheel import tiny_wheel
 
 TOKEN = "n" * 64
 WHEEL = "mbworker-2.0-py3-none-any.whl"
@@ -35,12 +37,20 @@ class Service:
         self.calls.append("start")
 
 
+Control = tuple[str, dict[str, bytes], dict[str, str]]
+RELEASE: dict[str, object] = {}
+"""What the stand-in control plane answers to `GET /release` (set by each test that asks)."""
+ASKED: list[str] = []
+
+
 @pytest.fixture
-def control() -> Iterator[tuple[str, dict[str, bytes], dict[str, str]]]:
+def control() -> Iterator[Control]:
     """A control plane holding `files` (name → bytes) as mbworker 2.0, listed with their sha256 unless `shas`
-    says otherwise; it answers only the node token. (URL, files, shas)."""
+    says otherwise, and the release in RELEASE; it answers only the node token. (URL, files, shas)."""
     files: dict[str, bytes] = {}
     listing: dict[str, str] = {}
+    RELEASE.clear()
+    ASKED.clear()
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: object) -> None:
@@ -51,7 +61,10 @@ def control() -> Iterator[tuple[str, dict[str, bytes], dict[str, str]]]:
                 self.send_response(401)
                 self.end_headers()
                 return
-            if self.path == "/control/v1/wheels/2.0":
+            ASKED.append(self.path)
+            if self.path == "/control/v1/release":
+                body = json.dumps(RELEASE).encode()
+            elif self.path == "/control/v1/wheels/2.0":
                 body = json.dumps([{"filename": n, "sha256": listing.get(n) or hashlib.sha256(d).hexdigest()}
                                    for n, d in files.items()]).encode()  # fmt: skip
             elif self.path.startswith("/control/v1/wheels/2.0/") and self.path.rsplit("/", 1)[1] in files:
@@ -81,9 +94,7 @@ def _setup(tmp_path: Path, url: str) -> tuple[Config, Path]:
     return Config(url, TOKEN, venv, tmp_path / "work", drain_timeout_s=5), site
 
 
-def test_a_failed_install_puts_the_previous_venv_back_and_starts_the_daemon(
-    tmp_path: Path, control: tuple[str, dict[str, bytes], dict[str, str]]
-) -> None:
+def test_a_failed_install_puts_the_previous_venv_back_and_starts_the_daemon(tmp_path: Path, control: Control) -> None:
     url, files, _ = control
     files[WHEEL] = b"not a wheel at all"
     cfg, site = _setup(tmp_path, url)
@@ -97,7 +108,7 @@ def test_a_failed_install_puts_the_previous_venv_back_and_starts_the_daemon(
 
 
 def test_nothing_is_installed_from_a_wheel_that_does_not_match_its_hash_or_without_the_token(
-    tmp_path: Path, control: tuple[str, dict[str, bytes], dict[str, str]], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, control: Control, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url, files, shas = control
     files[WHEEL] = b"the wheel"
@@ -111,3 +122,60 @@ def test_nothing_is_installed_from_a_wheel_that_does_not_match_its_hash_or_witho
     wrong = Config(url, "x" * 64, cfg.venv, cfg.work_dir, drain_timeout_s=5)
     assert upgrade("2.0", wrong, Service()) is False
     assert "401" in capsys.readouterr().out
+
+
+def test_a_node_on_the_release_starts_as_it_is_and_one_on_another_version_installs_the_release(
+    tmp_path: Path, control: Control, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, files, _ = control
+    cfg, site = _setup(tmp_path, url)
+    RELEASE.update(version="1.0", rolling_to=None)
+    assert converge(cfg) == "1.0"
+    assert ASKED == ["/control/v1/release"]  # nothing fetched
+    RELEASE.update(version="0.9", rolling_to="1.0")  # a rollout to 1.0 runs: this node is not turned back
+    assert converge(cfg) == "1.0"
+    assert "is the cluster's release" in capsys.readouterr().out
+
+    # another version: the release is fetched and installed first (this venv has no pip: it fails, rolled back)
+    RELEASE.update(version="2.0", rolling_to=None)
+    files[WHEEL] = b"not a wheel at all"
+    assert converge(cfg) == "1.0"
+    assert "/control/v1/wheels/2.0" in ASKED
+    out = capsys.readouterr().out
+    assert "the cluster runs 2.0: installing it before the daemon starts" in out
+    assert "putting 1.0 back" in out
+    assert (site / "previous.txt").read_text() == "the install that works"
+    assert (site / "mbworker-1.0.dist-info").is_dir()
+
+
+def test_without_the_control_plane_the_daemon_starts_on_what_is_installed(
+    tmp_path: Path, control: Control, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, _, _ = control
+    cfg, _ = _setup(tmp_path, url)
+    RELEASE.update(nonsense=True)
+    assert converge(cfg) == "1.0"
+    down = Config("http://127.0.0.1:9", TOKEN, cfg.venv, cfg.work_dir)  # discard port: nothing listens
+    assert converge(down) == "1.0"
+    out = capsys.readouterr().out
+    assert out.count("did not say the cluster's release") == 2
+    assert "starting 1.0, converging later" in out
+
+
+def test_a_worker_installed_with_the_shipped_version_converges_to_the_release(tmp_path: Path, control: Control) -> None:
+    url, files, _ = control
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300, capture_output=True)
+    shipped = tiny_wheel("1.0", tmp_path / "shipped")
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-index", "--disable-pip-version-check"]
+    subprocess.run([*pip, str(shipped)], check=True, timeout=300, capture_output=True)
+    release = tiny_wheel("2.0", tmp_path / "release")
+    files[release.name] = release.read_bytes()
+    RELEASE.update(version="2.0", rolling_to=None)
+    cfg = Config(url, TOKEN, venv, tmp_path / "work")
+    assert converge(cfg) == "2.0"
+    done = subprocess.run([str(venv / "bin" / "python"), "-I", "-c", "import mbworker; print(mbworker.__version__)"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.stdout.strip() == "2.0"
+    assert not (tmp_path / "work" / "previous").exists()
+    assert converge(cfg) == "2.0"  # the next start: nothing to do

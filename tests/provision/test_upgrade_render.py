@@ -1,6 +1,6 @@
 """A worker's cloud-init carries its rolling-upgrade helper: the helper's own source (decoded from the user data),
-started by mbworker.service once a daemon that left a request has exited, a root-only node token, and the control
-plane's private URL."""
+started by mbworker.service once a daemon that left a request has exited (and before every start, to converge to
+the cluster's release), a root-only node token, and the control plane's private URL."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ def test_a_worker_gets_the_upgrade_helper_its_units_and_the_node_token() -> None
     assert 'path: /etc/mbworker/control-node-token\n    permissions: "0600"' in text
     unit = block(text, "/etc/systemd/system/mbworker.service")
     assert "ExecStopPost=+/bin/sh -c 'test ! -f /var/lib/mbworker/upgrade/request || systemctl start" in unit
+    # before every start, as root, never failing the start: converge to the cluster's release
+    assert (
+        "ExecStartPre=-+/usr/bin/python3 /usr/local/sbin/mbworker-upgrade --converge "
+        "--control-url http://10.0.1.3:8002 --token-file /etc/mbworker/control-node-token\n" in unit
+    )
     service = block(text, "/etc/systemd/system/mbworker-upgrade.service")
     assert "--control-url http://10.0.1.3:8002 --token-file /etc/mbworker/control-node-token" in service
     assert "User=" not in service  # root: it writes /opt/mbworker, which the daemon cannot
