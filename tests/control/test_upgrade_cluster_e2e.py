@@ -2,7 +2,9 @@
 workers, each running from its own venv under the upgrade supervisor, as a cloud worker runs from /opt/mbworker
 under systemd): a version the control plane holds no wheels for is refused before any worker changes; once pushed,
 `cluster upgrade` moves both workers to it, one at a time, while a request every 50 ms through the gateway never
-fails. Project secrets set, listed and unset through the control plane (`secrets … --cluster`).
+fails; a third worker added afterwards, from the venv the cluster was created with, starts on the upgraded version
+(its supervisor converges it to the cluster's release first). Project secrets set, listed and unset through the
+control plane (`secrets … --cluster`).
 
 The second version is this checkout's wheel under a new number (tests/provision/rewheel.py): built once, retagged.
 The workers' venvs are copies of the test venv with the built wheel installed in place of the source checkout, so
@@ -127,6 +129,20 @@ async def test_a_rolling_upgrade_of_two_workers_under_load_loses_no_request(tmp_
         for i in (1, 2):
             for step in ("leave", "request", "drain", "ready"):
                 assert f"upgrade demo-worker-{i:03d} {step}" in out, out
+
+        # scale out after the upgrade: the third worker's venv is a copy of the one the cluster was created with
+        # (0.1.0), and its supervisor installs the release before it first starts: every beat of it says NEW
+        code, out = await _cli("up", "-c", str(spec), "--workers", "3")
+        assert code == 0, out
+        seen: set[object] = set()
+        with trio.fail_after(180):
+            while True:  # polled: the new worker installs, then starts and beats
+                third = [n for n in await _nodes(spec) if n["name"] == "demo-worker-003"]
+                seen |= {n["version"] for n in third}
+                if third and third[0]["ready"]:
+                    break
+                await trio.sleep(0.2)
+        assert seen == {NEW}
 
         # project secrets through the control plane: the store is the cluster's
         code, out = await _cli("secrets", "set", "UPGRADED=yes", "--cluster", str(spec))
