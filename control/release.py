@@ -110,7 +110,9 @@ class RedisReleaseStore:
             raise StateUnavailable(f"the cluster's Redis is unreachable: {exc}") from exc
 
     async def rolling(self, version: str | None) -> None:
-        await self._put(replace(await self.get(), rolling_to=version))
+        release = await self.get()
+        if release.rolling_to != version:  # nothing written otherwise: the shipped version stays derived
+            await self._put(replace(release, rolling_to=version))
 
     async def settle(self, version: str) -> None:
         await self._put(Release(version, self._clock()))

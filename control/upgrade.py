@@ -152,15 +152,24 @@ class Rollout:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the nursery rollouts started through the API run in (they outlive the request that started them)."""
-        try:
-            # a rollout runs inside this process: one that was running when it last stopped ended there
-            await self.release.rolling(None)
-        except StateUnavailable:
-            log.warning("could not clear a rollout left running by a previous start: Redis is unreachable")
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._end_stale_rollout)
             task_status.started()
             await trio.sleep_forever()
+
+    async def _end_stale_rollout(self) -> None:
+        """A rollout runs inside this process: one the release says is running ended when the process last stopped.
+        (In the background: Redis may not answer yet, and the control plane serves meanwhile.)"""
+        with trio.move_on_after(60):
+            while True:
+                try:
+                    if not self._busy:
+                        await self.release.rolling(None)
+                    return
+                except StateUnavailable:
+                    await trio.sleep(1)
+        log.warning("could not end a rollout left running by a previous start: Redis is unreachable")
 
     def _record(self, report: Report, node: str, step: str, ok: bool, result: str) -> None:
         report.steps.append(f"{node} {step}: {result}")
