@@ -281,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", type=Path, default=Path("/var/cache/mbworker-upgrade"))
     p.add_argument("--unit", default="mbworker.service")
     args = p.parse_args(argv)
+    # the install is read by the unprivileged daemon: not the umask of the unit this runs for (mbworker.service's
+    # 0027 applies to its ExecStartPre, and would leave new files unreadable to the mbworker user)
+    os.umask(0o022)
     cfg = Config(args.control_url, args.token_file.read_text().strip(), args.venv, args.work_dir)
     if args.converge:
         converge(cfg)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -172,10 +174,21 @@ def test_a_worker_installed_with_the_shipped_version_converges_to_the_release(tm
     release = tiny_wheel("2.0", tmp_path / "release")
     files[release.name] = release.read_bytes()
     RELEASE.update(version="2.0", rolling_to=None)
-    cfg = Config(url, TOKEN, venv, tmp_path / "work")
-    assert converge(cfg) == "2.0"
+    (tmp_path / "token").write_text(TOKEN)
+    # as mbworker.service's ExecStartPre runs it: the helper's own file, by a python of the system's, under the
+    # unit's umask (0027), which must not make the install unreadable to the unprivileged daemon
+    helper = resources.files("mbworker.provision").joinpath("upgrade_helper.py")
+    converged = subprocess.run(
+        [sys.executable, "-I", str(helper), "--converge", "--control-url", url, "--token-file", str(tmp_path / "token"),
+         "--venv", str(venv), "--work-dir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(0o027),
+    )  # fmt: skip
+    assert converged.returncode == 0, converged.stderr
+    assert "installed mbworker 2.0 (was 1.0)" in converged.stdout
+    installed = next(venv.glob("lib/python*/site-packages/mbworker/cli/main.py"))
+    assert installed.stat().st_mode & 0o777 == 0o644
     done = subprocess.run([str(venv / "bin" / "python"), "-I", "-c", "import mbworker; print(mbworker.__version__)"],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.stdout.strip() == "2.0"
     assert not (tmp_path / "work" / "previous").exists()
-    assert converge(cfg) == "2.0"  # the next start: nothing to do
+    assert converge(Config(url, TOKEN, venv, tmp_path / "work")) == "2.0"  # the next start: nothing to do
