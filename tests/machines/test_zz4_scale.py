@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.trio.client import ClientConnection, connect
 
 from mbworker.provision.cli import main as provision_main
+from mbworker.worker.errors import AdminApiError
 
 from .conftest import Cluster, deploy_function
 from .test_serving import _wait_serving, _workers_stats
@@ -118,11 +119,18 @@ class NodeWatch:
     seen: list[tuple[str, str, bool]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
 
+    errors: list[str] = field(default_factory=list)
+
     def run(self) -> None:
         with _client(self.cluster) as client:
             while not self.stop.wait(0.5):
-                upstreams = {u["name"] for u in client.upstreams()}
-                for n in client.nodes():
+                try:
+                    upstreams = {u["name"] for u in client.upstreams()}
+                    nodes = client.nodes()
+                except AdminApiError as exc:  # a look missed: the next one follows
+                    self.errors.append(str(exc))
+                    continue
+                for n in nodes:
                     if n["role"] == "worker" and n["name"] not in self.known:
                         self.seen.append((n["name"], n["version"], n["name"] in upstreams))
 
@@ -161,6 +169,8 @@ async def test_scale_out_and_in_under_traffic_loses_nothing(cluster: Cluster) ->
     thread = threading.Thread(target=traffic.run, daemon=True)
     thread.start()
     sockets: list[Socket] = []
+    watch = NodeWatch(cluster, set())
+    watcher = threading.Thread(target=watch.run, daemon=True)
     report: dict[str, object] = {}
     marks: dict[str, float] = {}
     try:
@@ -180,8 +190,7 @@ async def test_scale_out_and_in_under_traffic_loses_nothing(cluster: Cluster) ->
                 release = control.release()
             # the version every worker runs (test_zz2_upgrade.py upgraded them), which is the cluster's release
             assert {n["version"] for n in control_nodes(cluster) if n["role"] == "worker"} == {release["version"]}
-            watch = NodeWatch(cluster, set(cluster.names("worker")))
-            watcher = threading.Thread(target=watch.run, daemon=True)
+            watch.known = set(cluster.names("worker"))
             watcher.start()
             marks["scale out"] = time.monotonic()
             report["scale_out_apply_s"] = round(await trio.to_thread.run_sync(_scale, cluster, 3), 1)
@@ -190,7 +199,6 @@ async def test_scale_out_and_in_under_traffic_loses_nothing(cluster: Cluster) ->
                 await trio.to_thread.run_sync(_in_rotation, cluster, proxy, worker, 600.0)
             report["scale_out_to_ready_s"] = round(time.monotonic() - marks["scale out"], 1)
             watch.stop.set()
-            await trio.to_thread.run_sync(watcher.join, 30)
             report["release"] = release["version"]
             report["new_workers_seen"] = sorted({(name, version) for name, version, _ in watch.seen})
             # every look at a new worker, before and once in the upstreams: on the release
@@ -206,7 +214,10 @@ async def test_scale_out_and_in_under_traffic_loses_nothing(cluster: Cluster) ->
             nursery.cancel_scope.cancel()
     finally:
         traffic.stop.set()
+        watch.stop.set()
         thread.join(timeout=30)
+        if watcher.is_alive():
+            watcher.join(timeout=30)
     report["requests"] = len(traffic.results)
     # each failure placed after the last step it followed: "scale in +3.2s: 503 ..."
     report["failed"] = [
