@@ -2,9 +2,9 @@
 request for the node's upgrade helper, then drains the node.
 
 The daemon never installs anything itself: it runs unprivileged and cannot write its own install. The helper does
-(root on a cloud node: provision/upgrade_helper.py started by a systemd path unit; the local provider's supervisor
-on one machine). The daemon hands it only a version number, nothing it could be made to install from: the helper
-fetches that version's wheels and their sha256 from the control plane with its own token, installs them with
+(root on a cloud node: provision/upgrade_helper.py started by mbworker.service's ExecStopPost; the local provider's
+supervisor on one machine). The daemon hands it only a version number, nothing it could be made to install from:
+the helper fetches that version's wheels and their sha256 from the control plane with its own token, installs them with
 `pip --no-index --require-hashes`, and starts the daemon again once this one has drained and exited.
 
     <data dir>/upgrade/            made by whoever runs the helper: its presence says a helper is watching
