@@ -111,8 +111,8 @@ def _scale(cluster: Cluster, count: int) -> float:
 
 @dataclass
 class NodeWatch:
-    """The control plane's view of workers not in `known`, twice a second, from a thread: (name, version, whether
-    it is in the upstreams) at each look, until `stop`."""
+    """The control plane's view of workers not in `known` that have reported, twice a second, from a thread: (name,
+    version, whether it is in the upstreams) at each look, until `stop`."""
 
     cluster: Cluster
     known: set[str]
@@ -131,7 +131,8 @@ class NodeWatch:
                     self.errors.append(str(exc))
                     continue
                 for n in nodes:
-                    if n["role"] == "worker" and n["name"] not in self.known:
+                    # a worker of the layout that never reported is listed too (version "-"): only its beats count
+                    if n["role"] == "worker" and n["name"] not in self.known and n["last_seen_s"] is not None:
                         self.seen.append((n["name"], n["version"], n["name"] in upstreams))
 
 
