@@ -1,7 +1,8 @@
 """The cluster's release (control/release.py): what a rollout leaves it at, where it is kept, and how a worker's
 helper reads it. A version becomes the release only once every worker runs it; a rollout in progress is announced
 (`rolling_to`) so a worker that starts meanwhile is not turned back; a failed rollout leaves the release as it was.
-It lives in the cluster's Redis and outlives a control-plane restart, which ends a rollout left running."""
+It lives in the cluster's Redis and outlives a control-plane restart, which ends a rollout left running;
+`cluster status` shows it and the workers off it."""
 
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from mbworker import __version__
+from mbworker.cli.main import main as cli_main
 from mbworker.control.audit import MemoryAuditLog
 from mbworker.control.registry import NodeView
 from mbworker.control.release import MemoryReleaseStore, RedisReleaseStore, Release
 from mbworker.control.upgrade import Rollout, Timeouts
 from mbworker.lib.redis import open_redis
 from mbworker.worker.cluster.heartbeat import NodeIdentity, serve_heartbeat
+from tests.provision.local_cluster import write_local_spec
 from tests.redis_server import RedisServer
 
 from .test_api import _state, _wait_nodes, control_plane
@@ -80,7 +84,7 @@ async def test_a_failed_rollout_leaves_the_release_where_it_was(autojump_clock: 
 
 
 async def test_the_release_is_kept_in_redis_read_by_workers_helpers_and_outlives_a_restart(
-    redis_server: RedisServer, tmp_path: Path
+    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with open_redis(redis_server.url) as redis, trio.open_nursery() as nursery:
         w1 = NodeIdentity("worker", "w1", "10.0.1.5", 8000, 8001, "2.0")
@@ -99,7 +103,7 @@ async def test_the_release_is_kept_in_redis_read_by_workers_helpers_and_outlives
             await store.rolling("3.0")  # and another one, left running when the control plane stops
             body = (await http.get("/control/v1/release")).json()
             assert (body["version"], body["source"], body["rolling_to"]) == ("2.0", "upgrade", "3.0")
-        async with control_plane(redis_server, tmp_path) as (_, http):
+        async with control_plane(redis_server, tmp_path) as (handle, http):
             # kept; the rollout did not survive the restart, so a starting worker is no longer sent to 3.0 (ended
             # in the background as the control plane starts: polled)
             with trio.fail_after(10):
@@ -111,5 +115,11 @@ async def test_the_release_is_kept_in_redis_read_by_workers_helpers_and_outlives
             assert (body["version"], body["source"], body["rolling_to"]) == ("2.0", "upgrade", None)
             # cluster status shows who runs another version
             assert body["workers_off_release"] == [{"name": "w2", "version": "1.0"}]
+            (tmp_path / "control.json").write_text(json.dumps({"url": handle.url}))
+            argv = ["cluster", "status", "-c", str(write_local_spec(tmp_path)), "--state-dir", str(tmp_path)]
+            assert await trio.to_thread.run_sync(cli_main, argv) == 0
+            out = capsys.readouterr().out
+            assert "release: mbworker 2.0 (upgrade)\n" in out
+            assert "  ! w2 runs 1.0, not the release: it installs it at its next start" in out
         assert json.loads(await redis.get("mbw:release") or b"{}")["version"] == "2.0"
         nursery.cancel_scope.cancel()
