@@ -28,6 +28,20 @@ def _record_hash(data: bytes) -> str:
     return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
+def _write_wheel(target: Path, files: dict[str, bytes], record: str) -> Path:
+    """Zip `files` into `target` with a fresh RECORD at `record` (hashes and sizes of every other file), timestamps
+    fixed so equal inputs give equal wheels."""
+    files = {p: d for p, d in files.items() if p != record}
+    files[record] = (
+        "".join(f"{p},{_record_hash(d)},{len(d)}\n" for p, d in files.items()).encode() + f"{record},,\n".encode()
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
+        for path, data in files.items():
+            dst.writestr(zipfile.ZipInfo(path, date_time=(1980, 1, 1, 0, 0, 0)), data, zipfile.ZIP_DEFLATED)
+    return target
+
+
 def retag_wheel(wheel: Path, version: str, out: Path) -> Path:
     """A copy of `wheel` (mbworker-OLD-...) that says it is mbworker `version`, in `out`."""
     name, old, rest = wheel.name.split("-", 2)
@@ -40,17 +54,7 @@ def retag_wheel(wheel: Path, version: str, out: Path) -> Path:
             if path == new_info + "METADATA":
                 data = data.replace(f"\nVersion: {old}\n".encode(), f"\nVersion: {version}\n".encode(), 1)
             files[path] = data
-    record = new_info + "RECORD"
-    files[record] = (
-        "".join(f"{p},{_record_hash(d)},{len(d)}\n" for p, d in files.items() if p != record).encode()
-        + f"{record},,\n".encode()
-    )
-    target = out / f"{name}-{version}-{rest}"
-    out.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
-        for path, data in files.items():
-            dst.writestr(zipfile.ZipInfo(path, date_time=(1980, 1, 1, 0, 0, 0)), data, zipfile.ZIP_DEFLATED)
-    return target
+    return _write_wheel(out / f"{name}-{version}-{rest}", files, new_info + "RECORD")
 
 
 def tiny_wheel(version: str, out: Path) -> Path:
@@ -64,12 +68,4 @@ def tiny_wheel(version: str, out: Path) -> Path:
         info + "METADATA": f"Metadata-Version: 2.1\nName: mbworker\nVersion: {version}\n".encode(),
         info + "WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
-    files[info + "RECORD"] = (
-        "".join(f"{p},{_record_hash(d)},{len(d)}\n" for p, d in files.items()).encode() + f"{info}RECORD,,\n".encode()
-    )
-    target = out / f"mbworker-{version}-py3-none-any.whl"
-    out.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
-        for path, data in files.items():
-            dst.writestr(zipfile.ZipInfo(path, date_time=(1980, 1, 1, 0, 0, 0)), data, zipfile.ZIP_DEFLATED)
-    return target
+    return _write_wheel(out / f"mbworker-{version}-py3-none-any.whl", files, info + "RECORD")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import textwrap
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -20,6 +21,21 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "functions"
 
 def deno_bin() -> str:
     return require_binary("deno", DenoSettings.model_validate({}).deno_bin)
+
+
+def run_deno_check(script: Path, deno_dir: Path) -> dict[str, Any]:
+    """Run a self-checking Deno script (no network, no config, nothing granted) and return the JSON object it
+    prints last; fails the test when the script exits non-zero."""
+    done = subprocess.run(
+        [deno_bin(), "run", "--no-remote", "--no-config", "--no-lock", "--no-prompt", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"DENO_DIR": str(deno_dir), "NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def write_fn(tmp_path: Path, source: str, *, name: str = "fn", files: dict[str, str] | None = None) -> Path:
