@@ -154,8 +154,11 @@ class VersionPool:
                 deno_dir = template if self._warm_up else base / spare.DENO_DIR
                 paths = VersionPaths(base, deno_dir, base / spare.TMPS, base / "import_map.json")
                 ready = None if self._warm_up else self._shared.spares.take()
+                began = False
 
                 def make() -> None:
+                    nonlocal began
+                    began = True
                     if self._warm_up:
                         paths.base.mkdir(parents=True, exist_ok=True)
                         paths.tmps.mkdir(mode=0o700, exist_ok=True)
@@ -163,7 +166,14 @@ class VersionPool:
                         spare.make_version_dir(template, base)
                     write_import_map(self.fn, paths.import_map)
 
-                await trio.to_thread.run_sync(make)
+                try:
+                    await trio.to_thread.run_sync(make)
+                except BaseException:
+                    # Cancelled before the thread ran: the spare is untouched and whole, so it stays one (once the
+                    # thread runs it is not cancelled: `make` consumed it).
+                    if ready is not None and not began:
+                        self._shared.spares.put_back(ready)
+                    raise
                 self._paths = paths
             return self._paths
 

@@ -292,7 +292,9 @@ async def open_deno_runtime(
             )
             runtime = DenoRuntime(shared)
             await runtime._compile_bootstrap(settings.limits)
-            await shared.spares.fill()  # after: a copy of the compiled template
+            # After the compile (a copy of the compiled template), in the background: the runtime serves without
+            # waiting for it, and a cold start before it is ready copies for itself.
+            nursery.start_soon(shared.spares.fill)
             try:
                 yield runtime
             finally:
