@@ -192,8 +192,8 @@ function requestProbesPass(): boolean {
     const late = bodiless("GET", "http://x/q", []);
     const signal = early.signal;
     const clone = early.clone();
-    cancel(early);
-    cancel(late);
+    cancelRequest(early);
+    cancelRequest(late);
     const ctrl = new AbortController();
     const body = new ReadableStream<Uint8Array>();
     const posted = withBody("http://x/p", "POST", [["a", "1"]], body, ctrl.signal);
@@ -211,7 +211,8 @@ function requestProbesPass(): boolean {
 // The reason Deno.serve gives a cancelled request's signal.
 const CANCELLED = "The request has been cancelled.";
 
-function cancel(req: Request): void {
+/** Abort the signal of a request `makeRequest` made (the daemon cancelled it: its client left). */
+export function cancelRequest(req: Request): void {
   const r = req as Any;
   const inner = r[REQUEST];
   if (inner instanceof InnerRequest) {
@@ -255,11 +256,6 @@ export function makeRequest(
   const req = new Request(url, { method, headers, body, signal: ctrl.signal, duplex: "half" } as Any);
   controllers.set(req, ctrl);
   return req;
-}
-
-/** Abort the signal of a request `makeRequest` made (the daemon cancelled it: its client left). */
-export function cancelRequest(req: Request): void {
-  cancel(req);
 }
 
 /** Which shortcuts this Deno allows (both are expected on the Deno mbworker ships). */
