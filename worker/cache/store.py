@@ -338,15 +338,10 @@ class ResultCache:
         """Lead or follow the flight for `miss.key`. An async context manager; `timeout` bounds a follower's
         wait. Enter it right after `lookup`, with no `await` in between."""
         key = miss.key
-        if miss.config.ttl is None and (key[0], key[1]) not in self._shareable:
-            # Nothing of this version was storable yet: run alone, unlisted (the response may still be stored).
+        if self.runs_alone(miss):  # a leader of its own, unlisted: nobody follows it (its response may be stored)
             return CacheFlight(self, miss, Flight(key, _unlisted), True, timeout)
-        until = self._solo.get(key)
-        if until is not None:
-            if until > self._clock():  # a leader of its own, unlisted: nobody follows it (its response may be stored)
-                return CacheFlight(self, miss, Flight(key, _unlisted), True, timeout)
-            del self._solo[key]
-        flight, leader = self._flights.join(miss.key)
+        self._solo.pop(key, None)  # its hit-for-miss window, if any, has passed
+        flight, leader = self._flights.join(key)
         return CacheFlight(self, miss, flight, leader, timeout)
 
     def runs_alone(self, miss: Miss) -> bool:
