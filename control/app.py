@@ -159,7 +159,7 @@ class ControlApp:
     async def _drain(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
         # Out of the upstreams first (a hold: the node is not told) and every proxy has applied that, then the
         # drain ask, which the node acts on at its next beat: no proxy sends it a request once it stops accepting.
-        name = (await self.registry.get(args[0])).record.name
+        name = (await self.registry.drainable(args[0])).record.name
         await self.registry.hold(name)
         await self.registry.wait_proxies_caught_up(PROXY_CATCH_UP_S)
         view = await self.registry.ask_drain(name)

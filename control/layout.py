@@ -22,6 +22,8 @@ from typing import Any
 from mbworker.control.errors import ControlError
 
 NODE_EXPORTER_PORT = 9100
+PATRONI_PORT = 8008
+"""Patroni's REST API on state nodes: its peers, HAProxy's checks and the control plane's probe use it."""
 ROLES = ("system", "proxy", "worker", "state", "nat")
 
 

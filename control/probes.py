@@ -26,14 +26,13 @@ from typing import Any
 import httpx
 import trio
 
-from mbworker.control.layout import LayoutError, LayoutNode, read_layout
+from mbworker.control.layout import PATRONI_PORT, LayoutError, LayoutNode, read_layout
 from mbworker.control.registry import HEARTBEAT_ROLES, NodeRecord
 
 log = logging.getLogger("mbworker.control.probes")
 
 PROBE_INTERVAL_S = 5.0
 PROBE_TIMEOUT_S = 2.0
-PATRONI_PORT = 8008
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mbworker.control.errors import NotFound, StateUnavailable
+from mbworker.control.errors import ControlError, NotFound, StateUnavailable
 from mbworker.control.layout import NODE_EXPORTER_PORT, LayoutNode
 from mbworker.lib.redis import Redis, RedisError
 
@@ -233,12 +233,22 @@ class NodeRegistry:
                 return view
         raise NotFound(f"no node {name!r}")
 
+    async def drainable(self, name: str) -> NodeView:
+        """The node `name`, if it is one that can drain: a state or NAT node has no mbworker to ask (409)."""
+        view = await self.get(name)
+        if view.record.role not in HEARTBEAT_ROLES:
+            raise ControlError(f"{name} is a {view.record.role} node, with no mbworker to drain", status=409)
+        return view
+
     async def serving_workers(self) -> list[NodeView]:
-        return [v for v in await self.nodes() if v.record.role == "worker" and v.serving]
+        """Workers that report, are ready and are not held or draining (by name). Only reports count here, not the
+        layout: every proxy asks this each second."""
+        workers = [v for v in await self._reported() if v.record.role == "worker" and v.serving]
+        return sorted(workers, key=lambda v: v.record.name)
 
     async def ask_drain(self, name: str) -> NodeView:
         """Take `name` out of the upstreams now; it drains at its next heartbeat (within a second)."""
-        view = await self.get(name)
+        view = await self.drainable(name)
         try:
             await self._redis.set(f"{self._p}node:{name}:drain", str(self._clock()), ex=DRAIN_TTL_S)
         except RedisError as exc:

@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mbworker.control.layout import PATRONI_PORT
+
 
 class ControlSettings(BaseSettings):
     """Env names are `MBWORKER_CONTROL_<FIELD>`."""
@@ -36,7 +38,9 @@ class ControlSettings(BaseSettings):
     )
     down_after_s: float = Field(15.0, gt=0, description="A node silent this long is shown as down")
     probe_interval_s: float = Field(5.0, gt=0, description="How often nodes without a heartbeat are probed")
-    patroni_port: int = Field(8008, ge=1, le=65535, description="Patroni's REST API on state nodes (health probe)")
+    patroni_port: int = Field(
+        PATRONI_PORT, ge=1, le=65535, description="Patroni's REST API on state nodes (health probe)"
+    )
     session_lifetime_s: float = Field(
         3600.0, gt=0, description="Longest access-token lifetime: a revoked session stays denied this long"
     )

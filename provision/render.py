@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-from mbworker.control.layout import LayoutNode, layout_json
+from mbworker.control.layout import PATRONI_PORT, LayoutNode, layout_json
 
 from . import desired as d
 from .secrets import ClusterSecrets
@@ -38,9 +38,8 @@ WORKER_PORTS = (22, 9100)
 STATE_PORTS = (22, 5000, 5001, 6379, 9100, d.SENTINEL_PORT)
 #: ... and what only the other state nodes may reach: etcd, PostgreSQL and PgBouncer (replication, HAProxy's
 #: backends) and Patroni's REST API. A worker that is compromised cannot force a failover or rewrite etcd.
-STATE_PEER_PORTS = (2379, 2380, 5432, 6432, 8008)
-#: Patroni's REST API: also open to the system node, whose control plane probes `GET /health` (control/probes.py).
-PATRONI_REST_PORT = 8008
+STATE_PEER_PORTS = (2379, 2380, 5432, 6432, PATRONI_PORT)
+#: Patroni's REST API (`PATRONI_PORT`) is also open to the system node, whose control plane probes `GET /health`.
 #: systemd-journal-remote on the system node's private address: every other node uploads its journal there.
 JOURNAL_PORT = 19532
 
@@ -170,7 +169,7 @@ def _private(
         ports_list = ", ".join(str(p) for p in peer_ports)
         rules.append(f"ip saddr {{ {', '.join(peers)} }} tcp dport {{ {ports_list} }} accept")
     if health_from:
-        rules.append(f"ip saddr {health_from} tcp dport {PATRONI_REST_PORT} accept")
+        rules.append(f"ip saddr {health_from} tcp dport {PATRONI_PORT} accept")
     return {
         "private_bootcmd": render(
             "private-bootcmd.yaml",
@@ -346,7 +345,9 @@ def _state_values(spec: ClusterSpec, server: d.DesiredServer, secrets: ClusterSe
         "replication_password": secrets.replication_password.get_secret_value(),
         "redis_password": redis_pw,
         "redis_mode": mode,
-        "pg_servers": "\n".join(f"    server {n} {i}:6432 check port 8008" for n, i in zip(names, ips, strict=True)),
+        "pg_servers": "\n".join(
+            f"    server {n} {i}:6432 check port {PATRONI_PORT}" for n, i in zip(names, ips, strict=True)
+        ),
         "redis_replicaof": "# the first node starts as master" if server.index == 1 else f"replicaof {ips[0]} 6379",
         "sentinel_conf": sentinel,
         "sentinel_start": sentinel_start,

@@ -158,6 +158,12 @@ async def test_every_node_of_the_layout_is_listed_and_a_silent_one_is_down_with_
                 assert listed[name]["state"] == "down"
                 assert listed[name]["why_not"].startswith("no heartbeat on record"), listed[name]
             assert [u["name"] for u in (await http.get("/control/v1/upstreams")).json()] == ["c-worker-001"]
+            # a probed node has no mbworker to drain: refused, and nothing is written for it
+            refused = await http.post("/control/v1/nodes/c-state-001/drain")
+            assert refused.status_code == 409, refused.text
+            assert "no mbworker to drain" in refused.text
+            assert await redis.get("mbw:node:c-state-001:hold") is None
+            assert await redis.get("mbw:node:c-state-001:drain") is None
             # `cluster status`'s table: a node never seen says so, with its reason
             table = {line.split()[1]: line for line in status_table(list(listed.values()))[1:]}
             assert table["c-nat"].split()[:4] == ["nat", "c-nat", "127.0.0.4", "-"], table["c-nat"]
