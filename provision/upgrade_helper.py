@@ -186,28 +186,32 @@ def upgrade(version: str, cfg: Config, service: Service) -> bool:
 
 def converge(cfg: Config) -> str:
     """Before the daemon starts: install the cluster's release if this node runs another version. The version
-    the daemon will start on; never raises (the daemon starts either way)."""
-    installed = _dist_version(cfg.venv)
+    the daemon will start on; never raises (the daemon starts either way, on what is installed)."""
+    work = cfg.work_dir / "download"
     try:
-        release = json.loads(_get(cfg, "/control/v1/release", timeout=ASK_TIMEOUT_S))
-        accepted = {release["version"], release.get("rolling_to")}
-        wanted = release.get("rolling_to") or release["version"]
-        if not isinstance(wanted, str) or not VERSION.match(wanted):
-            raise UpgradeError(f"no valid version in {release!r}")
-    except (UpgradeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        say(f"the control plane did not say the cluster's release ({exc}): starting {installed}, converging later")
-        return installed
-    if installed in accepted:
-        say(f"mbworker {installed} is the cluster's release")
-        return installed
-    say(f"this node has mbworker {installed}, the cluster runs {wanted}: installing it before the daemon starts")
-    work = _fresh(cfg.work_dir / "download")
-    try:
+        installed = _dist_version(cfg.venv)
+        try:
+            release = json.loads(_get(cfg, "/control/v1/release", timeout=ASK_TIMEOUT_S))
+            accepted = {release["version"], release.get("rolling_to")}
+            wanted = release.get("rolling_to") or release["version"]
+            if not isinstance(wanted, str) or not VERSION.match(wanted):
+                raise UpgradeError(f"no valid version in {release!r}")
+        except Exception as exc:  # any answer but a release: the daemon starts on what is installed
+            say(f"the control plane did not say the cluster's release ({exc}): starting {installed}, converging later")
+            return installed
+        if installed in accepted:
+            say(f"mbworker {installed} is the cluster's release")
+            return installed
+        say(f"this node has mbworker {installed}, the cluster runs {wanted}: installing it before the daemon starts")
+        _fresh(work)
         requirements = fetch(cfg, wanted, work)
         return wanted if _install(wanted, requirements, cfg, work) else installed
-    except (UpgradeError, ValueError) as exc:
-        say(f"not converged, starting {installed}: {exc}")
-        return installed
+    except Exception as exc:
+        # a download or disk failure, a bad wheel listing, a cut transfer: whatever it was, the daemon starts on what
+        # is installed (`_install` put the previous install back if it had begun) and converges at a later start
+        now = _dist_version(cfg.venv)
+        say(f"not converged, starting {now}: {exc!r}")
+        return now
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -43,6 +43,8 @@ Control = tuple[str, dict[str, bytes], dict[str, str]]
 RELEASE: dict[str, object] = {}
 """What the stand-in control plane answers to `GET /release` (set by each test that asks)."""
 ASKED: list[str] = []
+LISTING: list[object] = []
+"""When set, what the stand-in control plane lists for mbworker 2.0 instead of `files`."""
 
 
 @pytest.fixture
@@ -53,6 +55,7 @@ def control() -> Iterator[Control]:
     listing: dict[str, str] = {}
     RELEASE.clear()
     ASKED.clear()
+    LISTING.clear()
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: object) -> None:
@@ -66,6 +69,8 @@ def control() -> Iterator[Control]:
             ASKED.append(self.path)
             if self.path == "/control/v1/release":
                 body = json.dumps(RELEASE).encode()
+            elif self.path == "/control/v1/wheels/2.0" and LISTING:
+                body = json.dumps(LISTING).encode()
             elif self.path == "/control/v1/wheels/2.0":
                 body = json.dumps([{"filename": n, "sha256": listing.get(n) or hashlib.sha256(d).hexdigest()}
                                    for n, d in files.items()]).encode()  # fmt: skip
@@ -162,6 +167,24 @@ def test_without_the_control_plane_the_daemon_starts_on_what_is_installed(
     out = capsys.readouterr().out
     assert out.count("did not say the cluster's release") == 2
     assert "starting 1.0, converging later" in out
+
+
+def test_converging_never_raises_whatever_fails_the_daemon_starts_on_what_is_installed(
+    tmp_path: Path, control: Control, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, files, _ = control
+    cfg, site = _setup(tmp_path, url)
+    RELEASE.update(version="2.0", rolling_to=None)
+    LISTING.append("not an entry")  # item.get: AttributeError
+    assert converge(cfg) == "1.0"
+    assert "not converged, starting 1.0: AttributeError" in capsys.readouterr().out
+    LISTING.clear()
+    files[WHEEL] = b"a wheel"
+    blocked = Config(url, TOKEN, cfg.venv, tmp_path / "a-file" / "work")  # the download dir cannot be made: OSError
+    (tmp_path / "a-file").write_text("")
+    assert converge(blocked) == "1.0"
+    assert "not converged, starting 1.0: NotADirectoryError" in capsys.readouterr().out
+    assert (site / "previous.txt").read_text() == "the install that works"
 
 
 def test_a_worker_installed_with_the_shipped_version_converges_to_the_release(tmp_path: Path, control: Control) -> None:
