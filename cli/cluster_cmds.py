@@ -153,7 +153,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as client:
         nodes = client.nodes()
         if args.output == "json":
-            print(json.dumps(nodes, indent=2))  # the release and who is off it: GET /release
+            print(json.dumps(nodes, indent=2))  # the release and who is off it: GET /release?workers=1
             return 0
         release = client.release()
     rolling = f", rolling to {release['rolling_to']}" if release.get("rolling_to") else ""

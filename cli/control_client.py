@@ -63,7 +63,7 @@ class ControlClient(AdminClient):
 
     def release(self) -> dict[str, Any]:
         """The cluster's release and the workers running another version (control/release.py)."""
-        result: dict[str, Any] = self._call("GET", f"{self.prefix}/release")
+        result: dict[str, Any] = self._call("GET", f"{self.prefix}/release?workers=1")
         return result
 
     def upstreams(self) -> list[dict[str, Any]]:

@@ -1,14 +1,16 @@
 """The cluster's release: the mbworker version its workers are meant to run, and the one a rollout moves them to.
 
-    <p>release   {"version", "since", "rolling_to"}   JSON, in the cluster's Redis (replicated, watched by the
-                                                       Sentinels): it outlives a control-plane restart
+    <p>release   {"version", "since"}   JSON, in the cluster's Redis (replicated, watched by the Sentinels): it
+                                         outlives a control-plane restart
 
 `version` is the version of the last rolling upgrade that reached every worker (control/upgrade.py), or, before
 any, the shipped one: the version the control plane itself runs (the system node installs from the same wheelhouse
-as the workers). `rolling_to` is set while a rollout runs. A version becomes the release only once every worker
-runs it; a rollout that stops at a failure leaves the release where it was (the version of every worker it did not
-reach, and of the failed one, which its helper rolls back) and clears `rolling_to`; the workers it did upgrade are
-shown off the release in `cluster status` until the upgrade is run again.
+as the workers). `rolling_to` is not kept here: a rollout runs only inside the control-plane process, so it is that
+process's `Rollout` that says it (`Rollout.current`), and it cannot outlive the rollout (a control plane that
+restarts mid-rollout forgets it). A version becomes the release only once every worker runs it; a rollout that
+stops at a failure leaves the release where it was (the version of every worker it did not reach, and of the
+failed one, which its helper rolls back); the workers it did upgrade are shown off the release in `cluster status`
+until the upgrade is run again.
 
 Workers converge to it whenever their daemon starts (provision/upgrade_helper.py `converge`, mbworker.service's
 ExecStartPre): one that runs neither `version` nor `rolling_to` installs `rolling_to` or else `version` first, so a
@@ -24,7 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mbworker.control.errors import StateUnavailable
@@ -39,6 +41,7 @@ class Release:
     since: float | None = None
     """When it became the release (None: the shipped version, never upgraded)."""
     rolling_to: str | None = None
+    """The version a rollout running now moves workers to: set by `Rollout.current`, never stored."""
 
     @property
     def source(self) -> str:
@@ -53,10 +56,8 @@ class Release:
 
 
 class ReleaseStore(Protocol):
-    async def get(self) -> Release: ...
-
-    async def rolling(self, version: str | None) -> None:
-        """A rollout to `version` starts (None: it ended without reaching every worker)."""
+    async def get(self) -> Release:
+        """The stored release (`rolling_to` None)."""
         ...
 
     async def settle(self, version: str) -> None:
@@ -71,9 +72,6 @@ class MemoryReleaseStore:
 
     async def get(self) -> Release:
         return self.release
-
-    async def rolling(self, version: str | None) -> None:
-        self.release = replace(self.release, rolling_to=version)
 
     async def settle(self, version: str) -> None:
         self.release = Release(version, self._clock())
@@ -97,22 +95,18 @@ class RedisReleaseStore:
             return Release(self._shipped)
         try:
             value = json.loads(raw)
-            return Release(str(value["version"]), value.get("since"), value.get("rolling_to"))
+            # a "rolling_to" an earlier control plane wrote is ignored: no rollout outlives the process it ran in
+            return Release(str(value["version"]), value.get("since"))
         except (ValueError, KeyError, TypeError):
             log.warning("ignored a malformed release record %r: the shipped version %s stands", raw, self._shipped)
             return Release(self._shipped)
 
     async def _put(self, release: Release) -> None:
-        raw = json.dumps({"version": release.version, "since": release.since, "rolling_to": release.rolling_to})
+        raw = json.dumps({"version": release.version, "since": release.since})
         try:
             await self._redis.set(self._key, raw)
         except RedisError as exc:
             raise StateUnavailable(f"the cluster's Redis is unreachable: {exc}") from exc
-
-    async def rolling(self, version: str | None) -> None:
-        release = await self.get()
-        if release.rolling_to != version:  # nothing written otherwise: the shipped version stays derived
-            await self._put(replace(release, rolling_to=version))
 
     async def settle(self, version: str) -> None:
         await self._put(Release(version, self._clock()))

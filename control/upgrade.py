@@ -12,8 +12,9 @@ For each worker not already on the version (sorted by name):
 5. **ready**: a record from the new process (started after the request), ready: the hold is released, which puts
    it back in the upstreams; it must run the version asked for; then wait until every proxy has applied that.
 
-The cluster's release (control/release.py) says `rolling_to` the version while the rollout runs, so a worker that
-starts meanwhile (restarted, or added by a scale-out) is not turned back; workers that come up on another version
+The cluster's release as served (`Rollout.current`, control/release.py) says `rolling_to` the version while the
+rollout runs in this process (it is not stored: a control-plane restart forgets a rollout), so a worker that starts
+meanwhile (restarted, or added by a scale-out) is not turned back; workers that come up on another version
 during the rollout are upgraded after the planned ones. Once every up worker runs the version it is the release,
 which workers added or reinstalled later converge to. A rollout that fails leaves the release where it was.
 
@@ -34,7 +35,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import trio
@@ -43,7 +44,7 @@ from mbworker import __version__
 from mbworker.control.audit import AuditLog
 from mbworker.control.errors import ControlError, NotFound, StateUnavailable, WorkerCallFailed
 from mbworker.control.registry import NodeView
-from mbworker.control.release import MemoryReleaseStore, ReleaseStore
+from mbworker.control.release import MemoryReleaseStore, Release, ReleaseStore
 from mbworker.control.wheel_store import HeldWheel, check_version
 
 log = logging.getLogger("mbworker.control.upgrade")
@@ -147,6 +148,8 @@ class Rollout:
         self._t = timeouts
         self._clock = clock
         self._busy = False
+        self._rolling_to: str | None = None
+        """The version of the rollout running now (past its plan: it has workers to upgrade)."""
         self._last: Report | None = None
         self._nursery: trio.Nursery | None = None
 
@@ -154,22 +157,13 @@ class Rollout:
         """Own the nursery rollouts started through the API run in (they outlive the request that started them)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._end_stale_rollout)
             task_status.started()
             await trio.sleep_forever()
 
-    async def _end_stale_rollout(self) -> None:
-        """A rollout runs inside this process: one the release says is running ended when the process last stopped.
-        (In the background: Redis may not answer yet, and the control plane serves meanwhile.)"""
-        with trio.move_on_after(60):
-            while True:
-                try:
-                    if not self._busy:
-                        await self.release.rolling(None)
-                    return
-                except StateUnavailable:
-                    await trio.sleep(1)
-        log.warning("could not end a rollout left running by a previous start: Redis is unreachable")
+    async def current(self) -> Release:
+        """The cluster's release, with `rolling_to` the version of the rollout running now in this process (none
+        after a restart: a rollout does not outlive the process it ran in). `StateUnavailable` without Redis."""
+        return replace(await self.release.get(), rolling_to=self._rolling_to)
 
     def _record(self, report: Report, node: str, step: str, ok: bool, result: str) -> None:
         report.steps.append(f"{node} {step}: {result}")
@@ -219,8 +213,7 @@ class Rollout:
     async def _roll(self, plan: list[NodeView], report: Report) -> None:
         version = report.version
         try:
-            if plan:
-                await self.release.rolling(version)
+            self._rolling_to = version if plan else None
             while plan:
                 for node in plan:
                     name = node.record.name
@@ -249,12 +242,7 @@ class Rollout:
         except StateUnavailable as exc:
             report.failed = {"node": "-", "step": "redis", "reason": exc.message}
         finally:
-            if report.failed:
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    try:
-                        await self.release.rolling(None)  # the release stays the version the others run
-                    except StateUnavailable:
-                        log.warning("could not end the rollout in the release record: Redis is unreachable")
+            self._rolling_to = None  # a failed rollout leaves the release the version the others run
             report.state = "failed" if report.failed or report.pending else "done"
             report.ended = time.monotonic()
             self._busy = False

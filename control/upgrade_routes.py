@@ -2,8 +2,9 @@
 
     POST /control/v1/upgrade                  {"version"}: 202 once planned, a rolling upgrade (control/upgrade.py) runs
     GET  /control/v1/upgrade                  the running or last rollout: state, upgraded, pending, steps, failed
-    GET  /control/v1/release                  the cluster's release (control/release.py) and the workers off it
-                                              (node token too: a worker's helper converges to it at every start)
+    GET  /control/v1/release[?workers=1]      the cluster's release (control/release.py); with workers=1 also the
+                                              workers off it (`cluster status`). Node token too: a worker's helper
+                                              converges to it at every start (without the flag: no registry scan)
     GET  /control/v1/wheels                   versions held
     PUT  /control/v1/wheels/<version>         body: a tar of *.whl (the wheelhouse `provision` builds)
     GET  /control/v1/wheels/<version>         [{"filename", "sha256", "size"}]   (node token too: workers' helpers)
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import parse_qs
 
 from mbworker.control.app import ExtraRoute, read_json
 from mbworker.control.errors import ControlError, NoWorkers
@@ -61,7 +63,9 @@ class UpgradeRoutes:
         return 200, self._rollout.last()
 
     async def _release(self, request: HttpRequest, args: list[str]) -> tuple[int, Any]:
-        release = await self._rollout.release.get()
+        release = await self._rollout.current()
+        if parse_qs(request.query).get("workers", [""])[-1] != "1":
+            return 200, release.to_json()  # what every worker's helper asks at each start: no registry scan
         off = [
             {"name": v.record.name, "version": v.record.version}
             for v in await self._registry.nodes()

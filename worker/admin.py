@@ -313,7 +313,9 @@ class AdminApp:
 
     async def _upgrade(self, request: HttpRequest, responder: Responder, args: list[str]) -> None:
         """Body {"version"}: the control plane's rolling upgrade (worker/upgrade_request.py). 202: the request is
-        left for the node's upgrade helper and the node drains; it comes back on the new version."""
+        left for the node's upgrade helper and the node drains; it comes back on the new version. Called directly
+        (not by the control plane's rollout) it does not move the cluster's release: the node converges back to the
+        release at its next start (control/release.py); only `cluster upgrade` sticks."""
         try:
             version = (await self._json_body(request)).get("version")
             if self.upgrade is None:

@@ -1,8 +1,9 @@
 """The cluster's release (control/release.py): what a rollout leaves it at, where it is kept, and how a worker's
 helper reads it. A version becomes the release only once every worker runs it; a rollout in progress is announced
-(`rolling_to`) so a worker that starts meanwhile is not turned back; a failed rollout leaves the release as it was.
-It lives in the cluster's Redis and outlives a control-plane restart, which ends a rollout left running;
-`cluster status` shows it and the workers off it."""
+(`rolling_to`, by the process it runs in: never stored, so it cannot go stale) so a worker that starts meanwhile is
+not turned back; a failed rollout leaves the release as it was. It lives in the cluster's Redis and outlives a
+control-plane restart, which forgets a rollout left running; `cluster status` shows it and the workers off it (a
+registry scan the workers' helpers do not pay for)."""
 
 from __future__ import annotations
 
@@ -38,9 +39,12 @@ class Watched(Cluster):
         self.store = MemoryReleaseStore("1.0")
         self.joins = list(joins)
         self.seen: list[Release] = []
+        self.rollout: Rollout | None = None
 
     async def call(self, node: NodeView, method: str, path: str, *, timeout: float | None = None, **kw: Any) -> Any:
-        self.seen.append(await self.store.get())
+        assert self.rollout is not None
+        self.seen.append(await self.rollout.current())  # as GET /release serves it
+        assert (await self.store.get()).rolling_to is None  # never stored
         for n in self.joins:
             self.nodes_[n.name] = n
         self.joins = []
@@ -48,22 +52,24 @@ class Watched(Cluster):
 
 
 def _rollout(cluster: Watched) -> Rollout:
-    return Rollout(
+    cluster.rollout = Rollout(
         cluster, cluster, cluster, MemoryAuditLog(), token_name="control", timeouts=Timeouts(5, 5, 5),
         clock=cluster.clock, release=cluster.store,
     )  # fmt: skip
+    return cluster.rollout
 
 
 async def test_a_version_is_the_release_once_every_worker_runs_it(autojump_clock: object) -> None:
     cluster = Watched(Node("w1"), Node("w2"), joins=(Node("w3", version="0.9"),))  # w3: added mid-rollout
-    status, report = await _rollout(cluster).upgrade("2.0")
+    rollout = _rollout(cluster)
+    status, report = await rollout.upgrade("2.0")
     assert status == 200, report
     # announced while it ran: a worker (re)starting meanwhile keeps 2.0 or 1.0, and is not turned back
     assert {(r.version, r.rolling_to) for r in cluster.seen} == {("1.0", "2.0")}
     # the worker that came up on another version during the rollout was upgraded too, before the release moved
     assert report["upgraded"] == ["w1", "w2", "w3"]
     assert {n.version for n in cluster.nodes_.values()} == {"2.0"}
-    release = await cluster.store.get()
+    release = await rollout.current()  # the rollout ended: nothing to clear, in Redis or anywhere
     assert (release.version, release.rolling_to, release.source) == ("2.0", None, "upgrade")
     assert release.accepts("2.0")
     assert not release.accepts("1.0")
@@ -71,10 +77,11 @@ async def test_a_version_is_the_release_once_every_worker_runs_it(autojump_clock
 
 async def test_a_failed_rollout_leaves_the_release_where_it_was(autojump_clock: object) -> None:
     cluster = Watched(Node("w1"), Node("w2", comes_back_on="1.0"))  # w2's install is rolled back
-    status, report = await _rollout(cluster).upgrade("2.0")
+    rollout = _rollout(cluster)
+    status, report = await rollout.upgrade("2.0")
     assert (status, report["failed"]["node"], report["upgraded"]) == (502, "w2", ["w1"])
     # w1 runs 2.0, w2 and any worker added now the release: 1.0, which every worker but w1 runs
-    release = await cluster.store.get()
+    release = await rollout.current()
     assert (release.version, release.rolling_to, release.source) == ("1.0", None, "shipped")
     # run again once fixed: it resumes, and the release moves
     cluster.nodes_["w2"].comes_back_on = None
@@ -100,20 +107,19 @@ async def test_the_release_is_kept_in_redis_read_by_workers_helpers_and_outlives
             await _wait_nodes(http, 2)
             store = RedisReleaseStore(redis, __version__)
             await store.settle("2.0")  # as a rollout that reached every worker does
-            await store.rolling("3.0")  # and another one, left running when the control plane stops
-            body = (await http.get("/control/v1/release")).json()
-            assert (body["version"], body["source"], body["rolling_to"]) == ("2.0", "upgrade", "3.0")
-        async with control_plane(redis_server, tmp_path) as (handle, http):
-            # kept; the rollout did not survive the restart, so a starting worker is no longer sent to 3.0 (ended
-            # in the background as the control plane starts: polled)
-            with trio.fail_after(10):
-                while True:
-                    body = (await http.get("/control/v1/release")).json()
-                    if body["rolling_to"] is None:
-                        break
-                    await trio.sleep(0.05)
+            body = (await http.get("/control/v1/release?workers=1")).json()
             assert (body["version"], body["source"], body["rolling_to"]) == ("2.0", "upgrade", None)
-            # cluster status shows who runs another version
+        # a record with a rollout in it, as an earlier control plane left one that stopped mid-rollout
+        stale = json.loads(await redis.get("mbw:release") or b"{}") | {"rolling_to": "3.0"}
+        await redis.set("mbw:release", json.dumps(stale))
+        assert (await RedisReleaseStore(redis, __version__).get()).rolling_to is None  # ignored
+        async with control_plane(redis_server, tmp_path) as (handle, http):
+            # kept; the rollout did not survive its process, so a starting worker is not sent to 3.0, from the
+            # first answer on (nothing has to clear it)
+            body = (await http.get("/control/v1/release", headers=node_auth)).json()
+            assert body == {"version": "2.0", "source": "upgrade", "since": body["since"], "rolling_to": None}
+            # the workers' path scans no registry; cluster status asks for who runs another version
+            body = (await http.get("/control/v1/release?workers=1")).json()
             assert body["workers_off_release"] == [{"name": "w2", "version": "1.0"}]
             (tmp_path / "control.json").write_text(json.dumps({"url": handle.url}))
             argv = ["cluster", "status", "-c", str(write_local_spec(tmp_path)), "--state-dir", str(tmp_path)]
