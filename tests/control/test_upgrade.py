@@ -5,9 +5,7 @@ store's checks, and the worker's request file."""
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from mbworker.control.wheel_store import HeldWheel, WheelStore
 from mbworker.lib.redis import open_redis
 from mbworker.provision.upgrade_helper import take_request
 from mbworker.worker.upgrade_request import UpgradeRequests, UpgradeUnavailable
+from tests.faults._raw import tar_archive
 from tests.redis_server import RedisServer
 
 
@@ -208,18 +207,7 @@ def test_an_upgrade_starts_only_from_a_healthy_cluster_of_two_or_more() -> None:
 
 
 def _tar(files: dict[str, bytes], *, link: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        if link:
-            info = tarfile.TarInfo(link)
-            info.type = tarfile.SYMTYPE
-            info.linkname = "/etc/passwd"
-            tar.addfile(info)
-    return buf.getvalue()
+    return tar_archive(files, symlinks={link: "/etc/passwd"} if link else None)
 
 
 async def test_the_wheel_store_holds_a_version_whole_or_not_at_all(tmp_path: Path) -> None:

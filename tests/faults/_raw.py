@@ -9,15 +9,26 @@ import tarfile
 import trio
 
 
-def gzip_bundle(members: dict[str, bytes]) -> bytes:
-    """A .tar.gz of `members` (name → content) as the admin API's deploy takes it."""
+def tar_archive(members: dict[str, bytes], *, gzip: bool = False, symlinks: dict[str, str] | None = None) -> bytes:
+    """A tar of `members` (name → content, written as given: `..` and absolute names included), plus `symlinks`
+    (name → target); gzipped with `gzip`."""
     out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+    with tarfile.open(fileobj=out, mode="w:gz") if gzip else tarfile.open(fileobj=out, mode="w") as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+        for name, target in (symlinks or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.SYMTYPE
+            info.linkname = target
+            tar.addfile(info)
     return out.getvalue()
+
+
+def gzip_bundle(members: dict[str, bytes]) -> bytes:
+    """A .tar.gz of `members` (name → content) as the admin API's deploy takes it."""
+    return tar_archive(members, gzip=True)
 
 
 async def exchange(port: int, request: bytes, *, timeout: float = 30) -> tuple[int, bytes, bytes]:

@@ -4,6 +4,8 @@ taken, made again in the background; a second taker in the meantime makes its ow
 from __future__ import annotations
 
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,18 @@ def tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@asynccontextmanager
+async def first_spare(template: Path, parent: Path) -> AsyncIterator[tuple[SpareDirs, Path]]:
+    """`SpareDirs` making its copies of `template` in `parent`, its first spare made and taken; all within 30 s."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            spares = SpareDirs(template, parent, nursery)
+            await spares.fill()
+            first = spares.take()
+            assert first is not None
+            yield spares, first
+
+
 async def test_a_taken_spare_is_a_whole_copy_and_the_next_is_made_behind_it(tmp_path: Path) -> None:
     template = tmp_path / "template"
     (template / "gen").mkdir(parents=True)
@@ -25,21 +39,16 @@ async def test_a_taken_spare_is_a_whole_copy_and_the_next_is_made_behind_it(tmp_
     (template / "v8_code_cache_v2").write_bytes(b"\0" * 4096)
     parent = tmp_path / "run"
     parent.mkdir()
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            spares = SpareDirs(template, parent, nursery)
-            await spares.fill()
-            first = spares.take()
-            assert first is not None
-            assert tree(first / DENO_DIR) == tree(template)
-            assert (first / TMPS).stat().st_mode & 0o777 == 0o700
-            assert spares.take() is None  # the next one is still being made: the caller copies for itself
-            await spares.fill()  # waits for the one under way
-            second = spares.take()
-            assert second is not None
-            assert second != first
-            assert tree(second / DENO_DIR) == tree(template)
-            await spares.fill()
+    async with first_spare(template, parent) as (spares, first):
+        assert tree(first / DENO_DIR) == tree(template)
+        assert (first / TMPS).stat().st_mode & 0o777 == 0o700
+        assert spares.take() is None  # the next one is still being made: the caller copies for itself
+        await spares.fill()  # waits for the one under way
+        second = spares.take()
+        assert second is not None
+        assert second != first
+        assert tree(second / DENO_DIR) == tree(template)
+        await spares.fill()
     # the one made after the last take is there too, a copy like the others
     left = [p for p in parent.iterdir() if p not in (first, second)]
     assert len(left) == 1
@@ -63,25 +72,20 @@ async def test_a_dir_put_back_is_offered_again_and_a_copy_made_meanwhile_goes(
     (template / "x").write_text("x")
     parent = tmp_path / "run"
     parent.mkdir()
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            spares = SpareDirs(template, parent, nursery)
-            await spares.fill()
-            first = spares.take()
-            assert first is not None
-            spares.put_back(first)  # its taker never used it
-            assert spares.take() == first
-            # put back while the refill (scheduled by that take) is copying: the refill's copy is not needed
-            real = spare.make_version_dir
+    async with first_spare(template, parent) as (spares, first):
+        spares.put_back(first)  # its taker never used it
+        assert spares.take() == first
+        # put back while the refill (scheduled by that take) is copying: the refill's copy is not needed
+        real = spare.make_version_dir
 
-            def put_back_first(template: Path, base: Path) -> None:
-                trio.from_thread.run_sync(spares.put_back, first)
-                real(template, base)
+        def put_back_first(template: Path, base: Path) -> None:
+            trio.from_thread.run_sync(spares.put_back, first)
+            real(template, base)
 
-            monkeypatch.setattr(spare, "make_version_dir", put_back_first)
-            await spares.fill()
-            monkeypatch.setattr(spare, "make_version_dir", real)
-            assert spares.take() == first
+        monkeypatch.setattr(spare, "make_version_dir", put_back_first)
+        await spares.fill()
+        monkeypatch.setattr(spare, "make_version_dir", real)
+        assert spares.take() == first
     # the refill after the last take made one more; the copy made while `first` was put back is gone
     left = [p for p in parent.iterdir() if p != first]
     assert len(left) == 1
