@@ -8,6 +8,8 @@ import csv
 import dataclasses
 import io
 import json
+import select
+import signal
 import socket
 import ssl
 import subprocess
@@ -139,14 +141,26 @@ def proxy_config(tmp_path: Path, workers: dict[str, int], http: int, https: int)
     return Proxy(path, shipment.ca().cert_path, stats)
 
 
-def start_haproxy(cfg: Path) -> subprocess.Popen[bytes]:
-    """`haproxy -c` has nothing to say about `cfg` (no warning either); then HAProxy runs it in the foreground."""
+def start_haproxy(cfg: Path, *, reloadable: bool = False) -> subprocess.Popen[bytes]:
+    """`haproxy -c` has nothing to say about `cfg` (no warning either); then HAProxy runs it in the foreground
+    (`reloadable`: in master-worker mode, as systemd runs it, so SIGUSR2 is a graceful reload)."""
     haproxy = require_binary("haproxy", "/usr/sbin/haproxy")
     require_binary("openssl")
     check = subprocess.run([haproxy, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "WARNING" not in check.stdout + check.stderr  # e.g. a rule that makes use_backend unreachable
-    return subprocess.Popen([haproxy, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    mode = ["-W"] if reloadable else []
+    return subprocess.Popen(
+        [haproxy, *mode, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def _until_routed(client: httpx.Client, url: str) -> None:
+    """The worker joins the rotation once its /ready check passed twice (2 s apart): wait for that, bounded."""
+    deadline = time.monotonic() + 30
+    while _status(client, url) != 200:
+        assert time.monotonic() < deadline, "the worker never became healthy behind the proxy"
+        threading.Event().wait(0.1)
 
 
 def test_proxy_terminates_tls_redirects_http_and_routes(tmp_path: Path, worker: int) -> None:
@@ -157,11 +171,7 @@ def test_proxy_terminates_tls_redirects_http_and_routes(tmp_path: Path, worker: 
         tls = ssl.create_default_context(cafile=str(proxy.ca))
         with httpx.Client(verify=tls, timeout=5) as client:
             base = f"https://127.0.0.1:{https}"
-            # the worker joins the rotation once its /ready check passed twice (2 s apart): wait for that, bounded
-            deadline = time.monotonic() + 30
-            while _status(client, f"{base}/functions/v1/hello") != 200:
-                assert time.monotonic() < deadline, "the worker never became healthy behind the proxy"
-                threading.Event().wait(0.1)
+            _until_routed(client, f"{base}/functions/v1/hello")
             r = client.get(f"{base}/functions/v1/hello", headers={"X-Forwarded-For": "6.6.6.6"})
             assert r.status_code == 200
             assert r.json() == {"path": "/functions/v1/hello", "xff": "127.0.0.1", "proto": "https"}
@@ -177,6 +187,64 @@ def test_proxy_terminates_tls_redirects_http_and_routes(tmp_path: Path, worker: 
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def _one_response(sock: ssl.SSLSocket) -> bytes:
+    """One response (head and its Content-Length body) read from `sock`; b"" when the proxy closed instead."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b""
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(v) for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")) if k.lower() == b"content-length"
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def _status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1]) if response else 0
+
+
+def test_a_reload_answers_a_request_on_a_connection_left_idle_across_it(tmp_path: Path, worker: int) -> None:
+    """An upstream change is a graceful reload. A keep-alive client idle across it keeps its connection: its next
+    request is answered by the old process, which then closes it. (HAProxy's default closes idle connections
+    at once on a reload, and a request sent at that moment is lost: "server disconnected".)"""
+    http, https = free_port(), free_port()
+    proxy = proxy_config(tmp_path, {"demo-worker-001": worker}, http, https)
+    proc = start_haproxy(proxy.cfg, reloadable=True)
+    try:
+        tls = ssl.create_default_context(cafile=str(proxy.ca))
+        with httpx.Client(verify=tls, timeout=5) as client:
+            _until_routed(client, f"https://127.0.0.1:{https}/functions/v1/hello")
+        request = b"GET /functions/v1/hello HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        raw = socket.create_connection(("127.0.0.1", https), timeout=10)
+        with tls.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+            conn.sendall(request)
+            assert _status_of(_one_response(conn)) == 200
+            before = set(_children(proc.pid))
+            proc.send_signal(signal.SIGUSR2)  # systemctl reload: a new worker process, the old one soft-stops
+            deadline = time.monotonic() + 30
+            while not set(_children(proc.pid)) - before:
+                assert time.monotonic() < deadline, "HAProxy did not reload"
+                threading.Event().wait(0.05)
+            # the old process keeps the idle connection: no close comes (HAProxy's default sends it at once)
+            assert select.select([conn], [], [], 1.0)[0] == [], "the reload closed an idle client connection"
+            conn.sendall(request)
+            again = _one_response(conn)
+            assert _status_of(again) == 200, again
+            assert conn.recv(1) == b""  # then the old process closes it, and can finish
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _children(pid: int) -> list[str]:
+    return subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=10).stdout.split()
 
 
 class _Standin(ThreadingHTTPServer):
