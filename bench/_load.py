@@ -9,9 +9,9 @@ wait for the whole response, so the floor server's "one read = one request" hold
 
 `free_port()` gives a loopback port that was free a moment ago (every bench here starts its servers on one).
 
-`cpu_seconds(pid)` reads utime+stime from /proc/<pid>/stat: take it before and after a run and divide the
-delta by the requests served to get the server's CPU per request. `rss_bytes(pid)` and `open_fds(pid)` read a
-process's resident memory and open file descriptors (Linux).
+`cpu_seconds(pid)` reads utime+stime from /proc/<pid>/stat (`user_system_seconds(pid)`: the two apart): take it
+before and after a run and divide the delta by the requests served to get the server's CPU per request.
+`rss_bytes(pid)` and `open_fds(pid)` read a process's resident memory and open file descriptors (Linux).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["LoadResult", "cpu_seconds", "free_port", "open_fds", "rss_bytes", "run_load"]
+__all__ = ["LoadResult", "cpu_seconds", "free_port", "open_fds", "rss_bytes", "run_load", "user_system_seconds"]
 
 
 def free_port() -> int:
@@ -52,10 +52,17 @@ class LoadResult:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds used so far by process `pid` (Linux)."""
+    return sum(user_system_seconds(pid))
+
+
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds used so far by process `pid` (Linux): the interpreter's share and the kernel's
+    (system calls, the loopback TCP stack, waking the processes written to)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     # After the ")" of the command name, utime and stime are the 12th and 13th fields.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def rss_bytes(pid: int) -> int:
