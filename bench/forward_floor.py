@@ -13,12 +13,17 @@ multiplexed by request id, the connection's task parked until its response.
 Two ways to write it: the plain one (each frame goes out with `send_all` under a lock, each parked task waits
 on a `trio.Event`) and `--lean`, with the daemon's own tricks: frames queued during one scheduler pass go out
 in one `write` just before trio polls (an instrument), and a parked task is rescheduled directly, no Event.
+`--reader-answers` (implies `--lean`) measures what the park costs: the connection's task queues the frame and goes
+straight back to reading its socket, and the task that reads the child's frames writes the canned answer to the
+client's socket itself. One task step per request instead of two; not the shape DESIGN.md fixes (a reference for
+what leaving it would buy).
 Only correct for one-request-per-read clients (wrk, bench/_load.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -43,8 +48,10 @@ class Child:
     """The Deno child's channel and the requests waiting on it (request id → Event, set when its head frame
     arrives)."""
 
-    def __init__(self, channel: trio.SocketStream, *, lean: bool) -> None:
-        self.lean = lean
+    def __init__(self, channel: trio.SocketStream, *, lean: bool, reader_answers: bool = False) -> None:
+        self.lean = lean or reader_answers
+        self.reader_answers = reader_answers
+        self.answer_to: dict[int, int] = {}  # --reader-answers: request id → the client socket's fd
         self.queued = bytearray()
         self.parked: dict[int, trio.lowlevel.Task] = {}
         self.channel = channel
@@ -67,6 +74,14 @@ class Child:
             await self.channel.send_all(_PREFIX.pack(len(j), 0) + j)
         await done.wait()
 
+    def forward_answered(self, client_fd: int) -> None:
+        """--reader-answers: queue the request; `read_frames` answers the client when the head frame comes."""
+        rid = self.next_id
+        self.next_id += 1
+        j = f'{{"t":"q","i":{rid},"m":"GET","u":"http://localhost/hello","h":[],"e":1}}'.encode()
+        self.queued += _PREFIX.pack(len(j), 0) + j
+        self.answer_to[rid] = client_fd
+
     async def read_frames(self) -> None:
         buf = bytearray()
         while True:
@@ -85,7 +100,12 @@ class Child:
                 if head["t"] == "r":
                     self.ready.set()
                 elif head["t"] in ("h", "f"):
-                    if self.lean:
+                    if self.reader_answers:
+                        fd = self.answer_to.pop(head["i"], None)  # None: its client left (wrk stopping)
+                        if fd is not None:
+                            with contextlib.suppress(OSError):
+                                os.write(fd, CANNED)  # ~70 bytes to a socket whose client waits for them
+                    elif self.lean:
                         trio.lowlevel.reschedule(self.parked.pop(head["i"]))
                     else:
                         self.waiting.pop(head["i"]).set()
@@ -106,7 +126,7 @@ class _FlushEachPass(trio.abc.Instrument):
             del q[:n]
 
 
-async def serve_forward_floor(host: str, port: int, lean: bool) -> None:
+async def serve_forward_floor(host: str, port: int, lean: bool, reader_answers: bool = False) -> None:
     with tempfile.TemporaryDirectory(prefix="mbw-forward-floor-") as tmp:
         fn_dir = Path(tmp) / "fn"  # not the channel's parent: the bootstrap revokes read on the channel's path,
         fn_dir.mkdir()  # and Deno revokes a grant of any directory above it along with it
@@ -143,8 +163,8 @@ async def serve_forward_floor(host: str, port: int, lean: bool) -> None:
                 with trio.fail_after(30):
                     conn, _ = await listener.accept()
                 listener.close()
-                child = Child(trio.SocketStream(conn), lean=lean)
-                if lean:
+                child = Child(trio.SocketStream(conn), lean=lean, reader_answers=reader_answers)
+                if child.lean:
                     trio.lowlevel.add_instrument(_FlushEachPass(child))
                 nursery.start_soon(child.read_frames)
                 with trio.fail_after(30):
@@ -156,10 +176,17 @@ async def serve_forward_floor(host: str, port: int, lean: bool) -> None:
                             data = await stream.receive_some(65536)
                             if not data:
                                 return
+                            if reader_answers:
+                                child.forward_answered(stream.socket.fileno())
+                                continue
                             await child.forward()
                             await stream.send_all(CANNED)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         return
+                    finally:  # its fd may be reused by the next connection: no late answer may reach that one
+                        fd = stream.socket.fileno()
+                        for rid in [r for r, f in child.answer_to.items() if f == fd]:
+                            del child.answer_to[rid]
 
                 listeners = await trio.open_tcp_listeners(port, host=host)
                 print(f"READY {listeners[0].socket.getsockname()[1]} {proc.pid}", flush=True)
@@ -175,9 +202,10 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--lean", action="store_true", help="batch channel writes per pass, park tasks directly")
+    parser.add_argument("--reader-answers", action="store_true", help="--lean, and the frame reader answers clients")
     args = parser.parse_args()
     try:
-        trio.run(serve_forward_floor, args.host, args.port, args.lean)
+        trio.run(serve_forward_floor, args.host, args.port, args.lean, args.reader_answers)
     except* KeyboardInterrupt:  # how bench/functions.py stops it (SIGINT); the cleanups above have run
         pass
 
