@@ -32,6 +32,7 @@ SLUG = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 SMALL_BODY = 64 * 1024
+MAX_EPOCH_S = 253402300800  # 10000-01-01: a revocation's end must be a date the CLI and Redis can print and store
 JSON_HEADERS = [(b"content-type", b"application/json")]
 NODE_TOKEN_NAME = "node"
 NODE_ROUTES = frozenset(
@@ -196,7 +197,7 @@ class ControlApp:
             raise ControlError("session_id must be a string of letters, digits and _.:- (at most 128)")
         now = time.time()
         until = body.get("until", now + self.session_lifetime_s)
-        if not isinstance(until, int | float) or isinstance(until, bool) or until <= now:
+        if not isinstance(until, int | float) or isinstance(until, bool) or not now < until < MAX_EPOCH_S:
             raise ControlError("until must be a time in the future (epoch seconds)")
         await self.revocations.revoke(session_id, float(until))
         return 200, {"session_id": session_id, "revoked_until": until}
@@ -239,12 +240,17 @@ async def read_json(request: HttpRequest) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, parse_constant=_no_constant)
     except ValueError as exc:
         raise ControlError(f"Invalid JSON body: {exc}") from None
     if not isinstance(value, dict):
         raise ControlError("Invalid JSON body: expected an object")
     return value
+
+
+def _no_constant(name: str) -> Any:
+    """NaN and ±Infinity are not JSON (Python's parser takes them): refused, as any other parser would."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _node_may(request: HttpRequest) -> bool:
