@@ -7,7 +7,9 @@ env never overrides what the runtime sets for itself. One list, so the two never
 Why each group: the dynamic loader reads `LD_*` before any sandbox exists (`LD_PRELOAD` runs native code with the
 daemon's rights); `DENO_*`, `NODE_*`, `V8_*` and `RUST_*` change the runtime's own flags, module resolution and
 certificates; `PATH`, `HOME`, `TMPDIR`, `SHELL` and the locale/resolver files decide what the process finds on
-disk; the proxy variables reroute its network traffic around the node's network policy.
+disk; the proxy variables reroute its network traffic around the node's network policy; `OTEL_*` turns on Deno's
+OpenTelemetry exporter, which sends from Deno's Rust side where `--allow-net` is not checked (a function could POST
+headers of its choosing to any address); `SSLKEYLOGFILE` makes Deno write a file outside `--allow-write`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ FORBIDDEN_ENV_PREFIXES: tuple[str, ...] = (
     "MALLOC_",
     "GLIBC_",
     "PYTHON",
+    "OTEL_",
 )
 """Name prefixes (compared in upper case)."""
 
@@ -52,6 +55,7 @@ FORBIDDEN_ENV_NAMES: frozenset[str] = frozenset(
         "ALL_PROXY",
         "NO_PROXY",
         "NO_COLOR",
+        "SSLKEYLOGFILE",
         "SB_EXECUTION_ID",
     }
 )

@@ -293,7 +293,10 @@ async def test_activate_only_if_newer_never_moves_the_live_version_back(make_sto
     assert (await store.activate("hello", v1)).version == v1
 
 
-@pytest.mark.parametrize("name", ["LD_PRELOAD", "DENO_DIR", "NODE_OPTIONS", "PATH", "HOME", "TMPDIR", "http_proxy"])
+@pytest.mark.parametrize(
+    "name",
+    ["LD_PRELOAD", "DENO_DIR", "NODE_OPTIONS", "PATH", "HOME", "TMPDIR", "http_proxy", "OTEL_DENO", "SSLKEYLOGFILE"],
+)
 async def test_env_that_changes_how_a_process_starts_is_refused(make_store: MakeStore, name: str) -> None:
     """A manifest built around the CLI's own check (as an attacker would) is refused by the store: 400, named."""
     store = await make_store()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -261,9 +262,18 @@ async def test_env_is_exactly_the_functions(tmp_path: Path, monkeypatch: pytest.
 
 async def test_a_functions_env_never_overrides_the_runtimes_own(tmp_path: Path) -> None:
     """Deploys refuse these names; the spawn side drops them whatever reached it (a loader preload, Deno's and
-    Node's knobs, a proxy around the deny list, the runtime's own TMPDIR and execution id)."""
-    src = "Deno.serve(() => Response.json({ env: Deno.env.toObject(), tmp: Deno.env.get('TMPDIR') }));"
+    Node's knobs, a proxy around the deny list, the runtime's own TMPDIR and execution id, Deno's OpenTelemetry
+    exporter, which sends from outside `--allow-net`, and its TLS key log, written outside `--allow-write`)."""
+    src = """
+        console.log("a log line the exporter would send");
+        Deno.serve(() => Response.json({ env: Deno.env.toObject(), tmp: Deno.env.get('TMPDIR') }));
+    """
+    collector = socket.create_server(("127.0.0.1", 0))  # where the exporter would POST the function's logs
+    keylog = tmp_path / "keys.log"
     hostile = {
+        "OTEL_DENO": "true",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.getsockname()[1]}",
+        "SSLKEYLOGFILE": str(keylog),
         "LD_PRELOAD": "/nonexistent/evil.so",
         "DENO_V8_FLAGS": "--max-old-space-size=100000",
         "DENO_DIR": "/",
@@ -278,10 +288,17 @@ async def test_a_functions_env_never_overrides_the_runtimes_own(tmp_path: Path) 
         got = await call_json(rt, fn, "GET", "/fn")
     env = got["env"]
     assert env["MY_VAR"] == "kept"
-    for name in ("LD_PRELOAD", "DENO_V8_FLAGS", "DENO_DIR", "NODE_OPTIONS", "PATH", "https_proxy"):
-        assert name not in env
+    for name in ("LD_PRELOAD", "DENO_V8_FLAGS", "DENO_DIR", "NODE_OPTIONS", "PATH", "https_proxy", *hostile):
+        if name not in ("TMPDIR", "SB_EXECUTION_ID"):  # the runtime's own values, checked below
+            assert name not in env
     assert env["SB_EXECUTION_ID"] != "forged"
     assert got["tmp"] != "/"
+    # the process has exited (the runtime closed): an exporter's connection would be waiting in the backlog
+    with collector:
+        collector.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            collector.accept()
+    assert not keylog.exists()
 
 
 async def test_logs_are_captured_per_stream_with_execution_id(tmp_path: Path) -> None:
