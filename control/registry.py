@@ -35,6 +35,8 @@ HOLD_TTL_S = 900
 """A hold outlives any one upgrade step; a control plane that died mid-upgrade does not keep a node out forever."""
 RECORD_TTL_S = 3600
 """As the workers' heartbeat (worker/cluster/heartbeat.py): a node silent for an hour disappears."""
+MAX_REPORTED = 1024
+"""Nodes that may report at once without a layout (a local cluster): bounds what a junk name costs."""
 HEARTBEAT_ROLES = frozenset({"system", "proxy", "worker"})
 """Roles that report by themselves (a heartbeat, a proxy's pull, the control plane's own beat); the others are
 probed."""
@@ -298,7 +300,30 @@ class NodeRegistry:
         return view.model_copy(update={"drain_asked": False, "held": False})
 
     async def record_pull(self, role: str, name: str, private_ip: str, version: str) -> None:
-        """A proxy pulling its upstreams is its heartbeat: record it as a node (the same record workers write)."""
+        """A proxy pulling its upstreams is its heartbeat: record it as a node (the same record workers write).
+
+        Every node holds the node token, so a pull's name is a claim, checked before it is written: with a layout,
+        `name` must be a node of that role in it (403); a name another role reports under is never taken over
+        (409: a worker named by someone else's pull would leave the upstreams); without a layout (a local
+        cluster), new names stop at `MAX_REPORTED` nodes (409), so junk names cannot swell every registry read."""
+        layout = self.layout()
+        if layout and not any(n.name == name and n.role == role for n in layout):
+            raise ControlError(f"{name} is not a {role} node of this cluster", status=403, code="NOT_IN_LAYOUT")
+        try:
+            raw, count = await self._redis.execute_many(
+                [("GET", f"{self._p}node:{name}"), ("ZCARD", f"{self._p}nodes")]
+            )
+        except RedisError as exc:
+            raise StateUnavailable(f"the cluster's Redis is unreachable: {exc}") from exc
+        if raw is not None:
+            try:
+                claimed = NodeRecord.model_validate(json.loads(raw)).role
+            except (ValueError, ValidationError):
+                claimed = role  # a malformed record: this pull's own replaces it
+            if claimed != role:
+                raise ControlError(f"{name} reports as a {claimed} node", status=409, code="NAME_TAKEN")
+        elif not layout and count >= MAX_REPORTED:
+            raise ControlError(f"{count} nodes report already (at most {MAX_REPORTED})", status=409, code="TOO_MANY")
         record = NodeRecord(
             role=role, name=name, private_ip=private_ip, port=0, admin_port=0, version=version, ready=True,
             sent_at=self._clock(),

@@ -15,7 +15,7 @@ import trio
 from mbworker import __version__
 from mbworker.control.app import ControlApp
 from mbworker.control.audit import MemoryAuditLog
-from mbworker.control.errors import StateUnavailable
+from mbworker.control.errors import ControlError, StateUnavailable
 from mbworker.control.functions import ClusterFunctions
 from mbworker.control.probes import NodeProber
 from mbworker.control.registry import NodeRegistry
@@ -98,9 +98,14 @@ SELF_BEAT_S = 1.0
 
 async def _beat_self(registry: NodeRegistry, name: str, host: str) -> None:
     """The control plane's own node in the registry (role system), written like a proxy's pull."""
+    refused = ""
     while True:
         try:
             await registry.record_pull("system", name, host, __version__)
         except StateUnavailable:
             pass  # the nodes API answers 503 meanwhile; the next beat retries
+        except ControlError as exc:  # e.g. --node-name is not the layout's system node: said once, not fatal
+            if exc.message != refused:
+                log.warning("the control plane's own node is not recorded: %s", exc.message)
+            refused = exc.message
         await trio.sleep(SELF_BEAT_S)

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import trio
 
+from mbworker.control import registry as registry_module
 from mbworker.control.errors import ControlError
 from mbworker.control.serve import ControlHandle, serve_control
 from mbworker.control.settings import ControlSettings
@@ -99,7 +100,9 @@ def test_the_token_file_is_created_private_and_refused_when_others_can_read_it(t
         load_or_create_token(path)
 
 
-async def test_nodes_report_by_heartbeat_and_a_silent_node_is_down(redis_server: RedisServer, tmp_path: Path) -> None:
+async def test_nodes_report_by_heartbeat_and_a_silent_node_is_down(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with (
         control_plane(redis_server, tmp_path) as (_, http),
         open_redis(redis_server.url) as redis,
@@ -138,6 +141,16 @@ async def test_nodes_report_by_heartbeat_and_a_silent_node_is_down(redis_server:
         )
         r = await http.get("/control/v1/upstreams", headers={**node, "x-mbworker-node": "bad name/"})
         assert r.status_code == 400
+        # every node holds the node token: a pull naming a worker does not turn it into a proxy (out of the
+        # upstreams), and without a layout new names stop at a bound instead of swelling every registry read
+        r = await http.get("/control/v1/upstreams", headers={**node, "x-mbworker-node": "w1"})
+        assert (r.status_code, r.json()["code"]) == (409, "NAME_TAKEN")
+        assert [u["name"] for u in (await http.get("/control/v1/upstreams")).json()] == ["w1"]
+        monkeypatch.setattr(registry_module, "MAX_REPORTED", len(await _wait_nodes(http, 3)) + 1)
+        assert (await http.get("/control/v1/upstreams", headers={**node, "x-mbworker-node": "px-2"})).status_code == 200
+        r = await http.get("/control/v1/upstreams", headers={**node, "x-mbworker-node": "junk-1"})
+        assert (r.status_code, r.json()["code"]) == (409, "TOO_MANY")
+        assert (await http.get("/control/v1/upstreams", headers=proxy)).status_code == 200  # known names still beat
         nursery.cancel_scope.cancel()
 
 
