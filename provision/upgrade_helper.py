@@ -82,23 +82,31 @@ class Config:
 def take_request(path: Path) -> str | None:
     """The version asked for, or None when there is no usable request (it is removed either way)."""
     try:
-        st = path.lstat()
+        return _read_request(path)
     except FileNotFoundError:
         return None
-    try:
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_REQUEST_BYTES:
-            raise UpgradeError(f"{path} is not a small regular file: ignored")
-        with open(path, "rb") as f:
-            raw = f.read(MAX_REQUEST_BYTES)
-        version = json.loads(raw).get("version")
-        if not isinstance(version, str) or not VERSION.match(version):
-            raise UpgradeError(f"{path}: no valid version in the request")
-        return version
-    except (UpgradeError, ValueError, AttributeError, OSError) as exc:
+    except (UpgradeError, ValueError, AttributeError, OSError) as exc:  # OSError: ELOOP for a symlink
         say(f"request refused: {exc}")
         return None
     finally:
         path.unlink(missing_ok=True)
+
+
+def _read_request(path: Path) -> str:
+    # The directory is the daemon's (user mbworker): what is checked is what was opened, never a name that may be
+    # swapped for a link or a FIFO between a check and an open (root would follow the one, block on the other).
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_REQUEST_BYTES:
+            raise UpgradeError(f"{path} is not a small regular file: ignored")
+        raw = os.read(fd, MAX_REQUEST_BYTES)
+    finally:
+        os.close(fd)
+    version = json.loads(raw).get("version")
+    if not isinstance(version, str) or not VERSION.match(version):
+        raise UpgradeError(f"{path}: no valid version in the request")
+    return version
 
 
 def say(line: str) -> None:
