@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import lzma
 import re
 import shutil
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from mbworker.worker.upgrade_request import VERSION
 PROJECT = "mbworker"
 WHEEL_FILE = re.compile(r"^[A-Za-z0-9_.+!-]+\.whl$")
 MAX_WHEELS = 200
+MAX_UNPACKED_BYTES = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -119,11 +122,15 @@ class WheelStore:
                         # plain files named *.whl at the top level: nothing else is unpacked (no links, no paths)
                         if not m.isfile() or not WHEEL_FILE.match(m.name):
                             raise ControlError(f"{m.name!r}: a push holds only wheel files (*.whl) at its top level")
+                    # a compressed push is read whole as it unpacks: its declared sizes bound what that costs
+                    if sum(m.size for m in members) > MAX_UNPACKED_BYTES:
+                        raise ControlError(f"the wheels unpack to more than {MAX_UNPACKED_BYTES} bytes")
+                    for m in members:
                         src = tar.extractfile(m)
                         assert src is not None  # a regular file
                         (staged / m.name).write_bytes(src.read())
-            except tarfile.TarError as exc:
-                raise ControlError(f"not a tar of wheels: {exc}") from None
+            except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:  # a truncated or corrupt stream
+                raise ControlError(f"not a tar of wheels: {exc or type(exc).__name__}") from None
             own = [f.name for f in staged.glob("*.whl") if _project_version(f.name)[0] == PROJECT]
             if len(own) != 1:
                 raise ControlError(f"a push holds exactly one {PROJECT} wheel (found {len(own)})")

@@ -166,9 +166,8 @@ async def test_every_node_of_the_layout_is_listed_and_a_silent_one_is_down_with_
             assert [u["name"] for u in (await http.get("/control/v1/upstreams")).json()] == ["c-worker-001"]
             r = await http.get("/control/v1/upstreams", headers={**node, "x-mbworker-node": "c-proxy-001"})
             assert [u["name"] for u in r.json()] == ["c-worker-001"]
-            assert (await _until(http, lambda n: n["c-proxy-001"]["state"] == "ready"))["c-proxy-001"][
-                "role"
-            ] == "proxy"
+            pulled = await _until(http, lambda n: n["c-proxy-001"]["state"] == "ready")
+            assert pulled["c-proxy-001"]["role"] == "proxy"
             assert "junk-1" not in {n["name"] for n in (await http.get("/control/v1/nodes")).json()}
             # a probed node has no mbworker to drain: refused, and nothing is written for it
             refused = await http.post("/control/v1/nodes/c-state-001/drain")

@@ -5,13 +5,17 @@ store's checks, and the worker's request file."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from mbworker.control.audit import MemoryAuditLog
 from mbworker.control.errors import ControlError, NotFound, WorkerCallFailed
@@ -220,12 +224,15 @@ async def test_the_wheel_store_holds_a_version_whole_or_not_at_all(tmp_path: Pat
     ]
     assert await store.read("2.0", "trio-0.30-py3-none-any.whl") == b"dep"
     assert await store.versions() == [{"version": "2.0", "wheels": 2, "bytes": 6}]
+    truncated = gzip.compress(_tar({"mbworker-2.0-py3-none-any.whl": os.urandom(100_000)}))
     for archive, why in (
         (_tar({"mbworker-2.1-py3-none-any.whl": b"x"}), "is not mbworker 2.0"),
         (_tar({"trio-0.30-py3-none-any.whl": b"x"}), "exactly one mbworker wheel"),
         (_tar({"../mbworker-2.0-py3-none-any.whl": b"x"}), "only wheel files"),
         (_tar({"mbworker-2.0-py3-none-any.whl": b"x"}, link="evil.whl"), "only wheel files"),
         (b"not a tar", "not a tar of wheels"),
+        (truncated[: len(truncated) // 2], "not a tar of wheels"),  # a push cut short (was: 500)
+        (lzma.compress(truncated)[:2000], "not a tar of wheels"),
     ):
         with pytest.raises(ControlError, match=why):
             await store.put("2.0", archive)
@@ -257,6 +264,18 @@ async def test_the_worker_leaves_only_a_version_and_the_helper_takes_it_once(tmp
     path.symlink_to(tmp_path / "elsewhere")
     assert take_request(path) is None
     assert not path.is_symlink()
+    # the daemon's user owns the directory: a link to a valid request elsewhere is not followed (root would read
+    # whatever it points at), a FIFO does not block the root helper; both are removed
+    elsewhere = tmp_path / "valid-request"
+    elsewhere.write_text(json.dumps({"version": "2.0"}))
+    path.symlink_to(elsewhere)
+    assert take_request(path) is None
+    assert elsewhere.exists()
+    assert not path.is_symlink()
+    os.mkfifo(path)
+    with trio.fail_after(10):
+        assert await trio.to_thread.run_sync(take_request, path, abandon_on_cancel=True) is None
+    assert not path.exists()
 
 
 async def test_a_hold_keeps_a_ready_worker_out_of_the_upstreams_without_telling_it(redis_server: RedisServer) -> None:
