@@ -205,8 +205,12 @@ class FunctionsFrontDoor:
             return
         cache = self.cache
         decision: Hit | Miss | Bypass | None = None
+        trusted = self.trusted_proxies.trusts(request.client)
+        origin = keyed = f"{request.scheme}://{request.host}"  # the function's `url` starts with it, as the cache key
         if cache is not None and active.cache.enabled:  # other methods pass through as BYPASS
-            decision = cache.lookup(request, slug=slug, version=fn.version, config=active.cache)
+            if trusted:
+                keyed = cache_origin(request, origin)
+            decision = cache.lookup(request, slug=slug, version=fn.version, config=active.cache, origin=keyed)
             if type(decision) is Hit:  # the hot case, answered before anything else is built
                 await responder.send(decision.status, decision.headers(), decision.body)
                 return
@@ -230,14 +234,14 @@ class FunctionsFrontDoor:
             # Built only when the function runs: a cache hit never pays for headers, ids and URLs.
             nonlocal invocation
             target = f"/{slug}{rest}" + (f"?{request.query}" if request.query else "")
-            headers, host, request_id = forwarded_headers(request, self.trusted_proxies.trusts(request.client))
+            headers, _, request_id = forwarded_headers(request, trusted)
             invocation = Invocation(
                 method=request.method,
                 target=target,
                 headers=headers,
                 body=body,
                 request_id=request_id.decode("latin-1") if request_id else _new_request_id(),
-                url=f"{request.scheme}://{host}{target}",
+                url=origin + target,
             )
             return _Shaped(runtime.invoke(fn, invocation), active)
 
@@ -256,6 +260,7 @@ class FunctionsFrontDoor:
                     l2=self.l2,
                     decision=decision,
                     background=self.background,
+                    origin=keyed,
                 )
             else:
                 await _respond(responder, run)
@@ -408,6 +413,15 @@ def forwarded_headers(request: HttpRequest, trusted: bool = False) -> tuple[Head
     if not forwarded_host:
         headers.append((b"x-forwarded-host", host_text.encode("latin-1")))
     return headers, host_text, request_id
+
+
+def cache_origin(request: HttpRequest, origin: str) -> str:
+    """The cache key's origin for a request from a trusted proxy: the `origin` of the function's URL plus the
+    X-Forwarded-Proto/-Host the function is given as the client's (the proxy may pass a client's own on), so a
+    response built from them is never served to a request that carried others. From anyone else those headers are
+    ours, made from the same scheme and Host, so `origin` alone is the key's."""
+    said = [b"\n%s=%s" % (k, v) for k, v in request.headers if k == b"x-forwarded-host" or k == b"x-forwarded-proto"]
+    return origin + b"".join(said).decode("latin-1") if said else origin  # LF: in no header value (llhttp)
 
 
 def valid_host(value: bytes) -> bool:

@@ -448,7 +448,7 @@ class Connection:
         while True:
             if not ready:
                 if http.failure is not None:
-                    await self._reject(http.failure.status)
+                    await self._reject(http.failure.status, http.failure.answer)
                     return None
                 if self.closing or server.draining:
                     return None
@@ -546,11 +546,11 @@ class Connection:
         except ClientDisconnected:
             responder.keep_alive = False
 
-    async def _reject(self, status: int) -> None:
+    async def _reject(self, status: int, message: bytes | None = None) -> None:
         """Answer a request that could not be parsed, then close (after lingering so the client reads it)."""
         self.server.bad_requests += 1
         try:
-            await self.send(error_response(status, self.dates))
+            await self.send(error_response(status, self.dates, message))
         except ClientDisconnected:
             return
         await self._linger()

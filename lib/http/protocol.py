@@ -22,7 +22,7 @@ from mbworker.lib.http.types import BodyTooLarge, Headers, HttpRequest
 METHODS: Final = {
     m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")
 }
-_INTERESTING: Final = frozenset((b"expect", b"content-length", b"upgrade"))
+_INTERESTING: Final = frozenset((b"expect", b"content-length", b"upgrade", b"host"))
 _BODYLESS_STATUS: Final = frozenset((204, 304))
 
 # Server-made error responses: JSON `{"code", "message"}` like every other error of the worker.
@@ -39,14 +39,15 @@ JSON: Final[Headers] = [(b"content-type", b"application/json")]
 CHUNKED, IDENTITY, UNTIL_CLOSE, NO_BODY = 0, 1, 2, 3
 
 
-def error_body(status: int) -> bytes:
-    code, message = ERRORS[status]
-    return b'{"code":"%s","message":"%s"}' % (code, message)
+def error_body(status: int, message: bytes | None = None) -> bytes:
+    """`message`: the reason, when it says more than the status's own (plain text: no quote or backslash)."""
+    code, default = ERRORS[status]
+    return b'{"code":"%s","message":"%s"}' % (code, message or default)
 
 
-def error_response(status: int, dates: rh.DateCache) -> bytes:
+def error_response(status: int, dates: rh.DateCache, message: bytes | None = None) -> bytes:
     """A whole `status` answer that closes the connection: for a request that could not be parsed."""
-    body = error_body(status)
+    body = error_body(status, message)
     return b"".join(
         (
             rh.status_line(status),
@@ -66,13 +67,24 @@ def chunk(data: bytes) -> bytes:
 
 
 class ParseFailure(Exception):
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, answer: bytes | None = None) -> None:
         super().__init__(reason)
         self.status = status
+        self.answer = answer
+        """The reason as the client is told it, when it is ours (the parser's own words stay in the log)."""
 
 
 class _HeadTooLarge(Exception):
     pass
+
+
+class _Refused(Exception):
+    """A head that parses but must not be served (RFC 9112): raised in a callback, it stops the parser."""
+
+    def __init__(self, status: int, reason: bytes) -> None:
+        super().__init__(reason.decode())
+        self.status = status
+        self.reason = reason
 
 
 class BodySource(Protocol):
@@ -172,6 +184,7 @@ class RequestParser:
         "_head_exact",
         "_head_size",
         "_headers",
+        "_host_seen",
         "_max_head",
         "_parser",
         "_source",
@@ -201,6 +214,7 @@ class RequestParser:
         """The last request's target, raw."""
         self._headers: Headers = []
         self._head_size = 0
+        self._host_seen = False
         # Raw bytes of the head being parsed, kept for a WebSocket handoff.
         self._head_chunks: list[bytes] = []
         self._head_exact = False
@@ -237,8 +251,11 @@ class RequestParser:
             if self._completed is not None:
                 self._completed.upgrade = True
         except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, _HeadTooLarge):
+            refused = exc.__context__
+            if isinstance(refused, _HeadTooLarge):
                 self.failure = ParseFailure(431, "request head too large")
+            elif isinstance(refused, _Refused):
+                self.failure = ParseFailure(refused.status, str(refused), refused.reason)
             else:
                 self.failure = ParseFailure(400, f"malformed request: {exc}")
             return
@@ -282,6 +299,7 @@ class RequestParser:
         self.url = b""
         self._headers = []
         self._head_size = 0
+        self._host_seen = False
         self._head_exact = self._fresh_feed
 
     def on_url(self, url: bytes) -> None:
@@ -306,6 +324,10 @@ class RequestParser:
                     pass  # llhttp rejects it
             elif lname == b"expect":
                 body.expect_continue = value.lower() == b"100-continue"
+            elif lname == b"host":
+                if self._host_seen:  # which one names the target? RFC 9112 §3.2: exactly one, else 400
+                    raise _Refused(400, b"more than one Host header")
+                self._host_seen = True
             else:
                 body.websocket = value.lower() == b"websocket"
 

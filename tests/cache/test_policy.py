@@ -128,9 +128,10 @@ def test_percent_encoding_is_normalized_without_changing_meaning() -> None:
 
 def test_primary_key_holds_every_dimension() -> None:
     f = facts(headers=[(b"authorization", b"Bearer t")])
-    key = primary_key("hello", 3, "/functions/v1/hello/%7ex", "b=1&a=2", f)
-    assert key == ("hello", 3, "/functions/v1/hello/~x", "a=2&b=1", (), f.auth)
-    assert key != primary_key("hello", 4, "/functions/v1/hello/%7ex", "b=1&a=2", f)
+    key = primary_key("hello", 3, "/functions/v1/hello/%7ex", "b=1&a=2", f, "http://h")
+    assert key == ("hello", 3, "http://h", "/functions/v1/hello/~x", "a=2&b=1", (), f.auth)
+    assert key != primary_key("hello", 4, "/functions/v1/hello/%7ex", "b=1&a=2", f, "http://h")
+    assert key != primary_key("hello", 3, "/functions/v1/hello/%7ex", "b=1&a=2", f, "http://evil.example")
 
 
 # -- responses ----------------------------------------------------------------------------------------------

@@ -332,8 +332,21 @@ def test_lookup_keys_requests_exactly_as_primary_key_does() -> None:
     config = FunctionCacheConfig()
     for path, query in [("/functions/v1/hello", ""), ("/functions/v1/hello/%7ex", "b=1&a=%41"), ("/f/a", "x")]:
         req = Req(path=path, query=query, headers=[(b"authorization", b"Bearer t")])
-        decision = cache.lookup(req, slug="hello", version=2, config=config)
+        decision = cache.lookup(req, slug="hello", version=2, config=config, origin="http://h")
         assert isinstance(decision, Miss)
         facts = classify_request("GET", req.headers, config)
         assert not isinstance(facts, str)
-        assert decision.key == primary_key("hello", 2, path, query, facts)
+        assert decision.key == primary_key("hello", 2, path, query, facts, "http://h")
+
+
+def test_responses_are_keyed_by_the_origin_the_function_saw() -> None:
+    # The same path and Authorization from another Host: the function built its answer from its URL's host.
+    cache = make_cache()
+    req = Req(headers=[(b"authorization", b"Bearer anon")])
+    evil = cache.lookup(req, slug=SLUG, version=1, origin="http://evil.example")
+    assert isinstance(evil, Miss)
+    assert cache.store(evil, 200, cacheable(60, b"", (b"location", b"http://evil.example/next")), b"") is not None
+    assert isinstance(cache.lookup(req, slug=SLUG, version=1, origin="http://api.example"), Miss)
+    assert isinstance(cache.lookup(req, slug=SLUG, version=1, origin="http://evil.example"), Hit)
+    assert cache.peek(req, slug=SLUG, version=1, origin="http://api.example") is None
+    assert cache.peek(req, slug=SLUG, version=1, origin="http://evil.example") is not None

@@ -130,3 +130,15 @@ def test_error_response_and_chunks() -> None:
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
     assert answer.endswith(b'\r\n\r\n{"code":"REQUEST_TIMEOUT","message":"request body too slow"}')
     assert p.chunk(b"hello") == b"5\r\nhello\r\n"
+
+
+@pytest.mark.parametrize("hosts", [b"Host: a\r\nHost: b\r\n", b"Host: a\r\nhost: a\r\n"])
+def test_a_second_host_header_is_refused_before_any_request_is_ready(hosts: bytes) -> None:
+    # RFC 9112 §3.2: exactly one Host; with two, which names the URL (and the cache key)?
+    core = parser()
+    core.feed(b"GET / HTTP/1.1\r\n" + hosts + b"\r\n")
+    assert not core.ready
+    assert core.failure is not None
+    assert (core.failure.status, core.failure.answer) == (400, b"more than one Host header")
+    answer = p.error_response(400, DateCache(""), core.failure.answer)
+    assert answer.endswith(b'{"code":"BAD_REQUEST","message":"more than one Host header"}')

@@ -10,8 +10,11 @@ Response side (`classify_response`): 2xx/3xx except 206 and 304; `no-store`, `pr
 response's own `Age`), else the function's default `[cache] ttl`, else nothing is stored. A declared
 `Content-Length` above the per-entry cap bypasses at once.
 
-Keys (`primary_key`, `variant_key`): tuples `(slug, version, path, query, vary_values, auth)`; the method is
-left out because only GET-family requests are cached and HEAD shares GET's entry. The path and query are
+Keys (`primary_key`, `variant_key`): tuples `(slug, version, origin, path, query, vary_values, auth)`; the method
+is left out because only GET-family requests are cached and HEAD shares GET's entry. `origin` is what the function
+can see of the URL besides path and query (the caller computes it: the front door's `cache_origin`, the scheme and
+Host of the function's `url`, from a trusted proxy with its X-Forwarded-Proto/-Host): a response built from it
+(a redirect's Location, say) is never served to a request for another host. The path and query are
 normalized (percent-encoding of unreserved characters decoded, other escapes upper-cased; query pairs stably
 sorted by name, so repeated names keep their order). `vary_values` are the request's values for the function's
 configured `vary` headers. `auth` is a 16-byte BLAKE2b digest of the Authorization header (so keys never hold
@@ -32,9 +35,9 @@ from mbworker.worker.cache.settings import FunctionCacheConfig
 Headers = list[tuple[bytes, bytes]]
 """Header pairs as raw bytes, lower-case names (the front door's and the runtimes' representation)."""
 
-PrimaryKey = tuple[str, int, str, str, tuple[bytes | None, ...], bytes]
-"""(slug, version, normalized path, normalized query, configured vary values, authorization digest)."""
-VariantKey = tuple[str, int, str, str, tuple[bytes | None, ...], bytes, tuple[bytes | None, ...]]
+PrimaryKey = tuple[str, int, str, str, str, tuple[bytes | None, ...], bytes]
+"""(slug, version, origin, normalized path, normalized query, configured vary values, authorization digest)."""
+VariantKey = tuple[str, int, str, str, str, tuple[bytes | None, ...], bytes, tuple[bytes | None, ...]]
 """A primary key plus the request's values for the header names the response listed in `Vary`."""
 
 RequestBypass = Literal["disabled", "method", "no-store"]
@@ -234,10 +237,10 @@ _query_memo: dict[str, str] = {}
 """Query strings repeat a lot on a cache's hot path; normalizing one costs more than a dict lookup."""
 
 
-def primary_key(slug: str, version: int, path: str, query: str, facts: RequestFacts) -> PrimaryKey:
+def primary_key(slug: str, version: int, path: str, query: str, facts: RequestFacts, origin: str = "") -> PrimaryKey:
     """The key of a request's responses. `ResultCache.lookup` builds the same tuple inline (keep them equal:
-    tests/cache/test_policy.py checks it)."""
-    return (slug, version, normalize_component(path), normalize_query(query), facts.vary_values, facts.auth)
+    tests/cache/test_store.py checks it)."""
+    return (slug, version, origin, normalize_component(path), normalize_query(query), facts.vary_values, facts.auth)
 
 
 def variant_key(primary: PrimaryKey, response_vary_values: tuple[bytes | None, ...]) -> VariantKey:

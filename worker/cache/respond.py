@@ -54,6 +54,7 @@ async def respond_through_cache(
     l2: L2Cache | None = None,
     decision: Hit | Miss | Bypass | None = None,
     background: trio.Nursery | None = None,
+    origin: str = "",
 ) -> bytes:
     """Answer `request` from the cache, from another request's invocation, or by running `invoke`.
 
@@ -62,9 +63,10 @@ async def respond_through_cache(
     x-mbworker-cache label sent (HIT, MISS or BYPASS) for logs and metrics. `decision`: this request's
     `cache.lookup` when the caller already made it (with no `await` since), else it is made here. `background`:
     where a write to L2 runs (the caller owns it; each write is bounded by the L2's own timeout), else it is awaited.
+    `origin`: what the function sees of the URL besides path and query (part of the key: `ResultCache.lookup`).
     """
     if decision is None:
-        decision = cache.lookup(request, slug=slug, version=version, config=config)
+        decision = cache.lookup(request, slug=slug, version=version, config=config, origin=origin)
     if isinstance(decision, Hit):
         await _send_hit(responder, decision)
         return HIT
@@ -84,7 +86,7 @@ async def respond_through_cache(
             if entry is not None:  # another node ran it: store it here too and answer as a hit
                 return await _lead(responder, lambda: _replay(entry), flight.record, label=HIT)
             label = await _lead(responder, invoke, flight.record)
-            shared_value = _l2_value(cache, request, slug=slug, version=version, config=config)
+            shared_value = _l2_value(cache, request, slug=slug, version=version, config=config, origin=origin)
             if shared_value is not None:  # the client has its answer: the write to L2 need not hold it up
                 if background is not None:
                     background.start_soon(l2.set, slug, key, *shared_value)
@@ -200,9 +202,9 @@ async def _replay(result: InvocationResult) -> AsyncIterator[InvocationResult]:
 
 
 def _l2_value(
-    cache: ResultCache, request: RequestHead, *, slug: str, version: int, config: FunctionCacheConfig
+    cache: ResultCache, request: RequestHead, *, slug: str, version: int, config: FunctionCacheConfig, origin: str
 ) -> tuple[bytes, float] | None:
     """(value, ttl) of what the leader just stored in L1, to put into L2 too; None when nothing was stored or it
     stays local."""
-    entry = cache.peek(request, slug=slug, version=version, config=config)
+    entry = cache.peek(request, slug=slug, version=version, config=config, origin=origin)
     return None if entry is None else encode_l2_entry(entry, cache.now())

@@ -265,8 +265,10 @@ class ResultCache:
         slug: str,
         version: int,
         config: FunctionCacheConfig = DEFAULT_FUNCTION_CACHE,
+        origin: str = "",
     ) -> Hit | Miss | Bypass:
-        """Find the response for `request` to version `version` of function `slug`. Never blocks."""
+        """Find the response for `request` to version `version` of function `slug`. Never blocks. `origin`: what
+        the function can see of the URL besides path and query (policy.py's keys), part of the key."""
         moka = self._moka
         facts = classify_request(request.method, request.headers, config) if moka is not None else "disabled"
         if not isinstance(facts, RequestFacts):
@@ -276,6 +278,7 @@ class ResultCache:
         key = (
             slug,
             version,
+            origin,
             path if "%" not in path else normalize_component(path),
             normalize_query(query) if query else "",
             facts.vary_values,
@@ -306,13 +309,14 @@ class ResultCache:
         slug: str,
         version: int,
         config: FunctionCacheConfig = DEFAULT_FUNCTION_CACHE,
+        origin: str = "",
     ) -> CachedResponse | None:
         """The fresh entry `request` would hit, without counting a hit (to share it with the L2)."""
         moka = self._moka
         facts = classify_request("GET", request.headers, config) if moka is not None else "disabled"
         if not isinstance(facts, RequestFacts) or moka is None:
             return None
-        key = primary_key(slug, version, request.path, request.query, facts)
+        key = primary_key(slug, version, request.path, request.query, facts, origin)
         found = moka.get(key)
         if type(found) is _VaryNode:
             found = moka.get(variant_key(key, header_values(request.headers, found.names)))
@@ -392,6 +396,7 @@ class ResultCache:
             + len(body)
             + len(miss.key[2])
             + len(miss.key[3])
+            + len(miss.key[4])
             + sum(len(k) + len(v) + _HEADER_OVERHEAD for k, v in kept)
         )
         entry = CachedResponse(
