@@ -76,6 +76,10 @@ def build_request(
 
     merged: dict[str, list[str]] = {}
     for raw_name, raw_value in headers:
+        if b"_" in raw_name:
+            # `X_Forwarded_For` would become HTTP_X_FORWARDED_FOR, posing as the X-Forwarded-For the front door
+            # vouches for (and so REMOTE_ADDR): nginx and Apache drop such headers from CGI for the same reason.
+            continue
         name = "HTTP_" + raw_name.decode("latin-1").upper().replace("-", "_")
         merged.setdefault(name, []).append(_text(raw_value))
     header_env = {name: ", ".join(values) for name, values in merged.items()}

@@ -13,6 +13,7 @@ import httpx
 
 from tests.daemon.fixtures import write_function
 from tests.faults._raw import exchange, gzip_bundle
+from tests.runtimes import wasm_modules as wm
 from tests.worker_process import RunningWorker
 
 ECHO = """Deno.serve(async (req) => {
@@ -80,6 +81,34 @@ async def test_forwarded_headers_from_an_untrusted_peer_are_replaced(
     assert seen["x-forwarded-for"] == "127.0.0.1"
     assert seen["x-forwarded-proto"] == "http"
     assert seen["x-forwarded-host"] == worker.public_url.removeprefix("http://")
+
+    # Underscore spellings reach Deno as the names they are: nothing maps `_` to `-` on the way.
+    status, _, body = await exchange(
+        _port(worker),
+        b"GET /functions/v1/echo HTTP/1.1\r\nhost: localhost\r\nx_forwarded_for: 6.6.6.6\r\n"
+        b"x_forwarded_host: evil.example\r\nconnection: close\r\n\r\n",
+    )
+    seen = json.loads(body)["headers"]
+    assert (status, seen["x-forwarded-for"], seen["x-forwarded-host"]) == (200, "127.0.0.1", "localhost"), seen
+    assert (seen["x_forwarded_for"], seen["x_forwarded_host"]) == ("6.6.6.6", "evil.example")
+
+
+async def test_underscore_headers_cannot_spoof_the_client_address_of_a_wasm_function(
+    worker: RunningWorker, tmp_path: Path
+) -> None:
+    fn = tmp_path / "dump"
+    fn.mkdir()
+    (fn / "function.toml").write_text('runtime = "wasm"\nentrypoint = "dump.wat"\n')
+    (fn / "dump.wat").write_text(wm.DUMP)
+    await worker.deploy(fn, "--no-verify-jwt")
+    status, _, body = await exchange(
+        _port(worker),
+        b"GET /functions/v1/dump HTTP/1.1\r\nhost: localhost\r\nX_Forwarded_For: 6.6.6.6\r\n"
+        b"X_Real_IP: 6.6.6.6\r\nconnection: close\r\n\r\n",
+    )
+    env = dict(line[4:].split("=", 1) for line in body.decode().splitlines() if line.startswith("env:"))
+    assert (status, env["REMOTE_ADDR"], env["HTTP_X_FORWARDED_FOR"]) == (201, "127.0.0.1", "127.0.0.1"), body
+    assert "6.6.6.6" not in body.decode()
 
 
 async def test_admin_and_bundle_faults_are_400_without_traceback(

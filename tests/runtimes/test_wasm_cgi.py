@@ -71,6 +71,19 @@ def test_env_precedence_and_headers() -> None:
     assert env["HTTP_X_NUL"] == "ab"
 
 
+def test_a_header_with_an_underscore_never_poses_as_a_dashed_one() -> None:
+    # The front door vouches for X-Forwarded-For; `X_Forwarded_For` comes from the client as it pleases.
+    env = build(
+        "/fn",
+        [(b"x_forwarded_for", b"6.6.6.6"), (b"x-forwarded-for", b"127.0.0.1"), (b"content_type", b"text/evil")],
+    )
+    assert (env["HTTP_X_FORWARDED_FOR"], env["REMOTE_ADDR"], env["CONTENT_TYPE"]) == ("127.0.0.1", "127.0.0.1", "")
+    alone = build("/fn", [(b"x_forwarded_for", b"6.6.6.6"), (b"x_real_ip", b"6.6.6.6")])
+    assert "HTTP_X_FORWARDED_FOR" not in alone
+    assert "HTTP_X_REAL_IP" not in alone
+    assert "6.6.6.6" not in alone.values()
+
+
 @pytest.mark.parametrize(
     ("host", "name", "port"),
     [("", "localhost", "80"), ("a.test", "a.test", "80"), ("a.test:81", "a.test", "81"), ("[::1]:82", "[::1]", "82")],
