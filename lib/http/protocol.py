@@ -22,7 +22,7 @@ from mbworker.lib.http.types import BodyTooLarge, Headers, HttpRequest
 METHODS: Final = {
     m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")
 }
-_INTERESTING: Final = frozenset((b"expect", b"content-length", b"upgrade", b"host"))
+_INTERESTING: Final = frozenset((b"expect", b"content-length", b"upgrade", b"host", b"transfer-encoding"))
 _BODYLESS_STATUS: Final = frozenset((204, 304))
 
 # Server-made error responses: JSON `{"code", "message"}` like every other error of the worker.
@@ -32,6 +32,7 @@ ERRORS: Final = {
     413: (b"PAYLOAD_TOO_LARGE", b"request body too large"),
     431: (b"REQUEST_HEADER_FIELDS_TOO_LARGE", b"request head too large"),
     500: (b"INTERNAL_SERVER_ERROR", b"internal server error"),
+    501: (b"NOT_IMPLEMENTED", b"not implemented"),
 }
 JSON: Final[Headers] = [(b"content-type", b"application/json")]
 
@@ -178,6 +179,7 @@ class RequestParser:
 
     __slots__ = (
         "_client",
+        "_codings",
         "_completed",
         "_fresh_feed",
         "_head_chunks",
@@ -215,6 +217,8 @@ class RequestParser:
         self._headers: Headers = []
         self._head_size = 0
         self._host_seen = False
+        self._codings: bytes | None = None
+        """The request's Transfer-Encoding (its lines joined), checked once the head is complete."""
         # Raw bytes of the head being parsed, kept for a WebSocket handoff.
         self._head_chunks: list[bytes] = []
         self._head_exact = False
@@ -300,6 +304,7 @@ class RequestParser:
         self._headers = []
         self._head_size = 0
         self._host_seen = False
+        self._codings = None
         self._head_exact = self._fresh_feed
 
     def on_url(self, url: bytes) -> None:
@@ -328,6 +333,8 @@ class RequestParser:
                 if self._host_seen:  # which one names the target? RFC 9112 §3.2: exactly one, else 400
                     raise _Refused(400, b"more than one Host header")
                 self._host_seen = True
+            elif lname == b"transfer-encoding":
+                self._codings = value if self._codings is None else self._codings + b"," + value
             else:
                 body.websocket = value.lower() == b"websocket"
 
@@ -340,11 +347,13 @@ class RequestParser:
         method = METHODS.get(raw_method) or raw_method.decode("latin-1")
         target = self.url.decode("latin-1")
         path, _, query = target.partition("?")
+        version = body.http_version = parser.get_http_version()
+        if self._codings is not None:
+            _check_codings(self._codings, version)
         body.keep_alive = parser.should_keep_alive()
         body.is_head = method == "HEAD"
         if not body.websocket:
             self._head_chunks = []  # only an upgrade needs the raw head; do not hold the read buffer
-        version = body.http_version = parser.get_http_version()
         self.ready.append(HttpRequest(method, target, path, query, self._headers, body, self._client, version))
 
     def on_body(self, data: bytes) -> None:
@@ -360,6 +369,22 @@ class RequestParser:
         self._completed = body
         self.parsing = None
         self._fresh_feed = False
+
+
+def _check_codings(codings: bytes, version: str) -> None:
+    """Refuse a Transfer-Encoding we cannot frame by, before the request reaches a handler (RFC 9112 §6.1).
+
+    HTTP/1.0 has no transfer codings: the framing is faulty and the connection must close after the answer (a
+    proxy in front may have framed the same bytes by Content-Length: request smuggling). A coding other than
+    chunked is one we do not decode: 501, rather than hand the handler bytes it would take for the body."""
+    if version == "1.0":
+        raise _Refused(400, b"Transfer-Encoding in an HTTP/1.0 request")
+    listed = [c.strip().lower() for c in codings.split(b",")]
+    listed = [c for c in listed if c]  # empty list elements are allowed (RFC 9110 §5.6.1)
+    if any(c != b"chunked" for c in listed):
+        raise _Refused(501, b"transfer coding not implemented: only chunked is")
+    if len(listed) != 1:
+        raise _Refused(400, b"Transfer-Encoding must be chunked, once")
 
 
 def frame_head(

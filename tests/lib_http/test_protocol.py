@@ -142,3 +142,38 @@ def test_a_second_host_header_is_refused_before_any_request_is_ready(hosts: byte
     assert (core.failure.status, core.failure.answer) == (400, b"more than one Host header")
     answer = p.error_response(400, DateCache(""), core.failure.answer)
     assert answer.endswith(b'{"code":"BAD_REQUEST","message":"more than one Host header"}')
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "answer"),
+    [
+        # RFC 9112 §6.1: HTTP/1.0 has no transfer codings; keep-alive or not, the framing is faulty.
+        (b"POST / HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n", 400, b"HTTP/1.0"),
+        (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n", 400, None),
+        # A coding we do not decode: 501 (RFC 9112 §6.1), before a handler could take the coded bytes as the body.
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: xchunked\r\n", 501, b"only chunked"),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n", 501, b"only chunked"),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n", 501, None),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, chunked\r\n", 400, None),
+    ],
+)
+def test_a_transfer_coding_we_cannot_frame_by_is_refused_before_the_request_is_ready(
+    head: bytes, status: int, answer: bytes | None
+) -> None:
+    core = parser()
+    core.feed(head + b"\r\n3\r\nabc\r\n0\r\n\r\n")
+    assert not core.ready  # no handler ever sees it
+    assert core.failure is not None
+    assert core.failure.status == status
+    if answer is not None:
+        assert core.failure.answer is not None
+        assert answer in core.failure.answer
+
+
+@pytest.mark.parametrize("coding", [b"chunked", b"Chunked", b" chunked "])
+def test_chunked_alone_still_frames_the_body(coding: bytes) -> None:
+    core = parser()
+    core.feed(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: " + coding + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    (request,) = core.ready
+    assert core.failure is None
+    assert list(bodies([request])[0].chunks) == [b"abc"]

@@ -211,6 +211,26 @@ async def test_malformed_chunked_body_is_a_400() -> None:
         await c.wait_closed()
 
 
+@pytest.mark.parametrize(
+    ("request_head", "status"),
+    [
+        (b"POST /echo HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: xchunked\r\n\r\n", 501),
+    ],
+)
+async def test_a_transfer_coding_we_cannot_frame_by_is_refused_and_closes_before_the_app(
+    request_head: bytes, status: int
+) -> None:
+    app = make_app()
+    async with running(app) as server, RawClient.connect(server.port) as c:
+        # What follows the head is not a body we can delimit: it must never be read as the next request.
+        await c.send(request_head + b"3\r\nabc\r\n0\r\n\r\nGET /hello HTTP/1.1\r\nHost: t\r\n\r\n")
+        response = await c.response()
+        assert (response.status, response.header(b"connection")) == (status, b"close")
+        await c.wait_closed()
+    assert app.seen == []
+
+
 async def test_app_exception_is_a_500_and_the_connection_continues() -> None:
     async with running(make_app()) as server, httpx.AsyncClient() as client:
         failed = await client.get(url(server, "/boom"))
