@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -47,9 +47,14 @@ from mbworker.control.registry import NodeView
 from mbworker.control.release import MemoryReleaseStore, Release, ReleaseStore
 from mbworker.control.wheel_store import HeldWheel, check_version
 
+T = TypeVar("T")
+
 log = logging.getLogger("mbworker.control.upgrade")
 
 POLL_S = 0.1
+STATE_GRACE_S = 30.0
+"""How long one registry read or write is retried while the cluster's Redis is away (a Sentinel failover takes
+seconds): a blip does not end a rollout, nor leave a worker held."""
 SILENT_S = 3.0
 """Three missed beats (one a second): the process has exited."""
 
@@ -230,14 +235,14 @@ class Rollout:
                 # the version becomes the release only once every worker runs it
                 plan = sorted(
                     (
-                        v for v in await self._registry.nodes()
+                        v for v in await self._nodes()
                         if v.record.role == "worker" and v.serving and v.record.version != version
                         and v.record.name not in report.upgraded
                     ),
                     key=lambda v: v.record.name,
                 )  # fmt: skip
                 report.pending.extend(v.record.name for v in plan)
-            await self.release.settle(version)
+            await self._retrying(lambda: self.release.settle(version))
             self._audit.record(self._token, "release", 200, f"the cluster's release is {version}")
         except StateUnavailable as exc:
             report.failed = {"node": "-", "step": "redis", "reason": exc.message}
@@ -250,7 +255,7 @@ class Rollout:
     async def _one(self, node: NodeView, report: Report) -> None:
         name, version = node.record.name, report.version
         # 1. leave the upstreams
-        await self._registry.hold(name)
+        await self._retrying(lambda: self._registry.hold(name))
         await self._proxies_caught_up()
         self._record(report, name, "leave", True, "out of the upstreams; every proxy pulled")
         # 2. hand the request to the worker; it drains and its helper installs
@@ -258,7 +263,7 @@ class Rollout:
         try:
             await self._admin.call(node, "POST", "/admin/v1/upgrade", json={"version": version}, timeout=30.0)
         except WorkerCallFailed as exc:
-            await self._registry.release(name)  # it never drained: back in the upstreams as it was
+            await self._release(name)  # it never drained: back in the upstreams as it was
             raise _StepFailed("request", f"{exc.message} (left serving {node.record.version})") from None
         self._record(report, name, "request", True, f"{node.record.version} -> {version}; draining")
         try:
@@ -280,7 +285,7 @@ class Rollout:
             )
         finally:
             # back in the upstreams: the new process, or whatever comes back late (only a ready one is served)
-            await self._registry.release(name)
+            await self._release(name)
         assert back is not None
         if back.record.version != version:
             raise _StepFailed(
@@ -290,6 +295,28 @@ class Rollout:
             )
         await self._proxies_caught_up()
         self._record(report, name, "ready", True, f"serving {version}; back in the upstreams")
+
+    async def _retrying(self, op: Callable[[], Awaitable[T]]) -> T:
+        """`op()`, retried while the cluster's Redis is away, for up to STATE_GRACE_S (then its error)."""
+        with trio.move_on_after(STATE_GRACE_S):
+            while True:
+                try:
+                    return await op()
+                except StateUnavailable:
+                    await trio.sleep(POLL_S)
+        return await op()
+
+    async def _nodes(self) -> list[NodeView]:
+        return await self._retrying(self._registry.nodes)
+
+    async def _release(self, name: str) -> None:
+        """Back in the upstreams, even when the rollout is being cancelled (shielded, bounded); if Redis stays
+        away, the hold expires by itself (HOLD_TTL_S)."""
+        with trio.CancelScope(shield=True):
+            try:
+                await self._retrying(lambda: self._registry.release(name))
+            except StateUnavailable as exc:
+                log.warning("%s stays out of the upstreams until its hold expires: %s", name, exc.message)
 
     def _left(self, view: NodeView | None, asked_at: float) -> bool:
         """The old process is draining, or gone: silent for a few beats (an idle one may exit before its next
@@ -303,7 +330,7 @@ class Rollout:
     ) -> NodeView | None:
         with trio.move_on_after(timeout):
             while True:
-                view = next((v for v in await self._registry.nodes() if v.record.name == name), None)
+                view = next((v for v in await self._nodes() if v.record.name == name), None)
                 if done(view):
                     return view
                 await trio.sleep(POLL_S)
@@ -320,7 +347,7 @@ class Rollout:
         pulling is down, and its upstreams no longer matter)."""
         with trio.move_on_after(self._t.proxies_s):
             while True:
-                proxies = [v for v in await self._registry.nodes() if v.record.role == "proxy" and v.up]
+                proxies = [v for v in await self._nodes() if v.record.role == "proxy" and v.up]
                 if all(v.record.sent_at > since for v in proxies):
                     return
                 await trio.sleep(POLL_S)

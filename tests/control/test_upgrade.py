@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from mbworker.control.audit import MemoryAuditLog
-from mbworker.control.errors import ControlError, NotFound, WorkerCallFailed
+from mbworker.control.errors import ControlError, NotFound, StateUnavailable, WorkerCallFailed
 from mbworker.control.registry import NodeRecord, NodeRegistry, NodeView
 from mbworker.control.upgrade import Rollout, Timeouts, plan_rollout
 from mbworker.control.wheel_store import HeldWheel, WheelStore
@@ -47,12 +47,18 @@ class Node:
 class Cluster:
     """Registry + admin API + wheels, over stand-in nodes. Every registry read is a tick of a fake clock."""
 
-    def __init__(self, *nodes: Node, held: tuple[str, ...] = ("2.0",), refuse: str | None = None) -> None:
+    def __init__(
+        self, *nodes: Node, held: tuple[str, ...] = ("2.0",), refuse: str | None = None, failover_on: str | None = None
+    ) -> None:
+        self.failover_on = failover_on
+        """Redis goes away for a few reads once this node has been asked to upgrade."""
         self.nodes_ = {n.name: n for n in nodes}
         self.now = 1.0
         self.held = held
         self.refuse = refuse
         self.calls: list[str] = []
+        self.redis_away = 0
+        self.release_fails = 0
         self.serving_seen: list[int] = []
         """How many workers were in the upstreams at each read (never 0)."""
 
@@ -83,7 +89,15 @@ class Cluster:
         )  # fmt: skip
         return NodeView(record=record, up=True, last_seen_s=0, drain_asked=False, held=n.held)
 
+    def _redis(self) -> None:
+        """While `redis_away` reads are left, Redis is away (a Sentinel failover): reads and writes fail."""
+        if self.redis_away:
+            self.redis_away -= 1
+            self._tick()
+            raise StateUnavailable("the cluster's Redis is unreachable: connection refused")
+
     async def nodes(self) -> list[NodeView]:
+        self._redis()
         self._tick()
         views = [self._view(n) for n in self.nodes_.values()]
         self.serving_seen.append(sum(v.serving for v in views if v.record.role == "worker"))
@@ -94,6 +108,9 @@ class Cluster:
         self.nodes_[name].held = True
 
     async def release(self, name: str) -> None:
+        if self.release_fails:
+            self.release_fails -= 1
+            raise StateUnavailable("the cluster's Redis is unreachable: connection refused")
         self.calls.append(f"release {name}")
         self.nodes_[name].held = False
 
@@ -106,6 +123,9 @@ class Cluster:
         assert n.held, "asked to upgrade before it left the upstreams"
         n.phase, n.ticks = "draining", 0
         n.comes_back_on = n.comes_back_on or kw["json"]["version"]
+        if name == self.failover_on:
+            self.redis_away = 4  # the reads while it drains fail
+            self.release_fails = 2  # and, later, its release (Redis away again)
         return {"version": kw["json"]["version"], "draining": True}
 
     async def manifest(self, version: str) -> list[HeldWheel]:
@@ -139,6 +159,17 @@ async def test_workers_are_upgraded_one_at_a_time_and_the_cluster_serves_through
     # run again: nothing to do
     status, again = await _rollout(cluster, audit).upgrade("2.0")
     assert (status, again["upgraded"], again["skipped"]) == (200, [], ["w1", "w2"])
+
+
+async def test_a_redis_failover_mid_rollout_is_waited_out(autojump_clock: object) -> None:
+    """Redis away while w1 drains (the polls fail) and again at its release: the rollout goes on and w1 is back
+    in the upstreams (was: the rollout ended at the first failed read, and w1 stayed held for 15 minutes)."""
+    cluster = Cluster(Node("w1"), Node("w2"), Node("p1", role="proxy", version="proxy"), failover_on="w1")
+    status, report = await _rollout(cluster, MemoryAuditLog()).upgrade("2.0")
+    assert status == 200, report
+    assert report["upgraded"] == ["w1", "w2"]
+    assert not any(n.held for n in cluster.nodes_.values())
+    assert (cluster.redis_away, cluster.release_fails) == (0, 0)
 
 
 async def test_a_version_not_held_is_refused_before_any_worker_is_touched() -> None:
