@@ -184,14 +184,14 @@ def status_table(nodes: list[dict[str, Any]]) -> list[str]:
 def cmd_drain(args: argparse.Namespace) -> int:
     with _client(args) as client:
         client.drain_node(args.node)
-    print(f"{args.node}: out of the upstreams; draining")
+    print(f"{args.node}: out of the upstreams; draining (then cordoned until `mbworker cluster undrain {args.node}`)")
     return 0
 
 
 def cmd_undrain(args: argparse.Namespace) -> int:
     with _client(args) as client:
         client.undrain_node(args.node)
-    print(f"{args.node}: drain cancelled; back in the upstreams once it reports ready")
+    print(f"{args.node}: drain cancelled; back in the upstreams at its next heartbeat (a second) if it runs")
     return 0
 
 

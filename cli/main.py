@@ -148,11 +148,14 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings_from(args)
     configure_logging(settings.log_level)
 
+    nodes: list[Node] = []
+
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             handle: Node = await nursery.start(
                 partial(serve_worker, settings, args.deploy, reload_settings=lambda: _settings_from(args))
             )
+            nodes.append(handle)
             print_banner(handle)
 
     # What the imports built (modules, classes, pydantic models: most of the ~80k objects a running daemon
@@ -165,7 +168,7 @@ def _serve(args: argparse.Namespace) -> int:
         trio.run(run)
     except BaseExceptionGroup as group:
         raise config_error_in(group) or group from None
-    return 0
+    return nodes[0].exit_status if nodes else 0
 
 
 def _settings_from(args: argparse.Namespace) -> Any:

@@ -64,6 +64,8 @@ class NodeRecord(BaseModel):
     ready: bool
     why_not: str | None = None
     draining: bool = False
+    cordoned: bool = False
+    """Drained by the control plane, started again, waiting for `cluster undrain` (worker/cluster/heartbeat.py)."""
     load: NodeLoad = Field(default_factory=NodeLoad)
     functions: dict[str, int] = Field(default_factory=dict)
     started_at: float = 0.0
@@ -93,6 +95,8 @@ class NodeView(BaseModel):
     def state(self) -> str:
         if not self.up:
             return "down"
+        if self.record.cordoned:  # its drain is done: idle until undrained (scale-in may delete it)
+            return "cordoned"
         if self.record.draining or self.drain_asked:
             return "draining"
         if self.held:
@@ -290,8 +294,9 @@ class NodeRegistry:
             raise StateUnavailable(f"the cluster's Redis is unreachable: {exc}") from exc
 
     async def cancel_drain(self, name: str) -> NodeView:
-        """Undo `ask_drain` (and its hold): a drained node stays out of the upstreams, and drains again whenever it
-        restarts, until this; then it serves again as soon as it reports ready (systemd restarts a drained worker)."""
+        """Undo `ask_drain` (and its hold). Until this a drained node stays out of the upstreams: it exited 75,
+        was started again by systemd, and reports itself cordoned (not ready); then it serves again at its next
+        beat (worker/cluster/heartbeat.py)."""
         view = await self.get(name)
         try:
             await self._redis.delete(f"{self._p}node:{name}:drain", f"{self._p}node:{name}:hold")

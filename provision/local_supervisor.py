@@ -1,7 +1,8 @@
 """What systemd and the upgrade helper's units are to a cloud worker, for one local worker: run it from its own
 venv, converge it to the cluster's release before every start (`upgrade_helper.converge`, as mbworker.service's
 ExecStartPre), and when it asks for an upgrade (`<data dir>/upgrade/request`), let `upgrade_helper.upgrade` install
-the version from the control plane into that venv and start it again.
+the version from the control plane into that venv and start it again; start it again, too, after a drain for the
+control plane (it comes back cordoned until `cluster undrain`).
 
 Run by the local provider (`local.worker_venv`) as
 `python -m mbworker.provision.local_supervisor --venv V --data-dir D --control-url U --token-file T -- ARGV...`
@@ -22,6 +23,10 @@ from pathlib import Path
 from .upgrade_helper import Config, converge, take_request, upgrade
 
 POLL_S = 0.1
+CORDON_EXIT_STATUS = 75
+"""worker/daemon.py's: the worker drained for the control plane and is to be started again, cordoned (systemd does
+it through mbworker.service's Restart=on-failure; the provisioner does not import the daemon, hence the copy)."""
+RESTART_S = 1.0
 
 
 class ChildService:
@@ -79,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if not child.is_active():
             assert child.proc is not None
+            if child.proc.returncode == CORDON_EXIT_STATUS and not stopping:
+                time.sleep(RESTART_S)
+                child.start()
+                continue
             return child.proc.returncode or 0
         time.sleep(POLL_S)  # a file another process writes, and a child: polled
 

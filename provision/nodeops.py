@@ -103,9 +103,10 @@ def drain_through_control(
     """Scale-in's drain, asked of the control plane (`url`, its token) instead of the node itself.
 
     `POST /control/v1/nodes/<name>/drain` takes the node out of the upstreams the proxies pull at once; the node
-    starts draining at its next heartbeat (WebSockets closed with 1012, requests in flight finished) and stops
-    beating when it is done. Done when the control plane reports it down (or no longer knows it); DrainError if it
-    is still there after `timeout` seconds or the control plane refuses."""
+    starts draining at its next heartbeat (WebSockets closed with 1012, requests in flight finished) and exits when
+    it is done; systemd starts it again, cordoned (idle, not ready). Done when the control plane reports it cordoned
+    or down (or no longer knows it); DrainError if it is still there after `timeout` seconds or the control plane
+    refuses."""
     headers = {"Authorization": f"Bearer {token}"}
     base = f"{url.rstrip('/')}/control/v1/nodes"
     deadline = time.monotonic() + timeout
@@ -120,7 +121,8 @@ def drain_through_control(
             if r.status_code >= 300:
                 raise DrainError(f"{name}: the control plane answered HTTP {r.status_code} to GET /nodes")
             node = next((n for n in r.json() if n.get("name") == name), None)
-            if node is None or node.get("state") == "down":
+            # done: gone, or drained and started again by systemd, idle until undrained (`cordoned`)
+            if node is None or node.get("state") in ("down", "cordoned"):
                 return
             if time.monotonic() + poll > deadline:
                 raise DrainError(f"{name} still {node.get('state')} after {timeout:.0f}s of draining")

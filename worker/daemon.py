@@ -66,6 +66,11 @@ from mbworker.worker.upgrade_request import UpgradeRequests
 log = logging.getLogger("mbworker.daemon")
 
 DRAIN_REPORT_LINGER_S = 10.0
+CORDON_EXIT_STATUS = 75
+"""The exit status after a drain the control plane asked for (EX_TEMPFAIL): the service manager starts the node
+again (mbworker.service's Restart=on-failure; the local supervisor), and it comes back cordoned — up, not ready,
+out of the upstreams — until `mbworker cluster undrain` lifts the drain. Any other drain exits 0 and stays down."""
+CORDONED = "cordoned by the control plane: `mbworker cluster undrain <node>` brings it back"
 """After a drain asked for over the admin API, how long the admin listener waits for the caller to poll again
 and read `drained: true` before the process exits."""
 
@@ -93,6 +98,10 @@ class Node:
         self.node_id = default_node_id(settings)
         self.table = FunctionTable()
         self.drain = Drain()
+        self.cordoned = False
+        """Drained by the control plane before this process started, and not undrained since (the heartbeat)."""
+        self.exit_status = 0
+        """What `mbworker serve` exits with once the node has drained (CORDON_EXIT_STATUS, or 0)."""
         self.metrics = Metrics(node_id=self.node_id)
         self.function_logs = FunctionLogs()
         self.readiness = Readiness()
@@ -277,8 +286,18 @@ class Node:
             # The control plane's registry: this node's health, load and live versions, once a second.
             host = await trio.to_thread.run_sync(advertised_host, settings)  # may resolve the host name
             identity = NodeIdentity("worker", self.node_id, host, self.public.port, self.admin.port, __version__)
-            beat = partial(serve_heartbeat, drain_started=self.drain.wait_started)
-            nursery.start_soon(beat, self.backends.redis, identity, self.state, self.drain.start)
+            beat = partial(serve_heartbeat, drain_started=self.drain.wait_started, on_cordon=self.set_cordon)
+            nursery.start_soon(beat, self.backends.redis, identity, self.state, self._drain_for_control_plane)
+
+    def _drain_for_control_plane(self) -> None:
+        """`cluster drain`: drain, then exit so that the service manager starts this node again, cordoned."""
+        if not self.drain.draining:
+            self.exit_status = CORDON_EXIT_STATUS
+        self.drain.start()
+
+    def set_cordon(self, on: bool) -> None:
+        """The heartbeat's word: a drain from before this start holds (not ready), or was lifted (ready again)."""
+        self.cordoned = on
 
     async def _drain_when_asked(self) -> None:
         """Wait for the drain, then: stop accepting, finish in-flight work within the grace period, tell whoever
@@ -341,6 +360,8 @@ class Node:
         own dependencies only, not the cluster's (`/ready/local`)."""
         draining = self.drain.draining
         problems = await self.readiness.check(local=local)
+        if self.cordoned:  # local too: an HAProxy backup must not serve from a cordoned node either
+            problems = {**problems, "cordon": CORDONED}
         detail: dict[str, Any] = {"functions": len(self.table), "draining": draining}
         if problems:
             detail["problems"] = problems
@@ -366,8 +387,8 @@ class Node:
             self.realtime.statistics().connections,
             self.runtimes["deno"].statistics().processes,
         )
-        why = "draining" if self.drain.draining else None
-        return NodeState(why is None, why, self.drain.draining, load, self._live())
+        why = "draining" if self.drain.draining else CORDONED if self.cordoned else None
+        return NodeState(why is None, why, self.drain.draining, load, self._live(), cordoned=self.cordoned)
 
     async def apply_settings(self, new: WorkerSettings) -> None:
         """SIGHUP: what can change live (log level, limits, cache size)."""

@@ -39,6 +39,13 @@ def test_the_drain_is_asked_of_the_control_plane_and_waited_for_until_the_node_i
     assert calls == ["POST /control/v1/nodes/w2/drain"] + ["GET /control/v1/nodes"] * 3
 
 
+def test_a_node_started_again_cordoned_is_drained() -> None:
+    """systemd starts a node the control plane drained again; it reports `cordoned` (idle): safe to delete."""
+    http, calls = control(["draining", "cordoned"])
+    drain_through_control(http, URL, "tok", "w2", timeout=10, poll=0)
+    assert calls == ["POST /control/v1/nodes/w2/drain"] + ["GET /control/v1/nodes"] * 2
+
+
 def test_a_node_the_control_plane_forgot_is_drained() -> None:
     http, calls = control(["gone"])
     drain_through_control(http, URL, "tok", "w2", timeout=10, poll=0)

@@ -9,9 +9,11 @@ Wire format (read by `control/registry.py`, which owns the other half; keep the 
 
     <p>node:<name>          JSON record (below), EX `RECORD_TTL_S`: a node gone for that long disappears
     <p>nodes                sorted set: name → time of the last beat (epoch seconds)
-    <p>node:<name>:drain    set by the control plane: the node drains at its next beat
+    <p>node:<name>:drain    set by the control plane: the node drains at its next beat; one already set at the
+                            process's first beat is a cordon carried over a restart (the node stays up, not
+                            ready, until the key is gone: `cluster undrain`)
 
-    {"role", "name", "private_ip", "port", "admin_port", "version", "ready", "why_not", "draining",
+    {"role", "name", "private_ip", "port", "admin_port", "version", "ready", "why_not", "draining", "cordoned",
      "load": {"requests_per_s", "websockets", "deno_processes"}, "functions": {slug: version},
      "started_at", "sent_at"}
 
@@ -55,6 +57,8 @@ class NodeState:
     draining: bool
     load: NodeLoad
     functions: dict[str, int]
+    cordoned: bool = False
+    """Drained by the control plane before this process started and not undrained since: up, idle, not ready."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ def record(identity: NodeIdentity, state: NodeState, *, requests_per_s: float, s
         "ready": state.ready,
         "why_not": state.why_not,
         "draining": state.draining,
+        "cordoned": state.cordoned,
         "load": {
             "requests_per_s": round(requests_per_s, 1),
             "websockets": state.load.websockets,
@@ -95,20 +100,24 @@ async def serve_heartbeat(
     state: Callable[[], NodeState],
     on_drain: Callable[[], object],
     *,
+    on_cordon: Callable[[bool], object] | None = None,
     drain_started: Callable[[], Awaitable[object]] | None = None,
     prefix: str = "mbw:",
     interval: float = INTERVAL_S,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Beat every `interval` until cancelled; `started()` at once. A drain asked for by the control plane calls
-    `on_drain` (the daemon's drain trigger, idempotent). When `drain_started` returns (however the drain began: a
-    SIGTERM at shutdown too) the next beat goes at once, so the node leaves the proxies' upstreams while it drains
-    rather than when it falls silent."""
+    `on_drain` (the daemon's drain trigger, idempotent). With `on_cordon`, a drain already asked for when this
+    process first beats is a cordon instead (the process was started again after that drain): `on_cordon(True)`,
+    and `on_cordon(False)` once the control plane lifts it; a drain asked for after that drains. When
+    `drain_started` returns (however the drain began: a SIGTERM at shutdown too) the next beat goes at once, so the
+    node leaves the proxies' upstreams while it drains rather than when it falls silent."""
     key = f"{prefix}node:{identity.name}"
     drain_key = f"{key}:drain"
     started_at = time.time()
     last: tuple[float, int] | None = None
     failing = False
+    cordoned: bool | None = None  # None until a beat has been delivered
     task_status.started()
     while True:
         now = trio.current_time()
@@ -134,7 +143,19 @@ async def serve_heartbeat(
             if failing:
                 log.info("heartbeat delivered again")
             failing = False
-            if replies[2] is not None and not snapshot.draining:
+            asked = replies[2] is not None
+            if cordoned is None:  # the first delivered beat: a drain asked for before it is one from before this start
+                cordoned = asked and on_cordon is not None
+                if cordoned:
+                    assert on_cordon is not None
+                    log.info("cordoned by the control plane (drained before this start): not ready until undrained")
+                    on_cordon(True)
+            elif cordoned and not asked:
+                assert on_cordon is not None
+                log.info("the control plane lifted the cordon")
+                on_cordon(False)
+                cordoned = False
+            if asked and not cordoned and not snapshot.draining:
                 log.info("drain asked for by the control plane")
                 on_drain()
         with trio.move_on_after(interval):
