@@ -18,6 +18,7 @@ from mbworker.runtimes.errors import (
     IdleTimeout,
     InvalidResponse,
     ResourceLimit,
+    VersionRetired,
     WorkerBusy,
     WorkerError,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "ResourceLimit",
     "Runtime",
     "RuntimeStatistics",
+    "VersionRetired",
     "WorkerBusy",
     "WorkerError",
 ]

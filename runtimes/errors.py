@@ -67,3 +67,11 @@ class WorkerBusy(FunctionRuntimeError):
     status = 503
     code = "WORKER_BUSY"
     default_message = "No worker became available in time, try again"
+
+
+class VersionRetired(WorkerBusy):
+    """The version was retired (a deploy switched away from it, a delete) before this request got an instance of
+    it. Nothing of the request was used: the caller may run it on the version live now. A runtime never boots a
+    retired version's pool again for a waiting request; it raises this instead."""
+
+    default_message = "The function version was retired while the request waited, try again"

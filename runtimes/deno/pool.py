@@ -25,7 +25,7 @@ from mbworker.runtimes.deno.process import DenoProcess, OnLog
 from mbworker.runtimes.deno.spare import SpareDirs
 from mbworker.runtimes.deno.spawn import Spawner, VersionPaths
 from mbworker.runtimes.deno.tmpquota import TmpQuota
-from mbworker.runtimes.errors import BootError, WorkerBusy
+from mbworker.runtimes.errors import BootError, VersionRetired, WorkerBusy
 
 _LIMIT_KINDS = ("cpu", "memory", "wall_clock", "disk")
 
@@ -104,7 +104,8 @@ class VersionPool:
     async def acquire(self) -> DenoProcess:
         """A ready process with a slot reserved for the caller (release with `release`).
 
-        Raises BootError if a needed boot fails, WorkerBusy after queue_timeout_s without a free slot.
+        Raises BootError if a needed boot fails, WorkerBusy after queue_timeout_s without a free slot,
+        VersionRetired once the pool is retired (also while the caller waits for a slot).
         """
         lim = self.fn.limits
         deadline = math.inf  # set on the first wait: a free slot (the usual case) needs no clock read
@@ -116,6 +117,10 @@ class VersionPool:
             if best is not None:
                 best.load += 1
                 return best
+            if self.retired:
+                # None of its processes takes a new request, and one booted now could outlive the pool's cleanup
+                # (its files made again after they were removed): the caller goes to the version live now.
+                raise VersionRetired()
             if deadline == math.inf:
                 deadline = trio.current_time() + lim.queue_timeout_s
             if len(self.processes) + self._booting < self.max_processes:

@@ -152,6 +152,10 @@ class DenoRuntime:
         self._closing = False
 
     def _pool(self, fn: FunctionVersion) -> VersionPool:
+        # A version retired earlier gets a new pool here: the same version comes back with a new env (secrets
+        # changed) or by a rollback. Which version is live is the caller's to know (the front door asks its
+        # function table right before it invokes); a request already waiting in a retired pool gets
+        # VersionRetired (pool.py) and goes to the live one.
         if self._closing:
             raise FunctionRuntimeError("the runtime is shutting down")
         pool = self._pools.get(fn.key)

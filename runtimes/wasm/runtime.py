@@ -7,6 +7,7 @@ objects explicitly. Callers own nothing wasmtime-related: `invoke` yields a full
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from mbworker.runtimes.errors import (
     IdleTimeout,
     InvalidResponse,
     ResourceLimit,
+    VersionRetired,
     WorkerBusy,
     WorkerError,
 )
@@ -168,7 +170,8 @@ class WasmRuntime:
 
     async def warm(self, fn: FunctionVersion) -> None:
         """Compile (or load from the disk cache), link and test-instantiate `fn`. Raises BootError."""
-        await self._ready(fn)
+        with contextlib.suppress(VersionRetired):  # retired while it compiled: nothing left to warm
+            await self._ready(fn)
 
     @asynccontextmanager
     async def invoke(self, fn: FunctionVersion, invocation: Invocation) -> AsyncIterator[InvocationResult]:
@@ -239,7 +242,8 @@ class WasmRuntime:
     # -- internals --
 
     async def _ready(self, fn: FunctionVersion) -> _Version:
-        """The prepared version, compiling/loading it once (single flight per version). Raises BootError."""
+        """The prepared version, compiling/loading it once (single flight per version). Raises BootError, or
+        VersionRetired when `fn` was retired while this waited."""
         version = self._versions.get(fn.key)
         if version is None:
             version = self._versions[fn.key] = _Version()
@@ -269,8 +273,10 @@ class WasmRuntime:
             # A fresh exception per caller (re-raising one object would chain tracebacks across requests), of
             # the same class: 422 for a rejected module, else 503.
             raise _copy_boot_error(version.error)
-        if version.retired:  # retired meanwhile: a later request for it boots it again, like this one
-            return await self._ready(fn)
+        if version.retired:
+            # Retired while it compiled (or queued for it): preparing it again would leave a version nobody
+            # retires. The caller goes to the version live now.
+            raise VersionRetired()
         return version
 
     def _call_limits(self, version: _Version, limits: Limits) -> tuple[CallLimits, bool]:

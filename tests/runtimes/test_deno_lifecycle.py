@@ -17,6 +17,7 @@ import trio.testing
 
 import mbworker.runtimes.deno.runtime
 from mbworker.runtimes.deno.runtime import DENO_DIR_NAME, close_run_dir, open_run_dir
+from mbworker.runtimes.errors import VersionRetired
 from tests.runtimes.test_deno_support import (
     call,
     call_json,
@@ -110,6 +111,44 @@ async def test_retire_lets_in_flight_finish_then_stops(tmp_path: Path) -> None:
         with trio.fail_after(10):
             await rt.wait_stopped(fn)
         assert gone(old_pid)
+
+
+async def test_a_request_waiting_in_a_retired_pool_is_sent_back_not_booted(tmp_path: Path) -> None:
+    """A request queued for a slot when its version is retired gets VersionRetired (for the caller to run it on
+    the live version): the retired pool boots nothing more, and once its in-flight request is done it is gone
+    with its files."""
+    src = "Deno.serve((req) => new Response(req.body));"
+    fn = version(write_fn(tmp_path, src), max_processes=1, max_concurrency=1, queue_timeout_s=30)
+    send, recv = trio.open_memory_channel[bytes](0)
+
+    async def body() -> AsyncIterator[bytes]:
+        async with recv:
+            async for c in recv:
+                yield c
+
+    outcome: list[BaseException] = []
+
+    async def queued() -> None:
+        try:
+            await call(rt, fn, "POST", "/fn", b"late")
+        except VersionRetired as exc:
+            outcome.append(exc)
+
+    async with deno_runtime(tmp_path) as rt:
+        run = next(p for p in (tmp_path / "scratch").iterdir() if p.is_dir())
+        async with rt.invoke(fn, inv("POST", "/fn", body())) as res, trio.open_nursery() as nursery:
+            nursery.start_soon(queued)
+            await trio.testing.wait_all_tasks_blocked()  # queued for the one slot
+            await rt.retire(fn)
+            await send.send(b"in flight")
+            await send.aclose()
+            assert b"".join([c async for c in res.body]) == b"in flight"  # the retired version still serves it
+        assert len(outcome) == 1
+        with trio.fail_after(20):
+            await rt.wait_stopped(fn)
+        stats = rt.statistics()
+        assert (stats.versions, stats.processes, stats.cold_starts) == (0, 0, 1)
+        assert not list(run.glob("fn-1-*"))
 
 
 async def test_redeploy_rolls_over_to_the_new_version(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from mbworker.runtimes.api import FunctionVersion, Invocation, empty_body
-from mbworker.runtimes.errors import BootError, InvalidResponse, ResourceLimit, WorkerError
+from mbworker.runtimes.errors import BootError, InvalidResponse, ResourceLimit, VersionRetired, WorkerError
 from mbworker.runtimes.limits import Limits
 from mbworker.runtimes.wasm import ModuleRejected, WasmRuntime, WasmSettings, compile_module, open_wasm_runtime
 from tests.runtimes import wasm_modules as wm
@@ -408,6 +408,33 @@ async def test_retire_waits_for_a_cancelled_call_still_in_its_thread(tmp_path: P
         assert (await call(rt, counter))[2] == b"1 1"  # the only thread is free again: the loop has ended
         with pytest.raises(ValueError, match="closed"):
             prepared.pre.ptr()
+
+
+async def test_a_version_retired_while_it_compiles_is_not_prepared_again(tmp_path: Path) -> None:
+    """A request whose version is retired while it waits for its compile gets VersionRetired (for the caller to
+    run it on the live version), and the runtime keeps nothing of that version."""
+    async with open_wasm_runtime(WasmSettings(threads=1)) as rt:
+        looping = version(tmp_path, wm.INFINITE_LOOP, slug="loop", cpu_time_ms=600_000, request_idle_timeout_s=600)
+        counter = version(tmp_path, wm.COUNTER, slug="counter", queue_timeout_s=30)
+        await rt.warm(looping)
+        sent_back: list[VersionRetired] = []
+
+        async def late() -> None:
+            try:
+                await call(rt, counter)
+            except VersionRetired as exc:
+                sent_back.append(exc)
+
+        async with trio.open_nursery() as waiting, trio.open_nursery() as busy:
+            busy.start_soon(call, rt, looping)  # holds the only thread
+            await trio.testing.wait_all_tasks_blocked()
+            waiting.start_soon(late)
+            await trio.testing.wait_all_tasks_blocked()  # its compile waits for the thread
+            await rt.retire(counter)
+            busy.cancel_scope.cancel()
+        assert len(sent_back) == 1
+        assert rt.statistics().versions == 1  # the loop's only
+        assert rt.statistics().cold_starts == 2  # the loop's and the one compile of `counter`, not a second
 
 
 async def test_slow_version_is_not_waited_for_synchronously(tmp_path: Path) -> None:
