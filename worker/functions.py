@@ -30,6 +30,7 @@ from mbworker.lib.http.types import (
 )
 from mbworker.runtimes import FunctionRuntimeError, FunctionVersion, Invocation, InvocationResult, Runtime, WorkerError
 from mbworker.runtimes.api import RequestBodyStream
+from mbworker.runtimes.errors import BootError, VersionRetired
 from mbworker.worker.cache import (
     DEFAULT_FUNCTION_CACHE,
     Bypass,
@@ -248,7 +249,7 @@ class FunctionsFrontDoor:
                 request_id=request_id.decode("latin-1") if request_id else _new_request_id(),
                 url=origin + target,
             )
-            return _Shaped(runtime.invoke(fn, invocation), active)
+            return _Shaped(self, slug, active, runtime, request, invocation)
 
         try:
             if decision is not None:
@@ -301,21 +302,69 @@ async def _respond(responder: Responder, run: Callable[[], AbstractAsyncContextM
     await responder.end()
 
 
+class _Refused(FunctionRuntimeError):
+    """The front door's own answer from inside an invocation (the function went away, the gate refuses): a
+    status and code like a runtime error's, so every path that answers those (the cache's flights too) does."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+_RETIRED_RETRIES = 3
+"""Versions retired under one waiting request before it gives up (503): each is a deploy or delete meanwhile."""
+
+
 class _Shaped:
-    """The runtime's result as the client gets it: framing headers dropped (the server frames the body), the
-    version header added, and the body capped at the function's response limit.
+    """The run of one request, on the version live when the runtime takes it, with its result as the client gets
+    it: framing headers dropped (the server frames the body), the version header added, and the body capped at
+    the function's response limit.
+
+    The live version is looked up again right before the runtime picks an instance (no checkpoint between): the
+    request was admitted for `active`, but its body (the prefetch window), a flight or a queue may have lasted
+    until a deploy switched away from it or a delete removed it. Then it runs on the version live now, or gets
+    404 — a retired version is never booted anew (its pool would outlive it: nothing retires it again). The
+    function table stays the one owner of which version is live: a runtime cannot tell a stale request from a
+    rollback or a restart of the same version, and only raises `VersionRetired` for a request that was already
+    waiting in a pool when it was retired.
 
     A class, not an @asynccontextmanager: that costs an async generator per request (and trio's first-iteration
     hook), on the hottest path of the daemon."""
 
-    __slots__ = ("_active", "_invocation")
+    __slots__ = ("_active", "_door", "_invocation", "_request", "_run", "_runtime", "_slug")
 
-    def __init__(self, invocation: AbstractAsyncContextManager[InvocationResult], active: ActiveFunction) -> None:
-        self._invocation = invocation
+    def __init__(
+        self,
+        door: FunctionsFrontDoor,
+        slug: str,
+        active: ActiveFunction,
+        runtime: Runtime,
+        request: HttpRequest,
+        invocation: Invocation,
+    ) -> None:
+        self._door = door
+        self._slug = slug
         self._active = active
+        self._runtime = runtime
+        self._request = request
+        self._invocation = invocation
 
     async def __aenter__(self) -> InvocationResult:
-        result = await self._invocation.__aenter__()
+        table = self._door.table
+        retries = _RETIRED_RETRIES
+        while True:
+            live = table.get(self._slug)
+            if live is not self._active:
+                self._switch(live)
+            self._run = self._runtime.invoke(self._active.fn, self._invocation)
+            try:
+                result = await self._run.__aenter__()
+                break
+            except VersionRetired:  # nothing of the request was used: run it on the version live now
+                if not retries:
+                    raise
+                retries -= 1
         try:
             headers = [(k, v) for k, v in result.headers if k.lower() not in RESPONSE_DROP]
             headers.append(self._active.version_header)
@@ -327,13 +376,33 @@ class _Shaped:
                 raise WorkerError(f"Function response is larger than {cap} bytes")
             return InvocationResult(result.status, headers, result.body, whole)  # within the cap: nothing to cut
         except BaseException as exc:
-            await self._invocation.__aexit__(type(exc), exc, exc.__traceback__)
+            await self._run.__aexit__(type(exc), exc, exc.__traceback__)
             raise
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        return await self._invocation.__aexit__(exc_type, exc, tb)
+        return await self._run.__aexit__(exc_type, exc, tb)
+
+    def _switch(self, live: ActiveFunction | None) -> None:
+        """Run on `live` instead of the version the request was admitted for: through the gate again if only
+        `live` checks JWTs; 404 if the function is gone."""
+        if live is None:
+            raise _Refused(404, "NOT_FOUND", "Requested function was not found")
+        request = self._request
+        if live.verify_jwt and not self._active.verify_jwt and request.method != "OPTIONS":
+            try:
+                self._door.gate.check(request.header(b"authorization"))
+            except JwtRejected as exc:
+                raise _Refused(401, exc.code, exc.message) from None
+        runtime = self._door.runtimes.get(live.fn.runtime)
+        if runtime is None:
+            raise BootError(f"No runtime {live.fn.runtime!r} on this worker")
+        if live.fn.key != self._active.fn.key:  # not a new env or limits of the same version
+            log.info(
+                "%s was retired while a request waited for it: it runs on v%d", self._active.fn.key, live.fn.version
+            )
+        self._active, self._runtime = live, runtime
 
 
 async def _capped(body: AsyncIterator[bytes], cap: int) -> AsyncIterator[bytes]:
