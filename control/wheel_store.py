@@ -33,6 +33,7 @@ PROJECT = "mbworker"
 WHEEL_FILE = re.compile(r"^[A-Za-z0-9_.+!-]+\.whl$")
 MAX_WHEELS = 200
 MAX_UNPACKED_BYTES = 1024 * 1024 * 1024
+MAX_DIGESTS = 4 * MAX_WHEELS
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ def _project_version(filename: str) -> tuple[str, str]:
 class WheelStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._digests: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime) → sha256
 
     def _dir(self, version: str) -> Path:
         return self.directory / check_version(version)
@@ -85,10 +87,19 @@ class WheelStore:
                 "push them with `mbworker cluster wheels push`",
                 code="NO_SUCH_WHEELS",
             )
-        return [
-            HeldWheel(f.name, hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_size)
-            for f in sorted(d.glob("*.whl"))
-        ]
+        return [self._held(f) for f in sorted(d.glob("*.whl"))]
+
+    def _held(self, f: Path) -> HeldWheel:
+        """A wheel with its sha256, hashed once per file: every node's helper asks for the manifest (node token),
+        and a version's files never change in place (a push replaces the directory: new inodes)."""
+        st = f.stat()
+        key = (str(f), st.st_ino, st.st_size, st.st_mtime_ns)
+        digest = self._digests.get(key)
+        if digest is None:
+            if len(self._digests) >= MAX_DIGESTS:
+                self._digests.clear()  # versions come and go: what is asked again is hashed again
+            digest = self._digests[key] = hashlib.sha256(f.read_bytes()).hexdigest()
+        return HeldWheel(f.name, digest, st.st_size)
 
     async def read(self, version: str, filename: str) -> bytes:
         if not WHEEL_FILE.match(filename):

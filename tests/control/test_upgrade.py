@@ -6,6 +6,7 @@ store's checks, and the worker's request file."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import lzma
 import os
@@ -268,6 +269,13 @@ async def test_the_wheel_store_holds_a_version_whole_or_not_at_all(tmp_path: Pat
         with pytest.raises(ControlError, match=why):
             await store.put("2.0", archive)
     assert await store.read("2.0", "mbworker-2.0-py3-none-any.whl") == b"own"  # the held version is intact
+    # a push again of the same version (same names, same sizes, other bytes): the manifest hashes the new files
+    before = {w.filename: w.sha256 for w in await store.manifest("2.0")}
+    await store.put("2.0", _tar({"mbworker-2.0-py3-none-any.whl": b"OWN", "trio-0.30-py3-none-any.whl": b"DEP"}))
+    after = {w.filename: w.sha256 for w in await store.manifest("2.0")}
+    assert after == {name: hashlib.sha256(data).hexdigest() for name, data in (
+        ("mbworker-2.0-py3-none-any.whl", b"OWN"), ("trio-0.30-py3-none-any.whl", b"DEP"))}  # fmt: skip
+    assert after != before
     with pytest.raises(NotFound, match=r"held: 2\.0"):
         await store.manifest("2.1")
     with pytest.raises(NotFound):
