@@ -88,7 +88,9 @@ async def test_l2_cache_shares_results_between_workers(tmp_path: Path, http: htt
             toml = '[cache]\nttl = "60s"\nl2 = true\n'
             await a.deploy(write_function(tmp_path / "src", "shared-cache", source, toml=toml))
             await b.wait_for_output("shared-cache: v1 is live")
-            auth = a.auth()  # the same key on both nodes: Authorization is part of the cache key
+            # The same key on both nodes (Authorization is part of the cache key), and the one Host a proxy in
+            # front of them passes on (so is the URL's host: a response made for another is never shared).
+            auth = {**a.auth(), "host": "api.example"}
             first = await http.get(f"{a.public_url}/functions/v1/shared-cache", headers=auth)
             assert first.headers["x-mbworker-cache"] == "MISS"
             # A writes to L2 after its client has the answer: wait for the write to reach Redis.
