@@ -16,6 +16,7 @@ from tests.worker_process import RunningWorker
 BODY = 100_000
 """Over the 64 KiB the front door reads before it invokes: the function runs only once the rest has come."""
 FIRST = 1000
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "functions"
 SOURCE = "Deno.serve(async (req) => new Response(`{name} got ${{(await req.arrayBuffer()).byteLength}}`));"
 
 
@@ -44,15 +45,15 @@ async def _finish_post(stream: trio.SocketStream) -> tuple[bytes, bytes]:
     return head.lower(), body
 
 
-async def _boots(worker: RunningWorker, http: httpx.AsyncClient) -> tuple[float, float]:
-    """The Deno runtime's cold starts and boot failures so far."""
+async def _boots(worker: RunningWorker, http: httpx.AsyncClient, runtime: str = "deno") -> tuple[float, float]:
+    """The runtime's cold starts and boot failures so far."""
     text = (
         await http.get(f"{worker.admin_url}/metrics", headers={"authorization": f"Bearer {worker.admin_token}"})
     ).text
     values = {"mbworker_runtime_cold_starts_total": 0.0, "mbworker_runtime_boot_failures_total": 0.0}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in values and sample.labels.get("runtime") == "deno":
+            if sample.name in values and sample.labels.get("runtime") == runtime:
                 values[sample.name] = float(sample.value)
     return values["mbworker_runtime_cold_starts_total"], values["mbworker_runtime_boot_failures_total"]
 
@@ -110,3 +111,17 @@ async def test_the_new_versions_gate_applies_to_a_request_admitted_by_the_old_on
     await worker.deploy(fn)
     head, _ = await _finish_post(stream)
     assert head.startswith(b"http/1.1 401"), head  # v2 wants one: the request does not run there without it
+
+
+async def test_a_wasm_function_deleted_under_a_slow_body_gets_404(
+    worker: RunningWorker, http: httpx.AsyncClient
+) -> None:
+    await worker.deploy(EXAMPLES / "wasm-echo")
+    r = await http.post(f"{worker.public_url}/functions/v1/wasm-echo", headers=worker.auth(), content=b"warm")
+    assert r.json()["body"] == "warm"
+    stream = await _begin_post(worker, "wasm-echo")
+    await worker.cli("functions", "delete", "wasm-echo", check=True)
+    boots = await _boots(worker, http, "wasm")
+    head, _ = await _finish_post(stream)
+    assert head.startswith(b"http/1.1 404"), head
+    assert await _boots(worker, http, "wasm") == boots  # the deleted module was not compiled (nor failed to) again
