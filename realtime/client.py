@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 
+from mbworker.lib.websocket import OutFrame, Transport
 from mbworker.realtime.auth import Authenticator
 from mbworker.realtime.broker import Broker, Envelope, broker_key
 from mbworker.realtime.errors import AuthError
@@ -25,7 +26,6 @@ from mbworker.realtime.limits import RateLimit, SharedLimiter, WindowLimit
 from mbworker.realtime.presence import Presence, state_payload
 from mbworker.realtime.protocol import BroadcastPayload, Message, ProtocolError, Vsn, decode_binary, decode_text, encode
 from mbworker.realtime.settings import RealtimeSettings
-from mbworker.realtime.transport import OutFrame, Transport
 
 __all__ = ["Channel", "Client", "NodeContext"]
 

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from mbworker.lib.websocket import OutFrame
 from mbworker.realtime.broker import Broker, Envelope
 from mbworker.realtime.presence import Presence, PresenceDiff
 from mbworker.realtime.protocol import BroadcastPayload, Message, Vsn, encode, encode_broadcast
-from mbworker.realtime.transport import OutFrame
 
 if TYPE_CHECKING:
     from mbworker.realtime.client import Channel, Client

@@ -3,7 +3,7 @@
 `open_realtime(...)` yields a `RealtimeService` whose `websocket_handler` / `handle_http` plug into the HTTP
 front door (lib/http/types.py). Each WebSocket connection runs in the front door's task for it and has no
 other task while idle (see `_read_loop`); the service's own nursery runs the presence refresher and, only while
-a socket pushes back, that connection's writer task (realtime/transport.py). Leaving the context closes every
+a socket pushes back, that connection's writer task (lib/websocket.py). Leaving the context closes every
 connection (1001).
 """
 
@@ -24,6 +24,7 @@ from websockets.http11 import Request, Response
 
 from mbworker.lib.http.types import BodyTooLarge, HttpRequest, Responder, WebSocketHandler
 from mbworker.lib.jwt import JwtVerifier, SessionRevoked
+from mbworker.lib.websocket import Transport, TransportClosed, accept_stream, json_response
 from mbworker.realtime.auth import Authenticator
 from mbworker.realtime.broker import Broker, Envelope, broker_key
 from mbworker.realtime.broker_memory import MemoryBroker
@@ -35,7 +36,6 @@ from mbworker.realtime.presence import Presence
 from mbworker.realtime.presence_memory import MemoryPresence
 from mbworker.realtime.protocol import ProtocolError, Vsn, parse_vsn
 from mbworker.realtime.settings import RealtimeSettings
-from mbworker.realtime.transport import Transport, TransportClosed, accept_stream, json_response
 
 __all__ = ["RealtimeService", "RealtimeStatistics", "open_realtime"]
 

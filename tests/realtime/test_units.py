@@ -9,11 +9,11 @@ from websockets.server import ServerProtocol
 
 from mbworker import realtime
 from mbworker.lib.jwt import JwtVerifier
+from mbworker.lib.websocket import OutFrame
 from mbworker.realtime.auth import Authenticator
 from mbworker.realtime.errors import AuthError
 from mbworker.realtime.limits import RateLimit, WindowLimit
 from mbworker.realtime.settings import PrivateChannelRule
-from mbworker.realtime.transport import OutFrame
 from tests.realtime.helpers import SECRET, make_jwt
 
 
@@ -67,7 +67,7 @@ def test_private_channel_policy_denies_by_default() -> None:
 
 
 def test_websockets_internals() -> None:
-    """What realtime/transport.py relies on. If this fails after a websockets upgrade, revisit the transport."""
+    """What lib/websocket.py relies on. If this fails after a websockets upgrade, revisit the transport."""
     import inspect
 
     from websockets.http11 import Request

@@ -1,9 +1,11 @@
 """Transport: one WebSocket connection's I/O, a thin trio loop over websockets' Sans-I/O `ServerProtocol`.
+Shared by realtime (its channels) and the functions front door (`Deno.upgradeWebSocket`, worker/function_sockets.py).
 
 `accept_stream` runs the opening handshake on a stream handed over by the HTTP front door (plus the bytes it
-already read) and returns a `Transport`. websockets does all the WebSocket work — request parsing, the 101 or
-refusal, frame parsing and limits, ping → pong, the closing handshake — through its public Sans-I/O API
-(`receive_data` / `events_received` / `data_to_send`); no framing is written here. We only move bytes, join
+already read) and returns a `Transport`; a caller whose decision is asynchronous (a function answers the upgrade)
+uses its two halves, `read_handshake` and `complete_handshake`. websockets does all the WebSocket work — request
+parsing, the 101 or refusal, frame parsing and limits, ping → pong, the closing handshake — through its public
+Sans-I/O API (`receive_data` / `events_received` / `data_to_send`); no framing is written here. We only move bytes, join
 the fragments of a message, and decode text.
 
 Why not `websockets.trio.ServerConnection`: it costs a reader task, a nursery, a lock, a memory channel and an
@@ -35,16 +37,23 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from mbworker.lib.nonblocking import write_some
-from mbworker.realtime.errors import RealtimeError
 
-__all__ = ["OutFrame", "Transport", "TransportClosed", "accept_stream", "json_response"]
+__all__ = [
+    "OutFrame",
+    "Transport",
+    "TransportClosed",
+    "accept_stream",
+    "complete_handshake",
+    "json_response",
+    "read_handshake",
+]
 
 _READ_SIZE: Final = 65536
 _OPEN: Final = State.OPEN
 _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 
 
-class TransportClosed(RealtimeError):
+class TransportClosed(Exception):
     """The WebSocket connection ended (closing handshake, EOF, protocol error or a broken socket)."""
 
 
@@ -84,6 +93,11 @@ def json_response(status: int, body: bytes) -> Response:
     return Response(status, reason, headers, body)
 
 
+MALFORMED_AFTER = json_response(400, b'{"error":"malformed data after the upgrade request"}')
+"""The answer when bytes pipelined after the upgrade request were not WebSocket frames: websockets has then
+already given up on the connection (`protocol.eof_sent`, and asserts if asked to accept it)."""
+
+
 async def accept_stream(
     stream: trio.abc.Stream,
     buffered: bytes,
@@ -103,49 +117,83 @@ async def accept_stream(
     (the Phoenix heartbeat and the owner's idle timeout replace it).
     """
     protocol = ServerProtocol(max_size=max_size)
-    if buffered:
-        protocol.receive_data(buffered)
-    early: list[Frame] = []
     with trio.move_on_after(handshake_timeout):
         try:
-            request: Request | None = None
-            while True:
-                events = protocol.events_received()
-                if events:
-                    first = events[0]
-                    assert isinstance(first, Request)
-                    request = first
-                    early = [e for e in events[1:] if isinstance(e, Frame)]
-                    break
-                if protocol.handshake_exc is not None:  # malformed request: websockets wrote a 400
-                    await _send_protocol_data(stream, protocol)
-                    break
-                data = await stream.receive_some(_READ_SIZE)
-                if not data:
-                    break
-                protocol.receive_data(data)
-            if request is not None:
+            handshake = await read_handshake(stream, buffered, protocol)
+            if handshake is not None:
+                request, early = handshake
                 response = check(request)
                 if response is None and protocol.eof_sent:
-                    # Bytes pipelined after the request were not WebSocket frames: websockets has already
-                    # given up on this connection (and asserts if asked to answer it), so answer ourselves.
-                    response = json_response(400, b'{"error":"malformed data after the upgrade request"}')
+                    response = MALFORMED_AFTER
                 if response is not None:  # refused: the answer is ours, whatever else the client sent
                     await stream.send_all(response.serialize())
                 else:
                     response = protocol.accept(request)  # 101, or websockets' own 4xx for a bad upgrade
-                    protocol.send_response(response)
+                    await send_response(stream, protocol, response)
                     # websockets' parser generator keeps the request referenced for the connection's life but
                     # never reads it again: its headers (~1 KB) need not live that long.
                     request.headers.clear()
                     del request, response
-                    await _send_protocol_data(stream, protocol)
-                    if protocol.state is _OPEN:
-                        return Transport(stream, protocol, nursery, max_queued_bytes, write_timeout, early)
+                    transport = complete_handshake(
+                        stream,
+                        protocol,
+                        early,
+                        nursery=nursery,
+                        max_queued_bytes=max_queued_bytes,
+                        write_timeout=write_timeout,
+                    )
+                    if transport is not None:
+                        return transport
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
     await trio.aclose_forcefully(stream)
     return None
+
+
+async def read_handshake(
+    stream: trio.abc.Stream, buffered: bytes, protocol: ServerProtocol
+) -> tuple[Request, list[Frame]] | None:
+    """Read the upgrade request into `protocol` (from `buffered`, then the stream): the request and any frames
+    that came with it, or None when the request was malformed (websockets' 400 is sent) or the client left.
+    The caller bounds it with its handshake timeout. After it the caller answers: `protocol.accept(request)`
+    and `send_response` (unless `protocol.eof_sent`: see `MALFORMED_AFTER`), or an HTTP answer of its own."""
+    if buffered:
+        protocol.receive_data(buffered)
+    while True:
+        events = protocol.events_received()
+        if events:
+            first = events[0]
+            assert isinstance(first, Request)
+            return first, [e for e in events[1:] if isinstance(e, Frame)]
+        if protocol.handshake_exc is not None:  # malformed request: websockets wrote a 400
+            await _send_protocol_data(stream, protocol)
+            return None
+        data = await stream.receive_some(_READ_SIZE)
+        if not data:
+            return None
+        protocol.receive_data(data)
+
+
+async def send_response(stream: trio.abc.Stream, protocol: ServerProtocol, response: Response) -> None:
+    """Send the handshake's answer (`protocol.accept`'s 101, or its 4xx) through `protocol`."""
+    protocol.send_response(response)
+    await _send_protocol_data(stream, protocol)
+
+
+def complete_handshake(
+    stream: trio.abc.Stream,
+    protocol: ServerProtocol,
+    early: list[Frame],
+    *,
+    nursery: trio.Nursery,
+    max_queued_bytes: int,
+    write_timeout: float = 30.0,
+) -> Transport | None:
+    """The `Transport` of a connection whose 101 went out (`send_response`), or None when the handshake did not
+    open it (websockets answered 4xx). The caller owns the stream either way."""
+    if protocol.state is not _OPEN:
+        return None
+    return Transport(stream, protocol, nursery, max_queued_bytes, write_timeout, early)
 
 
 async def _send_protocol_data(stream: trio.abc.Stream, protocol: ServerProtocol) -> None:
@@ -361,6 +409,13 @@ class Transport:
         return messages
 
     # closing ---------------------------------------------------------------------------------------
+
+    def start_close(self, code: int = 1000, reason: str = "") -> None:
+        """Send a close frame now, without waiting for the client's: for code that does not read the connection
+        (the owner's `receive` sees the client's answer and raises `TransportClosed`). A no-op unless OPEN."""
+        if self.protocol.state is _OPEN and not self.overflowed and not self._ended:
+            self.protocol.send_close(code, reason)
+            self._flush_protocol()
 
     async def aclose(self, code: int = 1000, reason: str = "", *, timeout: float = 1.0) -> None:
         """Closing handshake (send a close frame, wait up to `timeout` for the client's), then close the stream.
