@@ -70,6 +70,45 @@ class Invocation:
     request_id: str
     url: str = ""
     """The full URL the client used (for `Request.url` in Deno and `X_FULL_URL` in WAGI)."""
+    upgrade: bool = False
+    """A WebSocket upgrade the front door can complete: the function may answer it with a socket (`FunctionSocket`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SocketClosed:
+    """A function's WebSocket ended: the function closed it (its code and reason), or its process is gone."""
+
+    code: int
+    reason: str = ""
+
+
+class FunctionSocket(Protocol):
+    """The function's end of a WebSocket it accepted (`Deno.upgradeWebSocket`); the front door owns the client's end
+    and relays between them. Valid only inside the `invoke` context (leaving it ends the socket in the function).
+    Messages are `str` (text) or `bytes` (binary); both directions are windowed, so every wait is bounded by the
+    other side making progress or going away."""
+
+    @property
+    def protocol(self) -> str | None:
+        """The subprotocol the function chose (`Deno.upgradeWebSocket(req, { protocol })`), if any."""
+        ...
+
+    async def opened(self, max_message: int) -> None:
+        """The client's handshake completed: the function's socket opens (`open` fires)."""
+        ...
+
+    async def receive(self) -> str | bytes | SocketClosed:
+        """The function's next message to the client, or `SocketClosed` (then nothing more comes)."""
+        ...
+
+    async def send(self, message: str | bytes) -> None:
+        """Pass one client message to the function; waits while the function has a window's worth unread."""
+        ...
+
+    async def close(self, code: int, reason: str = "") -> None:
+        """The connection ended with `code` (the client's, or 1006 when it just went): the function's socket closes.
+        Last call; idempotent."""
+        ...
 
 
 @dataclass(slots=True)
@@ -82,6 +121,8 @@ class InvocationResult:
     complete_body: bytes | None = None
     """The whole body when the runtime already holds it (then `body` yields exactly this). Lets the front door
     answer with Content-Length instead of chunked encoding."""
+    socket: FunctionSocket | None = None
+    """Set when the function accepted a WebSocket upgrade (status 101): the front door completes the handshake."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,12 @@ class Limits(BaseModel):
     idle_shutdown_s: float = Field(default=300, gt=0, description="Stop a process with no request for this long")
     max_request_bytes: int = Field(default=20 * 1024 * 1024, ge=0, description="Request body cap (413)")
     max_response_bytes: int = Field(default=64 * 1024 * 1024, ge=0, description="Response body cap (500 on overflow)")
+    max_message_bytes: int = Field(
+        default=1024 * 1024,
+        ge=125,
+        description="WebSocket message cap, both ways (Deno.upgradeWebSocket); a larger message closes the socket "
+        "with 1009",
+    )
     tmp_mb: int = Field(
         default=64,
         ge=1,

@@ -306,6 +306,9 @@ class Node:
         grace = self.settings.drain_grace_s
         self.metrics.set_draining(True)
         log.info("draining: grace %.0fs", grace)
+        # Functions' WebSockets (Deno.upgradeWebSocket) are told the node is going away; each connection then
+        # finishes like any request.
+        self.functions.close_sockets(1001, "the server is shutting down")
         with trio.move_on_after(grace + 5):
             async with trio.open_nursery() as drains:
                 # 1012 "service restart": realtime-js reconnects, through the proxy, to another worker.

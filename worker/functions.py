@@ -27,6 +27,7 @@ from mbworker.lib.http.types import (
     HttpRequest,
     RequestBody,
     Responder,
+    WebSocketHandler,
 )
 from mbworker.runtimes import FunctionRuntimeError, FunctionVersion, Invocation, InvocationResult, Runtime, WorkerError
 from mbworker.runtimes.api import RequestBodyStream
@@ -44,6 +45,7 @@ from mbworker.worker.cache import (
 )
 from mbworker.worker.cluster.l2cache import L2Cache
 from mbworker.worker.cluster.ratelimit import Rate, RateLimiter
+from mbworker.worker.function_sockets import UPGRADE_HEADERS, StreamResponder, Upgrade
 from mbworker.worker.jwt_gate import JwtGate, JwtRejected
 from mbworker.worker.metrics import UNMATCHED, Metrics
 from mbworker.worker.responses import send_error
@@ -142,8 +144,34 @@ class FunctionsFrontDoor:
         self.gate = gate
         self.cache = cache
         self.metrics = metrics
+        self._upgrades: set[Upgrade] = set()
+        """WebSocket upgrades being served (`close_sockets` reaches them)."""
 
-    async def handle(self, request: HttpRequest, responder: Responder) -> None:
+    def websocket_handler(self, request: HttpRequest) -> WebSocketHandler:
+        """WebSocket upgrades to functions (`Deno.upgradeWebSocket`, function_sockets.py)."""
+        return self._serve_upgrade
+
+    async def _serve_upgrade(self, stream: trio.abc.Stream, buffered: bytes, request: HttpRequest) -> None:
+        """An upgrade request, handed over by the HTTP server: the same front door as any request, answered on the
+        raw stream (a plain answer, or the function's WebSocket until it closes). Owns and closes the stream."""
+        upgrade = Upgrade(stream, buffered)
+        self._upgrades.add(upgrade)
+        try:
+            await self.handle(request, StreamResponder(stream), upgrade)
+        except ClientDisconnected:
+            pass
+        finally:
+            self._upgrades.discard(upgrade)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+
+    def close_sockets(self, code: int, reason: str) -> None:
+        """Close every function WebSocket with `code` (the node drains): each client is sent the close, the
+        function is told once the client answers (or after a short timeout)."""
+        for upgrade in list(self._upgrades):
+            upgrade.going_away(code, reason)
+
+    async def handle(self, request: HttpRequest, responder: Responder, upgrade: Upgrade | None = None) -> None:
         path = request.path
         slug, sep, tail = path[_PREFIX_LEN:].partition("/")
         if not slug or not path.startswith(PREFIX):
@@ -163,14 +191,20 @@ class FunctionsFrontDoor:
         active = self.table.get(slug)
         metrics = self.metrics
         if metrics is None:
-            await self.invoke(active, request, responder, slug, sep + tail)
+            await self.invoke(active, request, responder, slug, sep + tail, upgrade)
             return
         # Label by deployed slug only: an unknown slug from the path would make label sets unbounded.
         with metrics.observe_request(slug if active else UNMATCHED, responder) as observed:
-            await self.invoke(active, request, observed, slug, sep + tail)
+            await self.invoke(active, request, observed, slug, sep + tail, upgrade)
 
     async def invoke(
-        self, active: ActiveFunction | None, request: HttpRequest, responder: Responder, slug: str, rest: str
+        self,
+        active: ActiveFunction | None,
+        request: HttpRequest,
+        responder: Responder,
+        slug: str,
+        rest: str,
+        upgrade: Upgrade | None = None,
     ) -> None:
         """Gate, limit and run one request to `slug` (`rest`: the path after it). One method, not a chain of
         them: each coroutine hop costs on the hottest path of the daemon."""
@@ -209,11 +243,13 @@ class FunctionsFrontDoor:
         if runtime is None:
             await send_error(responder, 503, "BOOT_ERROR", f"No runtime {fn.runtime!r} on this worker")
             return
+        if upgrade is not None and not await upgrade.read(fn.limits.max_message_bytes):
+            return  # not a valid WebSocket upgrade (websockets answered 400) or the client left
         cache = self.cache
         decision: Hit | Miss | Bypass | None = None
         trusted = self.trusted_proxies.trusts(request.client)
         origin = keyed = f"{request.scheme}://{request.host}"  # the function's `url` starts with it, as the cache key
-        if cache is not None and active.cache.enabled:  # other methods pass through as BYPASS
+        if cache is not None and active.cache.enabled and upgrade is None:  # other methods pass through as BYPASS
             if trusted:
                 keyed = cache_origin(request, origin)
             decision = cache.lookup(request, slug=slug, version=fn.version, config=active.cache, origin=keyed)
@@ -241,6 +277,8 @@ class FunctionsFrontDoor:
             nonlocal invocation
             target = f"/{slug}{rest}" + (f"?{request.query}" if request.query else "")
             headers, _, request_id = forwarded_headers(request, trusted)
+            if upgrade is not None:
+                headers += UPGRADE_HEADERS
             invocation = Invocation(
                 method=request.method,
                 target=target,
@@ -248,6 +286,7 @@ class FunctionsFrontDoor:
                 body=body,
                 request_id=request_id.decode("latin-1") if request_id else _new_request_id(),
                 url=origin + target,
+                upgrade=upgrade is not None,
             )
             return _Shaped(self, slug, active, runtime, request, invocation)
 
@@ -268,8 +307,10 @@ class FunctionsFrontDoor:
                     background=self.background,
                     origin=keyed,
                 )
-            else:
+            elif upgrade is None:
                 await _respond(responder, run)
+            else:
+                await upgrade.respond(responder, run)
         except BodyTooLarge:
             await send_error(responder, 413, "PAYLOAD_TOO_LARGE", f"Request body is larger than {limit} bytes")
         except FlightTimeout:
@@ -371,7 +412,7 @@ class _Shaped:
             cap = self._active.fn.limits.max_response_bytes
             whole = result.complete_body
             if whole is None:
-                return InvocationResult(result.status, headers, _capped(result.body, cap))
+                return InvocationResult(result.status, headers, _capped(result.body, cap), socket=result.socket)
             if len(whole) > cap:
                 raise WorkerError(f"Function response is larger than {cap} bytes")
             return InvocationResult(result.status, headers, result.body, whole)  # within the cap: nothing to cut

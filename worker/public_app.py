@@ -33,8 +33,10 @@ class PublicApp:
         self.ready = ready
 
     def websocket_handler(self, request: HttpRequest) -> WebSocketHandler | None:
-        if self.realtime is None or request.path.startswith(PREFIX):
-            return None  # functions do not take WebSocket upgrades (yet): they answer as plain HTTP
+        if request.path.startswith(PREFIX):
+            return self.functions.websocket_handler(request)  # Deno.upgradeWebSocket (worker/function_sockets.py)
+        if self.realtime is None:
+            return None
         return self.realtime.websocket_handler(request)
 
     def handle_http(self, request: HttpRequest, responder: Responder) -> Coroutine[Any, Any, None]:

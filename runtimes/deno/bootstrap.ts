@@ -11,6 +11,7 @@
 
 import { cancelRequest, makeRequest, wholeStaticResponse } from "./fastpath.ts";
 import { FrameQueue } from "./frames.ts";
+import { allowUpgrade, type ServerWebSocket, upgradedSocket, upgradeWebSocket } from "./websocket.ts";
 
 type Handler = (req: Request, info: unknown) => Response | Promise<Response>;
 type ErrorHandler = (err: unknown) => Response | Promise<Response>;
@@ -62,6 +63,12 @@ function queued(): void {
 
 function frame(head: Record<string, unknown>, body?: Uint8Array): void {
   frames.push(JSON.stringify(head), body);
+  queued();
+}
+
+// A WebSocket's frames (websocket.ts): heads it writes as JSON text itself.
+function socketFrame(head: string, body?: Uint8Array): void {
+  frames.push(head, body);
   queued();
 }
 
@@ -183,6 +190,10 @@ const fakeAddr = { transport: "tcp", hostname: "0.0.0.0", port: 8000 };
   };
 };
 
+// Deno.upgradeWebSocket(req, { protocol }): a socket whose other end is the daemon (websocket.ts).
+// deno-lint-ignore no-explicit-any
+(Deno as any).upgradeWebSocket = upgradeWebSocket;
+
 // EdgeRuntime.waitUntil keeps the process alive until the promise settles (the daemon waits for these on a
 // planned shutdown, within its grace period).
 const pending = new Set<Promise<unknown>>();
@@ -204,6 +215,7 @@ type Req = {
   credit: number;
   wake: (() => void) | null;
   done: boolean;
+  ws: ServerWebSocket | null;
 };
 const reqs = new Map<number, Req>();
 
@@ -213,7 +225,15 @@ function errorText(e: unknown): string {
 }
 
 async function serveRequest(id: number, head: any): Promise<void> {
-  const state: Req = { ctrl: null, request: null, reader: null, credit: WINDOW, wake: null, done: false };
+  const state: Req = {
+    ctrl: null,
+    request: null,
+    reader: null,
+    credit: WINDOW,
+    wake: null,
+    done: false,
+    ws: null,
+  };
   reqs.set(id, state);
   const hasBody = !head.e && head.m !== "GET" && head.m !== "HEAD";
   let body: ReadableStream<Uint8Array> | null = null;
@@ -224,6 +244,7 @@ async function serveRequest(id: number, head: any): Promise<void> {
   const completed = new Promise<void>((r) => (done = r));
   try {
     const request = state.request = makeRequest(head.u, head.m, head.h, body);
+    if (head.w) allowUpgrade(request, id, socketFrame);
     let res: Response;
     try {
       const r = handler!(request, { remoteAddr: fakeAddr, completed });
@@ -237,7 +258,18 @@ async function serveRequest(id: number, head: any): Promise<void> {
       frame({ t: "f", i: id, k: "invalid", m: "handler did not return a Response" });
       return;
     }
-    if (res.status !== 101 && (res.status < 200 || res.status > 599)) {
+    const ws = head.w ? upgradedSocket(res) : undefined;
+    if (ws !== undefined && ws.id === id) {
+      // The upgrade: the daemon answers the client's handshake (101) and then sends `wo`. The request lasts as
+      // long as the socket is open.
+      state.ws = ws;
+      const out: Record<string, unknown> = { t: "h", i: id, s: 101, h: [] };
+      if (ws.protocol) out.p = ws.protocol;
+      frame(out);
+      await ws.closed;
+      return;
+    }
+    if (res.status < 200 || res.status > 599) {
       frame({ t: "f", i: id, k: "invalid", m: `invalid response status ${res.status}` });
       return;
     }
@@ -335,9 +367,22 @@ function onFrame(head: any, body: Uint8Array): void {
       }
       return;
     }
+    case "wm":
+      reqs.get(head.i)?.ws?.message(body, head.b === 1);
+      return;
+    case "wa":
+      reqs.get(head.i)?.ws?.acked(head.n);
+      return;
+    case "wo":
+      reqs.get(head.i)?.ws?.opened(head.m, head.q);
+      return;
+    case "wc":
+      reqs.get(head.i)?.ws?.ended(head.c, head.r ?? "");
+      return;
     case "c": {
       const r = reqs.get(head.i);
       if (r) {
+        r.ws?.ended(1006, "");
         r.done = true;
         reqs.delete(head.i); // nobody waits for it any more, not even a planned shutdown
         try {
@@ -368,6 +413,7 @@ async function shutdown(reason: string): Promise<void> {
   } catch (e) {
     console.error(e);
   }
+  for (const r of reqs.values()) r.ws?.goingAway(); // the daemon closes their clients (1001), then `wc`
   // In-flight requests and waitUntil promises finish (the daemon kills us after its grace period).
   while (reqs.size || pending.size) {
     await Promise.race([Promise.allSettled([...pending]), new Promise((r) => setTimeout(r, 20))]);

@@ -19,8 +19,42 @@ from typing import Any
 
 import trio
 
-from mbworker.runtimes.api import Headers
-from mbworker.runtimes.errors import FunctionRuntimeError, InvalidResponse, WorkerError
+from mbworker.runtimes.api import Headers, SocketClosed
+from mbworker.runtimes.deno.protocol import WINDOW
+from mbworker.runtimes.errors import FunctionRuntimeError, InvalidResponse, ResourceLimit, WorkerError
+
+
+@dataclass(eq=False, slots=True)
+class SocketState:
+    """The daemon's side of one upgraded request's WebSocket (the function's end): the function's messages not yet
+    relayed (at most `WINDOW` plus its close: the bootstrap keeps to the window), and how many more messages the
+    function may be sent before it acks. Two tasks wait on it (one per direction): `changed` wakes both."""
+
+    protocol: str | None
+    inbox: collections.deque[str | bytes | SocketClosed] = field(default_factory=collections.deque)
+    credit: int = WINDOW
+    gone: SocketClosed | None = None
+    """The function's end is gone without a `wc` (its process died, or the request failed)."""
+    closing: bool = False
+    """A close is queued in `inbox` (the function's `wc`, or `going_away`): later messages are dropped."""
+    _event: trio.Event = field(default_factory=trio.Event)
+
+    def notify(self) -> None:
+        self._event.set()
+
+    def close(self, closed: SocketClosed) -> None:
+        """Queue the end of the function's messages (at most once)."""
+        if not self.closing:
+            self.closing = True
+            self.inbox.append(closed)
+            self.notify()
+
+    async def changed(self) -> None:
+        """Wait for the next `notify` (callers check their condition first; no await lies in between)."""
+        event = self._event
+        if event.is_set():  # a notify the caller has already seen
+            event = self._event = trio.Event()
+        await event.wait()
 
 
 @dataclass(eq=False, slots=True)
@@ -44,12 +78,24 @@ class Request:
     timed_out: bool = False
     parked: trio.lowlevel.Task | None = None
     """The task waiting for this request's next event, if any."""
+    ws: SocketState | None = None
+    """Set when the function accepted a WebSocket upgrade (a 101 head)."""
 
     def fail(self, exc: FunctionRuntimeError) -> None:
         if self.error is None and not self.ended:
             self.error = exc
         self.head_ready = True
         self.wake()
+        ws = self.ws
+        if ws is not None and ws.gone is None:
+            # The wall clock ends a connection as Supabase does ("going away"); anything else is a failure.
+            wall = isinstance(exc, ResourceLimit) and exc.kind == "wall_clock"
+            ws.gone = (
+                SocketClosed(1001, "the function reached its wall clock limit")
+                if wall
+                else SocketClosed(1011, "the function failed")
+            )
+            ws.notify()
 
     def wake(self) -> None:
         """Something happened to this request (head, chunk, end, failure): resume the task waiting for it."""
@@ -132,6 +178,8 @@ class Multiplexer:
             r = self.reqs.get(head["i"])
             if r is not None:
                 r.status = head["s"]
+                if r.status == 101:
+                    r.ws = SocketState(head.get("p"))
                 r.headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in head["h"]]
                 if body:
                     r.chunks.append(body)
@@ -153,6 +201,24 @@ class Multiplexer:
                     InvalidResponse(output=msg) if head.get("k") == "invalid" else WorkerError(output=msg)
                 )
                 r.fail(exc)
+        elif t == "wm":
+            r = self.reqs.get(head["i"])
+            if r is not None and r.ws is not None:
+                ws = r.ws
+                if not ws.closing:
+                    if len(ws.inbox) >= WINDOW:
+                        raise MalformedFrame("WebSocket messages beyond the window")
+                    ws.inbox.append(body if "b" in head else body.decode())
+                    ws.notify()
+        elif t == "wa":
+            r = self.reqs.get(head["i"])
+            if r is not None and r.ws is not None:
+                r.ws.credit += int(head["n"])
+                r.ws.notify()
+        elif t == "wc":
+            r = self.reqs.get(head["i"])
+            if r is not None and r.ws is not None:
+                r.ws.close(SocketClosed(int(head["c"]), str(head.get("r", ""))))
         elif t == "r":
             return Ready()
         elif t == "x":
@@ -173,6 +239,13 @@ class Multiplexer:
             elif r.deadline < nxt:
                 nxt = r.deadline
         return nxt
+
+    def going_away(self, reason: str) -> None:
+        """Close every WebSocket on this process with 1001 (its version was retired): the front door closes each
+        client, then tells the function (`wc`)."""
+        for r in self.reqs.values():
+            if r.ws is not None:
+                r.ws.close(SocketClosed(1001, reason))
 
     def fail_all(self, exc: FunctionRuntimeError) -> None:
         for r in list(self.reqs.values()):

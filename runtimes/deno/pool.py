@@ -257,6 +257,8 @@ class VersionPool:
             p.stop_reason = p.stop_reason or "retired"
             if p.load == 0:
                 self._stop_soon(p, "retired")
+            else:  # requests finish; WebSockets, which need not, are told to go
+                p.close_sockets("the function was redeployed or removed")
         self._changed.notify()
 
     @property

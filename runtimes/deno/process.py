@@ -30,7 +30,7 @@ from pathlib import Path
 
 import trio
 
-from mbworker.runtimes.api import FunctionVersion, Invocation, InvocationResult
+from mbworker.runtimes.api import FunctionVersion, Invocation, InvocationResult, SocketClosed
 from mbworker.runtimes.deno import protocol
 from mbworker.runtimes.deno.loglimit import LogBudget
 from mbworker.runtimes.deno.mux import BootFailed, MalformedFrame, Multiplexer, Ready, Request, complete_body
@@ -356,6 +356,11 @@ class DenoProcess:
         if self.child is not None:
             self.child.signal(signal.SIGKILL)
 
+    def close_sockets(self, reason: str) -> None:
+        """Close the WebSockets open on this process (1001, `reason`): the version was retired, and a socket would
+        otherwise keep its process, and the old version, until the wall clock ends it."""
+        self._mux.going_away(reason)
+
     async def stop(self, reason: str, grace: float) -> None:
         """Planned stop: `beforeunload`, in-flight and waitUntil finish within `grace`, then kill."""
         self.retiring = True
@@ -531,7 +536,7 @@ class DenoProcess:
         method = inv.method.upper()
         no_body = method in ("GET", "HEAD")
         head = protocol.encode_request_head(
-            rid, method, inv.url or f"http://localhost{inv.target}", inv.headers, no_body=no_body
+            rid, method, inv.url or f"http://localhost{inv.target}", inv.headers, no_body=no_body, upgrade=inv.upgrade
         )
         if not self._writer.send_batched(head):
             await self._write(head)  # raises why the process is gone
@@ -552,6 +557,8 @@ class DenoProcess:
             raise r.error
         if r.timed_out:
             raise IdleTimeout()
+        if r.ws is not None:
+            return InvocationResult(r.status, r.headers, _Body(self, r), socket=_Socket(self, r))
         return InvocationResult(r.status, r.headers, _Body(self, r), complete_body(r, self.limits.max_response_bytes))
 
     async def end(self, r: Request) -> None:
@@ -645,3 +652,70 @@ class _Body:
             if r.ended:
                 raise StopAsyncIteration
             await r.park()
+
+
+class _Socket:
+    """`FunctionSocket` over one upgraded request (mux.SocketState holds its frames; see protocol.py for the
+    window). Used by the front door's relay: one task receives, another sends, inside the request's invoke."""
+
+    __slots__ = ("_closed", "_proc", "_r", "_unacked", "_ws")
+
+    def __init__(self, proc: DenoProcess, r: Request) -> None:
+        assert r.ws is not None
+        self._proc = proc
+        self._r = r
+        self._ws = r.ws
+        self._unacked = 0
+        self._closed = False
+
+    @property
+    def protocol(self) -> str | None:
+        return self._ws.protocol
+
+    async def _frame(self, head: dict[str, object], body: bytes = b"") -> bool:
+        """Write one frame for this socket; False when the process is gone (the socket's `gone` says why)."""
+        try:
+            await self._proc._write(protocol.encode(head, body))
+        except FunctionRuntimeError:
+            return False
+        return True
+
+    async def opened(self, max_message: int) -> None:
+        # What the function may have waiting for a slow client: a window's worth of the largest message.
+        await self._frame({"t": "wo", "i": self._r.rid, "m": max_message, "q": protocol.WINDOW * max_message})
+
+    async def receive(self) -> str | bytes | SocketClosed:
+        ws = self._ws
+        while True:
+            if ws.inbox:
+                item = ws.inbox.popleft()
+                if not isinstance(item, SocketClosed):
+                    # The relay asks for the next message once the client's connection took the previous one.
+                    self._unacked += 1
+                    if self._unacked >= protocol.ACK_EVERY:
+                        n, self._unacked = self._unacked, 0
+                        await self._frame({"t": "wa", "i": self._r.rid, "n": n})
+                return item
+            if ws.gone is not None:
+                return ws.gone
+            await ws.changed()
+
+    async def send(self, message: str | bytes) -> None:
+        ws = self._ws
+        while ws.credit <= 0 and ws.gone is None:
+            await ws.changed()
+        if ws.gone is not None or self._closed:
+            return  # the function's end is gone: `receive` reports it
+        ws.credit -= 1
+        if isinstance(message, str):
+            await self._frame({"t": "wm", "i": self._r.rid}, message.encode())
+        else:
+            await self._frame({"t": "wm", "i": self._r.rid, "b": 1}, message)
+
+    async def close(self, code: int, reason: str = "") -> None:
+        if self._closed:
+            return
+        self._closed = True
+        r = self._r
+        if self._ws.gone is None and await self._frame({"t": "wc", "i": r.rid, "c": code, "r": reason}):
+            r.ended = True  # the socket's last frame: the request is over in the function, no cancel needed

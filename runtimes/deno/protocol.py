@@ -10,11 +10,19 @@ concurrent requests on one process. Bodies travel raw, never base64: a body chun
 head. Header names/values are ByteStrings, carried as latin-1 decoded JSON strings.
 
 daemon → Deno
-    ``q``  request head ``{t,i,m: method,u: url,h: [[name,value],...],e?: 1 if no body follows}``
+    ``q``  request head ``{t,i,m: method,u: url,h: [[name,value],...],e?: 1 if no body follows,w?: 1 if a
+           WebSocket upgrade the daemon can complete (only then may the function call Deno.upgradeWebSocket)}``
     ``b``  request body chunk (raw)          ``e``  request body end
     ``c``  cancel (client left; aborts Request.signal, cancels the response stream)
     ``a``  ack ``{n}``: the daemon consumed n response chunks (flow control, below)
-    ``s``  planned shutdown ``{r: reason}``: dispatch ``beforeunload``, finish in-flight and ``waitUntil``, exit 0
+    ``s``  planned shutdown ``{r: reason}``: dispatch ``beforeunload``, close WebSockets (1001), finish in-flight
+           and ``waitUntil``, exit 0
+    ``wo`` WebSocket open ``{i,m: max message bytes,q: max bytes the function may have waiting}``: the client's
+           handshake completed (101 sent); ``open`` fires
+    ``wm`` a client message ``{i,b?: 1 if binary}``, its raw part the payload (text as UTF-8)
+    ``wa`` ack ``{i,n}``: n of the function's messages went to the client
+    ``wc`` the connection closed ``{i,c: code,r: reason}`` (the client's close, 1006 if it just left, 1009 for
+           an oversize message): ``close`` fires; the last frame of that socket
 
 Deno → daemon
     ``r``  ready: the module was imported and a handler registered
@@ -23,10 +31,22 @@ Deno → daemon
            queued chunks; up to 64 KiB); ``e: 1`` means that was all of it (one frame per small response)
     ``b``  response body chunk (raw)     ``e``  response end
     ``f``  request failed ``{i,k: "error"|"invalid",m}`` (uncaught handler throw, bad status, not a Response)
+    ``h`` with ``s: 101`` (``{i,s: 101,h: [],p?: subprotocol}``): the handler returned Deno.upgradeWebSocket's
+           response; the request lasts as long as its socket, and no body frame follows
+    ``wm`` a message to the client ``{i,b?: 1}``, raw payload       ``wa`` ack ``{i,n}`` of client messages
+    ``wc`` the function closes ``{i,c,r}`` (``close(code, reason)``; 1009 for an oversize message, 1011 when it
+           sent more than it may have waiting, 1001 on shutdown): the daemon closes the client with it
 
 Flow control: Deno may have at most ``WINDOW`` response chunks of one request unacknowledged; the daemon acks
 as its consumer reads, so a slow client never stalls other requests on the same channel. Request bodies are not
 windowed: Deno queues them in the Request's stream (the front door caps their size).
+
+WebSocket messages are windowed the same way, per socket and direction: at most ``WINDOW`` unacknowledged ``wm``
+frames each way. The daemon acks the function's as the client's connection takes them (a slow client stops the
+acks; the function's socket then holds what it sends, up to ``q`` bytes, and past that closes with 1011); Deno
+acks the client's as they are dispatched (while the daemon waits for an ack it does not read from the client, so
+TCP pushes back). A message over ``max_message_bytes`` closes the socket with 1009, in either direction. Control
+frames (``wo``, ``wc``) are not windowed.
 """
 
 from __future__ import annotations
@@ -96,12 +116,16 @@ class HeaderFragments:
 _FRAGMENTS = HeaderFragments()
 
 
-def encode_request_head(rid: int, method: str, url: str, headers: list[tuple[bytes, bytes]], *, no_body: bool) -> bytes:
+def encode_request_head(
+    rid: int, method: str, url: str, headers: list[tuple[bytes, bytes]], *, no_body: bool, upgrade: bool = False
+) -> bytes:
     """The ``q`` frame. Built as text with the C string quoter rather than a dict through the JSON encoder (the
     same bytes: compact separators, ASCII-escaped; about half the cost, once per request), header pairs from
     `HeaderFragments`."""
     h = _FRAGMENTS.join(headers)
     tail = ',"e":1}' if no_body else "}"
+    if upgrade:
+        tail = ',"w":1' + tail
     j = (
         '{"t":"q","i":' + str(rid) + ',"m":' + _quote(method) + ',"u":' + _quote(url) + ',"h":[' + h + "]" + tail
     ).encode()

@@ -9,10 +9,12 @@ import socket
 import pytest
 import trio
 
+from mbworker.runtimes.api import SocketClosed
 from mbworker.runtimes.deno.mux import BootFailed, MalformedFrame, Multiplexer, Ready, complete_body
+from mbworker.runtimes.deno.protocol import WINDOW
 from mbworker.runtimes.deno.watchdog import Kill, Retire, Watchdog
 from mbworker.runtimes.deno.writer import NonBlockingWriter
-from mbworker.runtimes.errors import InvalidResponse, WorkerError
+from mbworker.runtimes.errors import InvalidResponse, ResourceLimit, WorkerError
 from mbworker.runtimes.limits import Limits
 
 # ------------------------------------------------------------------------------------------ multiplexer
@@ -52,6 +54,47 @@ def test_failures_and_process_events() -> None:
     assert b.head_ready
     with pytest.raises(MalformedFrame):
         mux.on_frame({"t": "h", "i": a.rid}, b"")  # no status
+
+
+def test_websocket_frames_fill_the_socket_within_its_window() -> None:
+    mux = Multiplexer()
+    r = mux.new_request()
+    mux.add(r)
+    mux.on_frame({"t": "h", "i": r.rid, "s": 101, "h": [], "p": "chat"}, b"")
+    assert r.ws is not None
+    ws = r.ws
+    assert (r.head_ready, ws.protocol, ws.credit) == (True, "chat", WINDOW)
+    mux.on_frame({"t": "wm", "i": r.rid}, "h\u00e9".encode())
+    mux.on_frame({"t": "wm", "i": r.rid, "b": 1}, b"\x00\xff")
+    mux.on_frame({"t": "wa", "i": r.rid, "n": 3}, b"")
+    assert (list(ws.inbox), ws.credit) == (["h\u00e9", b"\x00\xff"], WINDOW + 3)
+    for _ in range(WINDOW - 2):
+        mux.on_frame({"t": "wm", "i": r.rid}, b"x")
+    with pytest.raises(MalformedFrame):  # past the window: the bootstrap broke the protocol
+        mux.on_frame({"t": "wm", "i": r.rid}, b"x")
+    mux.on_frame({"t": "wc", "i": r.rid, "c": 4000, "r": "done"}, b"")
+    mux.on_frame({"t": "wm", "i": r.rid}, b"late")  # after its close: dropped
+    assert ws.inbox[-1] == SocketClosed(4000, "done")
+    assert len(ws.inbox) == WINDOW + 1
+
+
+def test_websockets_end_with_the_process() -> None:
+    mux = Multiplexer()
+    a, b, c = mux.new_request(), mux.new_request(), mux.new_request()
+    for r in (a, b, c):
+        mux.add(r)
+        mux.on_frame({"t": "h", "i": r.rid, "s": 101, "h": []}, b"")
+    mux.going_away("redeployed")  # a retired version's sockets: closed with 1001, after what is queued
+    assert a.ws is not None
+    assert a.ws.inbox[-1] == SocketClosed(1001, "redeployed")
+    mux.reqs.pop(a.rid)
+    mux.reqs.pop(b.rid)
+    b.fail(ResourceLimit("wall_clock"))
+    c.fail(ResourceLimit("cpu"))
+    assert b.ws is not None
+    assert b.ws.gone == SocketClosed(1001, "the function reached its wall clock limit")
+    assert c.ws is not None
+    assert c.ws.gone == SocketClosed(1011, "the function failed")
 
 
 def test_expire_times_out_only_requests_without_a_head() -> None:

@@ -1,0 +1,185 @@
+"""`Deno.upgradeWebSocket` in functions, through `mbworker serve` with the websockets client: Supabase's docs example
+as written, binary messages, subprotocols, closes both ways, the message cap, a function killed mid-connection,
+the JWT gate, a redeploy and the daemon's shutdown."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.trio.client import ClientConnection, connect
+from websockets.typing import Subprotocol
+
+from tests.daemon.fixtures import write_function
+from tests.daemon.test_ops_e2e import _sample
+from tests.worker_process import RunningWorker
+
+# Supabase's docs example, unmodified (docs: guides/functions/websockets).
+DOCS_EXAMPLE = """
+Deno.serve((req) => {
+  const upgrade = req.headers.get("upgrade") || "";
+  if (upgrade.toLowerCase() != "websocket") {
+    return new Response("request isn't trying to upgrade to websocket.", { status: 400 });
+  }
+  const { socket, response } = Deno.upgradeWebSocket(req);
+  socket.onopen = () => console.log("socket opened");
+  socket.onmessage = (e) => {
+    console.log("socket message:", e.data);
+    socket.send(new Date().toString());
+  };
+  socket.onerror = (e) => console.log("socket errored:", e.message);
+  socket.onclose = () => console.log("socket closed");
+  return response;
+});
+"""
+
+TRICKS = """
+Deno.serve((req) => {
+  const offered = (req.headers.get("sec-websocket-protocol") || "").split(",").map((p) => p.trim());
+  const protocol = offered.includes("chat.v2") ? "chat.v2" : undefined;
+  const { socket, response } = Deno.upgradeWebSocket(req, { protocol });
+  if (response.status !== 101) throw new Error("the upgrade response says " + response.status);
+  socket.addEventListener("open", () => {
+    socket.send(`open ${socket.readyState} ${socket.binaryType} ${socket.protocol}`);
+  });
+  socket.onmessage = (e) => {
+    const d = e.data;
+    if (d instanceof ArrayBuffer) socket.send(new Uint8Array(d).reverse());
+    else if (d === "blob") socket.send(new Blob(["from a blob"]));
+    else if (d === "close me") socket.close(4001, "bye now");
+    else if (d === "too big") socket.send("x".repeat(5000));
+    else if (d === "spin") { while (true) {} }
+    else socket.send(`echo ${d}`);
+  };
+  socket.onclose = (e) => console.log(`tricks closed ${e.code} ${e.wasClean}`);
+  return response;
+});
+"""
+TRICKS_TOML = "[limits]\ncpu_time_ms = 1000\nmax_message_bytes = 1000\nmax_processes = 1\n"
+
+DATE = re.compile(r"^\w{3} \w{3} \d{2} \d{4} \d{2}:\d{2}:\d{2} GMT")
+
+
+def ws_url(worker: RunningWorker, path: str) -> str:
+    return worker.public_url.replace("http", "ws", 1) + path
+
+
+async def closed_with(ws: ClientConnection) -> tuple[int, str]:
+    """Read until the server closes; its close code and reason."""
+    with trio.fail_after(30), pytest.raises(ConnectionClosed) as closed:
+        await _read_forever(ws)
+    assert closed.value.rcvd is not None, closed.value
+    return closed.value.rcvd.code, closed.value.rcvd.reason
+
+
+async def _read_forever(ws: ClientConnection) -> None:
+    while True:
+        await ws.recv()
+
+
+async def test_function_websockets(worker: RunningWorker, http: httpx.AsyncClient, tmp_path: Path) -> None:
+    await worker.deploy(write_function(tmp_path, "echo", DOCS_EXAMPLE), "--no-verify-jwt")
+    await worker.deploy(write_function(tmp_path, "tricks", TRICKS, toml=TRICKS_TOML))
+
+    # The docs example: a plain GET is its 400, as plain HTTP.
+    r = await http.get(f"{worker.public_url}/functions/v1/echo")
+    assert r.status_code == 400
+    assert r.text == "request isn't trying to upgrade to websocket."
+
+    # ... and a WebSocket gets a timestamp for each message; the function sees open, messages and the close.
+    async with connect(ws_url(worker, "/functions/v1/echo/sub/path?x=1")) as ws:
+        await worker.wait_for_output("socket opened")
+        for i in range(3):
+            await ws.send(f"hello {i}")
+            with trio.fail_after(20):
+                assert DATE.match(str(await ws.recv()))
+            await worker.wait_for_output(f"socket message: hello {i}")
+    await worker.wait_for_output("socket closed")  # the client closed: the function's onclose ran
+
+    # The JWT gate runs before any function code: no token, 401 and no socket.
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(ws_url(worker, "/functions/v1/tricks")):
+            pass
+    assert refused.value.response.status_code == 401
+    assert b"UNAUTHORIZED_NO_AUTH_HEADER" in refused.value.response.body
+
+    auth = worker.auth()
+    url = ws_url(worker, "/functions/v1/tricks")
+    chat = [Subprotocol("chat.v1"), Subprotocol("chat.v2")]
+    async with connect(url, additional_headers=auth, subprotocols=chat) as ws:
+        assert ws.subprotocol == "chat.v2"
+        with trio.fail_after(20):
+            assert await ws.recv() == "open 1 arraybuffer chat.v2"  # `open` fired after the handshake
+            await ws.send("text")
+            assert await ws.recv() == "echo text"
+            await ws.send(bytes(range(200)))  # binary round trip (the function reverses it)
+            assert await ws.recv() == bytes(reversed(range(200)))
+            await ws.send("blob")
+            assert await ws.recv() == b"from a blob"
+        await ws.send("close me")  # the function closes: the client gets its code and reason
+        assert await closed_with(ws) == (4001, "bye now")
+    await worker.wait_for_output("tricks closed 4001 true")
+
+    async with connect(url, additional_headers=auth) as ws:
+        assert ws.subprotocol is None
+        with trio.fail_after(20):
+            assert await ws.recv() == "open 1 arraybuffer "
+        await ws.send("y" * 2000)  # over max_message_bytes from the client: 1009
+        assert (await closed_with(ws))[0] == 1009
+    await worker.wait_for_output("tricks closed 1009")
+
+    async with connect(url, additional_headers=auth) as ws:
+        with trio.fail_after(20):
+            await ws.recv()
+        await ws.send("too big")  # over max_message_bytes from the function: 1009 too
+        assert (await closed_with(ws))[0] == 1009
+
+    # A function that spins on a message is killed at its CPU limit: its client gets 1011, and other functions
+    # (and the same function, on a new process) keep serving.
+    async with connect(url, additional_headers=auth) as ws, connect(url, additional_headers=auth) as bystander:
+        with trio.fail_after(20):
+            await ws.recv()
+            await bystander.recv()
+        await ws.send("spin")
+        assert (await closed_with(ws))[0] == 1011
+        assert (await closed_with(bystander))[0] == 1011  # the same process: gone with it
+    async with connect(ws_url(worker, "/functions/v1/echo")) as ws:
+        await ws.send("still here")
+        with trio.fail_after(20):
+            assert DATE.match(str(await ws.recv()))
+    async with connect(url, additional_headers=auth) as ws:
+        with trio.fail_after(30):
+            assert await ws.recv() == "open 1 arraybuffer "
+
+    admin = {"authorization": f"Bearer {worker.admin_token}"}
+    metrics = (await http.get(f"{worker.admin_url}/metrics", headers=admin)).text
+    # Each connection is one request, counted with its status (101) once it ends; the 401 too.
+    assert _sample(metrics, "mbworker_invocations_total", function="echo", status="101") >= 2
+    assert _sample(metrics, "mbworker_invocations_total", function="tricks", status="401") == 1
+
+
+async def test_redeploy_and_shutdown_close_function_websockets(
+    worker: RunningWorker, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    source = write_function(tmp_path, "echo", DOCS_EXAMPLE)
+    await worker.deploy(source, "--no-verify-jwt")
+    async with connect(ws_url(worker, "/functions/v1/echo")) as ws:
+        await ws.send("before")
+        with trio.fail_after(20):
+            await ws.recv()
+        await worker.deploy(source, "--no-verify-jwt")  # a new version: the old one's sockets go away (1001)
+        assert (await closed_with(ws))[0] == 1001
+    await worker.wait_for_output("socket closed")
+
+    async with connect(ws_url(worker, "/functions/v1/echo")) as ws:
+        await ws.send("after")
+        with trio.fail_after(20):
+            assert DATE.match(str(await ws.recv()))
+        worker.process.send_signal(15)  # the daemon stops: the connection is closed, nothing hangs
+        assert (await closed_with(ws))[0] == 1001
+    with trio.fail_after(60):
+        assert await worker.process.wait() == 0
