@@ -42,6 +42,7 @@ Deno.serve((req) => {
   const offered = (req.headers.get("sec-websocket-protocol") || "").split(",").map((p) => p.trim());
   const protocol = offered.includes("chat.v2") ? "chat.v2" : undefined;
   const { socket, response } = Deno.upgradeWebSocket(req, { protocol });
+  let count = 0;
   if (response.status !== 101) throw new Error("the upgrade response says " + response.status);
   socket.addEventListener("open", () => {
     socket.send(`open ${socket.readyState} ${socket.binaryType} ${socket.protocol}`);
@@ -53,6 +54,9 @@ Deno.serve((req) => {
     else if (d === "close me") socket.close(4001, "bye now");
     else if (d === "too big") socket.send("x".repeat(5000));
     else if (d === "spin") { while (true) {} }
+    else if (d === "count?") socket.send(`count ${count}`);
+    else if (d === "flood") for (let i = 0; i < 100; i++) socket.send("z".repeat(900));
+    else if (d.startsWith("n ")) count++;
     else socket.send(`echo ${d}`);
   };
   socket.onclose = (e) => console.log(`tricks closed ${e.code} ${e.wasClean}`);
@@ -68,17 +72,17 @@ def ws_url(worker: RunningWorker, path: str) -> str:
     return worker.public_url.replace("http", "ws", 1) + path
 
 
-async def closed_with(ws: ClientConnection) -> tuple[int, str]:
-    """Read until the server closes; its close code and reason."""
+async def closed_with(ws: ClientConnection, got: list[str | bytes] | None = None) -> tuple[int, str]:
+    """Read until the server closes (the messages into `got`); its close code and reason."""
     with trio.fail_after(30), pytest.raises(ConnectionClosed) as closed:
-        await _read_forever(ws)
+        await _read_forever(ws, [] if got is None else got)
     assert closed.value.rcvd is not None, closed.value
     return closed.value.rcvd.code, closed.value.rcvd.reason
 
 
-async def _read_forever(ws: ClientConnection) -> None:
+async def _read_forever(ws: ClientConnection, got: list[str | bytes]) -> None:
     while True:
-        await ws.recv()
+        got.append(await ws.recv())
 
 
 async def test_function_websockets(worker: RunningWorker, http: httpx.AsyncClient, tmp_path: Path) -> None:
@@ -137,6 +141,26 @@ async def test_function_websockets(worker: RunningWorker, http: httpx.AsyncClien
             await ws.recv()
         await ws.send("too big")  # over max_message_bytes from the function: 1009 too
         assert (await closed_with(ws))[0] == 1009
+
+    # Many client messages at once pass through the windows in order and all arrive.
+    async with connect(url, additional_headers=auth) as ws:
+        with trio.fail_after(60):
+            await ws.recv()
+            for i in range(500):
+                await ws.send(f"n {i}")
+            await ws.send("count?")
+            assert await ws.recv() == "count 500"
+
+    # A function that sends more than its client takes, beyond what it may have waiting (16 × 1000 bytes here):
+    # its socket closes with 1011, after the messages that fit.
+    async with connect(url, additional_headers=auth) as ws:
+        with trio.fail_after(20):
+            await ws.recv()
+        await ws.send("flood")
+        got: list[str | bytes] = []
+        assert (await closed_with(ws, got))[0] == 1011
+        assert 0 < len(got) < 100
+        assert set(got) == {"z" * 900}
 
     # A function that spins on a message is killed at its CPU limit: its client gets 1011, and other functions
     # (and the same function, on a new process) keep serving.
