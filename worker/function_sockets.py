@@ -75,20 +75,20 @@ class StreamResponder:
 
     def _head(self, status: int, headers: Headers, length: int | None) -> bytes:
         parts: list[bytes] = []
-        if status == 101:
+        if status == 101:  # the handshake's own headers (websockets' Date among them), as they are
             for name, value in headers:
                 parts += (name, b": ", value, b"\r\n")
             lines = len(headers)
         else:
             _, lines, _ = encode_headers(headers, parts)
             parts.append(b"connection: close\r\n")
-            lines += 1
+            parts.append(b"date: %s\r\n" % formatdate(time.time(), usegmt=True).encode())
+            lines += 2
             if length is not None:
                 parts.append(b"content-length: %d\r\n" % length)
                 lines += 1
-        parts.append(b"date: %s\r\n" % formatdate(time.time(), usegmt=True).encode())
         head = b"".join(parts)
-        check_head(head, lines + 1)
+        check_head(head, lines)
         return status_line(status) + head + b"\r\n"
 
     async def _send(self, data: bytes) -> None:

@@ -39,6 +39,15 @@ Deno.serve((req) => {
 
 TRICKS = """
 Deno.serve((req) => {
+  if (!req.headers.get("upgrade")) {
+    try {
+      Deno.upgradeWebSocket(req);
+      return new Response("upgraded a plain request", { status: 500 });
+    } catch (e) {
+      return new Response(`${e.name}: ${e.message}`, { status: 400 });
+    }
+  }
+  if (new URL(req.url).searchParams.has("refuse")) return new Response("no socket for you", { status: 403 });
   const offered = (req.headers.get("sec-websocket-protocol") || "").split(",").map((p) => p.trim());
   const protocol = offered.includes("chat.v2") ? "chat.v2" : undefined;
   const { socket, response } = Deno.upgradeWebSocket(req, { protocol });
@@ -113,6 +122,35 @@ async def test_function_websockets(worker: RunningWorker, http: httpx.AsyncClien
 
     auth = worker.auth()
     url = ws_url(worker, "/functions/v1/tricks")
+    # Deno.upgradeWebSocket on a request that is not an upgrade throws as Deno's does.
+    r = await http.get(f"{worker.public_url}/functions/v1/tricks", headers=auth)
+    assert (r.status_code, r.text) == (400, "TypeError: Invalid Header: 'upgrade' header must contain 'websocket'")
+
+    # An upgrade the function answers with a plain Response: that response, as plain HTTP.
+    with pytest.raises(InvalidStatus) as answered:
+        async with connect(url + "?refuse", additional_headers=auth):
+            pass
+    assert (answered.value.response.status_code, answered.value.response.body) == (403, b"no socket for you")
+
+    # A client that just leaves (no close frame): the function's socket closes with 1006.
+    host, port = worker.public_url.removeprefix("http://").split(":")
+    with trio.fail_after(20):
+        stream = await trio.open_tcp_stream(host, int(port))
+        key = "dGhlIHNhbXBsZSBub25jZQ=="
+        await stream.send_all(
+            f"GET /functions/v1/tricks HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: {auth['authorization']}\r\n\r\n".encode()
+        )
+        head = b""
+        while b"open 1" not in head:  # the 101, then the function's first message
+            head += await stream.receive_some(4096)
+        assert head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+        assert b"\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in head  # RFC 6455's example key
+        assert head.lower().count(b"\r\ndate: ") == 1
+        await stream.aclose()
+    await worker.wait_for_output("tricks closed 1006 false")
+
     chat = [Subprotocol("chat.v1"), Subprotocol("chat.v2")]
     async with connect(url, additional_headers=auth, subprotocols=chat) as ws:
         assert ws.subprotocol == "chat.v2"
