@@ -415,8 +415,11 @@ async function shutdown(reason: string): Promise<void> {
   }
   for (const r of reqs.values()) r.ws?.goingAway(); // the daemon closes their clients (1001), then `wc`
   // In-flight requests and waitUntil promises finish (the daemon kills us after its grace period).
+  // A timer each turn, never only settled promises: with no waitUntil pending, `allSettled([])` is already
+  // resolved, and racing it alone would spin in microtasks, starving the I/O those requests wait for.
   while (reqs.size || pending.size) {
-    await Promise.race([Promise.allSettled([...pending]), new Promise((r) => setTimeout(r, 20))]);
+    const tick = new Promise((r) => setTimeout(r, 20));
+    await (pending.size ? Promise.race([Promise.allSettled([...pending]), tick]) : tick);
   }
   finishedResolve();
   await flushAndExit(0);

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from mbworker.runtimes.api import SocketClosed
 from mbworker.runtimes.deno import DenoSettings
 from mbworker.runtimes.errors import BootError, WorkerError
 from tests.conftest import IN_CI
@@ -564,3 +565,50 @@ async def test_a_body_the_function_never_read_is_closed_when_its_response_is_don
         released.set()  # the body's first chunk comes after the response ended
         await trio.testing.wait_all_tasks_blocked()
         assert closed
+
+
+WS_ECHO = """
+Deno.serve((req) => {
+  const { socket, response } = Deno.upgradeWebSocket(req, { protocol: "p1" });
+  socket.onmessage = (e) => socket.send(typeof e.data === "string" ? `echo ${e.data}` : e.data);
+  socket.onclose = (e) => console.log(`closed ${e.code} ${e.reason}`);
+  addEventListener("beforeunload", () => console.log(`unload with socket ${socket.readyState}`));
+  return response;
+});
+"""
+UPGRADE = [(b"connection", b"Upgrade"), (b"upgrade", b"websocket"), (b"sec-websocket-key", b"k")]
+
+
+async def test_a_function_socket_through_the_runtime_and_a_planned_stop(tmp_path: Path) -> None:
+    """`FunctionSocket` without the front door: messages both ways past the window, then a planned stop
+    (shutdown, deploy) closes the socket from the function's side with 1001 and the request ends."""
+    fn = version(write_fn(tmp_path, WS_ECHO))
+    logs = LogSink()
+    async with deno_runtime(tmp_path, logs) as rt:
+        # Not sent as an upgrade (the front door could not complete it): Deno.upgradeWebSocket throws.
+        with pytest.raises(WorkerError):
+            await call(rt, fn, "GET", "/fn", headers=UPGRADE)
+        i = inv("GET", "/fn", headers=UPGRADE)
+        i.upgrade = True
+        async with rt.invoke(fn, i) as res:
+            socket = res.socket
+            assert socket is not None
+            assert (res.status, socket.protocol) == (101, "p1")
+            await socket.opened(1000)
+            with trio.fail_after(20):
+                for n in range(40):  # more than a window each way
+                    await socket.send(f"m{n}")
+                    await socket.send(b"\x00" * n)
+                    assert await socket.receive() == f"echo m{n}"
+                    assert await socket.receive() == b"\x00" * n
+            proc = next(p for pool in rt._pools.values() for p in pool.processes)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(proc.stop, "test", 10)
+                with trio.fail_after(20):
+                    closed = await socket.receive()
+                assert closed == SocketClosed(1001, "the function is shutting down")
+                await socket.close(1001, "the function is shutting down")
+    said = [line for _, _, _, line in logs.lines]  # the runtime is closed: every line is in
+    assert any("the request did not come from Deno.serve" in line for line in said)
+    assert "unload with socket 1" in said
+    assert "closed 1001 the function is shutting down" in said
