@@ -291,3 +291,25 @@ class _Zeros(io.RawIOBase):
 def _gzip(data: bytes) -> bytes:
     c = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
     return c.compress(data) + c.flush()
+
+
+def test_the_manifest_carries_only_the_limits_the_function_set(area: Path) -> None:
+    """A worker one release older may not know a newer limit: a bundle that leaves it at the default still
+    deploys there (a deploy in the middle of a rolling upgrade), and every worker reads an absent limit as its
+    operator's default anyway."""
+    files: dict[str, ArchiveFile] = {"evil/index.ts": b"export {};\n"}
+    plain = unpack_manifest_json(pack_files(files, MANIFEST).data)
+    assert plain["limits"] == {}
+    assert plain["slug"] == "evil"
+    tuned = MANIFEST.model_copy(update={"limits": MANIFEST.limits.model_copy(update={"memory_mb": 64})})
+    packed = pack_files(files, tuned)
+    assert unpack_manifest_json(packed.data)["limits"] == {"memory_mb": 64}
+    assert unpack_bundle(packed.data, area / "store" / "v1") == tuned
+
+
+def unpack_manifest_json(data: bytes) -> dict[str, object]:
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(data))) as tar:
+        member = tar.extractfile("mbworker.json")
+        assert member is not None
+        loaded: dict[str, object] = json.loads(member.read())
+        return loaded
