@@ -151,7 +151,7 @@ async def accept_stream(
 
 
 async def read_handshake(
-    stream: trio.abc.Stream, buffered: bytes, protocol: ServerProtocol
+    stream: trio.abc.Stream, buffered: bytes, protocol: ServerProtocol, *, answer_malformed: bool = True
 ) -> tuple[Request, list[Frame]] | None:
     """Read the upgrade request into `protocol` (from `buffered`, then the stream): the request and any frames
     that came with it, or None when the request was malformed (websockets' 400 is sent) or the client left.
@@ -165,8 +165,9 @@ async def read_handshake(
             first = events[0]
             assert isinstance(first, Request)
             return first, [e for e in events[1:] if isinstance(e, Frame)]
-        if protocol.handshake_exc is not None:  # malformed request: websockets wrote a 400
-            await _send_protocol_data(stream, protocol)
+        if protocol.handshake_exc is not None:  # malformed request: websockets made a 400
+            if answer_malformed:  # else the caller answers (`protocol.handshake_exc` says why)
+                await _send_protocol_data(stream, protocol)
             return None
         data = await stream.receive_some(_READ_SIZE)
         if not data:

@@ -80,10 +80,12 @@ class StreamResponder:
                 parts += (name, b": ", value, b"\r\n")
             lines = len(headers)
         else:
-            _, lines, _ = encode_headers(headers, parts)
+            _, lines, flags = encode_headers(headers, parts)
             parts.append(b"connection: close\r\n")
-            parts.append(b"date: %s\r\n" % formatdate(time.time(), usegmt=True).encode())
-            lines += 2
+            lines += 1
+            if not flags & 1:  # no Date of the app's
+                parts.append(b"date: %s\r\n" % formatdate(time.time(), usegmt=True).encode())
+                lines += 1
             if length is not None:
                 parts.append(b"content-length: %d\r\n" % length)
                 lines += 1
@@ -143,9 +145,10 @@ class Upgrade:
         """The subprotocol is the function's choice, offered or not (as Deno: it sets the header it was given)."""
         return None if self._choice is None else Subprotocol(self._choice)
 
-    async def read(self, max_message: int) -> bool:
-        """Parse the upgrade request (websockets' parser, from the bytes handed over): False when it is malformed
-        (websockets answered 400) or the client left, before any function runs."""
+    async def read(self, max_message: int) -> tuple[int, str] | None:
+        """Parse and check the upgrade request (websockets' parser and handshake checks, on the bytes handed over)
+        before any function runs: None when websockets would accept it, else the status and reason to refuse it
+        with (status 0: the client left)."""
         self.max_message = max_message
         # A function, not a bound method: websockets binds it to the protocol (it is called with the offers only).
         self._protocol = protocol = ServerProtocol(
@@ -155,13 +158,21 @@ class Upgrade:
         handshake = None
         with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
             try:
-                handshake = await read_handshake(self._stream, buffered, protocol)
+                handshake = await read_handshake(self._stream, buffered, protocol, answer_malformed=False)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 handshake = None
         if handshake is None:
-            return False
+            exc = protocol.handshake_exc
+            return (0, "") if exc is None else (400, f"Invalid WebSocket upgrade: {exc}")
         self._request, self._early = handshake
-        return True
+        if protocol.eof_sent:
+            return 400, "Invalid WebSocket upgrade: malformed data after the upgrade request"
+        # websockets' checks (method, version, key) now, so a function never runs for an upgrade they refuse;
+        # `_handshake` asks again with the function's subprotocol.
+        verdict = protocol.accept(self._request)
+        if verdict.status_code != 101:
+            return verdict.status_code, f"Invalid WebSocket upgrade: {protocol.handshake_exc}"
+        return None
 
     async def respond(
         self,

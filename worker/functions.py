@@ -243,8 +243,15 @@ class FunctionsFrontDoor:
         if runtime is None:
             await send_error(responder, 503, "BOOT_ERROR", f"No runtime {fn.runtime!r} on this worker")
             return
-        if upgrade is not None and not await upgrade.read(fn.limits.max_message_bytes):
-            return  # not a valid WebSocket upgrade (websockets answered 400) or the client left
+        if upgrade is not None:
+            refused = await upgrade.read(fn.limits.max_message_bytes)
+            if refused is not None:  # not a WebSocket upgrade websockets accepts, or the client left
+                status, reason = refused
+                if status == 405:  # an upgrade is a GET
+                    await send_error(responder, 405, "METHOD_NOT_ALLOWED", reason, headers=[(b"allow", b"GET")])
+                elif status:
+                    await send_error(responder, status, "BAD_REQUEST", reason)
+                return
         cache = self.cache
         decision: Hit | Miss | Bypass | None = None
         trusted = self.trusted_proxies.trusts(request.client)

@@ -113,6 +113,24 @@ async def test_function_websockets(worker: RunningWorker, http: httpx.AsyncClien
             await worker.wait_for_output(f"socket message: hello {i}")
     await worker.wait_for_output("socket closed")  # the client closed: the function's onclose ran
 
+    # An upgrade websockets refuses (not a GET): its status with the reason, before any function code.
+    host, port = worker.public_url.removeprefix("http://").split(":")
+    with trio.fail_after(20):
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(
+            f"POST /functions/v1/echo HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            "Content-Length: 0\r\n\r\n".encode()
+        )
+        answer = b""
+        while chunk := await stream.receive_some(4096):
+            answer += chunk
+        await stream.aclose()
+    assert answer.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n"), answer
+    assert b"Invalid WebSocket upgrade: unsupported HTTP method: POST" in answer
+    assert answer.lower().count(b"\r\ndate: ") == 1
+    assert b"\r\nallow: GET\r\n" in answer
+
     # The JWT gate runs before any function code: no token, 401 and no socket.
     with pytest.raises(InvalidStatus) as refused:
         async with connect(ws_url(worker, "/functions/v1/tricks")):
@@ -133,7 +151,6 @@ async def test_function_websockets(worker: RunningWorker, http: httpx.AsyncClien
     assert (answered.value.response.status_code, answered.value.response.body) == (403, b"no socket for you")
 
     # A client that just leaves (no close frame): the function's socket closes with 1006.
-    host, port = worker.public_url.removeprefix("http://").split(":")
     with trio.fail_after(20):
         stream = await trio.open_tcp_stream(host, int(port))
         key = "dGhlIHNhbXBsZSBub25jZQ=="
