@@ -254,6 +254,14 @@ async def test_redeploy_and_shutdown_close_function_websockets(
         assert (await closed_with(ws))[0] == 1001
     await worker.wait_for_output("socket closed")
 
+    # Supabase caps a connection by the function's wall clock: the process ends, its clients get 1001.
+    await worker.deploy(write_function(tmp_path, "brief", DOCS_EXAMPLE, toml="[limits]\nwall_clock_s = 4\n"))
+    async with connect(ws_url(worker, "/functions/v1/brief"), additional_headers=worker.auth()) as ws:
+        await ws.send("hi")
+        with trio.fail_after(20):
+            await ws.recv()
+        assert await closed_with(ws) == (1001, "the function reached its wall clock limit")
+
     async with connect(ws_url(worker, "/functions/v1/echo")) as ws:
         await ws.send("after")
         with trio.fail_after(20):
