@@ -45,6 +45,8 @@ class _Worker(BaseHTTPRequestHandler):
                 "path": self.path,
                 "xff": self.headers.get("X-Forwarded-For"),
                 "proto": self.headers.get("X-Forwarded-Proto"),
+                "xfh": self.headers.get("X-Forwarded-Host"),
+                "forwarded": self.headers.get("Forwarded"),
             }
         ).encode()
         self.send_response(200)
@@ -172,9 +174,14 @@ def test_proxy_terminates_tls_redirects_http_and_routes(tmp_path: Path, worker: 
         with httpx.Client(verify=tls, timeout=5) as client:
             base = f"https://127.0.0.1:{https}"
             _until_routed(client, f"{base}/functions/v1/hello")
-            r = client.get(f"{base}/functions/v1/hello", headers={"X-Forwarded-For": "6.6.6.6"})
+            # what a client says of itself is dropped: the workers trust the proxy's X-Forwarded-* (and a function's
+            # URL, and with it the result cache's key, takes the host from them)
+            spoofed = {"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Host": "evil.example", "Forwarded": "for=6.6.6.6"}
+            r = client.get(f"{base}/functions/v1/hello", headers=spoofed)
             assert r.status_code == 200
-            assert r.json() == {"path": "/functions/v1/hello", "xff": "127.0.0.1", "proto": "https"}
+            assert r.json() == {
+                "path": "/functions/v1/hello", "xff": "127.0.0.1", "proto": "https", "xfh": None, "forwarded": None
+            }  # fmt: skip
             assert client.get(f"{base}/realtime/v1/websocket?vsn=1.0.0").json()["path"].startswith("/realtime/v1/")
             nope = client.get(f"{base}/admin/v1/drain")
             assert nope.status_code == 404
