@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import ConfigDict, create_model
 
+from mbworker.runtimes.limits import Limits
 from mbworker.worker.deployments.manifest import (
     CacheSettings,
     Manifest,
@@ -19,6 +23,7 @@ from mbworker.worker.deployments.manifest import (
     validate_secrets,
     validate_slug,
 )
+from mbworker.worker.deployments.store import staged_deployment
 
 
 def test_env_text_quotes_comments_export_and_multiline() -> None:
@@ -166,3 +171,28 @@ def test_manifest_rejects_escaping_paths() -> None:
     for bad in ("../x.ts", "/abs.ts", "a/../b.ts", "a\\b.ts", "./a.ts", "C:/x.ts"):
         with pytest.raises(ValueError, match="path inside the bundle"):
             Manifest(slug="s", runtime="deno", entrypoint=bad)
+
+
+def test_manifests_and_deployment_records_stay_readable_by_the_release_before_a_new_limit() -> None:
+    """During a rolling upgrade a worker one release older reads the bundles and the cluster's deployment records
+    this release writes. It knows every limit but the newest (here: `max_message_bytes`) and refuses unknown keys:
+    what a function left at the built-in default is not written, what it set is."""
+    older_fields: dict[str, Any] = {
+        name: (info.annotation, info) for name, info in Limits.model_fields.items() if name != "max_message_bytes"
+    }
+    OlderLimits = create_model("OlderLimits", __config__=ConfigDict(extra="forbid"), **older_fields)
+    plain = Manifest(slug="hello", runtime="deno", entrypoint="index.ts")
+    tuned = plain.model_copy(update={"limits": plain.limits.model_copy(update={"memory_mb": 64})})
+    for manifest, written in ((plain, {}), (tuned, {"memory_mb": 64})):
+        for record in (manifest, staged_deployment("hello", 1, manifest, "0" * 64, 10)):
+            limits = json.loads(record.model_dump_json())["limits"]
+            assert limits == written
+            OlderLimits.model_validate(limits)  # what the older worker does with it
+            assert (
+                type(record).model_validate_json(record.model_dump_json()) == record
+            )  # and this release reads it back
+    loud = plain.model_copy(update={"limits": plain.limits.model_copy(update={"max_message_bytes": 1024})})
+    with pytest.raises(
+        ValueError, match="max_message_bytes"
+    ):  # a function that uses the new limit needs the new release
+        OlderLimits.model_validate(json.loads(loud.model_dump_json())["limits"])

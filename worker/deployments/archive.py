@@ -136,7 +136,7 @@ def pack_files(
         gzip.GzipFile(filename="", fileobj=buf, mode="wb", compresslevel=9, mtime=0) as gz,
         tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
     ):
-        _add(tar, MANIFEST_NAME, manifest_json(manifest))
+        _add(tar, MANIFEST_NAME, manifest.model_dump_json(indent=2).encode())
         for name in names:
             src = files[name]
             if isinstance(src, Symlink):
@@ -151,15 +151,6 @@ def pack_files(
             f"bundle is over the size limit: {len(data) / 1e6:.1f} MB compressed, at most {max_bytes / 1e6:.1f} MB"
         )
     return PackedBundle(data=data, sha256=sha256_hex(data), files=tuple(names))
-
-
-def manifest_json(manifest: Manifest) -> bytes:
-    """The bundle's mbworker.json. Limits the function left at the built-in default are left out: a worker reads
-    an absent limit as its operator's default (`Deployer.limits_for`), and a worker one release older, which may
-    not know a newer limit, still takes a bundle that does not set it (a deploy in the middle of an upgrade)."""
-    data = manifest.model_dump(mode="json")
-    data["limits"] = manifest.limits.model_dump(mode="json", exclude_defaults=True)
-    return json.dumps(data, indent=2).encode()
 
 
 def _add(tar: tarfile.TarFile, name: str, content: bytes) -> None:

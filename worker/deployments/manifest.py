@@ -53,6 +53,9 @@ def default_limits() -> Limits:
     return Limits.model_validate({})
 
 
+_BUILTIN_LIMITS = dict(default_limits())
+
+
 class ManifestError(ValueError):
     """Invalid function settings. `problems` holds one user-facing line per problem."""
 
@@ -259,8 +262,8 @@ class Manifest(BaseModel):
         return v
 
     @model_serializer(mode="wrap")
-    def _without_unset_deno_config(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return drop_none(handler(self), "deno_config")
+    def _for_older_readers(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return for_older_readers(handler(self), self.limits)
 
     @field_validator("entrypoint", "import_map", "source_entrypoint", "deno_config")
     @classmethod
@@ -276,6 +279,17 @@ class Manifest(BaseModel):
         if problems:
             raise ValueError("; ".join(p.removeprefix("env: ") for p in problems))
         return v
+
+
+def for_older_readers(data: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """A manifest's or deployment record's dump, readable by a worker one release older (they refuse unknown keys)
+    during a rolling upgrade: `deno_config` only when set, and only the limits the function changed from the
+    built-in defaults (an absent limit reads as the operator's default anyway: `Deployer.limits_for`), so a limit
+    added since is written only by a function that sets it."""
+    data = drop_none(data, "deno_config")
+    if "limits" in data:
+        data["limits"] = {k: v for k, v in data["limits"].items() if getattr(limits, k) != _BUILTIN_LIMITS[k]}
+    return data
 
 
 def drop_none(data: dict[str, Any], *keys: str) -> dict[str, Any]:

@@ -9,7 +9,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from mbworker.runtimes.limits import Limits
-from mbworker.worker.deployments.manifest import CacheSettings, NetSettings, Runtime, default_limits, drop_none
+from mbworker.worker.deployments.manifest import (
+    CacheSettings,
+    NetSettings,
+    Runtime,
+    default_limits,
+    for_older_readers,
+)
 
 
 class DeploymentStatus(enum.StrEnum):
@@ -58,8 +64,8 @@ class Deployment(BaseModel):
         return f"{self.slug}@{self.version}"
 
     @model_serializer(mode="wrap")
-    def _without_unset_deno_config(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return drop_none(handler(self), "deno_config")
+    def _for_older_readers(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return for_older_readers(handler(self), self.limits)
 
 
 DeploymentList = list[Deployment]
