@@ -30,7 +30,6 @@ from mbworker.lib.redis import Redis, RedisError
 
 log = logging.getLogger("mbworker.control.registry")
 
-DRAIN_TTL_S = 3600
 HOLD_TTL_S = 900
 """A hold outlives any one upgrade step; a control plane that died mid-upgrade does not keep a node out forever."""
 RECORD_TTL_S = 3600
@@ -227,8 +226,14 @@ class NodeRegistry:
             up = age <= self.down_after_s
             views.append(NodeView(record=record, up=up, last_seen_s=age, drain_asked=bool(drain), held=bool(hold)))
         if gone:
+            # a node silent for an hour that the layout does not list (scaled in, or a local cluster's) takes its
+            # drain and hold with it; a layout node keeps its cordon however long it is off
+            listed = {n.name for n in self.layout()}
+            stale = [f"{self._p}node:{n}:{k}" for n in gone if n not in listed for k in ("drain", "hold")]
             try:
                 await self._redis.zrem(f"{self._p}nodes", *gone)
+                if stale:
+                    await self._redis.delete(*stale)
             except RedisError:
                 pass  # tidied at the next read
         return views
@@ -256,7 +261,8 @@ class NodeRegistry:
         """Take `name` out of the upstreams now; it drains at its next heartbeat (within a second)."""
         view = await self.drainable(name)
         try:
-            await self._redis.set(f"{self._p}node:{name}:drain", str(self._clock()), ex=DRAIN_TTL_S)
+            # no expiry: the node stays cordoned until `cancel_drain` (tidied with the node's record, `_reported`)
+            await self._redis.set(f"{self._p}node:{name}:drain", str(self._clock()))
         except RedisError as exc:
             raise StateUnavailable(f"the cluster's Redis is unreachable: {exc}") from exc
         return view.model_copy(update={"drain_asked": True})

@@ -200,8 +200,11 @@ class Rollout:
         self._busy = True
         try:
             await self._wheels.manifest(version)  # NotFound (404) when not held: nothing touched yet
-            # a worker silent for longer than `down_after_s` (stopped, or scaled in) is not part of the rollout
-            workers = [v for v in await self._registry.nodes() if v.record.role == "worker" and v.up]
+            # a worker silent for longer than `down_after_s` (stopped, or scaled in) is not part of the rollout, nor
+            # is a cordoned one: it is idle, and converges to the release when `cluster undrain` restarts it
+            workers = [
+                v for v in await self._registry.nodes() if v.record.role == "worker" and v.up and not v.record.cordoned
+            ]
             plan = plan_rollout(workers, version)
         except BaseException:
             self._busy = False
@@ -256,7 +259,11 @@ class Rollout:
         name, version = node.record.name, report.version
         # 1. leave the upstreams
         await self._retrying(lambda: self._registry.hold(name))
-        await self._proxies_caught_up()
+        try:
+            await self._proxies_caught_up()
+        except StateUnavailable as exc:  # nobody can say the proxies dropped it: it must not drain
+            await self._release(name)
+            raise _StepFailed("leave", f"{exc.message}; no proxy was seen to drop it (left serving)") from None
         self._record(report, name, "leave", True, "out of the upstreams; every proxy pulled")
         # 2. hand the request to the worker; it drains and its helper installs
         asked_at = self._clock()
@@ -293,7 +300,10 @@ class Rollout:
                 f"came back on {back.record.version}, not {version}: the install failed and was rolled back "
                 "(journalctl -u mbworker-upgrade on the node)",
             )
-        await self._proxies_caught_up()
+        try:
+            await self._proxies_caught_up()
+        except StateUnavailable as exc:  # it serves; the proxies take it back at their next pull
+            log.warning("%s is back, but the proxies' pulls could not be seen: %s", name, exc.message)
         self._record(report, name, "ready", True, f"serving {version}; back in the upstreams")
 
     async def _retrying(self, op: Callable[[], Awaitable[T]]) -> T:
@@ -344,13 +354,22 @@ class Rollout:
 
     async def _proxies_pulled(self, since: float) -> None:
         """Until every proxy that is up has pulled its upstreams after `since` (bounded: a proxy that stopped
-        pulling is down, and its upstreams no longer matter)."""
+        pulling is down, and its upstreams no longer matter). `StateUnavailable` if Redis is still away at the
+        end: then nothing is known of the proxies."""
+        away: StateUnavailable | None = None
         with trio.move_on_after(self._t.proxies_s):
             while True:
-                proxies = [v for v in await self._nodes() if v.record.role == "proxy" and v.up]
-                if all(v.record.sent_at > since for v in proxies):
-                    return
+                try:
+                    nodes = await self._registry.nodes()
+                except StateUnavailable as exc:
+                    away = exc
+                else:
+                    away = None
+                    if all(v.record.sent_at > since for v in nodes if v.record.role == "proxy" and v.up):
+                        return
                 await trio.sleep(POLL_S)
+        if away is not None:
+            raise away  # Redis is away: what the proxies have pulled cannot be known
         log.warning("a proxy did not pull its upstreams within %.0fs", self._t.proxies_s)
 
 

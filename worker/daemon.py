@@ -69,7 +69,9 @@ DRAIN_REPORT_LINGER_S = 10.0
 CORDON_EXIT_STATUS = 75
 """The exit status after a drain the control plane asked for (EX_TEMPFAIL): the service manager starts the node
 again (mbworker.service's Restart=on-failure; the local supervisor), and it comes back cordoned — up, not ready,
-out of the upstreams — until `mbworker cluster undrain` lifts the drain. Any other drain exits 0 and stays down."""
+out of the upstreams — until `mbworker cluster undrain` lifts the drain. Then it exits with this status once more,
+so that it starts afresh on the cluster's release (mbworker.service converges before every start: a cordoned node
+sits out rolling upgrades) and serves. Any other drain exits 0 and stays down."""
 CORDONED = "cordoned by the control plane: `mbworker cluster undrain <node>` brings it back"
 """After a drain asked for over the admin API, how long the admin listener waits for the caller to poll again
 and read `drained: true` before the process exits."""
@@ -296,7 +298,10 @@ class Node:
         self.drain.start()
 
     def set_cordon(self, on: bool) -> None:
-        """The heartbeat's word: a drain from before this start holds (not ready), or was lifted (ready again)."""
+        """The heartbeat's word: a drain from before this start holds (not ready), or was lifted: then start again
+        (CORDON_EXIT_STATUS), converged to the cluster's release."""
+        if self.cordoned and not on:
+            self._drain_for_control_plane()  # idle: out of the upstreams since the drain, nothing to finish
         self.cordoned = on
 
     async def _drain_when_asked(self) -> None:

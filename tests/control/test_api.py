@@ -179,14 +179,22 @@ async def test_a_drained_node_leaves_the_upstreams_before_it_drains(redis_server
                 await drained["w1"].wait()
             assert not drained["w2"].is_set()
             assert (await http.post("/control/v1/nodes/nobody/drain")).status_code == 404
-            # the drain holds (a restarted node would drain again) until it is cancelled: then w1 serves again
+            # the drain holds (a restarted node comes back cordoned) until it is cancelled, however long that takes
             assert await redis.get("mbw:node:w1:drain") is not None
+            assert await redis.execute_many([("TTL", "mbw:node:w1:drain")]) == [-1]
             r = await http.delete("/control/v1/nodes/w1/drain")
             assert r.status_code == 200
             assert r.json()["drain_asked"] is False
             assert await redis.get("mbw:node:w1:drain") is None
             assert [u["name"] for u in (await http.get("/control/v1/upstreams")).json()] == ["w1", "w2"]
             assert (await http.delete("/control/v1/nodes/nobody/drain")).status_code == 404
+            # a node gone for over an hour (its record expired; scaled in) takes its drain and hold with it
+            await redis.zadd("mbw:nodes", {"gone-1": time.time() - 7200})
+            await redis.set("mbw:node:gone-1:drain", "1")
+            await redis.set("mbw:node:gone-1:hold", "1")
+            assert "gone-1" not in {n["name"] for n in (await http.get("/control/v1/nodes")).json()}
+            assert await redis.get("mbw:node:gone-1:drain") is None
+            assert await redis.get("mbw:node:gone-1:hold") is None
             nursery.cancel_scope.cancel()
         audit = (await http.get("/control/v1/audit")).json()
         assert [(a["token"], a["action"], a["status"]) for a in audit] == [

@@ -1,8 +1,8 @@
 """`cluster drain` then `cluster undrain` of a real `mbworker serve` (one real redis-server, the real control plane):
 the drained worker exits with the status that has the service manager start it again (75; mbworker.service's
-Restart=on-failure), comes back cordoned — serving its port, not ready, out of the upstreams — and is back in the
-upstreams once the drain is lifted. (Before: it exited 0, nothing started it again, and `undrain` said it would be
-back.)"""
+Restart=on-failure), comes back cordoned — serving its port, not ready, out of the upstreams — and, once the drain
+is lifted, exits 75 again to start afresh on the cluster's release, then serves. (Before: it exited 0, nothing
+started it again, and `undrain` said it would be back.)"""
 
 from __future__ import annotations
 
@@ -58,8 +58,13 @@ async def test_a_drained_worker_comes_back_cordoned_and_undrain_brings_it_back(
             assert ready.status_code == 503
             assert "cluster undrain" in ready.text
 
+            # undrain: it starts afresh (systemd converges it to the cluster's release first) and serves
             assert (await control.delete("/control/v1/nodes/w1/drain")).status_code == 200
+            with trio.fail_after(60):
+                assert await again.process.wait() == CORDON_EXIT_STATUS
+
+        async with run_worker(tmp_path / "w1", env=env) as back:
             await _until(control, lambda n: n["state"] == "ready", "undrain did not bring w1 back")
             assert [u["name"] for u in (await control.get("/control/v1/upstreams")).json()] == ["w1"]
-            assert (await http.get(f"{again.public_url}/ready/local")).status_code == 200
-        assert again.process.returncode == 0  # a SIGTERM (systemctl stop) drains and exits 0: it stays down
+            assert (await http.get(f"{back.public_url}/ready/local")).status_code == 200
+        assert back.process.returncode == 0  # a SIGTERM (systemctl stop) drains and exits 0: it stays down

@@ -43,6 +43,7 @@ class Node:
     sent_at: float = 0.0
     comes_back_on: str | None = None
     held: bool = False
+    cordoned: bool = False
 
 
 class Cluster:
@@ -52,6 +53,7 @@ class Cluster:
         self, *nodes: Node, held: tuple[str, ...] = ("2.0",), refuse: str | None = None, failover_on: str | None = None
     ) -> None:
         self.failover_on = failover_on
+        self.away_after_hold: str | None = None
         """Redis goes away for a few reads once this node has been asked to upgrade."""
         self.nodes_ = {n.name: n for n in nodes}
         self.now = 1.0
@@ -86,9 +88,10 @@ class Cluster:
     def _view(self, n: Node) -> NodeView:
         record = NodeRecord(
             role=n.role, name=n.name, private_ip="10.0.1.1", port=1, admin_port=2, version=n.version,
-            ready=n.phase != "draining", draining=n.phase != "serving", started_at=n.started_at, sent_at=n.sent_at,
+            ready=n.phase != "draining" and not n.cordoned, draining=n.phase != "serving", cordoned=n.cordoned,
+            started_at=n.started_at, sent_at=n.sent_at,
         )  # fmt: skip
-        return NodeView(record=record, up=True, last_seen_s=0, drain_asked=False, held=n.held)
+        return NodeView(record=record, up=True, last_seen_s=0, drain_asked=n.cordoned, held=n.held)
 
     def _redis(self) -> None:
         """While `redis_away` reads are left, Redis is away (a Sentinel failover): reads and writes fail."""
@@ -105,6 +108,8 @@ class Cluster:
         return views
 
     async def hold(self, name: str) -> None:
+        if name == self.away_after_hold:
+            self.redis_away = 1000  # longer than the proxies' wait: every read fails until it is over
         self.calls.append(f"hold {name}")
         self.nodes_[name].held = True
 
@@ -171,6 +176,31 @@ async def test_a_redis_failover_mid_rollout_is_waited_out(autojump_clock: object
     assert report["upgraded"] == ["w1", "w2"]
     assert not any(n.held for n in cluster.nodes_.values())
     assert (cluster.redis_away, cluster.release_fails) == (0, 0)
+
+
+async def test_redis_away_before_the_proxies_are_seen_to_drop_a_worker_stops_short_of_draining_it(
+    autojump_clock: object,
+) -> None:
+    """Held, but no proxy could be seen to pull the upstreams without it (Redis away past the proxies' wait): it
+    is not asked to drain (the proxies may still send to it), and it is released."""
+    cluster = Cluster(Node("w1"), Node("w2"), Node("p1", role="proxy", version="proxy"))
+    cluster.away_after_hold = "w1"
+    status, report = await _rollout(cluster, MemoryAuditLog()).upgrade("2.0")
+    assert status == 502
+    assert (report["failed"]["node"], report["failed"]["step"]) == ("w1", "leave")
+    assert cluster.calls == ["hold w1", "release w1"]
+    assert not cluster.nodes_["w1"].held
+
+
+async def test_a_cordoned_worker_sits_the_rollout_out(autojump_clock: object) -> None:
+    """A worker drained for maintenance (`cluster drain`, started again cordoned) neither blocks a rollout nor is
+    touched by it: it converges to the release when `cluster undrain` starts it afresh."""
+    cluster = Cluster(Node("w1"), Node("w2"), Node("w3", cordoned=True), Node("p1", role="proxy", version="proxy"))
+    status, report = await _rollout(cluster, MemoryAuditLog()).upgrade("2.0")
+    assert status == 200, report
+    assert report["upgraded"] == ["w1", "w2"]
+    assert not [c for c in cluster.calls if "w3" in c]
+    assert cluster.nodes_["w3"].version == "1.0"
 
 
 async def test_a_version_not_held_is_refused_before_any_worker_is_touched() -> None:

@@ -117,7 +117,22 @@ async def serve_heartbeat(
     started_at = time.time()
     last: tuple[float, int] | None = None
     failing = False
-    cordoned: bool | None = None  # None until a beat has been delivered
+    cordoned: bool | None = None  # None until the drain key has been read once
+
+    def first_read(asked: bool) -> bool:
+        """A drain asked for before this process first read the key is a cordon carried over a restart."""
+        if asked and on_cordon is not None:
+            log.info("cordoned by the control plane (drained before this start): not ready until undrained")
+            on_cordon(True)
+            return True
+        return False
+
+    if on_cordon is not None:  # read before the first record goes out: a cordoned node's first beat says so
+        with trio.move_on_after(max(interval, 1.0) * 2):
+            try:
+                cordoned = first_read(await redis.get(drain_key) is not None)
+            except RedisError:
+                pass  # the loop's first delivered beat decides
     task_status.started()
     while True:
         now = trio.current_time()
@@ -144,12 +159,8 @@ async def serve_heartbeat(
                 log.info("heartbeat delivered again")
             failing = False
             asked = replies[2] is not None
-            if cordoned is None:  # the first delivered beat: a drain asked for before it is one from before this start
-                cordoned = asked and on_cordon is not None
-                if cordoned:
-                    assert on_cordon is not None
-                    log.info("cordoned by the control plane (drained before this start): not ready until undrained")
-                    on_cordon(True)
+            if cordoned is None:
+                cordoned = first_read(asked)
             elif cordoned and not asked:
                 assert on_cordon is not None
                 log.info("the control plane lifted the cordon")
