@@ -191,7 +191,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 def cmd_undrain(args: argparse.Namespace) -> int:
     with _client(args) as client:
         client.undrain_node(args.node)
-    print(f"{args.node}: drain cancelled; back in the upstreams at its next heartbeat (a second) if it runs")
+    print(f"{args.node}: drain cancelled; it starts afresh on the cluster's release and serves (seconds)")
     return 0
 
 
