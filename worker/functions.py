@@ -135,6 +135,8 @@ class FunctionsFrontDoor:
         `body_window`: request body bytes read before the function runs (a body within it never holds a slot)."""
         self.trusted_proxies = trusted_proxies or TrustedProxies()
         self._good_host: bytes | None = None
+        self._origin_host: bytes | None = b"\0"  # the Host `_origin` was made from (no Host is a Host too)
+        self._origin = ""
         self.body_window = body_window
         self.limiter = limiter
         self.l2 = l2
@@ -191,11 +193,11 @@ class FunctionsFrontDoor:
         active = self.table.get(slug)
         metrics = self.metrics
         if metrics is None:
-            await self.invoke(active, request, responder, slug, sep + tail, upgrade)
+            await self.invoke(active, request, responder, slug, sep + tail, upgrade, host)
             return
         # Label by deployed slug only: an unknown slug from the path would make label sets unbounded.
         with metrics.observe_request(slug if active else UNMATCHED, responder) as observed:
-            await self.invoke(active, request, observed, slug, sep + tail, upgrade)
+            await self.invoke(active, request, observed, slug, sep + tail, upgrade, host)
 
     async def invoke(
         self,
@@ -205,9 +207,11 @@ class FunctionsFrontDoor:
         slug: str,
         rest: str,
         upgrade: Upgrade | None = None,
+        host: bytes | None = None,
     ) -> None:
-        """Gate, limit and run one request to `slug` (`rest`: the path after it). One method, not a chain of
-        them: each coroutine hop costs on the hottest path of the daemon."""
+        """Gate, limit and run one request to `slug` (`rest`: the path after it; `host`: its Host header, as
+        `handle` checked it). One method, not a chain of them: each coroutine hop costs on the hottest path of the
+        daemon."""
         if active is None:
             await send_error(responder, 404, "NOT_FOUND", "Requested function was not found")
             return
@@ -255,7 +259,11 @@ class FunctionsFrontDoor:
         cache = self.cache
         decision: Hit | Miss | Bypass | None = None
         trusted = self.trusted_proxies.trusts(request.client)
-        origin = keyed = f"{request.scheme}://{request.host}"  # the function's `url` starts with it, as the cache key
+        # most requests repeat the last host: the same string, its hash kept (the scheme is the listener's, one for all)
+        if host != self._origin_host:
+            self._origin_host = host
+            self._origin = f"{request.scheme}://{host.decode('latin-1') if host else 'localhost'}"
+        origin = keyed = self._origin  # the function's `url` starts with it, as the cache key does
         if cache is not None and active.cache.enabled and upgrade is None:  # other methods pass through as BYPASS
             if trusted:
                 keyed = cache_origin(request, origin)
