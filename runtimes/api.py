@@ -81,6 +81,21 @@ class SocketClosed:
     code: int
     reason: str = ""
 
+    @classmethod
+    def from_function(cls, code: object, reason: object) -> SocketClosed:
+        """The close a function asked for, as it can go on the wire (RFC 6455 §5.5.1, §7.4): a code it may send
+        (else 1000) and a reason that is UTF-8 — a lone surrogate becomes U+FFFD, as Deno's own socket sends it —
+        of at most 123 bytes."""
+        number = code if isinstance(code, int) and not isinstance(code, bool) else 1000
+        if not (1000 <= number <= 1003 or 1007 <= number <= 1014 or 3000 <= number <= 4999):
+            number = 1000  # 1004-1006 and 1015 never go on the wire; the rest are not close codes
+        text = (reason if isinstance(reason, str) else "").encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return cls(number, text.encode()[:MAX_CLOSE_REASON_BYTES].decode(errors="ignore"))  # never a cut character
+
+
+MAX_CLOSE_REASON_BYTES = 123
+"""A close frame's reason, in UTF-8 bytes (125 bytes of payload less the 2-byte code)."""
+
 
 class FunctionSocket(Protocol):
     """The function's end of a WebSocket it accepted (`Deno.upgradeWebSocket`); the front door owns the client's end

@@ -50,7 +50,8 @@ HANDSHAKE_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 2.0
 """How long a closing handshake waits for the client's close frame."""
 WRITE_TIMEOUT_S = 30.0
-"""A client that takes no bytes for this long is cut off (lib/websocket.py's write timeout)."""
+"""A client that takes no bytes for this long is cut off (lib/websocket.py's write timeout; `StreamResponder`'s
+too, as lib/http's `write_timeout_s` by default)."""
 MAX_QUEUED_BYTES = 1 << 20
 """What the transport may queue for a client that pushes back before the relay waits for room."""
 
@@ -95,9 +96,13 @@ class StreamResponder:
 
     async def _send(self, data: bytes) -> None:
         try:
-            await self._stream.send_all(data)
+            # a client that stops reading is cut off, as on any connection: it holds the function's slot meanwhile
+            with trio.fail_after(WRITE_TIMEOUT_S):
+                await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ClientDisconnected(str(exc)) from exc
+        except trio.TooSlowError:
+            raise ClientDisconnected(f"the client took nothing for {WRITE_TIMEOUT_S:g} s") from None
 
     async def send(self, status: int, headers: Headers, body: bytes = b"") -> None:
         self._started = True

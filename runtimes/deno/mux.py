@@ -218,7 +218,7 @@ class Multiplexer:
         elif t == "wc":
             r = self.reqs.get(head["i"])
             if r is not None and r.ws is not None:
-                r.ws.close(SocketClosed(int(head["c"]), str(head.get("r", ""))))
+                r.ws.close(SocketClosed.from_function(head.get("c"), head.get("r", "")))
         elif t == "r":
             return Ready()
         elif t == "x":

@@ -476,9 +476,11 @@ class DenoProcess:
             booting = not self.ready
             cpu_ms, rss, runnable = sample
             served, begun = self._begun != begun, self._begun
-            verdict = dog.sample(
-                now, cpu_ms, rss, self._mux.reqs.values(), booting=booting, runnable=runnable, served=served
-            )
+            # An open WebSocket is not charged as a request: the process's CPU while it is open is every request's,
+            # and it would end up killing the process under plain traffic. What a socket's messages cost counts as
+            # work with no request in flight (the watchdog's background budget), as a timer's would.
+            charged = (r for r in self._mux.reqs.values() if r.ws is None)
+            verdict = dog.sample(now, cpu_ms, rss, charged, booting=booting, runnable=runnable, served=served)
             if isinstance(verdict, Kill):
                 self._log("stderr", f"mbworker: {verdict.message} — killing")
                 self._kill(verdict.cause)
