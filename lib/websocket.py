@@ -216,6 +216,7 @@ class Transport:
         "_ended",
         "_fd",
         "_fragments",
+        "_head",
         "_max",
         "_nursery",
         "_queue",
@@ -248,6 +249,7 @@ class Transport:
         self._write_timeout = write_timeout
         self._queue: list[bytes] | None = None  # allocated when the socket first pushes back
         self._queued = 0
+        self._head = 0  # bytes of a whole message queued first by `send_whole`: outside the budget
         self._writing = False
         self._room: trio.Event | None = None  # set when the writer task took queued bytes (see wait_for_room)
         self._fragments: list[bytes] | None = None  # a fragmented message being received (rare)
@@ -285,12 +287,29 @@ class Transport:
                 self._room = trio.Event()
             await self._room.wait()
 
+    async def send_whole(self, frame: OutFrame) -> None:
+        """Send `frame` once the queue is empty or it fits the budget, whatever its size: for messages the owner
+        relays one at a time (a function's socket). The budget bounds what is queued beyond the message in
+        flight, so one message larger than the budget still goes; a client that stops taking it is cut by the
+        write timeout. Returns at once when the connection is failing or not OPEN (the message is dropped)."""
+        wire = frame.wire
+        while self._writing and self._queued and self._queued + len(wire) > self._max:
+            if self.overflowed or self._ended:
+                return
+            if self._room is None:
+                self._room = trio.Event()
+            await self._room.wait()
+        if self.overflowed or self._ended or self.protocol.state is not _OPEN:
+            return
+        self.frames_sent += 1
+        self._write(wire, whole=True)
+
     def _wake_room(self) -> None:
         if self._room is not None:
             self._room.set()
             self._room = None
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, *, whole: bool = False) -> None:
         if not self._writing and self._fd is not None:  # nothing queued: straight to the socket
             try:
                 n = write_some(self._fd, data)
@@ -301,9 +320,11 @@ class Transport:
             data = data[n:]  # the rest of this frame must go before anything else
         if self._queue is None:
             self._queue = []
+        if whole and not self._queue:
+            self._head = len(data)
         self._queue.append(data)
         self._queued += len(data)
-        if self._queued > self._max:
+        if self._queued - self._head > self._max:
             self._fail()
             return
         if not self._writing:
@@ -311,7 +332,7 @@ class Transport:
                 self._nursery.start_soon(self._drain)
             except RuntimeError:  # the node is shutting down: nothing will be written anyway
                 self._queue = None
-                self._queued = 0
+                self._queued = self._head = 0
                 return
             self._writing = True
 
@@ -325,7 +346,7 @@ class Transport:
 
     def _fail(self) -> None:
         self._queue = None
-        self._queued = 0
+        self._queued = self._head = 0
         if not self.overflowed:
             self.overflowed = True
             self.on_overflow()
@@ -335,7 +356,7 @@ class Transport:
         try:
             while self._queue:
                 chunks, self._queue = self._queue, None
-                self._queued = 0
+                self._queued = self._head = 0
                 self._wake_room()  # the queue was just emptied into this write
                 with trio.move_on_after(self._write_timeout) as stalled:
                     await self._stream.send_all(b"".join(chunks))
@@ -344,7 +365,7 @@ class Transport:
                     return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._queue = None
-            self._queued = 0
+            self._queued = self._head = 0
         finally:
             self._writing = False
             self._wake_room()

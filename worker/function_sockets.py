@@ -53,7 +53,8 @@ WRITE_TIMEOUT_S = 30.0
 """A client that takes no bytes for this long is cut off (lib/websocket.py's write timeout; `StreamResponder`'s
 too, as lib/http's `write_timeout_s` by default)."""
 MAX_QUEUED_BYTES = 1 << 20
-"""What the transport may queue for a client that pushes back before the relay waits for room."""
+"""What the transport may queue for a client that pushes back beyond the message in flight (any message up to the
+function's `max_message_bytes` goes when the queue is empty: `Transport.send_whole`)."""
 
 UPGRADE_HEADERS: Headers = [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
 """The hop-by-hop headers of an upgrade, which the function must see (`Deno.upgradeWebSocket` checks them)."""
@@ -300,6 +301,4 @@ class Upgrade:
                     await client_done.wait()
                 scope.cancel()
                 return
-            size = len(event)
-            await transport.wait_for_room(size)
-            transport.send(OutFrame(event))
+            await transport.send_whole(OutFrame(event))

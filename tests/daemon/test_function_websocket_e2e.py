@@ -270,3 +270,37 @@ async def test_redeploy_and_shutdown_close_function_websockets(
         assert (await closed_with(ws))[0] == 1001
     with trio.fail_after(60):
         assert await worker.process.wait() == 0
+
+
+BIG = """
+Deno.serve((req) => {
+  const { socket, response } = Deno.upgradeWebSocket(req);
+  socket.onmessage = (e) => {
+    const [what, n, size] = String(e.data).split(" ");
+    for (let i = 0; i < Number(n); i++) socket.send(what.repeat(Number(size)));
+    console.log(`sent ${n} of ${size}`);
+  };
+  return response;
+});
+"""
+
+
+async def test_function_websocket_large_messages(worker: RunningWorker, tmp_path: Path) -> None:
+    """Messages as large as the function's max_message_bytes arrive whole, even past the daemon's 1 MiB queue
+    budget toward the client (the budget bounds what waits beyond the message in flight)."""
+    await worker.deploy(write_function(tmp_path, "big", BIG), "--no-verify-jwt")  # the default 1 MiB cap
+    async with connect(ws_url(worker, "/functions/v1/big")) as ws:
+        await ws.send(f"y 3 {1 << 20}")
+        with trio.fail_after(30):
+            for _ in range(3):
+                assert await ws.recv() == "y" * (1 << 20)
+            await ws.send("z 1 5")  # still open
+            assert await ws.recv() == "zzzzz"
+
+    toml = f"[limits]\nmax_message_bytes = {8 << 20}\n"
+    await worker.deploy(write_function(tmp_path, "huge", BIG, toml=toml), "--no-verify-jwt")
+    async with connect(ws_url(worker, "/functions/v1/huge"), max_size=None) as ws:
+        await ws.send("x 2 4000000")
+        with trio.fail_after(60):
+            for _ in range(2):
+                assert await ws.recv() == "x" * 4_000_000
