@@ -11,7 +11,7 @@
 
 import { cancelRequest, makeRequest, wholeStaticResponse } from "./fastpath.ts";
 import { FrameQueue } from "./frames.ts";
-import { allowUpgrade, type ServerWebSocket, upgradedSocket, upgradeWebSocket } from "./websocket.ts";
+import { claimBridge, type Control as SocketControl, upgradeWebSocket } from "./websocket.ts";
 
 type Handler = (req: Request, info: unknown) => Response | Promise<Response>;
 type ErrorHandler = (err: unknown) => Response | Promise<Response>;
@@ -193,6 +193,8 @@ const fakeAddr = { transport: "tcp", hostname: "0.0.0.0", port: 8000 };
 // Deno.upgradeWebSocket(req, { protocol }): a socket whose other end is the daemon (websocket.ts).
 // deno-lint-ignore no-explicit-any
 (Deno as any).upgradeWebSocket = upgradeWebSocket;
+// Claimed now, before the function's module loads: its code can import websocket.ts too, and gets no bridge.
+const sockets = claimBridge();
 
 // EdgeRuntime.waitUntil keeps the process alive until the promise settles (the daemon waits for these on a
 // planned shutdown, within its grace period).
@@ -215,7 +217,7 @@ type Req = {
   credit: number;
   wake: (() => void) | null;
   done: boolean;
-  ws: ServerWebSocket | null;
+  ws: SocketControl | null;
 };
 const reqs = new Map<number, Req>();
 
@@ -244,7 +246,7 @@ async function serveRequest(id: number, head: any): Promise<void> {
   const completed = new Promise<void>((r) => (done = r));
   try {
     const request = state.request = makeRequest(head.u, head.m, head.h, body);
-    if (head.w) allowUpgrade(request, id, socketFrame);
+    if (head.w) sockets.allowUpgrade(request, id, socketFrame);
     let res: Response;
     try {
       const r = handler!(request, { remoteAddr: fakeAddr, completed });
@@ -258,7 +260,7 @@ async function serveRequest(id: number, head: any): Promise<void> {
       frame({ t: "f", i: id, k: "invalid", m: "handler did not return a Response" });
       return;
     }
-    const ws = head.w ? upgradedSocket(res) : undefined;
+    const ws = head.w ? sockets.upgraded(res) : undefined;
     if (ws !== undefined && ws.id === id) {
       // The upgrade: the daemon answers the client's handshake (101) and then sends `wo`. The request lasts as
       // long as the socket is open.

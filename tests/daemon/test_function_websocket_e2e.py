@@ -4,6 +4,7 @@ the JWT gate, a redeploy and the daemon's shutdown."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -239,6 +240,109 @@ async def test_function_websockets(worker: RunningWorker, http: httpx.AsyncClien
     # Each connection is one request, counted with its status (101) once it ends; the 401 too.
     assert _sample(metrics, "mbworker_invocations_total", function="echo", status="101") >= 2
     assert _sample(metrics, "mbworker_invocations_total", function="tricks", status="401") == 1
+
+
+# A function that goes for the socket's internals: the bridge's hooks (`acked` would lift its window, `opened` its
+# caps), its prototype, its constructor, and the bootstrap's websocket.ts imported by URL.
+PRYING = """
+const boot = crypto.randomUUID();  // one per process: the same answer means the same process
+let release = () => {};
+const gate = new Promise((r) => (release = r));
+Deno.serve(async (req) => {
+  if (!req.headers.get("upgrade")) {
+    if (new URL(req.url).searchParams.has("wait")) {
+      console.log("plain request waiting");
+      await gate;
+    }
+    return new Response(boot);
+  }
+  const { socket, response } = Deno.upgradeWebSocket(req);
+  socket.onmessage = async (e) => {
+    if (e.data === "pry") {
+      // Every name the socket shows, less what an EventTarget of this Deno has (its methods, its own symbols).
+      const names = (o) => {
+        const all = [...Object.getOwnPropertyNames(Object.getPrototypeOf(o)), ...Object.getOwnPropertyNames(o),
+          ...Object.getOwnPropertySymbols(o).map(String)];
+        for (const k in o) all.push(k);
+        return all;
+      };
+      const target = new EventTarget();
+      target.addEventListener("open", () => {});  // Deno keeps listeners under a symbol of the target's own
+      const base = new Set(names(target));
+      const seen = new Set(names(socket).filter((k) => !base.has(k)));
+      socket.acked?.(1000);
+      socket.opened?.(1e12, 1e12);
+      const hooks = ["opened", "acked", "ended", "message", "goingAway", "id", "closed"].filter((k) => k in socket);
+      let made = "constructed";
+      try { new socket.constructor(Symbol("new socket"), {}); } catch (err) { made = String(err); }
+      let bridge = "claimed";
+      try {
+        const mod = await import(new URL("./websocket.ts", Deno.mainModule).href);
+        mod.claimBridge();
+      } catch (err) { bridge = String(err); }
+      socket.send(JSON.stringify({ seen: [...seen].sort(), hooks, keys: Object.keys(socket), made, bridge,
+        tag: Object.prototype.toString.call(socket) }));
+      for (let i = 0; i < 200; i++) socket.send(`m ${i}`);  // past the window: it holds them, as ever
+      release();
+    } else if (e.data === "big") {
+      socket.send("x".repeat(5000));
+    } else if (e.data === "liar") {
+      // A Blob that says it is small (Deno's Blob then cannot read it): the socket ends, nothing wedges.
+      class Liar extends Blob { get size() { return 1; } }
+      socket.send(new Liar(["x".repeat(5000)]));
+    }
+  };
+  socket.onclose = (e) => console.log(`prying closed ${e.code}`);
+  return response;
+});
+"""
+PUBLIC = {
+    "constructor", "readyState", "protocol", "extensions", "url", "bufferedAmount", "binaryType",
+    "onopen", "onmessage", "onclose", "onerror", "send", "close", "CONNECTING", "OPEN", "CLOSING", "CLOSED",
+}  # fmt: skip
+
+
+async def test_functions_reach_nothing_of_the_sockets_internals(
+    worker: RunningWorker, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    toml = "[limits]\nmax_message_bytes = 1000\nmax_processes = 1\n"
+    await worker.deploy(write_function(tmp_path, "prying", PRYING, toml=toml), "--no-verify-jwt")
+    url = f"{worker.public_url}/functions/v1/prying"
+    boot = (await http.get(url)).text
+    async with trio.open_nursery() as nursery:
+        plain: list[httpx.Response] = []
+
+        async def request() -> None:
+            plain.append(await http.get(url + "?wait"))
+
+        nursery.start_soon(request)
+        await worker.wait_for_output("plain request waiting")  # in flight on the process the socket uses
+        async with connect(ws_url(worker, "/functions/v1/prying")) as ws:
+            await ws.send("pry")
+            with trio.fail_after(30):
+                report = json.loads(str(await ws.recv()))
+                got = [await ws.recv() for _ in range(200)]
+            assert set(report["seen"]) <= PUBLIC, report
+            assert report["hooks"] == [], report
+            assert report["keys"] == [], report
+            assert report["made"] == "TypeError: Illegal constructor"
+            assert report["bridge"] == "TypeError: the WebSocket bridge is the bootstrap's"
+            assert report["tag"] == "[object WebSocket]"
+            assert got == [f"m {i}" for i in range(200)]  # all of them, in order: the window held
+            await ws.send("ping")  # still open
+    assert [(r.status_code, r.text) for r in plain] == [(200, boot)]  # the concurrent request: served, same process
+
+    # A message over max_message_bytes from the function: that socket closes with 1009 (the function is told), and
+    # the process keeps serving.
+    async with connect(ws_url(worker, "/functions/v1/prying")) as ws:
+        await ws.send("big")
+        assert (await closed_with(ws))[0] == 1009
+    await worker.wait_for_output("prying closed 1009")
+    async with connect(ws_url(worker, "/functions/v1/prying")) as ws:
+        await ws.send("liar")
+        assert await closed_with(ws) == (1011, "the Blob could not be read")
+    r = await http.get(url)
+    assert (r.status_code, r.text) == (200, boot)
 
 
 async def test_redeploy_and_shutdown_close_function_websockets(
