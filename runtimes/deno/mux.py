@@ -37,6 +37,8 @@ class SocketState:
     """The function's end is gone without a `wc` (its process died, or the request failed)."""
     closing: bool = False
     """A close is queued in `inbox` (the function's `wc`, or `going_away`): later messages are dropped."""
+    max_message: float = math.inf
+    """The cap on the function's messages, from `wo` on (the bootstrap checks it too; this side does not trust it)."""
     _event: trio.Event = field(default_factory=trio.Event)
 
     def notify(self) -> None:
@@ -205,9 +207,16 @@ class Multiplexer:
             r = self.reqs.get(head["i"])
             if r is not None and r.ws is not None:
                 ws = r.ws
-                if not ws.closing:
-                    if len(ws.inbox) >= WINDOW:
-                        raise MalformedFrame("WebSocket messages beyond the window")
+                if ws.closing:
+                    pass
+                elif len(body) > ws.max_message:  # as for a client's: 1009 to the client, then `wc` to the function
+                    why = f"message of {len(body)} bytes is over the {ws.max_message} byte limit"
+                    ws.close(SocketClosed(1009, why))
+                elif len(ws.inbox) >= WINDOW:
+                    # The function's socket keeps to the window and user code cannot reach its counters
+                    # (websocket.ts), so this is the bootstrap's fault; the socket ends, not the process.
+                    ws.close(SocketClosed(1011, "the function sent beyond its WebSocket window"))
+                else:
                     ws.inbox.append(body if "b" in head else body.decode())
                     ws.notify()
         elif t == "wa":

@@ -683,6 +683,7 @@ class _Socket:
         return True
 
     async def opened(self, max_message: int) -> None:
+        self._ws.max_message = max_message
         # What the function may have waiting for a slow client: a window's worth of the largest message.
         await self._frame({"t": "wo", "i": self._r.rid, "m": max_message, "q": protocol.WINDOW * max_message})
 

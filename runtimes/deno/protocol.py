@@ -45,8 +45,9 @@ WebSocket messages are windowed the same way, per socket and direction: at most 
 frames each way. The daemon acks the function's as the client's connection takes them (a slow client stops the
 acks; the function's socket then holds what it sends, up to ``q`` bytes, and past that closes with 1011); Deno
 acks the client's as they are dispatched (while the daemon waits for an ack it does not read from the client, so
-TCP pushes back). A message over ``max_message_bytes`` closes the socket with 1009, in either direction. Control
-frames (``wo``, ``wc``) are not windowed.
+TCP pushes back). A message over ``max_message_bytes`` closes the socket with 1009, in either direction (the
+daemon checks the function's too, and closes a socket whose function overruns its window with 1011: one
+socket's fault never ends the process). Control frames (``wo``, ``wc``) are not windowed.
 """
 
 from __future__ import annotations

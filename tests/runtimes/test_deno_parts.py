@@ -70,12 +70,35 @@ def test_websocket_frames_fill_the_socket_within_its_window() -> None:
     assert (list(ws.inbox), ws.credit) == (["h\u00e9", b"\x00\xff"], WINDOW + 3)
     for _ in range(WINDOW - 2):
         mux.on_frame({"t": "wm", "i": r.rid}, b"x")
-    with pytest.raises(MalformedFrame):  # past the window: the bootstrap broke the protocol
-        mux.on_frame({"t": "wm", "i": r.rid}, b"x")
     mux.on_frame({"t": "wc", "i": r.rid, "c": 4000, "r": "done"}, b"")
     mux.on_frame({"t": "wm", "i": r.rid}, b"late")  # after its close: dropped
     assert ws.inbox[-1] == SocketClosed(4000, "done")
     assert len(ws.inbox) == WINDOW + 1
+
+
+def test_the_functions_messages_are_held_to_the_cap_and_the_window_by_the_daemon() -> None:
+    """Whatever the function's process writes, one socket's trouble ends that socket, never the process."""
+    mux = Multiplexer()
+    big, flood, other = mux.new_request(), mux.new_request(), mux.new_request()
+    for r in (big, flood, other):
+        mux.add(r)
+        mux.on_frame({"t": "h", "i": r.rid, "s": 101, "h": []}, b"")
+        assert r.ws is not None
+        r.ws.max_message = 10  # `wo` went out (process.py sets it)
+    assert big.ws is not None
+    assert flood.ws is not None
+    assert other.ws is not None
+    mux.on_frame({"t": "wm", "i": big.rid}, b"x" * 10)  # at the cap: passes
+    mux.on_frame({"t": "wm", "i": big.rid, "b": 1}, b"x" * 11)  # over it: 1009, as for a client's
+    mux.on_frame({"t": "wm", "i": big.rid}, b"after")  # the socket is closing: dropped
+    assert list(big.ws.inbox) == ["x" * 10, SocketClosed(1009, "message of 11 bytes is over the 10 byte limit")]
+    for _ in range(WINDOW + 5):  # past the window: 1011, the inbox stays bounded
+        mux.on_frame({"t": "wm", "i": flood.rid}, b"y")
+    assert len(flood.ws.inbox) == WINDOW + 1
+    assert flood.ws.inbox[-1] == SocketClosed(1011, "the function sent beyond its WebSocket window")
+    mux.on_frame({"t": "wm", "i": other.rid}, b"fine")  # the process's other sockets go on
+    assert list(other.ws.inbox) == ["fine"]
+    assert other.ws.gone is None
 
 
 def test_websockets_end_with_the_process() -> None:
