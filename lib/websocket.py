@@ -288,12 +288,14 @@ class Transport:
             await self._room.wait()
 
     async def send_whole(self, frame: OutFrame) -> None:
-        """Send `frame` once the queue is empty or it fits the budget, whatever its size: for messages the owner
-        relays one at a time (a function's socket). The budget bounds what is queued beyond the message in
+        """Send `frame` once it fits the budget or nothing is being written, whatever its size: for messages the
+        owner relays one at a time (a function's socket). The budget bounds what is queued beyond the message in
         flight, so one message larger than the budget still goes; a client that stops taking it is cut by the
         write timeout. Returns at once when the connection is failing or not OPEN (the message is dropped)."""
-        wire = frame.wire
-        while self._writing and self._queued and self._queued + len(wire) > self._max:
+        # Its size from the payload (a str's characters undercount its UTF-8: harmless here), and no frame bytes
+        # made while it waits: a connection that pushes back holds one copy of the next message, not two.
+        size = len(frame.data) + 14
+        while self._writing and self._queued + size > self._max:
             if self.overflowed or self._ended:
                 return
             if self._room is None:
@@ -302,7 +304,7 @@ class Transport:
         if self.overflowed or self._ended or self.protocol.state is not _OPEN:
             return
         self.frames_sent += 1
-        self._write(wire, whole=True)
+        self._write(frame.wire, whole=True)
 
     def _wake_room(self) -> None:
         if self._room is not None:

@@ -52,9 +52,11 @@ CLOSE_TIMEOUT_S = 2.0
 WRITE_TIMEOUT_S = 30.0
 """A client that takes no bytes for this long is cut off (lib/websocket.py's write timeout; `StreamResponder`'s
 too, as lib/http's `write_timeout_s` by default)."""
-MAX_QUEUED_BYTES = 1 << 20
+MAX_QUEUED_BYTES = 256 << 10
 """What the transport may queue for a client that pushes back beyond the message in flight (any message up to the
-function's `max_message_bytes` goes when the queue is empty: `Transport.send_whole`)."""
+function's `max_message_bytes` goes once nothing is being written: `Transport.send_whole`). Small: the function's
+socket holds the backlog, and the daemon's window toward the client (`SOCKET_WINDOW_BYTES`) already lets small
+messages flow while one is written."""
 
 UPGRADE_HEADERS: Headers = [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
 """The hop-by-hop headers of an upgrade, which the function must see (`Deno.upgradeWebSocket` checks them)."""

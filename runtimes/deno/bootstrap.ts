@@ -376,7 +376,7 @@ function onFrame(head: any, body: Uint8Array): void {
       reqs.get(head.i)?.ws?.acked(head.n);
       return;
     case "wo":
-      reqs.get(head.i)?.ws?.opened(head.m, head.q);
+      reqs.get(head.i)?.ws?.opened(head.m, head.q, head.w);
       return;
     case "wc":
       reqs.get(head.i)?.ws?.ended(head.c, head.r ?? "");

@@ -27,11 +27,17 @@ from mbworker.runtimes.errors import FunctionRuntimeError, InvalidResponse, Reso
 @dataclass(eq=False, slots=True)
 class SocketState:
     """The daemon's side of one upgraded request's WebSocket (the function's end): the function's messages not yet
-    relayed (at most `WINDOW` plus its close: the bootstrap keeps to the window), and how many more messages the
+    relayed (within the window: `unacked`, plus its close), and how many more messages the
     function may be sent before it acks. Two tasks wait on it (one per direction): `changed` wakes both."""
 
     protocol: str | None
     inbox: collections.deque[str | bytes | SocketClosed] = field(default_factory=collections.deque)
+    unacked: collections.deque[int] = field(default_factory=collections.deque)
+    """The sizes of the function's messages received and not acked yet (in the inbox or being relayed), oldest
+    first: at most `WINDOW` of them, and at most `window_bytes` beyond one message (the bootstrap keeps to both)."""
+    unacked_bytes: int = 0
+    window_bytes: float = math.inf
+    """Set when the socket opens (`wo`'s `w`): nothing comes before that."""
     credit: int = WINDOW
     gone: SocketClosed | None = None
     """The function's end is gone without a `wc` (its process died, or the request failed)."""
@@ -50,6 +56,11 @@ class SocketState:
             self.closing = True
             self.inbox.append(closed)
             self.notify()
+
+    def acked(self, n: int) -> None:
+        """The oldest `n` unacked messages were acked to the function."""
+        for _ in range(n):
+            self.unacked_bytes -= self.unacked.popleft()
 
     async def changed(self) -> None:
         """Wait for the next `notify` (callers check their condition first; no await lies in between)."""
@@ -207,16 +218,19 @@ class Multiplexer:
             r = self.reqs.get(head["i"])
             if r is not None and r.ws is not None:
                 ws = r.ws
+                size = len(body)
                 if ws.closing:
                     pass
-                elif len(body) > ws.max_message:  # as for a client's: 1009 to the client, then `wc` to the function
-                    why = f"message of {len(body)} bytes is over the {ws.max_message} byte limit"
+                elif size > ws.max_message:  # as for a client's: 1009 to the client, then `wc` to the function
+                    why = f"message of {size} bytes is over the {ws.max_message} byte limit"
                     ws.close(SocketClosed(1009, why))
-                elif len(ws.inbox) >= WINDOW:
+                elif len(ws.unacked) >= WINDOW or (ws.unacked and ws.unacked_bytes + size > ws.window_bytes):
                     # The function's socket keeps to the window and user code cannot reach its counters
                     # (websocket.ts), so this is the bootstrap's fault; the socket ends, not the process.
                     ws.close(SocketClosed(1011, "the function sent beyond its WebSocket window"))
                 else:
+                    ws.unacked.append(size)
+                    ws.unacked_bytes += size
                     ws.inbox.append(body if "b" in head else body.decode())
                     ws.notify()
         elif t == "wa":

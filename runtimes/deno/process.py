@@ -660,14 +660,15 @@ class _Socket:
     """`FunctionSocket` over one upgraded request (mux.SocketState holds its frames; see protocol.py for the
     window). Used by the front door's relay: one task receives, another sends, inside the request's invoke."""
 
-    __slots__ = ("_closed", "_proc", "_r", "_unacked", "_ws")
+    __slots__ = ("_closed", "_proc", "_r", "_relaying", "_taken", "_ws")
 
     def __init__(self, proc: DenoProcess, r: Request) -> None:
         assert r.ws is not None
         self._proc = proc
         self._r = r
         self._ws = r.ws
-        self._unacked = 0
+        self._relaying = False  # `receive` returned a message the relay has not asked past yet
+        self._taken = 0  # messages the client's connection took, not acked yet
         self._closed = False
 
     @property
@@ -684,20 +685,35 @@ class _Socket:
 
     async def opened(self, max_message: int) -> None:
         self._ws.max_message = max_message
-        # What the function may have waiting for a slow client: a window's worth of the largest message.
-        await self._frame({"t": "wo", "i": self._r.rid, "m": max_message, "q": protocol.WINDOW * max_message})
+        self._ws.window_bytes = protocol.SOCKET_WINDOW_BYTES
+        # What the function may have waiting for a slow client (`q`): a window's worth of the largest message.
+        await self._frame(
+            {
+                "t": "wo",
+                "i": self._r.rid,
+                "m": max_message,
+                "q": protocol.WINDOW * max_message,
+                "w": protocol.SOCKET_WINDOW_BYTES,
+            }
+        )
 
     async def receive(self) -> str | bytes | SocketClosed:
         ws = self._ws
+        if self._relaying:
+            # The relay asks for the next message once the client's connection took the previous one: only then
+            # is it acked, so a slow client's backlog stays in the function (bounded there), not here.
+            self._relaying = False
+            self._taken += 1
         while True:
+            # Ack in batches, and everything before waiting (the function may be waiting for the window).
+            taken = self._taken
+            if taken and (taken >= protocol.ACK_EVERY or not ws.inbox or ws.unacked_bytes >= ws.window_bytes / 2):
+                self._taken = 0
+                ws.acked(taken)
+                await self._frame({"t": "wa", "i": self._r.rid, "n": taken})
             if ws.inbox:
                 item = ws.inbox.popleft()
-                if not isinstance(item, SocketClosed):
-                    # The relay asks for the next message once the client's connection took the previous one.
-                    self._unacked += 1
-                    if self._unacked >= protocol.ACK_EVERY:
-                        n, self._unacked = self._unacked, 0
-                        await self._frame({"t": "wa", "i": self._r.rid, "n": n})
+                self._relaying = not isinstance(item, SocketClosed)
                 return item
             if ws.gone is not None:
                 return ws.gone

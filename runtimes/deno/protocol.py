@@ -42,8 +42,10 @@ as its consumer reads, so a slow client never stalls other requests on the same 
 windowed: Deno queues them in the Request's stream (the front door caps their size).
 
 WebSocket messages are windowed the same way, per socket and direction: at most ``WINDOW`` unacknowledged ``wm``
-frames each way. The daemon acks the function's as the client's connection takes them (a slow client stops the
-acks; the function's socket then holds what it sends, up to ``q`` bytes, and past that closes with 1011); Deno
+frames each way; toward the client also at most ``w`` unacknowledged bytes (``wo``'s ``w``: ``SOCKET_WINDOW_BYTES``)
+beyond one message, so the daemon holds about one message plus that much per socket. The daemon acks the
+function's as the client's connection takes them (a slow client stops the acks; the function's socket then holds
+what it sends, up to ``q`` bytes, and past that closes with 1011); Deno
 acks the client's as they are dispatched (while the daemon waits for an ack it does not read from the client, so
 TCP pushes back). A message over ``max_message_bytes`` closes the socket with 1009, in either direction (the
 daemon checks the function's too, and closes a socket whose function overruns its window with 1011: one
@@ -59,6 +61,8 @@ from typing import Any
 
 WINDOW = 16
 """Response chunks per request in flight before Deno waits for an ack (bootstrap.ts has the same constant)."""
+SOCKET_WINDOW_BYTES = 1 << 20
+"""What the function may have sent toward a client unacknowledged beyond one message (bootstrap keeps to it)."""
 ACK_EVERY = WINDOW // 2
 """The daemon acks after its consumer has read this many chunks."""
 MAX_JSON = 1 << 20

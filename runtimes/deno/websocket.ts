@@ -6,8 +6,9 @@
 // send(string | ArrayBuffer | ArrayBufferView | Blob), close(code?, reason?), protocol, bufferedAmount, and
 // binaryType "arraybuffer" by default (Deno's default for server sockets; "blob" is the browsers').
 //
-// Bounds: at most WINDOW messages to the client are unacknowledged (the daemon acks as the client's connection
-// takes them); what the function sends beyond that waits here, up to `maxBuffered` bytes, past which the socket is
+// Bounds: at most WINDOW messages to the client are unacknowledged, and at most `window` bytes of them (or one
+// larger message); the daemon acks as the client's connection takes them. What the function sends beyond that
+// waits here, up to `maxBuffered` bytes, past which the socket is
 // closed with 1011 (the client does not keep up). A message over `maxMessage` bytes closes it with 1009.
 //
 // Who owns what: the bootstrap owns the sockets (one per upgraded request, found by request id) and feeds them
@@ -38,8 +39,8 @@ export type Control = {
   readonly protocol: string;
   /** Settles once the socket is closed (the upgraded request is over). */
   readonly closed: Promise<void>;
-  /** `wo`: the client's handshake completed. */
-  opened(maxMessage: number, maxBuffered: number): void;
+  /** `wo`: the client's handshake completed (`window`: bytes toward it unacknowledged beyond one message). */
+  opened(maxMessage: number, maxBuffered: number, window?: number): void;
   /** `wm`: a message from the client (`body` is a view into the read buffer: copied). */
   message(body: Uint8Array, binary: boolean): void;
   /** `wa`: the daemon passed `n` of the function's messages to the client. */
@@ -129,6 +130,9 @@ class SocketCore implements Control {
   #out: Out;
   #queue: Pending[] = [];
   #credit = WINDOW;
+  #window = Infinity; // bytes that may be unacknowledged beyond one message (`wo`'s `w`)
+  #inFlight: number[] = []; // the sizes of our unacknowledged messages, oldest first
+  #inFlightBytes = 0;
   #unackedIn = 0;
   #maxMessage = Infinity;
   #maxBuffered = Infinity;
@@ -198,7 +202,8 @@ class SocketCore implements Control {
 
   // ------------------------------------------------------------------------------------ from the daemon
 
-  opened(maxMessage: number, maxBuffered: number): void {
+  opened(maxMessage: number, maxBuffered: number, window?: number): void {
+    this.#window = window ?? Infinity;
     this.#maxMessage = maxMessage;
     this.#maxBuffered = maxBuffered;
     if (this.state === CONNECTING) {
@@ -223,6 +228,7 @@ class SocketCore implements Control {
 
   acked(n: number): void {
     this.#credit += n;
+    for (let i = 0; i < n && this.#inFlight.length; i++) this.#inFlightBytes -= this.#inFlight.shift()!;
     void this.#pump();
   }
 
@@ -274,6 +280,7 @@ class SocketCore implements Control {
           return;
         }
         if (this.#credit <= 0) return; // `acked` pumps again
+        if (this.#inFlightBytes > 0 && this.#inFlightBytes + next.size > this.#window) return; // so does this
         let bytes: Uint8Array | null;
         try {
           bytes = next.bytes instanceof Promise ? await next.bytes : next.bytes;
@@ -289,6 +296,8 @@ class SocketCore implements Control {
           continue; // to the close `#fail` queued
         }
         this.#credit--;
+        this.#inFlight.push(bytes.byteLength); // what the daemon counts (a Blob may not be the size it said)
+        this.#inFlightBytes += bytes.byteLength;
         this.#out(next.text ? `{"t":"wm","i":${this.id}}` : `{"t":"wm","i":${this.id},"b":1}`, bytes);
       }
     } finally {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from pathlib import Path
 
 import httpx
@@ -408,3 +409,74 @@ async def test_function_websocket_large_messages(worker: RunningWorker, tmp_path
         with trio.fail_after(60):
             for _ in range(2):
                 assert await ws.recv() == "x" * 4_000_000
+
+
+FLOOD = """
+Deno.serve((req) => {
+  const { socket, response } = Deno.upgradeWebSocket(req);
+  socket.onmessage = () => {
+    for (let i = 0; i < 12; i++) socket.send("m".repeat(1_000_000));
+    // Blocked: what the socket holds stopped changing (the daemon stopped acking: its client takes nothing).
+    let last = -1, same = 0;
+    const tick = setInterval(() => {
+      same = socket.bufferedAmount === last ? same + 1 : 0;
+      last = socket.bufferedAmount;
+      if (same === 20) {
+        clearInterval(tick);
+        console.log(`blocked holding ${last}`);
+      }
+    }, 50);
+  };
+  return response;
+});
+"""
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_function_websocket_slow_readers_cost_the_daemon_little(worker: RunningWorker, tmp_path: Path) -> None:
+    """Clients that stop reading while their function sends 1 MB messages: the backlog stays in the function (its
+    socket's buffer), the daemon holds about one message per socket (its window toward the client is bounded in
+    bytes, and acked only when the client's connection took a message)."""
+    await worker.deploy(
+        write_function(tmp_path, "flood", FLOOD, toml="[limits]\nmax_processes = 1\n"), "--no-verify-jwt"
+    )
+    async with connect(ws_url(worker, "/functions/v1/flood")):
+        pass  # the function's process is up: its cost is not counted below
+    host, port = worker.public_url.removeprefix("http://").split(":")
+    before = _rss_bytes(worker.process.pid)
+    clients = 10
+    streams: list[trio.SocketStream] = []
+    try:
+        with trio.fail_after(60):
+            for _ in range(clients):
+                sock = trio.socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the client's kernel takes little
+                await sock.connect((host, int(port)))
+                stream = trio.SocketStream(sock)
+                streams.append(stream)
+                await stream.send_all(
+                    f"GET /functions/v1/flood HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                    "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+                )
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += await stream.receive_some(1)
+                assert head.startswith(b"HTTP/1.1 101 "), head
+                await stream.send_all(b"\x81\x82\x00\x00\x00\x00go")  # a masked text frame: "go"; then no reads
+        await worker.wait_for_output("blocked holding", timeout=120, count=clients)
+        grown = _rss_bytes(worker.process.pid) - before
+        held = [int(m[1]) for line in worker.output if (m := re.search(r"blocked holding (\d+)", line))]
+        print(f"daemon RSS grew {grown >> 10} KiB for {clients} stalled clients; the function holds {held}")
+        assert grown < clients * (4 << 20), f"the daemon grew {grown} bytes for {clients} stalled clients"
+        assert all(h > 0 for h in held), held  # the function holds the backlog, not the daemon
+    finally:
+        for stream in streams:
+            await trio.aclose_forcefully(stream)
