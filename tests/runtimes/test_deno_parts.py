@@ -101,6 +101,26 @@ def test_the_functions_messages_are_held_to_the_cap_and_the_window_by_the_daemon
     assert other.ws.gone is None
 
 
+def test_the_functions_messages_toward_a_client_are_windowed_in_bytes() -> None:
+    """`wo`'s `w`: what the function has unacked toward a client is at most that many bytes, or one message."""
+    mux = Multiplexer()
+    r = mux.new_request()
+    mux.add(r)
+    mux.on_frame({"t": "h", "i": r.rid, "s": 101, "h": []}, b"")
+    assert r.ws is not None
+    ws = r.ws
+    ws.max_message, ws.window_bytes = 100, 10  # `wo` went out (process.py sets them)
+    mux.on_frame({"t": "wm", "i": r.rid, "b": 1}, b"a" * 50)  # one message over the window: nothing else unacked
+    ws.inbox.popleft()
+    ws.acked(1)  # the client's connection took it
+    assert (ws.unacked_bytes, len(ws.unacked)) == (0, 0)
+    for part in (b"b" * 6, b"c" * 4):  # ten bytes: the window
+        mux.on_frame({"t": "wm", "i": r.rid, "b": 1}, part)
+    assert ws.unacked_bytes == 10
+    mux.on_frame({"t": "wm", "i": r.rid, "b": 1}, b"d")  # beyond it: the bootstrap's fault, 1011 for this socket
+    assert list(ws.inbox) == [b"b" * 6, b"c" * 4, SocketClosed(1011, "the function sent beyond its WebSocket window")]
+
+
 def test_websockets_end_with_the_process() -> None:
     mux = Multiplexer()
     a, b, c = mux.new_request(), mux.new_request(), mux.new_request()
