@@ -134,6 +134,7 @@ class FunctionsFrontDoor:
         `trusted_proxies`: peers whose X-Forwarded-* reach functions (from anyone else they are replaced).
         `body_window`: request body bytes read before the function runs (a body within it never holds a slot)."""
         self.trusted_proxies = trusted_proxies or TrustedProxies()
+        self._trusting = bool(self.trusted_proxies)  # no call per request when no proxy is trusted (the default)
         self._good_host: bytes | None = None
         self._origin_host: bytes | None = b"\0"  # the Host `_origin` was made from (no Host is a Host too)
         self._origin = ""
@@ -258,7 +259,7 @@ class FunctionsFrontDoor:
                 return
         cache = self.cache
         decision: Hit | Miss | Bypass | None = None
-        trusted = self.trusted_proxies.trusts(request.client)
+        trusted = self._trusting and self.trusted_proxies.trusts(request.client)
         # most requests repeat the last host: the same string, its hash kept (the scheme is the listener's, one for all)
         if host != self._origin_host:
             self._origin_host = host
