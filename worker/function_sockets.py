@@ -42,6 +42,7 @@ from mbworker.lib.websocket import (
 )
 from mbworker.runtimes import InvocationResult, WorkerError
 from mbworker.runtimes.api import FunctionSocket, SocketClosed
+from mbworker.worker.responses import send_result
 
 log = logging.getLogger("mbworker.functions")
 
@@ -193,12 +194,7 @@ class Upgrade:
             if socket is None:
                 if result.status == 101:
                     raise WorkerError("the function answered 101 without Deno.upgradeWebSocket")
-                if result.complete_body is not None:
-                    await responder.send(result.status, result.headers, result.complete_body)
-                    return
-                await responder.start(result.status, result.headers)
-                async for chunk in result.body:
-                    await responder.write(chunk)
+                await send_result(responder, result)
                 return
             self._choice = socket.protocol
             if await self._handshake(responder, socket):

@@ -48,7 +48,7 @@ from mbworker.worker.cluster.ratelimit import Rate, RateLimiter
 from mbworker.worker.function_sockets import UPGRADE_HEADERS, StreamResponder, Upgrade
 from mbworker.worker.jwt_gate import JwtGate, JwtRejected
 from mbworker.worker.metrics import UNMATCHED, Metrics
-from mbworker.worker.responses import send_error
+from mbworker.worker.responses import send_error, send_result
 
 log = logging.getLogger("mbworker.functions")
 
@@ -350,12 +350,7 @@ class FunctionsFrontDoor:
 async def _respond(responder: Responder, run: Callable[[], AbstractAsyncContextManager[InvocationResult]]) -> None:
     """Stream one invocation to the client; a body the runtime already holds goes out with Content-Length."""
     async with run() as result:
-        if result.complete_body is not None:
-            await responder.send(result.status, result.headers, result.complete_body)
-            return
-        await responder.start(result.status, result.headers)
-        async for chunk in result.body:
-            await responder.write(chunk)
+        await send_result(responder, result)
     await responder.end()
 
 

@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 
 from mbworker.lib.http.types import Headers, Responder
+from mbworker.runtimes import InvocationResult
 
 JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
 
@@ -33,3 +34,14 @@ async def send_error(
 
 async def send_json(responder: Responder, status: int, value: object, headers: Headers | None = None) -> None:
     await responder.send(status, [*JSON_HEADERS, *(headers or [])], json.dumps(value).encode())
+
+
+async def send_result(responder: Responder, result: InvocationResult) -> None:
+    """A function's answer to the client: in one write with its length when the runtime holds the whole body,
+    else streamed (the responder frames it). The caller ends the response."""
+    if result.complete_body is not None:
+        await responder.send(result.status, result.headers, result.complete_body)
+        return
+    await responder.start(result.status, result.headers)
+    async for chunk in result.body:
+        await responder.write(chunk)

@@ -59,3 +59,9 @@ def ensure_node_modules(node: str) -> None:
         subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=E2E_DIR, check=True, timeout=300,
                        env={**os.environ})  # fmt: skip
     _npm_done = True
+
+
+def headless_chromium(chromium: str, profile: Path, url: str) -> list[str]:
+    """Debian's chromium opening `url` headless, with a profile of its own and nothing that phones home."""
+    quiet = ["--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+    return [chromium, "--headless", "--no-sandbox", "--disable-gpu", *quiet, f"--user-data-dir={profile}", url]

@@ -18,7 +18,7 @@ from mbworker.lib.http.server import serve_http
 from mbworker.lib.http.types import HttpRequest, Responder
 from mbworker.realtime import RealtimeSettings, open_realtime
 from tests.conftest import require_binary
-from tests.e2e.harness import E2E_DIR, RealtimeApp, ensure_node_modules
+from tests.e2e.harness import E2E_DIR, RealtimeApp, ensure_node_modules, headless_chromium
 from tests.realtime.helpers import ANON, SECRET
 
 
@@ -62,9 +62,7 @@ async def test_browser_presence_and_broadcast(tmp_path: Path) -> None:
         async with trio.open_nursery() as nursery:
             server = await nursery.start(serve_http, PageApp(service, bundle, send), "127.0.0.1", 0)
             url = f"http://127.0.0.1:{server.port}/?apikey={ANON}"
-            args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--no-first-run",
-                    f"--user-data-dir={tmp_path / 'profile'}", url]  # fmt: skip
+            args = headless_chromium(chromium, tmp_path / "profile", url)
             async with trio.open_nursery() as browser:
                 run = partial(trio.run_process, args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
                 proc = await browser.start(run)

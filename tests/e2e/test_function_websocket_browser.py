@@ -17,6 +17,7 @@ import trio
 from tests.conftest import require_binary
 from tests.daemon.conftest import BUNDLED_DENO
 from tests.daemon.fixtures import write_function
+from tests.e2e.harness import headless_chromium
 from tests.worker_process import run_worker
 
 PAGE = """<!doctype html><meta charset="utf-8"><title>ws</title><script>
@@ -67,9 +68,7 @@ async def test_chromium_websocket_to_a_function(tmp_path: Path) -> None:
     async with run_worker(tmp_path / "data") as worker:
         await worker.deploy(write_function(tmp_path, "browserws", FUNCTION), "--no-verify-jwt")
         url = f"{worker.public_url}/functions/v1/browserws"
-        args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run",
-                f"--user-data-dir={tmp_path / 'profile'}", url]  # fmt: skip
+        args = headless_chromium(chromium, tmp_path / "profile", url)
         async with trio.open_nursery() as browser:
             run = partial(trio.run_process, args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
             proc = await browser.start(run)
