@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import trio
@@ -24,6 +23,7 @@ from tests.runtimes.test_deno_support import (
     deno_bin,
     deno_pids,
     deno_runtime,
+    fed_by,
     gone,
     inv,
     version,
@@ -89,15 +89,10 @@ async def test_retire_lets_in_flight_finish_then_stops(tmp_path: Path) -> None:
     fn = version(write_fn(tmp_path, src))
     send, recv = trio.open_memory_channel[bytes](0)
 
-    async def body() -> AsyncIterator[bytes]:
-        async with recv:
-            async for c in recv:
-                yield c
-
     async with deno_runtime(tmp_path) as rt:
         await rt.warm(fn)
         (old_pid,) = deno_pids()
-        async with rt.invoke(fn, inv("POST", "/fn", body())) as res:
+        async with rt.invoke(fn, inv("POST", "/fn", fed_by(recv))) as res:
             await rt.retire(fn)
             # a request that comes after retire() boots a fresh process; the old one is still serving us
             _, headers, _ = await call(rt, fn, "POST", "/fn", b"x")
@@ -121,11 +116,6 @@ async def test_a_request_waiting_in_a_retired_pool_is_sent_back_not_booted(tmp_p
     fn = version(write_fn(tmp_path, src), max_processes=1, max_concurrency=1, queue_timeout_s=30)
     send, recv = trio.open_memory_channel[bytes](0)
 
-    async def body() -> AsyncIterator[bytes]:
-        async with recv:
-            async for c in recv:
-                yield c
-
     outcome: list[BaseException] = []
 
     async def queued() -> None:
@@ -136,7 +126,7 @@ async def test_a_request_waiting_in_a_retired_pool_is_sent_back_not_booted(tmp_p
 
     async with deno_runtime(tmp_path) as rt:
         run = next(p for p in (tmp_path / "scratch").iterdir() if p.is_dir())
-        async with rt.invoke(fn, inv("POST", "/fn", body())) as res, trio.open_nursery() as nursery:
+        async with rt.invoke(fn, inv("POST", "/fn", fed_by(recv))) as res, trio.open_nursery() as nursery:
             nursery.start_soon(queued)
             await trio.testing.wait_all_tasks_blocked()  # queued for the one slot
             await rt.retire(fn)
@@ -325,13 +315,8 @@ async def test_statistics_while_serving(tmp_path: Path) -> None:
     fn = version(write_fn(tmp_path, "Deno.serve((req) => new Response(req.body));"))
     send, recv = trio.open_memory_channel[bytes](0)
 
-    async def body() -> AsyncIterator[bytes]:
-        async with recv:
-            async for c in recv:
-                yield c
-
     async with deno_runtime(tmp_path) as rt:
-        async with rt.invoke(fn, inv("POST", "/fn", body())) as res:
+        async with rt.invoke(fn, inv("POST", "/fn", fed_by(recv))) as res:
             s = rt.statistics()
             assert (s.versions, s.processes, s.busy, s.in_flight, s.cold_starts) == (1, 1, 1, 1, 1)
             await send.aclose()

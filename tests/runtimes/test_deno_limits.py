@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
 
 from mbworker.runtimes.errors import BootError, IdleTimeout, InvalidResponse, ResourceLimit, WorkerBusy, WorkerError
-from tests.runtimes.test_deno_support import LogSink, call, call_json, deno_runtime, inv, version, write_fn
+from tests.runtimes.test_deno_support import LogSink, call, call_json, deno_runtime, fed_by, inv, version, write_fn
 
 PID = "Deno.serve(() => new Response(String(Deno.pid)));"
 
@@ -187,14 +186,9 @@ async def test_no_free_process_within_queue_timeout_is_busy(tmp_path: Path) -> N
     fn = version(write_fn(tmp_path, src), max_processes=1, max_concurrency=1, queue_timeout_s=0.3)
     hold_send, hold_recv = trio.open_memory_channel[bytes](0)
 
-    async def held_body() -> AsyncIterator[bytes]:
-        async with hold_recv:
-            async for c in hold_recv:
-                yield c
-
     async with deno_runtime(tmp_path) as rt:
         await rt.warm(fn)
-        async with rt.invoke(fn, inv("POST", "/fn", held_body())) as first:
+        async with rt.invoke(fn, inv("POST", "/fn", fed_by(hold_recv))) as first:
             with pytest.raises(WorkerBusy) as info:
                 await call(rt, fn, "GET", "/fn")
             assert info.value.status == 503

@@ -24,6 +24,7 @@ from tests.runtimes.test_deno_support import (
     call_json,
     deno_bin,
     deno_runtime,
+    fed_by,
     inv,
     version,
     write_fn,
@@ -122,12 +123,7 @@ async def test_bodies_stream_both_ways(tmp_path: Path) -> None:
     fn = version(write_fn(tmp_path, src))
     send, recv = trio.open_memory_channel[bytes](0)
 
-    async def request_body() -> AsyncIterator[bytes]:
-        async with recv:
-            async for c in recv:
-                yield c
-
-    async with deno_runtime(tmp_path) as rt, rt.invoke(fn, inv("POST", "/fn", request_body())) as res:
+    async with deno_runtime(tmp_path) as rt, rt.invoke(fn, inv("POST", "/fn", fed_by(recv))) as res:
         it = aiter(res.body)
         for n in range(5):
             await send.send(f"chunk{n}".encode())

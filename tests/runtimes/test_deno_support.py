@@ -11,6 +11,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from mbworker.runtimes.api import FunctionVersion, Invocation, empty_body
 from mbworker.runtimes.deno import DenoRuntime, DenoSettings, open_deno_runtime
 from mbworker.runtimes.limits import Limits
@@ -83,6 +85,13 @@ async def deno_runtime(tmp_path: Path, logs: LogSink | None = None, **settings: 
     s = DenoSettings(deno_bin=deno_bin(), scratch_dir=tmp_path / "scratch", **settings)
     async with open_deno_runtime(s, on_log=logs) as rt:
         yield rt
+
+
+async def fed_by(recv: trio.MemoryReceiveChannel[bytes]) -> AsyncIterator[bytes]:
+    """A request body that streams what the test sends on the other end of `recv`, and ends when it closes."""
+    async with recv:
+        async for c in recv:
+            yield c
 
 
 async def chunks(parts: Iterable[bytes]) -> AsyncIterator[bytes]:
